@@ -1,0 +1,294 @@
+//! shardgate configuration: load a TOML file, apply defaults, validate.
+//! No I/O beyond reading the file; every error is one line naming the key.
+
+mod error;
+mod model;
+
+pub use error::ConfigError;
+pub use model::*;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+/// A parsed backend DSN (`postgres://user:password@host:port/dbname`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Dsn {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Backend user.
+    pub user: String,
+    /// Backend password, if any (never printed by `Debug`).
+    pub password: Option<String>,
+    /// Database name.
+    pub dbname: String,
+}
+
+impl std::fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+}
+
+impl Dsn {
+    /// Parses a URL-form DSN; the error says what is missing.
+    pub fn parse(s: &str) -> Result<Dsn, String> {
+        let url = url::Url::parse(s).map_err(|e| format!("not a URL ({e}); expected postgres://user:password@host:port/dbname"))?;
+        if url.scheme() != "postgres" && url.scheme() != "postgresql" {
+            return Err(format!("scheme `{}` is not postgres:// or postgresql://", url.scheme()));
+        }
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or("no host; expected postgres://user:password@host:port/dbname")?;
+        let user = url.username();
+        if user.is_empty() {
+            return Err("no user; expected postgres://user:password@host:port/dbname".into());
+        }
+        let dbname = url.path().trim_start_matches('/');
+        if dbname.is_empty() {
+            return Err("no database name; expected postgres://user:password@host:port/dbname".into());
+        }
+        let decode = |v: &str| -> Result<String, String> {
+            url::form_urlencoded::parse(format!("x={v}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .ok_or_else(|| "cannot decode".to_string())
+        };
+        Ok(Dsn {
+            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port: url.port().unwrap_or(5432),
+            user: decode(user)?,
+            password: url.password().map(decode).transpose()?,
+            dbname: decode(dbname)?,
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
+            let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+            ConfigError::Parse { origin: origin.to_string(), line, message }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything serde cannot: counts, DSNs, duplicates, ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        for (key, addr) in [("server.listen", &s.listen), ("server.admin_listen", &s.admin_listen)] {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|_| ConfigError::invalid(key, format!("`{addr}` is not an ip:port address")))?;
+        }
+        if s.max_client_connections == 0 {
+            return Err(ConfigError::invalid("server.max_client_connections", "must be at least 1"));
+        }
+        if s.max_message_size < 1024 || s.max_message_size > 1 << 30 {
+            return Err(ConfigError::invalid("server.max_message_size", "must be between 1024 and 1073741824 bytes"));
+        }
+        if self.users.is_empty() {
+            return Err(ConfigError::invalid("users", "no users configured; add a [[users]] entry with name and password"));
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() {
+                return Err(ConfigError::invalid(format!("users[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(ConfigError::invalid(format!("users[{i}].name"), format!("duplicate user `{}`; each user may appear once", u.name)));
+            }
+            if u.password.is_empty() {
+                return Err(ConfigError::invalid(format!("users[{i}].password"), "must not be empty"));
+            }
+            let method = u.auth_method.unwrap_or(s.auth_method);
+            if u.password.starts_with("SCRAM-SHA-256$") && method == AuthMethod::Md5 {
+                return Err(ConfigError::invalid(format!("users[{i}].password"), "a SCRAM verifier cannot serve md5 authentication; give the plain password or an md5 hash"));
+            }
+            if is_md5_hash(&u.password) && method == AuthMethod::ScramSha256 {
+                return Err(ConfigError::invalid(format!("users[{i}].password"), "an md5 hash cannot serve scram-sha-256 authentication; give the plain password or a SCRAM verifier"));
+            }
+        }
+        if self.pool.size == 0 {
+            return Err(ConfigError::invalid("pool.size", "must be at least 1"));
+        }
+        if self.sharding.shard_count == 0 || self.sharding.shard_count > 1024 {
+            return Err(ConfigError::invalid("sharding.shard_count", "must be between 1 and 1024"));
+        }
+        if self.shards.len() != self.sharding.shard_count {
+            return Err(ConfigError::invalid(
+                "shards",
+                format!("{} shard(s) listed but sharding.shard_count = {}; list exactly one [[shards]] entry per shard", self.shards.len(), self.sharding.shard_count),
+            ));
+        }
+        for (i, b) in self.shards.iter().enumerate() {
+            Dsn::parse(&b.dsn).map_err(|m| ConfigError::invalid(format!("shards[{i}].dsn"), m))?;
+        }
+        Dsn::parse(&self.default_db.dsn).map_err(|m| ConfigError::invalid("default_db.dsn", m))?;
+        if let Some(l) = &self.legacy_db {
+            Dsn::parse(&l.dsn).map_err(|m| ConfigError::invalid("legacy_db.dsn", m))?;
+        }
+        if self.sharding.time_zone.trim().is_empty() {
+            return Err(ConfigError::invalid("sharding.time_zone", "must name an IANA time zone such as UTC"));
+        }
+        let mut tables = HashSet::new();
+        for (i, t) in self.sharded_tables.iter().enumerate() {
+            if !tables.insert(t.name.as_str()) {
+                return Err(ConfigError::invalid(format!("sharded_tables[{i}].name"), format!("duplicate table `{}`", t.name)));
+            }
+            if !t.table_pattern.contains("{yyyyMM}") {
+                return Err(ConfigError::invalid(format!("sharded_tables[{i}].table_pattern"), "must contain {yyyyMM}"));
+            }
+            for (k, v) in [("name", &t.name), ("shard_key", &t.shard_key), ("month_column", &t.month_column), ("id_column", &t.id_column)] {
+                if !is_identifier(v) {
+                    return Err(ConfigError::invalid(format!("sharded_tables[{i}].{k}"), format!("`{v}` is not a plain SQL identifier")));
+                }
+            }
+        }
+        if let Some(w) = self.ids.worker_id {
+            if w > 127 {
+                return Err(ConfigError::invalid("ids.worker_id", format!("{w} is out of range 0..=127")));
+            }
+        }
+        if self.health.failure_threshold == 0 || self.health.recovery_threshold == 0 {
+            return Err(ConfigError::invalid("health", "failure_threshold and recovery_threshold must be at least 1"));
+        }
+        if let Some(r) = &self.redis {
+            match url::Url::parse(&r.url) {
+                Ok(u) if u.scheme() == "redis" || u.scheme() == "rediss" => {}
+                _ => return Err(ConfigError::invalid("redis.url", format!("`{}` is not a redis:// URL", r.url))),
+            }
+        }
+        if self.cache.ttl_jitter_percent > 50 {
+            return Err(ConfigError::invalid("cache.ttl_jitter_percent", "must be at most 50"));
+        }
+        Ok(())
+    }
+
+    /// The user entry for `name`, if configured.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// Parsed DSN of the default database (validated at load).
+    pub fn default_dsn(&self) -> Dsn {
+        Dsn::parse(&self.default_db.dsn).expect("default_db.dsn validated at load")
+    }
+
+    /// Parsed DSNs of the shards, in shard order (validated at load).
+    pub fn shard_dsns(&self) -> Vec<Dsn> {
+        self.shards.iter().map(|b| Dsn::parse(&b.dsn).expect("shards[].dsn validated at load")).collect()
+    }
+}
+
+/// True for `md5` followed by 32 hex digits (the `pg_authid` md5 form).
+pub fn is_md5_hash(s: &str) -> bool {
+    s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut b = s.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_lowercase() || c == b'_') && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../shardgate.example.toml");
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, "test.toml").expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn example_config_is_valid_and_complete() {
+        let c = Config::from_toml(EXAMPLE, "example").expect("example parses");
+        assert_eq!(c.shards.len(), 8);
+        assert_eq!(c.sharded_tables[0].name, "t_order");
+        assert_eq!(c.server.listen, "127.0.0.1:6432");
+        assert!(c.legacy_db.is_some());
+        assert!(c.redis.is_some());
+    }
+
+    #[test]
+    fn misspelt_key_names_key_and_line() {
+        let text = EXAMPLE.replacen("listen = ", "listn = ", 1);
+        let e = err(&text);
+        assert!(e.contains("unknown field `listn`"), "{e}");
+        assert!(e.starts_with("test.toml:"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let line: usize = e.split(':').nth(1).and_then(|l| l.parse().ok()).expect("line number");
+        assert_eq!(text.lines().nth(line - 1).map(|l| l.trim_start().starts_with("listn")), Some(true), "{e}");
+    }
+
+    #[test]
+    fn seven_shards_is_refused() {
+        let mut c = Config::from_toml(EXAMPLE, "x").expect("parses");
+        c.shards.pop();
+        let e = c.validate().expect_err("7 shards").to_string();
+        assert_eq!(e, "config key `shards`: 7 shard(s) listed but sharding.shard_count = 8; list exactly one [[shards]] entry per shard");
+    }
+
+    #[test]
+    fn bad_dsn_names_the_shard() {
+        let mut c = Config::from_toml(EXAMPLE, "x").expect("parses");
+        c.shards[3].dsn = "postgres://127.0.0.1:5432".into();
+        let e = c.validate().expect_err("bad dsn").to_string();
+        assert!(e.starts_with("config key `shards[3].dsn`: no user"), "{e}");
+        c.shards[3].dsn = "mysql://u@h/db".into();
+        assert!(c.validate().expect_err("scheme").to_string().contains("scheme `mysql`"));
+    }
+
+    #[test]
+    fn duplicate_user_is_refused() {
+        let mut c = Config::from_toml(EXAMPLE, "x").expect("parses");
+        let u = c.users[0].clone();
+        c.users.push(u);
+        let e = c.validate().expect_err("dup").to_string();
+        assert!(e.contains("duplicate user `app`"), "{e}");
+        assert!(e.starts_with("config key `users[2].name`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_enum_are_one_line() {
+        let e = err(&EXAMPLE.replacen("size = 20", "size = \"twenty\"", 1));
+        assert!(e.contains("invalid type"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = err(&EXAMPLE.replacen("policy = \"partial\"", "policy = \"maybe\"", 1));
+        assert!(e.contains("unknown variant `maybe`"), "{e}");
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let mut text = String::from("[[users]]\nname = \"a\"\npassword = \"p\"\n[default_db]\ndsn = \"postgres://u@h/d\"\n");
+        for i in 0..8 {
+            text.push_str(&format!("[[shards]]\ndsn = \"postgres://u:p@h:5432/db_{i}\"\n"));
+        }
+        let c = Config::from_toml(&text, "min").expect("valid");
+        assert_eq!(c.pool.size, 20);
+        assert_eq!(c.server.auth_method, AuthMethod::ScramSha256);
+        assert_eq!(c.sharded_tables.len(), 1);
+        assert_eq!(c.shard_dsns()[7].dbname, "db_7");
+    }
+
+    #[test]
+    fn dsn_parse_decodes_and_hides_password() {
+        let d = Dsn::parse("postgresql://us%40r:p%3Ass@127.0.0.1:5433/db_1").expect("dsn");
+        assert_eq!((d.user.as_str(), d.password.as_deref(), d.port, d.dbname.as_str()), ("us@r", Some("p:ss"), 5433, "db_1"));
+        assert!(!format!("{d:?}").contains("p:ss"));
+    }
+
+    #[test]
+    fn md5_hash_recognised() {
+        assert!(is_md5_hash("md5d41d8cd98f00b204e9800998ecf8427e"));
+        assert!(!is_md5_hash("md5secret"));
+    }
+}

@@ -1,0 +1,322 @@
+//! The whole shardgate configuration as serde types. Unknown keys are rejected
+//! (`deny_unknown_fields`) so a misspelt key never silently falls back to a default.
+
+use serde::{Deserialize, Serialize};
+
+/// Root of `shardgate.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, limits and timeouts of the client-facing server.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Users allowed to connect to the proxy (not the backend users).
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Backend pool sizing and timeouts (applies to every backend).
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// Shard databases, in shard order: entry `n` is `db_n`.
+    #[serde(default)]
+    pub shards: Vec<BackendConfig>,
+    /// The default database: unsharded tables, fallback table, control tables.
+    pub default_db: BackendConfig,
+    /// The legacy single-table store, only needed while migrating.
+    #[serde(default)]
+    pub legacy_db: Option<BackendConfig>,
+    /// How rows are spread: shard count, time zone, month tables.
+    #[serde(default)]
+    pub sharding: ShardingConfig,
+    /// Tables that are sharded; everything else is passed through to `default_db`.
+    #[serde(default = "default_sharded_tables")]
+    pub sharded_tables: Vec<ShardedTableConfig>,
+    /// Global (snowflake) id generation.
+    #[serde(default)]
+    pub ids: IdConfig,
+    /// Shard health probing and state thresholds.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Behaviour while a shard is down.
+    #[serde(default)]
+    pub fallback: FallbackConfig,
+    /// Redis, used for the L2 cache, invalidation pub/sub and worker-id leases.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    /// Merchant-info cache settings.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// Client-facing server settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Postgres wire protocol listen address.
+    pub listen: String,
+    /// Admin HTTP listen address (`/livez`, `/readyz`, `/health`, `/metrics`).
+    pub admin_listen: String,
+    /// Client connections above this are refused with SQLSTATE 53300.
+    pub max_client_connections: usize,
+    /// Largest protocol message accepted from a client, in bytes; a larger
+    /// length prefix is refused before anything is allocated.
+    pub max_message_size: usize,
+    /// Close a client that is idle outside a transaction this long (0 = never).
+    pub client_idle_timeout_ms: u64,
+    /// Close a client that sits idle inside a transaction this long (0 = never).
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Cancel a statement that runs longer than this (0 = never); client gets 57014.
+    pub query_timeout_ms: u64,
+    /// On SIGTERM, wait this long for running transactions before closing.
+    pub shutdown_timeout_ms: u64,
+    /// Authentication method demanded from clients.
+    pub auth_method: AuthMethod,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:6432".into(),
+            admin_listen: "127.0.0.1:9930".into(),
+            max_client_connections: 4096,
+            max_message_size: 64 * 1024 * 1024,
+            client_idle_timeout_ms: 0,
+            idle_in_transaction_timeout_ms: 0,
+            query_timeout_ms: 0,
+            shutdown_timeout_ms: 30_000,
+            auth_method: AuthMethod::ScramSha256,
+        }
+    }
+}
+
+/// How a client proves its password.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256 (default; the password never crosses the wire).
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// Legacy md5 challenge.
+    #[serde(rename = "md5")]
+    Md5,
+}
+
+/// A proxy user.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Login name.
+    pub name: String,
+    /// Plain password, or a `SCRAM-SHA-256$...` verifier, or an `md5...` hash.
+    pub password: String,
+    /// Overrides `server.auth_method` for this user.
+    #[serde(default)]
+    pub auth_method: Option<AuthMethod>,
+    /// May run admin commands (`SHOW SHARDS`, ...).
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// Backend connection pool settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Maximum server connections per backend database.
+    pub size: usize,
+    /// How long a client waits for a server connection before 53300.
+    pub checkout_timeout_ms: u64,
+    /// TCP connect + startup timeout to a backend.
+    pub connect_timeout_ms: u64,
+    /// `transaction` (default) or `session` pooling.
+    pub mode: PoolMode,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { size: 20, checkout_timeout_ms: 5_000, connect_timeout_ms: 3_000, mode: PoolMode::Transaction }
+    }
+}
+
+/// When a server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Returned at the end of every transaction.
+    Transaction,
+    /// Held for the whole client session.
+    Session,
+}
+
+/// One backend database.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `postgres://user:password@host:port/dbname`.
+    pub dsn: String,
+}
+
+/// Sharding parameters.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardingConfig {
+    /// Number of shard databases; `shards` must list exactly this many.
+    pub shard_count: usize,
+    /// IANA time zone used to turn `create_time` into `yyyyMM`.
+    pub time_zone: String,
+    /// Month tables kept created ahead of the current month.
+    pub months_ahead: u32,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        ShardingConfig { shard_count: 8, time_zone: "UTC".into(), months_ahead: 3 }
+    }
+}
+
+/// A logical table spread over shards and months.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardedTableConfig {
+    /// Logical name the application uses.
+    pub name: String,
+    /// Column whose value modulo `shard_count` picks the database.
+    pub shard_key: String,
+    /// Timestamp column whose month picks the physical table.
+    pub month_column: String,
+    /// Physical table name; must contain `{yyyyMM}`.
+    pub table_pattern: String,
+    /// Primary-key column filled with a snowflake id when an INSERT omits it.
+    #[serde(default = "default_id_column")]
+    pub id_column: String,
+}
+
+fn default_id_column() -> String {
+    "id".into()
+}
+
+fn default_sharded_tables() -> Vec<ShardedTableConfig> {
+    vec![ShardedTableConfig {
+        name: "t_order".into(),
+        shard_key: "merchant_id".into(),
+        month_column: "create_time".into(),
+        table_pattern: "t_order_{yyyyMM}".into(),
+        id_column: default_id_column(),
+    }]
+}
+
+/// Snowflake id settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdConfig {
+    /// This proxy's worker id (0..=127). Two proxies must never share one;
+    /// `None` means lease one from Redis.
+    pub worker_id: Option<u16>,
+    /// Epoch of the id timestamp, milliseconds since 1970-01-01 UTC.
+    pub epoch_ms: u64,
+    /// Largest backwards clock step (ms) waited out instead of failing.
+    pub max_clock_backward_ms: u64,
+}
+
+impl Default for IdConfig {
+    fn default() -> Self {
+        // 2024-01-01T00:00:00Z
+        IdConfig { worker_id: Some(1), epoch_ms: 1_704_067_200_000, max_clock_backward_ms: 50 }
+    }
+}
+
+/// Health probing.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between active probes of each shard.
+    pub probe_interval_ms: u64,
+    /// A probe slower than this counts as failed.
+    pub probe_timeout_ms: u64,
+    /// Consecutive failures that turn `suspect` into `down`.
+    pub failure_threshold: u32,
+    /// Consecutive successes that turn `recovering` into `up`.
+    pub recovery_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { probe_interval_ms: 1_000, probe_timeout_ms: 1_000, failure_threshold: 3, recovery_threshold: 2 }
+    }
+}
+
+/// What reads see while a shard is down.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FallbackPolicy {
+    /// Return fallback rows with a NOTICE naming the shard.
+    Partial,
+    /// Fail the read.
+    Fail,
+}
+
+/// Fallback and sync-back.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FallbackConfig {
+    /// Read policy while a shard is down.
+    pub policy: FallbackPolicy,
+    /// Time between sync-back rounds.
+    pub sync_interval_ms: u64,
+    /// Rows moved per sync-back transaction.
+    pub batch_size: u32,
+    /// SYNCED rows older than this are purged.
+    pub retention_hours: u64,
+}
+
+impl Default for FallbackConfig {
+    fn default() -> Self {
+        FallbackConfig { policy: FallbackPolicy::Partial, sync_interval_ms: 5_000, batch_size: 1_000, retention_hours: 72 }
+    }
+}
+
+/// Redis connection.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+}
+
+/// Two-level cache.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Entries kept in the local (L1) cache.
+    pub l1_capacity: u64,
+    /// L1 time to live.
+    pub l1_ttl_ms: u64,
+    /// Redis (L2) time to live.
+    pub l2_ttl_ms: u64,
+    /// How long a "no such key" answer is cached.
+    pub negative_ttl_ms: u64,
+    /// TTLs are spread by up to this percentage to avoid synchronized expiry.
+    pub ttl_jitter_percent: u8,
+    /// Tables served through the cache.
+    pub tables: Vec<CachedTableConfig>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            l1_capacity: 100_000,
+            l1_ttl_ms: 60_000,
+            l2_ttl_ms: 600_000,
+            negative_ttl_ms: 5_000,
+            ttl_jitter_percent: 10,
+            tables: vec![CachedTableConfig { name: "t_merchant".into(), key: "merchant_id".into() }],
+        }
+    }
+}
+
+/// A table whose point reads by key are cached.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CachedTableConfig {
+    /// Table on `default_db`.
+    pub name: String,
+    /// Key column.
+    pub key: String,
+}
