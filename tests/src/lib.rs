@@ -1,1 +1,495 @@
+//! The local cluster, written once and used by the integration tests, by
+//! `make up` (through the `devcluster` binary) and by the benchmarks.
+//!
+//! Layout: three PostgreSQL 15 clusters on free loopback ports so that one
+//! shard can be stopped alone — `shard0` holds `db_0`; `shards` holds
+//! `db_1`..`db_7`; `main` holds `db_default` and `legacy` — plus an optional
+//! Redis and the `shardgate` proxy. PostgreSQL refuses to run as root, so
+//! when we are root every server command runs as the `postgres` user.
 
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Password of the `postgres` superuser on every test cluster (backends use SCRAM).
+pub const PG_PASSWORD: &str = "postgres";
+/// Proxy user with SCRAM-SHA-256.
+pub const APP_USER: (&str, &str) = ("app", "app-secret");
+/// Proxy user with md5.
+pub const MD5_USER: (&str, &str) = ("legacyapp", "md5-secret");
+/// Proxy admin user.
+pub const ADMIN_USER: (&str, &str) = ("admin", "admin-secret");
+
+/// Directory of the PostgreSQL 15 server binaries.
+pub fn pg_bin() -> PathBuf {
+    std::env::var_os("PG_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+fn is_root() -> bool {
+    // SAFETY-free: reading our uid through the proc filesystem
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// A command that runs as `postgres` when we are root.
+fn pg_command(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn chown_postgres(path: &Path) -> Result<()> {
+    if is_root() {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.arg("-R").arg("postgres:postgres").arg(path);
+                c
+            },
+            "chown",
+        )?;
+    }
+    Ok(())
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    static USED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port");
+        let mut used = USED.lock().unwrap_or_else(|p| p.into_inner());
+        if !used.contains(&port) {
+            used.push(port);
+            return port;
+        }
+    }
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listening on 127.0.0.1:{port} after {timeout:?}")
+}
+
+/// An initdb'd data directory copied for each cluster (initdb runs once per process).
+fn template_dir() -> Result<PathBuf> {
+    static TEMPLATE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    TEMPLATE
+        .get_or_init(|| {
+            (|| -> Result<PathBuf> {
+                // shared by every process on the machine: built once, then renamed into place atomically
+                let fixed = std::env::temp_dir().join("shardgate-pgtemplate-15-v1");
+                if fixed.join("data").join("PG_VERSION").exists() {
+                    return Ok(fixed.join("data"));
+                }
+                let root = tempfile::Builder::new().prefix("shardgate-pgtemplate-").tempdir()?.keep();
+                chown_postgres(&root)?;
+                let data = root.join("data");
+                let pwfile = root.join("pw");
+                fs::write(&pwfile, PG_PASSWORD)?;
+                chown_postgres(&pwfile)?;
+                let mut c = pg_command(&pg_bin().join("initdb"));
+                c.arg("-D").arg(&data).args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"]).arg(format!("--pwfile={}", pwfile.display()));
+                run(c, "initdb")?;
+                if fs::rename(&root, &fixed).is_err() {
+                    // another process won the race; use its template
+                    let _ = fs::remove_dir_all(&root);
+                }
+                Ok(fixed.join("data"))
+            })()
+            .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// One PostgreSQL cluster (a postmaster) with some databases.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PgCluster {
+    /// Role in the layout: `shard0`, `shards`, `main`.
+    pub name: String,
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Databases created on it.
+    pub databases: Vec<String>,
+}
+
+impl PgCluster {
+    /// Creates (from the template) and starts a cluster under `root/name`.
+    pub fn create(root: &Path, name: &str, databases: &[&str]) -> Result<PgCluster> {
+        let dir = root.join(name);
+        fs::create_dir_all(&dir)?;
+        let data = dir.join("data");
+        let template = template_dir()?;
+        run(
+            {
+                let mut c = Command::new("cp");
+                c.arg("-a").arg(&template).arg(&data);
+                c
+            },
+            "copy template cluster",
+        )?;
+        fs::create_dir_all(dir.join("sock"))?;
+        chown_postgres(&dir)?;
+        let conf = "\nlisten_addresses = '127.0.0.1'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 128MB\nmax_prepared_transactions = 64\nlog_min_messages = warning\nlog_statement = 'none'\n";
+        let mut f = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut f, conf.as_bytes())?;
+        let cluster = PgCluster { name: name.to_string(), port: free_port(), data_dir: data, databases: databases.iter().map(|s| s.to_string()).collect() };
+        cluster.start()?;
+        for db in databases {
+            let mut c = pg_command(&pg_bin().join("createdb"));
+            c.args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", db]).env("PGPASSWORD", PG_PASSWORD);
+            run(c, &format!("createdb {db}"))?;
+        }
+        Ok(cluster)
+    }
+
+    fn sock_dir(&self) -> PathBuf {
+        self.data_dir.parent().map(|p| p.join("sock")).unwrap_or_default()
+    }
+
+    /// Starts the postmaster and waits until it accepts connections.
+    pub fn start(&self) -> Result<()> {
+        let mut c = pg_command(&pg_bin().join("pg_ctl"));
+        c.arg("-D").arg(&self.data_dir).arg("-l").arg(self.data_dir.parent().unwrap_or(Path::new("/tmp")).join("postgres.log")).args(["-w", "-t", "60", "-o"]).arg(format!("-p {} -k {}", self.port, self.sock_dir().display())).arg("start");
+        run(c, &format!("pg_ctl start ({})", self.name))?;
+        wait_for_port(self.port, Duration::from_secs(30))
+    }
+
+    /// Stops the postmaster in immediate mode (like a crash: no checkpoint).
+    pub fn stop_immediate(&self) -> Result<()> {
+        let mut c = pg_command(&pg_bin().join("pg_ctl"));
+        c.arg("-D").arg(&self.data_dir).args(["-m", "immediate", "-w", "stop"]);
+        run(c, &format!("pg_ctl stop ({})", self.name))
+    }
+
+    /// True when the postmaster is running.
+    pub fn is_running(&self) -> bool {
+        let mut c = pg_command(&pg_bin().join("pg_ctl"));
+        c.arg("-D").arg(&self.data_dir).arg("status");
+        c.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// DSN of one of its databases, as the `postgres` user.
+    pub fn dsn(&self, db: &str) -> String {
+        format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+/// What `cluster.json` holds: everything a client, test or benchmark needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Connect here as an application (`app` user).
+    pub proxy_dsn: String,
+    /// Admin HTTP base URL.
+    pub admin_url: String,
+    /// Shard DSNs in shard order (`db_0` .. `db_7`).
+    pub shards: Vec<String>,
+    /// `db_default`.
+    pub default_dsn: String,
+    /// The legacy single-table store.
+    pub legacy_dsn: String,
+    /// Redis, if started.
+    pub redis_url: Option<String>,
+    /// The PostgreSQL clusters.
+    pub clusters: Vec<PgCluster>,
+    /// Proxy process id.
+    pub proxy_pid: Option<u32>,
+    /// Proxy port.
+    pub proxy_port: u16,
+    /// Admin HTTP port.
+    pub admin_port: u16,
+    /// Redis process id.
+    pub redis_pid: Option<u32>,
+    /// Where the config, logs and data live.
+    pub root: PathBuf,
+}
+
+impl ClusterInfo {
+    /// The cluster holding shard `n`.
+    pub fn cluster_of_shard(&self, n: usize) -> Option<&PgCluster> {
+        let db = format!("db_{n}");
+        self.clusters.iter().find(|c| c.databases.contains(&db))
+    }
+
+    /// DSN for a proxy user.
+    pub fn proxy_dsn_for(&self, user: &str, password: &str) -> String {
+        format!("postgres://{user}:{password}@127.0.0.1:{}/shardgate?sslmode=disable", self.proxy_port)
+    }
+}
+
+/// Options for [`Cluster::start`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Start all three clusters (false: only `main`, for proxy-core tests;
+    /// shard DSNs then point at `main` so the config stays valid).
+    pub all_clusters: bool,
+    /// Start Redis.
+    pub redis: bool,
+    /// Start the proxy.
+    pub proxy: bool,
+    /// Extra TOML appended to `[server]`.
+    pub server_toml: String,
+    /// Extra TOML appended to `[pool]`.
+    pub pool_toml: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { all_clusters: true, redis: true, proxy: true, server_toml: String::new(), pool_toml: String::new() }
+    }
+}
+
+/// A running local system; stops everything on drop unless [`Cluster::detach`]ed.
+pub struct Cluster {
+    /// Addresses and processes.
+    pub info: ClusterInfo,
+    /// Keeps a temp dir alive (tests).
+    _tmp: Option<tempfile::TempDir>,
+    detached: bool,
+    proxy: Option<std::process::Child>,
+}
+
+/// Path of the `shardgate` binary: `$SHARDGATE_BIN`, else next to this test binary's target dir.
+pub fn shardgate_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SHARDGATE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../target"));
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("shardgate");
+        if p.exists() && std::env::var("SHARDGATE_PROFILE").map_or(true, |want| want == profile) {
+            return Ok(p);
+        }
+    }
+    bail!("shardgate binary not found under {}; run `cargo build --bins` first (make test does)", target.display())
+}
+
+impl Cluster {
+    /// Starts a system in a fresh temp dir (tests).
+    pub fn start_temp(opts: Options) -> Result<Cluster> {
+        let tmp = tempfile::Builder::new().prefix("shardgate-test-").tempdir()?;
+        let mut c = Cluster::start_in(tmp.path(), opts)?;
+        c._tmp = Some(tmp);
+        Ok(c)
+    }
+
+    /// Starts a system with its files under `root`.
+    pub fn start_in(root: &Path, opts: Options) -> Result<Cluster> {
+        fs::create_dir_all(root)?;
+        let mut clusters = Vec::new();
+        let main = PgCluster::create(root, "main", &["db_default", "legacy"])?;
+        let shard_dsns: Vec<String>;
+        if opts.all_clusters {
+            let s0 = PgCluster::create(root, "shard0", &["db_0"])?;
+            let rest = PgCluster::create(root, "shards", &["db_1", "db_2", "db_3", "db_4", "db_5", "db_6", "db_7"])?;
+            shard_dsns = std::iter::once(s0.dsn("db_0")).chain((1..8).map(|i| rest.dsn(&format!("db_{i}")))).collect();
+            clusters.push(s0);
+            clusters.push(rest);
+        } else {
+            shard_dsns = (0..8).map(|_| main.dsn("db_default")).collect();
+        }
+        let default_dsn = main.dsn("db_default");
+        let legacy_dsn = main.dsn("legacy");
+        clusters.push(main);
+        let mut cluster = Cluster {
+            info: ClusterInfo {
+                proxy_dsn: String::new(),
+                admin_url: String::new(),
+                shards: shard_dsns,
+                default_dsn,
+                legacy_dsn,
+                redis_url: None,
+                clusters,
+                proxy_pid: None,
+                proxy_port: free_port(),
+                admin_port: free_port(),
+                redis_pid: None,
+                root: root.to_path_buf(),
+            },
+            _tmp: None,
+            detached: false,
+            proxy: None,
+        };
+        cluster.info.proxy_dsn = cluster.info.proxy_dsn_for(APP_USER.0, APP_USER.1);
+        cluster.info.admin_url = format!("http://127.0.0.1:{}", cluster.info.admin_port);
+        if opts.redis {
+            cluster.start_redis()?;
+        }
+        cluster.write_config(&opts)?;
+        if opts.proxy {
+            cluster.start_proxy()?;
+        }
+        Ok(cluster)
+    }
+
+    fn start_redis(&mut self) -> Result<()> {
+        let port = free_port();
+        let dir = self.info.root.join("redis");
+        fs::create_dir_all(&dir)?;
+        let pidfile = dir.join("redis.pid");
+        let mut c = Command::new("redis-server");
+        c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--daemonize", "yes", "--save", "", "--appendonly", "no"]).arg("--dir").arg(&dir).arg("--pidfile").arg(&pidfile).arg("--logfile").arg(dir.join("redis.log"));
+        run(c, "redis-server (install it: apt-get install -y redis-server)")?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        let t0 = Instant::now();
+        while !pidfile.exists() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.info.redis_pid = fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok());
+        self.info.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+        Ok(())
+    }
+
+    /// Path of the generated proxy config.
+    pub fn config_path(&self) -> PathBuf {
+        self.info.root.join("shardgate.toml")
+    }
+
+    fn write_config(&self, opts: &Options) -> Result<()> {
+        let i = &self.info;
+        let mut t = String::new();
+        t.push_str(&format!("[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\n{}\n", i.proxy_port, i.admin_port, opts.server_toml));
+        for (name, pw, extra) in [(APP_USER.0, APP_USER.1, ""), (MD5_USER.0, MD5_USER.1, "auth_method = \"md5\"\n"), (ADMIN_USER.0, ADMIN_USER.1, "admin = true\n")] {
+            t.push_str(&format!("[[users]]\nname = \"{name}\"\npassword = \"{pw}\"\n{extra}"));
+        }
+        t.push_str(&format!("[pool]\n{}\n", opts.pool_toml));
+        for s in &i.shards {
+            t.push_str(&format!("[[shards]]\ndsn = \"{s}\"\n"));
+        }
+        t.push_str(&format!("[default_db]\ndsn = \"{}\"\n[legacy_db]\ndsn = \"{}\"\n", i.default_dsn, i.legacy_dsn));
+        if let Some(r) = &i.redis_url {
+            t.push_str(&format!("[redis]\nurl = \"{r}\"\n"));
+        }
+        fs::write(self.config_path(), t)?;
+        Ok(())
+    }
+
+    /// Starts the proxy (detached from our process group) and waits for its port.
+    pub fn start_proxy(&mut self) -> Result<()> {
+        let bin = shardgate_bin()?;
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.info.root.join("shardgate.log"))?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", std::env::var("SHARDGATE_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning shardgate")?;
+        self.info.proxy_pid = Some(child.id());
+        self.proxy = Some(child);
+        wait_for_port(self.info.proxy_port, Duration::from_secs(30)).with_context(|| format!("shardgate did not start; see {}", self.info.root.join("shardgate.log").display()))?;
+        wait_for_port(self.info.admin_port, Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM to the proxy and waits for it to exit.
+    pub fn stop_proxy(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let Some(pid) = self.info.proxy_pid.take() else { return Ok(None) };
+        signal(pid, "TERM");
+        let t0 = Instant::now();
+        if let Some(mut child) = self.proxy.take() {
+            while t0.elapsed() < timeout {
+                if let Some(st) = child.try_wait()? {
+                    return Ok(Some(st));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let st = child.wait()?;
+            bail!("shardgate did not exit within {timeout:?} of SIGTERM (killed: {st})");
+        }
+        // started by another process (make up): wait for the pid to go away
+        while t0.elapsed() < timeout {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        signal(pid, "KILL");
+        Ok(None)
+    }
+
+    /// Keeps everything running after this value is dropped (`make up`).
+    pub fn detach(mut self) -> ClusterInfo {
+        self.detached = true;
+        if let Some(child) = self.proxy.take() {
+            std::mem::forget(child);
+        }
+        self.info.clone()
+    }
+
+    /// The log of the proxy so far (for test failure messages).
+    pub fn proxy_log(&self) -> String {
+        fs::read_to_string(self.info.root.join("shardgate.log")).unwrap_or_default()
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// Stops everything a [`ClusterInfo`] describes; safe to call twice.
+pub fn stop_all(info: &ClusterInfo) {
+    if let Some(pid) = info.proxy_pid {
+        signal(pid, "TERM");
+        let t0 = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        signal(pid, "KILL");
+    }
+    if let Some(pid) = info.redis_pid {
+        signal(pid, "TERM");
+    }
+    for c in &info.clusters {
+        if c.is_running() {
+            let _ = c.stop_immediate();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if let Some(mut child) = self.proxy.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.info.proxy_pid = None;
+        }
+        stop_all(&self.info);
+    }
+}

@@ -1,0 +1,46 @@
+//! Admin HTTP: `/livez` (process up), `/readyz` (accepting and the default
+//! database reachable), `/metrics` (Prometheus text).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::server::Shared;
+
+#[derive(Clone)]
+struct AdminState {
+    shared: Arc<Shared>,
+    prometheus: PrometheusHandle,
+}
+
+/// The admin router.
+pub fn router(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(AdminState { shared, prometheus })
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    if *s.shared.shutdown.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match tokio::time::timeout(Duration::from_secs(2), s.shared.pool.get()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "default database unreachable\n"),
+    }
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    let status = s.shared.pool.status();
+    metrics::gauge!(crate::metrics::POOL_CONNECTIONS, "state" => "size").set(status.size as f64);
+    metrics::gauge!(crate::metrics::POOL_CONNECTIONS, "state" => "available").set(status.available as f64);
+    ([("content-type", "text/plain; version=0.0.4")], s.prometheus.render())
+}

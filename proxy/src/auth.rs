@@ -1,0 +1,260 @@
+//! Client authentication, server side: SCRAM-SHA-256 (RFC 5802/7677, as
+//! PostgreSQL does it, no channel binding) and md5. Pure state machines; the
+//! session drives the messages. Crypto primitives come from hmac/sha2/md-5.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use shardgate_config::{AuthMethod, UserConfig};
+
+/// Why authentication failed. Clients only ever see "password authentication failed".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Malformed SCRAM message.
+    #[error("malformed SCRAM message: {0}")]
+    Malformed(&'static str),
+    /// Proof or password did not match.
+    #[error("password does not match")]
+    Mismatch,
+    /// Client asked for channel binding, which is not offered.
+    #[error("channel binding is not supported")]
+    ChannelBinding,
+}
+
+/// A stored SCRAM-SHA-256 secret (as in `pg_authid.rolpassword`).
+#[derive(Clone)]
+pub struct ScramSecret {
+    iterations: u32,
+    salt: Vec<u8>,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl ScramSecret {
+    /// Derives a secret with a random salt from a plain password.
+    pub fn from_password(password: &str) -> ScramSecret {
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        Self::parse(&verifier).expect("postgres-protocol produces a well-formed verifier")
+    }
+
+    /// Parses `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
+    pub fn parse(verifier: &str) -> Option<ScramSecret> {
+        let rest = verifier.strip_prefix("SCRAM-SHA-256$")?;
+        let (iter_salt, keys) = rest.split_once('$')?;
+        let (iter, salt) = iter_salt.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        Some(ScramSecret {
+            iterations: iter.parse().ok().filter(|&i| i > 0)?,
+            salt: B64.decode(salt).ok()?,
+            stored_key: B64.decode(stored).ok()?.try_into().ok()?,
+            server_key: B64.decode(server).ok()?.try_into().ok()?,
+        })
+    }
+
+    /// A secret no password matches (for unknown users, so that they are
+    /// indistinguishable from a wrong password).
+    pub fn impossible() -> ScramSecret {
+        let mut salt = vec![0u8; 16];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut salt[..]);
+        ScramSecret { iterations: 4096, salt, stored_key: [0; 32], server_key: [0; 32] }
+    }
+}
+
+/// Secrets for one configured user, precomputed at start.
+#[derive(Clone)]
+pub struct UserSecret {
+    /// Method the user must authenticate with.
+    pub method: AuthMethod,
+    /// SCRAM secret, when the method is SCRAM.
+    pub scram: Option<ScramSecret>,
+    /// `md5(password || user)` in hex, when the method is md5.
+    pub md5: Option<String>,
+    /// May run admin commands.
+    pub admin: bool,
+}
+
+impl UserSecret {
+    /// Builds the secret from a config entry (plain password, verifier or md5 hash).
+    pub fn from_config(u: &UserConfig, default_method: AuthMethod) -> UserSecret {
+        let method = u.auth_method.unwrap_or(default_method);
+        let (scram, md5) = match method {
+            AuthMethod::ScramSha256 => {
+                let s = ScramSecret::parse(&u.password).unwrap_or_else(|| ScramSecret::from_password(&u.password));
+                (Some(s), None)
+            }
+            AuthMethod::Md5 => {
+                let h = if shardgate_config::is_md5_hash(&u.password) {
+                    u.password[3..].to_ascii_lowercase()
+                } else {
+                    md5_hex(&[u.password.as_bytes(), u.name.as_bytes()])
+                };
+                (None, Some(h))
+            }
+        };
+        UserSecret { method, scram, md5, admin: u.admin }
+    }
+}
+
+fn md5_hex(parts: &[&[u8]]) -> String {
+    let mut h = Md5::new();
+    for p in parts {
+        h.update(p);
+    }
+    hex(&h.finalize())
+}
+
+fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks an md5 PasswordMessage payload (`md5` + hex) against the stored hash.
+pub fn verify_md5(stored_hex: &str, salt: [u8; 4], response: &[u8]) -> bool {
+    let expected = format!("md5{}", md5_hex(&[stored_hex.as_bytes(), &salt]));
+    constant_time_eq(expected.as_bytes(), response)
+}
+
+fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(msg);
+    m.finalize().into_bytes().into()
+}
+
+/// The server side of one SCRAM exchange, after the client-first message.
+pub struct ScramServer {
+    secret: ScramSecret,
+    client_first_bare: String,
+    server_first: String,
+    nonce: String,
+    gs2_header: String,
+}
+
+impl ScramServer {
+    /// Takes the client-first message; returns the exchange and the server-first message.
+    pub fn start(secret: ScramSecret, client_first: &[u8]) -> Result<(ScramServer, String), AuthError> {
+        let msg = std::str::from_utf8(client_first).map_err(|_| AuthError::Malformed("not UTF-8"))?;
+        let gs2_flag = msg.get(..1).ok_or(AuthError::Malformed("empty"))?;
+        match gs2_flag {
+            "n" | "y" => {}
+            "p" => return Err(AuthError::ChannelBinding),
+            _ => return Err(AuthError::Malformed("bad gs2 flag")),
+        }
+        // gs2-header = flag "," [authzid] ","
+        let mut parts = msg.splitn(3, ',');
+        let flag = parts.next().ok_or(AuthError::Malformed("no gs2 header"))?;
+        let authzid = parts.next().ok_or(AuthError::Malformed("no gs2 header"))?;
+        let bare = parts.next().ok_or(AuthError::Malformed("no client-first-bare"))?;
+        let gs2_header = format!("{flag},{authzid},");
+        let client_nonce = bare
+            .split(',')
+            .find_map(|a| a.strip_prefix("r="))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b','))
+            .ok_or(AuthError::Malformed("no client nonce"))?;
+        let mut raw = [0u8; 18];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut raw[..]);
+        let nonce = format!("{client_nonce}{}", B64.encode(raw));
+        let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
+        Ok((ScramServer { secret, client_first_bare: bare.to_string(), server_first: server_first.clone(), nonce, gs2_header }, server_first))
+    }
+
+    /// Takes the client-final message; on success returns the server-final message.
+    pub fn finish(self, client_final: &[u8]) -> Result<String, AuthError> {
+        let msg = std::str::from_utf8(client_final).map_err(|_| AuthError::Malformed("not UTF-8"))?;
+        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(AuthError::Malformed("no proof"))?;
+        let mut channel = None;
+        let mut nonce = None;
+        for attr in without_proof.split(',') {
+            if let Some(c) = attr.strip_prefix("c=") {
+                channel = Some(c);
+            } else if let Some(r) = attr.strip_prefix("r=") {
+                nonce = Some(r);
+            }
+        }
+        let channel = B64.decode(channel.ok_or(AuthError::Malformed("no channel binding attribute"))?).map_err(|_| AuthError::Malformed("bad c="))?;
+        if channel != self.gs2_header.as_bytes() {
+            return Err(AuthError::Malformed("channel binding does not match"));
+        }
+        if nonce != Some(self.nonce.as_str()) {
+            return Err(AuthError::Malformed("nonce does not match"));
+        }
+        let proof = B64.decode(proof).map_err(|_| AuthError::Malformed("bad proof encoding"))?;
+        if proof.len() != 32 {
+            return Err(AuthError::Malformed("bad proof length"));
+        }
+        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
+        let client_key: Vec<u8> = proof.iter().zip(client_signature).map(|(p, s)| p ^ s).collect();
+        let stored: [u8; 32] = Sha256::digest(&client_key).into();
+        if !constant_time_eq(&stored, &self.secret.stored_key) {
+            return Err(AuthError::Mismatch);
+        }
+        let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
+        Ok(format!("v={}", B64.encode(server_signature)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+    fn exchange(stored_password: &str, client_password: &str) -> Result<(), AuthError> {
+        let secret = ScramSecret::from_password(stored_password);
+        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        let (server, server_first) = ScramServer::start(secret, client.message())?;
+        client.update(server_first.as_bytes()).map_err(|_| AuthError::Malformed("client rejected server-first"))?;
+        let server_final = server.finish(client.message())?;
+        client.finish(server_final.as_bytes()).map_err(|_| AuthError::Malformed("client rejected server signature"))
+    }
+
+    #[test]
+    fn scram_accepts_right_password_and_client_verifies_server() {
+        assert_eq!(exchange("s3cret", "s3cret"), Ok(()));
+    }
+
+    #[test]
+    fn scram_rejects_wrong_password() {
+        assert_eq!(exchange("s3cret", "guess"), Err(AuthError::Mismatch));
+    }
+
+    #[test]
+    fn scram_rejects_channel_binding_and_garbage() {
+        let s = ScramSecret::impossible();
+        assert!(matches!(ScramServer::start(s.clone(), b"p=tls-server-end-point,,n=,r=abc"), Err(AuthError::ChannelBinding)));
+        assert!(ScramServer::start(s.clone(), b"").is_err());
+        assert!(ScramServer::start(s.clone(), b"n,,n=").is_err());
+        let (srv, _) = ScramServer::start(s, b"n,,n=,r=abc").expect("start");
+        assert!(srv.finish(b"c=biws,r=wrong,p=AAAA").is_err());
+    }
+
+    #[test]
+    fn verifier_from_config_is_used_verbatim() {
+        let v = postgres_protocol::password::scram_sha_256(b"pw");
+        assert!(ScramSecret::parse(&v).is_some());
+        assert!(ScramSecret::parse("SCRAM-SHA-256$0:AA==$AA==:AA==").is_none());
+    }
+
+    #[test]
+    fn md5_matches_libpq() {
+        let salt = [1, 2, 3, 4];
+        let user = UserConfig { name: "app".into(), password: "pw".into(), auth_method: Some(AuthMethod::Md5), admin: false };
+        let s = UserSecret::from_config(&user, AuthMethod::ScramSha256);
+        let client = postgres_protocol::authentication::md5_hash(b"app", b"pw", salt);
+        assert!(verify_md5(s.md5.as_deref().expect("md5"), salt, client.as_bytes()));
+        let wrong = postgres_protocol::authentication::md5_hash(b"app", b"px", salt);
+        assert!(!verify_md5(s.md5.as_deref().expect("md5"), salt, wrong.as_bytes()));
+        // stored as an md5 hash gives the same result
+        let hashed = UserConfig { password: postgres_protocol::password::md5(b"pw", "app"), ..user };
+        let s2 = UserSecret::from_config(&hashed, AuthMethod::Md5);
+        assert!(verify_md5(s2.md5.as_deref().expect("md5"), salt, client.as_bytes()));
+    }
+}

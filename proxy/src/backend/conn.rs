@@ -1,0 +1,244 @@
+//! One raw protocol connection to a PostgreSQL server: connect, authenticate
+//! (SCRAM-SHA-256, md5, cleartext or trust), remember its parameters, its
+//! cancel key and which shardgate prepared statements it holds.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use shardgate_config::Dsn;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::backend::{parse_error_fields, parse_parameter_status};
+use crate::protocol::codec::{split_frame, Frame};
+use crate::protocol::frontend::{Reader, CANCEL_REQUEST};
+
+/// Largest message accepted from a server (PostgreSQL's own limit is 1 GiB).
+pub const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// Failure talking to a backend server.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// TCP-level failure.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Connect or startup took too long.
+    #[error("timed out connecting")]
+    Timeout,
+    /// The server refused us with an ErrorResponse.
+    #[error("server error {code}: {message}")]
+    Server {
+        /// SQLSTATE.
+        code: String,
+        /// Server's message.
+        message: String,
+    },
+    /// The server said something we did not expect.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl BackendError {
+    /// True when the failure means the server cannot be reached at all.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, BackendError::Io(_) | BackendError::Timeout)
+            || matches!(self, BackendError::Server { code, .. } if code.starts_with("57P") || code.starts_with("08"))
+    }
+}
+
+/// What it takes to cancel the query running on a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    /// Server address.
+    pub addr: SocketAddr,
+    /// Server process id.
+    pub pid: i32,
+    /// Server secret.
+    pub secret: i32,
+}
+
+impl CancelKey {
+    /// Sends a CancelRequest to the server (new connection, as the protocol demands).
+    pub async fn cancel(&self) -> std::io::Result<()> {
+        let mut s = TcpStream::connect(self.addr).await?;
+        let mut msg = Vec::with_capacity(16);
+        msg.extend_from_slice(&16i32.to_be_bytes());
+        msg.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+        msg.extend_from_slice(&self.pid.to_be_bytes());
+        msg.extend_from_slice(&self.secret.to_be_bytes());
+        s.write_all(&msg).await?;
+        // wait for the server to close, so the cancel has been delivered
+        let mut sink = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_secs(1), s.read(&mut sink)).await;
+        Ok(())
+    }
+}
+
+/// Parameters every server connection is started with, so that pooled
+/// connections are interchangeable. Clients that want other values get them
+/// with a SET at checkout (see `session`).
+pub const STARTUP_PARAMS: &[(&str, &str)] = &[("client_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("application_name", "shardgate")];
+
+/// A connected, authenticated, idle server connection.
+pub struct ServerConn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet handled.
+    pub rbuf: BytesMut,
+    /// Last reported value of each ParameterStatus.
+    pub reported: HashMap<String, String>,
+    /// Values shardgate asked for (startup or SET at checkout), by lowercase name.
+    pub applied: HashMap<String, String>,
+    /// Cancel key of this server process.
+    pub cancel_key: CancelKey,
+    /// shardgate-named prepared statements that exist on this connection.
+    pub prepared: HashSet<String>,
+    /// Set when the connection must not be reused (I/O error, unknown state).
+    pub broken: bool,
+}
+
+impl ServerConn {
+    /// Connects and authenticates, bounded by `timeout`.
+    pub async fn connect(dsn: &Dsn, timeout: Duration) -> Result<ServerConn, BackendError> {
+        tokio::time::timeout(timeout, Self::connect_inner(dsn)).await.map_err(|_| BackendError::Timeout)?
+    }
+
+    async fn connect_inner(dsn: &Dsn) -> Result<ServerConn, BackendError> {
+        let stream = TcpStream::connect((dsn.host.as_str(), dsn.port)).await?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        let mut conn = ServerConn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            reported: HashMap::new(),
+            applied: STARTUP_PARAMS.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.to_string())).collect(),
+            cancel_key: CancelKey { addr, pid: 0, secret: 0 },
+            prepared: HashSet::new(),
+            broken: false,
+        };
+        let mut out = BytesMut::new();
+        let mut params: Vec<(&str, &str)> = vec![("user", &dsn.user), ("database", &dsn.dbname)];
+        params.extend_from_slice(STARTUP_PARAMS);
+        frontend::startup_message(params, &mut out)?;
+        conn.stream.write_all(&out).await?;
+        conn.authenticate(dsn).await?;
+        // until ReadyForQuery: ParameterStatus, BackendKeyData, notices
+        loop {
+            let f = conn.read_frame().await?;
+            match f.tag {
+                b'S' => {
+                    if let Some((k, v)) = parse_parameter_status(f.body()) {
+                        conn.reported.insert(k, v);
+                    }
+                }
+                b'K' => {
+                    let mut r = Reader::new(f.body());
+                    conn.cancel_key.pid = r.i32().map_err(|e| BackendError::Protocol(e.to_string()))?;
+                    conn.cancel_key.secret = r.i32().map_err(|e| BackendError::Protocol(e.to_string()))?;
+                }
+                b'Z' => return Ok(conn),
+                b'E' => return Err(server_error(&f)),
+                b'N' => {}
+                t => return Err(BackendError::Protocol(format!("unexpected message {:?} during startup", t as char))),
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, dsn: &Dsn) -> Result<(), BackendError> {
+        let password = dsn.password.as_deref().unwrap_or("");
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let f = self.read_frame().await?;
+            if f.tag == b'E' {
+                return Err(server_error(&f));
+            }
+            if f.tag != b'R' {
+                return Err(BackendError::Protocol(format!("unexpected message {:?} during authentication", f.tag as char)));
+            }
+            let mut r = Reader::new(f.body());
+            let code = r.i32().map_err(|e| BackendError::Protocol(e.to_string()))?;
+            let mut out = BytesMut::new();
+            match code {
+                0 => return Ok(()),
+                3 => frontend::password_message(password.as_bytes(), &mut out)?,
+                5 => {
+                    let salt: [u8; 4] = r.bytes(4).ok().and_then(|s| s.try_into().ok()).ok_or_else(|| BackendError::Protocol("short md5 salt".into()))?;
+                    let hash = postgres_protocol::authentication::md5_hash(dsn.user.as_bytes(), password.as_bytes(), salt);
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                10 => {
+                    let mechs = r.rest();
+                    if !mechs.split(|&b| b == 0).any(|m| m == SCRAM_SHA_256.as_bytes()) {
+                        return Err(BackendError::Protocol("server offers no SCRAM-SHA-256".into()));
+                    }
+                    let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    scram = Some(s);
+                }
+                11 => {
+                    let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL continue without start".into()))?;
+                    s.update(r.rest())?;
+                    frontend::sasl_response(s.message(), &mut out)?;
+                }
+                12 => {
+                    let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL final without start".into()))?;
+                    s.finish(r.rest())?;
+                    continue;
+                }
+                c => return Err(BackendError::Protocol(format!("unsupported authentication request {c}"))),
+            }
+            self.stream.write_all(&out).await?;
+        }
+    }
+
+    /// Reads one whole message from the server.
+    pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
+        loop {
+            if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_MESSAGE).map_err(|e| BackendError::Protocol(e.to_string()))? {
+                return Ok(f);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(BackendError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Runs a simple query to completion, discarding its rows (control use only).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<(), BackendError> {
+        self.stream.write_all(&crate::protocol::frontend::query(sql)).await?;
+        let mut err = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f.tag {
+                b'E' => err = Some(server_error(&f)),
+                b'S' => {
+                    if let Some((k, v)) = parse_parameter_status(f.body()) {
+                        self.reported.insert(k, v);
+                    }
+                }
+                b'Z' => return err.map_or(Ok(()), Err),
+                _ => {}
+            }
+        }
+    }
+
+    /// Non-blocking liveness check for an idle connection: an idle server
+    /// sends nothing, so EOF or unexpected bytes (say, a FATAL on admin
+    /// shutdown) both mean the connection is unusable.
+    pub fn is_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            _ => false,
+        }
+    }
+}
+
+fn server_error(f: &Frame) -> BackendError {
+    let e = parse_error_fields(f.body());
+    BackendError::Server { code: e.code, message: e.message }
+}

@@ -1,0 +1,8 @@
+//! Server side: raw protocol connections to PostgreSQL ([`conn`]) and the
+//! deadpool-managed pools of them ([`pool`]).
+
+pub mod conn;
+pub mod pool;
+
+pub use conn::{BackendError, CancelKey, ServerConn};
+pub use pool::{Pool, ServerManager};

@@ -1,0 +1,62 @@
+//! A deadpool-managed pool of [`ServerConn`] per backend database. A connection
+//! that is broken or found dead by a non-blocking probe at checkout is
+//! replaced, never handed out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use shardgate_config::Dsn;
+use std::sync::Mutex;
+
+use super::conn::{BackendError, ServerConn};
+
+/// Creates and checks server connections for one backend.
+pub struct ServerManager {
+    /// Where to connect (credentials never logged).
+    pub dsn: Dsn,
+    /// Connect + startup timeout.
+    pub connect_timeout: Duration,
+    /// Parameters reported by the most recent new connection, shown to clients at login.
+    pub last_params: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl managed::Manager for ServerManager {
+    type Type = ServerConn;
+    type Error = BackendError;
+
+    async fn create(&self) -> Result<ServerConn, BackendError> {
+        let conn = ServerConn::connect(&self.dsn, self.connect_timeout).await?;
+        metrics::counter!(crate::metrics::SERVER_CONNECTS).increment(1);
+        if let Ok(mut p) = self.last_params.lock() {
+            *p = conn.reported.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
+        Ok(conn)
+    }
+
+    async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<BackendError> {
+        if conn.broken {
+            return Err(RecycleError::message("connection marked broken"));
+        }
+        if !conn.is_alive() {
+            return Err(RecycleError::message("server closed the connection"));
+        }
+        Ok(())
+    }
+}
+
+/// A pool of server connections to one database.
+pub type Pool = managed::Pool<ServerManager>;
+
+/// Builds a pool; connections are made lazily on first checkout.
+pub fn build(dsn: Dsn, size: usize, connect_timeout: Duration, checkout_timeout: Duration) -> Pool {
+    let manager = ServerManager { dsn, connect_timeout, last_params: Arc::new(Mutex::new(Vec::new())) };
+    managed::Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(checkout_timeout))
+        .create_timeout(Some(connect_timeout))
+        .recycle_timeout(Some(Duration::from_secs(1)))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .expect("runtime and sizes are set")
+}

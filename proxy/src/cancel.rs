@@ -1,0 +1,99 @@
+//! Routing of CancelRequests: each session gets its own (pid, secret) key; a
+//! cancel with that key reaches the server connection the session holds right
+//! now, and only that one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::backend::CancelKey;
+
+/// Where a session's running query can be cancelled.
+#[derive(Default)]
+pub struct CancelSlot {
+    current: Mutex<Option<CancelKey>>,
+}
+
+impl CancelSlot {
+    /// Records the server connection the session now holds (or `None`).
+    pub fn set(&self, key: Option<CancelKey>) {
+        if let Ok(mut c) = self.current.lock() {
+            *c = key;
+        }
+    }
+    fn get(&self) -> Option<CancelKey> {
+        self.current.lock().ok().and_then(|c| *c)
+    }
+}
+
+/// All live sessions by their client-facing pid.
+#[derive(Default)]
+pub struct CancelRegistry {
+    sessions: Mutex<HashMap<i32, (i32, Arc<CancelSlot>)>>,
+}
+
+/// Removes the session from the registry when dropped.
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
+    /// The client-facing pid.
+    pub pid: i32,
+    /// The client-facing secret.
+    pub secret: i32,
+    /// Shared with the registry.
+    pub slot: Arc<CancelSlot>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.registry.sessions.lock() {
+            m.remove(&self.pid);
+        }
+    }
+}
+
+impl CancelRegistry {
+    /// Registers a new session under a fresh random key.
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let slot = Arc::new(CancelSlot::default());
+        let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let pid: i32 = rand::random::<i32>() & 0x7fff_ffff;
+            if pid != 0 && !m.contains_key(&pid) {
+                let secret: i32 = rand::random();
+                m.insert(pid, (secret, slot.clone()));
+                return Registration { registry: self.clone(), pid, secret, slot };
+            }
+        }
+    }
+
+    /// The server to cancel for a CancelRequest, if the key matches a session
+    /// that holds a server connection now.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelKey> {
+        let m = self.sessions.lock().ok()?;
+        let (s, slot) = m.get(&pid)?;
+        if *s != secret {
+            return None;
+        }
+        slot.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_matching_secret_cancels_and_registration_expires() {
+        let reg = Arc::new(CancelRegistry::default());
+        let a = reg.register();
+        let b = reg.register();
+        let key = CancelKey { addr: "127.0.0.1:5432".parse().expect("addr"), pid: 42, secret: 7 };
+        a.slot.set(Some(key));
+        assert_eq!(reg.lookup(a.pid, a.secret), Some(key));
+        assert_eq!(reg.lookup(a.pid, a.secret.wrapping_add(1)), None);
+        assert_eq!(reg.lookup(b.pid, b.secret), None, "b holds no server");
+        let pid = a.pid;
+        let secret = a.secret;
+        drop(a);
+        assert_eq!(reg.lookup(pid, secret), None);
+    }
+}

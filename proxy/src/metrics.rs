@@ -1,0 +1,27 @@
+//! Every metric name shardgate exports, in one place; labels come from small enums.
+
+/// Client connections accepted (counter).
+pub const CLIENT_CONNECTIONS_TOTAL: &str = "shardgate_client_connections_total";
+/// Client connections open now (gauge).
+pub const CLIENT_CONNECTIONS: &str = "shardgate_client_connections";
+/// Client connections refused over `max_client_connections` (counter).
+pub const CLIENT_REFUSED_TOTAL: &str = "shardgate_client_refused_total";
+/// Authentication failures (counter).
+pub const AUTH_FAILURES_TOTAL: &str = "shardgate_auth_failures_total";
+/// Requests forwarded, label `kind` = simple | extended (counter).
+pub const QUERIES_TOTAL: &str = "shardgate_queries_total";
+/// Errors shardgate generated itself, label `sqlstate` (counter).
+pub const ERRORS_TOTAL: &str = "shardgate_errors_total";
+/// Time waiting for a server connection (histogram, seconds).
+pub const POOL_WAIT_SECONDS: &str = "shardgate_pool_wait_seconds";
+/// New server connections made (counter).
+pub const SERVER_CONNECTS: &str = "shardgate_server_connects_total";
+/// Clients pinned to a server connection by session state, label `reason` (counter).
+pub const PINNED_TOTAL: &str = "shardgate_pinned_clients_total";
+/// Queries cancelled by `query_timeout_ms` (counter).
+pub const QUERY_TIMEOUTS_TOTAL: &str = "shardgate_query_timeouts_total";
+/// Server connections in the pool, label `state` = size | available (gauge).
+pub const POOL_CONNECTIONS: &str = "shardgate_pool_connections";
+
+/// Bucket bounds (seconds) for [`POOL_WAIT_SECONDS`].
+pub const POOL_WAIT_BUCKETS: &[f64] = &[0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];

@@ -1,0 +1,131 @@
+//! The accept loop: connection limit, one task per client, graceful shutdown
+//! (stop accepting, let running transactions finish, then close).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardgate_config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::auth::UserSecret;
+use crate::backend::{pool, Pool};
+use crate::cancel::CancelRegistry;
+
+/// State every session shares.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// Precomputed secrets by user name.
+    pub users: HashMap<String, UserSecret>,
+    /// Pool of server connections to `default_db`.
+    pub pool: Pool,
+    /// Cancel routing.
+    pub cancels: Arc<CancelRegistry>,
+    /// Flips to true when shutdown starts.
+    pub shutdown: watch::Receiver<bool>,
+    /// Client sessions running now.
+    pub clients: AtomicUsize,
+}
+
+/// Parameters reported at login when no server has been reached yet.
+const DEFAULT_PARAMS: &[(&str, &str)] = &[
+    ("server_version", "15.0"),
+    ("server_encoding", "UTF8"),
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("integer_datetimes", "on"),
+    ("standard_conforming_strings", "on"),
+    ("is_superuser", "off"),
+    ("default_transaction_read_only", "off"),
+    ("in_hot_standby", "off"),
+];
+
+impl Shared {
+    /// Builds shared state from a validated config.
+    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Shared {
+        let users = config.users.iter().map(|u| (u.name.clone(), UserSecret::from_config(u, config.server.auth_method))).collect();
+        let p = &config.pool;
+        let pool = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
+        Shared { config, users, pool, cancels: Arc::new(CancelRegistry::default()), shutdown, clients: AtomicUsize::new(0) }
+    }
+
+    /// ParameterStatus values for a new client: the server's, with the
+    /// client's own requests (client_encoding, DateStyle, ...) applied.
+    pub async fn login_parameters(&self, desired: &[(String, String)]) -> Vec<(String, String)> {
+        let known = || self.pool.manager().last_params.lock().map(|p| p.clone()).unwrap_or_default();
+        let mut params = known();
+        if params.is_empty() {
+            // first client: reach a server once to learn its version and settings
+            if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), self.pool.get()).await {
+                drop(conn);
+                params = known();
+            }
+        }
+        if params.is_empty() {
+            params = DEFAULT_PARAMS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        }
+        params.retain(|(k, _)| k != "application_name" && k != "session_authorization");
+        for (k, v) in desired {
+            if let Some(slot) = params.iter_mut().find(|(pk, _)| pk.eq_ignore_ascii_case(k)) {
+                slot.1 = if k == "client_encoding" && matches!(v.to_ascii_lowercase().as_str(), "utf8" | "utf-8" | "unicode") { "UTF8".into() } else { v.clone() };
+            }
+        }
+        let app = desired.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default();
+        params.push(("application_name".into(), app));
+        params
+    }
+}
+
+/// Accepts clients until `shutdown` flips, then waits up to
+/// `server.shutdown_timeout_ms` for their sessions to end.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let limit = Arc::new(Semaphore::new(shared.config.server.max_client_connections));
+    let mut shutdown = shared.shutdown.clone();
+    let mut sessions = JoinSet::new();
+    let mut next_id: u64 = 0;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                next_id += 1;
+                let permit = limit.clone().try_acquire_owned().ok();
+                let shared = shared.clone();
+                let span = info_span!("session", id = next_id, %peer);
+                sessions.spawn(async move {
+                    let over_limit = permit.is_none();
+                    shared.clients.fetch_add(1, Ordering::Relaxed);
+                    crate::session::run(shared.clone(), stream, over_limit).await;
+                    shared.clients.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                }.instrument(span));
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let n = sessions.len();
+    info!(sessions = n, "shutting down: no new connections, waiting for running transactions");
+    let wait = Duration::from_millis(shared.config.server.shutdown_timeout_ms);
+    let drained = tokio::time::timeout(wait, async { while sessions.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(left = sessions.len(), "shutdown timeout reached, closing remaining sessions");
+        sessions.abort_all();
+    }
+    shared.pool.close();
+    info!("shutdown complete");
+}

@@ -1,0 +1,969 @@
+//! One client connection, start to end: startup and authentication, then a
+//! full-duplex loop that forwards protocol messages to a pooled server
+//! connection held for one transaction (transaction pooling).
+//!
+//! Rules this file keeps:
+//! - bytes are forwarded as received; only Parse/Bind/Describe/Close are
+//!   rewritten (statement names), and only the proxy's own injected messages
+//!   have their replies swallowed, tracked in order by [`Expect`];
+//! - a server connection is returned only at a clean point: every request
+//!   answered, transaction status idle, nothing pinned;
+//! - reads stop while the other side's write buffer is full (backpressure),
+//!   and writes never block reads, so pipelined clients cannot deadlock us.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use deadpool::managed::{Object, PoolError, TimeoutType};
+use shardgate_config::{AuthMethod, PoolMode};
+use shardgate_router::{session_effect, SessionEffect};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::auth::{verify_md5, ScramSecret, ScramServer};
+use crate::backend::conn::MAX_SERVER_MESSAGE;
+use crate::backend::ServerManager;
+use crate::cancel::Registration;
+use crate::error::ProxyError;
+use crate::metrics as m;
+use crate::protocol::backend::{self as msg, parse_error_fields, parse_parameter_status, Severity};
+use crate::protocol::codec::{put_message, split_frame, split_startup, Frame, FrameError};
+use crate::protocol::frontend::{parse_startup, Bind, Parse, SaslInitial, StartupPacket, Target};
+use crate::server::Shared;
+
+/// Largest startup packet accepted (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).
+const MAX_STARTUP: usize = 10_000;
+/// Stop reading from one side while this much is queued for the other.
+const HIGH_WATER: usize = 256 * 1024;
+/// Time allowed from connect to the end of authentication.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Statement name used to turn a client's Close of a statement into a no-op
+/// on the server (closing a nonexistent statement is not an error).
+const CLOSED_STATEMENT: &[u8] = b"shardgate_closed";
+
+/// Client-settable parameters that change how a server behaves for the
+/// client; they are applied with SET on whatever server the client gets.
+const TRACKED_PARAMS: &[&str] = &["client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits", "search_path", "standard_conforming_strings", "bytea_output"];
+
+/// A reply the server owes us for something we sent, in send order.
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete for a Parse; `name` is the server statement it creates.
+    ParseComplete { forward: bool, name: Option<Arc<str>> },
+    /// CloseComplete for a Close.
+    CloseComplete { forward: bool },
+    /// ReadyForQuery for a client Sync or Query.
+    Ready,
+    /// Everything up to and including ReadyForQuery of a query the proxy sent itself.
+    SwallowUntilReady,
+}
+
+/// A client's named prepared statement, mapped to a server statement name
+/// derived from its text and types, so any server can hold it.
+struct Statement {
+    server_name: Arc<str>,
+    /// The Parse message under the server name, ready to inject.
+    parse: Bytes,
+}
+
+/// How the loop goes on after handling a message.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// Why the session ended.
+enum End {
+    /// Normal close (Terminate or EOF).
+    Done,
+    /// Send this FATAL error, then close.
+    Fatal(&'static str, String),
+    /// I/O error on the client socket.
+    ClientIo(std::io::Error),
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> Self {
+        End::ClientIo(e)
+    }
+}
+
+/// Serves one client connection until it ends.
+pub async fn run(shared: Arc<Shared>, stream: TcpStream, over_limit: bool) {
+    let _ = stream.set_nodelay(true);
+    let mut cin = BytesMut::with_capacity(8 * 1024);
+    let start = tokio::time::timeout(AUTH_TIMEOUT, startup(&shared, &stream, &mut cin, over_limit)).await;
+    let login = match start {
+        Ok(Ok(Some(l))) => l,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            debug!(error = %e, "startup failed");
+            return;
+        }
+        Err(_) => {
+            let mut out = BytesMut::new();
+            msg::error_response(&mut out, Severity::Fatal, "08006", "timeout during startup or authentication");
+            let _ = write_all(&stream, &out).await;
+            return;
+        }
+    };
+    info!(user = %login.user, "client connected");
+    metrics::gauge!(m::CLIENT_CONNECTIONS).increment(1.0);
+    let mut s = Session::new(shared, stream, cin, login);
+    let end = s.run_loop().await;
+    s.finish(end).await;
+    metrics::gauge!(m::CLIENT_CONNECTIONS).decrement(1.0);
+}
+
+/// What startup established.
+struct Login {
+    user: String,
+    desired: Vec<(String, String)>,
+    registration: Registration,
+}
+
+async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn write_fatal(stream: &TcpStream, code: &str, message: &str) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    msg::error_response(&mut out, Severity::Fatal, code, message);
+    write_all(stream, &out).await
+}
+
+/// Reads one startup packet; `None` on a malformed one (after telling the client).
+async fn read_startup_packet(stream: &TcpStream, cin: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
+    loop {
+        match split_startup(cin, MAX_STARTUP) {
+            Ok(Some(p)) => return Ok(Some(p)),
+            Ok(None) => read_more(stream, cin).await?,
+            Err(_) => {
+                write_fatal(stream, "08P01", "invalid length of startup packet").await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Reads one tagged message during authentication.
+async fn read_auth_message(stream: &TcpStream, cin: &mut BytesMut) -> std::io::Result<Option<Frame>> {
+    loop {
+        match split_frame(cin, MAX_STARTUP) {
+            Ok(Some(f)) if f.tag == b'p' => return Ok(Some(f)),
+            Ok(Some(_)) => {
+                write_fatal(stream, "08P01", "expected password response").await?;
+                return Ok(None);
+            }
+            Ok(None) => read_more(stream, cin).await?,
+            Err(_) => {
+                write_fatal(stream, "08P01", "invalid message length during authentication").await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, over_limit: bool) -> std::io::Result<Option<Login>> {
+    let (version, params) = loop {
+        let Some(pkt) = read_startup_packet(stream, cin).await? else { return Ok(None) };
+        match parse_startup(&pkt) {
+            Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+                if !cin.is_empty() {
+                    // bytes sent before our answer could be injected by a man in the middle
+                    write_fatal(stream, "08P01", "received unencrypted data after SSL request").await?;
+                    return Ok(None);
+                }
+                write_all(stream, b"N").await?;
+            }
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                if let Some(key) = shared.cancels.lookup(pid, secret) {
+                    debug!(pid, "forwarding cancel request");
+                    if let Err(e) = key.cancel().await {
+                        warn!(error = %e, "cancel request to server failed");
+                    }
+                }
+                return Ok(None);
+            }
+            Ok(StartupPacket::Startup { version, params }) => break (version, params),
+            Err(e) => {
+                write_fatal(stream, "08P01", &format!("invalid startup packet: {e}")).await?;
+                return Ok(None);
+            }
+        }
+    };
+    if version >> 16 != 3 {
+        write_fatal(stream, "0A000", &format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", version >> 16, version & 0xffff)).await?;
+        return Ok(None);
+    }
+    let mut user = None;
+    let mut desired = Vec::new();
+    let mut unknown_protocol_options = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => user = Some(v),
+            "database" | "replication" => {}
+            "options" => desired.extend(parse_options(&v)),
+            k if k.starts_with("_pq_.") => unknown_protocol_options.push(k.to_string()),
+            _ => desired.push((k.to_ascii_lowercase(), v)),
+        }
+    }
+    if version & 0xffff != 0 || !unknown_protocol_options.is_empty() {
+        // NegotiateProtocolVersion: we speak 3.0 and no protocol extensions
+        let mut out = BytesMut::new();
+        put_message(&mut out, b'v', |o| {
+            o.extend_from_slice(&(3i32 << 16).to_be_bytes());
+            o.extend_from_slice(&(unknown_protocol_options.len() as i32).to_be_bytes());
+            for name in &unknown_protocol_options {
+                crate::protocol::codec::put_cstr(o, name.as_bytes());
+            }
+        });
+        write_all(stream, &out).await?;
+    }
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        write_fatal(stream, "28000", "no PostgreSQL user name specified in startup packet").await?;
+        return Ok(None);
+    };
+    if over_limit {
+        metrics::counter!(m::CLIENT_REFUSED_TOTAL).increment(1);
+        write_fatal(stream, "53300", "sorry, too many clients already").await?;
+        return Ok(None);
+    }
+    if !authenticate(shared, stream, cin, &user).await? {
+        metrics::counter!(m::AUTH_FAILURES_TOTAL).increment(1);
+        info!(user = %user, "authentication failed");
+        write_fatal(stream, "28P01", &format!("password authentication failed for user \"{user}\"")).await?;
+        return Ok(None);
+    }
+    if *shared.shutdown.borrow() {
+        write_fatal(stream, "57P03", "the database system is shutting down").await?;
+        return Ok(None);
+    }
+    let registration = shared.cancels.register();
+    let mut out = BytesMut::new();
+    msg::authentication(&mut out, 0, &[]);
+    for (k, v) in shared.login_parameters(&desired).await {
+        msg::parameter_status(&mut out, &k, &v);
+    }
+    msg::backend_key_data(&mut out, registration.pid, registration.secret);
+    msg::ready_for_query(&mut out, b'I');
+    write_all(stream, &out).await?;
+    metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
+    Ok(Some(Login { user, desired, registration }))
+}
+
+/// Parses `-c name=value` / `--name=value` pairs of the `options` startup parameter.
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut words = options.split_whitespace();
+    while let Some(w) = words.next() {
+        let kv = if w == "-c" { words.next() } else { w.strip_prefix("--").or_else(|| w.strip_prefix("-c")) };
+        if let Some((k, v)) = kv.and_then(|kv| kv.split_once('=')) {
+            out.push((k.replace('-', "_").to_ascii_lowercase(), v.to_string()));
+        }
+    }
+    out
+}
+
+/// Runs the configured exchange; false when the password is wrong or the user unknown.
+async fn authenticate(shared: &Shared, stream: &TcpStream, cin: &mut BytesMut, user: &str) -> std::io::Result<bool> {
+    let secret = shared.users.get(user);
+    let method = secret.map_or(shared.config.server.auth_method, |s| s.method);
+    let mut out = BytesMut::new();
+    match method {
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            msg::authentication(&mut out, 5, &salt);
+            write_all(stream, &out).await?;
+            let Some(f) = read_auth_message(stream, cin).await? else { return Ok(false) };
+            let resp = f.body().strip_suffix(&[0]).unwrap_or(f.body());
+            Ok(secret.and_then(|s| s.md5.as_deref()).is_some_and(|h| verify_md5(h, salt, resp)))
+        }
+        AuthMethod::ScramSha256 => {
+            // unknown users run the same exchange against a secret nothing matches
+            let scram = secret.and_then(|s| s.scram.clone()).unwrap_or_else(ScramSecret::impossible);
+            msg::authentication(&mut out, 10, b"SCRAM-SHA-256\0\0");
+            write_all(stream, &out).await?;
+            let Some(f) = read_auth_message(stream, cin).await? else { return Ok(false) };
+            let Ok(init) = SaslInitial::parse(f.body()) else { return Ok(false) };
+            if init.mechanism != b"SCRAM-SHA-256" {
+                write_fatal(stream, "28000", "client selected an invalid SASL authentication mechanism").await?;
+                return Ok(false);
+            }
+            let Ok((server, server_first)) = ScramServer::start(scram, init.data) else { return Ok(false) };
+            out.clear();
+            msg::authentication(&mut out, 11, server_first.as_bytes());
+            write_all(stream, &out).await?;
+            let Some(f) = read_auth_message(stream, cin).await? else { return Ok(false) };
+            match server.finish(f.body()) {
+                Ok(server_final) if secret.is_some() => {
+                    out.clear();
+                    msg::authentication(&mut out, 12, server_final.as_bytes());
+                    write_all(stream, &out).await?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        }
+    }
+}
+
+type Server = Object<ServerManager>;
+
+struct Session {
+    shared: Arc<Shared>,
+    client: TcpStream,
+    /// Bytes from the client not yet handled.
+    cin: BytesMut,
+    /// Bytes queued for the client.
+    cout: BytesMut,
+    /// The server connection held now, if any.
+    server: Option<Server>,
+    /// Bytes queued for the server.
+    sout: BytesMut,
+    /// Replies the server owes, in order.
+    expect: VecDeque<Expect>,
+    /// Sync/Query messages forwarded whose ReadyForQuery has not come back.
+    pending_ready: u32,
+    /// Extended-protocol messages forwarded since the last Sync.
+    sent_since_sync: bool,
+    /// Transaction status from the last ReadyForQuery.
+    tx_status: u8,
+    /// Why the client is pinned to its server, if it is.
+    pinned: Option<&'static str>,
+    /// After a proxy-made error in an extended batch, drop messages until Sync.
+    discard_until_sync: bool,
+    /// The client's named prepared statements.
+    statements: HashMap<Vec<u8>, Statement>,
+    /// Client-requested parameter values to apply on each server.
+    desired: Vec<(String, String)>,
+    registration: Registration,
+    /// Last time the client sent anything.
+    last_client_activity: Instant,
+    /// When the running request is cancelled for `query_timeout_ms`.
+    query_deadline: Option<Instant>,
+    /// Shutdown was requested: close at the next clean point.
+    shutting_down: bool,
+    max_message: usize,
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, client: TcpStream, cin: BytesMut, login: Login) -> Self {
+        let max_message = shared.config.server.max_message_size;
+        let desired = login.desired.into_iter().filter(|(k, _)| TRACKED_PARAMS.contains(&k.as_str())).map(|(k, v)| (k, normalize_param(&v))).collect();
+        Session {
+            shared,
+            client,
+            cin,
+            cout: BytesMut::with_capacity(16 * 1024),
+            server: None,
+            sout: BytesMut::with_capacity(8 * 1024),
+            expect: VecDeque::new(),
+            pending_ready: 0,
+            sent_since_sync: false,
+            tx_status: b'I',
+            pinned: None,
+            discard_until_sync: false,
+            statements: HashMap::new(),
+            desired,
+            registration: login.registration,
+            last_client_activity: Instant::now(),
+            query_deadline: None,
+            shutting_down: false,
+            max_message,
+        }
+    }
+
+    /// True when nothing is in flight and no transaction is open.
+    fn at_clean_point(&self) -> bool {
+        self.pending_ready == 0 && !self.sent_since_sync && self.tx_status == b'I' && self.expect.is_empty()
+    }
+
+    async fn run_loop(&mut self) -> End {
+        match self.run_loop_inner().await {
+            Ok(()) => End::Done,
+            Err(e) => e,
+        }
+    }
+
+    async fn run_loop_inner(&mut self) -> Result<(), End> {
+        let mut shutdown = self.shared.shutdown.clone();
+        let cfg = &self.shared.config.server;
+        let client_idle = Duration::from_millis(cfg.client_idle_timeout_ms);
+        let idle_in_tx = Duration::from_millis(cfg.idle_in_transaction_timeout_ms);
+        loop {
+            // 1. client messages, while the server side is not backed up
+            while self.sout.len() < HIGH_WATER {
+                let frame = match split_frame(&mut self.cin, self.max_message) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(FrameError::TooLarge { len, max }) => {
+                        return Err(End::Fatal("54000", format!("message of {len} bytes exceeds server.max_message_size ({max})")));
+                    }
+                    Err(e) => return Err(End::Fatal("08P01", format!("invalid message: {e}"))),
+                };
+                if self.on_client(frame).await? == Flow::Close {
+                    return Ok(());
+                }
+            }
+            // 2. server messages, while the client side is not backed up
+            while self.cout.len() < HIGH_WATER {
+                let Some(server) = self.server.as_mut() else { break };
+                match split_frame(&mut server.rbuf, MAX_SERVER_MESSAGE) {
+                    Ok(Some(f)) => self.on_server(f)?,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(error = %e, "bad message from server");
+                        self.server_lost()?;
+                    }
+                }
+            }
+            // 3. return the server at a clean point
+            self.maybe_release();
+            // 4. write what we can without waiting
+            flush_now(&self.client, &mut self.cout)?;
+            if let Some(server) = &self.server {
+                if flush_now(&server.stream, &mut self.sout).is_err() {
+                    self.server_lost()?;
+                    continue;
+                }
+            }
+            if self.shutting_down && self.server.is_none() && self.cout.is_empty() {
+                return Err(End::Fatal("57P01", "terminating connection due to administrator command".into()));
+            }
+            // 5. wait for the next event
+            let (timer, timer_kind) = self.next_timer(client_idle, idle_in_tx);
+            let server_stream = self.server.as_ref().map(|s| &s.stream);
+            let want_client = self.sout.len() < HIGH_WATER;
+            let want_server = self.cout.len() < HIGH_WATER;
+            tokio::select! {
+                r = self.client.readable(), if want_client => {
+                    r?;
+                    match self.client.try_read_buf(&mut self.cin) {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => self.last_client_activity = Instant::now(),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                r = readable(server_stream), if want_server && server_stream.is_some() => {
+                    let server = &mut **self.server.as_mut().expect("guarded by server_stream");
+                    let res = r.and_then(|()| {
+                        let crate::backend::ServerConn { stream, rbuf, .. } = server;
+                        stream.try_read_buf(rbuf)
+                    });
+                    match res {
+                        Ok(0) => self.server_lost()?,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => self.server_lost()?,
+                    }
+                }
+                r = self.client.writable(), if !self.cout.is_empty() => r?,
+                r = writable(server_stream), if !self.sout.is_empty() && server_stream.is_some() => {
+                    if r.is_err() {
+                        self.server_lost()?;
+                    }
+                }
+                _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now).into()), if timer.is_some() => {
+                    self.on_timer(timer_kind)?;
+                }
+                _ = shutdown.changed(), if !self.shutting_down => {
+                    self.shutting_down = true;
+                }
+            }
+        }
+    }
+
+    /// The earliest timeout that applies in the current state.
+    fn next_timer(&self, client_idle: Duration, idle_in_tx: Duration) -> (Option<Instant>, Timer) {
+        if let Some(d) = self.query_deadline {
+            return (Some(d), Timer::Query);
+        }
+        if self.server.is_none() {
+            if !client_idle.is_zero() {
+                return (Some(self.last_client_activity + client_idle), Timer::ClientIdle);
+            }
+        } else if !idle_in_tx.is_zero() && self.pending_ready == 0 && !self.sent_since_sync && self.tx_status != b'I' {
+            return (Some(self.last_client_activity + idle_in_tx), Timer::IdleInTransaction);
+        }
+        (None, Timer::Query)
+    }
+
+    fn on_timer(&mut self, kind: Timer) -> Result<(), End> {
+        match kind {
+            Timer::Query => {
+                self.query_deadline = None;
+                if let Some(server) = &self.server {
+                    metrics::counter!(m::QUERY_TIMEOUTS_TOTAL).increment(1);
+                    warn!(timeout_ms = self.shared.config.server.query_timeout_ms, "query timeout, cancelling");
+                    let key = server.cancel_key;
+                    tokio::spawn(async move {
+                        let _ = key.cancel().await;
+                    });
+                }
+                Ok(())
+            }
+            Timer::ClientIdle => Err(End::Fatal("57P05", "terminating connection due to idle-session timeout".into())),
+            Timer::IdleInTransaction => Err(End::Fatal("25P03", "terminating connection due to idle-in-transaction timeout".into())),
+        }
+    }
+
+    /// Returns the server to the pool when the client is at a clean point.
+    fn maybe_release(&mut self) {
+        if self.server.is_none() || !self.at_clean_point() || self.pinned.is_some() || self.shared.config.pool.mode == PoolMode::Session {
+            return;
+        }
+        debug_assert!(self.sout.is_empty());
+        self.server = None;
+        self.registration.slot.set(None);
+    }
+
+    /// Makes sure a server is held; on failure queues the error for the client.
+    async fn ensure_server(&mut self) -> Result<bool, ProxyError> {
+        if self.server.is_some() {
+            return Ok(true);
+        }
+        let t0 = Instant::now();
+        let got = self.shared.pool.get().await;
+        metrics::histogram!(m::POOL_WAIT_SECONDS).record(t0.elapsed().as_secs_f64());
+        let mut server = match got {
+            Ok(s) => s,
+            Err(PoolError::Timeout(TimeoutType::Wait)) => return Err(ProxyError::PoolTimeout),
+            Err(PoolError::Backend(e)) => return Err(ProxyError::BackendUnavailable(e)),
+            Err(PoolError::Timeout(_)) => return Err(ProxyError::BackendUnavailable(crate::backend::BackendError::Timeout)),
+            Err(e) => return Err(ProxyError::Protocol(format!("pool error: {e}"))),
+        };
+        // bring the server's session parameters in line with what this client asked for
+        let mut sets = String::new();
+        for (k, v) in &self.desired {
+            let current = server.applied.get(k).or_else(|| server.reported.iter().find(|(rk, _)| rk.eq_ignore_ascii_case(k)).map(|(_, v)| v));
+            if current.map(|c| normalize_param(c)) != Some(v.clone()) {
+                sets.push_str(&format!("SET {k} = '{}';", v.replace('\'', "''")));
+                server.applied.insert(k.clone(), v.clone());
+            }
+        }
+        if !sets.is_empty() {
+            self.sout.extend_from_slice(&crate::protocol::frontend::query(&sets));
+            self.expect.push_back(Expect::SwallowUntilReady);
+        }
+        self.registration.slot.set(Some(server.cancel_key));
+        self.tx_status = b'I';
+        self.server = Some(server);
+        Ok(true)
+    }
+
+    /// Gets a server for a request, or answers the client with the error.
+    async fn server_for(&mut self, extended: bool) -> bool {
+        match self.ensure_server().await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, sqlstate = e.sqlstate(), "no server connection for request");
+                metrics::counter!(m::ERRORS_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
+                msg::error_response(&mut self.cout, Severity::Error, e.sqlstate(), &e.client_message());
+                if extended {
+                    self.discard_until_sync = true;
+                } else {
+                    msg::ready_for_query(&mut self.cout, b'I');
+                }
+                false
+            }
+        }
+    }
+
+    fn note_statement_text(&mut self, sql: &[u8]) {
+        if self.pinned.is_some() {
+            return;
+        }
+        let text = String::from_utf8_lossy(sql);
+        if let SessionEffect::Pins(reason) = session_effect(&text) {
+            debug!(reason, "client pinned to its server connection");
+            metrics::counter!(m::PINNED_TOTAL, "reason" => reason).increment(1);
+            self.pinned = Some(reason);
+        }
+    }
+
+    fn arm_query_timeout(&mut self) {
+        let t = self.shared.config.server.query_timeout_ms;
+        if t > 0 && self.query_deadline.is_none() {
+            self.query_deadline = Some(Instant::now() + Duration::from_millis(t));
+        }
+    }
+
+    /// Makes sure the held server has `stmt` prepared, injecting its Parse if not.
+    fn ensure_prepared(&mut self, name: &[u8]) {
+        let (Some(stmt), Some(server)) = (self.statements.get(name), self.server.as_mut()) else { return };
+        if !server.prepared.contains(&*stmt.server_name) {
+            self.sout.extend_from_slice(&stmt.parse);
+            server.prepared.insert(stmt.server_name.to_string());
+            self.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
+        }
+    }
+
+    async fn on_client(&mut self, f: Frame) -> Result<Flow, End> {
+        if self.discard_until_sync && f.tag != b'S' && f.tag != b'X' {
+            return Ok(Flow::Continue);
+        }
+        match f.tag {
+            b'Q' => {
+                let sql = f.body().strip_suffix(&[0]).unwrap_or(f.body());
+                self.note_statement_text(sql);
+                metrics::counter!(m::QUERIES_TOTAL, "kind" => "simple").increment(1);
+                if !self.server_for(false).await {
+                    return Ok(Flow::Continue);
+                }
+                self.forget_statements_if_discarded(sql);
+                self.sout.extend_from_slice(&f.raw);
+                self.expect.push_back(Expect::Ready);
+                self.pending_ready += 1;
+                self.arm_query_timeout();
+            }
+            b'P' => {
+                let p = Parse::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                self.note_statement_text(p.query);
+                if !self.server_for(true).await {
+                    return Ok(Flow::Continue);
+                }
+                if p.name.is_empty() {
+                    self.sout.extend_from_slice(&f.raw);
+                    self.expect.push_back(Expect::ParseComplete { forward: true, name: None });
+                } else {
+                    let server_name: Arc<str> = statement_name(p.query, p.param_types).into();
+                    let mut parse = BytesMut::new();
+                    p.write_renamed(&mut parse, server_name.as_bytes());
+                    let parse = parse.freeze();
+                    let server = self.server.as_mut().expect("server_for succeeded");
+                    if server.prepared.contains(&*server_name) {
+                        // re-prepare in place so the reply stays in order
+                        crate::protocol::frontend::Target { kind: b'S', name: b"" }.write_renamed(&mut self.sout, b'C', server_name.as_bytes());
+                        self.expect.push_back(Expect::CloseComplete { forward: false });
+                    }
+                    self.sout.extend_from_slice(&parse);
+                    server.prepared.insert(server_name.to_string());
+                    self.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });
+                    self.statements.insert(p.name.to_vec(), Statement { server_name, parse });
+                }
+                self.sent_since_sync = true;
+            }
+            b'B' => {
+                let b = Bind::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                metrics::counter!(m::QUERIES_TOTAL, "kind" => "extended").increment(1);
+                if !self.server_for(true).await {
+                    return Ok(Flow::Continue);
+                }
+                match self.statements.get(b.statement).map(|s| s.server_name.clone()) {
+                    Some(server_name) => {
+                        self.ensure_prepared(b.statement);
+                        b.write_renamed(&mut self.sout, server_name.as_bytes());
+                    }
+                    None => self.sout.extend_from_slice(&f.raw),
+                }
+                self.sent_since_sync = true;
+            }
+            b'D' | b'C' => {
+                let t = Target::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                if !self.server_for(true).await {
+                    return Ok(Flow::Continue);
+                }
+                let known = t.kind == b'S' && !t.name.is_empty() && self.statements.contains_key(t.name);
+                if f.tag == b'D' && known {
+                    let server_name = self.statements.get(t.name).map(|s| s.server_name.clone()).expect("known");
+                    self.ensure_prepared(t.name);
+                    t.write_renamed(&mut self.sout, b'D', server_name.as_bytes());
+                } else if f.tag == b'C' && known {
+                    // the server keeps its copy for other clients; close a name that does not exist
+                    self.statements.remove(t.name);
+                    t.write_renamed(&mut self.sout, b'C', CLOSED_STATEMENT);
+                } else {
+                    self.sout.extend_from_slice(&f.raw);
+                }
+                if f.tag == b'C' {
+                    self.expect.push_back(Expect::CloseComplete { forward: true });
+                }
+                self.sent_since_sync = true;
+            }
+            b'E' | b'H' => {
+                if !self.server_for(true).await {
+                    return Ok(Flow::Continue);
+                }
+                self.sout.extend_from_slice(&f.raw);
+                self.sent_since_sync = true;
+                if f.tag == b'E' {
+                    self.arm_query_timeout();
+                }
+            }
+            b'S' => {
+                if self.discard_until_sync {
+                    self.discard_until_sync = false;
+                    let status = if self.server.is_some() { self.tx_status } else { b'I' };
+                    msg::ready_for_query(&mut self.cout, status);
+                } else if self.server.is_none() {
+                    msg::ready_for_query(&mut self.cout, b'I');
+                } else {
+                    self.sout.extend_from_slice(&f.raw);
+                    self.expect.push_back(Expect::Ready);
+                    self.pending_ready += 1;
+                    self.sent_since_sync = false;
+                }
+            }
+            b'F' => {
+                if !self.server_for(false).await {
+                    return Ok(Flow::Continue);
+                }
+                self.sout.extend_from_slice(&f.raw);
+                self.expect.push_back(Expect::Ready);
+                self.pending_ready += 1;
+            }
+            b'd' | b'c' | b'f' => {
+                // COPY data goes to the server running the COPY; outside COPY it is ignored, as PostgreSQL does
+                if self.server.is_some() {
+                    self.sout.extend_from_slice(&f.raw);
+                }
+            }
+            b'X' => return Ok(Flow::Close),
+            b'p' => return Err(End::Fatal("08P01", "unexpected password message".into())),
+            t => {
+                let shown = if t.is_ascii_graphic() { format!("\"{}\"", t as char) } else { format!("0x{t:02x}") };
+                return Err(End::Fatal("08P01", format!("invalid frontend message type {shown}")));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// DISCARD ALL / DEALLOCATE ALL drop server-side statements: forget ours.
+    fn forget_statements_if_discarded(&mut self, sql: &[u8]) {
+        let head: String = String::from_utf8_lossy(&sql[..sql.len().min(64)]).to_ascii_lowercase();
+        let words: Vec<&str> = head.split_whitespace().collect();
+        let drops_all = matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..]);
+        if drops_all {
+            self.statements.clear();
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.clear();
+            }
+        }
+    }
+
+    fn on_server(&mut self, f: Frame) -> Result<(), End> {
+        let swallowing = matches!(self.expect.front(), Some(Expect::SwallowUntilReady));
+        match f.tag {
+            b'1' => match self.expect.pop_front() {
+                Some(Expect::ParseComplete { forward, .. }) => {
+                    if forward {
+                        self.cout.extend_from_slice(&f.raw);
+                    }
+                }
+                other => return self.desync("ParseComplete", other),
+            },
+            b'3' => match self.expect.pop_front() {
+                Some(Expect::CloseComplete { forward }) => {
+                    if forward {
+                        self.cout.extend_from_slice(&f.raw);
+                    }
+                }
+                other => return self.desync("CloseComplete", other),
+            },
+            b'E' => {
+                let fields = parse_error_fields(f.body());
+                // the server skips to the next Sync: drop what those messages would have answered
+                while let Some(e) = self.expect.front() {
+                    match e {
+                        Expect::Ready | Expect::SwallowUntilReady => break,
+                        Expect::ParseComplete { name: Some(n), .. } => {
+                            if let Some(server) = self.server.as_mut() {
+                                server.prepared.remove(&**n);
+                            }
+                            self.expect.pop_front();
+                        }
+                        _ => {
+                            self.expect.pop_front();
+                        }
+                    }
+                }
+                if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                    if let Some(server) = self.server.as_mut() {
+                        server.broken = true;
+                    }
+                }
+                if swallowing {
+                    warn!(sqlstate = %fields.code, "applying client parameters on server failed");
+                } else {
+                    self.cout.extend_from_slice(&f.raw);
+                }
+            }
+            b'Z' => {
+                let status = f.body().first().copied().unwrap_or(b'I');
+                match self.expect.pop_front() {
+                    Some(Expect::SwallowUntilReady) => {}
+                    Some(Expect::Ready) => {
+                        self.pending_ready = self.pending_ready.saturating_sub(1);
+                        self.tx_status = status;
+                        if self.pending_ready == 0 {
+                            self.query_deadline = None;
+                        }
+                        self.cout.extend_from_slice(&f.raw);
+                    }
+                    other => return self.desync("ReadyForQuery", other),
+                }
+            }
+            b'S' => {
+                if let (Some((k, v)), Some(server)) = (parse_parameter_status(f.body()), self.server.as_mut()) {
+                    server.reported.insert(k, v);
+                }
+                if !swallowing {
+                    self.cout.extend_from_slice(&f.raw);
+                }
+            }
+            _ => {
+                if !swallowing {
+                    self.cout.extend_from_slice(&f.raw);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn desync(&mut self, got: &str, expected: Option<Expect>) -> Result<(), End> {
+        warn!(got, ?expected, "server reply out of step with requests");
+        if let Some(server) = self.server.as_mut() {
+            server.broken = true;
+        }
+        Err(End::Fatal("08P01", "protocol synchronization lost with server".into()))
+    }
+
+    /// The server connection died: discard it, tell the client, end the session.
+    fn server_lost(&mut self) -> Result<(), End> {
+        if let Some(mut server) = self.server.take() {
+            server.broken = true;
+            let _ = Object::take(server);
+        }
+        self.registration.slot.set(None);
+        warn!("server connection lost");
+        Err(End::Fatal(ProxyError::ServerLost.sqlstate(), ProxyError::ServerLost.client_message()))
+    }
+
+    async fn finish(&mut self, end: End) {
+        match &end {
+            End::Fatal(code, message) => {
+                msg::error_response(&mut self.cout, Severity::Fatal, code, message);
+            }
+            End::ClientIo(e) => debug!(error = %e, "client i/o error"),
+            End::Done => {}
+        }
+        if !matches!(end, End::ClientIo(_)) && !self.cout.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), write_all(&self.client, &self.cout)).await;
+        }
+        if let Some(mut server) = self.server.take() {
+            if self.pinned.is_some() || !self.at_clean_point() || server.broken {
+                // session state or an open transaction must not reach another client
+                server.broken = true;
+                let _ = Object::take(server);
+            }
+        }
+        self.registration.slot.set(None);
+        info!("client disconnected");
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Timer {
+    Query,
+    ClientIdle,
+    IdleInTransaction,
+}
+
+/// A server statement name that depends only on the statement's text and
+/// parameter types, so every client preparing the same statement shares it.
+fn statement_name(query: &[u8], param_types: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut h);
+    param_types.hash(&mut h);
+    let mut h2 = std::collections::hash_map::DefaultHasher::new();
+    param_types.hash(&mut h2);
+    query.hash(&mut h2);
+    query.len().hash(&mut h2);
+    format!("sg_{:016x}{:016x}", h.finish(), h2.finish())
+}
+
+/// Canonical spelling of a parameter value for comparison.
+fn normalize_param(v: &str) -> String {
+    match v.to_ascii_lowercase().as_str() {
+        "utf8" | "utf-8" | "unicode" => "UTF8".into(),
+        _ => v.to_string(),
+    }
+}
+
+/// Writes all of `buf` through a shared reference to the socket.
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn flush_now(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match stream.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                let _ = buf.split_to(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn readable(s: Option<&TcpStream>) -> std::io::Result<()> {
+    match s {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn writable(s: Option<&TcpStream>) -> std::io::Result<()> {
+    match s {
+        Some(s) => s.writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parsing() {
+        assert_eq!(
+            parse_options("-c search_path=a,b --statement-timeout=5 -cDateStyle=ISO junk"),
+            vec![("search_path".into(), "a,b".into()), ("statement_timeout".into(), "5".into()), ("datestyle".into(), "ISO".into())]
+        );
+    }
+
+    #[test]
+    fn statement_names_depend_on_text_and_types() {
+        let a = statement_name(b"select $1", b"\0\x01\0\0\0\x17");
+        assert_eq!(a, statement_name(b"select $1", b"\0\x01\0\0\0\x17"));
+        assert_ne!(a, statement_name(b"select $1", b"\0\x01\0\0\0\x14"));
+        assert_ne!(a, statement_name(b"select $2", b"\0\x01\0\0\0\x17"));
+        assert!(a.len() < 64, "fits NAMEDATALEN");
+    }
+}

@@ -1,0 +1,165 @@
+//! A small SQL lexer: words, symbols and statement breaks, skipping comments and
+//! every kind of quoted text, so keyword checks never look inside literals.
+
+/// A token that matters to keyword checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Token<'a> {
+    /// Unquoted word (keyword or identifier), as written.
+    Word(&'a str),
+    /// `;` outside quotes: a statement break.
+    Semicolon,
+    /// `(`.
+    OpenParen,
+    /// Anything else outside quotes and comments (one token per literal/symbol).
+    Other,
+}
+
+/// Splits `sql` into tokens. Never panics, whatever bytes it is given.
+pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                // nested block comments, as PostgreSQL allows
+                let mut depth = 0usize;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'\'' => {
+                i = skip_quoted(b, i + 1, b'\'', false);
+                out.push(Token::Other);
+            }
+            b'"' => {
+                i = skip_quoted(b, i + 1, b'"', false);
+                out.push(Token::Other);
+            }
+            b'$' => {
+                // dollar quote $tag$...$tag$, or a parameter $1
+                let start = i;
+                let mut j = i + 1;
+                while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') && !b[i + 1].is_ascii_digit() {
+                    j += 1;
+                }
+                if j < b.len() && b[j] == b'$' && !b.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+                    let tag = &b[start..=j];
+                    let mut k = j + 1;
+                    loop {
+                        if k + tag.len() > b.len() {
+                            i = b.len();
+                            break;
+                        }
+                        if &b[k..k + tag.len()] == tag {
+                            i = k + tag.len();
+                            break;
+                        }
+                        k += 1;
+                    }
+                } else {
+                    i += 1;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                }
+                out.push(Token::Other);
+            }
+            b';' => {
+                out.push(Token::Semicolon);
+                i += 1;
+            }
+            b'(' => {
+                out.push(Token::OpenParen);
+                i += 1;
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                // E'...' escape strings: a word E/e directly followed by a quote
+                if (c == b'e' || c == b'E') && b.get(i + 1) == Some(&b'\'') {
+                    i = skip_quoted(b, i + 2, b'\'', true);
+                    out.push(Token::Other);
+                    continue;
+                }
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80) {
+                    i += 1;
+                }
+                // start and i are on char boundaries: both sit at ASCII bytes or the ends
+                out.push(Token::Word(sql.get(start..i).unwrap_or("")));
+            }
+            _ => {
+                out.push(Token::Other);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Returns the index just past the closing quote (doubled quotes escape;
+/// with `backslash`, `\x` escapes too). Unterminated text runs to the end.
+fn skip_quoted(b: &[u8], mut i: usize, q: u8, backslash: bool) -> usize {
+    while i < b.len() {
+        if backslash && b[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if b[i] == q {
+            if b.get(i + 1) == Some(&q) {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        i += 1;
+    }
+    b.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(sql: &str) -> Vec<String> {
+        tokens(sql)
+            .into_iter()
+            .filter_map(|t| match t {
+                Token::Word(w) => Some(w.to_string()),
+                Token::Semicolon => Some(";".into()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn skips_comments_and_quotes() {
+        assert_eq!(words("select 'set x' -- set y\n /* a /* set */ b */ from t"), ["select", "from", "t"]);
+        assert_eq!(words("select $q$ ; set $q$, $1, E'it\\'s ; set' ; listen x"), ["select", ";", "listen", "x"]);
+        assert_eq!(words("select \"set\"\"x\"; set a"), ["select", ";", "set", "a"]);
+    }
+
+    #[test]
+    fn unterminated_input_does_not_panic() {
+        for s in ["'abc", "\"abc", "$a$ abc", "/* abc", "E'\\", "$", "$$", "é'", "select é"] {
+            let _ = tokens(s);
+        }
+    }
+}

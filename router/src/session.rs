@@ -1,0 +1,151 @@
+//! Which statements leave state behind in a server session. Under transaction
+//! pooling a client that creates such state is pinned to its server connection
+//! (the pgbouncer/pgdog rule), so nothing leaks to other clients.
+
+use crate::lexer::{tokens, Token};
+
+/// What a statement does to the server session beyond its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEffect {
+    /// Nothing outlives the transaction.
+    None,
+    /// Leaves session state (SET, LISTEN, temp table, SQL PREPARE, WITH HOLD
+    /// cursor, session advisory lock, LOAD): the client must keep its server.
+    Pins(&'static str),
+}
+
+/// Classifies every statement in `sql` (a simple-query string may hold many);
+/// the first one that pins decides.
+pub fn session_effect(sql: &str) -> SessionEffect {
+    let toks = tokens(sql);
+    for stmt in toks.split(|t| *t == Token::Semicolon) {
+        if let Some(reason) = statement_pins(stmt) {
+            return SessionEffect::Pins(reason);
+        }
+    }
+    SessionEffect::None
+}
+
+fn word<'a>(t: Option<&Token<'a>>) -> Option<&'a str> {
+    match t {
+        Some(Token::Word(w)) => Some(w),
+        _ => None,
+    }
+}
+
+fn is(t: Option<&Token<'_>>, kw: &str) -> bool {
+    word(t).is_some_and(|w| w.eq_ignore_ascii_case(kw))
+}
+
+fn statement_pins(stmt: &[Token<'_>]) -> Option<&'static str> {
+    let first = stmt.first();
+    if is(first, "set") {
+        let second = stmt.get(1);
+        if is(second, "local") || is(second, "transaction") || is(second, "constraints") {
+            return None;
+        }
+        if is(second, "session") && is(stmt.get(2), "characteristics") {
+            return Some("SET SESSION CHARACTERISTICS");
+        }
+        return Some("SET");
+    }
+    if is(first, "reset") {
+        return Some("RESET");
+    }
+    if is(first, "listen") {
+        return Some("LISTEN");
+    }
+    if is(first, "load") {
+        return Some("LOAD");
+    }
+    if is(first, "prepare") && !is(stmt.get(1), "transaction") {
+        return Some("PREPARE");
+    }
+    if is(first, "declare") && stmt.windows(2).any(|w| is(w.first(), "with") && is(w.get(1), "hold")) {
+        return Some("DECLARE ... WITH HOLD");
+    }
+    if is(first, "create") {
+        // CREATE [GLOBAL|LOCAL] {TEMP|TEMPORARY} {TABLE|VIEW|SEQUENCE}, CREATE [OR REPLACE] TEMP VIEW
+        if stmt.iter().take(6).any(|t| is(Some(t), "temp") || is(Some(t), "temporary")) {
+            return Some("CREATE TEMP");
+        }
+    }
+    // SELECT ... INTO TEMP t
+    if stmt.windows(2).any(|w| is(w.first(), "into") && (is(w.get(1), "temp") || is(w.get(1), "temporary"))) {
+        return Some("SELECT INTO TEMP");
+    }
+    // session-level advisory locks and set_config(..., false) as function calls anywhere
+    for w in stmt.windows(2) {
+        if w.get(1) != Some(&Token::OpenParen) {
+            continue;
+        }
+        if let Some(name) = word(w.first()) {
+            let lower = name.to_ascii_lowercase();
+            if matches!(lower.as_str(), "pg_advisory_lock" | "pg_advisory_lock_shared" | "pg_try_advisory_lock" | "pg_try_advisory_lock_shared") {
+                return Some("session advisory lock");
+            }
+            if lower == "set_config" {
+                return Some("set_config");
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinning_statements() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("SET search_path = x", Some("SET")),
+            ("set session timezone to 'UTC'", Some("SET")),
+            ("SET LOCAL statement_timeout = 5", None),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+            ("SET CONSTRAINTS ALL DEFERRED", None),
+            ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", Some("SET SESSION CHARACTERISTICS")),
+            ("RESET ALL", Some("RESET")),
+            ("LISTEN chan", Some("LISTEN")),
+            ("LOAD 'auto_explain'", Some("LOAD")),
+            ("PREPARE p AS SELECT 1", Some("PREPARE")),
+            ("PREPARE TRANSACTION 'gid'", None),
+            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Some("DECLARE ... WITH HOLD")),
+            ("DECLARE c CURSOR FOR SELECT 1", None),
+            ("CREATE TEMP TABLE t (a int)", Some("CREATE TEMP")),
+            ("create local temporary table t (a int)", Some("CREATE TEMP")),
+            ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", Some("CREATE TEMP")),
+            ("CREATE TABLE temp_stuff (a int)", None),
+            ("SELECT * INTO TEMP t FROM x", Some("SELECT INTO TEMP")),
+            ("SELECT pg_advisory_lock(1)", Some("session advisory lock")),
+            ("select PG_TRY_ADVISORY_LOCK(1, 2)", Some("session advisory lock")),
+            ("SELECT pg_advisory_xact_lock(1)", None),
+            ("SELECT set_config('a.b', 'c', false)", Some("set_config")),
+            ("SELECT 'SET x = 1', \"listen\" FROM t", None),
+            ("SELECT 1; SET x = 1", Some("SET")),
+            ("BEGIN; SELECT 1; COMMIT", None),
+            ("/* SET */ SELECT 1 -- LISTEN x", None),
+            ("", None),
+        ];
+        for (sql, want) in cases {
+            let got = match session_effect(sql) {
+                SessionEffect::None => None,
+                SessionEffect::Pins(r) => Some(r),
+            };
+            assert_eq!(got, *want, "{sql}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(s in "\\PC*") {
+            let _ = session_effect(&s);
+        }
+
+        #[test]
+        fn quoted_text_never_pins(s in "[a-zA-Z ;()$]*") {
+            let sql = format!("SELECT '{}'", s.replace('\'', "''"));
+            proptest::prop_assert_eq!(session_effect(&sql), SessionEffect::None);
+        }
+    }
+}
