@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{verify_md5, ScramSecret, ScramServer};
 use crate::backend::conn::MAX_SERVER_MESSAGE;
+use crate::backend::conn::STARTUP_PARAMS;
 use crate::backend::ServerManager;
 use crate::cancel::Registration;
 use crate::error::ProxyError;
@@ -54,8 +55,12 @@ enum Expect {
     ParseComplete { forward: bool, name: Option<Arc<str>> },
     /// CloseComplete for a Close.
     CloseComplete { forward: bool },
-    /// ReadyForQuery for a client Sync or Query.
-    Ready,
+    /// ReadyForQuery for a client Sync (`sync`) or Query/FunctionCall.
+    Ready { sync: bool },
+    /// The client ended a COPY FROM STDIN (CopyDone/CopyFail) before the
+    /// server's CopyInResponse was seen: Syncs sent before this marker were
+    /// ignored by the server.
+    CopyEnd,
     /// Everything up to and including ReadyForQuery of a query the proxy sent itself.
     SwallowUntilReady,
 }
@@ -355,13 +360,23 @@ struct Session {
     query_deadline: Option<Instant>,
     /// Shutdown was requested: close at the next clean point.
     shutting_down: bool,
+    /// The server is in COPY FROM STDIN mode (ignoring Sync until CopyDone/CopyFail);
+    /// `Some(true)` when the COPY came from the extended protocol, which still owes a Sync after it.
+    copy_in: Option<bool>,
     max_message: usize,
 }
 
 impl Session {
     fn new(shared: Arc<Shared>, client: TcpStream, cin: BytesMut, login: Login) -> Self {
         let max_message = shared.config.server.max_message_size;
-        let desired = login.desired.into_iter().filter(|(k, _)| TRACKED_PARAMS.contains(&k.as_str())).map(|(k, v)| (k, normalize_param(&v))).collect();
+        // values equal to what every server connection starts with need no SET
+        let desired = login
+            .desired
+            .into_iter()
+            .filter(|(k, _)| TRACKED_PARAMS.contains(&k.as_str()))
+            .map(|(k, v)| (k, normalize_param(&v)))
+            .filter(|(k, v)| !STARTUP_PARAMS.iter().any(|(sk, sv)| sk.eq_ignore_ascii_case(k) && normalize_param(sv) == *v))
+            .collect();
         Session {
             shared,
             client,
@@ -381,13 +396,14 @@ impl Session {
             last_client_activity: Instant::now(),
             query_deadline: None,
             shutting_down: false,
+            copy_in: None,
             max_message,
         }
     }
 
     /// True when nothing is in flight and no transaction is open.
     fn at_clean_point(&self) -> bool {
-        self.pending_ready == 0 && !self.sent_since_sync && self.tx_status == b'I' && self.expect.is_empty()
+        self.pending_ready == 0 && !self.sent_since_sync && self.tx_status == b'I' && self.expect.is_empty() && self.copy_in.is_none()
     }
 
     async fn run_loop(&mut self) -> End {
@@ -526,6 +542,7 @@ impl Session {
             return;
         }
         debug_assert!(self.sout.is_empty());
+        tracing::trace!("server returned to pool");
         self.server = None;
         self.registration.slot.set(None);
     }
@@ -545,13 +562,23 @@ impl Session {
             Err(PoolError::Timeout(_)) => return Err(ProxyError::BackendUnavailable(crate::backend::BackendError::Timeout)),
             Err(e) => return Err(ProxyError::Protocol(format!("pool error: {e}"))),
         };
-        // bring the server's session parameters in line with what this client asked for
+        // bring the server's session parameters in line with what this client asked for:
+        // SET what it wants, RESET what an earlier client changed and this one did not ask for
         let mut sets = String::new();
-        for (k, v) in &self.desired {
-            let current = server.applied.get(k).or_else(|| server.reported.iter().find(|(rk, _)| rk.eq_ignore_ascii_case(k)).map(|(_, v)| v));
-            if current.map(|c| normalize_param(c)) != Some(v.clone()) {
-                sets.push_str(&format!("SET {k} = '{}';", v.replace('\'', "''")));
-                server.applied.insert(k.clone(), v.clone());
+        for name in TRACKED_PARAMS {
+            let want = self.desired.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            if server.applied.get(*name) == want {
+                continue;
+            }
+            match want {
+                Some(v) => {
+                    sets.push_str(&format!("SET {name} = '{}';", v.replace('\'', "''")));
+                    server.applied.insert(name.to_string(), v.clone());
+                }
+                None => {
+                    sets.push_str(&format!("RESET {name};"));
+                    server.applied.remove(*name);
+                }
             }
         }
         if !sets.is_empty() {
@@ -612,6 +639,7 @@ impl Session {
     }
 
     async fn on_client(&mut self, f: Frame) -> Result<Flow, End> {
+        tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), server = self.server.is_some(), "client message");
         if self.discard_until_sync && f.tag != b'S' && f.tag != b'X' {
             return Ok(Flow::Continue);
         }
@@ -625,7 +653,7 @@ impl Session {
                 }
                 self.forget_statements_if_discarded(sql);
                 self.sout.extend_from_slice(&f.raw);
-                self.expect.push_back(Expect::Ready);
+                self.expect.push_back(Expect::Ready { sync: false });
                 self.pending_ready += 1;
                 self.arm_query_timeout();
             }
@@ -710,9 +738,12 @@ impl Session {
                     msg::ready_for_query(&mut self.cout, status);
                 } else if self.server.is_none() {
                     msg::ready_for_query(&mut self.cout, b'I');
+                } else if self.copy_in.is_some() {
+                    // the server ignores Sync in COPY FROM STDIN mode; no reply comes
+                    self.sout.extend_from_slice(&f.raw);
                 } else {
                     self.sout.extend_from_slice(&f.raw);
-                    self.expect.push_back(Expect::Ready);
+                    self.expect.push_back(Expect::Ready { sync: true });
                     self.pending_ready += 1;
                     self.sent_since_sync = false;
                 }
@@ -722,13 +753,19 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 self.sout.extend_from_slice(&f.raw);
-                self.expect.push_back(Expect::Ready);
+                self.expect.push_back(Expect::Ready { sync: false });
                 self.pending_ready += 1;
             }
             b'd' | b'c' | b'f' => {
                 // COPY data goes to the server running the COPY; outside COPY it is ignored, as PostgreSQL does
                 if self.server.is_some() {
                     self.sout.extend_from_slice(&f.raw);
+                    if f.tag != b'd' {
+                        match self.copy_in.take() {
+                            Some(extended) => self.sent_since_sync |= extended,
+                            None => self.expect.push_back(Expect::CopyEnd),
+                        }
+                    }
                 }
             }
             b'X' => return Ok(Flow::Close),
@@ -755,6 +792,7 @@ impl Session {
     }
 
     fn on_server(&mut self, f: Frame) -> Result<(), End> {
+        tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), expect = ?self.expect.front(), "server message");
         let swallowing = matches!(self.expect.front(), Some(Expect::SwallowUntilReady));
         match f.tag {
             b'1' => match self.expect.pop_front() {
@@ -778,7 +816,7 @@ impl Session {
                 // the server skips to the next Sync: drop what those messages would have answered
                 while let Some(e) = self.expect.front() {
                     match e {
-                        Expect::Ready | Expect::SwallowUntilReady => break,
+                        Expect::Ready { .. } | Expect::SwallowUntilReady => break,
                         Expect::ParseComplete { name: Some(n), .. } => {
                             if let Some(server) = self.server.as_mut() {
                                 server.prepared.remove(&**n);
@@ -803,9 +841,13 @@ impl Session {
             }
             b'Z' => {
                 let status = f.body().first().copied().unwrap_or(b'I');
+                while matches!(self.expect.front(), Some(Expect::CopyEnd)) {
+                    self.expect.pop_front();
+                }
+                self.copy_in = None;
                 match self.expect.pop_front() {
                     Some(Expect::SwallowUntilReady) => {}
-                    Some(Expect::Ready) => {
+                    Some(Expect::Ready { .. }) => {
                         self.pending_ready = self.pending_ready.saturating_sub(1);
                         self.tx_status = status;
                         if self.pending_ready == 0 {
@@ -815,6 +857,10 @@ impl Session {
                     }
                     other => return self.desync("ReadyForQuery", other),
                 }
+            }
+            b'G' => {
+                self.enter_copy_in();
+                self.cout.extend_from_slice(&f.raw);
             }
             b'S' => {
                 if let (Some((k, v)), Some(server)) = (parse_parameter_status(f.body()), self.server.as_mut()) {
@@ -831,6 +877,35 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// CopyInResponse: the server now ignores Sync until CopyDone/CopyFail, so
+    /// the Syncs the client pipelined after the COPY's Execute get no reply.
+    /// The first pending ReadyForQuery belongs to the message that started
+    /// the COPY: kept for a simple Query, dropped for an extended Sync.
+    fn enter_copy_in(&mut self) {
+        let Some(first) = self.expect.iter().position(|e| matches!(e, Expect::Ready { .. })) else { return };
+        let extended = matches!(self.expect[first], Expect::Ready { sync: true });
+        let mut i = if extended { first } else { first + 1 };
+        while i < self.expect.len() {
+            match self.expect[i] {
+                Expect::Ready { sync: true } => {
+                    self.expect.remove(i);
+                    self.pending_ready = self.pending_ready.saturating_sub(1);
+                }
+                Expect::CopyEnd => {
+                    // the client already ended the COPY; an extended COPY still owes its Sync
+                    self.expect.remove(i);
+                    let sync_after = self.expect.iter().skip(i).any(|e| matches!(e, Expect::Ready { sync: true }));
+                    if extended && !sync_after {
+                        self.sent_since_sync = true;
+                    }
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = Some(extended);
     }
 
     fn desync(&mut self, got: &str, expected: Option<Expect>) -> Result<(), End> {

@@ -493,3 +493,17 @@ impl Drop for Cluster {
         stop_all(&self.info);
     }
 }
+
+/// Connects with tokio-postgres (no TLS) and drives the connection in the background.
+pub async fn connect(dsn: &str) -> std::result::Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_string())
+}

@@ -91,7 +91,8 @@ pub struct ServerConn {
     pub rbuf: BytesMut,
     /// Last reported value of each ParameterStatus.
     pub reported: HashMap<String, String>,
-    /// Values shardgate asked for (startup or SET at checkout), by lowercase name.
+    /// Parameters shardgate changed with SET at checkout, away from their
+    /// values at connect (lowercase name → value); absent means as at connect.
     pub applied: HashMap<String, String>,
     /// Cancel key of this server process.
     pub cancel_key: CancelKey,
@@ -115,7 +116,7 @@ impl ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
             reported: HashMap::new(),
-            applied: STARTUP_PARAMS.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.to_string())).collect(),
+            applied: HashMap::new(),
             cancel_key: CancelKey { addr, pid: 0, secret: 0 },
             prepared: HashSet::new(),
             broken: false,

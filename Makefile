@@ -1,0 +1,37 @@
+# The two commands: `make up` (start everything locally) and `make test` (all tests).
+CARGO ?= cargo
+DEV := target/dev
+SHARD ?= 0
+
+.PHONY: up down shard-stop shard-start test bench deps build fuzz
+
+deps:
+	@bash scripts/setup.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+up: deps build
+	@./target/debug/devcluster --dir $(DEV) up
+	@echo
+	@echo "-- a query through shardgate:"
+	@psql "$$(jq -r .proxy_dsn $(DEV)/cluster.json)" -c 'select version()' -c "select 'shardgate is serving' as status"
+
+down:
+	@if [ -x ./target/debug/devcluster ]; then ./target/debug/devcluster --dir $(DEV) down; else echo "nothing to stop"; fi
+
+shard-stop:
+	@./target/debug/devcluster --dir $(DEV) shard-stop $(SHARD)
+
+shard-start:
+	@./target/debug/devcluster --dir $(DEV) shard-start $(SHARD)
+
+test: deps build
+	$(CARGO) test --workspace --no-fail-fast
+
+bench: deps
+	$(CARGO) build --release --workspace --bins
+	@bash scripts/bench.sh
+
+fuzz:
+	@bash scripts/fuzz.sh $(or $(SECONDS_TO_RUN),600)
