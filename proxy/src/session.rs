@@ -351,6 +351,9 @@ struct Session {
     discard_until_sync: bool,
     /// The client's named prepared statements.
     statements: HashMap<Vec<u8>, Statement>,
+    /// The server reported an error and skips messages until the next Sync,
+    /// which the client has not sent yet: Parse/Close sent until then get no reply.
+    server_skipping: bool,
     /// Client-requested parameter values to apply on each server.
     desired: Vec<(String, String)>,
     registration: Registration,
@@ -390,6 +393,7 @@ impl Session {
             tx_status: b'I',
             pinned: None,
             discard_until_sync: false,
+            server_skipping: false,
             statements: HashMap::new(),
             desired,
             registration: login.registration,
@@ -633,8 +637,10 @@ impl Session {
         let (Some(stmt), Some(server)) = (self.statements.get(name), self.server.as_mut()) else { return };
         if !server.prepared.contains(&*stmt.server_name) {
             self.sout.extend_from_slice(&stmt.parse);
-            server.prepared.insert(stmt.server_name.to_string());
-            self.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
+            if !self.server_skipping {
+                server.prepared.insert(stmt.server_name.to_string());
+                self.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
+            }
         }
     }
 
@@ -665,21 +671,26 @@ impl Session {
                 }
                 if p.name.is_empty() {
                     self.sout.extend_from_slice(&f.raw);
-                    self.expect.push_back(Expect::ParseComplete { forward: true, name: None });
+                    self.expect_reply(Expect::ParseComplete { forward: true, name: None });
                 } else {
                     let server_name: Arc<str> = statement_name(p.query, p.param_types).into();
                     let mut parse = BytesMut::new();
                     p.write_renamed(&mut parse, server_name.as_bytes());
                     let parse = parse.freeze();
                     let server = self.server.as_mut().expect("server_for succeeded");
-                    if server.prepared.contains(&*server_name) {
-                        // re-prepare in place so the reply stays in order
-                        crate::protocol::frontend::Target { kind: b'S', name: b"" }.write_renamed(&mut self.sout, b'C', server_name.as_bytes());
-                        self.expect.push_back(Expect::CloseComplete { forward: false });
+                    if self.server_skipping {
+                        // the server skips this Parse: nothing is created, nothing is answered
+                        self.sout.extend_from_slice(&parse);
+                    } else {
+                        if server.prepared.contains(&*server_name) {
+                            // re-prepare in place so the reply stays in order
+                            crate::protocol::frontend::Target { kind: b'S', name: b"" }.write_renamed(&mut self.sout, b'C', server_name.as_bytes());
+                            self.expect.push_back(Expect::CloseComplete { forward: false });
+                        }
+                        self.sout.extend_from_slice(&parse);
+                        server.prepared.insert(server_name.to_string());
+                        self.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });
                     }
-                    self.sout.extend_from_slice(&parse);
-                    server.prepared.insert(server_name.to_string());
-                    self.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });
                     self.statements.insert(p.name.to_vec(), Statement { server_name, parse });
                 }
                 self.sent_since_sync = true;
@@ -717,7 +728,7 @@ impl Session {
                     self.sout.extend_from_slice(&f.raw);
                 }
                 if f.tag == b'C' {
-                    self.expect.push_back(Expect::CloseComplete { forward: true });
+                    self.expect_reply(Expect::CloseComplete { forward: true });
                 }
                 self.sent_since_sync = true;
             }
@@ -746,6 +757,7 @@ impl Session {
                     self.expect.push_back(Expect::Ready { sync: true });
                     self.pending_ready += 1;
                     self.sent_since_sync = false;
+                    self.server_skipping = false;
                 }
             }
             b'F' => {
@@ -776,6 +788,13 @@ impl Session {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Expects a reply to a message just forwarded, unless the server skips it.
+    fn expect_reply(&mut self, e: Expect) {
+        if !self.server_skipping {
+            self.expect.push_back(e);
+        }
     }
 
     /// DISCARD ALL / DEALLOCATE ALL drop server-side statements: forget ours.
@@ -827,6 +846,11 @@ impl Session {
                             self.expect.pop_front();
                         }
                     }
+                }
+                // no ReadyForQuery owed yet: the client has not sent this batch's Sync,
+                // and the server will skip what the client sends until it does
+                if !self.expect.iter().any(|e| matches!(e, Expect::Ready { .. } | Expect::SwallowUntilReady)) {
+                    self.server_skipping = true;
                 }
                 if fields.severity == "FATAL" || fields.severity == "PANIC" {
                     if let Some(server) = self.server.as_mut() {
