@@ -496,3 +496,49 @@ fn psycopg3_and_asyncpg_normal_prepared_and_pipeline() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("clients ok"), "{text}\n--- proxy log ---\n{}", c.proxy_log());
 }
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Reads messages until one with `tag` arrives; returns all tags seen.
+fn read_until(s: &mut TcpStream, tag: u8) -> Vec<u8> {
+    let mut tags = Vec::new();
+    loop {
+        let mut hdr = [0u8; 5];
+        s.read_exact(&mut hdr).expect("message header");
+        let len = i32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).expect("message body");
+        tags.push(hdr[0]);
+        if hdr[0] == tag {
+            return tags;
+        }
+    }
+}
+
+#[tokio::test]
+async fn messages_sent_after_an_error_and_before_sync_are_skipped_in_step() {
+    let c = core("", "");
+    let mut s = raw_login(&c);
+    // batch part 1: fails at Execute; Flush so the error reaches the client before Sync is sent
+    let mut out = msg(b'P', b"\0SELECT 1/0\0\0\0");
+    out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend(msg(b'E', b"\0\0\0\0\0"));
+    out.extend(msg(b'H', b""));
+    s.write_all(&out).expect("write");
+    assert_eq!(read_until(&mut s, b'E'), b"1E", "ParseComplete, then the error (1/0 is folded when Bind plans)");
+    // part 2 of the same batch: the server skips all of it, then answers the Sync
+    let mut out = msg(b'P', b"named\0SELECT 1\0\0\0");
+    out.extend(msg(b'P', b"\0SELECT 2\0\0\0"));
+    out.extend(msg(b'C', b"Snamed\0"));
+    out.extend(msg(b'S', b""));
+    s.write_all(&out).expect("write");
+    assert_eq!(read_until(&mut s, b'Z'), b"Z");
+    // the session is in step: a query afterwards is answered normally
+    s.write_all(&msg(b'Q', b"SELECT 7\0")).expect("write");
+    assert_eq!(read_until(&mut s, b'Z'), b"TDCZ");
+}
