@@ -6,6 +6,7 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v pgbouncer >/dev/null || need_apt+=(pgbouncer)
 command -v jq >/dev/null || need_apt+=(jq)
+command -v bc >/dev/null || need_apt+=(bc)
 command -v psql >/dev/null || need_apt+=(postgresql-client-15)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 if [ ${#need_apt[@]} -gt 0 ]; then

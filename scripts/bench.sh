@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# make bench: pgbench select-only (-S, 16 clients) in simple, extended and prepared
+# mode against PostgreSQL directly, shardgate and pgbouncer (transaction mode),
+# interleaved, ROUNDS rounds; prints TPS, ratio to direct, shardgate's CPU time
+# per transaction (from /proc) and its RSS idle and with 1,000 idle clients.
+# Ratios are measured in the same run, so a noisy machine shifts all of them alike.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CLIENTS=${CLIENTS:-16}
+SCALE=${SCALE:-10}
+DIR=target/bench
+export SHARDGATE_BIN=$PWD/target/release/shardgate SHARDGATE_LOG=warn
+./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
+./target/release/devcluster --dir $DIR up >/dev/null
+trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; [ -n "${PGB_PID:-}" ] && kill $PGB_PID 2>/dev/null; true' EXIT
+INFO=$DIR/cluster.json
+PROXY_PID=$(jq .proxy_pid $INFO)
+PROXY_PORT=$(jq .proxy_port $INFO)
+DEFAULT_DSN=$(jq -r .default_dsn $INFO)
+PG_PORT=$(echo "$DEFAULT_DSN" | sed -E 's|.*:([0-9]+)/.*|\1|')
+
+# pgbouncer in transaction mode in front of the same database, same pool size
+PGB_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p $DIR/pgbouncer
+cat > $DIR/pgbouncer/pgbouncer.ini <<INI
+[databases]
+shardgate = host=127.0.0.1 port=$PG_PORT dbname=db_default user=postgres password=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+auth_type = trust
+auth_file = $PWD/$DIR/pgbouncer/users.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 2000
+logfile = $PWD/$DIR/pgbouncer/pgbouncer.log
+pidfile = $PWD/$DIR/pgbouncer/pgbouncer.pid
+INI
+echo '"app" ""' > $DIR/pgbouncer/users.txt
+chown -R postgres:postgres $DIR/pgbouncer 2>/dev/null || true
+if [ "$(id -u)" = 0 ]; then runuser -u postgres -- pgbouncer -d $PWD/$DIR/pgbouncer/pgbouncer.ini; else pgbouncer -d $DIR/pgbouncer/pgbouncer.ini; fi
+sleep 0.5
+PGB_PID=$(cat $DIR/pgbouncer/pgbouncer.pid)
+
+PGPASSWORD=postgres pgbench -h 127.0.0.1 -p $PG_PORT -U postgres -i -q -s $SCALE db_default >/dev/null 2>&1
+
+cpu_ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
+run() { # target mode -> "tps transactions"
+  local target=$1 mode=$2 out
+  case $target in
+    direct) out=$(PGPASSWORD=postgres pgbench -h 127.0.0.1 -p $PG_PORT -U postgres -S -c $CLIENTS -j 2 -T $DURATION -M $mode db_default 2>&1) ;;
+    shardgate) out=$(PGPASSWORD=app-secret pgbench -h 127.0.0.1 -p $PROXY_PORT -U app -S -c $CLIENTS -j 2 -T $DURATION -M $mode shardgate 2>&1) ;;
+    pgbouncer) out=$(pgbench -h 127.0.0.1 -p $PGB_PORT -U app -S -c $CLIENTS -j 2 -T $DURATION -M $mode shardgate 2>&1) ;;
+  esac
+  local tps n
+  tps=$(echo "$out" | awk '/^tps/ {print $3}')
+  n=$(echo "$out" | awk -F'[:/]' '/actually processed/ {gsub(/ /,"",$2); print $2}')
+  echo "${tps:-0} ${n:-0}"
+}
+
+declare -A SUM CPU TX
+HZ=$(getconf CLK_TCK)
+for round in $(seq 1 $ROUNDS); do
+  for mode in simple extended prepared; do
+    for target in direct shardgate pgbouncer; do
+      # pgbouncer before 1.21 cannot run protocol-level prepared statements in transaction mode
+      if [ $target = pgbouncer ] && [ $mode = prepared ]; then continue; fi
+      c0=$(cpu_ticks $PROXY_PID)
+      read -r tps n < <(run $target $mode)
+      c1=$(cpu_ticks $PROXY_PID)
+      SUM[$target.$mode]=$(echo "${SUM[$target.$mode]:-0} + $tps" | bc -l)
+      if [ $target = shardgate ]; then
+        CPU[$mode]=$(( ${CPU[$mode]:-0} + c1 - c0 ))
+        TX[$mode]=$(( ${TX[$mode]:-0} + n ))
+      fi
+      printf 'round %d  %-8s %-10s tps=%10.1f\n' $round $mode $target $tps
+    done
+  done
+done
+
+echo
+echo "== pgbench -S, $CLIENTS clients, ${DURATION}s x $ROUNDS rounds (mean TPS; ratio to direct) =="
+printf '%-9s %12s %12s %8s %12s %8s %16s\n' mode direct shardgate ratio pgbouncer ratio "proxy_cpu_us/tx"
+for mode in simple extended prepared; do
+  d=$(echo "${SUM[direct.$mode]} / $ROUNDS" | bc -l)
+  s=$(echo "${SUM[shardgate.$mode]} / $ROUNDS" | bc -l)
+  cpu_us=$(echo "${CPU[$mode]} * 1000000 / $HZ / ${TX[$mode]}" | bc -l)
+  if [ -n "${SUM[pgbouncer.$mode]:-}" ]; then
+    b=$(echo "${SUM[pgbouncer.$mode]} / $ROUNDS" | bc -l); br=$(echo "$b / $d" | bc -l)
+    printf '%-9s %12.1f %12.1f %8.2f %12.1f %8.2f %16.1f\n' $mode $d $s $(echo "$s / $d" | bc -l) $b $br $cpu_us
+  else
+    printf '%-9s %12.1f %12.1f %8.2f %12s %8s %16.1f\n' $mode $d $s $(echo "$s / $d" | bc -l) "n/a" "-" $cpu_us
+  fi
+done
+
+# memory: idle, then with 1,000 idle clients
+rss_kib() { awk '/VmRSS/ {print $2}' /proc/$PROXY_PID/status; }
+idle=$(rss_kib)
+python3 - "$PROXY_PORT" <<'PY' &
+import sys, time, psycopg
+conns = [psycopg.connect(f"host=127.0.0.1 port={sys.argv[1]} user=app password=app-secret dbname=shardgate sslmode=disable") for _ in range(1000)]
+open("/tmp/shardgate-bench-1000-ready", "w").close()
+time.sleep(30)
+PY
+HOLDER=$!
+rm -f /tmp/shardgate-bench-1000-ready
+for _ in $(seq 1 600); do [ -f /tmp/shardgate-bench-1000-ready ] && break; sleep 0.1; done
+sleep 1
+with1000=$(rss_kib)
+kill $HOLDER 2>/dev/null || true
+echo
+echo "== shardgate memory =="
+echo "RSS idle: ${idle} KiB; with 1000 idle clients: ${with1000} KiB; per idle client: $(( (with1000 - idle) )) B/1000 = $(echo "($with1000 - $idle) / 1000" | bc -l | xargs printf '%.1f') KiB"
