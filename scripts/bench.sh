@@ -10,10 +10,12 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-16}
 SCALE=${SCALE:-10}
+WORKERS=${WORKERS:-0}
 DIR=target/bench
 export SHARDGATE_BIN=$PWD/target/release/shardgate SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
-./target/release/devcluster --dir $DIR up >/dev/null
+# WORKERS: the proxy's runtime threads (0 = one per core)
+./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" up >/dev/null
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; [ -n "${PGB_PID:-}" ] && kill $PGB_PID 2>/dev/null; true' EXIT
 INFO=$DIR/cluster.json
 PROXY_PID=$(jq .proxy_pid $INFO)

@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub shutdown_timeout_ms: u64,
     /// Authentication method demanded from clients.
     pub auth_method: AuthMethod,
+    /// Runtime worker threads; 0 means one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +86,7 @@ impl Default for ServerConfig {
             query_timeout_ms: 0,
             shutdown_timeout_ms: 30_000,
             auth_method: AuthMethod::ScramSha256,
+            worker_threads: 0,
         }
     }
 }

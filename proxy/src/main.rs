@@ -36,7 +36,11 @@ fn main() -> anyhow::Result<()> {
         println!("config ok");
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        builder.worker_threads(config.server.worker_threads);
+    }
+    let rt = builder.enable_all().build().context("starting runtime")?;
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

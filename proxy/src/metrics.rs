@@ -25,3 +25,31 @@ pub const POOL_CONNECTIONS: &str = "shardgate_pool_connections";
 
 /// Bucket bounds (seconds) for [`POOL_WAIT_SECONDS`].
 pub const POOL_WAIT_BUCKETS: &[f64] = &[0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// Handles for the metrics touched on every request, resolved once: a handle
+/// update is an atomic add, where the macros hash and look up the key each time.
+pub struct Meters {
+    /// `shardgate_queries_total{kind="simple"}`.
+    pub queries_simple: metrics::Counter,
+    /// `shardgate_queries_total{kind="extended"}`.
+    pub queries_extended: metrics::Counter,
+    /// `shardgate_pool_wait_seconds`.
+    pub pool_wait: metrics::Histogram,
+}
+
+impl Meters {
+    /// Resolves the handles against the installed recorder.
+    pub fn new() -> Meters {
+        Meters {
+            queries_simple: metrics::counter!(QUERIES_TOTAL, "kind" => "simple"),
+            queries_extended: metrics::counter!(QUERIES_TOTAL, "kind" => "extended"),
+            pool_wait: metrics::histogram!(POOL_WAIT_SECONDS),
+        }
+    }
+}
+
+impl Default for Meters {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -30,6 +30,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Client sessions running now.
     pub clients: AtomicUsize,
+    /// Per-request metric handles.
+    pub meters: crate::metrics::Meters,
 }
 
 /// Parameters reported at login when no server has been reached yet.
@@ -53,7 +55,7 @@ impl Shared {
         let users = config.users.iter().map(|u| (u.name.clone(), UserSecret::from_config(u, config.server.auth_method))).collect();
         let p = &config.pool;
         let pool = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
-        Shared { config, users, pool, cancels: Arc::new(CancelRegistry::default()), shutdown, clients: AtomicUsize::new(0) }
+        Shared { config, users, pool, cancels: Arc::new(CancelRegistry::default()), shutdown, clients: AtomicUsize::new(0), meters: crate::metrics::Meters::new() }
     }
 
     /// ParameterStatus values for a new client: the server's, with the

@@ -558,7 +558,7 @@ impl Session {
         }
         let t0 = Instant::now();
         let got = self.shared.pool.get().await;
-        metrics::histogram!(m::POOL_WAIT_SECONDS).record(t0.elapsed().as_secs_f64());
+        self.shared.meters.pool_wait.record(t0.elapsed().as_secs_f64());
         let mut server = match got {
             Ok(s) => s,
             Err(PoolError::Timeout(TimeoutType::Wait)) => return Err(ProxyError::PoolTimeout),
@@ -653,7 +653,7 @@ impl Session {
             b'Q' => {
                 let sql = f.body().strip_suffix(&[0]).unwrap_or(f.body());
                 self.note_statement_text(sql);
-                metrics::counter!(m::QUERIES_TOTAL, "kind" => "simple").increment(1);
+                self.shared.meters.queries_simple.increment(1);
                 if !self.server_for(false).await {
                     return Ok(Flow::Continue);
                 }
@@ -697,7 +697,7 @@ impl Session {
             }
             b'B' => {
                 let b = Bind::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
-                metrics::counter!(m::QUERIES_TOTAL, "kind" => "extended").increment(1);
+                self.shared.meters.queries_extended.increment(1);
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }

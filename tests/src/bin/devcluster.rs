@@ -13,6 +13,9 @@ struct Args {
     /// Where cluster.json, data, logs and the config live.
     #[arg(long, default_value = "target/dev")]
     dir: PathBuf,
+    /// Extra TOML lines for the proxy's [server] section (e.g. "worker_threads = 1").
+    #[arg(long, default_value = "")]
+    server_toml: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -60,7 +63,8 @@ fn main() -> Result<()> {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)?;
             }
-            let info = Cluster::start_in(&dir, Options::default())?.detach();
+            let opts = Options { server_toml: args.server_toml.replace("\\n", "\n"), ..Options::default() };
+            let info = Cluster::start_in(&dir, opts)?.detach();
             std::fs::write(dir.join("cluster.json"), serde_json::to_string_pretty(&info)?)?;
             print_usage(&dir, &info);
         }
