@@ -564,7 +564,8 @@ impl Session {
             Err(PoolError::Timeout(TimeoutType::Wait)) => return Err(ProxyError::PoolTimeout),
             Err(PoolError::Backend(e)) => return Err(ProxyError::BackendUnavailable(e)),
             Err(PoolError::Timeout(_)) => return Err(ProxyError::BackendUnavailable(crate::backend::BackendError::Timeout)),
-            Err(e) => return Err(ProxyError::Protocol(format!("pool error: {e}"))),
+            // pool closed (shutdown) or misbuilt: the backend is unavailable to us, not a client protocol error
+            Err(e) => return Err(ProxyError::BackendUnavailable(crate::backend::BackendError::Protocol(format!("pool: {e}")))),
         };
         // bring the server's session parameters in line with what this client asked for:
         // SET what it wants, RESET what an earlier client changed and this one did not ask for
