@@ -63,7 +63,15 @@ impl Dsn {
     }
 }
 
+/// The annotated example config shipped in `config/shardgate.example.toml`.
+pub const EXAMPLE_TOML: &str = include_str!("../shardgate.example.toml");
+
 impl Config {
+    /// The annotated example config, parsed (used by `shardgate route` without `--config`).
+    pub fn example() -> Config {
+        Config::from_toml(EXAMPLE_TOML, "shardgate.example.toml").expect("the shipped example config is valid")
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
@@ -119,8 +127,9 @@ impl Config {
         if self.pool.size == 0 {
             return Err(ConfigError::invalid("pool.size", "must be at least 1"));
         }
-        if self.sharding.shard_count == 0 || self.sharding.shard_count > 1024 {
-            return Err(ConfigError::invalid("sharding.shard_count", "must be between 1 and 1024"));
+        if self.sharding.shard_count == 0 || self.sharding.shard_count > 8 {
+            // Generated ids carry the shard in 3 bits (router::id).
+            return Err(ConfigError::invalid("sharding.shard_count", "must be between 1 and 8"));
         }
         if self.shards.len() != self.sharding.shard_count {
             return Err(ConfigError::invalid(
@@ -153,8 +162,8 @@ impl Config {
             }
         }
         if let Some(w) = self.ids.worker_id {
-            if w > 127 {
-                return Err(ConfigError::invalid("ids.worker_id", format!("{w} is out of range 0..=127")));
+            if w > 63 {
+                return Err(ConfigError::invalid("ids.worker_id", format!("{w} is out of range 0..=63")));
             }
         }
         if self.health.failure_threshold == 0 || self.health.recovery_threshold == 0 {

@@ -209,19 +209,23 @@ fn default_sharded_tables() -> Vec<ShardedTableConfig> {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdConfig {
-    /// This proxy's worker id (0..=127). Two proxies must never share one;
+    /// This proxy's worker id (0..=63). Two proxies must never share one;
     /// `None` means lease one from Redis.
     pub worker_id: Option<u16>,
     /// Epoch of the id timestamp, milliseconds since 1970-01-01 UTC.
     pub epoch_ms: u64,
     /// Largest backwards clock step (ms) waited out instead of failing.
     pub max_clock_backward_ms: u64,
+    /// Ids up to this value were not issued by shardgate (for example legacy
+    /// sequence ids brought in by a migration): they are never decoded for
+    /// routing, a lookup by such an id goes to every shard and month.
+    pub legacy_id_max: i64,
 }
 
 impl Default for IdConfig {
     fn default() -> Self {
         // 2024-01-01T00:00:00Z
-        IdConfig { worker_id: Some(1), epoch_ms: 1_704_067_200_000, max_clock_backward_ms: 50 }
+        IdConfig { worker_id: Some(1), epoch_ms: 1_704_067_200_000, max_clock_backward_ms: 50, legacy_id_max: 0 }
     }
 }
 

@@ -1,10 +1,78 @@
-//! SQL analysis for shardgate. Pure: no sockets, no tokio, no clock reads.
+//! SQL → [`Plan`] for shardgate. Pure: no sockets, no tokio, no clock reads
+//! (time, existing months and the id source are passed in via [`Context`]).
 //!
-//! Today: [`session_effect`] tells the proxy whether a statement leaves state
-//! in the server session (so a transaction-pooled client must be pinned).
-//! Shard and month routing land here next (see the router issue).
+//! # Layout
+//! - [`keys`]: `merchant_id % shard_count` in one place.
+//! - [`month`]: `create_time` → `yyyyMM` in the configured zone.
+//! - [`id`]: snowflake ids that name their shard and month.
+//! - `extract`: shard key / month / id out of WHERE and VALUES.
+//! - `rewrite`: sharded table → hole on the AST, printed once into a template.
+//! - `merge`: scatter form of a SELECT and its [`MergeSpec`].
+//! - `analyze`: statement text → cached [`Analysis`] → [`Plan`] per execution.
+//! - [`session_effect`]: does a statement leave state in the server session.
 
+mod analyze;
+mod error;
+mod extract;
+pub mod id;
+pub mod keys;
 mod lexer;
+mod merge;
+pub mod month;
+mod plan;
+mod rewrite;
 mod session;
+mod topology;
 
+use std::sync::Arc;
+
+pub use analyze::{analyze, Analysis};
+pub use error::{Result, RouteError};
+pub use plan::{Agg, CmpOp, ColRef, Grouping, Having, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
 pub use session::{session_effect, SessionEffect};
+pub use topology::{Context, Param, TableRule, Topology};
+
+/// Plans one statement without caching: parse, analyse, apply bind values.
+pub fn plan(sql: &str, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
+    analyze(sql, topo).plan(params, topo, ctx)
+}
+
+/// A router with a plan cache keyed by statement text: a prepared statement
+/// is analysed once, later executions only apply their bind values.
+pub struct Router {
+    topo: Topology,
+    cache: moka::sync::Cache<Arc<str>, Arc<Analysis>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("topology", &self.topo).field("cached", &self.cache.entry_count()).finish()
+    }
+}
+
+impl Router {
+    /// A router holding up to `capacity` analysed statement texts.
+    pub fn new(topo: Topology, capacity: u64) -> Router {
+        Router { topo, cache: moka::sync::Cache::new(capacity) }
+    }
+
+    /// The topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    /// The cached analysis of `sql`.
+    pub fn analysis(&self, sql: &str) -> Arc<Analysis> {
+        if let Some(a) = self.cache.get(sql) {
+            return a;
+        }
+        let a = Arc::new(analyze(sql, &self.topo));
+        self.cache.insert(Arc::from(sql), a.clone());
+        a
+    }
+
+    /// Plans `sql` with bind values, using the cache.
+    pub fn plan(&self, sql: &str, params: &[Param<'_>], ctx: &Context<'_>) -> Result<Plan> {
+        self.analysis(sql).plan(params, &self.topo, ctx)
+    }
+}

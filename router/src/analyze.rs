@@ -1,0 +1,558 @@
+//! Statement text → cached [`Analysis`] (parse, classify, rewrite once), and
+//! [`Analysis::plan`] that applies bind values, time and existing months.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    visit_relations, Expr, Ident, Insert, ObjectName, SetExpr, Statement, TableAliasWithoutColumns, TableObject, Value, ValueWithSpan,
+    VisitMut, VisitorMut,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use crate::error::{Result, RouteError};
+use crate::extract::{row_month, row_shard, Cond, Src};
+use crate::keys::ShardId;
+use crate::merge::{scatter, Count, Scatter};
+use crate::month::MonthKey;
+use crate::plan::{Plan, Routed, RoutedKind, StatementClass, Target};
+use crate::rewrite::{hole_name, is_table, Renamer, Template, HOLE_ID, HOLE_PREFIX, HOLE_TIME};
+use crate::topology::{Context, Param, TableRule, Topology};
+
+/// What is known about a statement text before bind values.
+#[derive(Debug, Clone)]
+pub enum Analysis {
+    /// Goes to `db_default` unchanged.
+    Passthrough(StatementClass),
+    /// Refused whatever the bind values.
+    Refused(RouteError),
+    /// SELECT on a sharded table.
+    Select(Box<SelectAnalysis>),
+    /// INSERT into a sharded table.
+    Insert(Box<InsertAnalysis>),
+    /// UPDATE / DELETE on a sharded table.
+    Write(Box<WriteAnalysis>),
+}
+
+/// A SELECT, analysed.
+#[derive(Debug, Clone)]
+pub struct SelectAnalysis {
+    rule: usize,
+    cond: Cond,
+    single: Template,
+    scatter: std::result::Result<(Template, Scatter), RouteError>,
+    /// FOR UPDATE/SHARE: month tables cannot be combined with UNION ALL.
+    locking: bool,
+}
+
+/// An UPDATE or DELETE, analysed.
+#[derive(Debug, Clone)]
+pub struct WriteAnalysis {
+    rule: usize,
+    kind: RoutedKind,
+    cond: Cond,
+    template: Template,
+}
+
+#[derive(Debug, Clone)]
+struct RowAnalysis {
+    shard: Src,
+    time: Option<Src>,
+}
+
+/// An INSERT … VALUES, analysed.
+#[derive(Debug, Clone)]
+pub struct InsertAnalysis {
+    rule: usize,
+    /// The statement with the table hole and generated-value holes in place.
+    stmt: Statement,
+    template: Template,
+    rows: Vec<RowAnalysis>,
+    generate_id: bool,
+    generate_time: bool,
+}
+
+fn class_of(s: &Statement) -> StatementClass {
+    use Statement as S;
+    match s {
+        S::StartTransaction { .. } | S::Commit { .. } | S::Rollback { .. } | S::Savepoint { .. } | S::ReleaseSavepoint { .. } => {
+            StatementClass::Transaction
+        }
+        S::Set(_) | S::ShowVariable { .. } | S::ShowVariables { .. } | S::Discard { .. } => StatementClass::Session,
+        S::Query(_) => StatementClass::Read,
+        S::Insert(_) | S::Update(_) | S::Delete(_) | S::Merge { .. } => StatementClass::Write,
+        _ => StatementClass::Other,
+    }
+}
+
+/// Every sharded table the statement names anywhere (any statement kind).
+fn sharded_tables_named(s: &Statement, topo: &Topology) -> Vec<usize> {
+    let mut found = Vec::new();
+    let _ = visit_relations(s, |r: &ObjectName| {
+        for (i, t) in topo.tables.iter().enumerate() {
+            if is_table(r, &t.name) && !found.contains(&i) {
+                found.push(i);
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
+}
+
+fn mentions_sharded_word(sql: &str, topo: &Topology) -> bool {
+    crate::lexer::tokens(sql).iter().any(|t| match t {
+        crate::lexer::Token::Word(w) => topo.tables.iter().any(|r| w.eq_ignore_ascii_case(&r.name)),
+        _ => false,
+    })
+}
+
+/// Analyses one statement text (possibly several statements).
+pub fn analyze(sql: &str, topo: &Topology) -> Analysis {
+    match analyze_inner(sql, topo) {
+        Ok(a) => a,
+        Err(e) => Analysis::Refused(e),
+    }
+}
+
+fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
+    if sql.len() >= HOLE_PREFIX.len() && sql.to_ascii_lowercase().contains(HOLE_PREFIX) {
+        return Err(RouteError::unsupported(format!("identifiers starting with {HOLE_PREFIX} are reserved by shardgate")));
+    }
+    let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(s) => s,
+        Err(e) => {
+            if mentions_sharded_word(sql, topo) {
+                return Err(RouteError::Syntax(format!(
+                    "shardgate could not parse this statement on a sharded table: {}",
+                    e.to_string().trim_start_matches("sql parser error: ")
+                )));
+            }
+            // Not about sharded tables: the server has the full grammar; let it judge.
+            return Ok(Analysis::Passthrough(StatementClass::Other));
+        }
+    };
+    let named: Vec<Vec<usize>> = stmts.iter().map(|s| sharded_tables_named(s, topo)).collect();
+    match stmts.len() {
+        0 => return Ok(Analysis::Passthrough(StatementClass::Empty)),
+        1 => {}
+        _ => {
+            if named.iter().any(|n| !n.is_empty()) {
+                return Err(RouteError::unsupported(
+                    "several statements in one query string cannot include a sharded table; send each statement on its own",
+                ));
+            }
+            return Ok(Analysis::Passthrough(StatementClass::Other));
+        }
+    }
+    let stmt = stmts.into_iter().next().expect("one statement");
+    let named = &named[0];
+    if named.is_empty() {
+        let dml = matches!(stmt, Statement::Query(_) | Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_));
+        // Utility statements (COPY, LOCK, …) keep table names where the relation
+        // visitor does not look: refuse any that mention a sharded table at all.
+        if !dml && mentions_sharded_word(sql, topo) {
+            return Err(RouteError::unsupported(format!(
+                "{} naming a sharded table is not supported through shardgate; use SELECT/INSERT/UPDATE/DELETE, or run it on each shard's month tables",
+                statement_word(&stmt)
+            )));
+        }
+        return Ok(Analysis::Passthrough(class_of(&stmt)));
+    }
+    if named.len() > 1 {
+        return Err(RouteError::unsupported("a statement may use only one sharded table"));
+    }
+    let rule_idx = named[0];
+    let rule = &topo.tables[rule_idx];
+    match stmt {
+        Statement::Query(q) => analyze_select(*q, rule_idx, rule),
+        Statement::Insert(ins) => analyze_insert(ins, rule_idx, rule),
+        Statement::Update(_) | Statement::Delete(_) => analyze_write(stmt, rule_idx, rule),
+        other => Err(RouteError::unsupported(format!(
+            "{} on sharded table {} is not supported through shardgate; run it on each shard's month tables (shardgate-migrate manages the schema)",
+            statement_word(&other),
+            rule.name
+        ))),
+    }
+}
+
+/// The command words of a statement (`ALTER TABLE`, `COPY`), for messages.
+fn statement_word(s: &Statement) -> String {
+    let text = s.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(2).collect();
+    match words.as_slice() {
+        [a, b] if b.chars().all(|c| c.is_ascii_uppercase()) => format!("{a} {b}"),
+        [a, ..] => a.to_string(),
+        [] => String::new(),
+    }
+}
+
+fn rename<'r, T: VisitMut>(node: &mut T, rule: &'r TableRule, ctes: &[String]) -> Result<Renamer<'r>> {
+    let mut r = Renamer::new(rule);
+    let _ = node.visit(&mut r);
+    r.others.retain(|o| !ctes.contains(o));
+    if !r.others.is_empty() {
+        return Err(RouteError::unsupported(format!(
+            "{} lives on the shards and {} on the default database; a statement cannot use both. Query them separately",
+            rule.name,
+            r.others.join(", ")
+        )));
+    }
+    Ok(r)
+}
+
+fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {
+    let locking = !q.locks.is_empty();
+    let ctes: Vec<String> = q.with.as_ref().map_or_else(Vec::new, |w| w.cte_tables.iter().map(|c| c.alias.name.value.to_lowercase()).collect());
+    let r = rename(&mut q, rule, &ctes)?;
+    if r.count == 0 {
+        return Err(RouteError::unsupported(format!("{} is referenced in a way shardgate cannot route", rule.name)));
+    }
+    // Routing keys are read from the top-level WHERE when the sharded table is
+    // the only table there; any other shape (self-joins, subqueries) routes everywhere
+    // and must therefore fit on a single target.
+    let top_level = match q.body.as_ref() {
+        SetExpr::Select(s) if r.count == 1 && s.from.len() == 1 && s.from[0].joins.is_empty() => s.selection.clone(),
+        _ => None,
+    };
+    let cond = match &top_level {
+        Some(w) if r.count == 1 => r.scope().cond(w),
+        _ => Cond::All,
+    };
+    let single = Template::parse(&q.to_string());
+    let scatter = if r.count == 1 {
+        scatter(&q, &rule.shard_key).map(|s| (Template::parse(&s.query.to_string()), s))
+    } else {
+        Err(RouteError::unsupported(format!(
+            "{} appears more than once in a statement that spans shards; add {} = … so it runs on one shard",
+            rule.name, rule.shard_key
+        )))
+    };
+    Ok(Analysis::Select(Box::new(SelectAnalysis { rule: rule_idx, cond, single, scatter, locking })))
+}
+
+fn analyze_write(mut stmt: Statement, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {
+    let kind = if matches!(stmt, Statement::Update(_)) { RoutedKind::Update } else { RoutedKind::Delete };
+    let r = rename(&mut stmt, rule, &[])?;
+    let scope = r.scope();
+    let (selection, extra) = match &stmt {
+        Statement::Update(u) => {
+            for a in &u.assignments {
+                let cols: Vec<String> = match &a.target {
+                    sqlparser::ast::AssignmentTarget::ColumnName(n) => vec![crate::rewrite::object_base(n).unwrap_or_default()],
+                    sqlparser::ast::AssignmentTarget::Tuple(ns) => ns.iter().filter_map(crate::rewrite::object_base).collect(),
+                };
+                for c in cols {
+                    if c == rule.shard_key || c == rule.month_column || c == rule.id_column {
+                        return Err(RouteError::unsupported(format!(
+                            "UPDATE of {c} would move the row to another shard or month table; DELETE it and INSERT the new row instead"
+                        )));
+                    }
+                }
+            }
+            (u.selection.clone(), u.from.is_some() || !u.table.joins.is_empty())
+        }
+        Statement::Delete(d) => (d.selection.clone(), d.using.is_some() || !d.tables.is_empty()),
+        _ => (None, false),
+    };
+    if extra || r.count != 1 {
+        return Err(RouteError::unsupported(format!(
+            "UPDATE/DELETE on {} with FROM/USING or several references is not supported; use a plain WHERE",
+            rule.name
+        )));
+    }
+    let cond = selection.as_ref().map_or(Cond::All, |w| scope.cond(w));
+    Ok(Analysis::Write(Box::new(WriteAnalysis { rule: rule_idx, kind, cond, template: Template::parse(&stmt.to_string()) })))
+}
+
+fn col_name(n: &ObjectName) -> String {
+    crate::rewrite::object_base(n).unwrap_or_default()
+}
+
+fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {
+    let name = &rule.name;
+    match &ins.table {
+        TableObject::TableName(n) if is_table(n, name) => {}
+        _ => return Err(RouteError::unsupported(format!("INSERT into {name} must name the table directly"))),
+    }
+    if ins.columns.is_empty() {
+        return Err(RouteError::unsupported(format!(
+            "INSERT into sharded table {name} must list its columns (INSERT INTO {name} (…) VALUES …)"
+        )));
+    }
+    let cols: Vec<String> = ins.columns.iter().map(col_name).collect();
+    let pos = |c: &str| cols.iter().position(|x| x == c);
+    let Some(shard_pos) = pos(&rule.shard_key) else {
+        return Err(RouteError::NotNull(format!("INSERT into {name} must set {}: it picks the shard", rule.shard_key)));
+    };
+    let time_pos = pos(&rule.month_column);
+    let generate_id = pos(&rule.id_column).is_none();
+    let generate_time = time_pos.is_none();
+    if let Some(sqlparser::ast::OnInsert::OnConflict(oc)) = &ins.on {
+        if let sqlparser::ast::OnConflictAction::DoUpdate(du) = &oc.action {
+            for a in &du.assignments {
+                if let sqlparser::ast::AssignmentTarget::ColumnName(n) = &a.target {
+                    let c = col_name(n);
+                    if c == rule.shard_key || c == rule.month_column || c == rule.id_column {
+                        return Err(RouteError::unsupported(format!(
+                            "ON CONFLICT DO UPDATE of {c} would move the row to another shard or month table"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    let Some(source) = ins.source.as_mut() else {
+        return Err(RouteError::unsupported(format!("INSERT into {name} needs VALUES")));
+    };
+    if source.with.is_some() || source.order_by.is_some() || source.limit_clause.is_some() {
+        return Err(RouteError::unsupported(format!("INSERT … SELECT into {name} cannot be routed; insert the rows with VALUES")));
+    }
+    let SetExpr::Values(values) = source.body.as_mut() else {
+        return Err(RouteError::unsupported(format!(
+            "INSERT … SELECT into sharded table {name} cannot be routed row by row; select the rows and INSERT them with VALUES"
+        )));
+    };
+    let mut rows = Vec::with_capacity(values.rows.len());
+    for row in values.rows.iter_mut() {
+        if row.len() != cols.len() {
+            return Err(RouteError::Syntax(format!(
+                "INSERT has {} target columns but a VALUES row has {} expressions",
+                cols.len(),
+                row.len()
+            )));
+        }
+        let shard = src_of_value(&row[shard_pos], &rule.shard_key, name)?;
+        let time = match time_pos {
+            Some(p) => Some(src_of_value(&row[p], &rule.month_column, name)?),
+            None => None,
+        };
+        if generate_id {
+            row.push(Expr::Identifier(Ident::new(HOLE_ID)));
+        }
+        if generate_time {
+            row.push(Expr::Identifier(Ident::new(HOLE_TIME)));
+        }
+        rows.push(RowAnalysis { shard, time });
+    }
+    if generate_id {
+        ins.columns.push(ObjectName::from(vec![Ident::new(rule.id_column.clone())]));
+    }
+    if generate_time {
+        ins.columns.push(ObjectName::from(vec![Ident::new(rule.month_column.clone())]));
+    }
+    ins.table = TableObject::TableName(hole_name());
+    if ins.table_alias.is_none() {
+        ins.table_alias = Some(TableAliasWithoutColumns { explicit: true, alias: Ident::new(name.clone()) });
+    }
+    let stmt = Statement::Insert(ins);
+    let template = Template::parse(&stmt.to_string());
+    Ok(Analysis::Insert(Box::new(InsertAnalysis { rule: rule_idx, stmt, template, rows, generate_id, generate_time })))
+}
+
+fn src_of_value(e: &Expr, col: &str, table: &str) -> Result<Src> {
+    crate::extract::src_of(e).ok_or_else(|| {
+        RouteError::unsupported(format!(
+            "{col} in an INSERT into {table} must be a literal or a $n parameter (got `{e}`) so shardgate can route the row"
+        ))
+    })
+}
+
+/// The FROM text for a target: one month table, a UNION ALL of several, or the empty template.
+fn table_text(rule: &TableRule, months: &[MonthKey]) -> String {
+    match months {
+        [] => rule.name.clone(),
+        [m] => rule.physical(*m),
+        many => {
+            let parts: Vec<String> = many.iter().map(|m| format!("SELECT * FROM {}", rule.physical(*m))).collect();
+            format!("({})", parts.join(" UNION ALL "))
+        }
+    }
+}
+
+fn count_value(c: Option<Count>, params: &[Param<'_>], what: &str) -> Result<Option<u64>> {
+    let Some(c) = c else { return Ok(None) };
+    match c {
+        Count::Lit(n) => Ok(Some(n)),
+        Count::Param(i) => match crate::extract::int_value(&Src::Param(i), params)? {
+            crate::extract::IntValue::Int(n) => {
+                u64::try_from(n).map(Some).map_err(|_| RouteError::InvalidLimit(format!("{what} must not be negative")))
+            }
+            crate::extract::IntValue::Null => Ok(None),
+            crate::extract::IntValue::Unroutable => Err(RouteError::unsupported(format!("{what} must be an integer"))),
+        },
+    }
+}
+
+/// Shard × month pairs (or shard → months) from a target set.
+fn groups(set: &crate::extract::TargetSet, months: &[MonthKey], shard_count: u8, per_month: bool) -> Vec<(ShardId, Vec<MonthKey>)> {
+    let mut out = Vec::new();
+    for s in 0..shard_count {
+        let bit = 1u8 << s;
+        let ms: Vec<MonthKey> = months.iter().zip(&set.masks).filter(|(_, m)| *m & bit != 0).map(|(k, _)| *k).collect();
+        if ms.is_empty() {
+            continue;
+        }
+        if per_month {
+            out.extend(ms.into_iter().map(|m| (ShardId(s), vec![m])));
+        } else {
+            out.push((ShardId(s), ms));
+        }
+    }
+    if out.is_empty() {
+        // No existing month can hold a matching row: run once on the empty template
+        // table so the client still gets the right columns (and count = 0, etc.).
+        let mask = set.shard_mask();
+        let shard = (0..shard_count).find(|s| mask & (1 << s) != 0).unwrap_or(0);
+        out.push((ShardId(shard), Vec::new()));
+    }
+    out
+}
+
+impl Analysis {
+    /// Applies bind values and context.
+    pub fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
+        match self {
+            Analysis::Passthrough(c) => Ok(Plan::Passthrough(*c)),
+            Analysis::Refused(e) => Err(e.clone()),
+            Analysis::Select(a) => a.plan(params, topo, ctx),
+            Analysis::Write(a) => a.plan(params, topo, ctx),
+            Analysis::Insert(a) => a.plan(params, topo, ctx),
+        }
+    }
+}
+
+impl SelectAnalysis {
+    fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
+        let rule = &topo.tables[self.rule];
+        let set = self.cond.eval(params, topo, ctx)?;
+        let gs = groups(&set, ctx.months, topo.shard_count, self.locking);
+        if gs.len() == 1 {
+            let (shard, months) = gs.into_iter().next().expect("one group");
+            let sql = self.single.render(&table_text(rule, &months), None, &[], &[]);
+            return Ok(Plan::Routed(Routed {
+                kind: RoutedKind::Select,
+                table: rule.name.clone(),
+                targets: vec![Target { shard, months, sql, params: None }],
+                merge: None,
+                generated_ids: Vec::new(),
+            }));
+        }
+        let (template, sc) = self.scatter.as_ref().map_err(Clone::clone)?;
+        let limit = count_value(sc.limit, params, "LIMIT")?;
+        let offset = count_value(sc.offset, params, "OFFSET")?.unwrap_or(0);
+        let pushed = if sc.push_limit { limit.map(|l| l.saturating_add(offset)) } else { None };
+        let targets = gs
+            .into_iter()
+            .map(|(shard, months)| {
+                let sql = template.render(&table_text(rule, &months), pushed, &[], &[]);
+                Target { shard, months, sql, params: None }
+            })
+            .collect();
+        let mut spec = sc.spec.clone();
+        spec.limit = limit;
+        spec.offset = offset;
+        Ok(Plan::Routed(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new() }))
+    }
+}
+
+impl WriteAnalysis {
+    fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
+        let rule = &topo.tables[self.rule];
+        let set = self.cond.eval(params, topo, ctx)?;
+        let targets = groups(&set, ctx.months, topo.shard_count, true)
+            .into_iter()
+            .map(|(shard, months)| {
+                let sql = self.template.render(&table_text(rule, &months), None, &[], &[]);
+                Target { shard, months, sql, params: None }
+            })
+            .collect();
+        Ok(Plan::Routed(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new() }))
+    }
+}
+
+/// Renumbers `$n` placeholders in order of first appearance; records the original indexes.
+struct Renumber {
+    map: Vec<usize>,
+}
+
+impl VisitorMut for Renumber {
+    type Break = ();
+    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        if let Expr::Value(ValueWithSpan { value: Value::Placeholder(p), .. }) = e {
+            if let Some(old) = p.strip_prefix('$').and_then(|d| d.parse::<usize>().ok()).and_then(|n| n.checked_sub(1)) {
+                let new = match self.map.iter().position(|o| *o == old) {
+                    Some(i) => i,
+                    None => {
+                        self.map.push(old);
+                        self.map.len() - 1
+                    }
+                };
+                *p = format!("${}", new + 1);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn time_literal(ts: jiff::Timestamp) -> String {
+    format!("'{ts}'")
+}
+
+impl InsertAnalysis {
+    fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
+        let rule = &topo.tables[self.rule];
+        let now_month = MonthKey::of(ctx.now, &topo.tz);
+        let mut keys = Vec::with_capacity(self.rows.len());
+        for r in &self.rows {
+            let shard = row_shard(&r.shard, params, topo, rule)?;
+            let month = match &r.time {
+                Some(t) => row_month(t, params, topo, rule)?,
+                None => now_month,
+            };
+            keys.push((shard, month));
+        }
+        let mut ids = Vec::new();
+        if self.generate_id {
+            let Some(gen) = ctx.ids else {
+                return Err(RouteError::IdGeneration(format!("no id generator configured; INSERT into {} must set {}", rule.name, rule.id_column)));
+            };
+            for (shard, month) in &keys {
+                ids.push(gen.next_for_row(*shard, Some(*month), ctx.now, &topo.tz)?);
+            }
+        }
+        let id_text: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        let time_text: Vec<String> = if self.generate_time { vec![time_literal(ctx.now); keys.len()] } else { Vec::new() };
+        // Group rows by target, in order of first appearance.
+        let mut order: Vec<(ShardId, MonthKey)> = Vec::new();
+        for k in &keys {
+            if !order.contains(k) {
+                order.push(*k);
+            }
+        }
+        let targets = if order.len() == 1 {
+            let (shard, month) = order[0];
+            let sql = self.template.render(&rule.physical(month), None, &id_text, &time_text);
+            vec![Target { shard, months: vec![month], sql, params: None }]
+        } else {
+            let mut out = Vec::with_capacity(order.len());
+            for (shard, month) in order {
+                let rows: Vec<usize> = (0..keys.len()).filter(|i| keys[*i] == (shard, month)).collect();
+                let mut stmt = self.stmt.clone();
+                if let Statement::Insert(ins) = &mut stmt {
+                    if let Some(SetExpr::Values(v)) = ins.source.as_mut().map(|s| s.body.as_mut()) {
+                        let all = std::mem::take(&mut v.rows);
+                        v.rows = all.into_iter().enumerate().filter(|(i, _)| rows.contains(i)).map(|(_, r)| r).collect();
+                    }
+                }
+                let mut ren = Renumber { map: Vec::new() };
+                let _ = stmt.visit(&mut ren);
+                let pick = |v: &[String]| -> Vec<String> { rows.iter().filter_map(|i| v.get(*i).cloned()).collect() };
+                let sql = Template::parse(&stmt.to_string()).render(&rule.physical(month), None, &pick(&id_text), &pick(&time_text));
+                let params = if params.is_empty() && ren.map.is_empty() { None } else { Some(ren.map) };
+                out.push(Target { shard, months: vec![month], sql, params });
+            }
+            out
+        };
+        Ok(Plan::Routed(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids }))
+    }
+}

@@ -1,0 +1,592 @@
+//! Shard key, month and id out of WHERE clauses and VALUES rows, with bind
+//! values applied. Analysis (`Cond`) is cached per statement text; evaluation
+//! (`Cond::eval`) runs per execution. Unknown predicates widen, never narrow.
+
+use jiff::Timestamp;
+use sqlparser::ast::{BinaryOperator, CastKind, DataType, Expr, Ident, UnaryOperator, Value};
+
+use crate::error::{Result, RouteError};
+use crate::keys::{shard_of, MerchantId, ShardId};
+use crate::month::{months_in_range, parse_time, time_from_binary_micros, Bound, MonthKey, TimeValue};
+use crate::topology::{Context, Param, TableRule, Topology};
+
+/// A value in the statement: a literal or a bind parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Src {
+    /// Integer literal that fits bigint.
+    Int(i64),
+    /// Any other numeric literal (decimal, or beyond bigint), as written.
+    Number(String),
+    /// String literal (also typed literals like `TIMESTAMPTZ '…'`).
+    Text(String),
+    /// NULL.
+    Null,
+    /// `$n` (0-based index).
+    Param(usize),
+}
+
+/// Which routing column an expression names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Col {
+    Shard,
+    Month,
+    Id,
+}
+
+/// Comparison in a month predicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cmp {
+    Eq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+}
+
+/// What a WHERE clause says about routing columns.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cond {
+    /// Nothing known: every shard and month.
+    All,
+    And(Vec<Cond>),
+    Or(Vec<Cond>),
+    /// `shard_key = v` / `IN (…)` / `= ANY(ARRAY[…])`.
+    Shard(Vec<Src>),
+    /// `shard_key = ANY($n)` or `= ANY('{…}')`: an array value.
+    ShardArray(Src),
+    /// `id = v` / `IN (…)`.
+    Id(Vec<Src>),
+    /// `id = ANY($n)`.
+    IdArray(Src),
+    /// `month_col <op> v`.
+    Time(Cmp, Src),
+    /// `month_col IN (…)`.
+    TimeIn(Vec<Src>),
+    /// `month_col BETWEEN a AND b`.
+    TimeBetween(Src, Src),
+}
+
+/// Names by which a statement refers to the sharded table (`t_order`, its alias).
+#[derive(Debug, Clone)]
+pub(crate) struct Scope<'r> {
+    pub rule: &'r TableRule,
+    /// Lower-cased qualifiers that mean the sharded table.
+    pub qualifiers: Vec<String>,
+}
+
+fn ident_name(i: &Ident) -> String {
+    if i.quote_style.is_some() {
+        i.value.clone()
+    } else {
+        i.value.to_lowercase()
+    }
+}
+
+impl Scope<'_> {
+    /// Which routing column `e` is, if it is a bare or qualified column reference.
+    pub fn column(&self, e: &Expr) -> Option<Col> {
+        let name = match e {
+            Expr::Identifier(i) => ident_name(i),
+            Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
+                if !self.qualifiers.contains(&ident_name(&parts[0])) {
+                    return None;
+                }
+                ident_name(&parts[1])
+            }
+            Expr::Nested(inner) => return self.column(inner),
+            _ => return None,
+        };
+        if name == self.rule.shard_key {
+            Some(Col::Shard)
+        } else if name == self.rule.month_column {
+            Some(Col::Month)
+        } else if name == self.rule.id_column {
+            Some(Col::Id)
+        } else {
+            None
+        }
+    }
+
+    /// Analyses a WHERE clause.
+    pub fn cond(&self, e: &Expr) -> Cond {
+        match e {
+            Expr::Nested(inner) => self.cond(inner),
+            Expr::BinaryOp { left, op: BinaryOperator::And, right } => Cond::And(vec![self.cond(left), self.cond(right)]),
+            Expr::BinaryOp { left, op: BinaryOperator::Or, right } => Cond::Or(vec![self.cond(left), self.cond(right)]),
+            Expr::BinaryOp { left, op, right } => {
+                let Some(cmp) = cmp_of(op) else { return Cond::All };
+                if let (Some(col), Some(v)) = (self.column(left), src_of(right)) {
+                    leaf(col, cmp, v)
+                } else if let (Some(col), Some(v)) = (self.column(right), src_of(left)) {
+                    leaf(col, flip(cmp), v)
+                } else {
+                    Cond::All
+                }
+            }
+            Expr::InList { expr, list, negated: false } => {
+                let Some(col) = self.column(expr) else { return Cond::All };
+                let Some(vals) = list.iter().map(src_of).collect::<Option<Vec<_>>>() else { return Cond::All };
+                match col {
+                    Col::Shard => Cond::Shard(vals),
+                    Col::Id => Cond::Id(vals),
+                    Col::Month => Cond::TimeIn(vals),
+                }
+            }
+            Expr::Between { expr, negated: false, low, high } => match (self.column(expr), src_of(low), src_of(high)) {
+                (Some(Col::Month), Some(lo), Some(hi)) => Cond::TimeBetween(lo, hi),
+                _ => Cond::All,
+            },
+            Expr::AnyOp { left, compare_op: BinaryOperator::Eq, right, .. } => {
+                let col = match self.column(left) {
+                    Some(c @ (Col::Shard | Col::Id)) => c,
+                    _ => return Cond::All,
+                };
+                let inner = strip_casts(right);
+                if let Expr::Array(arr) = inner {
+                    let Some(vals) = arr.elem.iter().map(src_of).collect::<Option<Vec<_>>>() else { return Cond::All };
+                    return if col == Col::Shard { Cond::Shard(vals) } else { Cond::Id(vals) };
+                }
+                match src_of(right) {
+                    Some(v @ (Src::Param(_) | Src::Text(_))) => {
+                        if col == Col::Shard {
+                            Cond::ShardArray(v)
+                        } else {
+                            Cond::IdArray(v)
+                        }
+                    }
+                    _ => Cond::All,
+                }
+            }
+            _ => Cond::All,
+        }
+    }
+}
+
+fn leaf(col: Col, cmp: Cmp, v: Src) -> Cond {
+    match (col, cmp) {
+        (Col::Shard, Cmp::Eq) => Cond::Shard(vec![v]),
+        (Col::Id, Cmp::Eq) => Cond::Id(vec![v]),
+        (Col::Month, c) => Cond::Time(c, v),
+        _ => Cond::All,
+    }
+}
+
+fn cmp_of(op: &BinaryOperator) -> Option<Cmp> {
+    Some(match op {
+        BinaryOperator::Eq => Cmp::Eq,
+        BinaryOperator::Lt => Cmp::Lt,
+        BinaryOperator::LtEq => Cmp::LtEq,
+        BinaryOperator::Gt => Cmp::Gt,
+        BinaryOperator::GtEq => Cmp::GtEq,
+        _ => return None,
+    })
+}
+
+fn flip(c: Cmp) -> Cmp {
+    match c {
+        Cmp::Eq => Cmp::Eq,
+        Cmp::Lt => Cmp::Gt,
+        Cmp::LtEq => Cmp::GtEq,
+        Cmp::Gt => Cmp::Lt,
+        Cmp::GtEq => Cmp::LtEq,
+    }
+}
+
+/// Types whose casts keep a routing value meaningful.
+fn transparent_type(t: &DataType) -> bool {
+    let s = t.to_string().to_ascii_lowercase();
+    matches!(
+        s.as_str(),
+        "bigint" | "int8" | "integer" | "int" | "int4" | "smallint" | "int2" | "numeric" | "decimal" | "text" | "varchar"
+            | "character varying" | "date" | "timestamp" | "timestamptz" | "timestamp with time zone"
+            | "timestamp without time zone" | "bigint[]" | "int8[]" | "integer[]" | "int[]" | "int4[]"
+    )
+}
+
+fn strip_casts(e: &Expr) -> &Expr {
+    match e {
+        Expr::Nested(inner) => strip_casts(inner),
+        Expr::Cast { kind: CastKind::Cast | CastKind::DoubleColon, expr, data_type, format: None } if transparent_type(data_type) => strip_casts(expr),
+        _ => e,
+    }
+}
+
+/// A literal or parameter, seen through casts to routing-compatible types.
+pub(crate) fn src_of(e: &Expr) -> Option<Src> {
+    match strip_casts(e) {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => Some(n.parse::<i64>().map_or_else(|_| Src::Number(n.clone()), Src::Int)),
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::NationalStringLiteral(s) => Some(Src::Text(s.clone())),
+            Value::DollarQuotedString(d) => Some(Src::Text(d.value.clone())),
+            Value::Null => Some(Src::Null),
+            Value::Placeholder(p) => {
+                let n: usize = p.strip_prefix('$')?.parse().ok()?;
+                n.checked_sub(1).map(Src::Param)
+            }
+            _ => None,
+        },
+        Expr::TypedString(ts) if transparent_type(&ts.data_type) => match &ts.value.value {
+            Value::SingleQuotedString(s) => Some(Src::Text(s.clone())),
+            _ => None,
+        },
+        Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match src_of(expr)? {
+            Src::Int(i) => Some(i.checked_neg().map_or_else(|| Src::Number(format!("-{i}")), Src::Int)),
+            Src::Number(n) => Some(Src::Number(format!("-{n}"))),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A shard-key or id value once bind values are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IntValue {
+    Int(i64),
+    Null,
+    /// Valid for PostgreSQL but not a bigint we can route on (decimal, numeric beyond bigint).
+    Unroutable,
+}
+
+fn param<'a>(params: &[Param<'a>], i: usize) -> Result<Param<'a>> {
+    params.get(i).copied().ok_or_else(|| {
+        RouteError::Protocol(format!("the statement uses ${} but {} parameter value(s) were bound", i + 1, params.len()))
+    })
+}
+
+fn int_from_text(s: &str) -> Result<IntValue> {
+    let t = s.trim();
+    match t.parse::<i64>() {
+        Ok(i) => Ok(IntValue::Int(i)),
+        Err(_) if !t.is_empty() && t.trim_start_matches(['-', '+']).bytes().all(|b| b.is_ascii_digit()) && t.trim_start_matches(['-', '+']).len() > 0 => {
+            Err(RouteError::OutOfRange(format!("value \"{t}\" is out of range for type bigint")))
+        }
+        Err(_) => Err(RouteError::InvalidValue(format!("invalid input syntax for type bigint: \"{t}\""))),
+    }
+}
+
+fn int_from_binary(oid: u32, b: &[u8]) -> IntValue {
+    match (oid, b.len()) {
+        (20 | 0, 8) => IntValue::Int(i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+        (23 | 0, 4) => IntValue::Int(i64::from(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
+        (21 | 0, 2) => IntValue::Int(i64::from(i16::from_be_bytes([b[0], b[1]]))),
+        _ => IntValue::Unroutable,
+    }
+}
+
+/// Resolves an integer-valued source (shard key or id).
+pub(crate) fn int_value(src: &Src, params: &[Param<'_>]) -> Result<IntValue> {
+    match src {
+        Src::Int(i) => Ok(IntValue::Int(*i)),
+        Src::Number(_) => Ok(IntValue::Unroutable),
+        Src::Null => Ok(IntValue::Null),
+        Src::Text(s) => int_from_text(s),
+        Src::Param(i) => match param(params, *i)? {
+            Param::Null => Ok(IntValue::Null),
+            Param::Text(s) => int_from_text(s),
+            Param::Binary { oid, bytes } => Ok(int_from_binary(oid, bytes)),
+        },
+    }
+}
+
+/// Resolves a timestamp-valued source.
+pub(crate) fn time_value(src: &Src, params: &[Param<'_>], topo: &Topology) -> Result<Option<TimeValue>> {
+    Ok(Some(match src {
+        Src::Null => return Ok(None),
+        Src::Text(s) => parse_time(s, &topo.tz)?,
+        Src::Int(_) | Src::Number(_) => TimeValue::Unknown,
+        Src::Param(i) => match param(params, *i)? {
+            Param::Null => return Ok(None),
+            Param::Text(s) => parse_time(s, &topo.tz)?,
+            Param::Binary { oid, bytes } => match (oid, bytes.len()) {
+                (1184 | 1114 | 0, 8) => {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(bytes);
+                    time_from_binary_micros(i64::from_be_bytes(a))
+                }
+                (1082, 4) => {
+                    let days = i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                    match days {
+                        i32::MAX => TimeValue::Infinity,
+                        i32::MIN => TimeValue::NegInfinity,
+                        _ => jiff::civil::date(2000, 1, 1)
+                            .checked_add(jiff::Span::new().days(i64::from(days)))
+                            .ok()
+                            .and_then(|d| d.to_zoned(topo.tz.clone()).ok())
+                            .map_or(TimeValue::Unknown, |z| TimeValue::At(z.timestamp())),
+                    }
+                }
+                _ => TimeValue::Unknown,
+            },
+        },
+    }))
+}
+
+/// Elements of an array value: PostgreSQL text form `{1,2,NULL}` or binary int4/int8 arrays.
+fn array_values(src: &Src, params: &[Param<'_>]) -> Result<Option<Vec<IntValue>>> {
+    let text = match src {
+        Src::Text(s) => s.as_str(),
+        Src::Param(i) => match param(params, *i)? {
+            Param::Null => return Ok(Some(Vec::new())),
+            Param::Text(s) => s,
+            Param::Binary { bytes, .. } => return Ok(binary_int_array(bytes)),
+        },
+        _ => return Ok(None),
+    };
+    let t = text.trim();
+    let Some(inner) = t.strip_prefix('{').and_then(|r| r.strip_suffix('}')) else {
+        return Err(RouteError::InvalidValue(format!("malformed array literal: \"{t}\"")));
+    };
+    if inner.contains(['{', '"']) {
+        return Ok(None); // nested or quoted elements: not a plain bigint[]
+    }
+    if inner.trim().is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    inner
+        .split(',')
+        .map(|e| if e.trim().eq_ignore_ascii_case("null") { Ok(IntValue::Null) } else { int_from_text(e) })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// Decodes PostgreSQL's binary array format for int2/int4/int8 elements.
+fn binary_int_array(b: &[u8]) -> Option<Vec<IntValue>> {
+    let rd = |at: usize| -> Option<i32> { b.get(at..at + 4).map(|s| i32::from_be_bytes([s[0], s[1], s[2], s[3]])) };
+    let ndim = usize::try_from(rd(0)?).ok()?;
+    let elem_oid = u32::try_from(rd(8)?).ok()?;
+    if ndim > 6 || !matches!(elem_oid, 20 | 23 | 21) {
+        return None;
+    }
+    let mut count = if ndim == 0 { 0usize } else { 1 };
+    let mut at = 12;
+    for _ in 0..ndim {
+        count = count.checked_mul(usize::try_from(rd(at)?).ok()?)?;
+        at += 8;
+    }
+    let mut out = Vec::with_capacity(count.min(b.len() / 4));
+    for _ in 0..count {
+        let len = rd(at)?;
+        at += 4;
+        if len < 0 {
+            out.push(IntValue::Null);
+            continue;
+        }
+        let len = usize::try_from(len).ok()?;
+        out.push(int_from_binary(elem_oid, b.get(at..at + len)?));
+        at += len;
+    }
+    Some(out)
+}
+
+/// Shards × existing months a statement may touch: one shard bitmask per month.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TargetSet {
+    pub masks: Vec<u8>,
+}
+
+impl TargetSet {
+    fn full(n_months: usize, shard_count: u8) -> TargetSet {
+        let all = if shard_count >= 8 { 0xFF } else { (1u8 << shard_count) - 1 };
+        TargetSet { masks: vec![all; n_months] }
+    }
+
+    fn empty(n_months: usize) -> TargetSet {
+        TargetSet { masks: vec![0; n_months] }
+    }
+
+    fn and(mut self, o: &TargetSet) -> TargetSet {
+        self.masks.iter_mut().zip(&o.masks).for_each(|(a, b)| *a &= *b);
+        self
+    }
+
+    fn or(mut self, o: &TargetSet) -> TargetSet {
+        self.masks.iter_mut().zip(&o.masks).for_each(|(a, b)| *a |= *b);
+        self
+    }
+
+    fn shards(n_months: usize, mask: u8) -> TargetSet {
+        TargetSet { masks: vec![mask; n_months] }
+    }
+
+    /// Shards that have any month selected.
+    pub fn shard_mask(&self) -> u8 {
+        self.masks.iter().fold(0, |a, b| a | b)
+    }
+}
+
+impl Cond {
+    /// Which shards and existing months may hold matching rows.
+    pub fn eval(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<TargetSet> {
+        let n = ctx.months.len();
+        let full_mask = TargetSet::full(1, topo.shard_count).masks[0];
+        Ok(match self {
+            Cond::All => TargetSet::full(n, topo.shard_count),
+            Cond::And(parts) => {
+                let mut acc = TargetSet::full(n, topo.shard_count);
+                for p in parts {
+                    acc = acc.and(&p.eval(params, topo, ctx)?);
+                }
+                acc
+            }
+            Cond::Or(parts) => {
+                let mut acc = TargetSet::empty(n);
+                for p in parts {
+                    acc = acc.or(&p.eval(params, topo, ctx)?);
+                }
+                acc
+            }
+            Cond::Shard(vals) => {
+                let mut mask = 0u8;
+                for v in vals {
+                    mask |= match int_value(v, params)? {
+                        IntValue::Int(i) => 1 << shard_of(MerchantId(i), topo.shard_count).0,
+                        IntValue::Null => 0,
+                        IntValue::Unroutable => full_mask,
+                    };
+                }
+                TargetSet::shards(n, mask)
+            }
+            Cond::ShardArray(src) => match array_values(src, params)? {
+                None => TargetSet::full(n, topo.shard_count),
+                Some(vals) => {
+                    let mut mask = 0u8;
+                    for v in vals {
+                        mask |= match v {
+                            IntValue::Int(i) => 1 << shard_of(MerchantId(i), topo.shard_count).0,
+                            IntValue::Null => 0,
+                            IntValue::Unroutable => full_mask,
+                        };
+                    }
+                    TargetSet::shards(n, mask)
+                }
+            },
+            Cond::Id(vals) => {
+                let ints = vals.iter().map(|v| int_value(v, params)).collect::<Result<Vec<_>>>()?;
+                id_targets(&ints, topo, ctx)
+            }
+            Cond::IdArray(src) => match array_values(src, params)? {
+                None => TargetSet::full(n, topo.shard_count),
+                Some(ints) => id_targets(&ints, topo, ctx),
+            },
+            Cond::Time(cmp, src) => {
+                let Some(t) = time_value(src, params, topo)? else { return Ok(TargetSet::empty(n)) };
+                let (lo, hi) = match cmp {
+                    Cmp::Eq => (incl(t, true), incl(t, false)),
+                    Cmp::Lt => (Some(Bound::Unbounded), excl(t, false)),
+                    Cmp::LtEq => (Some(Bound::Unbounded), incl(t, false)),
+                    Cmp::Gt => (excl(t, true), Some(Bound::Unbounded)),
+                    Cmp::GtEq => (incl(t, true), Some(Bound::Unbounded)),
+                };
+                months_set(lo, hi, topo, ctx)
+            }
+            Cond::TimeIn(vals) => {
+                let mut acc = TargetSet::empty(n);
+                for v in vals {
+                    if let Some(t) = time_value(v, params, topo)? {
+                        acc = acc.or(&months_set(incl(t, true), incl(t, false), topo, ctx));
+                    }
+                }
+                acc
+            }
+            Cond::TimeBetween(lo, hi) => {
+                let (Some(l), Some(h)) = (time_value(lo, params, topo)?, time_value(hi, params, topo)?) else {
+                    return Ok(TargetSet::empty(n));
+                };
+                months_set(incl(l, true), incl(h, false), topo, ctx)
+            }
+        })
+    }
+}
+
+/// A bound from a time value; `None` means "no instant can satisfy it".
+/// `lower` says which side of the range the bound is on.
+fn incl(t: TimeValue, lower: bool) -> Option<Bound> {
+    bound(t, lower, Bound::Inclusive)
+}
+
+fn excl(t: TimeValue, lower: bool) -> Option<Bound> {
+    bound(t, lower, Bound::Exclusive)
+}
+
+fn bound(t: TimeValue, lower: bool, mk: fn(Timestamp) -> Bound) -> Option<Bound> {
+    match (t, lower) {
+        (TimeValue::At(ts), _) => Some(mk(ts)),
+        (TimeValue::Unknown, _) => Some(Bound::Unbounded),
+        // Nothing finite lies above +infinity or below -infinity.
+        (TimeValue::Infinity, true) | (TimeValue::NegInfinity, false) => None,
+        (TimeValue::Infinity, false) | (TimeValue::NegInfinity, true) => Some(Bound::Unbounded),
+    }
+}
+
+fn months_set(lo: Option<Bound>, hi: Option<Bound>, topo: &Topology, ctx: &Context<'_>) -> TargetSet {
+    let n = ctx.months.len();
+    let (Some(lo), Some(hi)) = (lo, hi) else { return TargetSet::empty(n) };
+    let chosen = months_in_range(lo, hi, &topo.tz, ctx.months);
+    let all = TargetSet::full(1, topo.shard_count).masks[0];
+    let mut set = TargetSet::empty(n);
+    for (i, m) in ctx.months.iter().enumerate() {
+        if chosen.contains(m) {
+            set.masks[i] = all;
+        }
+    }
+    set
+}
+
+fn id_targets(ints: &[IntValue], topo: &Topology, ctx: &Context<'_>) -> TargetSet {
+    let n = ctx.months.len();
+    let mut set = TargetSet::empty(n);
+    for v in ints {
+        match v {
+            IntValue::Null => {}
+            IntValue::Unroutable => return TargetSet::full(n, topo.shard_count),
+            IntValue::Int(id) => match topo.ids.decode(*id, ctx.now, &topo.tz) {
+                // Not issued by shardgate (legacy, foreign): it may live anywhere.
+                None => return TargetSet::full(n, topo.shard_count),
+                Some(d) => {
+                    let bit = 1u8 << d.shard.0;
+                    for (i, m) in ctx.months.iter().enumerate() {
+                        if d.month.is_none_or(|dm| dm == *m) {
+                            set.masks[i] |= bit;
+                        }
+                    }
+                }
+            },
+        }
+    }
+    set
+}
+
+/// Shard of one INSERT row's shard-key value; NULL and unroutable values are errors.
+pub(crate) fn row_shard(src: &Src, params: &[Param<'_>], topo: &Topology, rule: &TableRule) -> Result<ShardId> {
+    match int_value(src, params)? {
+        IntValue::Int(i) => Ok(shard_of(MerchantId(i), topo.shard_count)),
+        IntValue::Null => Err(RouteError::NotNull(format!(
+            "null value in column \"{}\" of relation \"{}\": every row needs a shard key",
+            rule.shard_key, rule.name
+        ))),
+        IntValue::Unroutable => match src {
+            Src::Number(n) if n.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) => {
+                Err(RouteError::OutOfRange("bigint out of range".into()))
+            }
+            _ => Err(RouteError::InvalidValue(format!(
+                "{} must be a bigint value to route the row; got a non-integer number",
+                rule.shard_key
+            ))),
+        },
+    }
+}
+
+/// Month of one INSERT row's month-column value.
+pub(crate) fn row_month(src: &Src, params: &[Param<'_>], topo: &Topology, rule: &TableRule) -> Result<MonthKey> {
+    match time_value(src, params, topo)? {
+        Some(TimeValue::At(ts)) => Ok(MonthKey::of(ts, &topo.tz)),
+        None => Err(RouteError::NotNull(format!(
+            "null value in column \"{}\" of relation \"{}\": every row needs a time to pick its month table",
+            rule.month_column, rule.name
+        ))),
+        Some(_) => Err(RouteError::unsupported(format!(
+            "{} must be a concrete time (not now/infinity/an expression) to pick the month table; send the value itself",
+            rule.month_column
+        ))),
+    }
+}

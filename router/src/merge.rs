@@ -1,0 +1,487 @@
+//! Scatter rewrite of a SELECT on a sharded table: what each target runs and
+//! the [`MergeSpec`] that turns the targets' rows into what one table returns.
+//! Anything that cannot be merged exactly is refused here with 0A000.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    visit_expressions, BinaryOperator, Distinct, Expr, Function, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident,
+    LimitClause, ObjectName, ObjectNamePart, OrderByKind, OrderBySort, Query, SelectItem, SetExpr, TableFactor, UnaryOperator, Value,
+};
+
+use crate::error::{Result, RouteError};
+use crate::plan::{Agg, CmpOp, ColRef, Grouping, Having, MergeSpec, Operand, SortKey};
+use crate::rewrite::{HOLE_LIMIT, HOLE_TABLE};
+
+/// A LIMIT or OFFSET value: literal or bind parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Count {
+    Lit(u64),
+    Param(usize),
+}
+
+/// The scatter form of a SELECT.
+#[derive(Debug, Clone)]
+pub(crate) struct Scatter {
+    /// The statement each target runs (table and pushed LIMIT are holes).
+    pub query: Query,
+    /// Merge spec with `limit`/`offset` left for execution time.
+    pub spec: MergeSpec,
+    pub limit: Option<Count>,
+    pub offset: Option<Count>,
+    /// Targets get `LIMIT limit+offset`.
+    pub push_limit: bool,
+}
+
+const MERGEABLE: [&str; 5] = ["count", "sum", "min", "max", "avg"];
+const OTHER_AGGREGATES: [&str; 36] = [
+    "array_agg", "string_agg", "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg", "bool_and", "bool_or", "every",
+    "bit_and", "bit_or", "bit_xor", "stddev", "stddev_pop", "stddev_samp", "variance", "var_pop", "var_samp", "percentile_cont",
+    "percentile_disc", "mode", "corr", "covar_pop", "covar_samp", "regr_avgx", "regr_avgy", "regr_count", "regr_intercept",
+    "regr_r2", "regr_slope", "regr_sxx", "regr_sxy", "regr_syy", "xmlagg", "range_agg", "any_value",
+];
+
+fn func_name(f: &Function) -> String {
+    match f.name.0.last() {
+        Some(ObjectNamePart::Identifier(i)) => i.value.to_lowercase(),
+        _ => String::new(),
+    }
+}
+
+/// Refuses window functions and non-mergeable aggregates anywhere in `e`; tells whether it contains an aggregate.
+fn scan(e: &Expr) -> Result<bool> {
+    let mut found = false;
+    let mut err = None;
+    let _ = visit_expressions(e, |x| {
+        if let Expr::Function(f) = x {
+            let name = func_name(f);
+            if f.over.is_some() {
+                err = Some(RouteError::unsupported(format!(
+                    "window function {name}() cannot be computed across shards; add a {{shard key}} condition so the query runs on one shard"
+                )));
+                return ControlFlow::Break(());
+            }
+            if OTHER_AGGREGATES.contains(&name.as_str()) {
+                err = Some(RouteError::unsupported(format!(
+                    "aggregate {name}() cannot be merged across shards (only count, sum, min, max, avg); add a {{shard key}} condition so the query runs on one shard"
+                )));
+                return ControlFlow::Break(());
+            }
+            if MERGEABLE.contains(&name.as_str()) {
+                found = true;
+            }
+        }
+        if let Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } = x {
+            err = Some(RouteError::unsupported(
+                "subqueries in a query that spans shards are not supported; add a {shard key} condition so the query runs on one shard",
+            ));
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(found),
+    }
+}
+
+/// If `e` is exactly a mergeable aggregate call, its kind.
+fn as_aggregate(e: &Expr) -> Result<Option<(&Function, &'static str)>> {
+    let Expr::Function(f) = e else { return Ok(None) };
+    let name = func_name(f);
+    let Some(kind) = MERGEABLE.iter().find(|k| **k == name) else { return Ok(None) };
+    if let FunctionArguments::List(list) = &f.args {
+        if matches!(list.duplicate_treatment, Some(sqlparser::ast::DuplicateTreatment::Distinct)) {
+            return Err(RouteError::unsupported(format!(
+                "{name}(DISTINCT …) cannot be merged across shards; add a {{shard key}} condition so the query runs on one shard, or select the distinct values and aggregate them in the application"
+            )));
+        }
+        if !list.clauses.is_empty() {
+            return Err(RouteError::unsupported(format!("{name}() with ORDER BY/LIMIT inside cannot be merged across shards")));
+        }
+        for a in &list.args {
+            let inner = match a {
+                sqlparser::ast::FunctionArg::Unnamed(x) | sqlparser::ast::FunctionArg::Named { arg: x, .. } | sqlparser::ast::FunctionArg::ExprNamed { arg: x, .. } => x,
+            };
+            if let FunctionArgExpr::Expr(x) = inner {
+                if scan(x)? {
+                    return Err(RouteError::unsupported("nested aggregate calls are not supported"));
+                }
+            }
+        }
+    }
+    if !f.within_group.is_empty() {
+        return Err(RouteError::unsupported(format!("{name}() WITHIN GROUP cannot be merged across shards")));
+    }
+    Ok(Some((f, kind)))
+}
+
+fn with_name(f: &Function, name: &str) -> Expr {
+    let mut g = f.clone();
+    g.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(name))]);
+    Expr::Function(g)
+}
+
+struct Builder {
+    /// Projection items: (expr, alias) for plain items; `None` for wildcards.
+    items: Vec<Option<(Expr, Option<String>)>>,
+    wildcard: bool,
+    hidden: Vec<Expr>,
+    aggregates: Vec<(ColRef, Agg)>,
+    keys: Vec<ColRef>,
+    key_exprs: Vec<Expr>,
+}
+
+impl Builder {
+    fn add_hidden(&mut self, e: Expr) -> ColRef {
+        if let Some(i) = self.hidden.iter().position(|h| *h == e) {
+            return ColRef::Hidden(i);
+        }
+        self.hidden.push(e);
+        ColRef::Hidden(self.hidden.len() - 1)
+    }
+
+    /// A visible column the expression names: position, alias, or equal expression.
+    fn find_visible(&self, e: &Expr) -> Result<Option<ColRef>> {
+        if let Expr::Value(v) = e {
+            if let Value::Number(n, _) = &v.value {
+                let pos: usize = n.parse().map_err(|_| RouteError::unsupported("ORDER BY/GROUP BY position must be an integer"))?;
+                if self.wildcard {
+                    return Err(RouteError::unsupported(
+                        "ORDER BY/GROUP BY by position together with * cannot be merged across shards; name the column",
+                    ));
+                }
+                if pos == 0 || pos > self.items.len() {
+                    return Err(RouteError::unsupported(format!("position {pos} is not in select list")));
+                }
+                return Ok(Some(ColRef::Visible(pos - 1)));
+            }
+        }
+        if self.wildcard {
+            return Ok(None);
+        }
+        if let Expr::Identifier(id) = e {
+            let name = if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() };
+            if let Some(i) = self.items.iter().position(|it| matches!(it, Some((_, Some(a))) if *a == name)) {
+                return Ok(Some(ColRef::Visible(i)));
+            }
+        }
+        Ok(self.items.iter().position(|it| matches!(it, Some((x, _)) if x == e)).map(ColRef::Visible))
+    }
+
+    /// The merged column for an aggregate call, adding hidden columns as needed.
+    fn aggregate_col(&mut self, e: &Expr, f: &Function, kind: &str) -> Result<ColRef> {
+        if let Some(c) = self.find_visible(e)? {
+            if self.aggregates.iter().any(|(ac, _)| *ac == c) {
+                return Ok(c);
+            }
+        }
+        let col = self.add_hidden(e.clone());
+        if !self.aggregates.iter().any(|(ac, _)| *ac == col) {
+            let agg = self.agg_kind(f, kind);
+            self.aggregates.push((col, agg));
+        }
+        Ok(col)
+    }
+
+    fn agg_kind(&mut self, f: &Function, kind: &str) -> Agg {
+        match kind {
+            "count" => Agg::Count,
+            "sum" => Agg::Sum,
+            "min" => Agg::Min,
+            "max" => Agg::Max,
+            _ => {
+                let sum = self.add_hidden(with_name(f, "sum"));
+                let count = self.add_hidden(with_name(f, "count"));
+                Agg::Avg { sum, count }
+            }
+        }
+    }
+
+    fn operand(&mut self, e: &Expr) -> Result<Operand> {
+        match e {
+            Expr::Nested(x) => self.operand(x),
+            Expr::Value(v) => match &v.value {
+                Value::Null => Ok(Operand::Null),
+                Value::Number(n, _) => Ok(Operand::Literal(n.clone())),
+                Value::SingleQuotedString(s) => Ok(Operand::Literal(s.clone())),
+                _ => Err(having_err()),
+            },
+            Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match self.operand(expr)? {
+                Operand::Literal(n) if n.parse::<f64>().is_ok() => Ok(Operand::Literal(format!("-{n}"))),
+                _ => Err(having_err()),
+            },
+            _ => {
+                if let Some((f, kind)) = as_aggregate(e)? {
+                    return Ok(Operand::Col(self.aggregate_col(e, f, kind)?));
+                }
+                if let Some(i) = self.key_exprs.iter().position(|k| k == e) {
+                    return Ok(Operand::Col(self.keys[i]));
+                }
+                Err(having_err())
+            }
+        }
+    }
+
+    fn having(&mut self, e: &Expr) -> Result<Having> {
+        Ok(match e {
+            Expr::Nested(x) => self.having(x)?,
+            Expr::BinaryOp { left, op: BinaryOperator::And, right } => Having::And(Box::new(self.having(left)?), Box::new(self.having(right)?)),
+            Expr::BinaryOp { left, op: BinaryOperator::Or, right } => Having::Or(Box::new(self.having(left)?), Box::new(self.having(right)?)),
+            Expr::UnaryOp { op: UnaryOperator::Not, expr } => Having::Not(Box::new(self.having(expr)?)),
+            Expr::IsNull(x) => Having::IsNull(self.operand(x)?, false),
+            Expr::IsNotNull(x) => Having::IsNull(self.operand(x)?, true),
+            Expr::BinaryOp { left, op, right } => {
+                let op = match op {
+                    BinaryOperator::Eq => CmpOp::Eq,
+                    BinaryOperator::NotEq => CmpOp::NotEq,
+                    BinaryOperator::Lt => CmpOp::Lt,
+                    BinaryOperator::LtEq => CmpOp::LtEq,
+                    BinaryOperator::Gt => CmpOp::Gt,
+                    BinaryOperator::GtEq => CmpOp::GtEq,
+                    _ => return Err(having_err()),
+                };
+                Having::Cmp(self.operand(left)?, op, self.operand(right)?)
+            }
+            _ => return Err(having_err()),
+        })
+    }
+}
+
+fn having_err() -> RouteError {
+    RouteError::unsupported(
+        "HAVING across shards supports comparisons (=, <>, <, <=, >, >=, IS NULL) of aggregates and GROUP BY columns with literals, combined with AND/OR/NOT; simplify the HAVING clause or add a {shard key} condition",
+    )
+}
+
+fn count_of(e: &Expr) -> Result<Option<Count>> {
+    let bad = || RouteError::unsupported("LIMIT/OFFSET across shards must be an integer literal or a $n parameter");
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Null => Ok(None),
+            Value::Number(n, _) => {
+                let i: i64 = n.parse().map_err(|_| bad())?;
+                u64::try_from(i).map(|u| Some(Count::Lit(u))).map_err(|_| RouteError::InvalidLimit("LIMIT must not be negative".into()))
+            }
+            Value::Placeholder(p) => {
+                let n: usize = p.strip_prefix('$').and_then(|d| d.parse().ok()).ok_or_else(bad)?;
+                Ok(n.checked_sub(1).map(Count::Param))
+            }
+            _ => Err(bad()),
+        },
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => count_of(expr),
+        Expr::UnaryOp { op: UnaryOperator::Minus, expr } if matches!(count_of(expr), Ok(Some(Count::Lit(n))) if n > 0) => {
+            Err(RouteError::InvalidLimit("LIMIT must not be negative".into()))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Plans the scatter form of `q` (its sharded table already renamed to the hole).
+pub(crate) fn scatter(q: &Query, shard_key: &str) -> Result<Scatter> {
+    let fill = |e: RouteError| match e {
+        RouteError::Unsupported(m) => RouteError::Unsupported(m.replace("{shard key}", &format!("{shard_key} = …"))),
+        other => other,
+    };
+    scatter_inner(q).map_err(fill)
+}
+
+fn scatter_inner(q: &Query) -> Result<Scatter> {
+    let one_shard = "add a {shard key} condition so the query runs on one shard";
+    if q.with.is_some() {
+        return Err(RouteError::unsupported(format!("WITH queries on a sharded table that spans shards are not supported; {one_shard}")));
+    }
+    if q.fetch.is_some() {
+        return Err(RouteError::unsupported("FETCH FIRST across shards is not supported; use LIMIT"));
+    }
+    let SetExpr::Select(sel) = q.body.as_ref() else {
+        return Err(RouteError::unsupported(format!("UNION/INTERSECT/EXCEPT over a sharded table that spans shards is not supported; {one_shard}")));
+    };
+    let distinct = match &sel.distinct {
+        None | Some(Distinct::All) => false,
+        Some(Distinct::Distinct) => true,
+        Some(_) => return Err(RouteError::unsupported(format!("DISTINCT ON across shards is not supported; {one_shard}"))),
+    };
+    let single_table = sel.from.len() == 1
+        && sel.from[0].joins.is_empty()
+        && matches!(&sel.from[0].relation, TableFactor::Table { name, .. } if name.to_string() == HOLE_TABLE);
+    if !single_table {
+        return Err(RouteError::unsupported(format!(
+            "a JOIN or several tables in a query that spans shards is not supported; {one_shard}"
+        )));
+    }
+    if let Some(w) = &sel.selection {
+        scan(w)?;
+    }
+
+    let mut b = Builder { items: Vec::new(), wildcard: false, hidden: Vec::new(), aggregates: Vec::new(), keys: Vec::new(), key_exprs: Vec::new() };
+    // Projection.
+    let mut item_aggs: Vec<Option<(Function, &'static str)>> = Vec::new();
+    for item in &sel.projection {
+        match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                let alias = match item {
+                    SelectItem::ExprWithAlias { alias, .. } => Some(if alias.quote_style.is_some() { alias.value.clone() } else { alias.value.to_lowercase() }),
+                    _ => None,
+                };
+                let has_agg = scan(e)?;
+                let agg = as_aggregate(e)?;
+                if has_agg && agg.is_none() {
+                    return Err(RouteError::unsupported(format!(
+                        "expressions over aggregates (like `{e}`) cannot be merged across shards; select the aggregates themselves and compute in the application, or {one_shard}"
+                    )));
+                }
+                item_aggs.push(agg.map(|(f, k)| (f.clone(), k)));
+                b.items.push(Some((e.clone(), alias)));
+            }
+            _ => {
+                b.wildcard = true;
+                item_aggs.push(None);
+                b.items.push(None);
+            }
+        }
+    }
+    let group_exprs: Vec<Expr> = match &sel.group_by {
+        GroupByExpr::Expressions(exprs, mods) if mods.is_empty() => exprs.clone(),
+        _ => return Err(RouteError::unsupported(format!("GROUP BY ALL/ROLLUP/CUBE/GROUPING SETS across shards is not supported; {one_shard}"))),
+    };
+    for g in &group_exprs {
+        if let Expr::Rollup(_) | Expr::Cube(_) | Expr::GroupingSets(_) = g {
+            return Err(RouteError::unsupported(format!("GROUP BY ROLLUP/CUBE/GROUPING SETS across shards is not supported; {one_shard}")));
+        }
+        if scan(g)? {
+            return Err(RouteError::unsupported("aggregates are not allowed in GROUP BY"));
+        }
+    }
+    let grouping = item_aggs.iter().any(Option::is_some) || !group_exprs.is_empty() || sel.having.is_some();
+    if grouping && b.wildcard {
+        return Err(RouteError::unsupported("* together with GROUP BY or aggregates cannot be merged across shards; name the columns"));
+    }
+    if grouping {
+        for g in &group_exprs {
+            let col = match b.find_visible(g)? {
+                Some(c) => c,
+                None => b.add_hidden(g.clone()),
+            };
+            b.keys.push(col);
+            // HAVING and ORDER BY may name the key by its expression or by the projection's.
+            let key_expr = match col {
+                ColRef::Visible(i) => b.items[i].as_ref().map_or_else(|| g.clone(), |(e, _)| e.clone()),
+                ColRef::Hidden(_) => g.clone(),
+            };
+            b.key_exprs.push(key_expr);
+        }
+        for (i, agg) in item_aggs.iter().enumerate() {
+            match agg {
+                Some((f, kind)) => {
+                    let a = b.agg_kind(f, kind);
+                    b.aggregates.push((ColRef::Visible(i), a));
+                }
+                None => {
+                    if !b.keys.contains(&ColRef::Visible(i)) {
+                        let e = b.items[i].as_ref().map(|(e, _)| e.to_string()).unwrap_or_default();
+                        return Err(RouteError::unsupported(format!(
+                            "column `{e}` must appear in GROUP BY (or be inside count/sum/min/max/avg) to be merged across shards"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    let having = match &sel.having {
+        Some(h) => Some(b.having(h)?),
+        None => None,
+    };
+
+    // ORDER BY.
+    let mut order_by = Vec::new();
+    if let Some(ob) = &q.order_by {
+        let OrderByKind::Expressions(exprs) = &ob.kind else {
+            return Err(RouteError::unsupported("ORDER BY ALL is not supported"));
+        };
+        for o in exprs {
+            if o.with_fill.is_some() {
+                return Err(RouteError::unsupported("ORDER BY … WITH FILL is not supported"));
+            }
+            let descending = match o.options.sort {
+                None | Some(OrderBySort::Asc) => false,
+                Some(OrderBySort::Desc) => true,
+                Some(_) => return Err(RouteError::unsupported("ORDER BY … USING across shards is not supported; use ASC/DESC")),
+            };
+            let nulls_first = o.options.nulls_first.unwrap_or(descending);
+            let has_agg = scan(&o.expr)?;
+            let col = match b.find_visible(&o.expr)? {
+                Some(c) => c,
+                None if distinct => {
+                    return Err(RouteError::unsupported(
+                        "for SELECT DISTINCT, ORDER BY expressions must appear in select list",
+                    ))
+                }
+                None if grouping => {
+                    if let Some((f, kind)) = as_aggregate(&o.expr)? {
+                        b.aggregate_col(&o.expr, f, kind)?
+                    } else if let Some(i) = b.key_exprs.iter().position(|k| *k == o.expr) {
+                        b.keys[i]
+                    } else if has_agg {
+                        return Err(RouteError::unsupported(format!(
+                            "ORDER BY an expression over aggregates (`{}`) cannot be merged across shards; order by the aggregate itself",
+                            o.expr
+                        )));
+                    } else {
+                        return Err(RouteError::unsupported(format!(
+                            "ORDER BY `{}` must be a GROUP BY column or an aggregate to be merged across shards",
+                            o.expr
+                        )));
+                    }
+                }
+                None => b.add_hidden(o.expr.clone()),
+            };
+            order_by.push(SortKey { col, descending, nulls_first });
+        }
+    }
+
+    // LIMIT / OFFSET.
+    let (limit, offset) = match &q.limit_clause {
+        None => (None, None),
+        Some(LimitClause::LimitOffset { limit, offset, limit_by }) if limit_by.is_empty() => {
+            let l = match limit {
+                Some(e) => count_of(e)?,
+                None => None,
+            };
+            let o = match offset {
+                Some(o) => count_of(&o.value)?,
+                None => None,
+            };
+            (l, o)
+        }
+        Some(_) => return Err(RouteError::unsupported("LIMIT offset, count is MySQL syntax; use LIMIT … OFFSET …")),
+    };
+    let push_limit = limit.is_some() && !grouping && !distinct;
+
+    // The statement each target runs.
+    let mut tq = q.clone();
+    if let SetExpr::Select(ts) = tq.body.as_mut() {
+        ts.having = None;
+        for (i, h) in b.hidden.iter().enumerate() {
+            ts.projection.push(SelectItem::ExprWithAlias { expr: h.clone(), alias: Ident::new(format!("__sg_h{i}")) });
+        }
+    }
+    tq.limit_clause = if push_limit {
+        Some(LimitClause::LimitOffset { limit: Some(Expr::Identifier(Ident::new(HOLE_LIMIT))), offset: None, limit_by: vec![] })
+    } else {
+        None
+    };
+    if grouping {
+        // Targets' order is irrelevant: the merger re-groups and sorts.
+        tq.order_by = None;
+    }
+    let spec = MergeSpec {
+        hidden: b.hidden.len(),
+        grouping: grouping.then(|| Grouping { keys: b.keys.clone(), aggregates: b.aggregates.clone(), having }),
+        distinct,
+        order_by,
+        offset: 0,
+        limit: None,
+    };
+    Ok(Scatter { query: tq, spec, limit, offset, push_limit })
+}

@@ -1,0 +1,95 @@
+//! The routing inputs: sharded-table rules from config, and the per-call
+//! context (time, existing months, id source, bind values). No I/O.
+
+use jiff::{tz::TimeZone, Timestamp};
+
+use crate::id::{IdGenerator, IdLayout};
+use crate::month::MonthKey;
+
+/// One sharded table.
+#[derive(Debug, Clone)]
+pub struct TableRule {
+    /// Logical name (`t_order`), as PostgreSQL folds it (lower case unless quoted in config).
+    pub name: String,
+    /// Shard-key column (`merchant_id`).
+    pub shard_key: String,
+    /// Month column (`create_time`).
+    pub month_column: String,
+    /// Id column (`id`).
+    pub id_column: String,
+    /// Physical name pattern with `{yyyyMM}`.
+    pub pattern: String,
+}
+
+impl TableRule {
+    /// `t_order_202611`.
+    pub fn physical(&self, month: MonthKey) -> String {
+        self.pattern.replace("{yyyyMM}", &month.suffix())
+    }
+}
+
+/// Everything static the router needs.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Sharded tables.
+    pub tables: Vec<TableRule>,
+    /// Number of shard databases (1..=8).
+    pub shard_count: u8,
+    /// Zone in which months are cut.
+    pub tz: TimeZone,
+    /// Id layout for decoding ids in WHERE clauses.
+    pub ids: IdLayout,
+}
+
+impl Topology {
+    /// Builds the topology from a validated config.
+    pub fn from_config(c: &shardgate_config::Config) -> Result<Topology, String> {
+        let tz = TimeZone::get(&c.sharding.time_zone).map_err(|e| format!("sharding.time_zone: {e}"))?;
+        let shard_count = u8::try_from(c.sharding.shard_count).ok().filter(|n| (1..=8).contains(n)).ok_or("sharding.shard_count must be 1..=8")?;
+        let tables = c
+            .sharded_tables
+            .iter()
+            .map(|t| TableRule {
+                name: t.name.to_lowercase(),
+                shard_key: t.shard_key.to_lowercase(),
+                month_column: t.month_column.to_lowercase(),
+                id_column: t.id_column.to_lowercase(),
+                pattern: t.table_pattern.clone(),
+            })
+            .collect();
+        let ids = IdLayout { epoch_ms: c.ids.epoch_ms, legacy_id_max: c.ids.legacy_id_max, shard_count };
+        Ok(Topology { tables, shard_count, tz, ids })
+    }
+
+    /// The default topology (`t_order` by `merchant_id` and `create_time`, 8 shards, UTC).
+    pub fn example() -> Topology {
+        Topology::from_config(&shardgate_config::Config::example()).expect("the built-in example config is valid")
+    }
+}
+
+/// A bind value as the client sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param<'a> {
+    /// SQL NULL.
+    Null,
+    /// Text format.
+    Text(&'a str),
+    /// Binary format with the parameter's type OID (0 when the client left it unspecified).
+    Binary {
+        /// Type OID from Parse (0 = unspecified).
+        oid: u32,
+        /// Raw value.
+        bytes: &'a [u8],
+    },
+}
+
+/// Per-call inputs that change over time.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    /// The current time (used for rows that omit `create_time` and to judge ids).
+    pub now: Timestamp,
+    /// Month tables that exist, ascending.
+    pub months: &'a [MonthKey],
+    /// Where generated ids come from; `None` refuses INSERTs that omit the id.
+    pub ids: Option<&'a IdGenerator>,
+}
