@@ -41,6 +41,9 @@ pub struct SelectAnalysis {
     cond: Cond,
     single: Template,
     scatter: std::result::Result<(Template, Scatter), RouteError>,
+    /// Bind values the scatter statement still uses (LIMIT/OFFSET values are
+    /// applied by the router and dropped); `None` = all of them.
+    scatter_params: Option<Vec<usize>>,
     /// FOR UPDATE/SHARE: month tables cannot be combined with UNION ALL.
     locking: bool,
 }
@@ -219,15 +222,25 @@ fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRul
         _ => Cond::All,
     };
     let single = Template::parse(&q.to_string());
+    let mut original = Renumber { map: Vec::new() };
+    let _ = q.clone().visit(&mut original);
+    let mut scatter_params = None;
     let scatter = if r.count == 1 {
-        scatter(&q, &rule.shard_key).map(|s| (Template::parse(&s.query.to_string()), s))
+        scatter(&q, &rule.shard_key).map(|mut s| {
+            let mut ren = Renumber { map: Vec::new() };
+            let _ = s.query.visit(&mut ren);
+            if ren.map != original.map {
+                scatter_params = Some(ren.map);
+            }
+            (Template::parse(&s.query.to_string()), s)
+        })
     } else {
         Err(RouteError::unsupported(format!(
             "{} appears more than once in a statement that spans shards; add {} = … so it runs on one shard",
             rule.name, rule.shard_key
         )))
     };
-    Ok(Analysis::Select(Box::new(SelectAnalysis { rule: rule_idx, cond, single, scatter, locking })))
+    Ok(Analysis::Select(Box::new(SelectAnalysis { rule: rule_idx, cond, single, scatter, scatter_params, locking })))
 }
 
 fn analyze_write(mut stmt: Statement, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {
@@ -445,7 +458,7 @@ impl SelectAnalysis {
             .into_iter()
             .map(|(shard, months)| {
                 let sql = template.render(&table_text(rule, &months), pushed, &[], &[]);
-                Target { shard, months, sql, params: None }
+                Target { shard, months, sql, params: self.scatter_params.clone() }
             })
             .collect();
         let mut spec = sc.spec.clone();

@@ -26,6 +26,12 @@ impl TableRule {
     pub fn physical(&self, month: MonthKey) -> String {
         self.pattern.replace("{yyyyMM}", &month.suffix())
     }
+
+    /// DDL that creates the month table from the template table (same columns,
+    /// defaults, constraints and indexes); idempotent.
+    pub fn create_month_table_sql(&self, month: MonthKey) -> String {
+        format!("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING ALL)", self.physical(month), self.name)
+    }
 }
 
 /// Everything static the router needs.

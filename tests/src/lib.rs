@@ -7,6 +7,8 @@
 //! Redis and the `shardgate` proxy. PostgreSQL refuses to run as root, so
 //! when we are root every server command runs as the `postgres` user.
 
+pub mod schema;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
