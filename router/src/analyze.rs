@@ -40,12 +40,24 @@ pub struct SelectAnalysis {
     rule: usize,
     cond: Cond,
     single: Template,
-    scatter: std::result::Result<(Template, Scatter), RouteError>,
-    /// Bind values the scatter statement still uses (LIMIT/OFFSET values are
-    /// applied by the router and dropped); `None` = all of them.
-    scatter_params: Option<Vec<usize>>,
+    /// The renamed statement, kept to build the scatter form on first need.
+    query: sqlparser::ast::Query,
+    /// How many times the sharded table is referenced.
+    references: usize,
+    /// Scatter form, built lazily: most statements route to one target.
+    scatter: std::sync::OnceLock<std::result::Result<ScatterForm, RouteError>>,
     /// FOR UPDATE/SHARE: month tables cannot be combined with UNION ALL.
     locking: bool,
+}
+
+/// The statement each target of a scatter runs, and how to merge.
+#[derive(Debug, Clone)]
+struct ScatterForm {
+    template: Template,
+    scatter: Scatter,
+    /// Bind values the scatter statement still uses (LIMIT/OFFSET values are
+    /// applied by the router and dropped); `None` = all of them.
+    params: Option<Vec<usize>>,
 }
 
 /// An UPDATE or DELETE, analysed.
@@ -118,7 +130,7 @@ pub fn analyze(sql: &str, topo: &Topology) -> Analysis {
 }
 
 fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
-    if sql.len() >= HOLE_PREFIX.len() && sql.to_ascii_lowercase().contains(HOLE_PREFIX) {
+    if sql.as_bytes().windows(HOLE_PREFIX.len()).any(|w| w.eq_ignore_ascii_case(HOLE_PREFIX.as_bytes())) {
         return Err(RouteError::unsupported(format!("identifiers starting with {HOLE_PREFIX} are reserved by shardgate")));
     }
     let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
@@ -222,25 +234,15 @@ fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRul
         _ => Cond::All,
     };
     let single = Template::parse(&q.to_string());
-    let mut original = Renumber { map: Vec::new() };
-    let _ = q.clone().visit(&mut original);
-    let mut scatter_params = None;
-    let scatter = if r.count == 1 {
-        scatter(&q, &rule.shard_key).map(|mut s| {
-            let mut ren = Renumber { map: Vec::new() };
-            let _ = s.query.visit(&mut ren);
-            if ren.map != original.map {
-                scatter_params = Some(ren.map);
-            }
-            (Template::parse(&s.query.to_string()), s)
-        })
-    } else {
-        Err(RouteError::unsupported(format!(
-            "{} appears more than once in a statement that spans shards; add {} = … so it runs on one shard",
-            rule.name, rule.shard_key
-        )))
-    };
-    Ok(Analysis::Select(Box::new(SelectAnalysis { rule: rule_idx, cond, single, scatter, scatter_params, locking })))
+    Ok(Analysis::Select(Box::new(SelectAnalysis {
+        rule: rule_idx,
+        cond,
+        single,
+        query: q,
+        references: r.count,
+        scatter: std::sync::OnceLock::new(),
+        locking,
+    })))
 }
 
 fn analyze_write(mut stmt: Statement, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {
@@ -434,7 +436,42 @@ impl Analysis {
     }
 }
 
+/// `$n` indexes in order of first appearance.
+fn placeholders(q: &sqlparser::ast::Query) -> Vec<usize> {
+    let mut out = Vec::new();
+    let _ = sqlparser::ast::visit_expressions(q, |e| {
+        if let Expr::Value(ValueWithSpan { value: Value::Placeholder(p), .. }) = e {
+            if let Some(i) = p.strip_prefix('$').and_then(|d| d.parse::<usize>().ok()).and_then(|n| n.checked_sub(1)) {
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    out
+}
+
 impl SelectAnalysis {
+    fn scatter_form(&self, rule: &TableRule) -> std::result::Result<&ScatterForm, RouteError> {
+        self.scatter
+            .get_or_init(|| {
+                if self.references != 1 {
+                    return Err(RouteError::unsupported(format!(
+                        "{} appears more than once in a statement that spans shards; add {} = … so it runs on one shard",
+                        rule.name, rule.shard_key
+                    )));
+                }
+                let mut sc = scatter(&self.query, &rule.shard_key)?;
+                let mut ren = Renumber { map: Vec::new() };
+                let _ = sc.query.visit(&mut ren);
+                let params = (ren.map != placeholders(&self.query)).then_some(ren.map);
+                Ok(ScatterForm { template: Template::parse(&sc.query.to_string()), scatter: sc, params })
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
     fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
         let rule = &topo.tables[self.rule];
         let set = self.cond.eval(params, topo, ctx)?;
@@ -450,7 +487,8 @@ impl SelectAnalysis {
                 generated_ids: Vec::new(),
             }));
         }
-        let (template, sc) = self.scatter.as_ref().map_err(Clone::clone)?;
+        let form = self.scatter_form(rule)?;
+        let (template, sc) = (&form.template, &form.scatter);
         let limit = count_value(sc.limit, params, "LIMIT")?;
         let offset = count_value(sc.offset, params, "OFFSET")?.unwrap_or(0);
         let pushed = if sc.push_limit { limit.map(|l| l.saturating_add(offset)) } else { None };
@@ -458,7 +496,7 @@ impl SelectAnalysis {
             .into_iter()
             .map(|(shard, months)| {
                 let sql = template.render(&table_text(rule, &months), pushed, &[], &[]);
-                Target { shard, months, sql, params: self.scatter_params.clone() }
+                Target { shard, months, sql, params: form.params.clone() }
             })
             .collect();
         let mut spec = sc.spec.clone();

@@ -1,6 +1,7 @@
 //! Router golden tests: every case in `tests/golden/*.txt` must plan exactly as recorded.
 //! `UPDATE_GOLDEN=1 cargo test -p shardgate-router --test golden` rewrites the files (review the diff).
 
+#[path = "common/golden_cases.rs"]
 mod golden_cases;
 
 #[test]

@@ -2,6 +2,7 @@
 //! once on its own shard and month table, and a SELECT never routes away from
 //! a row that satisfies its WHERE clause.
 
+#[path = "common/golden_cases.rs"]
 mod golden_cases;
 
 use jiff::{tz::TimeZone, Timestamp};

@@ -2,7 +2,7 @@
 //! PostgreSQL 15 shards holding the month tables (each inside a transaction
 //! that is rolled back), with its bind values sent in text format.
 
-#[path = "../../router/tests/golden_cases.rs"]
+#[path = "../../router/tests/common/golden_cases.rs"]
 mod golden_cases;
 
 use std::collections::BTreeSet;
