@@ -34,4 +34,4 @@ bench: deps
 	@bash scripts/bench.sh
 
 fuzz:
-	@bash scripts/fuzz.sh $(or $(SECONDS_TO_RUN),600)
+	@bash scripts/fuzz.sh $(or $(SECONDS_TO_RUN),600) $(or $(FUZZ_TARGET),frames)

@@ -1,4 +1,5 @@
-//! `shardgate` binary: load config, set up logging, run until SIGTERM/SIGINT.
+//! `shardgate` binary: load config, set up logging, run until SIGTERM/SIGINT;
+//! `shardgate route` prints a routing plan without any database.
 
 use std::path::PathBuf;
 
@@ -15,10 +16,88 @@ struct Args {
     /// Only validate the config and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Print the plan of one statement (targets, rewritten SQL, merge spec) without any database.
+    Route(RouteArgs),
+}
+
+#[derive(clap::Args)]
+struct RouteArgs {
+    /// The statement.
+    #[arg(long)]
+    sql: String,
+    /// A bind value for $1, $2, … in order (text form; `\N` is NULL).
+    #[arg(long = "param")]
+    params: Vec<String>,
+    /// Current time (RFC 3339); default: now.
+    #[arg(long)]
+    now: Option<String>,
+    /// Existing month tables as `yyyyMM..yyyyMM`; default: 12 months back to `sharding.months_ahead` ahead.
+    #[arg(long)]
+    months: Option<String>,
+    /// Use the built-in example config instead of --config.
+    #[arg(long)]
+    example_config: bool,
+}
+
+/// `shardgate route`: exit 0 with the plan, 1 with `ERROR <sqlstate>: <message>`.
+fn route(config: &shardgate_config::Config, a: &RouteArgs) -> anyhow::Result<i32> {
+    use shardgate_router::id::{IdGenerator, SystemClock};
+    use shardgate_router::month::MonthKey;
+    let topo = shardgate_router::Topology::from_config(config).map_err(anyhow::Error::msg)?;
+    let now: jiff::Timestamp = match &a.now {
+        Some(t) => t.parse().with_context(|| format!("--now {t}: expected RFC 3339 like 2026-11-22T10:00:00Z"))?,
+        None => jiff::Timestamp::now(),
+    };
+    let current = MonthKey::of(now, &topo.tz).ordinal();
+    let (lo, hi) = match &a.months {
+        Some(r) => {
+            let (l, h) = r.split_once("..").context("--months must look like 202601..202612")?;
+            let parse = |s: &str| MonthKey::parse_suffix(s).with_context(|| format!("--months: `{s}` is not yyyyMM"));
+            (parse(l)?.ordinal(), parse(h)?.ordinal())
+        }
+        None => (current - 12, current + i32::try_from(config.sharding.months_ahead).unwrap_or(3)),
+    };
+    let months: Vec<MonthKey> = (lo..=hi).filter_map(MonthKey::from_ordinal).collect();
+    let worker = config.ids.worker_id.unwrap_or(0);
+    let ids = IdGenerator::new(topo.ids.clone(), worker, config.ids.max_clock_backward_ms, Box::new(SystemClock), 0)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let params: Vec<shardgate_router::Param<'_>> =
+        a.params.iter().map(|p| if p == "\\N" { shardgate_router::Param::Null } else { shardgate_router::Param::Text(p) }).collect();
+    let ctx = shardgate_router::Context { now, months: &months, ids: Some(&ids) };
+    match shardgate_router::plan(&a.sql, &params, &topo, &ctx) {
+        Ok(plan) => {
+            print!("{plan}");
+            Ok(0)
+        }
+        Err(e) => {
+            println!("ERROR {}: {e}", e.sqlstate());
+            Ok(1)
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Route(r)) = &args.command {
+        let config = if r.example_config {
+            shardgate_config::Config::example()
+        } else {
+            match shardgate_config::Config::load(&args.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("shardgate: {e} (or pass --example-config)");
+                    std::process::exit(2);
+                }
+            }
+        };
+        std::process::exit(route(&config, r)?);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_target(false)

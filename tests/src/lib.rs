@@ -280,18 +280,22 @@ pub struct Cluster {
     proxy: Option<std::process::Child>,
 }
 
-/// Path of the `shardgate` binary: `$SHARDGATE_BIN`, else next to this test binary's target dir.
+/// Path of the `shardgate` binary: `$SHARDGATE_BIN`, else the most recently
+/// built of target/{release,debug} (`$SHARDGATE_PROFILE` picks one).
 pub fn shardgate_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SHARDGATE_BIN") {
         return Ok(PathBuf::from(p));
     }
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../target"));
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("shardgate");
-        if p.exists() && std::env::var("SHARDGATE_PROFILE").map_or(true, |want| want == profile) {
-            return Ok(p);
-        }
+    let newest = ["release", "debug"]
+        .iter()
+        .filter(|profile| std::env::var("SHARDGATE_PROFILE").map_or(true, |want| want == **profile))
+        .map(|profile| target.join(profile).join("shardgate"))
+        .filter_map(|p| fs::metadata(&p).and_then(|m| m.modified()).ok().map(|t| (t, p)))
+        .max_by_key(|(t, _)| *t);
+    if let Some((_, p)) = newest {
+        return Ok(p);
     }
     bail!("shardgate binary not found under {}; run `cargo build --bins` first (make test does)", target.display())
 }
