@@ -225,12 +225,10 @@ fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRul
     // Routing keys are read from the top-level WHERE when the sharded table is
     // the only table there; any other shape (self-joins, subqueries) routes everywhere
     // and must therefore fit on a single target.
-    let top_level = match q.body.as_ref() {
-        SetExpr::Select(s) if r.count == 1 && s.from.len() == 1 && s.from[0].joins.is_empty() => s.selection.clone(),
-        _ => None,
-    };
-    let cond = match &top_level {
-        Some(w) if r.count == 1 => r.scope().cond(w),
+    let cond = match q.body.as_ref() {
+        SetExpr::Select(s) if r.count == 1 && s.from.len() == 1 && s.from[0].joins.is_empty() => {
+            s.selection.as_ref().map_or(Cond::All, |w| r.scope().cond(w))
+        }
         _ => Cond::All,
     };
     let single = Template::parse(&q.to_string());

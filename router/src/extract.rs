@@ -194,6 +194,13 @@ fn flip(c: Cmp) -> Cmp {
 
 /// Types whose casts keep a routing value meaningful.
 fn transparent_type(t: &DataType) -> bool {
+    use DataType as D;
+    match t {
+        D::BigInt(_) | D::Int8(_) | D::Integer(_) | D::Int(_) | D::Int4(_) | D::SmallInt(_) | D::Int2(_) | D::Numeric(_)
+        | D::Decimal(_) | D::Text | D::Varchar(_) | D::CharacterVarying(_) | D::Date => return true,
+        D::Timestamp(..) => return true,
+        _ => {}
+    }
     let s = t.to_string().to_ascii_lowercase();
     matches!(
         s.as_str(),
@@ -378,6 +385,15 @@ fn binary_int_array(b: &[u8]) -> Option<Vec<IntValue>> {
     Some(out)
 }
 
+/// Bitmask of every shard.
+fn all_shards(shard_count: u8) -> u8 {
+    if shard_count >= 8 {
+        0xFF
+    } else {
+        (1u8 << shard_count) - 1
+    }
+}
+
 /// Shards × existing months a statement may touch: one shard bitmask per month.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TargetSet {
@@ -386,8 +402,7 @@ pub(crate) struct TargetSet {
 
 impl TargetSet {
     fn full(n_months: usize, shard_count: u8) -> TargetSet {
-        let all = if shard_count >= 8 { 0xFF } else { (1u8 << shard_count) - 1 };
-        TargetSet { masks: vec![all; n_months] }
+        TargetSet { masks: vec![all_shards(shard_count); n_months] }
     }
 
     fn empty(n_months: usize) -> TargetSet {
@@ -418,7 +433,7 @@ impl Cond {
     /// Which shards and existing months may hold matching rows.
     pub fn eval(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<TargetSet> {
         let n = ctx.months.len();
-        let full_mask = TargetSet::full(1, topo.shard_count).masks[0];
+        let full_mask = all_shards(topo.shard_count);
         Ok(match self {
             Cond::All => TargetSet::full(n, topo.shard_count),
             Cond::And(parts) => {
@@ -522,7 +537,7 @@ fn months_set(lo: Option<Bound>, hi: Option<Bound>, topo: &Topology, ctx: &Conte
     let n = ctx.months.len();
     let (Some(lo), Some(hi)) = (lo, hi) else { return TargetSet::empty(n) };
     let chosen = months_in_range(lo, hi, &topo.tz, ctx.months);
-    let all = TargetSet::full(1, topo.shard_count).masks[0];
+    let all = all_shards(topo.shard_count);
     let mut set = TargetSet::empty(n);
     for (i, m) in ctx.months.iter().enumerate() {
         if chosen.contains(m) {
