@@ -130,6 +130,14 @@ struct Login {
     registration: Registration,
 }
 
+/// A short read drained the socket: clear tokio's read readiness without the
+/// extra `recv` that would only return EAGAIN. Safe against lost wakeups:
+/// tokio clears only the readiness event observed before this call; data that
+/// arrives later raises a new one.
+fn clear_read_readiness(stream: &TcpStream) {
+    let _ = stream.try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+}
+
 async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
     loop {
         stream.readable().await?;
@@ -470,9 +478,15 @@ impl Session {
             tokio::select! {
                 r = self.client.readable(), if want_client => {
                     r?;
+                    let spare = self.cin.capacity() - self.cin.len();
                     match self.client.try_read_buf(&mut self.cin) {
                         Ok(0) => return Ok(()),
-                        Ok(_) => self.last_client_activity = Instant::now(),
+                        Ok(n) => {
+                            self.last_client_activity = Instant::now();
+                            if n < spare {
+                                clear_read_readiness(&self.client);
+                            }
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(e.into()),
                     }
@@ -481,7 +495,12 @@ impl Session {
                     let server = &mut **self.server.as_mut().expect("guarded by server_stream");
                     let res = r.and_then(|()| {
                         let crate::backend::ServerConn { stream, rbuf, .. } = server;
-                        stream.try_read_buf(rbuf)
+                        let spare = rbuf.capacity() - rbuf.len();
+                        let n = stream.try_read_buf(rbuf)?;
+                        if n > 0 && n < spare {
+                            clear_read_readiness(stream);
+                        }
+                        Ok(n)
                     });
                     match res {
                         Ok(0) => self.server_lost()?,
