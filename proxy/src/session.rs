@@ -430,6 +430,13 @@ impl Session {
         let cfg = &self.shared.config.server;
         let client_idle = Duration::from_millis(cfg.client_idle_timeout_ms);
         let idle_in_tx = Duration::from_millis(cfg.idle_in_transaction_timeout_ms);
+        // One timer for the session's life. Deadlines mostly move later (every
+        // message pushes the idle deadline), so the timer is only re-armed when a
+        // deadline must come sooner; when it fires early the deadline is checked
+        // and the timer re-armed. This keeps timer-wheel work off the per-message path.
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
         loop {
             // 1. client messages, while the server side is not backed up
             while self.sout.len() < HIGH_WATER {
@@ -471,7 +478,13 @@ impl Session {
                 return Err(End::Fatal("57P01", "terminating connection due to administrator command".into()));
             }
             // 5. wait for the next event
-            let (timer, timer_kind) = self.next_timer(client_idle, idle_in_tx);
+            let (timer, _) = self.next_timer(client_idle, idle_in_tx);
+            if let Some(t) = timer {
+                if armed.is_none_or(|a| a > t) {
+                    sleep.as_mut().reset(t.into());
+                    armed = Some(t);
+                }
+            }
             let server_stream = self.server.as_ref().map(|s| &s.stream);
             let want_client = self.sout.len() < HIGH_WATER;
             let want_server = self.cout.len() < HIGH_WATER;
@@ -515,8 +528,12 @@ impl Session {
                         self.server_lost()?;
                     }
                 }
-                _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now).into()), if timer.is_some() => {
-                    self.on_timer(timer_kind)?;
+                _ = &mut sleep, if armed.is_some() => {
+                    armed = None;
+                    let (timer, kind) = self.next_timer(client_idle, idle_in_tx);
+                    if timer.is_some_and(|t| t <= Instant::now()) {
+                        self.on_timer(kind)?;
+                    }
                 }
                 _ = shutdown.changed(), if !self.shutting_down => {
                     self.shutting_down = true;
