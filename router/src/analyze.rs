@@ -229,6 +229,25 @@ fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRul
         SetExpr::Select(s) if r.count == 1 && s.from.len() == 1 && s.from[0].joins.is_empty() => {
             s.selection.as_ref().map_or(Cond::All, |w| r.scope().cond(w))
         }
+        // A self-join whose every reference is a top-level FROM/JOIN item: each
+        // reference is routed by the WHERE predicates qualified with its own
+        // alias, and the statement runs where the union of them leads — which
+        // must be a single target (checked at plan time).
+        SetExpr::Select(s)
+            if r.count > 1
+                && s.from.iter().map(|t| 1 + t.joins.len()).sum::<usize>() == r.count
+                && r.qualifiers.iter().collect::<std::collections::HashSet<_>>().len() == r.count =>
+        {
+            match &s.selection {
+                None => Cond::All,
+                Some(w) => Cond::Or(
+                    r.qualifiers
+                        .iter()
+                        .map(|qual| crate::extract::Scope { rule, qualifiers: vec![qual.clone()], qualified_only: true }.cond(w))
+                        .collect(),
+                ),
+            }
+        }
         _ => Cond::All,
     };
     let single = Template::parse(&q.to_string());

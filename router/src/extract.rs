@@ -72,6 +72,8 @@ pub(crate) struct Scope<'r> {
     pub rule: &'r TableRule,
     /// Lower-cased qualifiers that mean the sharded table.
     pub qualifiers: Vec<String>,
+    /// Only qualified column references count (a self-join: bare names are ambiguous).
+    pub qualified_only: bool,
 }
 
 fn ident_name(i: &Ident) -> String {
@@ -86,6 +88,7 @@ impl Scope<'_> {
     /// Which routing column `e` is, if it is a bare or qualified column reference.
     pub fn column(&self, e: &Expr) -> Option<Col> {
         let name = match e {
+            Expr::Identifier(_) if self.qualified_only => return None,
             Expr::Identifier(i) => ident_name(i),
             Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
                 if !self.qualifiers.contains(&ident_name(&parts[0])) {

@@ -119,7 +119,7 @@ impl<'r> Renamer<'r> {
     }
 
     pub fn scope(&self) -> Scope<'r> {
-        Scope { rule: self.rule, qualifiers: self.qualifiers.clone() }
+        Scope { rule: self.rule, qualifiers: self.qualifiers.clone(), qualified_only: false }
     }
 }
 
