@@ -63,6 +63,11 @@ enum Expect {
     CopyEnd,
     /// Everything up to and including ReadyForQuery of a query the proxy sent itself.
     SwallowUntilReady,
+    /// A Parse the proxy made fail on purpose (the client re-used a statement
+    /// name): the server's ErrorResponse is replaced by this one, so the error
+    /// arrives in order and the server skips to Sync / aborts the transaction
+    /// exactly as PostgreSQL would for the duplicate name.
+    ReplaceError(Bytes),
 }
 
 /// A client's named prepared statement, mapped to a server statement name
@@ -709,6 +714,26 @@ impl Session {
                 if p.name.is_empty() {
                     self.sout.extend_from_slice(&f.raw);
                     self.expect_reply(Expect::ParseComplete { forward: true, name: None });
+                } else if self.statements.contains_key(p.name) {
+                    // PostgreSQL: 42P05, the existing statement stays. The server
+                    // never saw the client's name, so have it fail a Parse in the
+                    // same position (a syntax error, no side effects) and answer
+                    // with the right error instead.
+                    if !self.server_skipping {
+                        let mut err = BytesMut::new();
+                        msg::error_response(
+                            &mut err,
+                            Severity::Error,
+                            "42P05",
+                            &format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(p.name)),
+                        );
+                        let mut parse = BytesMut::new();
+                        crate::protocol::codec::put_message(&mut parse, b'P', |b| {
+                            b.extend_from_slice(b"\0!\0\0\0");
+                        });
+                        self.sout.extend_from_slice(&parse);
+                        self.expect.push_back(Expect::ReplaceError(err.freeze()));
+                    }
                 } else {
                     let server_name: Arc<str> = statement_name(p.query, p.param_types).into();
                     let mut parse = BytesMut::new();
@@ -869,6 +894,10 @@ impl Session {
             },
             b'E' => {
                 let fields = parse_error_fields(f.body());
+                let replacement = match self.expect.front() {
+                    Some(Expect::ReplaceError(b)) => Some(b.clone()),
+                    _ => None,
+                };
                 // the server skips to the next Sync: drop what those messages would have answered
                 while let Some(e) = self.expect.front() {
                     match e {
@@ -896,6 +925,8 @@ impl Session {
                 }
                 if swallowing {
                     warn!(sqlstate = %fields.code, "applying client parameters on server failed");
+                } else if let Some(b) = replacement {
+                    self.cout.extend_from_slice(&b);
                 } else {
                     self.cout.extend_from_slice(&f.raw);
                 }

@@ -542,3 +542,60 @@ async fn messages_sent_after_an_error_and_before_sync_are_skipped_in_step() {
     s.write_all(&msg(b'Q', b"SELECT 7\0")).expect("write");
     assert_eq!(read_until(&mut s, b'Z'), b"TDCZ");
 }
+
+/// Reads messages until one with `tag` arrives; returns (tag, body) of each.
+fn read_msgs_until(s: &mut TcpStream, tag: u8) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let mut hdr = [0u8; 5];
+        s.read_exact(&mut hdr).expect("message header");
+        let len = i32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).expect("message body");
+        out.push((hdr[0], body));
+        if hdr[0] == tag {
+            return out;
+        }
+    }
+}
+
+#[tokio::test]
+async fn reusing_a_prepared_statement_name_gives_42p05_like_postgres() {
+    let c = core("", "");
+    let mut s = raw_login(&c);
+    // create "dup", then Parse "dup" again in the same batch: 42P05, rest skipped until Sync
+    let mut out = msg(b'P', b"dup\0SELECT 1\0\0\0");
+    out.extend(msg(b'P', b"dup\0SELECT 2\0\0\0"));
+    out.extend(msg(b'P', b"\0SELECT 3\0\0\0"));
+    out.extend(msg(b'S', b""));
+    s.write_all(&out).expect("write");
+    let got = read_msgs_until(&mut s, b'Z');
+    let tags: Vec<u8> = got.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tags, b"1EZ", "ParseComplete, the duplicate's error, ReadyForQuery");
+    let err = String::from_utf8_lossy(&got[1].1).to_string();
+    assert!(err.contains("C42P05") && err.contains("prepared statement \"dup\" already exists"), "{err}");
+    // the original statement still works
+    let mut out = msg(b'B', b"\0dup\0\0\0\0\0\0\0");
+    out.extend(msg(b'E', b"\0\0\0\0\0"));
+    out.extend(msg(b'S', b""));
+    s.write_all(&out).expect("write");
+    let got = read_msgs_until(&mut s, b'Z');
+    let tags: Vec<u8> = got.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tags, b"2DCZ");
+    assert_eq!(got[1].1, b"\0\x01\0\0\0\x011", "the first definition (SELECT 1) answers");
+    // inside a transaction block the duplicate aborts the transaction, as in PostgreSQL
+    s.write_all(&msg(b'Q', b"BEGIN\0")).expect("write");
+    read_until(&mut s, b'Z');
+    let mut out = msg(b'P', b"dup\0SELECT 9\0\0\0");
+    out.extend(msg(b'S', b""));
+    s.write_all(&out).expect("write");
+    let got = read_msgs_until(&mut s, b'Z');
+    assert_eq!(got.iter().map(|(t, _)| *t).collect::<Vec<_>>(), b"EZ");
+    assert_eq!(got[1].1, b"E", "transaction is aborted");
+    s.write_all(&msg(b'Q', b"SELECT 1\0")).expect("write");
+    let got = read_msgs_until(&mut s, b'Z');
+    assert!(String::from_utf8_lossy(&got[0].1).contains("C25P02"), "commands are refused until ROLLBACK");
+    s.write_all(&msg(b'Q', b"ROLLBACK\0")).expect("write");
+    let got = read_msgs_until(&mut s, b'Z');
+    assert_eq!(got.last().map(|(_, b)| b.clone()), Some(b"I".to_vec()));
+}
