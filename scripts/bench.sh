@@ -69,13 +69,14 @@ for round in $(seq 1 $ROUNDS); do
     for target in direct shardgate pgbouncer; do
       # pgbouncer before 1.21 cannot run protocol-level prepared statements in transaction mode
       if [ $target = pgbouncer ] && [ $mode = prepared ]; then continue; fi
-      c0=$(cpu_ticks $PROXY_PID)
+      pid=$PROXY_PID; [ $target = pgbouncer ] && pid=$PGB_PID
+      c0=$(cpu_ticks $pid)
       read -r tps n < <(run $target $mode)
-      c1=$(cpu_ticks $PROXY_PID)
+      c1=$(cpu_ticks $pid)
       SUM[$target.$mode]=$(echo "${SUM[$target.$mode]:-0} + $tps" | bc -l)
-      if [ $target = shardgate ]; then
-        CPU[$mode]=$(( ${CPU[$mode]:-0} + c1 - c0 ))
-        TX[$mode]=$(( ${TX[$mode]:-0} + n ))
+      if [ $target != direct ]; then
+        CPU[$target.$mode]=$(( ${CPU[$target.$mode]:-0} + c1 - c0 ))
+        TX[$target.$mode]=$(( ${TX[$target.$mode]:-0} + n ))
       fi
       printf 'round %d  %-8s %-10s tps=%10.1f\n' $round $mode $target $tps
     done
@@ -84,16 +85,17 @@ done
 
 echo
 echo "== pgbench -S, $CLIENTS clients, ${DURATION}s x $ROUNDS rounds (mean TPS; ratio to direct) =="
-printf '%-9s %12s %12s %8s %12s %8s %16s\n' mode direct shardgate ratio pgbouncer ratio "proxy_cpu_us/tx"
+printf '%-9s %12s %12s %8s %12s %8s %16s %16s\n' mode direct shardgate ratio pgbouncer ratio "proxy_cpu_us/tx" "pgb_cpu_us/tx"
 for mode in simple extended prepared; do
   d=$(echo "${SUM[direct.$mode]} / $ROUNDS" | bc -l)
   s=$(echo "${SUM[shardgate.$mode]} / $ROUNDS" | bc -l)
-  cpu_us=$(echo "${CPU[$mode]} * 1000000 / $HZ / ${TX[$mode]}" | bc -l)
+  cpu_us=$(echo "${CPU[shardgate.$mode]} * 1000000 / $HZ / ${TX[shardgate.$mode]}" | bc -l)
   if [ -n "${SUM[pgbouncer.$mode]:-}" ]; then
     b=$(echo "${SUM[pgbouncer.$mode]} / $ROUNDS" | bc -l); br=$(echo "$b / $d" | bc -l)
-    printf '%-9s %12.1f %12.1f %8.2f %12.1f %8.2f %16.1f\n' $mode $d $s $(echo "$s / $d" | bc -l) $b $br $cpu_us
+    pgb_us=$(echo "${CPU[pgbouncer.$mode]} * 1000000 / $HZ / ${TX[pgbouncer.$mode]}" | bc -l)
+    printf '%-9s %12.1f %12.1f %8.2f %12.1f %8.2f %16.1f %16.1f\n' $mode $d $s $(echo "$s / $d" | bc -l) $b $br $cpu_us $pgb_us
   else
-    printf '%-9s %12.1f %12.1f %8.2f %12s %8s %16.1f\n' $mode $d $s $(echo "$s / $d" | bc -l) "n/a" "-" $cpu_us
+    printf '%-9s %12.1f %12.1f %8.2f %12s %8s %16.1f %16s\n' $mode $d $s $(echo "$s / $d" | bc -l) "n/a" "-" $cpu_us "n/a"
   fi
 done
 
