@@ -151,7 +151,7 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
         0 => return Ok(Analysis::Passthrough(StatementClass::Empty)),
         1 => {}
         _ => {
-            if named.iter().any(|n| !n.is_empty()) {
+            if named.iter().any(|n| !n.is_empty()) || mentions_sharded_word(sql, topo) {
                 return Err(RouteError::unsupported(
                     "several statements in one query string cannot include a sharded table; send each statement on its own",
                 ));
@@ -183,7 +183,7 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
         Statement::Insert(ins) => analyze_insert(ins, rule_idx, rule),
         Statement::Update(_) | Statement::Delete(_) => analyze_write(stmt, rule_idx, rule),
         other => Err(RouteError::unsupported(format!(
-            "{} on sharded table {} is not supported through shardgate; run it on each shard's month tables (shardgate-migrate manages the schema)",
+            "{} on sharded table {} is not supported through shardgate; run it on the shard databases directly (`shardgate route` shows where a statement goes)",
             statement_word(&other),
             rule.name
         ))),
