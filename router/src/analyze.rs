@@ -496,13 +496,13 @@ impl SelectAnalysis {
         if gs.len() == 1 {
             let (shard, months) = gs.into_iter().next().expect("one group");
             let sql = self.single.render(&table_text(rule, &months), None, &[], &[]);
-            return Ok(Plan::Routed(Routed {
+            return Ok(Plan::Routed(Box::new(Routed {
                 kind: RoutedKind::Select,
                 table: rule.name.clone(),
                 targets: vec![Target { shard, months, sql, params: None }],
                 merge: None,
                 generated_ids: Vec::new(),
-            }));
+            })));
         }
         let form = self.scatter_form(rule)?;
         let (template, sc) = (&form.template, &form.scatter);
@@ -519,7 +519,7 @@ impl SelectAnalysis {
         let mut spec = sc.spec.clone();
         spec.limit = limit;
         spec.offset = offset;
-        Ok(Plan::Routed(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new() }))
+        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new() })))
     }
 }
 
@@ -534,7 +534,7 @@ impl WriteAnalysis {
                 Target { shard, months, sql, params: None }
             })
             .collect();
-        Ok(Plan::Routed(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new() }))
+        Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new() })))
     }
 }
 
@@ -621,6 +621,6 @@ impl InsertAnalysis {
             }
             out
         };
-        Ok(Plan::Routed(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids }))
+        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids })))
     }
 }

@@ -267,7 +267,7 @@ fn int_from_text(s: &str) -> Result<IntValue> {
     let t = s.trim();
     match t.parse::<i64>() {
         Ok(i) => Ok(IntValue::Int(i)),
-        Err(_) if !t.is_empty() && t.trim_start_matches(['-', '+']).bytes().all(|b| b.is_ascii_digit()) && t.trim_start_matches(['-', '+']).len() > 0 => {
+        Err(_) if { let digits = t.trim_start_matches(['-', '+']); !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) } => {
             Err(RouteError::OutOfRange(format!("value \"{t}\" is out of range for type bigint")))
         }
         Err(_) => Err(RouteError::InvalidValue(format!("invalid input syntax for type bigint: \"{t}\""))),

@@ -12,7 +12,7 @@ pub enum Plan {
     /// No sharded table involved: send the statement to `db_default` unchanged.
     Passthrough(StatementClass),
     /// A statement on a sharded table.
-    Routed(Routed),
+    Routed(Box<Routed>),
 }
 
 /// What a passthrough statement is, so the proxy knows how to treat it.

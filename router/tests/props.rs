@@ -121,7 +121,7 @@ proptest! {
             0 => format!("SELECT id FROM t_order WHERE merchant_id = {m} AND create_time >= '{lo}' AND create_time < '{hi}'"),
             1 => format!("SELECT id FROM t_order WHERE merchant_id IN ({other_m}, {m}) AND create_time BETWEEN '{lo}' AND '{hi}'"),
             2 => format!("SELECT id FROM t_order WHERE (merchant_id = {other_m} OR create_time > '{lo}') AND create_time <= '{hi}'"),
-            3 => format!("SELECT id FROM t_order WHERE merchant_id = ANY($1) AND create_time > $2"),
+            3 => "SELECT id FROM t_order WHERE merchant_id = ANY($1) AND create_time > $2".to_string(),
             4 => format!("SELECT id FROM t_order WHERE create_time = '{}' OR merchant_id = {other_m}", row_time),
             _ => format!("SELECT count(*) FROM t_order WHERE NOT (merchant_id = {other_m}) AND create_time < '{hi}'"),
         };

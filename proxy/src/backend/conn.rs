@@ -230,13 +230,32 @@ impl ServerConn {
     /// Non-blocking liveness check for an idle connection: an idle server
     /// sends nothing, so EOF or unexpected bytes (say, a FATAL on admin
     /// shutdown) both mean the connection is unusable.
-    pub fn is_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            _ => false,
+    ///
+    /// `Probe::Readiness` trusts the runtime's readiness state (no syscall when
+    /// nothing was signalled); `Probe::Kernel` asks the kernel with a
+    /// non-blocking `MSG_PEEK`, which also sees a FIN or RST the runtime has not
+    /// polled yet.
+    pub fn is_alive(&self, probe: Probe) -> bool {
+        match probe {
+            Probe::Readiness => {
+                let mut byte = [0u8; 1];
+                matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            Probe::Kernel => {
+                let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                matches!(socket2::SockRef::from(&self.stream).peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
         }
     }
+}
+
+/// How [`ServerConn::is_alive`] checks a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The runtime's readiness state (free; for connections used moments ago).
+    Readiness,
+    /// A non-blocking `MSG_PEEK` syscall (for connections idle a while).
+    Kernel,
 }
 
 fn server_error(f: &Frame) -> BackendError {

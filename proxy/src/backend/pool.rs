@@ -34,11 +34,19 @@ impl managed::Manager for ServerManager {
         Ok(conn)
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<BackendError> {
+    async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<BackendError> {
         if conn.broken {
             return Err(RecycleError::message("connection marked broken"));
         }
-        if !conn.is_alive() {
+        // A connection used moments ago is checked against the runtime's
+        // readiness (no syscall on the hot path); one idle longer gets a real
+        // MSG_PEEK, which also sees a close the runtime has not polled yet.
+        let probe = if metrics.last_used() < std::time::Duration::from_millis(100) {
+            crate::backend::conn::Probe::Readiness
+        } else {
+            crate::backend::conn::Probe::Kernel
+        };
+        if !conn.is_alive(probe) {
             return Err(RecycleError::message("server closed the connection"));
         }
         Ok(())
