@@ -458,7 +458,7 @@ fn placeholders(q: &sqlparser::ast::Query) -> Vec<usize> {
     let mut out = Vec::new();
     let _ = sqlparser::ast::visit_expressions(q, |e| {
         if let Expr::Value(ValueWithSpan { value: Value::Placeholder(p), .. }) = e {
-            if let Some(i) = p.strip_prefix('$').and_then(|d| d.parse::<usize>().ok()).and_then(|n| n.checked_sub(1)) {
+            if let Some(i) = crate::extract::placeholder_index(p) {
                 if !out.contains(&i) {
                     out.push(i);
                 }
@@ -547,7 +547,7 @@ impl VisitorMut for Renumber {
     type Break = ();
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
         if let Expr::Value(ValueWithSpan { value: Value::Placeholder(p), .. }) = e {
-            if let Some(old) = p.strip_prefix('$').and_then(|d| d.parse::<usize>().ok()).and_then(|n| n.checked_sub(1)) {
+            if let Some(old) = crate::extract::placeholder_index(p) {
                 let new = match self.map.iter().position(|o| *o == old) {
                     Some(i) => i,
                     None => {

@@ -221,6 +221,11 @@ fn strip_casts(e: &Expr) -> &Expr {
     }
 }
 
+/// 0-based index of a `$n` placeholder (`$1` → 0); `None` for anything else.
+pub(crate) fn placeholder_index(p: &str) -> Option<usize> {
+    p.strip_prefix('$')?.parse::<usize>().ok()?.checked_sub(1)
+}
+
 /// A literal or parameter, seen through casts to routing-compatible types.
 pub(crate) fn src_of(e: &Expr) -> Option<Src> {
     match strip_casts(e) {
@@ -229,10 +234,7 @@ pub(crate) fn src_of(e: &Expr) -> Option<Src> {
             Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::NationalStringLiteral(s) => Some(Src::Text(s.clone())),
             Value::DollarQuotedString(d) => Some(Src::Text(d.value.clone())),
             Value::Null => Some(Src::Null),
-            Value::Placeholder(p) => {
-                let n: usize = p.strip_prefix('$')?.parse().ok()?;
-                n.checked_sub(1).map(Src::Param)
-            }
+            Value::Placeholder(p) => placeholder_index(p).map(Src::Param),
             _ => None,
         },
         Expr::TypedString(ts) if transparent_type(&ts.data_type) => match &ts.value.value {
@@ -397,6 +399,18 @@ fn all_shards(shard_count: u8) -> u8 {
     }
 }
 
+/// Shards that may hold rows with these shard-key values (NULL matches none,
+/// an unroutable value any).
+fn shard_mask(ints: &[IntValue], shard_count: u8) -> u8 {
+    ints.iter().fold(0u8, |mask, v| {
+        mask | match v {
+            IntValue::Int(i) => 1 << shard_of(MerchantId(*i), shard_count).0,
+            IntValue::Null => 0,
+            IntValue::Unroutable => all_shards(shard_count),
+        }
+    })
+}
+
 /// Shards × existing months a statement may touch: one shard bitmask per month.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TargetSet {
@@ -436,7 +450,6 @@ impl Cond {
     /// Which shards and existing months may hold matching rows.
     pub fn eval(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<TargetSet> {
         let n = ctx.months.len();
-        let full_mask = all_shards(topo.shard_count);
         Ok(match self {
             Cond::All => TargetSet::full(n, topo.shard_count),
             Cond::And(parts) => {
@@ -454,29 +467,12 @@ impl Cond {
                 acc
             }
             Cond::Shard(vals) => {
-                let mut mask = 0u8;
-                for v in vals {
-                    mask |= match int_value(v, params)? {
-                        IntValue::Int(i) => 1 << shard_of(MerchantId(i), topo.shard_count).0,
-                        IntValue::Null => 0,
-                        IntValue::Unroutable => full_mask,
-                    };
-                }
-                TargetSet::shards(n, mask)
+                let ints = vals.iter().map(|v| int_value(v, params)).collect::<Result<Vec<_>>>()?;
+                TargetSet::shards(n, shard_mask(&ints, topo.shard_count))
             }
             Cond::ShardArray(src) => match array_values(src, params)? {
                 None => TargetSet::full(n, topo.shard_count),
-                Some(vals) => {
-                    let mut mask = 0u8;
-                    for v in vals {
-                        mask |= match v {
-                            IntValue::Int(i) => 1 << shard_of(MerchantId(i), topo.shard_count).0,
-                            IntValue::Null => 0,
-                            IntValue::Unroutable => full_mask,
-                        };
-                    }
-                    TargetSet::shards(n, mask)
-                }
+                Some(ints) => TargetSet::shards(n, shard_mask(&ints, topo.shard_count)),
             },
             Cond::Id(vals) => {
                 let ints = vals.iter().map(|v| int_value(v, params)).collect::<Result<Vec<_>>>()?;

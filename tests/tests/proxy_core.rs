@@ -506,18 +506,7 @@ fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
 
 /// Reads messages until one with `tag` arrives; returns all tags seen.
 fn read_until(s: &mut TcpStream, tag: u8) -> Vec<u8> {
-    let mut tags = Vec::new();
-    loop {
-        let mut hdr = [0u8; 5];
-        s.read_exact(&mut hdr).expect("message header");
-        let len = i32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).expect("message body");
-        tags.push(hdr[0]);
-        if hdr[0] == tag {
-            return tags;
-        }
-    }
+    read_msgs_until(s, tag).into_iter().map(|(t, _)| t).collect()
 }
 
 #[tokio::test]
