@@ -72,6 +72,11 @@ pub struct ServerConfig {
     pub auth_method: AuthMethod,
     /// Runtime worker threads; 0 means one per CPU core.
     pub worker_threads: usize,
+    /// Most rows (or groups) one cross-shard merge may hold in memory
+    /// (GROUP BY, DISTINCT, ORDER BY without streaming); above it the query
+    /// fails with 54000 and a hint. Streams (single shard, plain and ordered
+    /// concatenations) are not limited.
+    pub max_merge_rows: usize,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +92,7 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 30_000,
             auth_method: AuthMethod::ScramSha256,
             worker_threads: 0,
+            max_merge_rows: 1_000_000,
         }
     }
 }

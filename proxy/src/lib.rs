@@ -7,6 +7,7 @@
 //! - [`auth`]: client authentication (SCRAM-SHA-256, md5).
 //! - [`backend`]: raw server connections and their deadpool pools.
 //! - [`cancel`]: routing CancelRequests to the right server.
+//! - [`routed`]: sharded execution (plans run on shards, answers merged).
 //! - [`admin`]: admin HTTP (`/livez`, `/readyz`, `/metrics`).
 //! - [`metrics`]: every metric name.
 //! - [`error`]: client-facing errors and their SQLSTATEs.
@@ -18,6 +19,7 @@ pub mod cancel;
 pub mod error;
 pub mod metrics;
 pub mod protocol;
+pub mod routed;
 pub mod server;
 pub mod session;
 
@@ -34,12 +36,19 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let prometheus = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(metrics::POOL_WAIT_SECONDS.into()), metrics::POOL_WAIT_BUCKETS)
         .context("metric buckets")?
+        .set_buckets_for_metric(Matcher::Full(metrics::SHARD_POOL_WAIT_SECONDS.into()), metrics::POOL_WAIT_BUCKETS)
+        .context("metric buckets")?
+        .set_buckets_for_metric(Matcher::Full(metrics::SHARD_QUERY_SECONDS.into()), metrics::QUERY_BUCKETS)
+        .context("metric buckets")?
+        .set_buckets_for_metric(Matcher::Full(metrics::FANOUT.into()), metrics::FANOUT_BUCKETS)
+        .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     let listener = TcpListener::bind(&config.server.listen).await.with_context(|| format!("binding server.listen {}", config.server.listen))?;
     let admin_listener = TcpListener::bind(&config.server.admin_listen).await.with_context(|| format!("binding server.admin_listen {}", config.server.admin_listen))?;
     tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, "shardgate listening");
-    let shared = Arc::new(server::Shared::new(config, shutdown.clone()));
+    let shared = Arc::new(server::Shared::new(config, shutdown.clone())?);
+    start_background(&shared).await;
     let admin = admin::router(shared.clone(), prometheus);
     let mut admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(async move {
@@ -52,4 +61,46 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     server::serve(listener, shared).await;
     let _ = admin_task.await;
     Ok(())
+}
+
+/// Decision log, first month-table pass (bounded), then the periodic maintainer
+/// and two-phase-commit recovery.
+async fn start_background(shared: &Arc<server::Shared>) {
+    let engine = shared.engine.clone();
+    let ahead = shared.config.sharding.months_ahead;
+    if let Ok(Ok(mut conn)) = tokio::time::timeout(std::time::Duration::from_secs(5), engine.default.get()).await {
+        if let Ok(Err(e)) = routed::wire::control(&mut conn, routed::twopc::DECISIONS_DDL).await {
+            tracing::warn!(sqlstate = %e.code, "creating the two-phase commit decision table failed");
+        }
+    } else {
+        tracing::warn!("db_default unreachable at startup; two-phase commit needs it");
+    }
+    if tokio::time::timeout(std::time::Duration::from_secs(15), routed::months::maintain(&engine, ahead)).await.is_err() {
+        tracing::warn!("month table maintenance did not finish at startup; continuing in the background");
+    }
+    let mut shutdown = shared.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = 0u64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            tick += 1;
+            if let Err(e) = routed::twopc::recover(&engine).await {
+                tracing::warn!(error = %e, "two-phase commit recovery failed");
+            }
+            if tick % (routed::months::INTERVAL.as_secs() / 30) == 0 {
+                routed::months::maintain(&engine, ahead).await;
+            }
+        }
+    });
+    let engine = shared.engine.clone();
+    tokio::spawn(async move {
+        match routed::twopc::recover(&engine).await {
+            Ok(n) if n > 0 => tracing::info!(resolved = n, "two-phase commit recovery at startup"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "two-phase commit recovery at startup failed"),
+        }
+    });
 }

@@ -23,8 +23,28 @@ pub const QUERY_TIMEOUTS_TOTAL: &str = "shardgate_query_timeouts_total";
 /// Server connections in the pool, label `state` = size | available (gauge).
 pub const POOL_CONNECTIONS: &str = "shardgate_pool_connections";
 
+/// Statements run on a shard, label `shard` (counter).
+pub const SHARD_QUERIES: &str = "shardgate_shard_queries_total";
+/// Statements that failed on a shard, label `shard` (counter).
+pub const SHARD_ERRORS: &str = "shardgate_shard_errors_total";
+/// Time from sending a routed statement to its last reply, label `shard` (histogram, seconds).
+pub const SHARD_QUERY_SECONDS: &str = "shardgate_shard_query_seconds";
+/// Time waiting for a shard connection, label `shard` (histogram, seconds).
+pub const SHARD_POOL_WAIT_SECONDS: &str = "shardgate_shard_pool_wait_seconds";
+/// Targets per routed statement (histogram).
+pub const FANOUT: &str = "shardgate_fanout_targets";
+/// Statements refused by the router, label `sqlstate` (counter).
+pub const ROUTE_REFUSED_TOTAL: &str = "shardgate_route_refused_total";
+/// Transactions committed on several shards with two-phase commit (counter).
+pub const TWO_PHASE_COMMITS: &str = "shardgate_two_phase_commits_total";
+
 /// Bucket bounds (seconds) for [`POOL_WAIT_SECONDS`].
 pub const POOL_WAIT_BUCKETS: &[f64] = &[0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// Bucket bounds (seconds) for [`SHARD_QUERY_SECONDS`].
+pub const QUERY_BUCKETS: &[f64] = &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+/// Bucket bounds for [`FANOUT`].
+pub const FANOUT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 /// Handles for the metrics touched on every request, resolved once: a handle
 /// update is an atomic add, where the macros hash and look up the key each time.

@@ -32,6 +32,8 @@ pub struct Shared {
     pub clients: AtomicUsize,
     /// Per-request metric handles.
     pub meters: crate::metrics::Meters,
+    /// Sharded execution.
+    pub engine: Arc<crate::routed::Engine>,
 }
 
 /// Parameters reported at login when no server has been reached yet.
@@ -51,11 +53,12 @@ const DEFAULT_PARAMS: &[(&str, &str)] = &[
 
 impl Shared {
     /// Builds shared state from a validated config.
-    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Shared {
+    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<Shared> {
         let users = config.users.iter().map(|u| (u.name.clone(), UserSecret::from_config(u, config.server.auth_method))).collect();
         let p = &config.pool;
         let pool = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
-        Shared { config, users, pool, cancels: Arc::new(CancelRegistry::default()), shutdown, clients: AtomicUsize::new(0), meters: crate::metrics::Meters::new() }
+        let engine = Arc::new(crate::routed::Engine::new(&config, pool.clone())?);
+        Ok(Shared { config, users, pool, cancels: Arc::new(CancelRegistry::default()), shutdown, clients: AtomicUsize::new(0), meters: crate::metrics::Meters::new(), engine })
     }
 
     /// ParameterStatus values for a new client: the server's, with the
@@ -129,5 +132,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         sessions.abort_all();
     }
     shared.pool.close();
+    shared.engine.close();
     info!("shutdown complete");
 }

@@ -34,6 +34,8 @@ use crate::protocol::codec::{put_message, split_frame, split_startup, Frame, Fra
 use crate::protocol::frontend::{parse_startup, Bind, Parse, SaslInitial, StartupPacket, Target};
 use crate::server::Shared;
 
+mod routing;
+
 /// Largest startup packet accepted (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).
 const MAX_STARTUP: usize = 10_000;
 /// Stop reading from one side while this much is queued for the other.
@@ -63,6 +65,12 @@ enum Expect {
     CopyEnd,
     /// Everything up to and including ReadyForQuery of a query the proxy sent itself.
     SwallowUntilReady,
+    /// BindComplete for a forwarded Bind.
+    BindComplete,
+    /// The end of a forwarded Describe (RowDescription or NoData).
+    Describe,
+    /// The end of a forwarded Execute (CommandComplete, EmptyQueryResponse, PortalSuspended).
+    Execute,
     /// A Parse the proxy made fail on purpose (the client re-used a statement
     /// name): the server's ErrorResponse is replaced by this one, so the error
     /// arrives in order and the server skips to Sync / aborts the transaction
@@ -380,6 +388,14 @@ struct Session {
     /// `Some(true)` when the COPY came from the extended protocol, which still owes a Sync after it.
     copy_in: Option<bool>,
     max_message: usize,
+    /// Shard connections held (inside a transaction block, or during one statement).
+    slots: crate::routed::exec::Slots,
+    /// The client's prepared statements on sharded tables (answered by the proxy).
+    routed_stmts: HashMap<Vec<u8>, Arc<routing::RoutedStmt>>,
+    /// Portals bound to those statements.
+    routed_portals: HashMap<Vec<u8>, routing::RoutedPortal>,
+    /// The client's BEGIN text, repeated on shards that join the transaction.
+    begin_sql: Option<String>,
 }
 
 impl Session {
@@ -415,6 +431,10 @@ impl Session {
             shutting_down: false,
             copy_in: None,
             max_message,
+            slots: Vec::new(),
+            routed_stmts: HashMap::new(),
+            routed_portals: HashMap::new(),
+            begin_sql: None,
         }
     }
 
@@ -583,6 +603,9 @@ impl Session {
 
     /// Returns the server to the pool when the client is at a clean point.
     fn maybe_release(&mut self) {
+        if !self.slots.is_empty() {
+            self.drop_orphaned_shard_tx();
+        }
         if self.server.is_none() || !self.at_clean_point() || self.pinned.is_some() || self.shared.config.pool.mode == PoolMode::Session {
             return;
         }
@@ -608,25 +631,7 @@ impl Session {
             // pool closed (shutdown) or misbuilt: the backend is unavailable to us, not a client protocol error
             Err(e) => return Err(ProxyError::BackendUnavailable(crate::backend::BackendError::Protocol(format!("pool: {e}")))),
         };
-        // bring the server's session parameters in line with what this client asked for:
-        // SET what it wants, RESET what an earlier client changed and this one did not ask for
-        let mut sets = String::new();
-        for name in TRACKED_PARAMS {
-            let want = self.desired.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-            if server.applied.get(*name) == want {
-                continue;
-            }
-            match want {
-                Some(v) => {
-                    sets.push_str(&format!("SET {name} = '{}';", v.replace('\'', "''")));
-                    server.applied.insert(name.to_string(), v.clone());
-                }
-                None => {
-                    sets.push_str(&format!("RESET {name};"));
-                    server.applied.remove(*name);
-                }
-            }
-        }
+        let sets = param_sets(&self.desired, &mut server);
         if !sets.is_empty() {
             self.sout.extend_from_slice(&crate::protocol::frontend::query(&sets));
             self.expect.push_back(Expect::SwallowUntilReady);
@@ -667,6 +672,30 @@ impl Session {
         }
     }
 
+    /// Remembers the client's BEGIN text so shards joining the block start it the same way.
+    fn note_begin(&mut self, sql: &[u8]) {
+        let head = &sql[..sql.len().min(5)];
+        if head.eq_ignore_ascii_case(b"begin") || head.eq_ignore_ascii_case(b"start") {
+            let text = String::from_utf8_lossy(sql);
+            let stmt = text.split(';').next().unwrap_or("BEGIN").trim().to_string();
+            self.begin_sql = Some(stmt);
+        }
+    }
+
+    /// 42P05 for a Parse that reuses a name, in order with the server's replies.
+    fn fail_duplicate(&mut self, name: &[u8]) {
+        let mut err = BytesMut::new();
+        msg::error_response(&mut err, Severity::Error, "42P05", &format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name)));
+        if self.server.is_some() && !self.server_skipping {
+            crate::protocol::codec::put_message(&mut self.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
+            self.expect.push_back(Expect::ReplaceError(err.freeze()));
+            self.sent_since_sync = true;
+        } else if self.server.is_none() {
+            self.cout.extend_from_slice(&err);
+        }
+        self.discard_until_sync = true;
+    }
+
     fn arm_query_timeout(&mut self) {
         let t = self.shared.config.server.query_timeout_ms;
         if t > 0 && self.query_deadline.is_none() {
@@ -694,8 +723,12 @@ impl Session {
         match f.tag {
             b'Q' => {
                 let sql = f.body().strip_suffix(&[0]).unwrap_or(f.body());
-                self.note_statement_text(sql);
                 self.shared.meters.queries_simple.increment(1);
+                if let Some(flow) = self.routed_query(sql).await? {
+                    return Ok(flow);
+                }
+                self.note_begin(sql);
+                self.note_statement_text(sql);
                 if !self.server_for(false).await {
                     return Ok(Flow::Continue);
                 }
@@ -707,6 +740,13 @@ impl Session {
             }
             b'P' => {
                 let p = Parse::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                if let Some(flow) = self.routed_parse(p.name, p.query, p.param_types).await? {
+                    return Ok(flow);
+                }
+                if !p.name.is_empty() && self.routed_stmts.contains_key(p.name) {
+                    self.fail_duplicate(p.name);
+                    return Ok(Flow::Continue);
+                }
                 self.note_statement_text(p.query);
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
@@ -760,6 +800,11 @@ impl Session {
             b'B' => {
                 let b = Bind::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
                 self.shared.meters.queries_extended.increment(1);
+                if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
+                    if let Some(flow) = self.routed_bind(f.body()).await? {
+                        return Ok(flow);
+                    }
+                }
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
@@ -770,10 +815,17 @@ impl Session {
                     }
                     None => self.sout.extend_from_slice(&f.raw),
                 }
+                self.expect_reply(Expect::BindComplete);
                 self.sent_since_sync = true;
             }
             b'D' | b'C' => {
                 let t = Target::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
+                    let handled = if f.tag == b'D' { self.routed_describe(&t).await? } else { self.routed_close(&t).await? };
+                    if let Some(flow) = handled {
+                        return Ok(flow);
+                    }
+                }
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
@@ -791,30 +843,42 @@ impl Session {
                 }
                 if f.tag == b'C' {
                     self.expect_reply(Expect::CloseComplete { forward: true });
+                } else {
+                    self.expect_reply(Expect::Describe);
                 }
                 self.sent_since_sync = true;
             }
             b'E' | b'H' => {
+                if f.tag == b'E' && !self.routed_portals.is_empty() {
+                    if let Some(flow) = self.routed_execute(f.body()).await? {
+                        return Ok(flow);
+                    }
+                }
+                if f.tag == b'H' && self.server.is_none() {
+                    // Flush with nothing in flight: answers the proxy made are flushed anyway
+                    return Ok(Flow::Continue);
+                }
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
                 self.sout.extend_from_slice(&f.raw);
                 self.sent_since_sync = true;
                 if f.tag == b'E' {
+                    self.expect_reply(Expect::Execute);
                     self.arm_query_timeout();
                 }
             }
             b'S' => {
-                if self.discard_until_sync {
+                if self.discard_until_sync && self.server.is_none() {
                     self.discard_until_sync = false;
-                    let status = if self.server.is_some() { self.tx_status } else { b'I' };
-                    msg::ready_for_query(&mut self.cout, status);
+                    msg::ready_for_query(&mut self.cout, b'I');
                 } else if self.server.is_none() {
                     msg::ready_for_query(&mut self.cout, b'I');
                 } else if self.copy_in.is_some() {
                     // the server ignores Sync in COPY FROM STDIN mode; no reply comes
                     self.sout.extend_from_slice(&f.raw);
                 } else {
+                    self.discard_until_sync = false;
                     self.sout.extend_from_slice(&f.raw);
                     self.expect.push_back(Expect::Ready { sync: true });
                     self.pending_ready += 1;
@@ -938,7 +1002,7 @@ impl Session {
                 }
                 self.copy_in = None;
                 match self.expect.pop_front() {
-                    Some(Expect::SwallowUntilReady) => {}
+                    Some(Expect::SwallowUntilReady) => self.tx_status = status,
                     Some(Expect::Ready { .. }) => {
                         self.pending_ready = self.pending_ready.saturating_sub(1);
                         self.tx_status = status;
@@ -951,7 +1015,24 @@ impl Session {
                 }
             }
             b'G' => {
+                if matches!(self.expect.front(), Some(Expect::Execute)) {
+                    self.expect.pop_front();
+                }
                 self.enter_copy_in();
+                self.cout.extend_from_slice(&f.raw);
+            }
+            b'2' => {
+                if matches!(self.expect.front(), Some(Expect::BindComplete)) {
+                    self.expect.pop_front();
+                }
+                self.cout.extend_from_slice(&f.raw);
+            }
+            b'T' | b'n' if matches!(self.expect.front(), Some(Expect::Describe)) => {
+                self.expect.pop_front();
+                self.cout.extend_from_slice(&f.raw);
+            }
+            b'C' | b'I' | b's' if matches!(self.expect.front(), Some(Expect::Execute)) => {
+                self.expect.pop_front();
                 self.cout.extend_from_slice(&f.raw);
             }
             b'S' => {
@@ -1037,9 +1118,41 @@ impl Session {
                 let _ = Object::take(server);
             }
         }
+        for slot in self.slots.iter_mut() {
+            if let Some(mut s) = slot.take() {
+                if s.in_tx {
+                    // an unfinished transaction block: close it, the server rolls back
+                    s.conn.broken = true;
+                }
+            }
+        }
         self.registration.slot.set(None);
         info!("client disconnected");
     }
+}
+
+/// SET/RESET statements that bring a server's session parameters in line with
+/// what a client asked for (SET what it wants, RESET what an earlier client
+/// changed and this one did not ask for); records them as applied.
+fn param_sets(desired: &[(String, String)], server: &mut crate::backend::ServerConn) -> String {
+    let mut sets = String::new();
+    for name in TRACKED_PARAMS {
+        let want = desired.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        if server.applied.get(*name) == want {
+            continue;
+        }
+        match want {
+            Some(v) => {
+                sets.push_str(&format!("SET {name} = '{}';", v.replace('\'', "''")));
+                server.applied.insert(name.to_string(), v.clone());
+            }
+            None => {
+                sets.push_str(&format!("RESET {name};"));
+                server.applied.remove(*name);
+            }
+        }
+    }
+    sets
 }
 
 #[derive(Clone, Copy)]

@@ -174,6 +174,14 @@ impl PgCluster {
         Ok(cluster)
     }
 
+    /// Runs SQL in one of its databases (psql, stops at the first error).
+    pub fn psql(&self, db: &str, sql: &str) -> Result<()> {
+        let mut c = pg_command(&pg_bin().join("psql"));
+        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql]).env("PGPASSWORD", PG_PASSWORD);
+        c.stdout(Stdio::null());
+        run(c, &format!("psql {db}"))
+    }
+
     fn sock_dir(&self) -> PathBuf {
         self.data_dir.parent().map(|p| p.join("sock")).unwrap_or_default()
     }
@@ -319,6 +327,11 @@ impl Cluster {
             let s0 = PgCluster::create(root, "shard0", &["db_0"])?;
             let rest = PgCluster::create(root, "shards", &["db_1", "db_2", "db_3", "db_4", "db_5", "db_6", "db_7"])?;
             shard_dsns = std::iter::once(s0.dsn("db_0")).chain((1..8).map(|i| rest.dsn(&format!("db_{i}")))).collect();
+            // the order schema: every shard holds the template its month tables are made from
+            s0.psql("db_0", schema::T_ORDER_TEMPLATE)?;
+            for i in 1..8 {
+                rest.psql(&format!("db_{i}"), schema::T_ORDER_TEMPLATE)?;
+            }
             clusters.push(s0);
             clusters.push(rest);
         } else {

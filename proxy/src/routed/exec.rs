@@ -1,0 +1,676 @@
+//! Runs one planned statement on its targets and writes the answer to the
+//! client as one table would give it.
+//!
+//! - One target: rows stream through undecoded.
+//! - Several, no ordering/grouping: targets are read one after another (all
+//!   were sent at once, so the shards work in parallel); rows stream.
+//! - Several, ORDER BY only, one target per shard: k-way merge, streaming.
+//! - GROUP BY / DISTINCT (or ORDER BY with several targets on one shard):
+//!   rows are combined in memory, bounded by `server.max_merge_rows`.
+//! - Writes touching several shards outside a transaction commit with
+//!   two-phase commit ([`super::twopc`]).
+
+use std::collections::BinaryHeap;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use deadpool::managed::{Object, PoolError, TimeoutType};
+use shardgate_router::{Agg, MergeSpec, Routed, RoutedKind};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::merge::{self, Collector, Column, Row};
+use super::value::{Key, ValueError};
+use super::wire::{self, Event, Head, ServerError};
+use super::Engine;
+use crate::backend::{BackendError, ServerManager};
+use crate::metrics as m;
+use crate::protocol::codec::put_message;
+
+/// A shard connection a session holds.
+pub struct ShardSlot {
+    /// The connection.
+    pub conn: Object<ServerManager>,
+    /// A transaction block is open on it.
+    pub in_tx: bool,
+    /// The open transaction wrote on it.
+    pub wrote: bool,
+}
+
+/// A session's shard connections, by shard number.
+pub type Slots = Vec<Option<ShardSlot>>;
+
+/// The client's bind values for one execution.
+#[derive(Debug, Default, Clone)]
+pub struct Bound {
+    /// Values (`None` = NULL).
+    pub values: Vec<Option<Bytes>>,
+    /// Format of each value (0 text, 1 binary).
+    pub formats: Vec<i16>,
+    /// Parameter type OIDs from Parse (0 = unspecified).
+    pub types: Vec<u32>,
+    /// Result format codes as the client sent them (0, 1 or one per column).
+    pub result_formats: Vec<i16>,
+}
+
+impl Bound {
+    /// Values as the router reads them.
+    pub fn params(&self) -> Vec<shardgate_router::Param<'_>> {
+        use shardgate_router::Param;
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                None => Param::Null,
+                Some(b) if self.formats.get(i).copied().unwrap_or(0) == 1 => Param::Binary { oid: self.types.get(i).copied().unwrap_or(0), bytes: b },
+                // invalid UTF-8 cannot be valid text input of any type: the server will say so
+                Some(b) => Param::Text(std::str::from_utf8(b).unwrap_or("\u{fffd}")),
+            })
+            .collect()
+    }
+
+    /// Whether the client wants column `i` of `n` in binary.
+    pub fn binary(&self, i: usize) -> bool {
+        match self.result_formats.len() {
+            0 => false,
+            1 => self.result_formats[0] == 1,
+            _ => self.result_formats.get(i).copied().unwrap_or(0) == 1,
+        }
+    }
+}
+
+/// How a statement failed.
+#[derive(Debug)]
+pub enum ExecError {
+    /// A shard's ErrorResponse, forwarded whole.
+    Server(ServerError),
+    /// shardgate's own error.
+    Proxy(&'static str, String),
+    /// The client went away while we wrote.
+    ClientIo(std::io::Error),
+}
+
+impl From<ValueError> for ExecError {
+    fn from(e: ValueError) -> Self {
+        ExecError::Proxy(e.sqlstate(), e.to_string())
+    }
+}
+
+/// One execution request.
+pub struct Request<'a> {
+    /// The plan.
+    pub routed: &'a Routed,
+    /// Bind values and formats.
+    pub bound: &'a Bound,
+    /// Simple-protocol client: send RowDescription before rows.
+    pub simple: bool,
+    /// Visible column count, when known from a Describe (needed for per-column formats).
+    pub visible: Option<usize>,
+    /// `Some(begin)` inside a transaction block: shards join it with this statement.
+    pub tx: Option<&'a str>,
+    /// SET statements that bring a fresh shard connection in line with the client's parameters.
+    pub param_sets: &'a (dyn Fn(&mut crate::backend::ServerConn) -> String + Sync),
+}
+
+/// Where answers go.
+pub struct Out<'a> {
+    /// Bytes queued for the client.
+    pub buf: &'a mut BytesMut,
+    /// The client socket.
+    pub client: &'a TcpStream,
+}
+
+impl Out<'_> {
+    async fn maybe_flush(&mut self) -> Result<(), ExecError> {
+        if self.buf.len() >= 64 * 1024 {
+            write_all(self.client, self.buf).await.map_err(ExecError::ClientIo)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn lost(shard: usize, e: &BackendError) -> ExecError {
+    tracing::warn!(shard, error = %e, "shard connection failed");
+    ExecError::Proxy("08006", format!("lost the connection to shard db_{shard}"))
+}
+
+/// Checks out a connection for `shard` (if not held), applies the client's
+/// parameters and joins the transaction block.
+pub async fn hold(engine: &Engine, slots: &mut Slots, shard: usize, tx: Option<&str>, param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> String + Sync)) -> Result<(), ExecError> {
+    if slots.len() < engine.shards.len() {
+        slots.resize_with(engine.shards.len(), || None);
+    }
+    if slots[shard].is_none() {
+        let t0 = Instant::now();
+        let got = engine.shards[shard].get().await;
+        metrics::histogram!(m::SHARD_POOL_WAIT_SECONDS, "shard" => shard_label(shard)).record(t0.elapsed().as_secs_f64());
+        let mut conn = match got {
+            Ok(c) => c,
+            Err(PoolError::Timeout(TimeoutType::Wait)) => return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to shard db_{shard}"))),
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "shard unavailable");
+                return Err(ExecError::Proxy("08006", format!("shard db_{shard} is unavailable")));
+            }
+        };
+        let sets = param_sets(&mut conn);
+        if !sets.is_empty() {
+            match wire::control(&mut conn, &sets).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(ExecError::Server(e)),
+                Err(e) => {
+                    conn.broken = true;
+                    return Err(lost(shard, &e));
+                }
+            }
+        }
+        slots[shard] = Some(ShardSlot { conn, in_tx: false, wrote: false });
+    }
+    let slot = slots[shard].as_mut().expect("just filled");
+    if let (Some(begin), false) = (tx, slot.in_tx) {
+        match wire::control(&mut slot.conn, begin).await {
+            Ok(Ok(_)) => slot.in_tx = true,
+            Ok(Err(e)) => return Err(ExecError::Server(e)),
+            Err(e) => {
+                slot.conn.broken = true;
+                return Err(lost(shard, &e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Label value for a shard in metrics.
+pub fn shard_label(shard: usize) -> &'static str {
+    const L: [&str; 8] = ["db_0", "db_1", "db_2", "db_3", "db_4", "db_5", "db_6", "db_7"];
+    L.get(shard).copied().unwrap_or("db_other")
+}
+
+/// Result formats to ask the targets for: the client's for passed-through
+/// columns, text for computed aggregates and helper columns.
+fn target_formats(req: &Request<'_>, spec: Option<&MergeSpec>) -> Vec<i16> {
+    let Some(spec) = spec else { return req.bound.result_formats.clone() };
+    let Some(visible) = req.visible else {
+        // without a Describe the column count is unknown: the client asked for text (simple
+        // protocol, or no codes), or we ask everything in text and fail clearly below
+        return Vec::new();
+    };
+    let computed: Vec<usize> = spec
+        .grouping
+        .iter()
+        .flat_map(|g| g.aggregates.iter())
+        .filter(|(_, a)| !matches!(a, Agg::Min | Agg::Max))
+        .filter_map(|(c, _)| match c {
+            shardgate_router::ColRef::Visible(i) => Some(*i),
+            shardgate_router::ColRef::Hidden(_) => None,
+        })
+        .collect();
+    if req.bound.result_formats.iter().all(|f| *f == 0) {
+        return Vec::new();
+    }
+    (0..visible + spec.hidden).map(|i| if i < visible && !computed.contains(&i) && req.bound.binary(i) { 1 } else { 0 }).collect()
+}
+
+/// Runs `req` and writes rows and the command tag (not ReadyForQuery).
+pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>) -> Result<(), ExecError> {
+    let routed = req.routed;
+    let mut shards: Vec<usize> = routed.targets.iter().map(|t| t.shard.0 as usize).collect();
+    shards.dedup();
+    let distinct_shards = {
+        let mut s = shards.clone();
+        s.sort_unstable();
+        s.dedup();
+        s.len()
+    };
+    let write = routed.kind != RoutedKind::Select;
+    // several shards written outside a transaction block: one atomic two-phase commit
+    let implicit_2pc = write && req.tx.is_none() && distinct_shards > 1;
+    let tx = if implicit_2pc { Some("BEGIN") } else { req.tx };
+    metrics::histogram!(m::FANOUT).record(routed.targets.len() as f64);
+    let t0 = Instant::now();
+    let result = run(engine, slots, req, out, &shards, tx).await;
+    let shard_list: Vec<usize> = {
+        let mut s = shards.clone();
+        s.sort_unstable();
+        s.dedup();
+        s
+    };
+    for &s in &shard_list {
+        let label = shard_label(s);
+        metrics::counter!(m::SHARD_QUERIES, "shard" => label).increment(1);
+        metrics::histogram!(m::SHARD_QUERY_SECONDS, "shard" => label).record(t0.elapsed().as_secs_f64());
+        if result.is_err() {
+            metrics::counter!(m::SHARD_ERRORS, "shard" => label).increment(1);
+        }
+    }
+    if req.tx.is_some() {
+        if write {
+            for &s in &shard_list {
+                if let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) {
+                    slot.wrote = true;
+                }
+            }
+        }
+        return result;
+    }
+    let result = if implicit_2pc {
+        match result {
+            Ok(()) => super::twopc::commit(engine, slots, &shard_list).await,
+            Err(e) => {
+                super::twopc::rollback(slots, &shard_list).await;
+                Err(e)
+            }
+        }
+    } else {
+        result
+    };
+    release(slots);
+    result
+}
+
+/// Returns every held shard connection that is not inside a transaction block.
+pub fn release(slots: &mut Slots) {
+    for slot in slots.iter_mut() {
+        if slot.as_ref().is_some_and(|s| !s.in_tx || s.conn.broken) {
+            if let Some(mut s) = slot.take() {
+                if s.in_tx {
+                    s.conn.broken = true;
+                }
+            }
+        }
+    }
+}
+
+async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>) -> Result<(), ExecError> {
+    let routed = req.routed;
+    for &s in shards {
+        hold(engine, slots, s, tx, req.param_sets).await?;
+    }
+    let spec = if routed.targets.len() > 1 { routed.merge.as_ref() } else { None };
+    let formats = target_formats(req, spec);
+    if spec.is_some() && req.visible.is_none() && req.bound.result_formats.iter().any(|f| *f != 0) {
+        return Err(ExecError::Proxy("0A000", "binary results of a statement spanning shards need a Describe first; prepare the statement (most drivers do)".into()));
+    }
+    // send every target's statement, grouped per connection, before reading anything
+    let mut bufs: Vec<(usize, BytesMut)> = Vec::new();
+    for t in &routed.targets {
+        let shard = t.shard.0 as usize;
+        let idx: Vec<usize> = match &t.params {
+            Some(p) => p.clone(),
+            None => (0..req.bound.values.len()).collect(),
+        };
+        let values: Vec<Option<&[u8]>> = idx.iter().map(|&i| req.bound.values.get(i).and_then(|v| v.as_deref())).collect();
+        let types: Vec<u32> = idx.iter().map(|&i| req.bound.types.get(i).copied().unwrap_or(0)).collect();
+        let fmts: Vec<i16> = idx.iter().map(|&i| req.bound.formats.get(i).copied().unwrap_or(0)).collect();
+        let buf = match bufs.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, b)) => b,
+            None => {
+                bufs.push((shard, BytesMut::new()));
+                &mut bufs.last_mut().expect("pushed").1
+            }
+        };
+        wire::put_statement(buf, &t.sql, &types, &values, &fmts, &formats);
+    }
+    for (shard, buf) in &bufs {
+        let slot = slots[*shard].as_mut().expect("held");
+        if let Err(e) = slot.conn.stream.write_all(buf).await {
+            slot.conn.broken = true;
+            return Err(lost(*shard, &e.into()));
+        }
+    }
+    let ordered_stream = spec.is_some_and(|s| s.grouping.is_none() && !s.distinct && !s.order_by.is_empty()) && bufs.len() == routed.targets.len();
+    if ordered_stream {
+        kway(slots, req, out, spec.expect("checked")).await
+    } else {
+        sequential(engine, slots, req, out, spec).await
+    }
+}
+
+/// Marks a connection broken on I/O failure and turns the error into the client's.
+fn fail(slots: &mut Slots, shard: usize, e: BackendError) -> ExecError {
+    if let Some(s) = slots[shard].as_mut() {
+        s.conn.broken = true;
+    }
+    lost(shard, &e)
+}
+
+/// What the targets said about their columns.
+struct Shape {
+    /// RowDescription frame body of the first target (all columns).
+    desc: Option<Bytes>,
+    cols: Vec<Column>,
+    visible: usize,
+}
+
+impl Shape {
+    fn learn(&mut self, t: &Bytes, hidden: usize) -> Result<(), ExecError> {
+        if self.desc.is_some() {
+            return Ok(());
+        }
+        let (_, fields) = wire::row_description(&t[5..], usize::MAX, None).ok_or(ExecError::Proxy("08P01", "bad RowDescription from shard".into()))?;
+        self.cols = fields.iter().map(|(o, f)| Column { type_oid: *o, binary: *f == 1 }).collect();
+        self.visible = self.cols.len().saturating_sub(hidden);
+        self.desc = Some(t.clone());
+        Ok(())
+    }
+
+    /// The client's RowDescription (visible columns; computed ones in the client's format).
+    fn client_description(&self, bound: &Bound) -> Option<Bytes> {
+        let d = self.desc.as_ref()?;
+        let binary: Vec<bool> = (0..self.visible).map(|i| bound.binary(i)).collect();
+        wire::row_description(&d[5..], self.visible, Some(&binary)).map(|(t, _)| t)
+    }
+}
+
+/// Reads targets in order; streams or collects.
+async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, spec: Option<&MergeSpec>) -> Result<(), ExecError> {
+    let routed = req.routed;
+    let hidden = spec.map_or(0, |s| s.hidden);
+    let collect = spec.is_some_and(|s| s.grouping.is_some() || s.distinct || !s.order_by.is_empty());
+    let mut shape = Shape { desc: None, cols: Vec::new(), visible: 0 };
+    let mut collector: Option<Collector<'_>> = None;
+    let mut buffered: Vec<Row> = Vec::new();
+    let mut first_err: Option<ExecError> = None;
+    let mut sent_desc = false;
+    let mut affected: u64 = 0;
+    let mut emitted: u64 = 0;
+    let (offset, limit) = spec.map_or((0, None), |s| (s.offset, s.limit));
+    let mut seen: u64 = 0;
+    let single_tag = routed.targets.len() == 1;
+    let mut last_tag = String::new();
+    let mut notices = BytesMut::new();
+    for t in &routed.targets {
+        let shard = t.shard.0 as usize;
+        let conn = &mut slots[shard].as_mut().expect("held").conn;
+        let head = match wire::read_head(conn, &mut notices).await {
+            Ok(h) => h,
+            Err(e) => return Err(fail(slots, shard, e)),
+        };
+        out.buf.extend_from_slice(&notices.split());
+        let head_failed = matches!(head, Head::Failed(_));
+        match head {
+            Head::Failed(e) => {
+                first_err.get_or_insert(ExecError::Server(e));
+            }
+            Head::NoRows => {}
+            Head::Rows(desc) => {
+                shape.learn(&desc, hidden)?;
+                if req.simple && !sent_desc && first_err.is_none() {
+                    if let Some(d) = shape.client_description(req.bound) {
+                        out.buf.extend_from_slice(&d);
+                    }
+                    sent_desc = true;
+                }
+            }
+        }
+        let conn = &mut slots[shard].as_mut().expect("held").conn;
+        // after a failed head the server skipped to Sync: only ReadyForQuery is left
+        while !head_failed {
+            let ev = match wire::next_event(conn, &mut notices).await {
+                Ok(ev) => ev,
+                Err(e) => return Err(fail(slots, shard, e)),
+            };
+            out.buf.extend_from_slice(&notices.split());
+            match ev {
+                Event::Row(f) => {
+                    if first_err.is_some() {
+                        continue;
+                    }
+                    if collect {
+                        let row = merge::parse_data_row(f.body())?;
+                        buffered.push(row);
+                        if buffered.len() > engine.max_merge_rows && spec.is_some_and(|s| s.grouping.is_none() && !s.distinct) {
+                            first_err = Some(ValueError::Limit(format!(
+                                "ORDER BY across shards holds more than {} rows (server.max_merge_rows); add a LIMIT or narrow the query",
+                                engine.max_merge_rows
+                            )).into());
+                        }
+                    } else {
+                        seen += 1;
+                        if seen <= offset || limit.is_some_and(|l| emitted >= l) {
+                            continue;
+                        }
+                        if hidden > 0 {
+                            merge::trim_data_row(out.buf, f.body(), shape.visible)?;
+                        } else {
+                            out.buf.extend_from_slice(&f.raw);
+                        }
+                        emitted += 1;
+                        out.maybe_flush().await?;
+                    }
+                }
+                Event::Done(tag) => {
+                    affected += wire::tag_count(&tag);
+                    last_tag = tag;
+                    break;
+                }
+                Event::Failed(e) => {
+                    first_err.get_or_insert(ExecError::Server(e));
+                    break;
+                }
+            }
+        }
+        let conn = &mut slots[shard].as_mut().expect("held").conn;
+        match wire::read_ready(conn).await {
+            Ok(_) => {}
+            Err(e) => return Err(fail(slots, shard, e)),
+        }
+        // keep groups bounded while reading: fold what was buffered
+        if collect && spec.is_some_and(|s| s.grouping.is_some() || s.distinct) && first_err.is_none() {
+            let c = collector.get_or_insert_with(|| Collector::new(spec.expect("collect"), shape.cols.clone(), engine.max_merge_rows));
+            for row in buffered.drain(..) {
+                if let Err(e) = c.push(row) {
+                    first_err = Some(e.into());
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    if collect {
+        let spec = spec.expect("collect");
+        let client_binary: Vec<bool> = (0..shape.visible).map(|i| req.bound.binary(i)).collect();
+        let rows = match collector {
+            Some(c) => c.finish(&client_binary)?,
+            // ORDER BY with several targets on one shard: sort what was buffered
+            None => sort_rows(buffered, spec, &shape.cols, shape.visible)?,
+        };
+        for row in &rows {
+            merge::put_data_row(out.buf, row, shape.visible);
+            emitted += 1;
+            out.maybe_flush().await?;
+        }
+    }
+    let tag = match routed.kind {
+        RoutedKind::Select if single_tag => last_tag,
+        RoutedKind::Select => format!("SELECT {emitted}"),
+        _ if single_tag => last_tag,
+        RoutedKind::Insert => format!("INSERT 0 {affected}"),
+        RoutedKind::Update => format!("UPDATE {affected}"),
+        RoutedKind::Delete => format!("DELETE {affected}"),
+    };
+    put_message(out.buf, b'C', |o| crate::protocol::codec::put_cstr(o, tag.as_bytes()));
+    Ok(())
+}
+
+fn sort_rows(rows: Vec<Row>, spec: &MergeSpec, cols: &[Column], visible: usize) -> Result<Vec<Row>, ExecError> {
+    merge::check_orderable(&spec.order_by, cols, visible)?;
+    let mut keyed: Vec<(Vec<Option<Key>>, Row)> = rows.into_iter().map(|r| Ok((merge::sort_keys(&r, &spec.order_by, cols, visible)?, r))).collect::<Result<_, ValueError>>()?;
+    keyed.sort_by(|a, b| merge::compare_rows(&a.0, &b.0, &spec.order_by));
+    let rows: Vec<Row> = keyed.into_iter().map(|(_, r)| r).skip(spec.offset as usize).collect();
+    Ok(match spec.limit {
+        Some(l) => rows.into_iter().take(l as usize).collect(),
+        None => rows,
+    })
+}
+
+/// Heap entry of the k-way merge: the head row of one target.
+struct HeadRow<'a> {
+    keys: Vec<Option<Key>>,
+    frame: crate::protocol::codec::Frame,
+    target: usize,
+    order: &'a [shardgate_router::SortKey],
+}
+
+impl PartialEq for HeadRow<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for HeadRow<'_> {}
+impl PartialOrd for HeadRow<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for HeadRow<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // BinaryHeap is a max-heap: reverse, ties go to the earlier target
+        merge::compare_rows(&self.keys, &other.keys, self.order).then(self.target.cmp(&other.target)).reverse()
+    }
+}
+
+/// ORDER BY across targets on distinct connections: a streaming k-way merge.
+async fn kway(slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, spec: &MergeSpec) -> Result<(), ExecError> {
+    let targets = &req.routed.targets;
+    let mut shape = Shape { desc: None, cols: Vec::new(), visible: 0 };
+    let mut first_err: Option<ExecError> = None;
+    let mut notices = BytesMut::new();
+    let mut live = vec![true; targets.len()];
+    for (i, t) in targets.iter().enumerate() {
+        let shard = t.shard.0 as usize;
+        let conn = &mut slots[shard].as_mut().expect("held").conn;
+        match wire::read_head(conn, &mut notices).await {
+            Ok(Head::Rows(d)) => shape.learn(&d, spec.hidden)?,
+            Ok(Head::NoRows) => {}
+            Ok(Head::Failed(e)) => {
+                live[i] = false;
+                first_err.get_or_insert(ExecError::Server(e));
+            }
+            Err(e) => return Err(fail(slots, shard, e)),
+        }
+    }
+    out.buf.extend_from_slice(&notices.split());
+    if first_err.is_none() {
+        if let Err(e) = merge::check_orderable(&spec.order_by, &shape.cols, shape.visible) {
+            first_err = Some(e.into());
+        }
+    }
+    if req.simple && first_err.is_none() {
+        if let Some(d) = shape.client_description(req.bound) {
+            out.buf.extend_from_slice(&d);
+        }
+    }
+    let mut heap = BinaryHeap::new();
+    // prime: first row of each target
+    for (i, t) in targets.iter().enumerate() {
+        if !live[i] {
+            continue;
+        }
+        let shard = t.shard.0 as usize;
+        match advance(slots, shard, &mut notices).await? {
+            Step::Row(f) => {
+                if first_err.is_none() {
+                    let keys = keys_of(&f, spec, &shape)?;
+                    heap.push(HeadRow { keys, frame: f, target: i, order: &spec.order_by });
+                } else {
+                    live[i] = drain_rows(slots, shard, &mut notices).await?.is_none();
+                }
+            }
+            Step::Done => live[i] = false,
+            Step::Failed(e) => {
+                live[i] = false;
+                first_err.get_or_insert(ExecError::Server(e));
+            }
+        }
+    }
+    let mut seen = 0u64;
+    let mut emitted = 0u64;
+    while let Some(top) = heap.pop() {
+        if first_err.is_none() {
+            seen += 1;
+            if seen > spec.offset && spec.limit.is_none_or(|l| emitted < l) {
+                if spec.hidden > 0 {
+                    merge::trim_data_row(out.buf, top.frame.body(), shape.visible)?;
+                } else {
+                    out.buf.extend_from_slice(&top.frame.raw);
+                }
+                emitted += 1;
+                out.maybe_flush().await?;
+            }
+        }
+        let i = top.target;
+        let shard = targets[i].shard.0 as usize;
+        match advance(slots, shard, &mut notices).await? {
+            Step::Row(f) => {
+                let keys = keys_of(&f, spec, &shape)?;
+                heap.push(HeadRow { keys, frame: f, target: i, order: &spec.order_by });
+            }
+            Step::Done => live[i] = false,
+            Step::Failed(e) => {
+                live[i] = false;
+                first_err.get_or_insert(ExecError::Server(e));
+            }
+        }
+    }
+    out.buf.extend_from_slice(&notices.split());
+    for t in targets {
+        let shard = t.shard.0 as usize;
+        let conn = &mut slots[shard].as_mut().expect("held").conn;
+        if let Err(e) = wire::read_ready(conn).await {
+            return Err(fail(slots, shard, e));
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    put_message(out.buf, b'C', |o| crate::protocol::codec::put_cstr(o, format!("SELECT {emitted}").as_bytes()));
+    Ok(())
+}
+
+enum Step {
+    Row(crate::protocol::codec::Frame),
+    Done,
+    Failed(ServerError),
+}
+
+async fn advance(slots: &mut Slots, shard: usize, notices: &mut BytesMut) -> Result<Step, ExecError> {
+    let conn = &mut slots[shard].as_mut().expect("held").conn;
+    match wire::next_event(conn, notices).await {
+        Ok(Event::Row(f)) => Ok(Step::Row(f)),
+        Ok(Event::Done(_)) => Ok(Step::Done),
+        Ok(Event::Failed(e)) => Ok(Step::Failed(e)),
+        Err(e) => Err(fail(slots, shard, e)),
+    }
+}
+
+/// Reads and drops rows to the end of the statement; `Some` if it failed.
+async fn drain_rows(slots: &mut Slots, shard: usize, notices: &mut BytesMut) -> Result<Option<ServerError>, ExecError> {
+    loop {
+        match advance(slots, shard, notices).await? {
+            Step::Row(_) => {}
+            Step::Done => return Ok(None),
+            Step::Failed(e) => return Ok(Some(e)),
+        }
+    }
+}
+
+fn keys_of(f: &crate::protocol::codec::Frame, spec: &MergeSpec, shape: &Shape) -> Result<Vec<Option<Key>>, ExecError> {
+    let row = merge::parse_data_row(f.body())?;
+    Ok(merge::sort_keys(&row, &spec.order_by, &shape.cols, shape.visible)?)
+}

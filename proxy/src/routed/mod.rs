@@ -1,0 +1,132 @@
+//! Sharded execution: the router's plan run on the shards.
+//!
+//! - [`Engine`]: what every session shares — router, a pool per shard, the
+//!   month tables that exist, the id generator.
+//! - [`exec`]: runs one planned statement on its targets and writes the
+//!   answer one table would give (streaming single targets and plain
+//!   concatenations, k-way merging ordered ones, collecting grouped ones).
+//! - [`merge`] / [`value`]: combining rows; [`wire`]: messages to shards.
+//! - [`months`]: the maintainer that creates month tables ahead.
+//! - [`twopc`]: commits that span shards (PREPARE TRANSACTION + decision log).
+
+pub mod exec;
+pub mod merge;
+pub mod months;
+pub mod twopc;
+pub mod value;
+pub mod wire;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use shardgate_config::Config;
+use shardgate_router::id::{IdGenerator, SystemClock};
+use shardgate_router::month::MonthKey;
+use shardgate_router::{Context, Router, Topology};
+
+use crate::backend::{pool, Pool};
+
+/// Shared state for routed statements.
+pub struct Engine {
+    /// Plans statements (cached by text).
+    pub router: Router,
+    /// One pool per shard, `db_0` first.
+    pub shards: Vec<Pool>,
+    /// Month tables that exist on the shards, ascending.
+    months: RwLock<Arc<Vec<MonthKey>>>,
+    /// Generates ids for INSERTs that omit them.
+    pub ids: Option<IdGenerator>,
+    /// Most rows or groups a merge holds in memory.
+    pub max_merge_rows: usize,
+    /// This proxy's id in two-phase commit names.
+    pub worker: u16,
+    /// `db_default` (decision log).
+    pub default: Pool,
+}
+
+impl Engine {
+    /// Builds the engine; pools connect lazily.
+    pub fn new(config: &Config, default: Pool) -> anyhow::Result<Engine> {
+        let topo = Topology::from_config(config).map_err(anyhow::Error::msg)?;
+        let p = &config.pool;
+        let shards = config
+            .shard_dsns()
+            .into_iter()
+            .map(|dsn| pool::build(dsn, p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms)))
+            .collect();
+        let worker = config.ids.worker_id.unwrap_or(0);
+        let ids = IdGenerator::new(topo.ids.clone(), worker, config.ids.max_clock_backward_ms, Box::new(SystemClock), 0).ok();
+        Ok(Engine {
+            router: Router::new(topo, 10_000),
+            shards,
+            months: RwLock::new(Arc::new(Vec::new())),
+            ids,
+            max_merge_rows: config.server.max_merge_rows,
+            worker,
+            default,
+        })
+    }
+
+    /// The topology.
+    pub fn topology(&self) -> &Topology {
+        self.router.topology()
+    }
+
+    /// Month tables known to exist.
+    pub fn months(&self) -> Arc<Vec<MonthKey>> {
+        self.months.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Records months that exist now.
+    pub fn add_months(&self, found: &[MonthKey]) {
+        if let Ok(mut m) = self.months.write() {
+            let mut v: Vec<MonthKey> = m.iter().copied().chain(found.iter().copied()).collect();
+            v.sort();
+            v.dedup();
+            *m = Arc::new(v);
+        }
+    }
+
+    /// Planning context for now.
+    pub fn plan(&self, sql: &str, params: &[shardgate_router::Param<'_>]) -> shardgate_router::Result<shardgate_router::Plan> {
+        let months = self.months();
+        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.as_ref() };
+        self.router.plan(sql, params, &ctx)
+    }
+
+    /// Plans an already analysed statement (prepared statements keep theirs).
+    pub fn plan_analysis(&self, a: &shardgate_router::Analysis, params: &[shardgate_router::Param<'_>]) -> shardgate_router::Result<shardgate_router::Plan> {
+        let months = self.months();
+        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.as_ref() };
+        a.plan(params, self.topology(), &ctx)
+    }
+
+    /// True when `sql` may name a sharded table (a cheap scan before the router).
+    pub fn may_route(&self, sql: &[u8]) -> bool {
+        self.topology().tables.iter().any(|t| contains_ignore_case(sql, t.name.as_bytes()))
+    }
+
+    /// Closes all shard pools.
+    pub fn close(&self) {
+        for p in &self.shards {
+            p.close();
+        }
+    }
+}
+
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return needle.is_empty();
+    }
+    let first = needle[0].to_ascii_lowercase();
+    hay.windows(needle.len()).any(|w| w[0].to_ascii_lowercase() == first && w.eq_ignore_ascii_case(needle))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cheap_scan_finds_table_names_in_any_case() {
+        assert!(super::contains_ignore_case(b"select * from T_Order where x", b"t_order"));
+        assert!(!super::contains_ignore_case(b"select * from pgbench_accounts", b"t_order"));
+    }
+}

@@ -1,0 +1,126 @@
+//! Month tables: found on the shards, created ahead of need by a background
+//! maintainer (`sharding.months_ahead`), and created on demand when a write
+//! names a month no shard has yet.
+
+use std::time::Duration;
+
+use shardgate_router::month::MonthKey;
+
+use super::wire;
+use super::Engine;
+
+/// How often the maintainer runs.
+pub const INTERVAL: Duration = Duration::from_secs(600);
+
+/// The month of now and the `ahead` months after it.
+pub fn wanted(now: jiff::Timestamp, tz: &jiff::tz::TimeZone, ahead: u32) -> Vec<MonthKey> {
+    let first = MonthKey::of(now, tz).ordinal();
+    (first..=first + ahead as i32).filter_map(MonthKey::from_ordinal).collect()
+}
+
+/// Month suffixes of the physical tables of every sharded table on one shard.
+async fn existing_on(engine: &Engine, shard: usize) -> anyhow::Result<Vec<MonthKey>> {
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), engine.shards[shard].get())
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut found = Vec::new();
+    for rule in &engine.topology().tables {
+        let (prefix, suffix) = rule.pattern.split_once("{yyyyMM}").unwrap_or((&rule.pattern, ""));
+        let q = format!(
+            "SELECT c.relname FROM pg_class c WHERE c.relkind IN ('r','p') AND c.relnamespace = 'public'::regnamespace AND c.relname LIKE '{}%{}'",
+            prefix.replace('_', "\\_"),
+            suffix.replace('_', "\\_")
+        );
+        let rows = wire::control(&mut conn, &q).await?.map_err(|e| anyhow::anyhow!("SQLSTATE {}", e.code))?;
+        for name in rows.into_iter().flatten() {
+            let mid = &name[prefix.len().min(name.len())..name.len().saturating_sub(suffix.len())];
+            if let Some(m) = MonthKey::parse_suffix(mid) {
+                found.push(m);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Creates `months` on every shard (idempotent); returns the shards that failed.
+pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
+    let mut failed = Vec::new();
+    for shard in 0..engine.shards.len() {
+        let ok = async {
+            let mut conn = tokio::time::timeout(Duration::from_secs(5), engine.shards[shard].get()).await.ok()?.ok()?;
+            for rule in &engine.topology().tables {
+                for m in months {
+                    match wire::control(&mut conn, &rule.create_month_table_sql(*m)).await {
+                        Ok(Ok(_)) => {}
+                        // two proxies creating the same table at once: the loser sees a unique violation
+                        Ok(Err(e)) if e.code == "23505" || e.code == "42P07" => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(shard, month = %m.suffix(), sqlstate = %e.code, "creating a month table failed");
+                            return None;
+                        }
+                        Err(_) => {
+                            conn.broken = true;
+                            return None;
+                        }
+                    }
+                }
+            }
+            Some(())
+        }
+        .await;
+        if ok.is_none() {
+            failed.push(shard);
+        }
+    }
+    if failed.len() < engine.shards.len() {
+        engine.add_months(months);
+    }
+    failed
+}
+
+/// One maintainer pass: learn existing months, create the wanted ones.
+pub async fn maintain(engine: &Engine, ahead: u32) {
+    let mut found = Vec::new();
+    for shard in 0..engine.shards.len() {
+        match existing_on(engine, shard).await {
+            Ok(m) => found.extend(m),
+            Err(e) => tracing::warn!(shard, error = %e, "listing month tables failed"),
+        }
+    }
+    found.sort();
+    found.dedup();
+    engine.add_months(&found);
+    let tz = engine.topology().tz.clone();
+    let mut want = wanted(jiff::Timestamp::now(), &tz, ahead);
+    // months some shard has but another may lack (created while it was down)
+    want.extend(found.iter().copied());
+    want.sort();
+    want.dedup();
+    let failed = create(engine, &want).await;
+    if !failed.is_empty() {
+        tracing::warn!(?failed, "month tables could not be created on some shards; will retry");
+    }
+}
+
+/// Makes sure the months a write names exist (created from the template if not).
+pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
+    let known = engine.months();
+    let missing: Vec<MonthKey> = months.iter().copied().filter(|m| !known.contains(m)).collect();
+    if !missing.is_empty() {
+        tracing::info!(months = ?missing.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables on demand");
+        create(engine, &missing).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wanted_months_cross_the_year() {
+        let now: jiff::Timestamp = "2026-11-22T10:00:00Z".parse().expect("ts");
+        let w: Vec<String> = wanted(now, &jiff::tz::TimeZone::UTC, 3).iter().map(|m| m.suffix()).collect();
+        assert_eq!(w, ["202611", "202612", "202701", "202702"]);
+    }
+}

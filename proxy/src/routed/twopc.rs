@@ -1,0 +1,198 @@
+//! Transactions that write on several shards commit atomically with
+//! two-phase commit:
+//!
+//! 1. `PREPARE TRANSACTION '<gid>_s<n>'` on every written shard (any failure:
+//!    roll everything back, the client gets the error);
+//! 2. the decision — a row in `shardgate_2pc_decisions` in `db_default` —
+//!    is committed (inside the client's own `db_default` transaction when
+//!    there is one, so the decision and that work commit together);
+//! 3. `COMMIT PREPARED` on every shard, then the decision row is deleted.
+//!
+//! [`recover`] runs at startup and periodically: a prepared transaction left
+//! by a crash is committed if its decision row exists and rolled back if not.
+
+use std::time::Duration;
+
+use super::exec::{ExecError, Slots};
+use super::wire;
+use super::Engine;
+
+/// The decision log, created in `db_default` at startup.
+pub const DECISIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS shardgate_2pc_decisions (gid text PRIMARY KEY, shards int[] NOT NULL, decided_at timestamptz NOT NULL DEFAULT now())";
+
+/// Prepared transactions older than this with no live owner are resolved by recovery.
+const ORPHAN_AGE_SECS: u32 = 60;
+
+/// A new global transaction id: worker, time, randomness.
+pub fn new_gid(worker: u16) -> String {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    format!("sg_{worker}_{ms}_{:08x}", rand::random::<u32>())
+}
+
+fn shard_gid(gid: &str, shard: usize) -> String {
+    format!("{gid}_s{shard}")
+}
+
+/// Statement that records the commit decision.
+pub fn decision_sql(gid: &str, shards: &[usize]) -> String {
+    let list: Vec<String> = shards.iter().map(|s| s.to_string()).collect();
+    format!("INSERT INTO shardgate_2pc_decisions (gid, shards) VALUES ('{gid}', '{{{}}}')", list.join(","))
+}
+
+/// Phase one on every shard in `shards`; on failure everything is rolled back.
+pub async fn prepare(slots: &mut Slots, shards: &[usize], gid: &str) -> Result<(), ExecError> {
+    let mut prepared = Vec::new();
+    for &s in shards {
+        let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
+        let r = wire::control(&mut slot.conn, &format!("PREPARE TRANSACTION '{}'", shard_gid(gid, s))).await;
+        slot.in_tx = false;
+        match r {
+            // PREPARE on a failed transaction answers ROLLBACK without error: check the tag by state
+            Ok(Ok(_)) => prepared.push(s),
+            Ok(Err(e)) => {
+                finish(slots, &prepared, gid, false).await;
+                rollback(slots, shards).await;
+                return Err(ExecError::Server(e));
+            }
+            Err(e) => {
+                slot.conn.broken = true;
+                tracing::warn!(shard = s, error = %e, "shard lost during PREPARE TRANSACTION");
+                finish(slots, &prepared, gid, false).await;
+                rollback(slots, shards).await;
+                return Err(ExecError::Proxy("08006", format!("lost the connection to shard db_{s} while committing; the transaction was rolled back")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Phase two: COMMIT or ROLLBACK PREPARED on each shard. Failures are left
+/// to [`recover`] (the decision row says what to do).
+pub async fn finish(slots: &mut Slots, shards: &[usize], gid: &str, commit: bool) {
+    let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+    for &s in shards {
+        let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
+        match wire::control(&mut slot.conn, &format!("{verb} PREPARED '{}'", shard_gid(gid, s))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(shard = s, sqlstate = %e.code, gid, "{verb} PREPARED failed; recovery will retry"),
+            Err(e) => {
+                slot.conn.broken = true;
+                tracing::warn!(shard = s, error = %e, gid, "{verb} PREPARED failed; recovery will retry");
+            }
+        }
+    }
+}
+
+/// Rolls back the open transaction block on each shard (best effort).
+pub async fn rollback(slots: &mut Slots, shards: &[usize]) {
+    for &s in shards {
+        let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
+        if !slot.in_tx {
+            continue;
+        }
+        match wire::control(&mut slot.conn, "ROLLBACK").await {
+            Ok(_) => {}
+            Err(_) => slot.conn.broken = true,
+        }
+        slot.in_tx = false;
+        slot.wrote = false;
+    }
+}
+
+/// Commits each shard's block alone (at most one shard wrote).
+pub async fn commit_each(slots: &mut Slots, shards: &[usize]) -> Result<(), ExecError> {
+    let mut err = None;
+    for &s in shards {
+        let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
+        if !slot.in_tx {
+            continue;
+        }
+        let verb = if err.is_some() { "ROLLBACK" } else { "COMMIT" };
+        match wire::control(&mut slot.conn, verb).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                err.get_or_insert(ExecError::Server(e));
+            }
+            Err(e) => {
+                slot.conn.broken = true;
+                tracing::warn!(shard = s, error = %e, "shard lost during COMMIT");
+                err.get_or_insert(ExecError::Proxy("08006", format!("lost the connection to shard db_{s} during COMMIT; the outcome on that shard is unknown")));
+            }
+        }
+        slot.in_tx = false;
+        slot.wrote = false;
+    }
+    err.map_or(Ok(()), Err)
+}
+
+/// A whole two-phase commit with the decision written on its own `db_default`
+/// connection (statements outside a transaction block).
+pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Result<(), ExecError> {
+    let gid = new_gid(engine.worker);
+    prepare(slots, shards, &gid).await?;
+    let decided = match engine.default.get().await {
+        Ok(mut conn) => match wire::control(&mut conn, &decision_sql(&gid, shards)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ExecError::Server(e)),
+            Err(e) => {
+                conn.broken = true;
+                Err(ExecError::Proxy("08006", format!("lost db_default while recording the commit decision: {e}")))
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "db_default unavailable for the commit decision");
+            Err(ExecError::Proxy("08006", "db_default is unavailable to record the commit decision; the transaction was rolled back".into()))
+        }
+    };
+    match decided {
+        Ok(()) => {
+            finish(slots, shards, &gid, true).await;
+            forget(engine, &gid).await;
+            Ok(())
+        }
+        Err(e) => {
+            finish(slots, shards, &gid, false).await;
+            Err(e)
+        }
+    }
+}
+
+/// Deletes a decision once every shard committed (recovery deletes leftovers).
+pub async fn forget(engine: &Engine, gid: &str) {
+    if let Ok(mut conn) = engine.default.get().await {
+        let _ = wire::control(&mut conn, &format!("DELETE FROM shardgate_2pc_decisions WHERE gid = '{gid}'")).await;
+    }
+}
+
+/// Resolves orphaned prepared transactions on every reachable shard.
+pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
+    let mut def = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
+    let mut resolved = 0;
+    let mut all_reachable = true;
+    for (s, pool) in engine.shards.iter().enumerate() {
+        let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(3), pool.get()).await else {
+            all_reachable = false;
+            continue;
+        };
+        let q = format!(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'sg\\_%' AND prepared < now() - interval '{ORPHAN_AGE_SECS} seconds'"
+        );
+        let Ok(Ok(gids)) = wire::control(&mut conn, &q).await else { continue };
+        for g in gids.into_iter().flatten() {
+            let Some((base, _)) = g.rsplit_once("_s") else { continue };
+            let decided = matches!(wire::control(&mut def, &format!("SELECT 1 FROM shardgate_2pc_decisions WHERE gid = '{}'", base.replace('\'', "''"))).await, Ok(Ok(rows)) if !rows.is_empty());
+            let verb = if decided { "COMMIT" } else { "ROLLBACK" };
+            match wire::control(&mut conn, &format!("{verb} PREPARED '{}'", g.replace('\'', "''"))).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(shard = s, gid = %g, verb, "resolved an orphaned prepared transaction");
+                    resolved += 1;
+                }
+                other => tracing::warn!(shard = s, gid = %g, ok = other.is_ok(), "could not resolve a prepared transaction"),
+            }
+        }
+    }
+    if all_reachable {
+        let _ = wire::control(&mut def, "DELETE FROM shardgate_2pc_decisions WHERE decided_at < now() - interval '1 hour'").await;
+    }
+    Ok(resolved)
+}

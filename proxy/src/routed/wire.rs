@@ -1,0 +1,228 @@
+//! The messages shardgate sends to shards for one planned statement, and the
+//! replies it reads back. Every target runs as an unnamed
+//! Parse/Bind/Describe/Execute/Sync, so bind values and result formats work
+//! the same for simple and extended clients.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::backend::{BackendError, ServerConn};
+use crate::protocol::backend::parse_error_fields;
+use crate::protocol::codec::{put_cstr, put_message, Frame};
+
+/// Appends the pipeline for one statement.
+pub fn put_statement(out: &mut BytesMut, sql: &str, types: &[u32], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
+    put_message(out, b'P', |o| {
+        put_cstr(o, b"");
+        put_cstr(o, sql.as_bytes());
+        o.put_i16(types.len() as i16);
+        for t in types {
+            o.put_u32(*t);
+        }
+    });
+    put_message(out, b'B', |o| {
+        put_cstr(o, b"");
+        put_cstr(o, b"");
+        o.put_i16(formats.len() as i16);
+        for f in formats {
+            o.put_i16(*f);
+        }
+        o.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(b) => {
+                    o.put_i32(b.len() as i32);
+                    o.extend_from_slice(b);
+                }
+                None => o.put_i32(-1),
+            }
+        }
+        o.put_i16(result_formats.len() as i16);
+        for f in result_formats {
+            o.put_i16(*f);
+        }
+    });
+    put_message(out, b'D', |o| {
+        o.put_u8(b'P');
+        put_cstr(o, b"");
+    });
+    put_message(out, b'E', |o| {
+        put_cstr(o, b"");
+        o.put_i32(0);
+    });
+    put_message(out, b'S', |_| {});
+}
+
+/// Appends Parse + Describe statement + Sync (learn parameter and row types).
+pub fn put_describe(out: &mut BytesMut, sql: &str, types: &[u32]) {
+    put_message(out, b'P', |o| {
+        put_cstr(o, b"");
+        put_cstr(o, sql.as_bytes());
+        o.put_i16(types.len() as i16);
+        for t in types {
+            o.put_u32(*t);
+        }
+    });
+    put_message(out, b'D', |o| {
+        o.put_u8(b'S');
+        put_cstr(o, b"");
+    });
+    put_message(out, b'S', |_| {});
+}
+
+/// A server's ErrorResponse, kept whole so the client gets every field.
+#[derive(Debug, Clone)]
+pub struct ServerError {
+    /// The raw frame.
+    pub raw: Bytes,
+    /// Its SQLSTATE.
+    pub code: String,
+}
+
+impl ServerError {
+    fn from_frame(f: &Frame) -> ServerError {
+        ServerError { raw: f.raw.clone(), code: parse_error_fields(f.body()).code }
+    }
+}
+
+/// Start of a statement's answer.
+pub enum Head {
+    /// It returns rows described by this RowDescription frame.
+    Rows(Bytes),
+    /// No rows (a write without RETURNING).
+    NoRows,
+    /// It failed before running; the server now skips to Sync.
+    Failed(ServerError),
+}
+
+/// One step of a statement's answer.
+pub enum Event {
+    /// A DataRow frame.
+    Row(Frame),
+    /// CommandComplete (its tag) or EmptyQueryResponse (empty tag).
+    Done(String),
+    /// It failed; the server now skips to Sync.
+    Failed(ServerError),
+}
+
+/// Reads ParseComplete/BindComplete and the portal description.
+pub async fn read_head(conn: &mut ServerConn, notices: &mut BytesMut) -> Result<Head, BackendError> {
+    loop {
+        let f = conn.read_frame().await?;
+        match f.tag {
+            b'1' | b'2' | b'S' | b'A' => {}
+            b'N' => notices.extend_from_slice(&f.raw),
+            b'T' => return Ok(Head::Rows(f.raw)),
+            b'n' => return Ok(Head::NoRows),
+            b'E' => return Ok(Head::Failed(ServerError::from_frame(&f))),
+            t => return Err(BackendError::Protocol(format!("unexpected message {:?} before results", t as char))),
+        }
+    }
+}
+
+/// Reads the next row or the end of the statement.
+pub async fn next_event(conn: &mut ServerConn, notices: &mut BytesMut) -> Result<Event, BackendError> {
+    loop {
+        let f = conn.read_frame().await?;
+        match f.tag {
+            b'D' => return Ok(Event::Row(f)),
+            b'C' => {
+                let tag = f.body().strip_suffix(&[0]).unwrap_or(f.body());
+                return Ok(Event::Done(String::from_utf8_lossy(tag).into_owned()));
+            }
+            b'I' => return Ok(Event::Done(String::new())),
+            b'E' => return Ok(Event::Failed(ServerError::from_frame(&f))),
+            b'N' => notices.extend_from_slice(&f.raw),
+            b'S' | b'A' => {}
+            t => return Err(BackendError::Protocol(format!("unexpected message {:?} in results", t as char))),
+        }
+    }
+}
+
+/// Reads up to and including ReadyForQuery; returns the transaction status.
+pub async fn read_ready(conn: &mut ServerConn) -> Result<u8, BackendError> {
+    loop {
+        let f = conn.read_frame().await?;
+        if f.tag == b'Z' {
+            return Ok(f.body().first().copied().unwrap_or(b'I'));
+        }
+    }
+}
+
+/// Runs a control statement (BEGIN, PREPARE TRANSACTION …) and returns the
+/// rows of its first column, or the server's error.
+pub async fn control(conn: &mut ServerConn, sql: &str) -> Result<Result<Vec<Option<String>>, ServerError>, BackendError> {
+    use tokio::io::AsyncWriteExt;
+    conn.stream.write_all(&crate::protocol::frontend::query(sql)).await?;
+    let mut rows = Vec::new();
+    let mut err = None;
+    loop {
+        let f = conn.read_frame().await?;
+        match f.tag {
+            b'D' => {
+                let row = super::merge::parse_data_row(f.body()).map_err(|e| BackendError::Protocol(e.to_string()))?;
+                rows.push(row.into_iter().next().flatten().map(|b| String::from_utf8_lossy(&b).into_owned()));
+            }
+            b'E' => err = Some(ServerError::from_frame(&f)),
+            b'Z' => return Ok(err.map_or(Ok(rows), Err)),
+            _ => {}
+        }
+    }
+}
+
+/// The row count at the end of a command tag (`INSERT 0 3` → 3).
+pub fn tag_count(tag: &str) -> u64 {
+    tag.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// A RowDescription keeping the first `n` fields, with format codes set per `binary`.
+pub fn row_description(frame_body: &[u8], n: usize, binary: Option<&[bool]>) -> Option<(Bytes, Vec<(u32, i16)>)> {
+    let count = i16::from_be_bytes(frame_body.get(0..2)?.try_into().ok()?) as usize;
+    let mut pos = 2;
+    let mut fields = Vec::new();
+    let mut out = BytesMut::new();
+    let keep = n.min(count);
+    let mut body = BytesMut::new();
+    body.put_i16(keep as i16);
+    for i in 0..count {
+        let name_end = pos + frame_body.get(pos..)?.iter().position(|&b| b == 0)?;
+        let end = name_end + 1 + 18;
+        let f = frame_body.get(pos..end)?;
+        let type_oid = u32::from_be_bytes(frame_body.get(name_end + 7..name_end + 11)?.try_into().ok()?);
+        let format = i16::from_be_bytes(frame_body.get(end - 2..end)?.try_into().ok()?);
+        let format = binary.map_or(format, |b| i16::from(b.get(i).copied().unwrap_or(false)));
+        if i < keep {
+            body.extend_from_slice(&f[..f.len() - 2]);
+            body.put_i16(format);
+        }
+        fields.push((type_oid, format));
+        pos = end;
+    }
+    put_message(&mut out, b'T', |o| o.extend_from_slice(&body));
+    Some((out.freeze(), fields))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_description_trims_and_sets_formats() {
+        let mut body = BytesMut::new();
+        body.put_i16(2);
+        for (name, oid) in [("a", 20u32), ("__sg_h0", 1700)] {
+            put_cstr(&mut body, name.as_bytes());
+            body.put_i32(0);
+            body.put_i16(0);
+            body.put_u32(oid);
+            body.put_i16(8);
+            body.put_i32(-1);
+            body.put_i16(0);
+        }
+        let (t, fields) = row_description(&body, 1, Some(&[true])).expect("valid");
+        assert_eq!(fields, vec![(20, 1), (1700, 0)]);
+        assert_eq!(&t[5..7], &[0, 1]);
+        assert_eq!(t[t.len() - 1], 1, "binary format set");
+        assert_eq!(tag_count("INSERT 0 12"), 12);
+        assert_eq!(tag_count("UPDATE 3"), 3);
+    }
+}

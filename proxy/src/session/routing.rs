@@ -1,0 +1,682 @@
+//! The session's side of sharded execution: statements on sharded tables are
+//! answered by the proxy (from the shards), everything else keeps flowing to
+//! `db_default` byte for byte.
+//!
+//! Ordering: before the proxy answers anything itself, [`Session::barrier`]
+//! waits until `db_default` has answered everything sent to it, so replies
+//! reach the client in request order.
+//!
+//! Errors inside a transaction block: the proxy makes `db_default` fail a
+//! statement in the same position (and shows the shard's error instead), so
+//! the transaction is aborted there too and PostgreSQL itself answers 25P02
+//! until ROLLBACK — the client sees exactly one aborted transaction.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Bytes, BytesMut};
+use shardgate_router::{Analysis, Plan, StatementClass};
+
+use super::{Expect, Flow, Session, End};
+use crate::protocol::backend::{self as msg, Severity};
+use crate::protocol::codec::{put_cstr, put_message, split_frame};
+use crate::protocol::frontend::{Reader, Target};
+use crate::routed::exec::{self, Bound, ExecError, Out, Request};
+use crate::routed::wire::{self, ServerError};
+use crate::routed::{months, twopc};
+
+/// A prepared statement on a sharded table, kept by the proxy.
+pub(super) struct RoutedStmt {
+    sql: String,
+    types: Vec<u32>,
+    analysis: Arc<Analysis>,
+    /// ParameterDescription and RowDescription/NoData, learned once from a shard.
+    describe: OnceLock<(Bytes, Bytes)>,
+}
+
+/// A bound portal of a [`RoutedStmt`].
+pub(super) struct RoutedPortal {
+    stmt: Arc<RoutedStmt>,
+    bound: Bound,
+}
+
+/// What the client's transaction-control statement does to held shards.
+enum TxVerb {
+    Commit,
+    Rollback,
+    /// SAVEPOINT / ROLLBACK TO / RELEASE / PREPARE TRANSACTION: refused while shards take part.
+    Unsupported,
+    Other,
+}
+
+fn tx_verb(sql: &str) -> TxVerb {
+    let words: Vec<String> = sql.split_whitespace().take(2).map(|w| w.trim_end_matches(';').to_ascii_lowercase()).collect();
+    match words.first().map(String::as_str) {
+        Some("commit" | "end") => TxVerb::Commit,
+        Some("rollback" | "abort") => match words.get(1).map(String::as_str) {
+            Some("to" | "prepared") => TxVerb::Unsupported,
+            _ => TxVerb::Rollback,
+        },
+        Some("savepoint" | "release" | "prepare") => TxVerb::Unsupported,
+        _ => TxVerb::Other,
+    }
+}
+
+/// A statement that fails on `db_default` with no side effects: used to put
+/// its transaction into the aborted state when a shard statement failed.
+const FAIL_SQL: &str = "SELECT 'shardgate: a statement on a shard failed'::int";
+
+impl Session {
+    fn shards_in_tx(&self) -> bool {
+        self.slots.iter().flatten().any(|s| s.in_tx)
+    }
+
+    /// True when the statement text must be looked at by the router.
+    fn wants_router(&self, sql: &[u8]) -> bool {
+        self.shared.engine.may_route(sql) || self.shards_in_tx()
+    }
+
+    /// Waits until `db_default` has answered everything sent so far.
+    pub(super) async fn barrier(&mut self) -> Result<(), End> {
+        if self.server.is_none() {
+            return Ok(());
+        }
+        if self.sent_since_sync && !self.server_skipping && !self.expect.is_empty() {
+            // have the server send what it buffered for this unfinished batch
+            put_message(&mut self.sout, b'H', |_| {});
+        }
+        while !self.expect.is_empty() {
+            let server = self.server.as_mut().expect("held");
+            if !self.sout.is_empty() {
+                if super::write_all(&server.stream, &self.sout).await.is_err() {
+                    return self.server_lost();
+                }
+                self.sout.clear();
+            }
+            loop {
+                let server = self.server.as_mut().expect("held");
+                match split_frame(&mut server.rbuf, crate::backend::conn::MAX_SERVER_MESSAGE) {
+                    Ok(Some(f)) => self.on_server(f)?,
+                    Ok(None) => break,
+                    Err(_) => return self.server_lost(),
+                }
+                if self.expect.is_empty() {
+                    break;
+                }
+            }
+            if self.cout.len() >= 64 * 1024 {
+                super::write_all(&self.client, &self.cout).await?;
+                self.cout.clear();
+            }
+            if self.expect.is_empty() {
+                break;
+            }
+            let server = self.server.as_mut().expect("held");
+            let crate::backend::ServerConn { stream, rbuf, .. } = &mut **server;
+            if super::read_more(stream, rbuf).await.is_err() {
+                return self.server_lost();
+            }
+        }
+        if !self.sout.is_empty() {
+            let server = self.server.as_mut().expect("held");
+            if super::write_all(&server.stream, &self.sout).await.is_err() {
+                return self.server_lost();
+            }
+            self.sout.clear();
+        }
+        Ok(())
+    }
+
+    /// Tries a simple Query on the routed path; `None` = not ours, pass it on.
+    pub(super) async fn routed_query(&mut self, sql: &[u8]) -> Result<Option<Flow>, End> {
+        if !self.wants_router(sql) {
+            return Ok(None);
+        }
+        let Ok(text) = std::str::from_utf8(sql) else { return Ok(None) };
+        let analysis = self.shared.engine.router.analysis(text);
+        match &*analysis {
+            Analysis::Passthrough(StatementClass::Transaction) if self.shards_in_tx() => {
+                self.barrier().await?;
+                self.end_transaction(text).await
+            }
+            Analysis::Passthrough(_) => Ok(None),
+            Analysis::Refused(e) => {
+                self.barrier().await?;
+                metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
+                self.fail_simple(ExecError::Proxy(e.sqlstate(), e.to_string())).await?;
+                Ok(Some(Flow::Continue))
+            }
+            _ => {
+                self.barrier().await?;
+                let bound = Bound::default();
+                match self.run_routed(&analysis, &bound, true, None).await? {
+                    Ok(()) => {
+                        let status = self.logical_status();
+                        msg::ready_for_query(&mut self.cout, status);
+                    }
+                    Err(e) => self.fail_simple(e).await?,
+                }
+                Ok(Some(Flow::Continue))
+            }
+        }
+    }
+
+    /// Transaction status as the client must see it.
+    fn logical_status(&self) -> u8 {
+        if self.server.is_some() { self.tx_status } else { b'I' }
+    }
+
+    fn in_tx_block(&self) -> bool {
+        self.server.is_some() && self.tx_status != b'I'
+    }
+
+    /// Plans and runs a routed statement; rows and tag go to the client buffer.
+    async fn run_routed(&mut self, analysis: &Analysis, bound: &Bound, simple: bool, visible: Option<usize>) -> Result<Result<(), ExecError>, End> {
+        if self.server.is_some() && self.tx_status == b'E' {
+            return Ok(Err(ExecError::Proxy("25P02", "current transaction is aborted, commands ignored until end of transaction block".into())));
+        }
+        let engine = self.shared.engine.clone();
+        let params = bound.params();
+        let plan = match engine.plan_analysis(analysis, &params) {
+            Ok(Plan::Routed(r)) => r,
+            Ok(Plan::Passthrough(_)) => return Ok(Err(ExecError::Proxy("XX000", "statement unexpectedly not routed".into()))),
+            Err(e) => {
+                metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
+                return Ok(Err(ExecError::Proxy(e.sqlstate(), e.to_string())));
+            }
+        };
+        if plan.kind == shardgate_router::RoutedKind::Insert {
+            let ms: Vec<_> = plan.targets.iter().flat_map(|t| t.months.iter().copied()).collect();
+            months::ensure(&engine, &ms).await;
+        }
+        let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
+        let in_tx = self.in_tx_block();
+        let desired = self.desired.clone();
+        let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
+        let req = Request { routed: &plan, bound, simple, visible, tx: in_tx.then_some(begin.as_str()), param_sets: &sets };
+        let mut out = Out { buf: &mut self.cout, client: &self.client };
+        let r = exec::execute(&engine, &mut self.slots, &req, &mut out).await;
+        match r {
+            Err(ExecError::ClientIo(e)) => Err(End::ClientIo(e)),
+            other => Ok(other),
+        }
+    }
+
+    /// Writes the error of a simple Query and its ReadyForQuery; inside a
+    /// transaction block `db_default` is made to fail too.
+    async fn fail_simple(&mut self, e: ExecError) -> Result<(), End> {
+        let frame = error_frame(&e);
+        if self.in_tx_block() && self.tx_status != b'E' {
+            self.abort_default().await?;
+        }
+        self.cout.extend_from_slice(&frame);
+        let status = self.logical_status();
+        msg::ready_for_query(&mut self.cout, status);
+        Ok(())
+    }
+
+    /// Aborts the open `db_default` transaction with a failing statement.
+    async fn abort_default(&mut self) -> Result<(), End> {
+        let server = self.server.as_mut().expect("in a transaction block");
+        match wire::control(server, FAIL_SQL).await {
+            Ok(_) => self.tx_status = b'E',
+            Err(_) => return self.server_lost(),
+        }
+        Ok(())
+    }
+
+    /// COMMIT / ROLLBACK / savepoints while shards take part (simple protocol).
+    async fn end_transaction(&mut self, sql: &str) -> Result<Option<Flow>, End> {
+        let in_tx: Vec<usize> = self.slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.in_tx)).map(|(i, _)| i).collect();
+        match tx_verb(sql) {
+            TxVerb::Other => Ok(None),
+            TxVerb::Unsupported => {
+                self.fail_simple(ExecError::Proxy(
+                    "0A000",
+                    "savepoints and PREPARE TRANSACTION are not supported in a transaction that touched t_order; use a plain BEGIN … COMMIT".into(),
+                ))
+                .await?;
+                Ok(Some(Flow::Continue))
+            }
+            TxVerb::Rollback => {
+                twopc::rollback(&mut self.slots, &in_tx).await;
+                exec::release(&mut self.slots);
+                Ok(None)
+            }
+            TxVerb::Commit if self.tx_status == b'E' => {
+                // PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK
+                twopc::rollback(&mut self.slots, &in_tx).await;
+                exec::release(&mut self.slots);
+                Ok(None)
+            }
+            TxVerb::Commit => {
+                let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+                if written.len() <= 1 {
+                    // read-only shards and the one written shard commit first, then db_default
+                    let r = twopc::commit_each(&mut self.slots, &in_tx).await;
+                    exec::release(&mut self.slots);
+                    return match r {
+                        Ok(()) => Ok(None),
+                        Err(e) => {
+                            self.rollback_default().await?;
+                            self.cout.extend_from_slice(&error_frame(&e));
+                            msg::ready_for_query(&mut self.cout, b'I');
+                            Ok(Some(Flow::Continue))
+                        }
+                    };
+                }
+                let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+                let _ = twopc::commit_each(&mut self.slots, &readers).await;
+                let gid = twopc::new_gid(self.shared.engine.worker);
+                if let Err(e) = twopc::prepare(&mut self.slots, &written, &gid).await {
+                    exec::release(&mut self.slots);
+                    self.rollback_default().await?;
+                    self.cout.extend_from_slice(&error_frame(&e));
+                    msg::ready_for_query(&mut self.cout, b'I');
+                    return Ok(Some(Flow::Continue));
+                }
+                // the decision commits with the client's own db_default transaction
+                let server = self.server.as_mut().expect("in a transaction block");
+                let decided = match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
+                    Ok(Ok(_)) => match wire::control(server, "COMMIT").await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            // the decision's fate is unknown: recovery resolves it from the log
+                            exec::release(&mut self.slots);
+                            return self.server_lost().map(|_| None);
+                        }
+                    },
+                    Ok(Err(e)) => {
+                        let _ = wire::control(server, "ROLLBACK").await;
+                        Err(e)
+                    }
+                    Err(_) => {
+                        twopc::finish(&mut self.slots, &written, &gid, false).await;
+                        exec::release(&mut self.slots);
+                        return self.server_lost().map(|_| None);
+                    }
+                };
+                self.tx_status = b'I';
+                match decided {
+                    Ok(_) => {
+                        twopc::finish(&mut self.slots, &written, &gid, true).await;
+                        metrics::counter!(crate::metrics::TWO_PHASE_COMMITS).increment(1);
+                        let engine = self.shared.engine.clone();
+                        tokio::spawn(async move { twopc::forget(&engine, &gid).await });
+                        put_message(&mut self.cout, b'C', |o| put_cstr(o, b"COMMIT"));
+                    }
+                    Err(e) => {
+                        twopc::finish(&mut self.slots, &written, &gid, false).await;
+                        self.cout.extend_from_slice(&e.raw);
+                    }
+                }
+                exec::release(&mut self.slots);
+                msg::ready_for_query(&mut self.cout, b'I');
+                Ok(Some(Flow::Continue))
+            }
+        }
+    }
+
+    async fn rollback_default(&mut self) -> Result<(), End> {
+        if let Some(server) = self.server.as_mut() {
+            if wire::control(server, "ROLLBACK").await.is_err() {
+                return self.server_lost();
+            }
+            self.tx_status = b'I';
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ extended protocol
+
+    /// An extended-protocol error: in order, and skipping to Sync like PostgreSQL.
+    async fn fail_extended(&mut self, e: ExecError) -> Result<(), End> {
+        let frame = error_frame(&e);
+        if self.server.is_some() {
+            // have db_default fail a Parse at this point: it then skips to Sync (and
+            // aborts an open transaction) exactly as the client expects
+            put_message(&mut self.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
+            self.expect.push_back(Expect::ReplaceError(frame));
+            self.sent_since_sync = true;
+        } else {
+            self.cout.extend_from_slice(&frame);
+        }
+        self.discard_until_sync = true;
+        Ok(())
+    }
+
+    /// Parse: `Some` when the statement is routed (handled here).
+    pub(super) async fn routed_parse(&mut self, name: &[u8], query: &[u8], param_types: &[u8]) -> Result<Option<Flow>, End> {
+        if !self.shared.engine.may_route(query) {
+            if name.is_empty() {
+                self.routed_stmts.remove(name);
+            }
+            return Ok(None);
+        }
+        let Ok(text) = std::str::from_utf8(query) else { return Ok(None) };
+        let analysis = self.shared.engine.router.analysis(text);
+        if matches!(&*analysis, Analysis::Passthrough(_)) {
+            if name.is_empty() {
+                self.routed_stmts.remove(name);
+            }
+            return Ok(None);
+        }
+        self.barrier().await?;
+        if self.server_skipping {
+            self.discard_until_sync = true;
+            return Ok(Some(Flow::Continue));
+        }
+        if !name.is_empty() && (self.routed_stmts.contains_key(name) || self.statements.contains_key(name)) {
+            let m = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name));
+            self.fail_extended(ExecError::Proxy("42P05", m)).await?;
+            return Ok(Some(Flow::Continue));
+        }
+        if let Analysis::Refused(e) = &*analysis {
+            metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
+            self.fail_extended(ExecError::Proxy(e.sqlstate(), e.to_string())).await?;
+            return Ok(Some(Flow::Continue));
+        }
+        let mut r = Reader::new(param_types);
+        let n = r.i16().unwrap_or(0).max(0) as usize;
+        let types = (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect();
+        self.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new() }));
+        put_message(&mut self.cout, b'1', |_| {});
+        Ok(Some(Flow::Continue))
+    }
+
+    /// Bind: `Some` when it binds a routed statement.
+    pub(super) async fn routed_bind(&mut self, body: &[u8]) -> Result<Option<Flow>, End> {
+        let mut r = Reader::new(body);
+        let (Ok(portal), Ok(statement)) = (r.cstr(), r.cstr()) else { return Ok(None) };
+        let Some(stmt) = self.routed_stmts.get(statement).cloned() else {
+            if !self.routed_portals.is_empty() {
+                self.routed_portals.remove(portal);
+            }
+            return Ok(None);
+        };
+        let portal = portal.to_vec();
+        self.barrier().await?;
+        if self.server_skipping {
+            self.discard_until_sync = true;
+            return Ok(Some(Flow::Continue));
+        }
+        let bound = match parse_bind(&mut r, &stmt.types) {
+            Ok(b) => b,
+            Err(m) => return Err(End::Fatal("08P01", m.to_string())),
+        };
+        if bound.values.len() != count_params(&stmt) {
+            let m = format!("bind message supplies {} parameters, but prepared statement requires {}", bound.values.len(), count_params(&stmt));
+            self.fail_extended(ExecError::Proxy("08P01", m)).await?;
+            return Ok(Some(Flow::Continue));
+        }
+        self.routed_portals.insert(portal, RoutedPortal { stmt, bound });
+        put_message(&mut self.cout, b'2', |_| {});
+        Ok(Some(Flow::Continue))
+    }
+
+    /// Describe: `Some` when it describes a routed statement or portal.
+    pub(super) async fn routed_describe(&mut self, t: &Target<'_>) -> Result<Option<Flow>, End> {
+        let (stmt, portal_bound) = match t.kind {
+            b'S' => match self.routed_stmts.get(t.name) {
+                Some(s) => (s.clone(), None),
+                None => return Ok(None),
+            },
+            _ => match self.routed_portals.get(t.name) {
+                Some(p) => (p.stmt.clone(), Some(p.bound.clone())),
+                None => return Ok(None),
+            },
+        };
+        self.barrier().await?;
+        if self.server_skipping {
+            self.discard_until_sync = true;
+            return Ok(Some(Flow::Continue));
+        }
+        let (params, rows) = match self.describe(&stmt).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.fail_extended(e).await?;
+                return Ok(Some(Flow::Continue));
+            }
+        };
+        match portal_bound {
+            None => {
+                self.cout.extend_from_slice(&params);
+                self.cout.extend_from_slice(&rows);
+            }
+            Some(b) if rows[0] == b'T' => {
+                let n = wire::row_description(&rows[5..], usize::MAX, None).map_or(0, |(_, f)| f.len());
+                let binary: Vec<bool> = (0..n).map(|i| b.binary(i)).collect();
+                match wire::row_description(&rows[5..], n, Some(&binary)) {
+                    Some((t, _)) => self.cout.extend_from_slice(&t),
+                    None => self.cout.extend_from_slice(&rows),
+                }
+            }
+            Some(_) => self.cout.extend_from_slice(&rows),
+        }
+        Ok(Some(Flow::Continue))
+    }
+
+    /// ParameterDescription and RowDescription/NoData of a routed statement,
+    /// from a shard (the template table has the logical table's columns).
+    async fn describe(&mut self, stmt: &RoutedStmt) -> Result<(Bytes, Bytes), ExecError> {
+        if let Some(d) = stmt.describe.get() {
+            return Ok(d.clone());
+        }
+        let engine = self.shared.engine.clone();
+        let mut last = ExecError::Proxy("08006", "no shard is available to describe the statement".into());
+        for pool in &engine.shards {
+            let Ok(mut conn) = pool.get().await else { continue };
+            let mut buf = BytesMut::new();
+            wire::put_describe(&mut buf, &stmt.sql, &stmt.types);
+            use tokio::io::AsyncWriteExt;
+            if conn.stream.write_all(&buf).await.is_err() {
+                conn.broken = true;
+                continue;
+            }
+            let mut params = None;
+            let mut rows = None;
+            let mut err = None;
+            loop {
+                let f = match conn.read_frame().await {
+                    Ok(f) => f,
+                    Err(_) => {
+                        conn.broken = true;
+                        break;
+                    }
+                };
+                match f.tag {
+                    b't' => params = Some(f.raw),
+                    b'T' | b'n' => rows = Some(f.raw),
+                    b'E' => err = Some(ServerError { code: crate::protocol::backend::parse_error_fields(f.body()).code, raw: f.raw }),
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+            if let Some(e) = err {
+                return Err(ExecError::Server(e));
+            }
+            if let (Some(p), Some(r)) = (params, rows) {
+                let _ = stmt.describe.set((p, r));
+                return Ok(stmt.describe.get().expect("set").clone());
+            }
+            last = ExecError::Proxy("08006", "lost a shard connection while describing the statement".into());
+        }
+        Err(last)
+    }
+
+    /// Execute: `Some` when it runs a routed portal.
+    pub(super) async fn routed_execute(&mut self, body: &[u8]) -> Result<Option<Flow>, End> {
+        let mut r = Reader::new(body);
+        let Ok(portal) = r.cstr() else { return Ok(None) };
+        let max_rows = r.i32().unwrap_or(0);
+        let Some(p) = self.routed_portals.get(portal) else { return Ok(None) };
+        let (stmt, bound) = (p.stmt.clone(), p.bound.clone());
+        self.barrier().await?;
+        if self.server_skipping {
+            self.discard_until_sync = true;
+            return Ok(Some(Flow::Continue));
+        }
+        if max_rows > 0 {
+            self.fail_extended(ExecError::Proxy("0A000", "fetching rows of a t_order portal in batches (Execute with a row limit) is not supported; fetch all rows or use LIMIT/OFFSET".into())).await?;
+            return Ok(Some(Flow::Continue));
+        }
+        let visible = if bound.result_formats.iter().any(|f| *f != 0) {
+            match self.describe(&stmt).await {
+                Ok((_, rows)) if rows[0] == b'T' => wire::row_description(&rows[5..], usize::MAX, None).map(|(_, f)| f.len()),
+                Ok(_) => Some(0),
+                Err(e) => {
+                    self.fail_extended(e).await?;
+                    return Ok(Some(Flow::Continue));
+                }
+            }
+        } else {
+            None
+        };
+        match self.run_routed(&stmt.analysis, &bound, false, visible).await? {
+            Ok(()) => {}
+            Err(e) => self.fail_extended(e).await?,
+        }
+        Ok(Some(Flow::Continue))
+    }
+
+    /// Close: `Some` when it closes a routed statement or portal.
+    pub(super) async fn routed_close(&mut self, t: &Target<'_>) -> Result<Option<Flow>, End> {
+        let found = match t.kind {
+            b'S' => self.routed_stmts.remove(t.name).is_some(),
+            _ => self.routed_portals.remove(t.name).is_some(),
+        };
+        if !found {
+            return Ok(None);
+        }
+        self.barrier().await?;
+        if self.server_skipping {
+            self.discard_until_sync = true;
+            return Ok(Some(Flow::Continue));
+        }
+        put_message(&mut self.cout, b'3', |_| {});
+        Ok(Some(Flow::Continue))
+    }
+
+    /// After db_default reported the end of a transaction the proxy did not
+    /// see (COMMIT inside a multi-statement string, a FATAL): shard blocks
+    /// cannot be committed safely, so their connections are closed (the
+    /// server rolls back).
+    pub(super) fn drop_orphaned_shard_tx(&mut self) {
+        if self.tx_status == b'I' && self.shards_in_tx() {
+            tracing::warn!("transaction ended on db_default without COMMIT/ROLLBACK through shardgate; rolling back shard work");
+            for slot in self.slots.iter_mut() {
+                if let Some(mut s) = slot.take() {
+                    s.conn.broken = true;
+                }
+            }
+        }
+    }
+}
+
+fn count_params(stmt: &RoutedStmt) -> usize {
+    // the client's declared types may be fewer than the statement uses: the shard's describe knows
+    match stmt.describe.get() {
+        Some((t, _)) if t.len() >= 7 => i16::from_be_bytes([t[5], t[6]]).max(0) as usize,
+        _ => max_placeholder(&stmt.sql).max(stmt.types.len()),
+    }
+}
+
+/// Highest `$n` in a statement text (outside quotes, roughly): the parameter count.
+fn max_placeholder(sql: &str) -> usize {
+    let b = sql.as_bytes();
+    let mut max = 0;
+    let mut i = 0;
+    let mut quote: Option<u8> = None;
+    while i < b.len() {
+        let c = b[i];
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == b'\'' || c == b'"' => quote = Some(c),
+            None if c == b'$' => {
+                let j = b[i + 1..].iter().take_while(|d| d.is_ascii_digit()).count();
+                if j > 0 {
+                    if let Ok(n) = sql[i + 1..i + 1 + j].parse::<usize>() {
+                        max = max.max(n);
+                    }
+                    i += j;
+                }
+            }
+            None => {}
+        }
+        i += 1;
+    }
+    max
+}
+
+fn parse_bind(r: &mut Reader<'_>, types: &[u32]) -> Result<Bound, &'static str> {
+    let nf = r.i16().map_err(|e| e.0)?;
+    if nf < 0 {
+        return Err("invalid parameter format count in Bind");
+    }
+    let mut fmts = Vec::with_capacity(nf as usize);
+    for _ in 0..nf {
+        fmts.push(r.i16().map_err(|e| e.0)?);
+    }
+    let nv = r.i16().map_err(|e| e.0)?;
+    if nv < 0 {
+        return Err("invalid parameter count in Bind");
+    }
+    let mut values = Vec::with_capacity(nv as usize);
+    for _ in 0..nv {
+        let len = r.i32().map_err(|e| e.0)?;
+        if len < 0 {
+            values.push(None);
+        } else {
+            values.push(Some(Bytes::copy_from_slice(r.bytes(len as usize).map_err(|e| e.0)?)));
+        }
+    }
+    let formats = match fmts.len() {
+        0 => vec![0; values.len()],
+        1 => vec![fmts[0]; values.len()],
+        n if n == values.len() => fmts,
+        _ => return Err("bind message has a different number of parameter formats and parameters"),
+    };
+    let nr = r.i16().map_err(|e| e.0)?;
+    if nr < 0 {
+        return Err("invalid result format count in Bind");
+    }
+    let mut result_formats = Vec::with_capacity(nr as usize);
+    for _ in 0..nr {
+        result_formats.push(r.i16().map_err(|e| e.0)?);
+    }
+    Ok(Bound { values, formats, types: types.to_vec(), result_formats })
+}
+
+/// The ErrorResponse frame for an execution error.
+fn error_frame(e: &ExecError) -> Bytes {
+    match e {
+        ExecError::Server(s) => s.raw.clone(),
+        ExecError::Proxy(code, m) => {
+            let mut b = BytesMut::new();
+            msg::error_response(&mut b, Severity::Error, code, m);
+            b.freeze()
+        }
+        ExecError::ClientIo(_) => Bytes::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_counted_outside_quotes() {
+        assert_eq!(max_placeholder("select * from t_order where merchant_id = $1 and id in ($3, $2)"), 3);
+        assert_eq!(max_placeholder("select '$9' from t_order"), 0);
+    }
+
+    #[test]
+    fn transaction_verbs() {
+        assert!(matches!(tx_verb("COMMIT"), TxVerb::Commit));
+        assert!(matches!(tx_verb("end;"), TxVerb::Commit));
+        assert!(matches!(tx_verb("rollback"), TxVerb::Rollback));
+        assert!(matches!(tx_verb("ROLLBACK TO SAVEPOINT a"), TxVerb::Unsupported));
+        assert!(matches!(tx_verb("savepoint a"), TxVerb::Unsupported));
+        assert!(matches!(tx_verb("begin"), TxVerb::Other));
+    }
+}
