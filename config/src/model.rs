@@ -172,11 +172,14 @@ pub struct ShardingConfig {
     pub time_zone: String,
     /// Month tables kept created ahead of the current month.
     pub months_ahead: u32,
+    /// A shard's prepared transaction (two-phase commit) older than this whose
+    /// proxy is gone is resolved by recovery from the decision log.
+    pub prepared_orphan_age_ms: u64,
 }
 
 impl Default for ShardingConfig {
     fn default() -> Self {
-        ShardingConfig { shard_count: 8, time_zone: "UTC".into(), months_ahead: 3 }
+        ShardingConfig { shard_count: 8, time_zone: "UTC".into(), months_ahead: 3, prepared_orphan_age_ms: 60_000 }
     }
 }
 

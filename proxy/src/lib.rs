@@ -45,7 +45,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         .install_recorder()
         .context("installing the metrics recorder")?;
     let listener = TcpListener::bind(&config.server.listen).await.with_context(|| format!("binding server.listen {}", config.server.listen))?;
-    let admin_listener = TcpListener::bind(&config.server.admin_listen).await.with_context(|| format!("binding server.admin_listen {}", config.server.admin_listen))?;
+    let admin_listener =
+        TcpListener::bind(&config.server.admin_listen).await.with_context(|| format!("binding server.admin_listen {}", config.server.admin_listen))?;
     tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, "shardgate listening");
     let shared = Arc::new(server::Shared::new(config, shutdown.clone())?);
     start_background(&shared).await;
@@ -90,7 +91,7 @@ async fn start_background(shared: &Arc<server::Shared>) {
             if let Err(e) = routed::twopc::recover(&engine).await {
                 tracing::warn!(error = %e, "two-phase commit recovery failed");
             }
-            if tick % (routed::months::INTERVAL.as_secs() / 30) == 0 {
+            if tick.is_multiple_of(routed::months::INTERVAL.as_secs() / 30) {
                 routed::months::maintain(&engine, ahead).await;
             }
         }

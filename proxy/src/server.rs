@@ -34,6 +34,19 @@ pub struct Shared {
     pub meters: crate::metrics::Meters,
     /// Sharded execution.
     pub engine: Arc<crate::routed::Engine>,
+    /// Logged-in clients, for `SHOW CLIENTS`.
+    pub sessions: std::sync::Mutex<HashMap<u64, ClientInfo>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+/// What `SHOW CLIENTS` lists about a client.
+pub struct ClientInfo {
+    /// User name.
+    pub user: String,
+    /// Peer address.
+    pub addr: String,
+    /// Login time.
+    pub connected: jiff::Timestamp,
 }
 
 /// Parameters reported at login when no server has been reached yet.
@@ -58,7 +71,34 @@ impl Shared {
         let p = &config.pool;
         let pool = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
         let engine = Arc::new(crate::routed::Engine::new(&config, pool.clone())?);
-        Ok(Shared { config, users, pool, cancels: Arc::new(CancelRegistry::default()), shutdown, clients: AtomicUsize::new(0), meters: crate::metrics::Meters::new(), engine })
+        Ok(Shared {
+            config,
+            users,
+            pool,
+            cancels: Arc::new(CancelRegistry::default()),
+            shutdown,
+            clients: AtomicUsize::new(0),
+            meters: crate::metrics::Meters::new(),
+            engine,
+            sessions: Default::default(),
+            next_session: Default::default(),
+        })
+    }
+
+    /// Records a logged-in client; returns its id.
+    pub fn register_session(&self, user: &str, addr: String) -> u64 {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(mut m) = self.sessions.lock() {
+            m.insert(id, ClientInfo { user: user.to_string(), addr, connected: jiff::Timestamp::now() });
+        }
+        id
+    }
+
+    /// Forgets a client.
+    pub fn unregister_session(&self, id: u64) {
+        if let Ok(mut m) = self.sessions.lock() {
+            m.remove(&id);
+        }
     }
 
     /// ParameterStatus values for a new client: the server's, with the
@@ -79,7 +119,8 @@ impl Shared {
         params.retain(|(k, _)| k != "application_name" && k != "session_authorization");
         for (k, v) in desired {
             if let Some(slot) = params.iter_mut().find(|(pk, _)| pk.eq_ignore_ascii_case(k)) {
-                slot.1 = if k == "client_encoding" && matches!(v.to_ascii_lowercase().as_str(), "utf8" | "utf-8" | "unicode") { "UTF8".into() } else { v.clone() };
+                slot.1 =
+                    if k == "client_encoding" && matches!(v.to_ascii_lowercase().as_str(), "utf8" | "utf-8" | "unicode") { "UTF8".into() } else { v.clone() };
             }
         }
         let app = desired.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default();

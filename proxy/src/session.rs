@@ -34,6 +34,7 @@ use crate::protocol::codec::{put_message, split_frame, split_startup, Frame, Fra
 use crate::protocol::frontend::{parse_startup, Bind, Parse, SaslInitial, StartupPacket, Target};
 use crate::server::Shared;
 
+mod admin_sql;
 mod routing;
 
 /// Largest startup packet accepted (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).
@@ -48,7 +49,8 @@ const CLOSED_STATEMENT: &[u8] = b"shardgate_closed";
 
 /// Client-settable parameters that change how a server behaves for the
 /// client; they are applied with SET on whatever server the client gets.
-const TRACKED_PARAMS: &[&str] = &["client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits", "search_path", "standard_conforming_strings", "bytea_output"];
+const TRACKED_PARAMS: &[&str] =
+    &["client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits", "search_path", "standard_conforming_strings", "bytea_output"];
 
 /// A reply the server owes us for something we sent, in send order.
 #[derive(Debug)]
@@ -130,15 +132,18 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, over_limit: bool) {
     };
     info!(user = %login.user, "client connected");
     metrics::gauge!(m::CLIENT_CONNECTIONS).increment(1.0);
-    let mut s = Session::new(shared, stream, cin, login);
+    let id = shared.register_session(&login.user, stream.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+    let mut s = Session::new(shared.clone(), stream, cin, login);
     let end = s.run_loop().await;
     s.finish(end).await;
+    shared.unregister_session(id);
     metrics::gauge!(m::CLIENT_CONNECTIONS).decrement(1.0);
 }
 
 /// What startup established.
 struct Login {
     user: String,
+    admin: bool,
     desired: Vec<(String, String)>,
     registration: Registration,
 }
@@ -203,7 +208,9 @@ async fn read_auth_message(stream: &TcpStream, cin: &mut BytesMut) -> std::io::R
 
 async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, over_limit: bool) -> std::io::Result<Option<Login>> {
     let (version, params) = loop {
-        let Some(pkt) = read_startup_packet(stream, cin).await? else { return Ok(None) };
+        let Some(pkt) = read_startup_packet(stream, cin).await? else {
+            return Ok(None);
+        };
         match parse_startup(&pkt) {
             Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
                 if !cin.is_empty() {
@@ -286,7 +293,8 @@ async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, o
     msg::ready_for_query(&mut out, b'I');
     write_all(stream, &out).await?;
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
-    Ok(Some(Login { user, desired, registration }))
+    let admin = shared.config.user(&user).is_some_and(|u| u.admin);
+    Ok(Some(Login { user, admin, desired, registration }))
 }
 
 /// Parses `-c name=value` / `--name=value` pairs of the `options` startup parameter.
@@ -312,7 +320,9 @@ async fn authenticate(shared: &Shared, stream: &TcpStream, cin: &mut BytesMut, u
             let salt: [u8; 4] = rand::random();
             msg::authentication(&mut out, 5, &salt);
             write_all(stream, &out).await?;
-            let Some(f) = read_auth_message(stream, cin).await? else { return Ok(false) };
+            let Some(f) = read_auth_message(stream, cin).await? else {
+                return Ok(false);
+            };
             let resp = f.body().strip_suffix(&[0]).unwrap_or(f.body());
             Ok(secret.and_then(|s| s.md5.as_deref()).is_some_and(|h| verify_md5(h, salt, resp)))
         }
@@ -321,17 +331,25 @@ async fn authenticate(shared: &Shared, stream: &TcpStream, cin: &mut BytesMut, u
             let scram = secret.and_then(|s| s.scram.clone()).unwrap_or_else(ScramSecret::impossible);
             msg::authentication(&mut out, 10, b"SCRAM-SHA-256\0\0");
             write_all(stream, &out).await?;
-            let Some(f) = read_auth_message(stream, cin).await? else { return Ok(false) };
-            let Ok(init) = SaslInitial::parse(f.body()) else { return Ok(false) };
+            let Some(f) = read_auth_message(stream, cin).await? else {
+                return Ok(false);
+            };
+            let Ok(init) = SaslInitial::parse(f.body()) else {
+                return Ok(false);
+            };
             if init.mechanism != b"SCRAM-SHA-256" {
                 write_fatal(stream, "28000", "client selected an invalid SASL authentication mechanism").await?;
                 return Ok(false);
             }
-            let Ok((server, server_first)) = ScramServer::start(scram, init.data) else { return Ok(false) };
+            let Ok((server, server_first)) = ScramServer::start(scram, init.data) else {
+                return Ok(false);
+            };
             out.clear();
             msg::authentication(&mut out, 11, server_first.as_bytes());
             write_all(stream, &out).await?;
-            let Some(f) = read_auth_message(stream, cin).await? else { return Ok(false) };
+            let Some(f) = read_auth_message(stream, cin).await? else {
+                return Ok(false);
+            };
             match server.finish(f.body()) {
                 Ok(server_final) if secret.is_some() => {
                     out.clear();
@@ -396,6 +414,8 @@ struct Session {
     routed_portals: HashMap<Vec<u8>, routing::RoutedPortal>,
     /// The client's BEGIN text, repeated on shards that join the transaction.
     begin_sql: Option<String>,
+    /// The user may run admin commands.
+    admin: bool,
 }
 
 impl Session {
@@ -435,6 +455,7 @@ impl Session {
             routed_stmts: HashMap::new(),
             routed_portals: HashMap::new(),
             begin_sql: None,
+            admin: login.admin,
         }
     }
 
@@ -479,7 +500,9 @@ impl Session {
             }
             // 2. server messages, while the client side is not backed up
             while self.cout.len() < HIGH_WATER {
-                let Some(server) = self.server.as_mut() else { break };
+                let Some(server) = self.server.as_mut() else {
+                    break;
+                };
                 match split_frame(&mut server.rbuf, MAX_SERVER_MESSAGE) {
                     Ok(Some(f)) => self.on_server(f)?,
                     Ok(None) => break,
@@ -705,7 +728,9 @@ impl Session {
 
     /// Makes sure the held server has `stmt` prepared, injecting its Parse if not.
     fn ensure_prepared(&mut self, name: &[u8]) {
-        let (Some(stmt), Some(server)) = (self.statements.get(name), self.server.as_mut()) else { return };
+        let (Some(stmt), Some(server)) = (self.statements.get(name), self.server.as_mut()) else {
+            return;
+        };
         if !server.prepared.contains(&*stmt.server_name) {
             self.sout.extend_from_slice(&stmt.parse);
             if !self.server_skipping {
@@ -724,6 +749,9 @@ impl Session {
             b'Q' => {
                 let sql = f.body().strip_suffix(&[0]).unwrap_or(f.body());
                 self.shared.meters.queries_simple.increment(1);
+                if self.admin && self.admin_command(sql).await? {
+                    return Ok(Flow::Continue);
+                }
                 if let Some(flow) = self.routed_query(sql).await? {
                     return Ok(flow);
                 }
@@ -1057,7 +1085,9 @@ impl Session {
     /// The first pending ReadyForQuery belongs to the message that started
     /// the COPY: kept for a simple Query, dropped for an extended Sync.
     fn enter_copy_in(&mut self) {
-        let Some(first) = self.expect.iter().position(|e| matches!(e, Expect::Ready { .. })) else { return };
+        let Some(first) = self.expect.iter().position(|e| matches!(e, Expect::Ready { .. })) else {
+            return;
+        };
         let extended = matches!(self.expect[first], Expect::Ready { sync: true });
         let mut i = if extended { first } else { first + 1 };
         while i < self.expect.len() {

@@ -118,7 +118,10 @@ fn template_dir() -> Result<PathBuf> {
                 fs::write(&pwfile, PG_PASSWORD)?;
                 chown_postgres(&pwfile)?;
                 let mut c = pg_command(&pg_bin().join("initdb"));
-                c.arg("-D").arg(&data).args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"]).arg(format!("--pwfile={}", pwfile.display()));
+                c.arg("-D")
+                    .arg(&data)
+                    .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"])
+                    .arg(format!("--pwfile={}", pwfile.display()));
                 run(c, "initdb")?;
                 if fs::rename(&root, &fixed).is_err() {
                     // another process won the race; use its template
@@ -178,7 +181,8 @@ impl PgCluster {
     /// Runs SQL in one of its databases (psql, stops at the first error).
     pub fn psql(&self, db: &str, sql: &str) -> Result<()> {
         let mut c = pg_command(&pg_bin().join("psql"));
-        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql]).env("PGPASSWORD", PG_PASSWORD);
+        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql])
+            .env("PGPASSWORD", PG_PASSWORD);
         c.stdout(Stdio::null());
         run(c, &format!("psql {db}"))
     }
@@ -190,7 +194,13 @@ impl PgCluster {
     /// Starts the postmaster and waits until it accepts connections.
     pub fn start(&self) -> Result<()> {
         let mut c = pg_command(&pg_bin().join("pg_ctl"));
-        c.arg("-D").arg(&self.data_dir).arg("-l").arg(self.data_dir.parent().unwrap_or(Path::new("/tmp")).join("postgres.log")).args(["-w", "-t", "60", "-o"]).arg(format!("-p {} -k {}", self.port, self.sock_dir().display())).arg("start");
+        c.arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.data_dir.parent().unwrap_or(Path::new("/tmp")).join("postgres.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!("-p {} -k {}", self.port, self.sock_dir().display()))
+            .arg("start");
         run(c, &format!("pg_ctl start ({})", self.name))?;
         wait_for_port(self.port, Duration::from_secs(30))
     }
@@ -271,11 +281,13 @@ pub struct Options {
     pub server_toml: String,
     /// Extra TOML appended to `[pool]`.
     pub pool_toml: String,
+    /// Extra TOML appended at the end (whole sections).
+    pub extra_toml: String,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { all_clusters: true, redis: true, proxy: true, server_toml: String::new(), pool_toml: String::new() }
+        Options { all_clusters: true, redis: true, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: String::new() }
     }
 }
 
@@ -328,7 +340,9 @@ impl Cluster {
             let s0 = PgCluster::create(root, "shard0", &["db_0"])?;
             let rest = PgCluster::create(root, "shards", &["db_1", "db_2", "db_3", "db_4", "db_5", "db_6", "db_7"])?;
             shard_dsns = std::iter::once(s0.dsn("db_0")).chain((1..8).map(|i| rest.dsn(&format!("db_{i}")))).collect();
-            // the order schema: every shard holds the template its month tables are made from
+            // the order schema: every shard holds the template its month tables are made from;
+            // db_default holds it too, empty, so catalog lookups (psql \d t_order) describe it
+            main.psql("db_default", schema::T_ORDER_TEMPLATE)?;
             s0.psql("db_0", schema::T_ORDER_TEMPLATE)?;
             for i in 1..8 {
                 rest.psql(&format!("db_{i}"), schema::T_ORDER_TEMPLATE)?;
@@ -378,7 +392,13 @@ impl Cluster {
         fs::create_dir_all(&dir)?;
         let pidfile = dir.join("redis.pid");
         let mut c = Command::new("redis-server");
-        c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--daemonize", "yes", "--save", "", "--appendonly", "no"]).arg("--dir").arg(&dir).arg("--pidfile").arg(&pidfile).arg("--logfile").arg(dir.join("redis.log"));
+        c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--daemonize", "yes", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"));
         run(c, "redis-server (install it: apt-get install -y redis-server)")?;
         wait_for_port(port, Duration::from_secs(10))?;
         let t0 = Instant::now();
@@ -399,7 +419,9 @@ impl Cluster {
         let i = &self.info;
         let mut t = String::new();
         t.push_str(&format!("[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\n{}\n", i.proxy_port, i.admin_port, opts.server_toml));
-        for (name, pw, extra) in [(APP_USER.0, APP_USER.1, ""), (MD5_USER.0, MD5_USER.1, "auth_method = \"md5\"\n"), (ADMIN_USER.0, ADMIN_USER.1, "admin = true\n")] {
+        for (name, pw, extra) in
+            [(APP_USER.0, APP_USER.1, ""), (MD5_USER.0, MD5_USER.1, "auth_method = \"md5\"\n"), (ADMIN_USER.0, ADMIN_USER.1, "admin = true\n")]
+        {
             t.push_str(&format!("[[users]]\nname = \"{name}\"\npassword = \"{pw}\"\n{extra}"));
         }
         t.push_str(&format!("[pool]\n{}\n", opts.pool_toml));
@@ -410,6 +432,7 @@ impl Cluster {
         if let Some(r) = &i.redis_url {
             t.push_str(&format!("[redis]\nurl = \"{r}\"\n"));
         }
+        t.push_str(&opts.extra_toml);
         fs::write(self.config_path(), t)?;
         Ok(())
     }
@@ -429,14 +452,17 @@ impl Cluster {
             .context("spawning shardgate")?;
         self.info.proxy_pid = Some(child.id());
         self.proxy = Some(child);
-        wait_for_port(self.info.proxy_port, Duration::from_secs(30)).with_context(|| format!("shardgate did not start; see {}", self.info.root.join("shardgate.log").display()))?;
+        wait_for_port(self.info.proxy_port, Duration::from_secs(30))
+            .with_context(|| format!("shardgate did not start; see {}", self.info.root.join("shardgate.log").display()))?;
         wait_for_port(self.info.admin_port, Duration::from_secs(10))?;
         Ok(())
     }
 
     /// Sends SIGTERM to the proxy and waits for it to exit.
     pub fn stop_proxy(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
-        let Some(pid) = self.info.proxy_pid.take() else { return Ok(None) };
+        let Some(pid) = self.info.proxy_pid.take() else {
+            return Ok(None);
+        };
         signal(pid, "TERM");
         let t0 = Instant::now();
         if let Some(mut child) = self.proxy.take() {

@@ -11,7 +11,15 @@ use futures_util::{SinkExt, StreamExt};
 use shardgate_tests::{connect, sqlstate, Cluster, Options, APP_USER, MD5_USER};
 
 fn core(server_toml: &str, pool_toml: &str) -> Cluster {
-    Cluster::start_temp(Options { all_clusters: false, redis: false, proxy: true, server_toml: server_toml.into(), pool_toml: pool_toml.into() }).expect("start cluster")
+    Cluster::start_temp(Options {
+        all_clusters: false,
+        redis: false,
+        proxy: true,
+        server_toml: server_toml.into(),
+        pool_toml: pool_toml.into(),
+        extra_toml: String::new(),
+    })
+    .expect("start cluster")
 }
 
 #[tokio::test]
@@ -449,7 +457,12 @@ async fn admin_http_livez_readyz_metrics() {
     assert!(reqwest_text(&format!("{}/livez", c.info.admin_url)).starts_with("HTTP/1.0 200"));
     assert!(reqwest_text(&format!("{}/readyz", c.info.admin_url)).starts_with("HTTP/1.0 200"));
     let m = reqwest_text(&format!("{}/metrics", c.info.admin_url));
-    for name in ["shardgate_client_connections_total", "shardgate_queries_total{kind=\"simple\"}", "shardgate_pool_wait_seconds_bucket", "shardgate_client_connections "] {
+    for name in [
+        "shardgate_client_connections_total",
+        "shardgate_queries_total{kind=\"simple\"}",
+        "shardgate_pool_wait_seconds_bucket",
+        "shardgate_client_connections ",
+    ] {
         assert!(m.contains(name), "missing {name} in\n{m}");
     }
     // default database down: not ready
@@ -473,7 +486,13 @@ fn psql_and_pgbench_in_every_query_mode() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "plain");
     let port = c.info.proxy_port.to_string();
     let pgbench = |args: &[&str]| {
-        let out = Command::new("pgbench").args(["-h", "127.0.0.1", "-p", &port, "-U", APP_USER.0]).args(args).arg("shardgate").env("PGPASSWORD", APP_USER.1).output().expect("pgbench");
+        let out = Command::new("pgbench")
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", APP_USER.0])
+            .args(args)
+            .arg("shardgate")
+            .env("PGPASSWORD", APP_USER.1)
+            .output()
+            .expect("pgbench");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "pgbench {args:?}: {text}");
         text

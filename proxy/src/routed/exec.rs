@@ -150,7 +150,13 @@ fn lost(shard: usize, e: &BackendError) -> ExecError {
 
 /// Checks out a connection for `shard` (if not held), applies the client's
 /// parameters and joins the transaction block.
-pub async fn hold(engine: &Engine, slots: &mut Slots, shard: usize, tx: Option<&str>, param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> String + Sync)) -> Result<(), ExecError> {
+pub async fn hold(
+    engine: &Engine,
+    slots: &mut Slots,
+    shard: usize,
+    tx: Option<&str>,
+    param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> String + Sync),
+) -> Result<(), ExecError> {
     if slots.len() < engine.shards.len() {
         slots.resize_with(engine.shards.len(), || None);
     }
@@ -160,7 +166,9 @@ pub async fn hold(engine: &Engine, slots: &mut Slots, shard: usize, tx: Option<&
         metrics::histogram!(m::SHARD_POOL_WAIT_SECONDS, "shard" => shard_label(shard)).record(t0.elapsed().as_secs_f64());
         let mut conn = match got {
             Ok(c) => c,
-            Err(PoolError::Timeout(TimeoutType::Wait)) => return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to shard db_{shard}"))),
+            Err(PoolError::Timeout(TimeoutType::Wait)) => {
+                return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to shard db_{shard}")))
+            }
             Err(e) => {
                 tracing::warn!(shard, error = %e, "shard unavailable");
                 return Err(ExecError::Proxy("08006", format!("shard db_{shard} is unavailable")));
@@ -302,7 +310,10 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
     let spec = if routed.targets.len() > 1 { routed.merge.as_ref() } else { None };
     let formats = target_formats(req, spec);
     if spec.is_some() && req.visible.is_none() && req.bound.result_formats.iter().any(|f| *f != 0) {
-        return Err(ExecError::Proxy("0A000", "binary results of a statement spanning shards need a Describe first; prepare the statement (most drivers do)".into()));
+        return Err(ExecError::Proxy(
+            "0A000",
+            "binary results of a statement spanning shards need a Describe first; prepare the statement (most drivers do)".into(),
+        ));
     }
     // send every target's statement, grouped per connection, before reading anything
     let mut bufs: Vec<(usize, BytesMut)> = Vec::new();
@@ -418,48 +429,53 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
         }
         let conn = &mut slots[shard].as_mut().expect("held").conn;
         // after a failed head the server skipped to Sync: only ReadyForQuery is left
-        while !head_failed {
-            let ev = match wire::next_event(conn, &mut notices).await {
-                Ok(ev) => ev,
-                Err(e) => return Err(fail(slots, shard, e)),
-            };
-            out.buf.extend_from_slice(&notices.split());
-            match ev {
-                Event::Row(f) => {
-                    if first_err.is_some() {
-                        continue;
-                    }
-                    if collect {
-                        let row = merge::parse_data_row(f.body())?;
-                        buffered.push(row);
-                        if buffered.len() > engine.max_merge_rows && spec.is_some_and(|s| s.grouping.is_none() && !s.distinct) {
-                            first_err = Some(ValueError::Limit(format!(
-                                "ORDER BY across shards holds more than {} rows (server.max_merge_rows); add a LIMIT or narrow the query",
-                                engine.max_merge_rows
-                            )).into());
-                        }
-                    } else {
-                        seen += 1;
-                        if seen <= offset || limit.is_some_and(|l| emitted >= l) {
+        if !head_failed {
+            loop {
+                let ev = match wire::next_event(conn, &mut notices).await {
+                    Ok(ev) => ev,
+                    Err(e) => return Err(fail(slots, shard, e)),
+                };
+                out.buf.extend_from_slice(&notices.split());
+                match ev {
+                    Event::Row(f) => {
+                        if first_err.is_some() {
                             continue;
                         }
-                        if hidden > 0 {
-                            merge::trim_data_row(out.buf, f.body(), shape.visible)?;
+                        if collect {
+                            let row = merge::parse_data_row(f.body())?;
+                            buffered.push(row);
+                            if buffered.len() > engine.max_merge_rows && spec.is_some_and(|s| s.grouping.is_none() && !s.distinct) {
+                                first_err = Some(
+                                    ValueError::Limit(format!(
+                                        "ORDER BY across shards holds more than {} rows (server.max_merge_rows); add a LIMIT or narrow the query",
+                                        engine.max_merge_rows
+                                    ))
+                                    .into(),
+                                );
+                            }
                         } else {
-                            out.buf.extend_from_slice(&f.raw);
+                            seen += 1;
+                            if seen <= offset || limit.is_some_and(|l| emitted >= l) {
+                                continue;
+                            }
+                            if hidden > 0 {
+                                merge::trim_data_row(out.buf, f.body(), shape.visible)?;
+                            } else {
+                                out.buf.extend_from_slice(&f.raw);
+                            }
+                            emitted += 1;
+                            out.maybe_flush().await?;
                         }
-                        emitted += 1;
-                        out.maybe_flush().await?;
                     }
-                }
-                Event::Done(tag) => {
-                    affected += wire::tag_count(&tag);
-                    last_tag = tag;
-                    break;
-                }
-                Event::Failed(e) => {
-                    first_err.get_or_insert(ExecError::Server(e));
-                    break;
+                    Event::Done(tag) => {
+                        affected += wire::tag_count(&tag);
+                        last_tag = tag;
+                        break;
+                    }
+                    Event::Failed(e) => {
+                        first_err.get_or_insert(ExecError::Server(e));
+                        break;
+                    }
                 }
             }
         }
@@ -510,7 +526,8 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
 
 fn sort_rows(rows: Vec<Row>, spec: &MergeSpec, cols: &[Column], visible: usize) -> Result<Vec<Row>, ExecError> {
     merge::check_orderable(&spec.order_by, cols, visible)?;
-    let mut keyed: Vec<(Vec<Option<Key>>, Row)> = rows.into_iter().map(|r| Ok((merge::sort_keys(&r, &spec.order_by, cols, visible)?, r))).collect::<Result<_, ValueError>>()?;
+    let mut keyed: Vec<(Vec<Option<Key>>, Row)> =
+        rows.into_iter().map(|r| Ok((merge::sort_keys(&r, &spec.order_by, cols, visible)?, r))).collect::<Result<_, ValueError>>()?;
     keyed.sort_by(|a, b| merge::compare_rows(&a.0, &b.0, &spec.order_by));
     let rows: Vec<Row> = keyed.into_iter().map(|(_, r)| r).skip(spec.offset as usize).collect();
     Ok(match spec.limit {

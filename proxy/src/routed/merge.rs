@@ -93,11 +93,27 @@ pub fn compare_rows(a: &[Option<Key>], b: &[Option<Key>], keys: &[SortKey]) -> s
     for (i, k) in keys.iter().enumerate() {
         let ord = match (&a[i], &b[i]) {
             (None, None) => Equal,
-            (None, Some(_)) => if k.nulls_first { Less } else { Greater },
-            (Some(_), None) => if k.nulls_first { Greater } else { Less },
+            (None, Some(_)) => {
+                if k.nulls_first {
+                    Less
+                } else {
+                    Greater
+                }
+            }
+            (Some(_), None) => {
+                if k.nulls_first {
+                    Greater
+                } else {
+                    Less
+                }
+            }
             (Some(x), Some(y)) => {
                 let o = x.cmp(y);
-                if k.descending { o.reverse() } else { o }
+                if k.descending {
+                    o.reverse()
+                } else {
+                    o
+                }
             }
         };
         if ord != Equal {
@@ -284,7 +300,8 @@ impl<'a> Collector<'a> {
         if !self.spec.order_by.is_empty() {
             let cols: Vec<Column> = self.effective_cols(client_binary);
             check_orderable(&self.spec.order_by, &cols, visible)?;
-            let mut keyed: Vec<(Vec<Option<Key>>, Row)> = rows.into_iter().map(|r| Ok((sort_keys(&r, &self.spec.order_by, &cols, visible)?, r))).collect::<Result<_, ValueError>>()?;
+            let mut keyed: Vec<(Vec<Option<Key>>, Row)> =
+                rows.into_iter().map(|r| Ok((sort_keys(&r, &self.spec.order_by, &cols, visible)?, r))).collect::<Result<_, ValueError>>()?;
             keyed.sort_by(|a, b| compare_rows(&a.0, &b.0, &self.spec.order_by));
             rows = keyed.into_iter().map(|(_, r)| r).collect();
         }
@@ -351,7 +368,9 @@ fn eval_having(h: &Having, row: &Row, cols: &[Column], visible: usize, client_bi
                 Operand::Col(c) => Some(column_of(*c, cols, visible, client_binary)),
                 _ => None,
             });
-            let (Some(x), Some(y)) = (operand(a, ty, row, cols, visible, client_binary)?, operand(b, ty, row, cols, visible, client_binary)?) else { return Ok(None) };
+            let (Some(x), Some(y)) = (operand(a, ty, row, cols, visible, client_binary)?, operand(b, ty, row, cols, visible, client_binary)?) else {
+                return Ok(None);
+            };
             let o = x.cmp(&y);
             use std::cmp::Ordering::*;
             Some(match op {
@@ -407,7 +426,11 @@ mod tests {
             hidden: 2,
             grouping: Some(Grouping {
                 keys: vec![ColRef::Visible(0)],
-                aggregates: vec![(ColRef::Visible(1), Agg::Count), (ColRef::Visible(2), Agg::Sum), (ColRef::Visible(3), Agg::Avg { sum: ColRef::Hidden(0), count: ColRef::Hidden(1) })],
+                aggregates: vec![
+                    (ColRef::Visible(1), Agg::Count),
+                    (ColRef::Visible(2), Agg::Sum),
+                    (ColRef::Visible(3), Agg::Avg { sum: ColRef::Hidden(0), count: ColRef::Hidden(1) }),
+                ],
                 having: Some(Having::Cmp(Operand::Col(ColRef::Visible(1)), CmpOp::Gt, Operand::Literal("1".into()))),
             }),
             distinct: false,

@@ -42,6 +42,8 @@ pub struct Engine {
     pub worker: u16,
     /// `db_default` (decision log).
     pub default: Pool,
+    /// Age after which recovery resolves a prepared transaction.
+    pub orphan_age_ms: u64,
 }
 
 impl Engine {
@@ -64,6 +66,7 @@ impl Engine {
             max_merge_rows: config.server.max_merge_rows,
             worker,
             default,
+            orphan_age_ms: config.sharding.prepared_orphan_age_ms,
         })
     }
 

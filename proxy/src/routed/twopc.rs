@@ -18,10 +18,8 @@ use super::wire;
 use super::Engine;
 
 /// The decision log, created in `db_default` at startup.
-pub const DECISIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS shardgate_2pc_decisions (gid text PRIMARY KEY, shards int[] NOT NULL, decided_at timestamptz NOT NULL DEFAULT now())";
-
-/// Prepared transactions older than this with no live owner are resolved by recovery.
-const ORPHAN_AGE_SECS: u32 = 60;
+pub const DECISIONS_DDL: &str =
+    "CREATE TABLE IF NOT EXISTS shardgate_2pc_decisions (gid text PRIMARY KEY, shards int[] NOT NULL, decided_at timestamptz NOT NULL DEFAULT now())";
 
 /// A new global transaction id: worker, time, randomness.
 pub fn new_gid(worker: u16) -> String {
@@ -116,7 +114,10 @@ pub async fn commit_each(slots: &mut Slots, shards: &[usize]) -> Result<(), Exec
             Err(e) => {
                 slot.conn.broken = true;
                 tracing::warn!(shard = s, error = %e, "shard lost during COMMIT");
-                err.get_or_insert(ExecError::Proxy("08006", format!("lost the connection to shard db_{s} during COMMIT; the outcome on that shard is unknown")));
+                err.get_or_insert(ExecError::Proxy(
+                    "08006",
+                    format!("lost the connection to shard db_{s} during COMMIT; the outcome on that shard is unknown"),
+                ));
             }
         }
         slot.in_tx = false;
@@ -175,7 +176,8 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
             continue;
         };
         let q = format!(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'sg\\_%' AND prepared < now() - interval '{ORPHAN_AGE_SECS} seconds'"
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'sg\\_%' AND prepared < now() - interval '{} milliseconds'",
+            engine.orphan_age_ms
         );
         let Ok(Ok(gids)) = wire::control(&mut conn, &q).await else { continue };
         for g in gids.into_iter().flatten() {

@@ -125,7 +125,11 @@ impl std::hash::Hash for Key {
             Key::Int(v) => v.hash(state),
             Key::Float(v) => {
                 let v = if *v == 0.0 { 0.0 } else { *v };
-                if v.is_nan() { u64::MAX.hash(state) } else { v.to_bits().hash(state) }
+                if v.is_nan() {
+                    u64::MAX.hash(state)
+                } else {
+                    v.to_bits().hash(state)
+                }
             }
             Key::Num(n) => match n {
                 NumKey::Finite(d) => d.to_string().hash(state),
@@ -268,7 +272,11 @@ pub fn numeric_from_binary(v: &[u8]) -> Result<String, ValueError> {
     for (i, d) in digits.iter().enumerate() {
         let w = weight as i32 - i as i32;
         if w >= 0 {
-            if int_part.is_empty() { int_part.push_str(&d.to_string()) } else { int_part.push_str(&format!("{d:04}")) }
+            if int_part.is_empty() {
+                int_part.push_str(&d.to_string())
+            } else {
+                int_part.push_str(&format!("{d:04}"))
+            }
             if w > 0 && i == digits.len() - 1 {
                 for _ in 0..w {
                     int_part.push_str("0000");
@@ -415,7 +423,11 @@ pub fn numeric_avg(sum_text: &str, count: i64) -> Result<String, ValueError> {
     let r = &num - &q * &den;
     let twice = (r.magnitude() * 2u32) >= *den.magnitude();
     let q = if twice {
-        if (num.sign() == Sign::Minus) != (den.sign() == Sign::Minus) { q - 1 } else { q + 1 }
+        if (num.sign() == Sign::Minus) != (den.sign() == Sign::Minus) {
+            q - 1
+        } else {
+            q + 1
+        }
     } else {
         q
     };
@@ -545,7 +557,11 @@ impl Acc {
             (Acc::Num(a), oid::NUMERIC) => Acc::Num(numeric_add(&a, s)?),
             (Acc::Empty, oid::FLOAT8 | oid::FLOAT4) => Acc::Float(parse_float(s)?),
             (Acc::Float(a), oid::FLOAT8 | oid::FLOAT4) => Acc::Float(a + parse_float(s)?),
-            (_, other) => return Err(ValueError::Unsupported(format!("sum of type oid {other} across shards is not supported; group by the shard key or narrow the query to one merchant"))),
+            (_, other) => {
+                return Err(ValueError::Unsupported(format!(
+                    "sum of type oid {other} across shards is not supported; group by the shard key or narrow the query to one merchant"
+                )))
+            }
         };
         Ok(())
     }

@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::{Bytes, BytesMut};
 use shardgate_router::{Analysis, Plan, StatementClass};
 
-use super::{Expect, Flow, Session, End};
+use super::{End, Expect, Flow, Session};
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::codec::{put_cstr, put_message, split_frame};
 use crate::protocol::frontend::{Reader, Target};
@@ -162,7 +162,11 @@ impl Session {
 
     /// Transaction status as the client must see it.
     fn logical_status(&self) -> u8 {
-        if self.server.is_some() { self.tx_status } else { b'I' }
+        if self.server.is_some() {
+            self.tx_status
+        } else {
+            b'I'
+        }
     }
 
     fn in_tx_block(&self) -> bool {
@@ -516,7 +520,11 @@ impl Session {
             return Ok(Some(Flow::Continue));
         }
         if max_rows > 0 {
-            self.fail_extended(ExecError::Proxy("0A000", "fetching rows of a t_order portal in batches (Execute with a row limit) is not supported; fetch all rows or use LIMIT/OFFSET".into())).await?;
+            self.fail_extended(ExecError::Proxy(
+                "0A000",
+                "fetching rows of a t_order portal in batches (Execute with a row limit) is not supported; fetch all rows or use LIMIT/OFFSET".into(),
+            ))
+            .await?;
             return Ok(Some(Flow::Continue));
         }
         let visible = if bound.result_formats.iter().any(|f| *f != 0) {

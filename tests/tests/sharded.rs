@@ -1,0 +1,205 @@
+//! Sharded execution beyond the differential workload: prepared statements
+//! whose targets change per execution, month tables created on demand, the
+//! merge row cap, two-phase commit recovery after a proxy restart, admin SQL
+//! and psql meta-commands.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use shardgate_tests::{connect, pg_bin, sqlstate, Cluster, Options, ADMIN_USER};
+
+fn start(server_toml: &str, extra_toml: &str) -> Cluster {
+    Cluster::start_temp(Options {
+        all_clusters: true,
+        redis: false,
+        proxy: true,
+        server_toml: server_toml.into(),
+        pool_toml: String::new(),
+        extra_toml: extra_toml.into(),
+    })
+    .expect("start cluster")
+}
+
+#[tokio::test]
+async fn a_prepared_statement_follows_its_bind_values_to_other_shards_and_months() {
+    let c = start("", "");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let ins = client
+        .prepare("INSERT INTO t_order (order_no, merchant_id, order_amount, create_time) VALUES ($1, $2, 1.00, $3) RETURNING id")
+        .await
+        .expect("prepare insert");
+    let get = client.prepare("SELECT order_no, merchant_id FROM t_order WHERE merchant_id = $1 AND id = $2").await.expect("prepare select");
+    let mut ids = Vec::new();
+    for m in 0..16i64 {
+        let ts: jiff::Timestamp = format!("2026-{:02}-15T12:00:00Z", 1 + m % 12).parse().expect("ts");
+        let when = std::time::UNIX_EPOCH + Duration::from_secs(ts.as_second() as u64);
+        let id: i64 = client.query_one(&ins, &[&format!("P{m}"), &m, &when]).await.expect("insert").get(0);
+        ids.push((m, id));
+    }
+    for (m, id) in &ids {
+        let row = client.query_one(&get, &[m, id]).await.expect("select");
+        assert_eq!(row.get::<_, String>(0), format!("P{m}"));
+    }
+    // the rows are where the statement's values sent them
+    for (m, _) in &ids {
+        let shard = connect(&c.info.shards[(*m % 8) as usize]).await.expect("shard");
+        let table = format!("t_order_2026{:02}", 1 + m % 12);
+        let n: i64 = shard.query_one(&format!("SELECT count(*) FROM {table} WHERE order_no = $1"), &[&format!("P{m}")]).await.expect("direct").get(0);
+        assert_eq!(n, 1, "P{m} in db_{}.{table}", m % 8);
+    }
+}
+
+#[tokio::test]
+async fn a_write_to_a_month_without_a_table_creates_it_on_every_shard() {
+    let c = start("", "");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client
+        .batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'far', 3, '2031-05-05 00:00+00')")
+        .await
+        .expect("insert far month");
+    for dsn in &c.info.shards {
+        let shard = connect(dsn).await.expect("shard");
+        let exists: bool = shard.query_one("SELECT to_regclass('t_order_203105') IS NOT NULL", &[]).await.expect("regclass").get(0);
+        assert!(exists, "{dsn} has t_order_203105");
+    }
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order WHERE create_time >= '2031-01-01'", &[]).await.expect("count").get(0);
+    assert_eq!(n, 1);
+    // and the maintainer made the current month and the months ahead
+    let months: Vec<String> = connect(&c.info.shards[0])
+        .await
+        .expect("shard0")
+        .query("SELECT relname::text FROM pg_class WHERE relname ~ '^t_order_[0-9]{6}$'", &[])
+        .await
+        .expect("list")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
+    let this_month = format!("t_order_{}", now.strftime("%Y%m"));
+    assert!(months.contains(&this_month), "{this_month} in {months:?}");
+}
+
+#[tokio::test]
+async fn merges_over_the_row_cap_fail_clearly_and_streams_are_not_capped() {
+    let c = start("max_merge_rows = 50", "");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let values: Vec<String> = (1..=400).map(|i| format!("({i}, 'C{i}', {}, '2026-11-0{} 00:00+00')", i % 40, 1 + i % 9)).collect();
+    client.batch_execute(&format!("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES {}", values.join(","))).await.expect("load");
+    let e = client.query("SELECT DISTINCT order_no FROM t_order", &[]).await.expect_err("over the cap");
+    assert_eq!(sqlstate(&e).as_deref(), Some("54000"));
+    assert!(e.as_db_error().is_some_and(|d| d.message().contains("max_merge_rows")), "{e:?}");
+    // streaming shapes are not limited: plain scans and ordered k-way merges
+    assert_eq!(client.query("SELECT id FROM t_order", &[]).await.expect("scan").len(), 400);
+    let rows = client.query("SELECT id FROM t_order ORDER BY id DESC", &[]).await.expect("ordered");
+    assert_eq!(rows.len(), 400);
+    assert_eq!(rows[0].get::<_, i64>(0), 400);
+    // few groups are fine
+    assert_eq!(client.query("SELECT merchant_id, count(*) FROM t_order GROUP BY 1", &[]).await.expect("groups").len(), 40);
+}
+
+/// A prepared transaction on a shard as a crashed proxy would leave it.
+async fn leave_prepared(dsn: &str, gid: &str, id: i64, merchant: i64) {
+    let shard = connect(dsn).await.expect("shard");
+    shard
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO t_order_202611 (id, order_no, merchant_id, create_time) VALUES ({id}, 'R{id}', {merchant}, '2026-11-10'); PREPARE TRANSACTION '{gid}'"
+        ))
+        .await
+        .expect("prepare");
+}
+
+#[tokio::test]
+async fn two_phase_commits_left_by_a_dead_proxy_are_resolved_after_restart() {
+    let mut c = start("", "[sharding]\nprepared_orphan_age_ms = 500\n");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("SELECT count(*) FROM t_order").await.expect("months exist");
+    c.stop_proxy(Duration::from_secs(10)).expect("stop proxy");
+    // decided: the decision row exists → commit on both shards
+    leave_prepared(&c.info.shards[3], "sg_9_1_aaaa_s3", 11, 3).await;
+    leave_prepared(&c.info.shards[4], "sg_9_1_aaaa_s4", 12, 4).await;
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    def.batch_execute("INSERT INTO shardgate_2pc_decisions (gid, shards) VALUES ('sg_9_1_aaaa', '{3,4}')").await.expect("decision");
+    // undecided: no row → roll back
+    leave_prepared(&c.info.shards[5], "sg_9_2_bbbb_s5", 13, 5).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c.start_proxy().expect("restart proxy");
+    let t0 = Instant::now();
+    loop {
+        let mut pending = 0i64;
+        for s in [3, 4, 5] {
+            let shard = connect(&c.info.shards[s]).await.expect("shard");
+            pending += shard.query_one("SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'sg\\_%'", &[]).await.expect("xacts").get::<_, i64>(0);
+        }
+        if pending == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "recovery did not resolve the prepared transactions");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let ids: Vec<i64> = client.query("SELECT id FROM t_order WHERE id IN (11, 12, 13) ORDER BY id", &[]).await.expect("ids").iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec![11, 12], "the decided transaction committed on both shards, the undecided one rolled back");
+}
+
+#[tokio::test]
+async fn a_transaction_writing_two_shards_commits_both_or_neither() {
+    let c = start("", "");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'dup', 2, '2026-11-01')").await.expect("seed");
+    // a failure on the second shard aborts the whole transaction, the first shard's write included
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (2, 'a', 1, '2026-11-01')").await.expect("first shard");
+    let e = client
+        .batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (3, 'dup', 2, '2026-11-02')")
+        .await
+        .expect_err("duplicate on the second shard");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"));
+    let e = client.batch_execute("SELECT 1").await.expect_err("aborted");
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P02"));
+    client.batch_execute("COMMIT").await.expect("commit answers rollback");
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count").get(0);
+    assert_eq!(n, 1, "nothing of the failed transaction stayed");
+    // several statements in one string with t_order are refused (0A000), not half-run
+    client.batch_execute("BEGIN; INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (4, 'b', 1, '2026-11-01'); INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (5, 'c', 6, '2026-11-01'); COMMIT").await.expect_err("refused");
+    // a good one commits on both shards, with no prepared transaction left behind
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (4, 'b', 1, '2026-11-01')").await.expect("shard 1");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (5, 'c', 6, '2026-11-01')").await.expect("shard 6");
+    client.batch_execute("COMMIT").await.expect("commit");
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count").get(0);
+    assert_eq!(n, 3);
+    for s in [1, 6] {
+        let shard = connect(&c.info.shards[s]).await.expect("shard");
+        let left: i64 = shard.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.expect("xacts").get(0);
+        assert_eq!(left, 0);
+    }
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let decisions: i64 = def.query_one("SELECT count(*) FROM shardgate_2pc_decisions", &[]).await.expect("decisions").get(0);
+    assert_eq!(decisions, 0, "decision rows are removed once every shard committed");
+}
+
+#[tokio::test]
+async fn admin_sql_and_psql_meta_commands() {
+    let c = start("", "");
+    let admin = connect(&c.info.proxy_dsn_for(ADMIN_USER.0, ADMIN_USER.1)).await.expect("admin");
+    for (cmd, cols) in [("SHOW SHARDS", 7), ("SHOW POOLS", 6), ("SHOW CLIENTS", 4), ("SHOW MONTHS", 3)] {
+        let msgs = admin.simple_query(cmd).await.expect(cmd);
+        let rows: Vec<_> = msgs.iter().filter_map(|m| if let tokio_postgres::SimpleQueryMessage::Row(r) = m { Some(r) } else { None }).collect();
+        assert!(!rows.is_empty(), "{cmd} lists something");
+        assert_eq!(rows[0].len(), cols, "{cmd}");
+        if cmd == "SHOW SHARDS" {
+            assert_eq!(rows.len(), 8);
+            assert_eq!(rows[7].get(1), Some("db_7"));
+        }
+    }
+    // an application user's SHOW goes to PostgreSQL
+    let app = connect(&c.info.proxy_dsn).await.expect("app");
+    let e = app.simple_query("SHOW SHARDS").await.expect_err("not admin");
+    assert_eq!(sqlstate(&e).as_deref(), Some("42704"));
+    // psql meta-commands describe the logical table
+    let out = Command::new(pg_bin().join("psql")).arg(&c.info.proxy_dsn).args(["-X", "-c", "\\d t_order", "-c", "\\dt t_order"]).output().expect("psql");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("merchant_id") && text.contains("create_time") && text.contains("t_order"), "{text}");
+}
