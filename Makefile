@@ -32,6 +32,7 @@ test: deps build
 bench: deps
 	$(CARGO) build --release --workspace --bins
 	@bash scripts/bench.sh
+	@bash scripts/bench_routed.sh
 
 fuzz:
 	@bash scripts/fuzz.sh $(or $(SECONDS_TO_RUN),600) $(or $(FUZZ_TARGET),frames)
