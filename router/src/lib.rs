@@ -71,6 +71,12 @@ impl Router {
         a
     }
 
+    /// The analysis of `sql`: from the cache if there, else computed and not
+    /// stored (for statement texts with literals, which rarely repeat).
+    pub fn analysis_uncached(&self, sql: &str) -> Arc<Analysis> {
+        self.cache.get(sql).unwrap_or_else(|| Arc::new(analyze(sql, &self.topo)))
+    }
+
     /// Plans `sql` with bind values, using the cache.
     pub fn plan(&self, sql: &str, params: &[Param<'_>], ctx: &Context<'_>) -> Result<Plan> {
         self.analysis(sql).plan(params, &self.topo, ctx)

@@ -317,6 +317,7 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
     }
     // send every target's statement, grouped per connection, before reading anything
     let mut bufs: Vec<(usize, BytesMut)> = Vec::new();
+    let mut parsed: Vec<(usize, String)> = Vec::new();
     for t in &routed.targets {
         let shard = t.shard.0 as usize;
         let idx: Vec<usize> = match &t.params {
@@ -333,7 +334,20 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
                 &mut bufs.last_mut().expect("pushed").1
             }
         };
-        wire::put_statement(buf, &t.sql, &types, &values, &fmts, &formats);
+        // extended-protocol clients repeat their statements: keep them prepared on the shard
+        // connection (named by text and types), so the shard parses and plans once
+        let conn = &mut slots[shard].as_mut().expect("held").conn;
+        let name = (!req.simple && conn.prepared.len() < MAX_PREPARED_PER_CONN).then(|| target_statement_name(&t.sql, &types));
+        let parse = match &name {
+            Some(n) if conn.prepared.contains(n) => false,
+            Some(n) => {
+                conn.prepared.insert(n.clone());
+                parsed.push((shard, n.clone()));
+                true
+            }
+            None => true,
+        };
+        wire::put_statement(buf, name.as_deref().unwrap_or("").as_bytes(), parse, &t.sql, &types, &values, &fmts, &formats);
     }
     for (shard, buf) in &bufs {
         let slot = slots[*shard].as_mut().expect("held");
@@ -343,10 +357,47 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
         }
     }
     let ordered_stream = spec.is_some_and(|s| s.grouping.is_none() && !s.distinct && !s.order_by.is_empty()) && bufs.len() == routed.targets.len();
-    if ordered_stream {
-        kway(slots, req, out, spec.expect("checked")).await
-    } else {
-        sequential(engine, slots, req, out, spec).await
+    let result = if ordered_stream { kway(slots, req, out, spec.expect("checked")).await } else { sequential(engine, slots, req, out, spec).await };
+    if result.is_err() && !parsed.is_empty() {
+        // a Parse in a failed pipeline may not have created its statement: forget and close them
+        forget_parsed(slots, &parsed).await;
+    }
+    result
+}
+
+/// Most statements one shard connection keeps prepared for routed targets.
+const MAX_PREPARED_PER_CONN: usize = 512;
+
+/// Server statement name of a target statement.
+fn target_statement_name(sql: &str, types: &[u32]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sql.hash(&mut h);
+    types.hash(&mut h);
+    let mut h2 = std::collections::hash_map::DefaultHasher::new();
+    types.hash(&mut h2);
+    sql.len().hash(&mut h2);
+    sql.hash(&mut h2);
+    format!("sgr_{:016x}{:016x}", h.finish(), h2.finish())
+}
+
+async fn forget_parsed(slots: &mut Slots, parsed: &[(usize, String)]) {
+    for (shard, name) in parsed {
+        let Some(slot) = slots.get_mut(*shard).and_then(Option::as_mut) else { continue };
+        slot.conn.prepared.remove(name);
+        if slot.conn.broken {
+            continue;
+        }
+        let mut b = BytesMut::new();
+        put_message(&mut b, b'C', |o| {
+            o.extend_from_slice(b"S");
+            crate::protocol::codec::put_cstr(o, name.as_bytes());
+        });
+        put_message(&mut b, b'S', |_| {});
+        let ok = slot.conn.stream.write_all(&b).await.is_ok() && wire::read_ready(&mut slot.conn).await.is_ok();
+        if !ok {
+            slot.conn.broken = true;
+        }
     }
 }
 

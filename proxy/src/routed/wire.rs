@@ -9,19 +9,23 @@ use crate::backend::{BackendError, ServerConn};
 use crate::protocol::backend::parse_error_fields;
 use crate::protocol::codec::{put_cstr, put_message, Frame};
 
-/// Appends the pipeline for one statement.
-pub fn put_statement(out: &mut BytesMut, sql: &str, types: &[u32], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
-    put_message(out, b'P', |o| {
-        put_cstr(o, b"");
-        put_cstr(o, sql.as_bytes());
-        o.put_i16(types.len() as i16);
-        for t in types {
-            o.put_u32(*t);
-        }
-    });
+/// Appends the pipeline for one statement: Parse (unless `statement` is
+/// already prepared on the connection), Bind, Describe, Execute, Sync.
+#[allow(clippy::too_many_arguments)]
+pub fn put_statement(out: &mut BytesMut, statement: &[u8], parse: bool, sql: &str, types: &[u32], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
+    if parse {
+        put_message(out, b'P', |o| {
+            put_cstr(o, statement);
+            put_cstr(o, sql.as_bytes());
+            o.put_i16(types.len() as i16);
+            for t in types {
+                o.put_u32(*t);
+            }
+        });
+    }
     put_message(out, b'B', |o| {
         put_cstr(o, b"");
-        put_cstr(o, b"");
+        put_cstr(o, statement);
         o.put_i16(formats.len() as i16);
         for f in formats {
             o.put_i16(*f);

@@ -132,7 +132,8 @@ impl Session {
             return Ok(None);
         }
         let Ok(text) = std::str::from_utf8(sql) else { return Ok(None) };
-        let analysis = self.shared.engine.router.analysis(text);
+        // simple-protocol texts carry their values as literals: analysed each time, not cached
+        let analysis = self.shared.engine.router.analysis_uncached(text);
         match &*analysis {
             Analysis::Passthrough(StatementClass::Transaction) if self.shards_in_tx() => {
                 self.barrier().await?;
