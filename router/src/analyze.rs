@@ -502,6 +502,7 @@ impl SelectAnalysis {
                 targets: vec![Target { shard, months, sql, params: None }],
                 merge: None,
                 generated_ids: Vec::new(),
+                row_targets: Vec::new(),
             })));
         }
         let form = self.scatter_form(rule)?;
@@ -519,7 +520,7 @@ impl SelectAnalysis {
         let mut spec = sc.spec.clone();
         spec.limit = limit;
         spec.offset = offset;
-        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new() })))
+        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new(), row_targets: Vec::new() })))
     }
 }
 
@@ -534,7 +535,7 @@ impl WriteAnalysis {
                 Target { shard, months, sql, params: None }
             })
             .collect();
-        Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new() })))
+        Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new(), row_targets: Vec::new() })))
     }
 }
 
@@ -603,7 +604,7 @@ impl InsertAnalysis {
             vec![Target { shard, months: vec![month], sql, params: None }]
         } else {
             let mut out = Vec::with_capacity(order.len());
-            for (shard, month) in order {
+            for &(shard, month) in &order {
                 let rows: Vec<usize> = (0..keys.len()).filter(|i| keys[*i] == (shard, month)).collect();
                 let mut stmt = self.stmt.clone();
                 if let Statement::Insert(ins) = &mut stmt {
@@ -621,6 +622,8 @@ impl InsertAnalysis {
             }
             out
         };
-        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids })))
+        // which target each VALUES row went to (so RETURNING rows can be put back in row order)
+        let row_targets = if targets.len() > 1 { keys.iter().map(|k| order.iter().position(|o| o == k).unwrap_or(0)).collect() } else { Vec::new() };
+        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids, row_targets })))
     }
 }

@@ -61,6 +61,10 @@ pub struct Routed {
     pub merge: Option<MergeSpec>,
     /// Ids the plan generated for rows that omitted them, in row order.
     pub generated_ids: Vec<i64>,
+    /// For a multi-row INSERT split over several targets: the target index of
+    /// each VALUES row, in row order (RETURNING rows are put back in this
+    /// order); empty otherwise.
+    pub row_targets: Vec<usize>,
 }
 
 /// One statement on one shard.

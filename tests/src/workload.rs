@@ -135,7 +135,11 @@ pub fn steps() -> Vec<Step> {
         step("DELETE FROM t_order WHERE id IN (3, 4, 5)"),
         step("DELETE FROM t_order WHERE merchant_id = 7 AND pay_status = 'CLOSED'"),
         with("UPDATE t_order SET pay_status = $1 WHERE merchant_id = $2 RETURNING id, pay_status", vec![Text("REFUND".into()), Int(9)]),
-        step("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status, create_time) VALUES (9100001, 'N1', 21, 5.00, 'NEW', '2026-11-20 01:00+00'), (9100002, 'N2', 22, 6.00, 'NEW', '2026-10-20 01:00+00'), (9100003, 'N3', 23, 7.50, 'NEW', '2026-11-21 01:00+00') RETURNING order_no, merchant_id"),
+        // RETURNING rows come back in VALUES order although the rows are split over three targets
+        Step {
+            ordered: true,
+            ..step("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status, create_time) VALUES (9100001, 'N1', 21, 5.00, 'NEW', '2026-11-20 01:00+00'), (9100002, 'N2', 22, 6.00, 'NEW', '2026-10-20 01:00+00'), (9100003, 'N3', 23, 7.50, 'NEW', '2026-11-21 01:00+00'), (9100004, 'N4', 21, 8.25, 'NEW', '2026-11-22 01:00+00') RETURNING order_no, merchant_id")
+        },
         Step { ignore: vec!["id".into()], ..step("INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status, create_time) VALUES ('G1', 31, 1.25, 'NEW', '2026-11-02 03:00+00') RETURNING id, order_no, merchant_id") },
         step("SELECT order_no, merchant_id, order_amount FROM t_order WHERE order_no LIKE 'N%' OR order_no LIKE 'G%' ORDER BY order_no"),
         // transactions

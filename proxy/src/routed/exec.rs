@@ -454,7 +454,11 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     let single_tag = routed.targets.len() == 1;
     let mut last_tag = String::new();
     let mut notices = BytesMut::new();
-    for t in &routed.targets {
+    // RETURNING rows of a split multi-row INSERT go back into VALUES order
+    let reorder = !routed.row_targets.is_empty() && routed.targets.len() > 1;
+    let mut returned: Vec<std::collections::VecDeque<crate::protocol::codec::Frame>> = vec![Default::default(); routed.targets.len()];
+    let folds = spec.is_some_and(|s| s.grouping.is_some() || s.distinct);
+    for (ti, t) in routed.targets.iter().enumerate() {
         let shard = t.shard.0 as usize;
         let conn = &mut slots[shard].as_mut().expect("held").conn;
         let head = match wire::read_head(conn, &mut notices).await {
@@ -492,10 +496,17 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
                         if first_err.is_some() {
                             continue;
                         }
-                        if collect {
+                        if folds {
+                            // groups are folded as rows arrive: memory follows the number of groups
+                            let row = merge::parse_data_row(f.body())?;
+                            let c = collector.get_or_insert_with(|| Collector::new(spec.expect("collect"), shape.cols.clone(), engine.max_merge_rows));
+                            if let Err(e) = c.push(row) {
+                                first_err = Some(e.into());
+                            }
+                        } else if collect {
                             let row = merge::parse_data_row(f.body())?;
                             buffered.push(row);
-                            if buffered.len() > engine.max_merge_rows && spec.is_some_and(|s| s.grouping.is_none() && !s.distinct) {
+                            if buffered.len() > engine.max_merge_rows {
                                 first_err = Some(
                                     ValueError::Limit(format!(
                                         "ORDER BY across shards holds more than {} rows (server.max_merge_rows); add a LIMIT or narrow the query",
@@ -504,6 +515,8 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
                                     .into(),
                                 );
                             }
+                        } else if reorder {
+                            returned[ti].push_back(f);
                         } else {
                             seen += 1;
                             if seen <= offset || limit.is_some_and(|l| emitted >= l) {
@@ -535,25 +548,31 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
             Ok(_) => {}
             Err(e) => return Err(fail(slots, shard, e)),
         }
-        // keep groups bounded while reading: fold what was buffered
-        if collect && spec.is_some_and(|s| s.grouping.is_some() || s.distinct) && first_err.is_none() {
-            let c = collector.get_or_insert_with(|| Collector::new(spec.expect("collect"), shape.cols.clone(), engine.max_merge_rows));
-            for row in buffered.drain(..) {
-                if let Err(e) = c.push(row) {
-                    first_err = Some(e.into());
-                    break;
-                }
-            }
-        }
     }
     if let Some(e) = first_err {
         return Err(e);
+    }
+    if reorder {
+        for &ti in &routed.row_targets {
+            if let Some(f) = returned.get_mut(ti).and_then(|q| q.pop_front()) {
+                out.buf.extend_from_slice(&f.raw);
+                out.maybe_flush().await?;
+            }
+        }
+        // anything not matched (a target returned more rows than it got): keep it, in target order
+        for q in returned.iter_mut() {
+            for f in q.drain(..) {
+                out.buf.extend_from_slice(&f.raw);
+            }
+        }
     }
     if collect {
         let spec = spec.expect("collect");
         let client_binary: Vec<bool> = (0..shape.visible).map(|i| req.bound.binary(i)).collect();
         let rows = match collector {
             Some(c) => c.finish(&client_binary)?,
+            // no row at all reached the collector
+            None if folds => Collector::new(spec, shape.cols.clone(), engine.max_merge_rows).finish(&client_binary)?,
             // ORDER BY with several targets on one shard: sort what was buffered
             None => sort_rows(buffered, spec, &shape.cols, shape.visible)?,
         };
