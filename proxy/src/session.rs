@@ -684,6 +684,17 @@ impl Session {
     }
 
     fn note_statement_text(&mut self, sql: &[u8]) {
+        if let Some((name, value)) = tracked_set(&String::from_utf8_lossy(&sql[..sql.len().min(512)])) {
+            // shard connections get the client's session parameters too (see param_sets)
+            if name == "*" {
+                self.desired.clear();
+            } else {
+                self.desired.retain(|(k, _)| *k != name);
+                if let Some(v) = value {
+                    self.desired.push((name, normalize_param(&v)));
+                }
+            }
+        }
         if self.pinned.is_some() {
             return;
         }
@@ -1206,6 +1217,55 @@ fn statement_name(query: &[u8], param_types: &[u8]) -> String {
     format!("sg_{:016x}{:016x}", h.finish(), h2.finish())
 }
 
+/// `SET name = value` / `SET TIME ZONE …` / `RESET name` / `RESET ALL` of a
+/// tracked parameter: `(name, Some(value))`, `(name, None)` for a reset, `("*", None)`
+/// for RESET ALL. SET LOCAL and other statements give `None`.
+fn tracked_set(sql: &str) -> Option<(String, Option<String>)> {
+    let sql = sql.trim().trim_end_matches(';').trim();
+    let mut words = sql.splitn(2, char::is_whitespace);
+    let verb = words.next()?.to_ascii_lowercase();
+    let rest = words.next().unwrap_or("").trim();
+    if verb == "reset" {
+        let name = rest.to_ascii_lowercase();
+        if name == "all" {
+            return Some(("*".into(), None));
+        }
+        return TRACKED_PARAMS.contains(&name.as_str()).then_some((name, None));
+    }
+    if verb != "set" {
+        return None;
+    }
+    let lower = rest.to_ascii_lowercase();
+    let rest = if lower.starts_with("session ") { rest[8..].trim_start() } else { rest };
+    let lower = rest.to_ascii_lowercase();
+    let (name, value) = if lower.starts_with("time zone") {
+        ("timezone".to_string(), rest[9..].trim())
+    } else {
+        let end = rest.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(rest.len());
+        let name = rest[..end].to_ascii_lowercase();
+        let after = rest[end..].trim_start();
+        let value = if let Some(v) = after.strip_prefix('=') {
+            v
+        } else if after.len() >= 2 && after[..2].eq_ignore_ascii_case("to") {
+            &after[2..]
+        } else {
+            return None;
+        };
+        (name, value.trim())
+    };
+    if !TRACKED_PARAMS.contains(&name.as_str()) {
+        return None;
+    }
+    if value.eq_ignore_ascii_case("default") || value.eq_ignore_ascii_case("local") {
+        return Some((name, None));
+    }
+    let value = match value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+        Some(q) => q.replace("''", "'"),
+        None => value.to_string(),
+    };
+    Some((name, Some(value)))
+}
+
 /// Canonical spelling of a parameter value for comparison.
 fn normalize_param(v: &str) -> String {
     match v.to_ascii_lowercase().as_str() {
@@ -1266,6 +1326,18 @@ mod tests {
             parse_options("-c search_path=a,b --statement-timeout=5 -cDateStyle=ISO junk"),
             vec![("search_path".into(), "a,b".into()), ("statement_timeout".into(), "5".into()), ("datestyle".into(), "ISO".into())]
         );
+    }
+
+    #[test]
+    fn tracked_sets_are_recognised() {
+        assert_eq!(tracked_set("SET TimeZone = 'Asia/Shanghai'"), Some(("timezone".into(), Some("Asia/Shanghai".into()))));
+        assert_eq!(tracked_set("set time zone 'UTC';"), Some(("timezone".into(), Some("UTC".into()))));
+        assert_eq!(tracked_set("SET SESSION datestyle TO ISO"), Some(("datestyle".into(), Some("ISO".into()))));
+        assert_eq!(tracked_set("SET search_path TO DEFAULT"), Some(("search_path".into(), None)));
+        assert_eq!(tracked_set("RESET ALL"), Some(("*".into(), None)));
+        assert_eq!(tracked_set("SET LOCAL timezone = 'UTC'"), None);
+        assert_eq!(tracked_set("SET work_mem = '64MB'"), None);
+        assert_eq!(tracked_set("SELECT 1"), None);
     }
 
     #[test]

@@ -203,3 +203,21 @@ async fn admin_sql_and_psql_meta_commands() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("merchant_id") && text.contains("create_time") && text.contains("t_order"), "{text}");
 }
+
+#[tokio::test]
+async fn session_time_zone_reaches_the_shards() {
+    let c = start("", "");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'tz', 1, '2026-11-05 10:00:00+00')").await.expect("insert");
+    client.batch_execute("SET TimeZone = 'Asia/Shanghai'").await.expect("set");
+    let text = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| {
+        msgs.into_iter().find_map(|m| if let tokio_postgres::SimpleQueryMessage::Row(r) = m { r.get(0).map(str::to_string) } else { None }).expect("a row")
+    };
+    let one = text(client.simple_query("SELECT create_time FROM t_order WHERE merchant_id = 1").await.expect("one shard"));
+    assert_eq!(one, "2026-11-05 18:00:00+08");
+    let all = text(client.simple_query("SELECT max(create_time) FROM t_order").await.expect("all shards"));
+    assert_eq!(all, "2026-11-05 18:00:00+08");
+    client.batch_execute("RESET TimeZone").await.expect("reset");
+    let back = text(client.simple_query("SELECT create_time FROM t_order WHERE merchant_id = 1").await.expect("one shard"));
+    assert_eq!(back, "2026-11-05 10:00:00+00");
+}

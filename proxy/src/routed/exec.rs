@@ -24,7 +24,6 @@ use super::value::{Key, ValueError};
 use super::wire::{self, Event, Head, ServerError};
 use super::Engine;
 use crate::backend::{BackendError, ServerManager};
-use crate::metrics as m;
 use crate::protocol::codec::put_message;
 
 /// A shard connection a session holds.
@@ -163,7 +162,9 @@ pub async fn hold(
     if slots[shard].is_none() {
         let t0 = Instant::now();
         let got = engine.shards[shard].get().await;
-        metrics::histogram!(m::SHARD_POOL_WAIT_SECONDS, "shard" => shard_label(shard)).record(t0.elapsed().as_secs_f64());
+        if let Some(meters) = engine.meters.get(shard) {
+            meters.pool_wait.record(t0.elapsed().as_secs_f64());
+        }
         let mut conn = match got {
             Ok(c) => c,
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
@@ -247,7 +248,7 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
     // several shards written outside a transaction block: one atomic two-phase commit
     let implicit_2pc = write && req.tx.is_none() && distinct_shards > 1;
     let tx = if implicit_2pc { Some("BEGIN") } else { req.tx };
-    metrics::histogram!(m::FANOUT).record(routed.targets.len() as f64);
+    engine.fanout.record(routed.targets.len() as f64);
     let t0 = Instant::now();
     let result = run(engine, slots, req, out, &shards, tx).await;
     let shard_list: Vec<usize> = {
@@ -257,11 +258,11 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
         s
     };
     for &s in &shard_list {
-        let label = shard_label(s);
-        metrics::counter!(m::SHARD_QUERIES, "shard" => label).increment(1);
-        metrics::histogram!(m::SHARD_QUERY_SECONDS, "shard" => label).record(t0.elapsed().as_secs_f64());
+        let Some(meters) = engine.meters.get(s) else { continue };
+        meters.queries.increment(1);
+        meters.seconds.record(t0.elapsed().as_secs_f64());
         if result.is_err() {
-            metrics::counter!(m::SHARD_ERRORS, "shard" => label).increment(1);
+            meters.errors.increment(1);
         }
     }
     if req.tx.is_some() {

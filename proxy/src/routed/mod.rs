@@ -44,6 +44,35 @@ pub struct Engine {
     pub default: Pool,
     /// Age after which recovery resolves a prepared transaction.
     pub orphan_age_ms: u64,
+    /// Metric handles per shard, resolved once.
+    pub meters: Vec<ShardMeters>,
+    /// `shardgate_fanout_targets`.
+    pub fanout: metrics::Histogram,
+}
+
+/// A shard's metric handles (an update is an atomic add, no key lookup).
+pub struct ShardMeters {
+    /// `shardgate_shard_queries_total{shard}`.
+    pub queries: metrics::Counter,
+    /// `shardgate_shard_errors_total{shard}`.
+    pub errors: metrics::Counter,
+    /// `shardgate_shard_query_seconds{shard}`.
+    pub seconds: metrics::Histogram,
+    /// `shardgate_shard_pool_wait_seconds{shard}`.
+    pub pool_wait: metrics::Histogram,
+}
+
+impl ShardMeters {
+    fn new(shard: usize) -> ShardMeters {
+        use crate::metrics as m;
+        let label = exec::shard_label(shard);
+        ShardMeters {
+            queries: metrics::counter!(m::SHARD_QUERIES, "shard" => label),
+            errors: metrics::counter!(m::SHARD_ERRORS, "shard" => label),
+            seconds: metrics::histogram!(m::SHARD_QUERY_SECONDS, "shard" => label),
+            pool_wait: metrics::histogram!(m::SHARD_POOL_WAIT_SECONDS, "shard" => label),
+        }
+    }
 }
 
 impl Engine {
@@ -67,6 +96,8 @@ impl Engine {
             worker,
             default,
             orphan_age_ms: config.sharding.prepared_orphan_age_ms,
+            meters: (0..config.shards.len()).map(ShardMeters::new).collect(),
+            fanout: metrics::histogram!(crate::metrics::FANOUT),
         })
     }
 
