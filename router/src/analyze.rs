@@ -355,6 +355,11 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
         }
         let shard = src_of_value(&row[shard_pos], &rule.shard_key, name)?;
         let time = match time_pos {
+            // now() and friends: the proxy's current time, as for a row that omits the column
+            Some(p) if is_current_time(&row[p]) => {
+                row[p] = Expr::Identifier(Ident::new(HOLE_TIME));
+                None
+            }
             Some(p) => Some(src_of_value(&row[p], &rule.month_column, name)?),
             None => None,
         };
@@ -379,6 +384,18 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
     let stmt = Statement::Insert(ins);
     let template = Template::parse(&stmt.to_string());
     Ok(Analysis::Insert(Box::new(InsertAnalysis { rule: rule_idx, stmt, template, rows, generate_id, generate_time })))
+}
+
+/// `now()`, `CURRENT_TIMESTAMP`, `transaction_timestamp()`, `statement_timestamp()`, `clock_timestamp()`.
+fn is_current_time(e: &Expr) -> bool {
+    let Expr::Function(f) = e else { return false };
+    let no_args = match &f.args {
+        sqlparser::ast::FunctionArguments::None => true,
+        sqlparser::ast::FunctionArguments::List(l) => l.args.is_empty(),
+        sqlparser::ast::FunctionArguments::Subquery(_) => false,
+    };
+    let name = f.name.to_string().to_ascii_lowercase();
+    no_args && matches!(name.as_str(), "now" | "current_timestamp" | "transaction_timestamp" | "statement_timestamp" | "clock_timestamp")
 }
 
 fn src_of_value(e: &Expr, col: &str, table: &str) -> Result<Src> {
@@ -590,7 +607,9 @@ impl InsertAnalysis {
             }
         }
         let id_text: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        let time_text: Vec<String> = if self.generate_time { vec![time_literal(ctx.now); keys.len()] } else { Vec::new() };
+        // one time value per row that takes the proxy's now (omitted column or now())
+        let row_time: Vec<Option<String>> = self.rows.iter().map(|r| r.time.is_none().then(|| time_literal(ctx.now))).collect();
+        let time_text: Vec<String> = row_time.iter().flatten().cloned().collect();
         // Group rows by target, in order of first appearance.
         let mut order: Vec<(ShardId, MonthKey)> = Vec::new();
         for k in &keys {
@@ -616,7 +635,8 @@ impl InsertAnalysis {
                 let mut ren = Renumber { map: Vec::new() };
                 let _ = stmt.visit(&mut ren);
                 let pick = |v: &[String]| -> Vec<String> { rows.iter().filter_map(|i| v.get(*i).cloned()).collect() };
-                let sql = Template::parse(&stmt.to_string()).render(&rule.physical(month), None, &pick(&id_text), &pick(&time_text));
+                let times: Vec<String> = rows.iter().filter_map(|i| row_time[*i].clone()).collect();
+                let sql = Template::parse(&stmt.to_string()).render(&rule.physical(month), None, &pick(&id_text), &times);
                 let params = if params.is_empty() && ren.map.is_empty() { None } else { Some(ren.map) };
                 out.push(Target { shard, months: vec![month], sql, params });
             }
