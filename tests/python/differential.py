@@ -57,6 +57,26 @@ def run_psycopg(conn, step, mode):
     return shape(cols, cur.fetchall(), step, cur.rowcount)
 
 
+def run_pipeline(conn, step):
+    """The step between two unsharded statements in one psycopg pipeline
+    (one Sync): answers must come back in order."""
+    params = step["params"]
+    sql, args = to_pyformat(step["sql"], params) if params else (step["sql"].replace("%", "%%"), [])
+    try:
+        with conn.pipeline():
+            before = conn.execute("SELECT 'before' AS marker")
+            cur = conn.cursor()
+            cur.execute(sql, args)
+            after = conn.execute("SELECT 'after' AS marker")
+        if cur.description is None:
+            middle = ("count", cur.rowcount)
+        else:
+            middle = shape([d.name for d in cur.description], cur.fetchall(), step, cur.rowcount)
+        return ("pipeline", before.fetchall(), middle, after.fetchall())
+    except psycopg.Error as e:
+        return ("error", e.sqlstate)
+
+
 async def run_asyncpg(conn, step):
     try:
         if step["sql"].lstrip().upper().startswith("SELECT") or "RETURNING" in step["sql"]:
@@ -73,11 +93,28 @@ async def run_asyncpg(conn, step):
 def check(step, want, got, mode):
     if want != got:
         raise SystemExit(f"{mode}: answers differ for {step['sql']!r}\n reference: {want!r:.2000}\n shardgate: {got!r:.2000}")
+    if mode == "psycopg-pipeline" and want[0] == "pipeline":
+        want = want[2]
     code = step.get("error")
     if code and want != ("error", code):
         raise SystemExit(f"{mode}: {step['sql']!r} should fail with {code}, got {want!r:.300}")
     if not code and want[0] == "error":
         raise SystemExit(f"{mode}: {step['sql']!r} failed on the reference with {want[1]}")
+
+
+def pipeline_mode(workload, ref_dsn, proxy_dsn):
+    with psycopg.connect(ref_dsn, autocommit=True) as ref, psycopg.connect(proxy_dsn, autocommit=True) as px:
+        for c in (ref, px):
+            c.execute("DELETE FROM t_order")
+            for sql in workload["load"]:
+                c.execute(sql)
+        n = 0
+        for step in workload["steps"]:
+            if step["tx"]:
+                continue
+            check(step, run_pipeline(ref, step), run_pipeline(px, step), "psycopg-pipeline")
+            n += 1
+        return n
 
 
 def psycopg_mode(workload, ref_dsn, proxy_dsn, mode):
@@ -136,6 +173,8 @@ def main():
     for mode in ("server", "client", "prepared"):
         n = psycopg_mode(workload, ref_dsn, proxy_dsn, mode)
         print(f"psycopg-{mode}: ok ({n} statements)", flush=True)
+    n = pipeline_mode(workload, ref_dsn, proxy_dsn)
+    print(f"psycopg-pipeline: ok ({n} statements)", flush=True)
     n = asyncio.run(asyncpg_mode(workload, ref_dsn, proxy_dsn))
     print(f"asyncpg: ok ({n} statements)", flush=True)
 

@@ -234,7 +234,7 @@ fn python_clients_answer_like_one_table() {
     let out = Command::new("python3").arg(script).arg(&wl).arg(reference_dsn(&c)).arg(&c.info.proxy_dsn).output().expect("python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "python differential failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for mode in ["psycopg-server", "psycopg-client", "psycopg-prepared", "asyncpg"] {
+    for mode in ["psycopg-server", "psycopg-client", "psycopg-prepared", "psycopg-pipeline", "asyncpg"] {
         assert!(stdout.contains(&format!("{mode}: ok")), "{mode} did not run:\n{stdout}");
     }
 }
