@@ -416,6 +416,10 @@ struct Session {
     begin_sql: Option<String>,
     /// The user may run admin commands.
     admin: bool,
+    /// A two-phase commit whose decision row rides on the client's COMMIT (extended protocol).
+    pending_2pc: Option<(String, Vec<usize>)>,
+    /// That COMMIT has ended on db_default: resolve the prepared shard transactions.
+    resolve_2pc: Option<(String, Vec<usize>)>,
 }
 
 impl Session {
@@ -456,6 +460,8 @@ impl Session {
             routed_portals: HashMap::new(),
             begin_sql: None,
             admin: login.admin,
+            pending_2pc: None,
+            resolve_2pc: None,
         }
     }
 
@@ -484,6 +490,10 @@ impl Session {
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
         loop {
+            // 0. a COMMIT that carried a two-phase decision has ended: finish it before anything else
+            if self.resolve_2pc.is_some() {
+                self.resolve_pending_2pc().await;
+            }
             // 1. client messages, while the server side is not backed up
             while self.sout.len() < HIGH_WATER {
                 let frame = match split_frame(&mut self.cin, self.max_message) {
@@ -1045,6 +1055,9 @@ impl Session {
                     Some(Expect::Ready { .. }) => {
                         self.pending_ready = self.pending_ready.saturating_sub(1);
                         self.tx_status = status;
+                        if status == b'I' && self.pending_2pc.is_some() {
+                            self.resolve_2pc = self.pending_2pc.take();
+                        }
                         if self.pending_ready == 0 {
                             self.query_deadline = None;
                         }

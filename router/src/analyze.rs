@@ -84,7 +84,6 @@ pub struct InsertAnalysis {
     template: Template,
     rows: Vec<RowAnalysis>,
     generate_id: bool,
-    generate_time: bool,
 }
 
 fn class_of(s: &Statement) -> StatementClass {
@@ -383,7 +382,7 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
     }
     let stmt = Statement::Insert(ins);
     let template = Template::parse(&stmt.to_string());
-    Ok(Analysis::Insert(Box::new(InsertAnalysis { rule: rule_idx, stmt, template, rows, generate_id, generate_time })))
+    Ok(Analysis::Insert(Box::new(InsertAnalysis { rule: rule_idx, stmt, template, rows, generate_id })))
 }
 
 /// `now()`, `CURRENT_TIMESTAMP`, `transaction_timestamp()`, `statement_timestamp()`, `clock_timestamp()`.

@@ -221,3 +221,35 @@ async fn session_time_zone_reaches_the_shards() {
     let back = text(client.simple_query("SELECT create_time FROM t_order WHERE merchant_id = 1").await.expect("one shard"));
     assert_eq!(back, "2026-11-05 10:00:00+00");
 }
+
+#[tokio::test]
+async fn commit_and_rollback_sent_with_the_extended_protocol_end_the_shards_too() {
+    let c = start("", "");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let ins = "INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES ($1, $2, $3, '2026-11-03')";
+    // two shards written, COMMIT as Parse/Bind/Execute/Sync: two-phase commit
+    client.execute("BEGIN", &[]).await.expect("begin");
+    client.execute(ins, &[&1i64, &"x1", &1i64]).await.expect("shard 1");
+    client.execute(ins, &[&2i64, &"x2", &6i64]).await.expect("shard 6");
+    client.execute("COMMIT", &[]).await.expect("commit");
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count").get(0);
+    assert_eq!(n, 2, "both rows visible right after COMMIT");
+    // one shard, ROLLBACK as extended: nothing stays
+    client.execute("BEGIN", &[]).await.expect("begin");
+    client.execute(ins, &[&3i64, &"x3", &2i64]).await.expect("shard 2");
+    client.execute("ROLLBACK", &[]).await.expect("rollback");
+    // one shard, COMMIT as extended
+    client.execute("BEGIN", &[]).await.expect("begin");
+    client.execute(ins, &[&4i64, &"x4", &3i64]).await.expect("shard 3");
+    client.execute("COMMIT", &[]).await.expect("commit");
+    let ids: Vec<i64> = client.query("SELECT id FROM t_order ORDER BY id", &[]).await.expect("ids").iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec![1, 2, 4]);
+    for s in [1, 6] {
+        let shard = connect(&c.info.shards[s]).await.expect("shard");
+        let left: i64 = shard.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.expect("xacts").get(0);
+        assert_eq!(left, 0, "db_{s} has no prepared transaction left");
+    }
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let decisions: i64 = def.query_one("SELECT count(*) FROM shardgate_2pc_decisions", &[]).await.expect("decisions").get(0);
+    assert_eq!(decisions, 0);
+}

@@ -158,6 +158,36 @@ pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Res
     }
 }
 
+/// Whether the decision row for `gid` exists (`None`: db_default unreachable).
+pub async fn decided(engine: &Engine, gid: &str) -> Option<bool> {
+    let mut conn = engine.default.get().await.ok()?;
+    match wire::control(&mut conn, &format!("SELECT 1 FROM shardgate_2pc_decisions WHERE gid = '{gid}'")).await {
+        Ok(Ok(rows)) => Some(!rows.is_empty()),
+        _ => None,
+    }
+}
+
+/// Phase two on fresh pool connections (the prepared transactions no longer
+/// belong to any session); what fails is left to [`recover`].
+pub async fn resolve(engine: &Engine, gid: &str, shards: &[usize], commit: bool) {
+    let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+    let mut all = true;
+    for &s in shards {
+        let ok = match engine.shards[s].get().await {
+            Ok(mut conn) => matches!(wire::control(&mut conn, &format!("{verb} PREPARED '{}'", shard_gid(gid, s))).await, Ok(Ok(_))),
+            Err(_) => false,
+        };
+        if !ok {
+            all = false;
+            tracing::warn!(shard = s, gid, "{verb} PREPARED failed; recovery will retry");
+        }
+    }
+    if commit && all {
+        metrics::counter!(crate::metrics::TWO_PHASE_COMMITS).increment(1);
+        forget(engine, gid).await;
+    }
+}
+
 /// Deletes a decision once every shard committed (recovery deletes leftovers).
 pub async fn forget(engine: &Engine, gid: &str) {
     if let Ok(mut conn) = engine.default.get().await {

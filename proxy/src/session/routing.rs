@@ -321,6 +321,98 @@ impl Session {
         }
     }
 
+    /// COMMIT / ROLLBACK sent with the extended protocol while shards take
+    /// part: the shards' part is done when the Parse arrives (drivers send
+    /// Parse/Bind/Execute/Sync together); the statement then runs on
+    /// `db_default` as sent. With several written shards the decision row is
+    /// written inside the client's transaction, and the prepared shard
+    /// transactions are resolved as soon as `db_default` reports the end of it.
+    /// `Some` when the Parse was answered here (an error).
+    async fn extended_tx_end(&mut self, query: &[u8]) -> Result<Option<Flow>, End> {
+        let Ok(text) = std::str::from_utf8(query) else { return Ok(None) };
+        let verb = tx_verb(text);
+        if matches!(verb, TxVerb::Other) {
+            return Ok(None);
+        }
+        self.barrier().await?;
+        if self.server_skipping {
+            self.discard_until_sync = true;
+            return Ok(Some(Flow::Continue));
+        }
+        let in_tx: Vec<usize> = self.slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.in_tx)).map(|(i, _)| i).collect();
+        match verb {
+            TxVerb::Other => Ok(None),
+            TxVerb::Unsupported => {
+                self.fail_extended(ExecError::Proxy("0A000", "savepoints and PREPARE TRANSACTION are not supported in a transaction that touched t_order".into())).await?;
+                Ok(Some(Flow::Continue))
+            }
+            TxVerb::Rollback => {
+                twopc::rollback(&mut self.slots, &in_tx).await;
+                exec::release(&mut self.slots);
+                Ok(None)
+            }
+            TxVerb::Commit if self.tx_status == b'E' => {
+                twopc::rollback(&mut self.slots, &in_tx).await;
+                exec::release(&mut self.slots);
+                Ok(None)
+            }
+            TxVerb::Commit => {
+                let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+                if written.len() <= 1 {
+                    let r = twopc::commit_each(&mut self.slots, &in_tx).await;
+                    exec::release(&mut self.slots);
+                    if let Err(e) = r {
+                        self.rollback_default().await?;
+                        self.fail_extended(e).await?;
+                        return Ok(Some(Flow::Continue));
+                    }
+                    return Ok(None);
+                }
+                let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+                let _ = twopc::commit_each(&mut self.slots, &readers).await;
+                let gid = twopc::new_gid(self.shared.engine.worker);
+                if let Err(e) = twopc::prepare(&mut self.slots, &written, &gid).await {
+                    exec::release(&mut self.slots);
+                    self.rollback_default().await?;
+                    self.fail_extended(e).await?;
+                    return Ok(Some(Flow::Continue));
+                }
+                exec::release(&mut self.slots);
+                let server = self.server.as_mut().expect("in a transaction block");
+                match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
+                    Ok(Ok(_)) => {
+                        // the client's COMMIT makes the decision durable; resolved at its ReadyForQuery
+                        self.pending_2pc = Some((gid, written));
+                        Ok(None)
+                    }
+                    Ok(Err(e)) => {
+                        twopc::resolve(&self.shared.engine, &gid, &written, false).await;
+                        self.abort_default().await?;
+                        self.fail_extended(ExecError::Server(e)).await?;
+                        Ok(Some(Flow::Continue))
+                    }
+                    Err(_) => {
+                        twopc::resolve(&self.shared.engine, &gid, &written, false).await;
+                        self.server_lost().map(|_| None)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resolves a two-phase commit whose decision rode on the client's own
+    /// COMMIT: committed if the decision row exists now, rolled back if not.
+    pub(super) async fn resolve_pending_2pc(&mut self) {
+        if let Some((gid, shards)) = self.resolve_2pc.take() {
+            let engine = self.shared.engine.clone();
+            let decided = twopc::decided(&engine, &gid).await;
+            twopc::resolve(&engine, &gid, &shards, decided.unwrap_or(false)).await;
+            if decided.is_none() {
+                tracing::warn!(gid, "could not read the commit decision; recovery will resolve the prepared transactions");
+            }
+        }
+    }
+
     async fn rollback_default(&mut self) -> Result<(), End> {
         if let Some(server) = self.server.as_mut() {
             if wire::control(server, "ROLLBACK").await.is_err() {
@@ -351,6 +443,11 @@ impl Session {
 
     /// Parse: `Some` when the statement is routed (handled here).
     pub(super) async fn routed_parse(&mut self, name: &[u8], query: &[u8], param_types: &[u8]) -> Result<Option<Flow>, End> {
+        if self.shards_in_tx() {
+            if let Some(flow) = self.extended_tx_end(query).await? {
+                return Ok(Some(flow));
+            }
+        }
         if !self.shared.engine.may_route(query) {
             if name.is_empty() {
                 self.routed_stmts.remove(name);
