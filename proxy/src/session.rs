@@ -979,6 +979,8 @@ impl Session {
         let drops_all = matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..]);
         if drops_all {
             self.statements.clear();
+            self.routed_stmts.clear();
+            self.routed_portals.clear();
             if let Some(server) = self.server.as_mut() {
                 server.prepared.clear();
             }
