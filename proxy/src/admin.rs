@@ -1,5 +1,6 @@
 //! Admin HTTP: `/livez` (process up), `/readyz` (accepting and the default
-//! database reachable), `/metrics` (Prometheus text).
+//! database reachable), `/health` (every shard's state, JSON; 200 when all
+//! shards are up, 503 otherwise), `/metrics` (Prometheus text).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub fn router(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/health", get(health))
         .with_state(AdminState { shared, prometheus })
 }
 
@@ -36,6 +38,28 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "default database unreachable\n"),
     }
+}
+
+async fn health(State(s): State<AdminState>) -> impl IntoResponse {
+    let e = &s.shared.engine;
+    let record = |name: String, t: &crate::routed::health::Tracker| {
+        serde_json::json!({
+            "database": name,
+            "state": t.state().name(),
+            "last_probe_latency_ms": t.latency().as_secs_f64() * 1000.0,
+            "consecutive_failures": t.failures(),
+            "last_error": t.last_error(),
+        })
+    };
+    let shards: Vec<serde_json::Value> = e.health.iter().enumerate().map(|(i, t)| record(format!("db_{i}"), t)).collect();
+    let all_up = e.health.iter().all(|t| t.state() == crate::routed::health::State::Up);
+    let body = serde_json::json!({
+        "status": if all_up { "ok" } else { "degraded" },
+        "shards": shards,
+        "default": record(s.shared.config.default_dsn().dbname, &e.default_health),
+    });
+    let code = if all_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [("content-type", "application/json")], body.to_string())
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {

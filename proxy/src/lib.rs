@@ -96,6 +96,19 @@ async fn start_background(shared: &Arc<server::Shared>) {
             }
         }
     });
+    // health probes
+    let engine = shared.engine.clone();
+    let mut stop = shared.shutdown.clone();
+    tokio::spawn(async move {
+        let every = std::time::Duration::from_millis(engine.health_cfg.probe_interval_ms.max(50));
+        loop {
+            engine.probe_all().await;
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
     let engine = shared.engine.clone();
     tokio::spawn(async move {
         match routed::twopc::recover(&engine).await {

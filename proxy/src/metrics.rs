@@ -38,6 +38,11 @@ pub const ROUTE_REFUSED_TOTAL: &str = "shardgate_route_refused_total";
 /// Transactions committed on several shards with two-phase commit (counter).
 pub const TWO_PHASE_COMMITS: &str = "shardgate_two_phase_commits_total";
 
+/// 1 while a shard is in use (up, suspect, recovering), 0 while down, label `shard` (gauge).
+pub const SHARD_UP: &str = "shardgate_shard_up";
+/// A shard's state: 0 up, 1 suspect, 2 down, 3 recovering, label `shard` (gauge).
+pub const SHARD_STATE: &str = "shardgate_shard_state";
+
 /// Bucket bounds (seconds) for [`POOL_WAIT_SECONDS`].
 pub const POOL_WAIT_BUCKETS: &[f64] = &[0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 

@@ -553,3 +553,18 @@ pub async fn connect(dsn: &str) -> std::result::Result<tokio_postgres::Client, t
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.code().map(|c| c.code().to_string())
 }
+
+/// HTTP/1.0 GET over std (enough for the admin endpoints): `(status, body)`.
+pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}

@@ -172,6 +172,7 @@ pub async fn hold(
             }
             Err(e) => {
                 tracing::warn!(shard, error = %e, "shard unavailable");
+                engine.shard_unreachable(shard, &e.to_string());
                 return Err(ExecError::Proxy("08006", format!("shard db_{shard} is unavailable")));
             }
         };

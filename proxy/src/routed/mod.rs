@@ -8,8 +8,10 @@
 //! - [`merge`] / [`value`]: combining rows; [`wire`]: messages to shards.
 //! - [`months`]: the maintainer that creates month tables ahead.
 //! - [`twopc`]: commits that span shards (PREPARE TRANSACTION + decision log).
+//! - [`health`]: per-shard state from probes and live traffic.
 
 pub mod exec;
+pub mod health;
 pub mod merge;
 pub mod months;
 pub mod twopc;
@@ -48,6 +50,16 @@ pub struct Engine {
     pub meters: Vec<ShardMeters>,
     /// `shardgate_fanout_targets`.
     pub fanout: metrics::Histogram,
+    /// Health of each shard, by shard number.
+    pub health: Vec<health::Tracker>,
+    /// Health of `db_default`.
+    pub default_health: health::Tracker,
+    /// Probe settings and thresholds.
+    pub health_cfg: shardgate_config::HealthConfig,
+    /// Shard DSNs (probes connect with them; never logged).
+    pub shard_dsns: Vec<shardgate_config::Dsn>,
+    /// `db_default` DSN.
+    pub default_dsn: shardgate_config::Dsn,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -98,6 +110,11 @@ impl Engine {
             orphan_age_ms: config.sharding.prepared_orphan_age_ms,
             meters: (0..config.shards.len()).map(ShardMeters::new).collect(),
             fanout: metrics::histogram!(crate::metrics::FANOUT),
+            health: (0..config.shards.len()).map(|_| health::Tracker::default()).collect(),
+            default_health: health::Tracker::default(),
+            health_cfg: config.health.clone(),
+            shard_dsns: config.shard_dsns(),
+            default_dsn: config.default_dsn(),
         })
     }
 
@@ -140,12 +157,77 @@ impl Engine {
         self.topology().tables.iter().any(|t| contains_ignore_case(sql, t.name.as_bytes()))
     }
 
+    /// A shard is taken out of use (its writes go to the fallback table).
+    pub fn is_down(&self, shard: usize) -> bool {
+        self.health.get(shard).is_some_and(|h| h.state() == health::State::Down)
+    }
+
+    /// Live traffic could not reach a shard.
+    pub fn shard_unreachable(&self, shard: usize, error: &str) {
+        if let Some((from, to)) = self.health.get(shard).and_then(|h| h.unreachable(error)) {
+            self.state_changed(shard, from, to);
+        }
+    }
+
+    fn state_changed(&self, shard: usize, from: health::State, to: health::State) {
+        tracing::warn!(shard = exec::shard_label(shard), from = from.name(), to = to.name(), "shard state changed");
+        metrics::gauge!(crate::metrics::SHARD_UP, "shard" => exec::shard_label(shard)).set(if to == health::State::Down { 0.0 } else { 1.0 });
+        metrics::gauge!(crate::metrics::SHARD_STATE, "shard" => exec::shard_label(shard)).set(to as u8 as f64);
+    }
+
+    /// One round of probes: every shard and `db_default`, concurrently.
+    pub async fn probe_all(&self) {
+        let timeout = Duration::from_millis(self.health_cfg.probe_timeout_ms);
+        let shard_probes = self.shard_dsns.iter().map(|d| health::probe(d, timeout));
+        let (results, default) = tokio::join!(futures_join_all(shard_probes), health::probe(&self.default_dsn, timeout));
+        for (shard, r) in results.into_iter().enumerate() {
+            let t = &self.health[shard];
+            let change = match r {
+                Ok(latency) => t.success(latency, &self.health_cfg),
+                Err(e) => t.failure(&e, &self.health_cfg),
+            };
+            if let Some((from, to)) = change {
+                self.state_changed(shard, from, to);
+            }
+        }
+        let change = match default {
+            Ok(latency) => self.default_health.success(latency, &self.health_cfg),
+            Err(e) => self.default_health.failure(&e, &self.health_cfg),
+        };
+        if let Some((from, to)) = change {
+            tracing::warn!(from = from.name(), to = to.name(), "db_default state changed");
+        }
+    }
+
     /// Closes all shard pools.
     pub fn close(&self) {
         for p in &self.shards {
             p.close();
         }
     }
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in fs {
+        set.push(Box::pin(f));
+    }
+    let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("all ready")).collect()
 }
 
 fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {

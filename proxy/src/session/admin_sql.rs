@@ -70,18 +70,22 @@ impl Session {
                     .enumerate()
                     .map(|(i, d)| {
                         let s = engine.shards[i].status();
+                        let h = &engine.health[i];
                         vec![
                             i.to_string(),
                             d.dbname.clone(),
                             d.host.clone(),
                             d.port.to_string(),
+                            h.state().name().to_string(),
+                            format!("{:.2}", h.latency().as_secs_f64() * 1000.0),
+                            h.failures().to_string(),
                             s.size.to_string(),
                             s.available.to_string(),
                             months.len().to_string(),
                         ]
                     })
                     .collect();
-                put_table(&mut out, &["shard", "database", "host", "port", "server_connections", "idle_connections", "month_tables"], &rows);
+                put_table(&mut out, &["shard", "database", "host", "port", "state", "probe_ms", "failures", "server_connections", "idle_connections", "month_tables"], &rows);
             }
             "pools" => {
                 let mut rows = vec![pool_row(&self.shared.config.default_dsn().dbname, &self.shared.pool)];
