@@ -51,7 +51,19 @@ async fn health(State(s): State<AdminState>) -> impl IntoResponse {
             "last_error": t.last_error(),
         })
     };
-    let shards: Vec<serde_json::Value> = e.health.iter().enumerate().map(|(i, t)| record(format!("db_{i}"), t)).collect();
+    let shards: Vec<serde_json::Value> = e
+        .health
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut r = record(format!("db_{i}"), t);
+            r["fallback_pending_rows"] = (e.fallback.pending(i) - e.fallback.failed(i)).into();
+            r["fallback_failed_rows"] = e.fallback.failed(i).into();
+            let last = e.fallback.last_sync_ms(i);
+            r["last_sync"] = if last > 0 { jiff::Timestamp::from_millisecond(last).map(|t| t.to_string()).unwrap_or_default().into() } else { serde_json::Value::Null };
+            r
+        })
+        .collect();
     let all_up = e.health.iter().all(|t| t.state() == crate::routed::health::State::Up);
     let body = serde_json::json!({
         "status": if all_up { "ok" } else { "degraded" },

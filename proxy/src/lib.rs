@@ -96,6 +96,12 @@ async fn start_background(shared: &Arc<server::Shared>) {
             }
         }
     });
+    // fallback table and the sync-back worker
+    let engine = shared.engine.clone();
+    if let Err(e) = routed::fallback::prepare(&engine).await {
+        tracing::warn!(error = %e, "fallback table not ready; writes to a down shard will fail until it is");
+    }
+    tokio::spawn(routed::fallback::run(engine.clone(), shared.config.fallback.clone(), shared.shutdown.clone()));
     // health probes
     let engine = shared.engine.clone();
     let mut stop = shared.shutdown.clone();

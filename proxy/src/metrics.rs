@@ -43,6 +43,11 @@ pub const SHARD_UP: &str = "shardgate_shard_up";
 /// A shard's state: 0 up, 1 suspect, 2 down, 3 recovering, label `shard` (gauge).
 pub const SHARD_STATE: &str = "shardgate_shard_state";
 
+/// Fallback rows not yet synced back, labels `shard`, `status` = pending | failed (gauge).
+pub const FALLBACK_ROWS: &str = "shardgate_fallback_rows";
+/// Fallback rows synced back to their shard (counter).
+pub const FALLBACK_SYNCED_TOTAL: &str = "shardgate_fallback_synced_total";
+
 /// Bucket bounds (seconds) for [`POOL_WAIT_SECONDS`].
 pub const POOL_WAIT_BUCKETS: &[f64] = &[0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 

@@ -165,7 +165,9 @@ impl PgCluster {
         )?;
         fs::create_dir_all(dir.join("sock"))?;
         chown_postgres(&dir)?;
-        let conf = "\nlisten_addresses = '127.0.0.1'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 128MB\nmax_prepared_transactions = 64\nlog_min_messages = warning\nlog_statement = 'none'\n";
+        // fsync is off (a killed postmaster loses nothing the OS has), but commits wait for
+        // their WAL write: tests kill shards with immediate stop and count every acknowledged row
+        let conf = "\nlisten_addresses = '127.0.0.1'\nfsync = off\nsynchronous_commit = on\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 128MB\nmax_prepared_transactions = 64\nlog_min_messages = warning\nlog_statement = 'none'\n";
         let mut f = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
         std::io::Write::write_all(&mut f, conf.as_bytes())?;
         let cluster = PgCluster { name: name.to_string(), port: free_port(), data_dir: data, databases: databases.iter().map(|s| s.to_string()).collect() };

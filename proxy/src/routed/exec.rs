@@ -87,6 +87,8 @@ pub enum ExecError {
     Proxy(&'static str, String),
     /// The client went away while we wrote.
     ClientIo(std::io::Error),
+    /// A shard could not be reached before anything was sent to it.
+    Unreachable(usize),
 }
 
 impl From<ValueError> for ExecError {
@@ -109,6 +111,8 @@ pub struct Request<'a> {
     pub tx: Option<&'a str>,
     /// SET statements that bring a fresh shard connection in line with the client's parameters.
     pub param_sets: &'a (dyn Fn(&mut crate::backend::ServerConn) -> String + Sync),
+    /// Targets standing in for a down shard, with that shard (UPDATE/DELETE must match there).
+    pub down_targets: &'a [(usize, usize)],
 }
 
 /// Where answers go.
@@ -156,12 +160,13 @@ pub async fn hold(
     tx: Option<&str>,
     param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> String + Sync),
 ) -> Result<(), ExecError> {
-    if slots.len() < engine.shards.len() {
-        slots.resize_with(engine.shards.len(), || None);
+    // one slot per shard, then one for db_default (fallback rows)
+    if slots.len() < engine.shards.len() + 1 {
+        slots.resize_with(engine.shards.len() + 1, || None);
     }
     if slots[shard].is_none() {
         let t0 = Instant::now();
-        let got = engine.shards[shard].get().await;
+        let got = engine.pool(shard).get().await;
         if let Some(meters) = engine.meters.get(shard) {
             meters.pool_wait.record(t0.elapsed().as_secs_f64());
         }
@@ -170,10 +175,14 @@ pub async fn hold(
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
                 return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to shard db_{shard}")))
             }
+            Err(e) if shard == engine.shards.len() => {
+                tracing::warn!(error = %e, "db_default unavailable for fallback rows");
+                return Err(ExecError::Proxy("08006", "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
+            }
             Err(e) => {
                 tracing::warn!(shard, error = %e, "shard unavailable");
                 engine.shard_unreachable(shard, &e.to_string());
-                return Err(ExecError::Proxy("08006", format!("shard db_{shard} is unavailable")));
+                return Err(ExecError::Unreachable(shard));
             }
         };
         let sets = param_sets(&mut conn);
@@ -234,8 +243,44 @@ fn target_formats(req: &Request<'_>, spec: Option<&MergeSpec>) -> Vec<i16> {
     (0..visible + spec.hidden).map(|i| if i < visible && !computed.contains(&i) && req.bound.binary(i) { 1 } else { 0 }).collect()
 }
 
-/// Runs `req` and writes rows and the command tag (not ReadyForQuery).
+/// Runs `req` and writes rows and the command tag (not ReadyForQuery),
+/// redirecting targets of down shards to the fallback table.
 pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>) -> Result<(), ExecError> {
+    let mut attempt = 0;
+    loop {
+        let adjusted = super::fallback::adjust(engine, req.routed, engine.policy_fail).await?;
+        let r = match &adjusted {
+            None => execute_plan(engine, slots, req, out).await,
+            Some(a) => {
+                for n in &a.notices {
+                    crate::protocol::backend::notice_response(out.buf, "01000", n);
+                }
+                let sub = Request { routed: &a.routed, down_targets: &a.down_targets, ..*req };
+                let r = execute_plan(engine, slots, &sub, out).await;
+                if r.is_ok() && a.routed.kind == RoutedKind::Insert {
+                    for t in &req.routed.targets {
+                        if engine.is_down(t.shard.0 as usize) {
+                            super::fallback::note_written(engine, t.shard.0 as usize, 1);
+                        }
+                    }
+                }
+                r
+            }
+        };
+        match r {
+            // the connect failed before anything was sent: the shard is now down,
+            // so an INSERT outside a transaction block goes to the fallback table instead
+            Err(ExecError::Unreachable(_)) if attempt == 0 && req.routed.kind == RoutedKind::Insert && req.tx.is_none() => {
+                attempt += 1;
+                continue;
+            }
+            Err(ExecError::Unreachable(s)) => return Err(ExecError::Proxy("08006", format!("shard db_{s} is unavailable"))),
+            other => return other,
+        }
+    }
+}
+
+async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>) -> Result<(), ExecError> {
     let routed = req.routed;
     let mut shards: Vec<usize> = routed.targets.iter().map(|t| t.shard.0 as usize).collect();
     shards.dedup();
@@ -274,6 +319,12 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
                 }
             }
         }
+        return result;
+    }
+    if matches!(result, Err(ExecError::Unreachable(_))) {
+        // nothing was sent: give back what was taken
+        super::twopc::rollback(slots, &shard_list).await;
+        release(slots);
         return result;
     }
     let result = if implicit_2pc {
@@ -460,6 +511,7 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     let reorder = !routed.row_targets.is_empty() && routed.targets.len() > 1;
     let mut returned: Vec<std::collections::VecDeque<crate::protocol::codec::Frame>> = vec![Default::default(); routed.targets.len()];
     let folds = spec.is_some_and(|s| s.grouping.is_some() || s.distinct);
+    let mut per_target = vec![0u64; routed.targets.len()];
     for (ti, t) in routed.targets.iter().enumerate() {
         let shard = t.shard.0 as usize;
         let conn = &mut slots[shard].as_mut().expect("held").conn;
@@ -535,6 +587,7 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
                     }
                     Event::Done(tag) => {
                         affected += wire::tag_count(&tag);
+                        per_target[ti] = wire::tag_count(&tag);
                         last_tag = tag;
                         break;
                     }
@@ -553,6 +606,17 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     }
     if let Some(e) = first_err {
         return Err(e);
+    }
+    // an UPDATE/DELETE of a down shard that matched none of its fallback rows may be
+    // aimed at a row on the shard itself: never report a silent 0
+    for &(_, shard) in req.down_targets {
+        let matched: u64 = req.down_targets.iter().filter(|(_, s)| *s == shard).map(|(ti, _)| per_target.get(*ti).copied().unwrap_or(0)).sum();
+        if matched == 0 {
+            return Err(ExecError::Proxy(
+                "57P03",
+                format!("shard db_{shard} is unavailable: no order written for it while it is down matched, so the rows may be on db_{shard}; retry when it is back"),
+            ));
+        }
     }
     if reorder {
         for &ti in &routed.row_targets {

@@ -11,6 +11,7 @@
 //! - [`health`]: per-shard state from probes and live traffic.
 
 pub mod exec;
+pub mod fallback;
 pub mod health;
 pub mod merge;
 pub mod months;
@@ -60,6 +61,10 @@ pub struct Engine {
     pub shard_dsns: Vec<shardgate_config::Dsn>,
     /// `db_default` DSN.
     pub default_dsn: shardgate_config::Dsn,
+    /// Fallback table state (unsynced rows per shard, views made).
+    pub fallback: fallback::Fallback,
+    /// Reads of a down shard fail instead of answering from fallback rows.
+    pub policy_fail: bool,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -115,6 +120,8 @@ impl Engine {
             health_cfg: config.health.clone(),
             shard_dsns: config.shard_dsns(),
             default_dsn: config.default_dsn(),
+            fallback: fallback::Fallback::new(config.shards.len()),
+            policy_fail: config.fallback.policy == shardgate_config::FallbackPolicy::Fail,
         })
     }
 
@@ -155,6 +162,11 @@ impl Engine {
     /// True when `sql` may name a sharded table (a cheap scan before the router).
     pub fn may_route(&self, sql: &[u8]) -> bool {
         self.topology().tables.iter().any(|t| contains_ignore_case(sql, t.name.as_bytes()))
+    }
+
+    /// The pool of a slot: shards by number, then `db_default` (fallback rows).
+    pub fn pool(&self, slot: usize) -> &Pool {
+        self.shards.get(slot).unwrap_or(&self.default)
     }
 
     /// A shard is taken out of use (its writes go to the fallback table).

@@ -173,7 +173,7 @@ pub async fn resolve(engine: &Engine, gid: &str, shards: &[usize], commit: bool)
     let verb = if commit { "COMMIT" } else { "ROLLBACK" };
     let mut all = true;
     for &s in shards {
-        let ok = match engine.shards[s].get().await {
+        let ok = match engine.pool(s).get().await {
             Ok(mut conn) => matches!(wire::control(&mut conn, &format!("{verb} PREPARED '{}'", shard_gid(gid, s))).await, Ok(Ok(_))),
             Err(_) => false,
         };
@@ -200,7 +200,8 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
     let mut def = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
     let mut resolved = 0;
     let mut all_reachable = true;
-    for (s, pool) in engine.shards.iter().enumerate() {
+    // shards, then db_default (fallback rows take part in two-phase commits as slot `shards.len()`)
+    for (s, pool) in engine.shards.iter().chain(std::iter::once(&engine.default)).enumerate() {
         let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(3), pool.get()).await else {
             all_reachable = false;
             continue;

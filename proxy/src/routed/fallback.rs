@@ -1,0 +1,466 @@
+//! Shard down: writes go to `db_default.t_order_fallback`; when the shard is
+//! back, the sync-back worker moves them home (DESIGN.md §4).
+//!
+//! The fallback table has `t_order`'s columns plus `target_db`,
+//! `target_table`, `sync_status` (PENDING/SYNCED/FAILED), `sync_attempts`,
+//! `last_error`, `next_attempt_at`, `created_at`, `synced_at`. For every
+//! (shard, month) two auto-updatable views over it let the router's SQL run
+//! unchanged with only the table name swapped:
+//! - `t_order_fb_db3_202611`: `t_order`'s columns of that shard-month's rows
+//!   not yet synced — reads, UPDATE and DELETE go here;
+//! - `t_order_fbw_db3_202611`: the same plus `target_db`/`target_table` with
+//!   view defaults — INSERTs go here, so each row names its home.
+//!
+//! Sync-back, per shard that is reachable, one batch per transaction pair:
+//! lock a batch in `db_default` (`FOR UPDATE SKIP LOCKED`), upsert it into the
+//! month tables on the shard (`ON CONFLICT (id) DO UPDATE`, the fallback
+//! version wins) and commit there, then mark the rows SYNCED and commit in
+//! `db_default`. A crash between the two commits leaves the rows PENDING; the
+//! next round upserts them again with the same values — nothing lost, nothing
+//! doubled. Several proxies can run it at once (SKIP LOCKED). A batch that
+//! fails is retried row by row; rows that still fail become FAILED with the
+//! error and are retried with exponential backoff and jitter.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use shardgate_router::month::MonthKey;
+use shardgate_router::keys::ShardId;
+use shardgate_router::{Routed, RoutedKind, TableRule, Target};
+
+use super::exec::ExecError;
+use super::wire;
+use super::Engine;
+
+/// State the engine keeps about fallback.
+#[derive(Default)]
+pub struct Fallback {
+    /// `t_order`'s column names in order, quoted, comma-separated (from db_default's template).
+    columns: OnceLock<Vec<String>>,
+    /// (shard, month) pairs whose views exist.
+    views: Mutex<HashSet<(usize, MonthKey)>>,
+    /// Rows of each shard not yet synced (PENDING + FAILED), as last counted.
+    pending: Vec<AtomicI64>,
+    /// Of those, FAILED.
+    failed: Vec<AtomicI64>,
+    /// Unix ms of each shard's last completed sync round.
+    last_sync_ms: Vec<AtomicI64>,
+    /// Rows synced since start.
+    pub synced_total: AtomicI64,
+}
+
+impl Fallback {
+    /// Counters for `shards` shards.
+    pub fn new(shards: usize) -> Fallback {
+        let v = || (0..shards).map(|_| AtomicI64::new(0)).collect();
+        Fallback { columns: OnceLock::new(), views: Mutex::default(), pending: v(), failed: v(), last_sync_ms: v(), synced_total: AtomicI64::new(0) }
+    }
+
+    /// Unsynced rows of a shard.
+    pub fn pending(&self, shard: usize) -> i64 {
+        self.pending.get(shard).map_or(0, |p| p.load(Ordering::Acquire))
+    }
+
+    /// FAILED rows of a shard.
+    pub fn failed(&self, shard: usize) -> i64 {
+        self.failed.get(shard).map_or(0, |p| p.load(Ordering::Acquire))
+    }
+
+    /// Unix ms of the last completed sync round of a shard (0 = never).
+    pub fn last_sync_ms(&self, shard: usize) -> i64 {
+        self.last_sync_ms.get(shard).map_or(0, |p| p.load(Ordering::Relaxed))
+    }
+
+    /// True once the fallback table is ready.
+    pub fn ready(&self) -> bool {
+        self.columns.get().is_some()
+    }
+}
+
+fn table(rule: &TableRule) -> String {
+    format!("{}_fallback", rule.name)
+}
+
+/// Read/update view of one shard-month's unsynced rows.
+pub fn read_view(rule: &TableRule, shard: usize, m: MonthKey) -> String {
+    format!("{}_fb_db{shard}_{}", rule.name, m.suffix())
+}
+
+/// Insert view of one shard-month.
+pub fn write_view(rule: &TableRule, shard: usize, m: MonthKey) -> String {
+    format!("{}_fbw_db{shard}_{}", rule.name, m.suffix())
+}
+
+/// Creates the fallback table (idempotent) and learns the column list.
+pub async fn prepare(engine: &Engine) -> anyhow::Result<()> {
+    let mut conn = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
+    for rule in &engine.topology().tables {
+        let t = table(rule);
+        let ddl = format!(
+            "CREATE TABLE IF NOT EXISTS {t} (LIKE {name} INCLUDING DEFAULTS INCLUDING CONSTRAINTS, \
+             target_db text NOT NULL, target_table text NOT NULL, \
+             sync_status text NOT NULL DEFAULT 'PENDING' CHECK (sync_status IN ('PENDING', 'SYNCED', 'FAILED')), \
+             sync_attempts int NOT NULL DEFAULT 0, last_error text, next_attempt_at timestamptz, \
+             created_at timestamptz NOT NULL DEFAULT now(), synced_at timestamptz, PRIMARY KEY ({id})); \
+             CREATE INDEX IF NOT EXISTS {t}_todo ON {t} (target_db, id) WHERE sync_status <> 'SYNCED'; \
+             CREATE INDEX IF NOT EXISTS {t}_synced ON {t} (synced_at) WHERE sync_status = 'SYNCED'",
+            name = rule.name,
+            id = rule.id_column
+        );
+        wire::control(&mut conn, &ddl).await?.map_err(|e| anyhow::anyhow!("creating {t}: SQLSTATE {} (does {} exist in db_default?)", e.code, rule.name))?;
+        let cols = wire::control(
+            &mut conn,
+            &format!("SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum", rule.name),
+        )
+        .await?
+        .map_err(|e| anyhow::anyhow!("columns of {}: SQLSTATE {}", rule.name, e.code))?;
+        let cols: Vec<String> = cols.into_iter().flatten().collect();
+        let _ = engine.fallback.columns.set(cols);
+    }
+    recount(engine).await;
+    Ok(())
+}
+
+/// Creates the views a plan needs.
+async fn ensure_views(engine: &Engine, rule: &TableRule, needed: &[(usize, MonthKey)]) -> Result<(), ExecError> {
+    let cols = engine.fallback.columns.get().ok_or_else(|| ExecError::Proxy("57P03", "the fallback table in db_default is not ready; shard writes cannot be redirected".into()))?;
+    let missing: Vec<(usize, MonthKey)> = {
+        let have = engine.fallback.views.lock().map(|v| v.clone()).unwrap_or_default();
+        needed.iter().copied().filter(|k| !have.contains(k)).collect()
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut conn = engine.default.get().await.map_err(|_| ExecError::Proxy("08006", "db_default is unavailable: orders for an unavailable shard cannot be stored".into()))?;
+    let list = cols.join(", ");
+    let t = table(rule);
+    for (shard, m) in missing {
+        let filter = format!("target_db = 'db_{shard}' AND target_table = '{}' AND sync_status <> 'SYNCED'", rule.physical(m));
+        let r = read_view(rule, shard, m);
+        let w = write_view(rule, shard, m);
+        let ddl = format!(
+            "CREATE OR REPLACE VIEW {r} AS SELECT {list} FROM {t} WHERE {filter}; \
+             CREATE OR REPLACE VIEW {w} AS SELECT {list}, target_db, target_table FROM {t} WHERE {filter}; \
+             ALTER VIEW {w} ALTER COLUMN target_db SET DEFAULT 'db_{shard}'; \
+             ALTER VIEW {w} ALTER COLUMN target_table SET DEFAULT '{}'",
+            rule.physical(m)
+        );
+        match wire::control(&mut conn, &ddl).await {
+            Ok(Ok(_)) => {}
+            // two sessions creating the same view at once
+            Ok(Err(e)) if e.code == "XX000" || e.code == "23505" => {}
+            Ok(Err(e)) => return Err(ExecError::Server(e)),
+            Err(_) => {
+                conn.broken = true;
+                return Err(ExecError::Proxy("08006", "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
+            }
+        }
+        if let Ok(mut v) = engine.fallback.views.lock() {
+            v.insert((shard, m));
+        }
+    }
+    Ok(())
+}
+
+/// A plan adjusted for shard health.
+pub struct Adjusted {
+    /// The plan to run (fallback targets use the slot after the last shard).
+    pub routed: Routed,
+    /// Targets standing in for a down shard (UPDATE/DELETE must match something there).
+    pub down_targets: Vec<(usize, usize)>,
+    /// NOTICEs to send before the answer.
+    pub notices: Vec<String>,
+}
+
+fn swap_tables(sql: &str, rule: &TableRule, shard: usize, months: &[MonthKey], write: bool) -> String {
+    let mut out = sql.to_string();
+    for m in months {
+        let view = if write { write_view(rule, shard, *m) } else { read_view(rule, shard, *m) };
+        out = out.replace(&rule.physical(*m), &view);
+    }
+    out
+}
+
+/// Redirects targets of down shards to the fallback views, adds fallback
+/// targets where a shard still has unsynced rows, or refuses per policy.
+/// `None` when every shard is healthy and caught up.
+pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Result<Option<Adjusted>, ExecError> {
+    let affected = routed.targets.iter().any(|t| {
+        let s = t.shard.0 as usize;
+        engine.is_down(s) || engine.fallback.pending(s) > 0
+    });
+    if !affected {
+        return Ok(None);
+    }
+    let rule = engine.topology().tables.iter().find(|r| r.name == routed.table).ok_or_else(|| ExecError::Proxy("XX000", "unknown sharded table".into()))?;
+    let slot = ShardId(engine.shards.len() as u8);
+    let mut out = routed.clone();
+    out.targets.clear();
+    let mut down_targets = Vec::new();
+    let mut notices = Vec::new();
+    let mut views = Vec::new();
+    for t in &routed.targets {
+        let s = t.shard.0 as usize;
+        let down = engine.is_down(s);
+        let pending = engine.fallback.pending(s);
+        let fb = |write: bool| Target { shard: slot, months: t.months.clone(), sql: swap_tables(&t.sql, rule, s, &t.months, write), params: t.params.clone() };
+        match (routed.kind, down) {
+            (RoutedKind::Select, true) => {
+                if policy_fail {
+                    return Err(ExecError::Proxy("57P03", format!("shard db_{s} is unavailable (fallback.policy = \"fail\"); retry when it is back")));
+                }
+                notices.push(format!("shard db_{s} is unavailable: the answer holds only the orders written for it while it is down"));
+                views.extend(t.months.iter().map(|m| (s, *m)));
+                out.targets.push(fb(false));
+            }
+            (RoutedKind::Select, false) => {
+                if pending > 0 {
+                    return Err(ExecError::Proxy(
+                        "57P03",
+                        format!("shard db_{s} is catching up: {pending} order(s) written while it was down are being copied back; retry shortly"),
+                    ));
+                }
+                out.targets.push(t.clone());
+            }
+            (RoutedKind::Insert, true) => {
+                views.extend(t.months.iter().map(|m| (s, *m)));
+                out.targets.push(fb(true));
+            }
+            (RoutedKind::Insert, false) => out.targets.push(t.clone()),
+            (_, true) => {
+                views.extend(t.months.iter().map(|m| (s, *m)));
+                down_targets.push((out.targets.len(), s));
+                out.targets.push(fb(false));
+            }
+            (_, false) => {
+                // unsynced rows first (re-checked under the row lock), then the shard
+                if pending > 0 {
+                    views.extend(t.months.iter().map(|m| (s, *m)));
+                    out.targets.push(fb(false));
+                }
+                out.targets.push(t.clone());
+            }
+        }
+    }
+    ensure_views(engine, rule, &views).await?;
+    // the merge spec still applies: fallback targets answer with the same shape
+    if out.targets.len() > 1 && out.merge.is_none() && out.kind == RoutedKind::Select {
+        return Err(ExecError::Proxy("0A000", "this query cannot combine a shard with its fallback rows; add the shard key to WHERE or retry when the shard is back".into()));
+    }
+    Ok(Some(Adjusted { routed: out, down_targets, notices }))
+}
+
+/// Records rows written to the fallback table for a shard.
+pub fn note_written(engine: &Engine, shard: usize, rows: u64) {
+    if let Some(p) = engine.fallback.pending.get(shard) {
+        p.fetch_add(rows as i64, Ordering::AcqRel);
+    }
+}
+
+/// Recounts unsynced rows per shard.
+pub async fn recount(engine: &Engine) {
+    let Ok(mut conn) = engine.default.get().await else { return };
+    let mut fresh = vec![(0i64, 0i64); engine.shards.len()];
+    for rule in &engine.topology().tables {
+        let q = format!(
+            "SELECT target_db || ':' || count(*) || ':' || count(*) FILTER (WHERE sync_status = 'FAILED') FROM {} WHERE sync_status <> 'SYNCED' GROUP BY target_db",
+            table(rule)
+        );
+        let Ok(Ok(rows)) = wire::control(&mut conn, &q).await else { return };
+        for r in rows.into_iter().flatten() {
+            let mut parts = r.split(':');
+            let (Some(db), Some(n), Some(f)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let Some(shard) = db.strip_prefix("db_").and_then(|s| s.parse::<usize>().ok()) else { continue };
+            if let Some(slot) = fresh.get_mut(shard) {
+                slot.0 += n.parse::<i64>().unwrap_or(0);
+                slot.1 += f.parse::<i64>().unwrap_or(0);
+            }
+        }
+    }
+    for (i, (p, f)) in fresh.into_iter().enumerate() {
+        engine.fallback.pending[i].store(p, Ordering::Release);
+        engine.fallback.failed[i].store(f, Ordering::Release);
+        let label = super::exec::shard_label(i);
+        metrics::gauge!(crate::metrics::FALLBACK_ROWS, "shard" => label, "status" => "pending").set((p - f) as f64);
+        metrics::gauge!(crate::metrics::FALLBACK_ROWS, "shard" => label, "status" => "failed").set(f as f64);
+    }
+}
+
+fn quote(v: &Option<String>) -> String {
+    match v {
+        None => "NULL".into(),
+        Some(s) => format!("'{}'", s.replace('\'', "''")),
+    }
+}
+
+/// One sync-back batch for one shard; returns rows synced (0 = nothing to do).
+pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32) -> anyhow::Result<usize> {
+    let Some(cols) = engine.fallback.columns.get() else { return Ok(0) };
+    let mut total = 0;
+    for rule in &engine.topology().tables {
+        let t = table(rule);
+        let mut def = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
+        wire::control(&mut def, "BEGIN").await?.map_err(|e| anyhow::anyhow!("BEGIN: {}", e.code))?;
+        // one text row per order: target table, then the columns (NULL-safe via a JSON array)
+        let q = format!(
+            "SELECT json_build_array(target_table, {list})::text FROM {t} WHERE target_db = 'db_{shard}' AND sync_status <> 'SYNCED' \
+             AND (next_attempt_at IS NULL OR next_attempt_at <= now()) ORDER BY {id} LIMIT {batch} FOR UPDATE SKIP LOCKED",
+            list = cols.iter().map(|c| format!("{c}::text")).collect::<Vec<_>>().join(", "),
+            id = rule.id_column
+        );
+        let rows = match wire::control(&mut def, &q).await? {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = wire::control(&mut def, "ROLLBACK").await;
+                anyhow::bail!("selecting a batch: SQLSTATE {}", e.code);
+            }
+        };
+        if rows.is_empty() {
+            wire::control(&mut def, "COMMIT").await?.ok();
+            continue;
+        }
+        // decode: [target_table, v1, v2, ...] with every value as JSON (numbers, strings, null)
+        let mut by_table: Vec<(String, Vec<(String, Vec<Option<String>>)>)> = Vec::new();
+        let id_pos = cols.iter().position(|c| c.trim_matches('"') == rule.id_column).unwrap_or(0);
+        for r in rows.into_iter().flatten() {
+            let v: serde_json::Value = serde_json::from_str(&r)?;
+            let arr = v.as_array().ok_or_else(|| anyhow::anyhow!("bad batch row"))?;
+            let target = arr.first().and_then(|x| x.as_str()).unwrap_or_default().to_string();
+            let values: Vec<Option<String>> = arr[1..]
+                .iter()
+                .map(|x| match x {
+                    serde_json::Value::Null => None,
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    other => Some(other.to_string()),
+                })
+                .collect();
+            let id = values.get(id_pos).cloned().flatten().unwrap_or_default();
+            match by_table.iter_mut().find(|(tt, _)| *tt == target) {
+                Some((_, list)) => list.push((id, values)),
+                None => by_table.push((target, vec![(id, values)])),
+            }
+        }
+        let mut shard_conn = match engine.shards[shard].get().await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = wire::control(&mut def, "ROLLBACK").await;
+                anyhow::bail!("db_{shard}: {e}");
+            }
+        };
+        let update_set: Vec<String> = cols.iter().filter(|c| c.trim_matches('"') != rule.id_column).map(|c| format!("{c} = EXCLUDED.{c}")).collect();
+        let upsert = |target: &str, rows: &[(String, Vec<Option<String>>)]| {
+            let values: Vec<String> = rows.iter().map(|(_, v)| format!("({})", v.iter().map(quote).collect::<Vec<_>>().join(", "))).collect();
+            format!(
+                "INSERT INTO {target} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
+                cols.join(", "),
+                values.join(", "),
+                rule.id_column,
+                update_set.join(", ")
+            )
+        };
+        let mut synced: Vec<String> = Vec::new();
+        let mut failed: Vec<(String, String)> = Vec::new();
+        for (target, list) in &by_table {
+            // the month table may not exist yet on a shard that was down when it was created
+            let month = target.strip_prefix(&format!("{}_", rule.name)).and_then(MonthKey::parse_suffix);
+            if let Some(m) = month {
+                if !engine.months().contains(&m) {
+                    super::months::create(engine, &[m]).await;
+                }
+                let _ = wire::control(&mut shard_conn, &rule.create_month_table_sql(m)).await;
+            }
+            match wire::control(&mut shard_conn, &upsert(target, list)).await? {
+                Ok(_) => synced.extend(list.iter().map(|(id, _)| id.clone())),
+                Err(_) => {
+                    // isolate the rows that cannot go home
+                    for row in list {
+                        match wire::control(&mut shard_conn, &upsert(target, std::slice::from_ref(row))).await? {
+                            Ok(_) => synced.push(row.0.clone()),
+                            Err(e) => failed.push((row.0.clone(), format!("SQLSTATE {}: {}", e.code, crate::protocol::backend::parse_error_fields(&e.raw[5..]).message))),
+                        }
+                    }
+                }
+            }
+        }
+        // the shard has committed (autocommit statements): now mark them in db_default
+        if !synced.is_empty() {
+            let ids = synced.join(",");
+            wire::control(&mut def, &format!("UPDATE {t} SET sync_status = 'SYNCED', synced_at = now(), last_error = NULL WHERE {} IN ({ids})", rule.id_column))
+                .await?
+                .map_err(|e| anyhow::anyhow!("marking synced: SQLSTATE {}", e.code))?;
+        }
+        for (id, err) in &failed {
+            // exponential backoff with jitter: 2^attempts seconds (at most 5 minutes) × 0.5..1.5
+            let jitter = 0.5 + rand::random::<f64>();
+            let sql = format!(
+                "UPDATE {t} SET sync_status = 'FAILED', sync_attempts = sync_attempts + 1, last_error = {}, \
+                 next_attempt_at = now() + least(power(2, sync_attempts + 1), 300) * {jitter:.3} * interval '1 second' WHERE {} = {id}",
+                quote(&Some(err.clone())),
+                rule.id_column
+            );
+            wire::control(&mut def, &sql).await?.map_err(|e| anyhow::anyhow!("marking failed: SQLSTATE {}", e.code))?;
+            tracing::warn!(shard, id, error = %err, "a fallback row could not be synced back; will retry");
+        }
+        wire::control(&mut def, "COMMIT").await?.map_err(|e| anyhow::anyhow!("COMMIT: SQLSTATE {}", e.code))?;
+        engine.fallback.synced_total.fetch_add(synced.len() as i64, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::FALLBACK_SYNCED_TOTAL).increment(synced.len() as u64);
+        total += synced.len() + failed.len();
+    }
+    Ok(total)
+}
+
+/// One sync-back round: every reachable shard with unsynced rows, batch after batch.
+pub async fn sync_round(engine: &Engine, batch: u32) {
+    for shard in 0..engine.shards.len() {
+        if engine.is_down(shard) || engine.fallback.pending(shard) == 0 {
+            continue;
+        }
+        loop {
+            match sync_batch(engine, shard, batch).await {
+                Ok(n) if n >= batch as usize => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "sync-back round failed; will retry");
+                    break;
+                }
+            }
+        }
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        engine.fallback.last_sync_ms[shard].store(now_ms, Ordering::Relaxed);
+    }
+    recount(engine).await;
+}
+
+/// Deletes SYNCED rows older than the retention.
+pub async fn purge(engine: &Engine, retention_hours: u64) {
+    let Ok(mut conn) = engine.default.get().await else { return };
+    for rule in &engine.topology().tables {
+        let _ = wire::control(&mut conn, &format!("DELETE FROM {} WHERE sync_status = 'SYNCED' AND synced_at < now() - interval '{retention_hours} hours'", table(rule))).await;
+    }
+}
+
+/// Background loop: sync-back every `sync_interval_ms`, purge hourly.
+pub async fn run(engine: std::sync::Arc<Engine>, cfg: shardgate_config::FallbackConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = Duration::from_millis(cfg.sync_interval_ms.max(100));
+    let mut rounds: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !engine.fallback.ready() {
+            if let Err(e) = prepare(&engine).await {
+                tracing::warn!(error = %e, "fallback table not ready");
+                continue;
+            }
+        }
+        recount(&engine).await;
+        sync_round(&engine, cfg.batch_size.max(1)).await;
+        rounds += 1;
+        if rounds.is_multiple_of((3_600_000 / every.as_millis().max(1) as u64).max(1)) {
+            purge(&engine, cfg.retention_hours).await;
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Shard down: fallback to db_default and sync-back (DESIGN.md §4), against
+//! real PostgreSQL clusters stopped and started under the proxy.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shardgate_tests::{connect, http_get, sqlstate, Cluster, Options};
+use tokio_postgres::SimpleQueryMessage;
+
+const FAST: &str = "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 500\nfailure_threshold = 2\nrecovery_threshold = 2\n[fallback]\nsync_interval_ms = 300\n";
+
+fn start(extra: &str) -> Cluster {
+    Cluster::start_temp(Options { all_clusters: true, redis: false, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: extra.into() }).expect("start cluster")
+}
+
+fn health(c: &Cluster) -> (u16, serde_json::Value) {
+    let (code, body) = http_get(&format!("{}/health", c.info.admin_url)).expect("health");
+    (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+}
+
+fn shard_state(c: &Cluster, n: usize) -> String {
+    health(c).1["shards"][n]["state"].as_str().unwrap_or_default().to_string()
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn notices_and_rows(msgs: &[SimpleQueryMessage]) -> usize {
+    msgs.iter().filter(|m| matches!(m, SimpleQueryMessage::Row(_))).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_shard_takes_orders_in_fallback_and_gets_them_back() {
+    let c = start(FAST);
+    let month = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC).strftime("%Y%m").to_string();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status) VALUES (1, 'on-shard', 8, 1.00, 'NEW')").await.expect("seed shard 0");
+    c.info.cluster_of_shard(0).expect("shard 0 cluster").stop_immediate().expect("stop shard 0");
+    // the first INSERT after the kill is redirected: the client sees no error
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status) VALUES (2, 'in-fallback', 16, 2.00, 'NEW')").await.expect("insert while down");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status) VALUES (3, 'other-shard', 1, 3.00, 'NEW')").await.expect("other shards unaffected");
+    assert_eq!(shard_state(&c, 0), "down");
+    let (code, body) = health(&c);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["shards"][1]["state"], "up");
+    // reads of the down shard: fallback rows, with a NOTICE (policy partial)
+    let rows = client.simple_query("SELECT order_no FROM t_order WHERE merchant_id = 16").await.expect("read down shard");
+    assert_eq!(notices_and_rows(&rows), 1);
+    // an UPDATE of a fallback row works; of a row on the dead shard fails clearly
+    assert_eq!(client.execute("UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = 16 AND id = 2", &[]).await.expect("update fallback row"), 1);
+    let e = client.execute("UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = 8 AND id = 1", &[]).await.expect_err("row on the dead shard");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"));
+    assert!(e.as_db_error().is_some_and(|d| d.message().contains("db_0")), "{e:?}");
+    let e = client.execute("DELETE FROM t_order WHERE merchant_id = 8", &[]).await.expect_err("delete on the dead shard");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"));
+    // back up: probes see it, sync-back moves the row home, reads are whole again
+    c.info.cluster_of_shard(0).expect("cluster").start().expect("restart shard 0");
+    wait_for("shard 0 up", Duration::from_secs(20), || shard_state(&c, 0) == "up").await;
+    wait_for("sync-back", Duration::from_secs(20), || health(&c).1["shards"][0]["fallback_pending_rows"] == 0).await;
+    let mut rows = Vec::new();
+    for _ in 0..50 {
+        match client.query("SELECT id, order_no, pay_status FROM t_order WHERE merchant_id IN (8, 16) ORDER BY id", &[]).await {
+            Ok(r) => {
+                rows = r;
+                break;
+            }
+            Err(e) if sqlstate(&e).as_deref() == Some("57P03") => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let got: Vec<(i64, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(got, vec![(1, "on-shard".into(), "NEW".into()), (2, "in-fallback".into(), "PAID".into())]);
+    let shard0 = connect(&c.info.shards[0]).await.expect("shard 0");
+    let n: i64 = shard0.query_one(&format!("SELECT count(*) FROM t_order_{month} WHERE id = 2 AND pay_status = 'PAID'"), &[]).await.expect("direct").get(0);
+    assert_eq!(n, 1, "the fallback row is in db_0.t_order_{month} with its update");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let status: String = def.query_one("SELECT sync_status FROM t_order_fallback WHERE id = 2", &[]).await.expect("fallback row").get(0);
+    assert_eq!(status, "SYNCED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_fail_and_both_shard_and_default_down() {
+    let c = start(&format!("{FAST}policy = \"fail\"\n"));
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    c.info.cluster_of_shard(0).expect("cluster").stop_immediate().expect("stop shard 0");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id) VALUES (5, 'x', 8)").await.expect("insert goes to fallback");
+    let e = client.query("SELECT * FROM t_order WHERE merchant_id = 8", &[]).await.expect_err("policy fail");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"));
+    // shards 1..7 keep working
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id) VALUES (6, 'y', 9)").await.expect("shard 1");
+    assert_eq!(client.query("SELECT * FROM t_order WHERE merchant_id = 9", &[]).await.expect("shard 1 read").len(), 1);
+    // db_default down too: nothing is acknowledged that is not stored
+    let main = c.info.clusters.iter().find(|p| p.databases.iter().any(|d| d == "db_default")).expect("main");
+    main.stop_immediate().expect("stop db_default");
+    let e = client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id) VALUES (7, 'z', 16)").await.expect_err("nowhere to store it");
+    assert!(matches!(sqlstate(&e).as_deref(), Some("08006") | Some("57P03")), "{e:?}");
+}
+
+/// Every acknowledged order, by id.
+type Acked = Arc<Mutex<HashMap<i64, (i64, String)>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kill_shard_0_under_write_load_loses_and_doubles_nothing() {
+    let c = start(FAST);
+    let acked: Acked = Arc::default();
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // successful shard-0 inserts, as ms since start
+    let shard0_times: Arc<Mutex<Vec<u128>>> = Arc::default();
+    let t0 = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..8i64 {
+        let (dsn, acked, errors, stop, times) = (c.info.proxy_dsn.clone(), acked.clone(), errors.clone(), stop.clone(), shard0_times.clone());
+        writers.push(tokio::spawn(async move {
+            let client = connect(&dsn).await.expect("connect");
+            let ins = client.prepare("INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status) VALUES ($1, $2, 1.00, 'NEW') RETURNING id").await.expect("prepare");
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let merchant = 1 + (n * 37 + w * 11) % 800;
+                let order_no = format!("w{w}-{n}");
+                match client.query_one(&ins, &[&order_no, &merchant]).await {
+                    Ok(row) => {
+                        acked.lock().expect("lock").insert(row.get(0), (merchant, order_no));
+                        if merchant % 8 == 0 {
+                            times.lock().expect("lock").push(t0.elapsed().as_millis());
+                        }
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let shard0 = c.info.cluster_of_shard(0).expect("cluster");
+    let kill_ms = t0.elapsed().as_millis();
+    shard0.stop_immediate().expect("kill shard 0");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    shard0.start().expect("restart shard 0");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
+    }
+    // writes to shard 0 resumed quickly after the kill
+    let times = shard0_times.lock().expect("lock").clone();
+    let before = times.iter().filter(|t| **t <= kill_ms).max().copied().unwrap_or(0);
+    let after = times.iter().filter(|t| **t > kill_ms).min().copied().expect("shard-0 writes after the kill");
+    let gap = after - before;
+    let errs = errors.load(Ordering::Relaxed);
+    let acked = acked.lock().expect("lock").clone();
+    println!("chaos: {} orders acknowledged, {errs} client errors, shard-0 write gap around the kill {gap} ms", acked.len());
+    assert!(gap <= 2000, "writes to shard 0 resumed after {gap} ms");
+    assert!(errs <= 8, "{errs} client errors: only statements already running on the killed shard may fail");
+    // wait for sync-back to finish
+    wait_for("shard 0 up and synced", Duration::from_secs(60), || {
+        let (_, h) = health(&c);
+        h["shards"][0]["state"] == "up" && h["shards"][0]["fallback_pending_rows"] == 0 && h["shards"][0]["fallback_failed_rows"] == 0
+    })
+    .await;
+    // every acknowledged order exactly once, in its own shard's month table
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for (n, dsn) in c.info.shards.iter().enumerate() {
+        let shard = connect(dsn).await.expect("shard");
+        let tables = shard.query("SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname ~ '^t_order_[0-9]{6}$'", &[]).await.expect("tables");
+        for t in tables {
+            let name: String = t.get(0);
+            for r in shard.query(&format!("SELECT id, merchant_id, order_no FROM {name}"), &[]).await.expect("rows") {
+                let (id, merchant, order_no): (i64, i64, String) = (r.get(0), r.get(1), r.get(2));
+                assert_eq!(merchant % 8, n as i64, "{order_no} on the wrong shard");
+                *seen.entry(id).or_default() += 1;
+                if let Some((m, o)) = acked.get(&id) {
+                    assert_eq!((*m, o.as_str()), (merchant, order_no.as_str()), "values of {id}");
+                }
+            }
+        }
+    }
+    for id in acked.keys() {
+        assert_eq!(seen.get(id).copied().unwrap_or(0), 1, "acknowledged order {id} must exist exactly once");
+    }
+    assert!(seen.values().all(|n| *n == 1), "no order is doubled");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let synced: i64 = def.query_one("SELECT count(*) FROM t_order_fallback WHERE sync_status = 'SYNCED'", &[]).await.expect("fallback").get(0);
+    assert!(synced > 0, "orders went through the fallback table");
+    println!("chaos: {synced} orders went through the fallback table and back");
+}
