@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use shardgate_tests::{connect, http_get, sqlstate, Cluster, Options};
 use tokio_postgres::SimpleQueryMessage;
 
-const FAST: &str = "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 500\nfailure_threshold = 2\nrecovery_threshold = 2\n[fallback]\nsync_interval_ms = 300\n";
+const FAST: &str = "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 2000\nfailure_threshold = 2\nrecovery_threshold = 2\n[fallback]\nsync_interval_ms = 300\n";
 
 fn start(extra: &str) -> Cluster {
     Cluster::start_temp(Options { all_clusters: true, redis: false, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: extra.into() }).expect("start cluster")
@@ -167,6 +167,16 @@ async fn chaos_kill_shard_0_under_write_load_loses_and_doubles_nothing() {
         h["shards"][0]["state"] == "up" && h["shards"][0]["fallback_pending_rows"] == 0 && h["shards"][0]["fallback_failed_rows"] == 0
     })
     .await;
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let t_wait = Instant::now();
+    loop {
+        let left: i64 = def.query_one("SELECT count(*) FROM t_order_fallback WHERE sync_status <> 'SYNCED'", &[]).await.expect("fallback").get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(t_wait.elapsed() < Duration::from_secs(60), "{left} fallback rows never synced");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // every acknowledged order exactly once, in its own shard's month table
     let mut seen: HashMap<i64, usize> = HashMap::new();
     for (n, dsn) in c.info.shards.iter().enumerate() {
@@ -184,11 +194,15 @@ async fn chaos_kill_shard_0_under_write_load_loses_and_doubles_nothing() {
             }
         }
     }
-    for id in acked.keys() {
-        assert_eq!(seen.get(id).copied().unwrap_or(0), 1, "acknowledged order {id} must exist exactly once");
+    for (id, (merchant, order_no)) in &acked {
+        let n = seen.get(id).copied().unwrap_or(0);
+        if n != 1 {
+            let fb = def.query("SELECT target_table, sync_status, last_error FROM t_order_fallback WHERE id = $1", &[id]).await.expect("fallback lookup");
+            let fb: Vec<(String, String, Option<String>)> = fb.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+            panic!("acknowledged order {id} ({order_no}, merchant {merchant}) exists {n} times on the shards; in the fallback table: {fb:?}");
+        }
     }
     assert!(seen.values().all(|n| *n == 1), "no order is doubled");
-    let def = connect(&c.info.default_dsn).await.expect("db_default");
     let synced: i64 = def.query_one("SELECT count(*) FROM t_order_fallback WHERE sync_status = 'SYNCED'", &[]).await.expect("fallback").get(0);
     assert!(synced > 0, "orders went through the fallback table");
     println!("chaos: {synced} orders went through the fallback table and back");

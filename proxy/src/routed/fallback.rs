@@ -49,13 +49,15 @@ pub struct Fallback {
     last_sync_ms: Vec<AtomicI64>,
     /// Rows synced since start.
     pub synced_total: AtomicI64,
+    /// Bumped by every fallback write: a recount that raced one must not lower the count.
+    writes: Vec<AtomicI64>,
 }
 
 impl Fallback {
     /// Counters for `shards` shards.
     pub fn new(shards: usize) -> Fallback {
         let v = || (0..shards).map(|_| AtomicI64::new(0)).collect();
-        Fallback { columns: OnceLock::new(), views: Mutex::default(), pending: v(), failed: v(), last_sync_ms: v(), synced_total: AtomicI64::new(0) }
+        Fallback { columns: OnceLock::new(), views: Mutex::default(), pending: v(), failed: v(), last_sync_ms: v(), synced_total: AtomicI64::new(0), writes: v() }
     }
 
     /// Unsynced rows of a shard.
@@ -254,6 +256,9 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
 
 /// Records rows written to the fallback table for a shard.
 pub fn note_written(engine: &Engine, shard: usize, rows: u64) {
+    if let Some(w) = engine.fallback.writes.get(shard) {
+        w.fetch_add(1, Ordering::AcqRel);
+    }
     if let Some(p) = engine.fallback.pending.get(shard) {
         p.fetch_add(rows as i64, Ordering::AcqRel);
     }
@@ -262,6 +267,7 @@ pub fn note_written(engine: &Engine, shard: usize, rows: u64) {
 /// Recounts unsynced rows per shard.
 pub async fn recount(engine: &Engine) {
     let Ok(mut conn) = engine.default.get().await else { return };
+    let epochs: Vec<i64> = engine.fallback.writes.iter().map(|w| w.load(Ordering::Acquire)).collect();
     let mut fresh = vec![(0i64, 0i64); engine.shards.len()];
     for rule in &engine.topology().tables {
         let q = format!(
@@ -280,7 +286,12 @@ pub async fn recount(engine: &Engine) {
         }
     }
     for (i, (p, f)) in fresh.into_iter().enumerate() {
-        engine.fallback.pending[i].store(p, Ordering::Release);
+        if engine.fallback.writes[i].load(Ordering::Acquire) == epochs[i] {
+            engine.fallback.pending[i].store(p, Ordering::Release);
+        } else {
+            // a fallback write committed while we counted: never lower the count on a stale snapshot
+            engine.fallback.pending[i].fetch_max(p, Ordering::AcqRel);
+        }
         engine.fallback.failed[i].store(f, Ordering::Release);
         let label = super::exec::shard_label(i);
         metrics::gauge!(crate::metrics::FALLBACK_ROWS, "shard" => label, "status" => "pending").set((p - f) as f64);
@@ -414,7 +425,8 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32) -> anyhow::Re
 /// One sync-back round: every reachable shard with unsynced rows, batch after batch.
 pub async fn sync_round(engine: &Engine, batch: u32) {
     for shard in 0..engine.shards.len() {
-        if engine.is_down(shard) || engine.fallback.pending(shard) == 0 {
+        // the cached count may lag a write that just committed: ask the table (an index probe)
+        if engine.is_down(shard) {
             continue;
         }
         loop {

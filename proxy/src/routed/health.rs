@@ -141,18 +141,33 @@ impl Tracker {
     }
 }
 
-/// One probe: connect, `SELECT 1`, within `timeout`.
-pub async fn probe(dsn: &Dsn, timeout: Duration) -> Result<Duration, String> {
+/// One probe: `SELECT 1` on the probe connection kept from the last probe
+/// (connecting, and authenticating, only when there is none or it broke),
+/// within `timeout`.
+pub async fn probe(dsn: &Dsn, kept: &tokio::sync::Mutex<Option<ServerConn>>, timeout: Duration) -> Result<Duration, String> {
     let t0 = Instant::now();
+    let mut slot = kept.lock().await;
     let r = tokio::time::timeout(timeout, async {
+        if let Some(conn) = slot.as_mut() {
+            if conn.simple_query("SELECT 1").await.is_ok() {
+                return Ok(());
+            }
+            *slot = None;
+        }
         let mut conn = ServerConn::connect(dsn, timeout).await.map_err(|e| e.to_string())?;
-        conn.simple_query("SELECT 1").await.map_err(|e| e.to_string())
+        conn.simple_query("SELECT 1").await.map_err(|e| e.to_string())?;
+        *slot = Some(conn);
+        Ok(())
     })
     .await;
     match r {
         Ok(Ok(())) => Ok(t0.elapsed()),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Err(_) => {
+            // a connection that did not answer in time is not trusted again
+            *slot = None;
+            Err(format!("no answer within {} ms", timeout.as_millis()))
+        }
     }
 }
 

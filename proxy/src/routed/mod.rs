@@ -63,6 +63,8 @@ pub struct Engine {
     pub default_dsn: shardgate_config::Dsn,
     /// Fallback table state (unsynced rows per shard, views made).
     pub fallback: fallback::Fallback,
+    /// Probe connections kept between probes: one per shard, then db_default.
+    probe_conns: Vec<tokio::sync::Mutex<Option<crate::backend::ServerConn>>>,
     /// Reads of a down shard fail instead of answering from fallback rows.
     pub policy_fail: bool,
 }
@@ -121,6 +123,7 @@ impl Engine {
             shard_dsns: config.shard_dsns(),
             default_dsn: config.default_dsn(),
             fallback: fallback::Fallback::new(config.shards.len()),
+            probe_conns: (0..=config.shards.len()).map(|_| tokio::sync::Mutex::new(None)).collect(),
             policy_fail: config.fallback.policy == shardgate_config::FallbackPolicy::Fail,
         })
     }
@@ -190,8 +193,9 @@ impl Engine {
     /// One round of probes: every shard and `db_default`, concurrently.
     pub async fn probe_all(&self) {
         let timeout = Duration::from_millis(self.health_cfg.probe_timeout_ms);
-        let shard_probes = self.shard_dsns.iter().map(|d| health::probe(d, timeout));
-        let (results, default) = tokio::join!(futures_join_all(shard_probes), health::probe(&self.default_dsn, timeout));
+        let shard_probes = self.shard_dsns.iter().zip(&self.probe_conns).map(|(d, c)| health::probe(d, c, timeout));
+        let default_conn = self.probe_conns.last().expect("one per shard and one for db_default");
+        let (results, default) = tokio::join!(futures_join_all(shard_probes), health::probe(&self.default_dsn, default_conn, timeout));
         for (shard, r) in results.into_iter().enumerate() {
             let t = &self.health[shard];
             let change = match r {
