@@ -457,6 +457,26 @@ impl Cluster {
         wait_for_port(self.info.proxy_port, Duration::from_secs(30))
             .with_context(|| format!("shardgate did not start; see {}", self.info.root.join("shardgate.log").display()))?;
         wait_for_port(self.info.admin_port, Duration::from_secs(10))?;
+        // the ports are bound before startup work (month tables, fallback table) is done;
+        // the admin endpoint answers once the proxy serves
+        let t0 = Instant::now();
+        while !matches!(http_get(&format!("{}/livez", self.info.admin_url)), Ok((200, _))) {
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("shardgate did not start serving; see {}", self.info.root.join("shardgate.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Kills the proxy with SIGKILL (a crash: nothing is finished or cleaned up).
+    pub fn kill_proxy(&mut self) -> Result<()> {
+        if let Some(pid) = self.info.proxy_pid.take() {
+            signal(pid, "KILL");
+        }
+        if let Some(mut child) = self.proxy.take() {
+            child.wait()?;
+        }
         Ok(())
     }
 

@@ -207,3 +207,121 @@ async fn chaos_kill_shard_0_under_write_load_loses_and_doubles_nothing() {
     assert!(synced > 0, "orders went through the fallback table");
     println!("chaos: {synced} orders went through the fallback table and back");
 }
+
+/// Shard 0 down, `n` orders for it written through the proxy (into the fallback table).
+async fn orders_while_down(c: &Cluster, n: i64) -> Vec<i64> {
+    c.info.cluster_of_shard(0).expect("cluster").stop_immediate().expect("stop shard 0");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let mut ids = Vec::new();
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(500) {
+        let values: Vec<String> = chunk.iter().map(|i| format!("({i}, 'k{i}', {}, 1.00, 'v0')", 8 * (1 + i % 50))).collect();
+        client.batch_execute(&format!("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status) VALUES {}", values.join(","))).await.expect("insert while down");
+        ids.extend_from_slice(chunk);
+    }
+    ids
+}
+
+/// How many rows with each id the shard's month tables hold.
+async fn shard0_counts(c: &Cluster) -> HashMap<i64, (usize, String)> {
+    let shard = connect(&c.info.shards[0]).await.expect("shard 0");
+    let mut seen: HashMap<i64, (usize, String)> = HashMap::new();
+    let tables = shard.query("SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname ~ '^t_order_[0-9]{6}$'", &[]).await.expect("tables");
+    for t in tables {
+        let name: String = t.get(0);
+        for r in shard.query(&format!("SELECT id, pay_status FROM {name}"), &[]).await.expect("rows") {
+            let e = seen.entry(r.get(0)).or_insert((0, String::new()));
+            e.0 += 1;
+            e.1 = r.get(1);
+        }
+    }
+    seen
+}
+
+async fn wait_synced(c: &Cluster, timeout: Duration) {
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let t0 = Instant::now();
+    loop {
+        let left: i64 = def.query_one("SELECT count(*) FROM t_order_fallback WHERE sync_status <> 'SYNCED'", &[]).await.expect("fallback").get(0);
+        if left == 0 {
+            return;
+        }
+        assert!(t0.elapsed() < timeout, "{left} fallback rows never synced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_proxy_during_sync_back_loses_and_doubles_nothing() {
+    let mut c = start(&FAST.replace("sync_interval_ms = 300", "sync_interval_ms = 100\nbatch_size = 200"));
+    let ids = orders_while_down(&c, 6000).await;
+    c.info.cluster_of_shard(0).expect("cluster").start().expect("restart shard 0");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    // kill the proxy three times while sync-back is moving rows
+    let mut kills = 0;
+    let t0 = Instant::now();
+    while kills < 3 && t0.elapsed() < Duration::from_secs(60) {
+        let synced: i64 = def.query_one("SELECT count(*) FROM t_order_fallback WHERE sync_status = 'SYNCED'", &[]).await.expect("count").get(0);
+        if synced > (kills as i64 + 1) * 1000 || (synced > 0 && kills == 0) {
+            c.kill_proxy().expect("SIGKILL");
+            kills += 1;
+            c.start_proxy().expect("restart proxy");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(kills >= 1, "the proxy was killed during sync-back");
+    wait_synced(&c, Duration::from_secs(60)).await;
+    let seen = shard0_counts(&c).await;
+    for id in &ids {
+        assert_eq!(seen.get(id).map(|s| s.0), Some(1), "order {id} exactly once on db_0");
+    }
+    assert_eq!(seen.len(), ids.len());
+    println!("sigkill: {kills} proxy kills during sync-back of {} rows; all exactly once", ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_storm_during_sync_back_keeps_the_last_acknowledged_value() {
+    let c = start(&FAST.replace("sync_interval_ms = 300", "sync_interval_ms = 100\nbatch_size = 100"));
+    let ids = orders_while_down(&c, 2000).await;
+    c.info.cluster_of_shard(0).expect("cluster").start().expect("restart shard 0");
+    // 4 updaters, each owning a quarter of the rows, update them while sync-back runs
+    let last: Arc<Mutex<HashMap<i64, String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..4usize {
+        let (dsn, last, mine) = (c.info.proxy_dsn.clone(), last.clone(), ids.iter().copied().filter(|i| (*i as usize) % 4 == w).collect::<Vec<_>>());
+        tasks.push(tokio::spawn(async move {
+            let client = connect(&dsn).await.expect("connect");
+            let upd = client.prepare("UPDATE t_order SET pay_status = $1 WHERE merchant_id = $2 AND id = $3").await.expect("prepare");
+            let t0 = Instant::now();
+            let mut round = 0;
+            while t0.elapsed() < Duration::from_secs(6) {
+                round += 1;
+                for id in mine.iter().step_by(7) {
+                    let v = format!("v{round}");
+                    let merchant = 8 * (1 + id % 50);
+                    match client.execute(&upd, &[&v, &merchant, id]).await {
+                        Ok(1) => {
+                            last.lock().expect("lock").insert(*id, v);
+                        }
+                        Ok(n) => panic!("update of {id} matched {n} rows"),
+                        Err(e) => panic!("update of {id} failed: {e:?}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("updater");
+    }
+    wait_synced(&c, Duration::from_secs(60)).await;
+    let seen = shard0_counts(&c).await;
+    let last = last.lock().expect("lock").clone();
+    assert!(!last.is_empty());
+    for id in &ids {
+        let (n, status) = seen.get(id).cloned().unwrap_or_default();
+        assert_eq!(n, 1, "order {id} exactly once");
+        if let Some(v) = last.get(id) {
+            assert_eq!(&status, v, "order {id} keeps its last acknowledged update");
+        }
+    }
+    println!("update storm: {} rows updated while syncing, all final values as last acknowledged", last.len());
+}

@@ -113,6 +113,8 @@ pub struct Request<'a> {
     pub param_sets: &'a (dyn Fn(&mut crate::backend::ServerConn) -> String + Sync),
     /// Targets standing in for a down shard, with that shard (UPDATE/DELETE must match there).
     pub down_targets: &'a [(usize, usize)],
+    /// Run the targets one after another, in order (not all at once).
+    pub serial: bool,
 }
 
 /// Where answers go.
@@ -255,7 +257,7 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
                 for n in &a.notices {
                     crate::protocol::backend::notice_response(out.buf, "01000", n);
                 }
-                let sub = Request { routed: &a.routed, down_targets: &a.down_targets, ..*req };
+                let sub = Request { routed: &a.routed, down_targets: &a.down_targets, serial: a.serial, ..*req };
                 let r = execute_plan(engine, slots, &sub, out).await;
                 if r.is_ok() && a.routed.kind == RoutedKind::Insert {
                     for t in &req.routed.targets {
@@ -368,8 +370,11 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
             "binary results of a statement spanning shards need a Describe first; prepare the statement (most drivers do)".into(),
         ));
     }
-    // send every target's statement, grouped per connection, before reading anything
+    // send every target's statement, grouped per connection, before reading anything —
+    // unless the targets must run one after another (`serial`: a write that touches a
+    // recovering shard's fallback rows first, then the shard)
     let mut bufs: Vec<(usize, BytesMut)> = Vec::new();
+    let mut serial_bufs: Vec<BytesMut> = Vec::new();
     let mut parsed: Vec<(usize, String)> = Vec::new();
     for t in &routed.targets {
         let shard = t.shard.0 as usize;
@@ -380,11 +385,16 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
         let values: Vec<Option<&[u8]>> = idx.iter().map(|&i| req.bound.values.get(i).and_then(|v| v.as_deref())).collect();
         let types: Vec<u32> = idx.iter().map(|&i| req.bound.types.get(i).copied().unwrap_or(0)).collect();
         let fmts: Vec<i16> = idx.iter().map(|&i| req.bound.formats.get(i).copied().unwrap_or(0)).collect();
-        let buf = match bufs.iter_mut().find(|(s, _)| *s == shard) {
-            Some((_, b)) => b,
-            None => {
-                bufs.push((shard, BytesMut::new()));
-                &mut bufs.last_mut().expect("pushed").1
+        let buf = if req.serial {
+            serial_bufs.push(BytesMut::new());
+            serial_bufs.last_mut().expect("pushed")
+        } else {
+            match bufs.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, b)) => b,
+                None => {
+                    bufs.push((shard, BytesMut::new()));
+                    &mut bufs.last_mut().expect("pushed").1
+                }
             }
         };
         // extended-protocol clients repeat their statements: keep them prepared on the shard
@@ -409,8 +419,8 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
             return Err(lost(*shard, &e.into()));
         }
     }
-    let ordered_stream = spec.is_some_and(|s| s.grouping.is_none() && !s.distinct && !s.order_by.is_empty()) && bufs.len() == routed.targets.len();
-    let result = if ordered_stream { kway(slots, req, out, spec.expect("checked")).await } else { sequential(engine, slots, req, out, spec).await };
+    let ordered_stream = !req.serial && spec.is_some_and(|s| s.grouping.is_none() && !s.distinct && !s.order_by.is_empty()) && bufs.len() == routed.targets.len();
+    let result = if ordered_stream { kway(slots, req, out, spec.expect("checked")).await } else { sequential(engine, slots, req, out, spec, serial_bufs).await };
     if result.is_err() && !parsed.is_empty() {
         // a Parse in a failed pipeline may not have created its statement: forget and close them
         forget_parsed(slots, &parsed).await;
@@ -491,7 +501,7 @@ impl Shape {
 }
 
 /// Reads targets in order; streams or collects.
-async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, spec: Option<&MergeSpec>) -> Result<(), ExecError> {
+async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, spec: Option<&MergeSpec>, mut serial: Vec<BytesMut>) -> Result<(), ExecError> {
     let routed = req.routed;
     let hidden = spec.map_or(0, |s| s.hidden);
     let collect = spec.is_some_and(|s| s.grouping.is_some() || s.distinct || !s.order_by.is_empty());
@@ -514,6 +524,13 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     let mut per_target = vec![0u64; routed.targets.len()];
     for (ti, t) in routed.targets.iter().enumerate() {
         let shard = t.shard.0 as usize;
+        let conn = &mut slots[shard].as_mut().expect("held").conn;
+        if let Some(buf) = serial.get_mut(ti) {
+            // serial: this target starts only now that the ones before it have finished
+            if let Err(e) = conn.stream.write_all(buf).await {
+                return Err(fail(slots, shard, e.into()));
+            }
+        }
         let conn = &mut slots[shard].as_mut().expect("held").conn;
         let head = match wire::read_head(conn, &mut notices).await {
             Ok(h) => h,

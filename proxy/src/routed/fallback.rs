@@ -174,6 +174,10 @@ pub struct Adjusted {
     pub down_targets: Vec<(usize, usize)>,
     /// NOTICEs to send before the answer.
     pub notices: Vec<String>,
+    /// Targets must run one after another: a write on a shard that still has
+    /// unsynced rows runs on those rows first (waiting for a sync batch that holds
+    /// them, re-checking their status under the row lock), then on the shard.
+    pub serial: bool,
 }
 
 fn swap_tables(sql: &str, rule: &TableRule, shard: usize, months: &[MonthKey], write: bool) -> String {
@@ -203,6 +207,7 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
     let mut down_targets = Vec::new();
     let mut notices = Vec::new();
     let mut views = Vec::new();
+    let mut serial = false;
     for t in &routed.targets {
         let s = t.shard.0 as usize;
         let down = engine.is_down(s);
@@ -241,6 +246,7 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
                 if pending > 0 {
                     views.extend(t.months.iter().map(|m| (s, *m)));
                     out.targets.push(fb(false));
+                    serial = true;
                 }
                 out.targets.push(t.clone());
             }
@@ -251,7 +257,7 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
     if out.targets.len() > 1 && out.merge.is_none() && out.kind == RoutedKind::Select {
         return Err(ExecError::Proxy("0A000", "this query cannot combine a shard with its fallback rows; add the shard key to WHERE or retry when the shard is back".into()));
     }
-    Ok(Some(Adjusted { routed: out, down_targets, notices }))
+    Ok(Some(Adjusted { routed: out, down_targets, notices, serial }))
 }
 
 /// Records rows written to the fallback table for a shard.

@@ -204,6 +204,12 @@ impl Engine {
             };
             if let Some((from, to)) = change {
                 self.state_changed(shard, from, to);
+                if from == health::State::Down {
+                    // back from down: it may lack month tables made meanwhile
+                    if !months::fill_in(self, shard).await {
+                        tracing::warn!(shard = exec::shard_label(shard), "could not create missing month tables on a returning shard");
+                    }
+                }
             }
         }
         let change = match default {

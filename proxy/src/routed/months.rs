@@ -43,33 +43,17 @@ async fn existing_on(engine: &Engine, shard: usize) -> anyhow::Result<Vec<MonthK
     Ok(found)
 }
 
+/// Creates every known month on one shard (it was down while some were made).
+pub async fn fill_in(engine: &Engine, shard: usize) -> bool {
+    let months = engine.months();
+    create_on(engine, shard, &months).await
+}
+
 /// Creates `months` on every shard (idempotent); returns the shards that failed.
 pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
     let mut failed = Vec::new();
     for shard in 0..engine.shards.len() {
-        let ok = async {
-            let mut conn = tokio::time::timeout(Duration::from_secs(5), engine.shards[shard].get()).await.ok()?.ok()?;
-            for rule in &engine.topology().tables {
-                for m in months {
-                    match wire::control(&mut conn, &rule.create_month_table_sql(*m)).await {
-                        Ok(Ok(_)) => {}
-                        // two proxies creating the same table at once: the loser sees a unique violation
-                        Ok(Err(e)) if e.code == "23505" || e.code == "42P07" => {}
-                        Ok(Err(e)) => {
-                            tracing::warn!(shard, month = %m.suffix(), sqlstate = %e.code, "creating a month table failed");
-                            return None;
-                        }
-                        Err(_) => {
-                            conn.broken = true;
-                            return None;
-                        }
-                    }
-                }
-            }
-            Some(())
-        }
-        .await;
-        if ok.is_none() {
+        if !create_on(engine, shard, months).await {
             failed.push(shard);
         }
     }
@@ -77,6 +61,28 @@ pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
         engine.add_months(months);
     }
     failed
+}
+
+async fn create_on(engine: &Engine, shard: usize, months: &[MonthKey]) -> bool {
+    let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), engine.shards[shard].get()).await else { return false };
+    for rule in &engine.topology().tables {
+        for m in months {
+            match wire::control(&mut conn, &rule.create_month_table_sql(*m)).await {
+                Ok(Ok(_)) => {}
+                // two proxies creating the same table at once: the loser sees a unique violation
+                Ok(Err(e)) if e.code == "23505" || e.code == "42P07" => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(shard, month = %m.suffix(), sqlstate = %e.code, "creating a month table failed");
+                    return false;
+                }
+                Err(_) => {
+                    conn.broken = true;
+                    return false;
+                }
+            }
+        }
+    }
+    true
 }
 
 /// One maintainer pass: learn existing months, create the wanted ones.

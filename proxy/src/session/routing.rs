@@ -197,7 +197,7 @@ impl Session {
         let in_tx = self.in_tx_block();
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
-        let req = Request { routed: &plan, bound, simple, visible, tx: in_tx.then_some(begin.as_str()), param_sets: &sets, down_targets: &[] };
+        let req = Request { routed: &plan, bound, simple, visible, tx: in_tx.then_some(begin.as_str()), param_sets: &sets, down_targets: &[], serial: false };
         let mut out = Out { buf: &mut self.cout, client: &self.client };
         let r = exec::execute(&engine, &mut self.slots, &req, &mut out).await;
         match r {
