@@ -33,6 +33,7 @@ bench: deps
 	$(CARGO) build --release --workspace --bins
 	@bash scripts/bench.sh
 	@bash scripts/bench_routed.sh
+	@bash scripts/bench_sync.sh
 
 fuzz:
 	@bash scripts/fuzz.sh $(or $(SECONDS_TO_RUN),600) $(or $(FUZZ_TARGET),frames)

@@ -45,6 +45,8 @@ pub const SHARD_STATE: &str = "shardgate_shard_state";
 
 /// Fallback rows not yet synced back, labels `shard`, `status` = pending | failed (gauge).
 pub const FALLBACK_ROWS: &str = "shardgate_fallback_rows";
+/// Age of the oldest fallback row not yet synced back, label `shard` (gauge, seconds).
+pub const FALLBACK_LAG_SECONDS: &str = "shardgate_fallback_lag_seconds";
 /// Fallback rows synced back to their shard (counter).
 pub const FALLBACK_SYNCED_TOTAL: &str = "shardgate_fallback_synced_total";
 

@@ -183,7 +183,7 @@ async fn a_transaction_writing_two_shards_commits_both_or_neither() {
 async fn admin_sql_and_psql_meta_commands() {
     let c = start("", "");
     let admin = connect(&c.info.proxy_dsn_for(ADMIN_USER.0, ADMIN_USER.1)).await.expect("admin");
-    for (cmd, cols) in [("SHOW SHARDS", 10), ("SHOW POOLS", 6), ("SHOW CLIENTS", 4), ("SHOW MONTHS", 3)] {
+    for (cmd, cols) in [("SHOW SHARDS", 10), ("SHOW POOLS", 6), ("SHOW CLIENTS", 4), ("SHOW MONTHS", 3), ("SHOW FALLBACK", 5)] {
         let msgs = admin.simple_query(cmd).await.expect(cmd);
         let rows: Vec<_> = msgs.iter().filter_map(|m| if let tokio_postgres::SimpleQueryMessage::Row(r) = m { Some(r) } else { None }).collect();
         assert!(!rows.is_empty(), "{cmd} lists something");

@@ -275,9 +275,10 @@ pub async fn recount(engine: &Engine) {
     let Ok(mut conn) = engine.default.get().await else { return };
     let epochs: Vec<i64> = engine.fallback.writes.iter().map(|w| w.load(Ordering::Acquire)).collect();
     let mut fresh = vec![(0i64, 0i64); engine.shards.len()];
+    let mut lag = vec![0i64; engine.shards.len()];
     for rule in &engine.topology().tables {
         let q = format!(
-            "SELECT target_db || ':' || count(*) || ':' || count(*) FILTER (WHERE sync_status = 'FAILED') FROM {} WHERE sync_status <> 'SYNCED' GROUP BY target_db",
+            "SELECT target_db || ':' || count(*) || ':' || count(*) FILTER (WHERE sync_status = 'FAILED') || ':' || extract(epoch FROM now() - min(created_at))::bigint FROM {} WHERE sync_status <> 'SYNCED' GROUP BY target_db",
             table(rule)
         );
         let Ok(Ok(rows)) = wire::control(&mut conn, &q).await else { return };
@@ -285,6 +286,9 @@ pub async fn recount(engine: &Engine) {
             let mut parts = r.split(':');
             let (Some(db), Some(n), Some(f)) = (parts.next(), parts.next(), parts.next()) else { continue };
             let Some(shard) = db.strip_prefix("db_").and_then(|s| s.parse::<usize>().ok()) else { continue };
+            if let Some(l) = lag.get_mut(shard) {
+                *l = (*l).max(parts.next().and_then(|x| x.parse().ok()).unwrap_or(0));
+            }
             if let Some(slot) = fresh.get_mut(shard) {
                 slot.0 += n.parse::<i64>().unwrap_or(0);
                 slot.1 += f.parse::<i64>().unwrap_or(0);
@@ -302,6 +306,7 @@ pub async fn recount(engine: &Engine) {
         let label = super::exec::shard_label(i);
         metrics::gauge!(crate::metrics::FALLBACK_ROWS, "shard" => label, "status" => "pending").set((p - f) as f64);
         metrics::gauge!(crate::metrics::FALLBACK_ROWS, "shard" => label, "status" => "failed").set(f as f64);
+        metrics::gauge!(crate::metrics::FALLBACK_LAG_SECONDS, "shard" => label).set(lag[i] as f64);
     }
 }
 
@@ -312,19 +317,25 @@ fn quote(v: &Option<String>) -> String {
     }
 }
 
-/// One sync-back batch for one shard; returns rows synced (0 = nothing to do).
-pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32) -> anyhow::Result<usize> {
+/// One sync-back batch for one shard, of rows with ids above `*after` (moved
+/// past the batch, so a round walks the index forward instead of re-skipping
+/// the entries of rows it already synced); returns rows handled (0 = done).
+pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i64) -> anyhow::Result<usize> {
     let Some(cols) = engine.fallback.columns.get() else { return Ok(0) };
     let mut total = 0;
     for rule in &engine.topology().tables {
         let t = table(rule);
         let mut def = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
-        wire::control(&mut def, "BEGIN").await?.map_err(|e| anyhow::anyhow!("BEGIN: {}", e.code))?;
+        // the batch must come from an ordered walk of the to-do index: during an outage the
+        // table grows faster than its statistics, and a bitmap scan + sort of every pending
+        // row per batch makes sync-back quadratic
+        wire::control(&mut def, "BEGIN; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off").await?.map_err(|e| anyhow::anyhow!("BEGIN: {}", e.code))?;
         // one text row per order: target table, then the columns (NULL-safe via a JSON array)
         let q = format!(
             "SELECT json_build_array(target_table, {list})::text FROM {t} WHERE target_db = 'db_{shard}' AND sync_status <> 'SYNCED' \
-             AND (next_attempt_at IS NULL OR next_attempt_at <= now()) ORDER BY {id} LIMIT {batch} FOR UPDATE SKIP LOCKED",
+             {from} AND (next_attempt_at IS NULL OR next_attempt_at <= now()) ORDER BY {id} LIMIT {batch} FOR UPDATE SKIP LOCKED",
             list = cols.iter().map(|c| format!("{c}::text")).collect::<Vec<_>>().join(", "),
+            from = if *after == i64::MIN { String::new() } else { format!("AND {} > {}", rule.id_column, *after) },
             id = rule.id_column
         );
         let rows = match wire::control(&mut def, &q).await? {
@@ -354,6 +365,9 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32) -> anyhow::Re
                 })
                 .collect();
             let id = values.get(id_pos).cloned().flatten().unwrap_or_default();
+            if let Ok(n) = id.parse::<i64>() {
+                *after = (*after).max(n);
+            }
             match by_table.iter_mut().find(|(tt, _)| *tt == target) {
                 Some((_, list)) => list.push((id, values)),
                 None => by_table.push((target, vec![(id, values)])),
@@ -380,15 +394,16 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32) -> anyhow::Re
         let mut synced: Vec<String> = Vec::new();
         let mut failed: Vec<(String, String)> = Vec::new();
         for (target, list) in &by_table {
-            // the month table may not exist yet on a shard that was down when it was created
-            let month = target.strip_prefix(&format!("{}_", rule.name)).and_then(MonthKey::parse_suffix);
-            if let Some(m) = month {
-                if !engine.months().contains(&m) {
+            let mut first = wire::control(&mut shard_conn, &upsert(target, list)).await?;
+            if matches!(&first, Err(e) if e.code == "42P01") {
+                // the month table is missing on this shard (it was down when the month was made)
+                if let Some(m) = target.strip_prefix(&format!("{}_", rule.name)).and_then(MonthKey::parse_suffix) {
                     super::months::create(engine, &[m]).await;
+                    let _ = wire::control(&mut shard_conn, &rule.create_month_table_sql(m)).await;
+                    first = wire::control(&mut shard_conn, &upsert(target, list)).await?;
                 }
-                let _ = wire::control(&mut shard_conn, &rule.create_month_table_sql(m)).await;
             }
-            match wire::control(&mut shard_conn, &upsert(target, list)).await? {
+            match first {
                 Ok(_) => synced.extend(list.iter().map(|(id, _)| id.clone())),
                 Err(_) => {
                     // isolate the rows that cannot go home
@@ -435,8 +450,9 @@ pub async fn sync_round(engine: &Engine, batch: u32) {
         if engine.is_down(shard) {
             continue;
         }
+        let mut after = i64::MIN;
         loop {
-            match sync_batch(engine, shard, batch).await {
+            match sync_batch(engine, shard, batch, &mut after).await {
                 Ok(n) if n >= batch as usize => continue,
                 Ok(_) => break,
                 Err(e) => {

@@ -1,6 +1,6 @@
 //! Admin commands on the Postgres port, for users with `admin = true`, in
 //! pgbouncer's style: `SHOW SHARDS`, `SHOW POOLS`, `SHOW CLIENTS`,
-//! `SHOW MONTHS`. Answered by the proxy; other users' SHOW goes to the server.
+//! `SHOW MONTHS`, `SHOW FALLBACK`. Answered by the proxy; other users' SHOW goes to the server.
 
 use bytes::BytesMut;
 
@@ -53,7 +53,7 @@ impl Session {
         let ["show", what] = words.as_slice() else {
             return Ok(false);
         };
-        if !matches!(*what, "shards" | "pools" | "clients" | "months") {
+        if !matches!(*what, "shards" | "pools" | "clients" | "months" | "fallback") {
             return Ok(false);
         }
         self.barrier().await?;
@@ -114,6 +114,21 @@ impl Session {
                     .flat_map(|m| engine.topology().tables.iter().map(move |t| vec![m.suffix(), t.name.clone(), t.physical(*m)]))
                     .collect();
                 put_table(&mut out, &["month", "table", "physical_table"], &rows);
+            }
+            "fallback" => {
+                let rows: Vec<Vec<String>> = (0..engine.shards.len())
+                    .map(|i| {
+                        let last = engine.fallback.last_sync_ms(i);
+                        vec![
+                            format!("db_{i}"),
+                            engine.health[i].state().name().to_string(),
+                            (engine.fallback.pending(i) - engine.fallback.failed(i)).to_string(),
+                            engine.fallback.failed(i).to_string(),
+                            if last > 0 { jiff::Timestamp::from_millisecond(last).map(|t| t.to_string()).unwrap_or_default() } else { String::new() },
+                        ]
+                    })
+                    .collect();
+                put_table(&mut out, &["database", "state", "pending_rows", "failed_rows", "last_sync"], &rows);
             }
             _ => return Ok(false),
         }
