@@ -320,58 +320,41 @@ fn quote(v: &Option<String>) -> String {
 /// One sync-back batch for one shard, of rows with ids above `*after` (moved
 /// past the batch, so a round walks the index forward instead of re-skipping
 /// the entries of rows it already synced); returns rows handled (0 = done).
+///
+/// The batch travels as JSON: `db_default` aggregates the locked rows per
+/// month table (`json_agg`), the shard turns them back into rows with
+/// `json_populate_recordset` — values keep their exact text form, and neither
+/// side parses thousands of literals.
 pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i64) -> anyhow::Result<usize> {
     let Some(cols) = engine.fallback.columns.get() else { return Ok(0) };
     let mut total = 0;
     for rule in &engine.topology().tables {
         let t = table(rule);
+        let id = &rule.id_column;
+        let list = cols.join(", ");
         let mut def = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
         // the batch must come from an ordered walk of the to-do index: during an outage the
         // table grows faster than its statistics, and a bitmap scan + sort of every pending
         // row per batch makes sync-back quadratic
-        wire::control(&mut def, "BEGIN; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off").await?.map_err(|e| anyhow::anyhow!("BEGIN: {}", e.code))?;
-        // one text row per order: target table, then the columns (NULL-safe via a JSON array)
+        let from = if *after == i64::MIN { String::new() } else { format!("AND {id} > {}", *after) };
         let q = format!(
-            "SELECT json_build_array(target_table, {list})::text FROM {t} WHERE target_db = 'db_{shard}' AND sync_status <> 'SYNCED' \
-             {from} AND (next_attempt_at IS NULL OR next_attempt_at <= now()) ORDER BY {id} LIMIT {batch} FOR UPDATE SKIP LOCKED",
-            list = cols.iter().map(|c| format!("{c}::text")).collect::<Vec<_>>().join(", "),
-            from = if *after == i64::MIN { String::new() } else { format!("AND {} > {}", rule.id_column, *after) },
-            id = rule.id_column
+            "BEGIN; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; \
+             SELECT json_build_array(target_table, max({id}), array_agg({id}), json_agg(json_build_object({obj})))::text FROM ( \
+               SELECT * FROM {t} WHERE target_db = 'db_{shard}' AND sync_status <> 'SYNCED' {from} \
+               AND (next_attempt_at IS NULL OR next_attempt_at <= now()) ORDER BY {id} LIMIT {batch} FOR UPDATE SKIP LOCKED) b \
+             GROUP BY target_table",
+            obj = cols.iter().map(|c| format!("'{}', {c}", c.trim_matches('"').replace('\'', "''"))).collect::<Vec<_>>().join(", ")
         );
-        let rows = match wire::control(&mut def, &q).await? {
+        let groups = match wire::control(&mut def, &q).await? {
             Ok(r) => r,
             Err(e) => {
                 let _ = wire::control(&mut def, "ROLLBACK").await;
                 anyhow::bail!("selecting a batch: SQLSTATE {}", e.code);
             }
         };
-        if rows.is_empty() {
+        if groups.is_empty() {
             wire::control(&mut def, "COMMIT").await?.ok();
             continue;
-        }
-        // decode: [target_table, v1, v2, ...] with every value as JSON (numbers, strings, null)
-        let mut by_table: Vec<(String, Vec<(String, Vec<Option<String>>)>)> = Vec::new();
-        let id_pos = cols.iter().position(|c| c.trim_matches('"') == rule.id_column).unwrap_or(0);
-        for r in rows.into_iter().flatten() {
-            let v: serde_json::Value = serde_json::from_str(&r)?;
-            let arr = v.as_array().ok_or_else(|| anyhow::anyhow!("bad batch row"))?;
-            let target = arr.first().and_then(|x| x.as_str()).unwrap_or_default().to_string();
-            let values: Vec<Option<String>> = arr[1..]
-                .iter()
-                .map(|x| match x {
-                    serde_json::Value::Null => None,
-                    serde_json::Value::String(s) => Some(s.clone()),
-                    other => Some(other.to_string()),
-                })
-                .collect();
-            let id = values.get(id_pos).cloned().flatten().unwrap_or_default();
-            if let Ok(n) = id.parse::<i64>() {
-                *after = (*after).max(n);
-            }
-            match by_table.iter_mut().find(|(tt, _)| *tt == target) {
-                Some((_, list)) => list.push((id, values)),
-                None => by_table.push((target, vec![(id, values)])),
-            }
         }
         let mut shard_conn = match engine.shards[shard].get().await {
             Ok(c) => c,
@@ -380,62 +363,66 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
                 anyhow::bail!("db_{shard}: {e}");
             }
         };
-        let update_set: Vec<String> = cols.iter().filter(|c| c.trim_matches('"') != rule.id_column).map(|c| format!("{c} = EXCLUDED.{c}")).collect();
-        let upsert = |target: &str, rows: &[(String, Vec<Option<String>>)]| {
-            let values: Vec<String> = rows.iter().map(|(_, v)| format!("({})", v.iter().map(quote).collect::<Vec<_>>().join(", "))).collect();
+        let update_set: Vec<String> = cols.iter().filter(|c| c.trim_matches('"') != id.as_str()).map(|c| format!("{c} = EXCLUDED.{c}")).collect();
+        let upsert = |target: &str, json: &str| {
             format!(
-                "INSERT INTO {target} ({}) VALUES {} ON CONFLICT ({}) DO UPDATE SET {}",
-                cols.join(", "),
-                values.join(", "),
-                rule.id_column,
+                "INSERT INTO {target} ({list}) SELECT {list} FROM json_populate_recordset(NULL::{target}, '{}') ON CONFLICT ({id}) DO UPDATE SET {}",
+                json.replace('\'', "''"),
                 update_set.join(", ")
             )
         };
-        let mut synced: Vec<String> = Vec::new();
-        let mut failed: Vec<(String, String)> = Vec::new();
-        for (target, list) in &by_table {
-            let mut first = wire::control(&mut shard_conn, &upsert(target, list)).await?;
+        let mut synced: Vec<i64> = Vec::new();
+        let mut failed: Vec<(i64, String)> = Vec::new();
+        for g in groups.into_iter().flatten() {
+            let v: serde_json::Value = serde_json::from_str(&g)?;
+            let target = v[0].as_str().unwrap_or_default().to_string();
+            if let Some(max) = v[1].as_i64() {
+                *after = (*after).max(max);
+            }
+            let ids: Vec<i64> = v[2].as_array().map(|a| a.iter().filter_map(|x| x.as_i64()).collect()).unwrap_or_default();
+            let rows = v[3].as_array().cloned().unwrap_or_default();
+            let json = v[3].to_string();
+            let mut first = wire::control(&mut shard_conn, &upsert(&target, &json)).await?;
             if matches!(&first, Err(e) if e.code == "42P01") {
                 // the month table is missing on this shard (it was down when the month was made)
                 if let Some(m) = target.strip_prefix(&format!("{}_", rule.name)).and_then(MonthKey::parse_suffix) {
                     super::months::create(engine, &[m]).await;
                     let _ = wire::control(&mut shard_conn, &rule.create_month_table_sql(m)).await;
-                    first = wire::control(&mut shard_conn, &upsert(target, list)).await?;
+                    first = wire::control(&mut shard_conn, &upsert(&target, &json)).await?;
                 }
             }
             match first {
-                Ok(_) => synced.extend(list.iter().map(|(id, _)| id.clone())),
+                Ok(_) => synced.extend(&ids),
                 Err(_) => {
                     // isolate the rows that cannot go home
-                    for row in list {
-                        match wire::control(&mut shard_conn, &upsert(target, std::slice::from_ref(row))).await? {
-                            Ok(_) => synced.push(row.0.clone()),
-                            Err(e) => failed.push((row.0.clone(), format!("SQLSTATE {}: {}", e.code, crate::protocol::backend::parse_error_fields(&e.raw[5..]).message))),
+                    for row in &rows {
+                        let rid = row.get(id.as_str()).and_then(|x| x.as_i64()).unwrap_or_default();
+                        match wire::control(&mut shard_conn, &upsert(&target, &format!("[{row}]"))).await? {
+                            Ok(_) => synced.push(rid),
+                            Err(e) => failed.push((rid, format!("SQLSTATE {}: {}", e.code, crate::protocol::backend::parse_error_fields(&e.raw[5..]).message))),
                         }
                     }
                 }
             }
         }
         // the shard has committed (autocommit statements): now mark them in db_default
+        let mut mark = String::new();
         if !synced.is_empty() {
-            let ids = synced.join(",");
-            wire::control(&mut def, &format!("UPDATE {t} SET sync_status = 'SYNCED', synced_at = now(), last_error = NULL WHERE {} IN ({ids})", rule.id_column))
-                .await?
-                .map_err(|e| anyhow::anyhow!("marking synced: SQLSTATE {}", e.code))?;
+            let ids: Vec<String> = synced.iter().map(i64::to_string).collect();
+            mark.push_str(&format!("UPDATE {t} SET sync_status = 'SYNCED', synced_at = now(), last_error = NULL WHERE {id} = ANY('{{{}}}'::bigint[]); ", ids.join(",")));
         }
-        for (id, err) in &failed {
+        for (rid, err) in &failed {
             // exponential backoff with jitter: 2^attempts seconds (at most 5 minutes) × 0.5..1.5
             let jitter = 0.5 + rand::random::<f64>();
-            let sql = format!(
+            mark.push_str(&format!(
                 "UPDATE {t} SET sync_status = 'FAILED', sync_attempts = sync_attempts + 1, last_error = {}, \
-                 next_attempt_at = now() + least(power(2, sync_attempts + 1), 300) * {jitter:.3} * interval '1 second' WHERE {} = {id}",
-                quote(&Some(err.clone())),
-                rule.id_column
-            );
-            wire::control(&mut def, &sql).await?.map_err(|e| anyhow::anyhow!("marking failed: SQLSTATE {}", e.code))?;
-            tracing::warn!(shard, id, error = %err, "a fallback row could not be synced back; will retry");
+                 next_attempt_at = now() + least(power(2, sync_attempts + 1), 300) * {jitter:.3} * interval '1 second' WHERE {id} = {rid}; ",
+                quote(&Some(err.clone()))
+            ));
+            tracing::warn!(shard, id = rid, error = %err, "a fallback row could not be synced back; will retry");
         }
-        wire::control(&mut def, "COMMIT").await?.map_err(|e| anyhow::anyhow!("COMMIT: SQLSTATE {}", e.code))?;
+        mark.push_str("COMMIT");
+        wire::control(&mut def, &mark).await?.map_err(|e| anyhow::anyhow!("marking the batch: SQLSTATE {}", e.code))?;
         engine.fallback.synced_total.fetch_add(synced.len() as i64, Ordering::Relaxed);
         metrics::counter!(crate::metrics::FALLBACK_SYNCED_TOTAL).increment(synced.len() as u64);
         total += synced.len() + failed.len();
