@@ -133,6 +133,7 @@ pub struct Parse<'a> {
 
 impl<'a> Parse<'a> {
     /// Parses a Parse body.
+    #[allow(clippy::self_named_constructors)] // the message is called Parse; `parse` parses it
     pub fn parse(body: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(body);
         let name = r.cstr()?;
