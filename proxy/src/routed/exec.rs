@@ -89,6 +89,8 @@ pub enum ExecError {
     ClientIo(std::io::Error),
     /// A shard could not be reached before anything was sent to it.
     Unreachable(usize),
+    /// A read of a shard that still has unsynced fallback rows: bring them home first.
+    CatchUp(usize),
 }
 
 impl From<ValueError> for ExecError {
@@ -249,8 +251,28 @@ fn target_formats(req: &Request<'_>, spec: Option<&MergeSpec>) -> Vec<i16> {
 /// redirecting targets of down shards to the fallback table.
 pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>) -> Result<(), ExecError> {
     let mut attempt = 0;
+    let mut caught_up = false;
     loop {
-        let adjusted = super::fallback::adjust(engine, req.routed, engine.policy_fail).await?;
+        let adjusted = match super::fallback::adjust(engine, req.routed, engine.policy_fail).await {
+            Ok(a) => a,
+            // a read of a shard whose orders from its outage are not all home yet: move them
+            // now (bounded), so the read sees them — the fallback version wins, nothing twice
+            Err(ExecError::CatchUp(shard)) if !caught_up => {
+                caught_up = true;
+                if !super::fallback::catch_up(engine, shard, engine.sync_batch, std::time::Duration::from_secs(2)).await {
+                    let left = engine.fallback.pending(shard);
+                    return Err(ExecError::Proxy(
+                        "57P03",
+                        format!("shard db_{shard} is catching up: {left} order(s) written while it was down are not back yet; retry shortly"),
+                    ));
+                }
+                continue;
+            }
+            Err(ExecError::CatchUp(shard)) => {
+                return Err(ExecError::Proxy("57P03", format!("shard db_{shard} is catching up on orders written while it was down; retry shortly")));
+            }
+            Err(e) => return Err(e),
+        };
         let r = match &adjusted {
             None => execute_plan(engine, slots, req, out).await,
             Some(a) => {
@@ -270,9 +292,10 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
             }
         };
         match r {
-            // the connect failed before anything was sent: the shard is now down,
-            // so an INSERT outside a transaction block goes to the fallback table instead
-            Err(ExecError::Unreachable(_)) if attempt == 0 && req.routed.kind == RoutedKind::Insert && req.tx.is_none() => {
+            // the connect failed before anything of this statement was sent: the shard is
+            // now down, so plan again around it (an INSERT goes to the fallback table, a
+            // read answers per policy, an UPDATE/DELETE applies to its fallback rows)
+            Err(ExecError::Unreachable(_)) if attempt == 0 => {
                 attempt += 1;
                 continue;
             }

@@ -224,10 +224,8 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
             }
             (RoutedKind::Select, false) => {
                 if pending > 0 {
-                    return Err(ExecError::Proxy(
-                        "57P03",
-                        format!("shard db_{s} is catching up: {pending} order(s) written while it was down are being copied back; retry shortly"),
-                    ));
+                    // the caller brings the rows home first (the fallback version wins), then reads
+                    return Err(ExecError::CatchUp(s));
                 }
                 out.targets.push(t.clone());
             }
@@ -428,6 +426,38 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
         total += synced.len() + failed.len();
     }
     Ok(total)
+}
+
+/// Brings one shard's unsynced rows home now (a read is waiting for them),
+/// within `budget`; true when none are left.
+pub async fn catch_up(engine: &Engine, shard: usize, batch: u32, budget: Duration) -> bool {
+    let t0 = std::time::Instant::now();
+    let mut after = i64::MIN;
+    while t0.elapsed() < budget {
+        match sync_batch(engine, shard, batch, &mut after).await {
+            Ok(n) if n >= batch as usize => continue,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "catch-up before a read failed");
+                return false;
+            }
+        }
+    }
+    // recount only this shard's rows, exactly (no race with writes: the shard is up)
+    let Ok(mut conn) = engine.default.get().await else { return false };
+    let mut left = 0i64;
+    for rule in &engine.topology().tables {
+        let q = format!("SELECT count(*) FROM {} WHERE target_db = 'db_{shard}' AND sync_status <> 'SYNCED'", table(rule));
+        match wire::control(&mut conn, &q).await {
+            Ok(Ok(rows)) => left += rows.into_iter().flatten().next().and_then(|n| n.parse::<i64>().ok()).unwrap_or(0),
+            _ => return false,
+        }
+    }
+    if left == 0 {
+        engine.fallback.pending[shard].store(0, Ordering::Release);
+        engine.fallback.failed[shard].store(0, Ordering::Release);
+    }
+    left == 0
 }
 
 /// One sync-back round: every reachable shard with unsynced rows, batch after batch.

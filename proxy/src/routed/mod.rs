@@ -67,6 +67,8 @@ pub struct Engine {
     probe_conns: Vec<tokio::sync::Mutex<Option<crate::backend::ServerConn>>>,
     /// Reads of a down shard fail instead of answering from fallback rows.
     pub policy_fail: bool,
+    /// Rows per sync-back batch.
+    pub sync_batch: u32,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -125,6 +127,7 @@ impl Engine {
             fallback: fallback::Fallback::new(config.shards.len()),
             probe_conns: (0..=config.shards.len()).map(|_| tokio::sync::Mutex::new(None)).collect(),
             policy_fail: config.fallback.policy == shardgate_config::FallbackPolicy::Fail,
+            sync_batch: config.fallback.batch_size.max(1),
         })
     }
 

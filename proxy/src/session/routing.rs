@@ -763,6 +763,11 @@ fn error_frame(e: &ExecError) -> Bytes {
             b.freeze()
         }
         ExecError::ClientIo(_) => Bytes::new(),
+        ExecError::CatchUp(s) => {
+            let mut b = BytesMut::new();
+            msg::error_response(&mut b, Severity::Error, "57P03", &format!("shard db_{s} is catching up on orders written while it was down; retry shortly"));
+            b.freeze()
+        }
         ExecError::Unreachable(s) => {
             let mut b = BytesMut::new();
             msg::error_response(&mut b, Severity::Error, "08006", &format!("shard db_{s} is unavailable"));
