@@ -694,7 +694,9 @@ impl Session {
     }
 
     fn note_statement_text(&mut self, sql: &[u8]) {
-        if let Some((name, value)) = tracked_set(&String::from_utf8_lossy(&sql[..sql.len().min(512)])) {
+        let head = sql.iter().position(|b| !b.is_ascii_whitespace()).map_or(&[][..], |i| &sql[i..]);
+        let maybe_set = head.len() > 3 && (head[..3].eq_ignore_ascii_case(b"set") || (head.len() > 5 && head[..5].eq_ignore_ascii_case(b"reset")));
+        if let Some((name, value)) = maybe_set.then(|| tracked_set(&String::from_utf8_lossy(&sql[..sql.len().min(512)]))).flatten() {
             // shard connections get the client's session parameters too (see param_sets)
             if name == "*" {
                 self.desired.clear();

@@ -259,8 +259,10 @@ fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
     if needle.is_empty() || hay.len() < needle.len() {
         return needle.is_empty();
     }
-    let first = needle[0].to_ascii_lowercase();
-    hay.windows(needle.len()).any(|w| w[0].to_ascii_lowercase() == first && w.eq_ignore_ascii_case(needle))
+    // jump between occurrences of the first byte in either case (memchr), compare there
+    let (lo, up) = (needle[0].to_ascii_lowercase(), needle[0].to_ascii_uppercase());
+    let last = hay.len() - needle.len();
+    memchr::memchr2_iter(lo, up, &hay[..=last]).any(|i| hay[i..i + needle.len()].eq_ignore_ascii_case(needle))
 }
 
 #[cfg(test)]
