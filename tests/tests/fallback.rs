@@ -53,6 +53,14 @@ async fn a_down_shard_takes_orders_in_fallback_and_gets_them_back() {
     // reads of the down shard: fallback rows, with a NOTICE (policy partial)
     let rows = client.simple_query("SELECT order_no FROM t_order WHERE merchant_id = 16").await.expect("read down shard");
     assert_eq!(notices_and_rows(&rows), 1);
+    let out = std::process::Command::new(shardgate_tests::pg_bin().join("psql"))
+        .arg(&c.info.proxy_dsn)
+        .args(["-X", "-At", "-c", "SELECT order_no FROM t_order WHERE merchant_id = 16"])
+        .output()
+        .expect("psql");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "in-fallback");
+    assert!(stderr.contains("NOTICE:  shard db_0 is unavailable"), "{stderr}");
     // an UPDATE of a fallback row works; of a row on the dead shard fails clearly
     assert_eq!(client.execute("UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = 16 AND id = 2", &[]).await.expect("update fallback row"), 1);
     let e = client.execute("UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = 8 AND id = 1", &[]).await.expect_err("row on the dead shard");
@@ -343,4 +351,33 @@ async fn a_read_of_a_returning_shard_includes_the_orders_of_its_outage() {
     let def = connect(&c.info.default_dsn).await.expect("db_default");
     let left: i64 = def.query_one("SELECT count(*) FROM t_order_fallback WHERE sync_status <> 'SYNCED'", &[]).await.expect("fallback").get(0);
     assert_eq!(left, 0, "the read moved the rows home");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_cannot_go_home_is_failed_with_its_error_and_the_rest_sync() {
+    let c = start(FAST);
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id) VALUES (1, 'taken', 8)").await.expect("seed");
+    c.info.cluster_of_shard(0).expect("cluster").stop_immediate().expect("stop shard 0");
+    // same order_no as a row already on the shard: the shard's unique index refuses it later
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id) VALUES (2, 'taken', 16), (3, 'fine', 24)").await.expect("insert while down");
+    c.info.cluster_of_shard(0).expect("cluster").start().expect("restart shard 0");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let t0 = Instant::now();
+    loop {
+        let rows = def.query("SELECT id, sync_status, sync_attempts, coalesce(last_error, '') FROM t_order_fallback ORDER BY id", &[]).await.expect("fallback");
+        let got: Vec<(i64, String, i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+        if got.len() == 2 && got[0].1 == "FAILED" && got[1].1 == "SYNCED" {
+            assert!(got[0].3.contains("23505"), "the error is kept: {got:?}");
+            assert!(got[0].2 >= 1);
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "sync-back did not isolate the bad row: {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // the shard cannot be read whole while an order of its outage is stuck: a clear error, not a partial answer
+    let e = client.query("SELECT * FROM t_order WHERE merchant_id = 16", &[]).await.expect_err("stuck row");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"));
+    let (_, h) = health(&c);
+    assert_eq!(h["shards"][0]["fallback_failed_rows"], 1, "{h}");
 }
