@@ -1292,7 +1292,7 @@ fn normalize_param(v: &str) -> String {
 }
 
 /// Writes all of `buf` through a shared reference to the socket.
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
         stream.writable().await?;
         match stream.try_write(buf) {

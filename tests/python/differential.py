@@ -102,12 +102,16 @@ def check(step, want, got, mode):
         raise SystemExit(f"{mode}: {step['sql']!r} failed on the reference with {want[1]}")
 
 
+def reset_and_load(conns, workload):
+    for c in conns:
+        c.execute("DELETE FROM t_order")
+        for sql in workload["load"]:
+            c.execute(sql)
+
+
 def pipeline_mode(workload, ref_dsn, proxy_dsn):
     with psycopg.connect(ref_dsn, autocommit=True) as ref, psycopg.connect(proxy_dsn, autocommit=True) as px:
-        for c in (ref, px):
-            c.execute("DELETE FROM t_order")
-            for sql in workload["load"]:
-                c.execute(sql)
+        reset_and_load((ref, px), workload)
         n = 0
         for step in workload["steps"]:
             if step["tx"]:
@@ -119,10 +123,7 @@ def pipeline_mode(workload, ref_dsn, proxy_dsn):
 
 def psycopg_mode(workload, ref_dsn, proxy_dsn, mode):
     with psycopg.connect(ref_dsn, autocommit=True) as ref, psycopg.connect(proxy_dsn, autocommit=True) as px:
-        for c in (ref, px):
-            c.execute("DELETE FROM t_order")
-            for sql in workload["load"]:
-                c.execute(sql)
+        reset_and_load((ref, px), workload)
         n = 0
         for step in workload["steps"]:
             if not step["tx"]:

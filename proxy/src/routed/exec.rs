@@ -130,25 +130,13 @@ pub struct Out<'a> {
 impl Out<'_> {
     async fn maybe_flush(&mut self) -> Result<(), ExecError> {
         if self.buf.len() >= 64 * 1024 {
-            write_all(self.client, self.buf).await.map_err(ExecError::ClientIo)?;
+            crate::session::write_all(self.client, self.buf).await.map_err(ExecError::ClientIo)?;
             self.buf.clear();
         }
         Ok(())
     }
 }
 
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
 
 fn lost(shard: usize, e: &BackendError) -> ExecError {
     tracing::warn!(shard, error = %e, "shard connection failed");
@@ -332,7 +320,11 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
         let Some(meters) = engine.meters.get(s) else { continue };
         meters.queries.increment(1);
         meters.seconds.record(t0.elapsed().as_secs_f64());
-        if result.is_err() {
+        match &result {
+            Ok(()) | Err(ExecError::Server(_)) => engine.shard_answered(s),
+            Err(_) => meters.errors.increment(1),
+        }
+        if matches!(result, Err(ExecError::Server(_))) {
             meters.errors.increment(1);
         }
     }

@@ -130,6 +130,16 @@ impl Tracker {
         self.set(next).map(|old| (old, next))
     }
 
+    /// Live traffic was answered: a suspect database is serving, so it is up
+    /// (a slow probe on a busy machine must not take a working shard out).
+    pub fn traffic_ok(&self) -> Option<(State, State)> {
+        if self.state() != State::Suspect {
+            return None;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        self.set(State::Up).map(|old| (old, State::Up))
+    }
+
     /// Live traffic could not reach the database: down at once.
     pub fn unreachable(&self, error: &str) -> Option<(State, State)> {
         if let Ok(mut e) = self.last_error.lock() {
@@ -195,6 +205,19 @@ mod tests {
         // a suspect shard that answers again is up
         t.failure("x", &c);
         assert_eq!(t.success(Duration::from_millis(1), &c), Some((State::Suspect, State::Up)));
+    }
+
+    #[test]
+    fn answered_traffic_clears_a_suspect() {
+        let t = Tracker::default();
+        let c = cfg();
+        t.failure("slow probe", &c);
+        assert_eq!(t.traffic_ok(), Some((State::Suspect, State::Up)));
+        assert_eq!(t.failures(), 0);
+        // a down shard is not brought back by traffic (it gets none); only probes do that
+        t.unreachable("refused");
+        assert_eq!(t.traffic_ok(), None);
+        assert_eq!(t.state(), State::Down);
     }
 
     #[test]

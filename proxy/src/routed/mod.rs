@@ -187,6 +187,13 @@ impl Engine {
         }
     }
 
+    /// A statement on a shard was answered.
+    pub fn shard_answered(&self, shard: usize) {
+        if let Some((from, to)) = self.health.get(shard).and_then(|h| h.traffic_ok()) {
+            self.state_changed(shard, from, to);
+        }
+    }
+
     fn state_changed(&self, shard: usize, from: health::State, to: health::State) {
         tracing::warn!(shard = exec::shard_label(shard), from = from.name(), to = to.name(), "shard state changed");
         metrics::gauge!(crate::metrics::SHARD_UP, "shard" => exec::shard_label(shard)).set(if to == health::State::Down { 0.0 } else { 1.0 });

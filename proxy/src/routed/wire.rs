@@ -14,14 +14,7 @@ use crate::protocol::codec::{put_cstr, put_message, Frame};
 #[allow(clippy::too_many_arguments)]
 pub fn put_statement(out: &mut BytesMut, statement: &[u8], parse: bool, sql: &str, types: &[u32], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
     if parse {
-        put_message(out, b'P', |o| {
-            put_cstr(o, statement);
-            put_cstr(o, sql.as_bytes());
-            o.put_i16(types.len() as i16);
-            for t in types {
-                o.put_u32(*t);
-            }
-        });
+        put_parse(out, statement, sql, types);
     }
     put_message(out, b'B', |o| {
         put_cstr(o, b"");
@@ -56,16 +49,20 @@ pub fn put_statement(out: &mut BytesMut, statement: &[u8], parse: bool, sql: &st
     put_message(out, b'S', |_| {});
 }
 
-/// Appends Parse + Describe statement + Sync (learn parameter and row types).
-pub fn put_describe(out: &mut BytesMut, sql: &str, types: &[u32]) {
+fn put_parse(out: &mut BytesMut, statement: &[u8], sql: &str, types: &[u32]) {
     put_message(out, b'P', |o| {
-        put_cstr(o, b"");
+        put_cstr(o, statement);
         put_cstr(o, sql.as_bytes());
         o.put_i16(types.len() as i16);
         for t in types {
             o.put_u32(*t);
         }
     });
+}
+
+/// Appends Parse + Describe statement + Sync (learn parameter and row types).
+pub fn put_describe(out: &mut BytesMut, sql: &str, types: &[u32]) {
+    put_parse(out, b"", sql, types);
     put_message(out, b'D', |o| {
         o.put_u8(b'S');
         put_cstr(o, b"");

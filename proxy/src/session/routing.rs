@@ -61,6 +61,8 @@ fn tx_verb(sql: &str) -> TxVerb {
     }
 }
 
+const NO_SAVEPOINTS: &str = "savepoints and PREPARE TRANSACTION are not supported in a transaction that touched t_order; use a plain BEGIN … COMMIT";
+
 /// A statement that fails on `db_default` with no side effects: used to put
 /// its transaction into the aborted state when a shard statement failed.
 const FAIL_SQL: &str = "SELECT 'shardgate: a statement on a shard failed'::int";
@@ -229,92 +231,100 @@ impl Session {
         Ok(())
     }
 
+    /// PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK.
+    fn effective_verb(&self, v: TxVerb) -> TxVerb {
+        match v {
+            TxVerb::Commit if self.tx_status == b'E' => TxVerb::Rollback,
+            v => v,
+        }
+    }
+
+    /// Shards inside the client's transaction block.
+    fn shards_in_block(&self) -> Vec<usize> {
+        self.slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.in_tx)).map(|(i, _)| i).collect()
+    }
+
+    /// ROLLBACK (or COMMIT of an aborted block) on every shard of the block.
+    async fn rollback_shard_part(&mut self) {
+        let in_tx = self.shards_in_block();
+        twopc::rollback(&mut self.slots, &in_tx).await;
+        exec::release(&mut self.slots);
+    }
+
+    /// The shards' part of a COMMIT, before `db_default` commits: read-only shards
+    /// and a single written shard commit; several written shards are prepared
+    /// (two-phase commit) and `Some((gid, written))` says the decision is still to
+    /// be made. On an error every shard is rolled back and released.
+    async fn commit_shard_part(&mut self) -> Result<Option<(String, Vec<usize>)>, ExecError> {
+        let in_tx = self.shards_in_block();
+        let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+        if written.len() <= 1 {
+            let r = twopc::commit_each(&mut self.slots, &in_tx).await;
+            exec::release(&mut self.slots);
+            return r.map(|()| None);
+        }
+        let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+        let _ = twopc::commit_each(&mut self.slots, &readers).await;
+        let gid = twopc::new_gid(self.shared.engine.worker);
+        let r = twopc::prepare(&mut self.slots, &written, &gid).await;
+        exec::release(&mut self.slots);
+        r.map(|()| Some((gid, written)))
+    }
+
     /// COMMIT / ROLLBACK / savepoints while shards take part (simple protocol).
     async fn end_transaction(&mut self, sql: &str) -> Result<Option<Flow>, End> {
-        let in_tx: Vec<usize> = self.slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.in_tx)).map(|(i, _)| i).collect();
-        match tx_verb(sql) {
+        match self.effective_verb(tx_verb(sql)) {
             TxVerb::Other => Ok(None),
             TxVerb::Unsupported => {
-                self.fail_simple(ExecError::Proxy(
-                    "0A000",
-                    "savepoints and PREPARE TRANSACTION are not supported in a transaction that touched t_order; use a plain BEGIN … COMMIT".into(),
-                ))
-                .await?;
+                self.fail_simple(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
                 Ok(Some(Flow::Continue))
             }
             TxVerb::Rollback => {
-                twopc::rollback(&mut self.slots, &in_tx).await;
-                exec::release(&mut self.slots);
-                Ok(None)
-            }
-            TxVerb::Commit if self.tx_status == b'E' => {
-                // PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK
-                twopc::rollback(&mut self.slots, &in_tx).await;
-                exec::release(&mut self.slots);
+                self.rollback_shard_part().await;
                 Ok(None)
             }
             TxVerb::Commit => {
-                let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
-                if written.len() <= 1 {
-                    // read-only shards and the one written shard commit first, then db_default
-                    let r = twopc::commit_each(&mut self.slots, &in_tx).await;
-                    exec::release(&mut self.slots);
-                    return match r {
-                        Ok(()) => Ok(None),
-                        Err(e) => {
-                            self.rollback_default().await?;
-                            self.cout.extend_from_slice(&error_frame(&e));
-                            msg::ready_for_query(&mut self.cout, b'I');
-                            Ok(Some(Flow::Continue))
-                        }
-                    };
-                }
-                let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
-                let _ = twopc::commit_each(&mut self.slots, &readers).await;
-                let gid = twopc::new_gid(self.shared.engine.worker);
-                if let Err(e) = twopc::prepare(&mut self.slots, &written, &gid).await {
-                    exec::release(&mut self.slots);
-                    self.rollback_default().await?;
-                    self.cout.extend_from_slice(&error_frame(&e));
-                    msg::ready_for_query(&mut self.cout, b'I');
-                    return Ok(Some(Flow::Continue));
-                }
-                // the decision commits with the client's own db_default transaction
+                // the shards first, then db_default
+                let (gid, written) = match self.commit_shard_part().await {
+                    Ok(None) => return Ok(None),
+                    Ok(Some(p)) => p,
+                    Err(e) => {
+                        self.rollback_default().await?;
+                        self.cout.extend_from_slice(&error_frame(&e));
+                        msg::ready_for_query(&mut self.cout, b'I');
+                        return Ok(Some(Flow::Continue));
+                    }
+                };
+                // the decision commits with the client's own db_default transaction; the
+                // prepared shard transactions are then resolved on fresh connections
+                let engine = self.shared.engine.clone();
                 let server = self.server.as_mut().expect("in a transaction block");
                 let decided = match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
                     Ok(Ok(_)) => match wire::control(server, "COMMIT").await {
                         Ok(r) => r,
-                        Err(_) => {
-                            // the decision's fate is unknown: recovery resolves it from the log
-                            exec::release(&mut self.slots);
-                            return self.server_lost().map(|_| None);
-                        }
+                        // the decision's fate is unknown: recovery resolves it from the log
+                        Err(_) => return self.server_lost().map(|_| None),
                     },
                     Ok(Err(e)) => {
                         let _ = wire::control(server, "ROLLBACK").await;
                         Err(e)
                     }
                     Err(_) => {
-                        twopc::finish(&mut self.slots, &written, &gid, false).await;
-                        exec::release(&mut self.slots);
+                        twopc::resolve(&engine, &gid, &written, false).await;
                         return self.server_lost().map(|_| None);
                     }
                 };
                 self.tx_status = b'I';
                 match decided {
                     Ok(_) => {
-                        twopc::finish(&mut self.slots, &written, &gid, true).await;
-                        metrics::counter!(crate::metrics::TWO_PHASE_COMMITS).increment(1);
-                        let engine = self.shared.engine.clone();
-                        tokio::spawn(async move { twopc::forget(&engine, &gid).await });
+                        twopc::resolve(&engine, &gid, &written, true).await;
                         put_message(&mut self.cout, b'C', |o| put_cstr(o, b"COMMIT"));
                     }
                     Err(e) => {
-                        twopc::finish(&mut self.slots, &written, &gid, false).await;
+                        twopc::resolve(&engine, &gid, &written, false).await;
                         self.cout.extend_from_slice(&e.raw);
                     }
                 }
-                exec::release(&mut self.slots);
                 msg::ready_for_query(&mut self.cout, b'I');
                 Ok(Some(Flow::Continue))
             }
@@ -330,7 +340,7 @@ impl Session {
     /// `Some` when the Parse was answered here (an error).
     async fn extended_tx_end(&mut self, query: &[u8]) -> Result<Option<Flow>, End> {
         let Ok(text) = std::str::from_utf8(query) else { return Ok(None) };
-        let verb = tx_verb(text);
+        let verb = self.effective_verb(tx_verb(text));
         if matches!(verb, TxVerb::Other) {
             return Ok(None);
         }
@@ -339,45 +349,26 @@ impl Session {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
-        let in_tx: Vec<usize> = self.slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.in_tx)).map(|(i, _)| i).collect();
         match verb {
             TxVerb::Other => Ok(None),
             TxVerb::Unsupported => {
-                self.fail_extended(ExecError::Proxy("0A000", "savepoints and PREPARE TRANSACTION are not supported in a transaction that touched t_order".into())).await?;
+                self.fail_extended(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
                 Ok(Some(Flow::Continue))
             }
             TxVerb::Rollback => {
-                twopc::rollback(&mut self.slots, &in_tx).await;
-                exec::release(&mut self.slots);
-                Ok(None)
-            }
-            TxVerb::Commit if self.tx_status == b'E' => {
-                twopc::rollback(&mut self.slots, &in_tx).await;
-                exec::release(&mut self.slots);
+                self.rollback_shard_part().await;
                 Ok(None)
             }
             TxVerb::Commit => {
-                let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
-                if written.len() <= 1 {
-                    let r = twopc::commit_each(&mut self.slots, &in_tx).await;
-                    exec::release(&mut self.slots);
-                    if let Err(e) = r {
+                let (gid, written) = match self.commit_shard_part().await {
+                    Ok(None) => return Ok(None),
+                    Ok(Some(p)) => p,
+                    Err(e) => {
                         self.rollback_default().await?;
                         self.fail_extended(e).await?;
                         return Ok(Some(Flow::Continue));
                     }
-                    return Ok(None);
-                }
-                let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
-                let _ = twopc::commit_each(&mut self.slots, &readers).await;
-                let gid = twopc::new_gid(self.shared.engine.worker);
-                if let Err(e) = twopc::prepare(&mut self.slots, &written, &gid).await {
-                    exec::release(&mut self.slots);
-                    self.rollback_default().await?;
-                    self.fail_extended(e).await?;
-                    return Ok(Some(Flow::Continue));
-                }
-                exec::release(&mut self.slots);
+                };
                 let server = self.server.as_mut().expect("in a transaction block");
                 match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
                     Ok(Ok(_)) => {
