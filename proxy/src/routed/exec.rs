@@ -295,37 +295,28 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
 
 async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>) -> Result<(), ExecError> {
     let routed = req.routed;
-    let mut shards: Vec<usize> = routed.targets.iter().map(|t| t.shard.0 as usize).collect();
-    shards.dedup();
-    let distinct_shards = {
-        let mut s = shards.clone();
-        s.sort_unstable();
-        s.dedup();
-        s.len()
-    };
+    // the shards (and fallback slot) the targets use, in ascending order
+    let mut shard_list: Vec<usize> = routed.targets.iter().map(|t| t.shard.0 as usize).collect();
+    shard_list.sort_unstable();
+    shard_list.dedup();
     let write = routed.kind != RoutedKind::Select;
     // several shards written outside a transaction block: one atomic two-phase commit
-    let implicit_2pc = write && req.tx.is_none() && distinct_shards > 1;
+    let implicit_2pc = write && req.tx.is_none() && shard_list.len() > 1;
     let tx = if implicit_2pc { Some("BEGIN") } else { req.tx };
     engine.fanout.record(routed.targets.len() as f64);
     let t0 = Instant::now();
-    let result = run(engine, slots, req, out, &shards, tx).await;
-    let shard_list: Vec<usize> = {
-        let mut s = shards.clone();
-        s.sort_unstable();
-        s.dedup();
-        s
-    };
+    let result = run(engine, slots, req, out, &shard_list, tx).await;
     for &s in &shard_list {
         let Some(meters) = engine.meters.get(s) else { continue };
         meters.queries.increment(1);
         meters.seconds.record(t0.elapsed().as_secs_f64());
         match &result {
-            Ok(()) | Err(ExecError::Server(_)) => engine.shard_answered(s),
+            Ok(()) => engine.shard_answered(s),
+            Err(ExecError::Server(_)) => {
+                engine.shard_answered(s);
+                meters.errors.increment(1);
+            }
             Err(_) => meters.errors.increment(1),
-        }
-        if matches!(result, Err(ExecError::Server(_))) {
-            meters.errors.increment(1);
         }
     }
     if req.tx.is_some() {

@@ -250,11 +250,8 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
             }
         }
     }
+    // a SELECT keeps its targets one for one (only their tables change), so its merge spec still applies
     ensure_views(engine, rule, &views).await?;
-    // the merge spec still applies: fallback targets answer with the same shape
-    if out.targets.len() > 1 && out.merge.is_none() && out.kind == RoutedKind::Select {
-        return Err(ExecError::Proxy("0A000", "this query cannot combine a shard with its fallback rows; add the shard key to WHERE or retry when the shard is back".into()));
-    }
     Ok(Some(Adjusted { routed: out, down_targets, notices, serial }))
 }
 
