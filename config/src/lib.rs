@@ -171,12 +171,33 @@ impl Config {
         }
         if let Some(r) = &self.redis {
             match url::Url::parse(&r.url) {
-                Ok(u) if u.scheme() == "redis" || u.scheme() == "rediss" => {}
+                Ok(u) if u.scheme() == "redis" => {}
+                Ok(u) if u.scheme() == "rediss" => return Err(ConfigError::invalid("redis.url", "TLS to Redis (rediss://) is not supported; use redis://")),
                 _ => return Err(ConfigError::invalid("redis.url", format!("`{}` is not a redis:// URL", r.url))),
             }
         }
         if self.cache.ttl_jitter_percent > 50 {
             return Err(ConfigError::invalid("cache.ttl_jitter_percent", "must be at most 50"));
+        }
+        let rate = self.cache.bloom_false_positive_rate;
+        if !(rate > 0.0 && rate < 1.0) {
+            return Err(ConfigError::invalid("cache.bloom_false_positive_rate", format!("{rate} must be between 0 and 1 (exclusive)")));
+        }
+        if self.cache.redis_pool_size == 0 || self.cache.redis_timeout_ms == 0 || self.cache.bloom_refresh_ms == 0 {
+            return Err(ConfigError::invalid("cache", "redis_pool_size, redis_timeout_ms and bloom_refresh_ms must be at least 1"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.cache.tables {
+            let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok(&t.name) || !ok(&t.key) {
+                return Err(ConfigError::invalid("cache.tables", format!("`{}`.`{}`: table and key must be lower-case unquoted identifiers", t.name, t.key)));
+            }
+            if !seen.insert(&t.name) {
+                return Err(ConfigError::invalid("cache.tables", format!("table `{}` is listed twice", t.name)));
+            }
+            if self.sharded_tables.iter().any(|s| s.name == t.name) {
+                return Err(ConfigError::invalid("cache.tables", format!("`{}` is a sharded table; only tables on db_default can be cached", t.name)));
+            }
         }
         Ok(())
     }

@@ -310,6 +310,16 @@ pub struct CacheConfig {
     pub negative_ttl_ms: u64,
     /// TTLs are spread by up to this percentage to avoid synchronized expiry.
     pub ttl_jitter_percent: u8,
+    /// How often each proxy reloads the bloom filter of existing keys from the
+    /// table (keys written through shardgate are added at once).
+    pub bloom_refresh_ms: u64,
+    /// False-positive rate of the bloom filter (0 < rate < 1).
+    pub bloom_false_positive_rate: f64,
+    /// A Redis command taking longer than this counts as Redis being down:
+    /// the lookup goes on to the database.
+    pub redis_timeout_ms: u64,
+    /// Pooled Redis connections for cache commands.
+    pub redis_pool_size: u32,
     /// Tables served through the cache.
     pub tables: Vec<CachedTableConfig>,
 }
@@ -322,6 +332,10 @@ impl Default for CacheConfig {
             l2_ttl_ms: 600_000,
             negative_ttl_ms: 5_000,
             ttl_jitter_percent: 10,
+            bloom_refresh_ms: 30_000,
+            bloom_false_positive_rate: 0.01,
+            redis_timeout_ms: 100,
+            redis_pool_size: 16,
             tables: vec![CachedTableConfig { name: "t_merchant".into(), key: "merchant_id".into() }],
         }
     }

@@ -69,6 +69,7 @@ async fn health(State(s): State<AdminState>) -> impl IntoResponse {
         "status": if all_up { "ok" } else { "degraded" },
         "shards": shards,
         "default": record(s.shared.config.default_dsn().dbname, &e.default_health),
+        "cache": s.shared.cache.status(),
     });
     let code = if all_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, [("content-type", "application/json")], body.to_string())

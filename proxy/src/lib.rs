@@ -8,6 +8,7 @@
 //! - [`backend`]: raw server connections and their deadpool pools.
 //! - [`cancel`]: routing CancelRequests to the right server.
 //! - [`routed`]: sharded execution (plans run on shards, answers merged).
+//! - [`cache`]: the merchant-info cache (moka L1, Redis L2, invalidation).
 //! - [`admin`]: admin HTTP (`/livez`, `/readyz`, `/metrics`).
 //! - [`metrics`]: every metric name.
 //! - [`error`]: client-facing errors and their SQLSTATEs.
@@ -15,6 +16,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod cache;
 pub mod cancel;
 pub mod error;
 pub mod metrics;
@@ -39,6 +41,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         .set_buckets_for_metric(Matcher::Full(metrics::SHARD_POOL_WAIT_SECONDS.into()), metrics::POOL_WAIT_BUCKETS)
         .context("metric buckets")?
         .set_buckets_for_metric(Matcher::Full(metrics::SHARD_QUERY_SECONDS.into()), metrics::QUERY_BUCKETS)
+        .context("metric buckets")?
+        .set_buckets_for_metric(Matcher::Full(metrics::CACHE_LOOKUP_SECONDS.into()), metrics::CACHE_BUCKETS)
         .context("metric buckets")?
         .set_buckets_for_metric(Matcher::Full(metrics::FANOUT.into()), metrics::FANOUT_BUCKETS)
         .context("metric buckets")?
@@ -102,6 +106,7 @@ async fn start_background(shared: &Arc<server::Shared>) {
         tracing::warn!(error = %e, "fallback table not ready; writes to a down shard will fail until it is");
     }
     tokio::spawn(routed::fallback::run(engine.clone(), shared.config.fallback.clone(), shared.shutdown.clone()));
+    shared.cache.start(shared.shutdown.clone());
     // health probes
     let engine = shared.engine.clone();
     let mut stop = shared.shutdown.clone();

@@ -50,11 +50,28 @@ pub const FALLBACK_LAG_SECONDS: &str = "shardgate_fallback_lag_seconds";
 /// Fallback rows synced back to their shard (counter).
 pub const FALLBACK_SYNCED_TOTAL: &str = "shardgate_fallback_synced_total";
 
+/// Cache lookups answered, label `level` = bloom | l1 | l2 | db (counter).
+pub const CACHE_HITS: &str = "shardgate_cache_hits_total";
+/// Cache lookups a level could not answer, label `level` = l1 | l2 (counter).
+pub const CACHE_MISSES: &str = "shardgate_cache_misses_total";
+/// Point reads that skipped the cache, label `reason` (counter).
+pub const CACHE_BYPASS: &str = "shardgate_cache_bypass_total";
+/// Time to answer a cached point read by the level that answered it, label `level` (histogram, seconds).
+pub const CACHE_LOOKUP_SECONDS: &str = "shardgate_cache_lookup_seconds";
+/// Keys or tables invalidated, label `origin` = local | remote, `scope` = key | table (counter).
+pub const CACHE_INVALIDATIONS: &str = "shardgate_cache_invalidations_total";
+/// Redis commands that failed or timed out (counter).
+pub const CACHE_REDIS_ERRORS: &str = "shardgate_cache_redis_errors_total";
+/// Keys in the bloom filter after its last load, label `table` (gauge).
+pub const CACHE_BLOOM_KEYS: &str = "shardgate_cache_bloom_keys";
+
 /// Bucket bounds (seconds) for [`POOL_WAIT_SECONDS`].
 pub const POOL_WAIT_BUCKETS: &[f64] = &[0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
 /// Bucket bounds (seconds) for [`SHARD_QUERY_SECONDS`].
 pub const QUERY_BUCKETS: &[f64] = &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+/// Bucket bounds (seconds) for [`CACHE_LOOKUP_SECONDS`].
+pub const CACHE_BUCKETS: &[f64] = &[0.000_005, 0.000_01, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.01, 0.1, 1.0];
 /// Bucket bounds for [`FANOUT`].
 pub const FANOUT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 

@@ -34,6 +34,8 @@ pub struct Shared {
     pub meters: crate::metrics::Meters,
     /// Sharded execution.
     pub engine: Arc<crate::routed::Engine>,
+    /// The merchant-info cache.
+    pub cache: Arc<crate::cache::Cache>,
     /// Logged-in clients, for `SHOW CLIENTS`.
     pub sessions: std::sync::Mutex<HashMap<u64, ClientInfo>>,
     next_session: std::sync::atomic::AtomicU64,
@@ -71,6 +73,7 @@ impl Shared {
         let p = &config.pool;
         let pool = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
         let engine = Arc::new(crate::routed::Engine::new(&config, pool.clone())?);
+        let cache = crate::cache::Cache::new(&config.cache, config.redis.as_ref().map(|r| r.url.as_str()), engine.clone())?;
         Ok(Shared {
             config,
             users,
@@ -80,6 +83,7 @@ impl Shared {
             clients: AtomicUsize::new(0),
             meters: crate::metrics::Meters::new(),
             engine,
+            cache,
             sessions: Default::default(),
             next_session: Default::default(),
         })

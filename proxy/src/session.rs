@@ -35,6 +35,7 @@ use crate::protocol::frontend::{parse_startup, Bind, Parse, SaslInitial, Startup
 use crate::server::Shared;
 
 mod admin_sql;
+mod cached;
 mod routing;
 
 /// Largest startup packet accepted (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).
@@ -420,6 +421,15 @@ struct Session {
     pending_2pc: Option<(String, Vec<usize>)>,
     /// That COMMIT has ended on db_default: resolve the prepared shard transactions.
     resolve_2pc: Option<(String, Vec<usize>)>,
+    /// The client's prepared statements that write a cached table.
+    cache_write_stmts: HashMap<Vec<u8>, cached::CacheWrites>,
+    /// Cache invalidations waiting for their transaction to end, each with the
+    /// number of ReadyForQuerys owed before its statement's own.
+    cache_pending: Vec<(u32, crate::cache::Invalidation)>,
+    /// The open transaction wrote a cached table: its point reads skip the cache.
+    cache_tx_wrote: bool,
+    /// Committed invalidations not yet sent to Redis and the other proxies.
+    cache_flush: Vec<crate::cache::Invalidation>,
 }
 
 impl Session {
@@ -462,6 +472,10 @@ impl Session {
             admin: login.admin,
             pending_2pc: None,
             resolve_2pc: None,
+            cache_write_stmts: HashMap::new(),
+            cache_pending: Vec::new(),
+            cache_tx_wrote: false,
+            cache_flush: Vec::new(),
         }
     }
 
@@ -522,7 +536,9 @@ impl Session {
                     }
                 }
             }
-            // 3. return the server at a clean point
+            // 3. committed cache invalidations reach Redis before the client hears of the commit
+            self.flush_cache_invalidations().await;
+            // return the server at a clean point
             self.maybe_release();
             // 4. write what we can without waiting
             flush_now(&self.client, &mut self.cout)?;
@@ -778,6 +794,9 @@ impl Session {
                 if let Some(flow) = self.routed_query(sql).await? {
                     return Ok(flow);
                 }
+                if let Some(flow) = self.cached_query(sql).await? {
+                    return Ok(flow);
+                }
                 self.note_begin(sql);
                 self.note_statement_text(sql);
                 if !self.server_for(false).await {
@@ -792,6 +811,9 @@ impl Session {
             b'P' => {
                 let p = Parse::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
                 if let Some(flow) = self.routed_parse(p.name, p.query, p.param_types).await? {
+                    return Ok(flow);
+                }
+                if let Some(flow) = self.cached_parse(p.name, p.query, p.param_types).await? {
                     return Ok(flow);
                 }
                 if !p.name.is_empty() && self.routed_stmts.contains_key(p.name) {
@@ -859,6 +881,9 @@ impl Session {
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
+                if !self.cache_write_stmts.is_empty() {
+                    self.cached_bind_write(b.statement, b.rest);
+                }
                 match self.statements.get(b.statement).map(|s| s.server_name.clone()) {
                     Some(server_name) => {
                         self.ensure_prepared(b.statement);
@@ -888,6 +913,7 @@ impl Session {
                 } else if f.tag == b'C' && known {
                     // the server keeps its copy for other clients; close a name that does not exist
                     self.statements.remove(t.name);
+                    self.cache_write_stmts.remove(t.name);
                     t.write_renamed(&mut self.sout, b'C', CLOSED_STATEMENT);
                 } else {
                     self.sout.extend_from_slice(&f.raw);
@@ -981,6 +1007,7 @@ impl Session {
         let drops_all = matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..]);
         if drops_all {
             self.statements.clear();
+            self.cache_write_stmts.clear();
             self.routed_stmts.clear();
             self.routed_portals.clear();
             if let Some(server) = self.server.as_mut() {
@@ -1059,6 +1086,7 @@ impl Session {
                     Some(Expect::Ready { .. }) => {
                         self.pending_ready = self.pending_ready.saturating_sub(1);
                         self.tx_status = status;
+                        self.cache_on_ready(status);
                         if status == b'I' && self.pending_2pc.is_some() {
                             self.resolve_2pc = self.pending_2pc.take();
                         }
@@ -1159,6 +1187,7 @@ impl Session {
     }
 
     async fn finish(&mut self, end: End) {
+        self.cache_on_end().await;
         match &end {
             End::Fatal(code, message) => {
                 msg::error_response(&mut self.cout, Severity::Fatal, code, message);

@@ -12,6 +12,7 @@
 //! - [`session_effect`]: does a statement leave state in the server session.
 
 mod analyze;
+pub mod cache;
 mod error;
 mod extract;
 pub mod id;

@@ -354,6 +354,7 @@ impl Cluster {
         } else {
             shard_dsns = (0..8).map(|_| main.dsn("db_default")).collect();
         }
+        main.psql("db_default", schema::T_MERCHANT)?;
         let default_dsn = main.dsn("db_default");
         let legacy_dsn = main.dsn("legacy");
         clusters.push(main);
@@ -389,7 +390,65 @@ impl Cluster {
     }
 
     fn start_redis(&mut self) -> Result<()> {
-        let port = free_port();
+        self.start_redis_on(free_port())
+    }
+
+    /// Kills Redis with SIGKILL (its data is gone: it keeps none on disk).
+    pub fn kill_redis(&mut self) {
+        if let Some(pid) = self.info.redis_pid.take() {
+            signal(pid, "KILL");
+            let t0 = Instant::now();
+            while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts Redis again on the port it had.
+    pub fn restart_redis(&mut self) -> Result<()> {
+        let url = self.info.redis_url.clone().context("Redis was never started")?;
+        let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).context("redis url port")?;
+        let _ = fs::remove_file(self.info.root.join("redis").join("redis.pid"));
+        self.start_redis_on(port)
+    }
+
+    /// Starts another proxy on new ports with the same configuration (same
+    /// shards, db_default and Redis); it is killed when the value is dropped.
+    pub fn start_extra_proxy(&self) -> Result<ExtraProxy> {
+        let (port, admin) = (free_port(), free_port());
+        let config = fs::read_to_string(self.config_path())?
+            .replacen(&format!("listen = \"127.0.0.1:{}\"", self.info.proxy_port), &format!("listen = \"127.0.0.1:{port}\""), 1)
+            .replacen(&format!("admin_listen = \"127.0.0.1:{}\"", self.info.admin_port), &format!("admin_listen = \"127.0.0.1:{admin}\""), 1);
+        let path = self.info.root.join(format!("shardgate-{port}.toml"));
+        fs::write(&path, config)?;
+        let log_path = self.info.root.join(format!("shardgate-{port}.log"));
+        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let child = Command::new(shardgate_bin()?)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", std::env::var("SHARDGATE_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning shardgate")?;
+        let extra = ExtraProxy {
+            dsn: self.info.proxy_dsn.replacen(&format!(":{}/", self.info.proxy_port), &format!(":{port}/"), 1),
+            admin_url: format!("http://127.0.0.1:{admin}"),
+            log: log_path,
+            child,
+        };
+        let t0 = Instant::now();
+        while !matches!(http_get(&format!("{}/livez", extra.admin_url)), Ok((200, _))) {
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("second shardgate did not start serving; see {}", extra.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(extra)
+    }
+
+    fn start_redis_on(&mut self, port: u16) -> Result<()> {
         let dir = self.info.root.join("redis");
         fs::create_dir_all(&dir)?;
         let pidfile = dir.join("redis.pid");
@@ -545,6 +604,24 @@ pub fn stop_all(info: &ClusterInfo) {
         if c.is_running() {
             let _ = c.stop_immediate();
         }
+    }
+}
+
+/// A second proxy of the same system (see [`Cluster::start_extra_proxy`]).
+pub struct ExtraProxy {
+    /// Connect here as an application (`app` user).
+    pub dsn: String,
+    /// Admin HTTP base URL.
+    pub admin_url: String,
+    /// Its log file.
+    pub log: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for ExtraProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

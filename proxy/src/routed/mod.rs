@@ -262,7 +262,7 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
     out.into_iter().map(|o| o.expect("all ready")).collect()
 }
 
-fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
     if needle.is_empty() || hay.len() < needle.len() {
         return needle.is_empty();
     }

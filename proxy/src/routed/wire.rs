@@ -16,6 +16,31 @@ pub fn put_statement(out: &mut BytesMut, statement: &[u8], parse: bool, sql: &st
     if parse {
         put_parse(out, statement, sql, types);
     }
+    put_bind(out, statement, values, formats, result_formats);
+    put_message(out, b'D', |o| {
+        o.put_u8(b'P');
+        put_cstr(o, b"");
+    });
+    put_message(out, b'E', |o| {
+        put_cstr(o, b"");
+        o.put_i32(0);
+    });
+    put_message(out, b'S', |_| {});
+}
+
+/// Appends Parse (unnamed) + Bind + Execute + Sync: the rows and tag, no RowDescription.
+pub fn put_execute(out: &mut BytesMut, sql: &str, types: &[u32], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
+    put_parse(out, b"", sql, types);
+    put_bind(out, b"", values, formats, result_formats);
+    put_message(out, b'E', |o| {
+        put_cstr(o, b"");
+        o.put_i32(0);
+    });
+    put_message(out, b'S', |_| {});
+}
+
+/// Bind of the unnamed portal.
+fn put_bind(out: &mut BytesMut, statement: &[u8], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
     put_message(out, b'B', |o| {
         put_cstr(o, b"");
         put_cstr(o, statement);
@@ -38,15 +63,6 @@ pub fn put_statement(out: &mut BytesMut, statement: &[u8], parse: bool, sql: &st
             o.put_i16(*f);
         }
     });
-    put_message(out, b'D', |o| {
-        o.put_u8(b'P');
-        put_cstr(o, b"");
-    });
-    put_message(out, b'E', |o| {
-        put_cstr(o, b"");
-        o.put_i32(0);
-    });
-    put_message(out, b'S', |_| {});
 }
 
 fn put_parse(out: &mut BytesMut, statement: &[u8], sql: &str, types: &[u32]) {
@@ -80,7 +96,7 @@ pub struct ServerError {
 }
 
 impl ServerError {
-    fn from_frame(f: &Frame) -> ServerError {
+    pub(crate) fn from_frame(f: &Frame) -> ServerError {
         ServerError { raw: f.raw.clone(), code: parse_error_fields(f.body()).code }
     }
 }

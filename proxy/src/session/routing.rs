@@ -26,17 +26,31 @@ use crate::routed::{months, twopc};
 
 /// A prepared statement on a sharded table, kept by the proxy.
 pub(super) struct RoutedStmt {
-    sql: String,
-    types: Vec<u32>,
+    pub(super) sql: String,
+    pub(super) types: Vec<u32>,
     analysis: Arc<Analysis>,
-    /// ParameterDescription and RowDescription/NoData, learned once from a shard.
-    describe: OnceLock<(Bytes, Bytes)>,
+    /// ParameterDescription and RowDescription/NoData, learned once from a shard
+    /// (from `db_default` for a cached point read).
+    pub(super) describe: OnceLock<(Bytes, Bytes)>,
+    /// A point read of a cached table: answered by the cache, not the shards.
+    pub(super) cached: Option<shardgate_router::cache::PointRead>,
+}
+
+impl RoutedStmt {
+    /// A prepared point read of a cached table.
+    pub(super) fn cached(sql: String, types: Vec<u32>, read: shardgate_router::cache::PointRead, describe: Option<(Bytes, Bytes)>) -> RoutedStmt {
+        let d = OnceLock::new();
+        if let Some(describe) = describe {
+            let _ = d.set(describe);
+        }
+        RoutedStmt { sql, types, analysis: Arc::new(Analysis::Passthrough(StatementClass::Read)), describe: d, cached: Some(read) }
+    }
 }
 
 /// A bound portal of a [`RoutedStmt`].
 pub(super) struct RoutedPortal {
-    stmt: Arc<RoutedStmt>,
-    bound: Bound,
+    pub(super) stmt: Arc<RoutedStmt>,
+    pub(super) bound: Bound,
 }
 
 /// What the client's transaction-control statement does to held shards.
@@ -164,7 +178,7 @@ impl Session {
     }
 
     /// Transaction status as the client must see it.
-    fn logical_status(&self) -> u8 {
+    pub(super) fn logical_status(&self) -> u8 {
         if self.server.is_some() {
             self.tx_status
         } else {
@@ -172,7 +186,7 @@ impl Session {
         }
     }
 
-    fn in_tx_block(&self) -> bool {
+    pub(super) fn in_tx_block(&self) -> bool {
         self.server.is_some() && self.tx_status != b'I'
     }
 
@@ -417,7 +431,7 @@ impl Session {
     // ------------------------------------------------------------ extended protocol
 
     /// An extended-protocol error: in order, and skipping to Sync like PostgreSQL.
-    async fn fail_extended(&mut self, e: ExecError) -> Result<(), End> {
+    pub(super) async fn fail_extended(&mut self, e: ExecError) -> Result<(), End> {
         let frame = error_frame(&e);
         if self.server.is_some() {
             // have db_default fail a Parse at this point: it then skips to Sync (and
@@ -471,7 +485,7 @@ impl Session {
         let mut r = Reader::new(param_types);
         let n = r.i16().unwrap_or(0).max(0) as usize;
         let types = (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect();
-        self.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new() }));
+        self.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None }));
         put_message(&mut self.cout, b'1', |_| {});
         Ok(Some(Flow::Continue))
     }
@@ -550,13 +564,15 @@ impl Session {
 
     /// ParameterDescription and RowDescription/NoData of a routed statement,
     /// from a shard (the template table has the logical table's columns).
-    async fn describe(&mut self, stmt: &RoutedStmt) -> Result<(Bytes, Bytes), ExecError> {
+    pub(super) async fn describe(&mut self, stmt: &RoutedStmt) -> Result<(Bytes, Bytes), ExecError> {
         if let Some(d) = stmt.describe.get() {
             return Ok(d.clone());
         }
         let engine = self.shared.engine.clone();
         let mut last = ExecError::Proxy("08006", "no shard is available to describe the statement".into());
-        for pool in &engine.shards {
+        // a cached point read is described by db_default, where its table lives
+        let pools = if stmt.cached.is_some() { std::slice::from_ref(engine.pool(engine.shards.len())) } else { &engine.shards[..] };
+        for pool in pools {
             let Ok(mut conn) = pool.get().await else { continue };
             let mut buf = BytesMut::new();
             wire::put_describe(&mut buf, &stmt.sql, &stmt.types);
@@ -606,6 +622,10 @@ impl Session {
         self.barrier().await?;
         if self.server_skipping {
             self.discard_until_sync = true;
+            return Ok(Some(Flow::Continue));
+        }
+        if stmt.cached.is_some() {
+            self.cached_execute(&stmt, &bound, max_rows).await?;
             return Ok(Some(Flow::Continue));
         }
         if max_rows > 0 {
@@ -705,7 +725,7 @@ fn max_placeholder(sql: &str) -> usize {
     max
 }
 
-fn parse_bind(r: &mut Reader<'_>, types: &[u32]) -> Result<Bound, &'static str> {
+pub(super) fn parse_bind(r: &mut Reader<'_>, types: &[u32]) -> Result<Bound, &'static str> {
     let nf = r.i16().map_err(|e| e.0)?;
     if nf < 0 {
         return Err("invalid parameter format count in Bind");
@@ -745,7 +765,7 @@ fn parse_bind(r: &mut Reader<'_>, types: &[u32]) -> Result<Bound, &'static str> 
 }
 
 /// The ErrorResponse frame for an execution error.
-fn error_frame(e: &ExecError) -> Bytes {
+pub(super) fn error_frame(e: &ExecError) -> Bytes {
     match e {
         ExecError::Server(s) => s.raw.clone(),
         ExecError::Proxy(code, m) => {

@@ -1,0 +1,415 @@
+//! Redis: the shared cache level (bb8-redis for commands) and the
+//! invalidation channel (a RESP3 `ConnectionManager` that resubscribes by
+//! itself). Every Redis call is bounded by `cache.redis_timeout_ms`; after a
+//! failure Redis is skipped for a second, so a dead Redis costs one timeout,
+//! not one per lookup.
+//!
+//! Keys: `sg:c:{table}:{generation}:{key}` is a hash of variant → reply;
+//! `sg:v:{table}:{key}` is the key's version (incremented by every write);
+//! `sg:g:{table}` is the table's generation (incremented by a table-wide
+//! invalidation).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bb8_redis::RedisConnectionManager;
+use bytes::{BufMut, Bytes, BytesMut};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushKind, Value};
+use shardgate_config::CacheConfig;
+
+use super::{Answer, Cache, Invalidation};
+use crate::metrics as m;
+
+/// The pub/sub channel every proxy listens on.
+pub const CHANNEL: &str = "shardgate:cache:invalidate";
+
+/// Pending invalidations kept while Redis is unreachable; beyond this they
+/// collapse into one table-wide invalidation per table.
+const MAX_PENDING: usize = 10_000;
+
+/// Stores a reply only if the key was not written since its version was read.
+const STORE: &str = r"
+local v = redis.call('GET', KEYS[2])
+if (v or '0') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1";
+
+/// A written key: new version, reply dropped (in the current generation), others told.
+const DROP_KEY: &str = r"
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local g = redis.call('GET', KEYS[2]) or '0'
+redis.call('DEL', ARGV[1] .. g .. ':' .. ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return tonumber(g)";
+
+/// A table-wide invalidation: the next generation, others told.
+const DROP_TABLE: &str = r"
+local g = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. g)
+return g";
+
+/// What another proxy invalidated.
+pub(super) enum Remote {
+    Key(String),
+    Generation(u64),
+}
+
+pub(super) struct L2 {
+    url: String,
+    pool: bb8::Pool<RedisConnectionManager>,
+    timeout: Duration,
+    down_until: Mutex<Option<Instant>>,
+    pending: Mutex<Vec<(String, Invalidation)>>,
+    /// Tells this proxy's own messages apart.
+    instance: String,
+    version_ttl_ms: u64,
+    store: redis::Script,
+    drop_key: redis::Script,
+    drop_table: redis::Script,
+}
+
+fn ckey(table: &str, generation: u64, key: &str) -> String {
+    format!("sg:c:{table}:{generation}:{key}")
+}
+
+fn vkey(table: &str, key: &str) -> String {
+    format!("sg:v:{table}:{key}")
+}
+
+fn gkey(table: &str) -> String {
+    format!("sg:g:{table}")
+}
+
+impl L2 {
+    pub(super) fn new(url: &str, cfg: &CacheConfig) -> anyhow::Result<L2> {
+        let timeout = Duration::from_millis(cfg.redis_timeout_ms);
+        let manager = RedisConnectionManager::new(url)?;
+        let pool = bb8::Pool::builder().max_size(cfg.redis_pool_size).connection_timeout(timeout).retry_connection(false).build_unchecked(manager);
+        Ok(L2 {
+            url: url.to_string(),
+            pool,
+            timeout,
+            down_until: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
+            instance: format!("{:016x}", rand::random::<u64>()),
+            // versions must outlive any load in flight and any stored reply
+            version_ttl_ms: cfg.l2_ttl_ms.saturating_mul(2).max(3_600_000),
+            store: redis::Script::new(STORE),
+            drop_key: redis::Script::new(DROP_KEY),
+            drop_table: redis::Script::new(DROP_TABLE),
+        })
+    }
+
+    pub(super) fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn available(&self) -> bool {
+        match *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(t) => Instant::now() >= t,
+            None => true,
+        }
+    }
+
+    fn failed(&self, what: &str, e: &str) {
+        metrics::counter!(m::CACHE_REDIS_ERRORS).increment(1);
+        let mut d = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        if d.is_none_or(|t| Instant::now() >= t) {
+            tracing::warn!(error = %e, "cache: Redis {what} failed; using the local cache and the database for 1 s");
+        }
+        *d = Some(Instant::now() + Duration::from_secs(1));
+    }
+
+    fn succeeded(&self) {
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// A pooled connection, unless Redis is known to be down.
+    async fn conn(&self) -> Result<bb8::PooledConnection<'_, RedisConnectionManager>, String> {
+        if !self.available() {
+            return Err("down".into());
+        }
+        self.pool.get().await.map_err(|e| e.to_string())
+    }
+
+    /// Records how a bounded Redis call went; `None` on any failure.
+    fn outcome<T>(&self, what: &str, r: Result<Result<T, String>, tokio::time::error::Elapsed>) -> Option<T> {
+        match r {
+            Ok(Ok(v)) => {
+                self.succeeded();
+                Some(v)
+            }
+            Ok(Err(e)) if e == "down" => None,
+            Ok(Err(e)) => {
+                self.failed(what, &e);
+                None
+            }
+            Err(_) => {
+                self.failed(what, "timed out");
+                None
+            }
+        }
+    }
+
+    /// The stored reply (if any) and the key's version; `None` when Redis is unavailable.
+    pub(super) async fn get(&self, table: &str, generation: u64, key: &str, variant: u64) -> Option<(Option<Answer>, String)> {
+        let (c, v, field) = (ckey(table, generation, key), vkey(table, key), format!("{variant:016x}"));
+        let r = tokio::time::timeout(self.timeout, async {
+            let mut conn = self.conn().await?;
+            redis::pipe().hget(&c, &field).get(&v).query_async::<(Option<Vec<u8>>, Option<String>)>(&mut *conn).await.map_err(|e| e.to_string())
+        })
+        .await;
+        let (reply, version) = self.outcome("read", r)?;
+        let answer = reply.and_then(|r| decode(&r));
+        Some((answer, version.unwrap_or_else(|| "0".into())))
+    }
+
+    /// Stores a reply unless the key's version moved on since `version` was read.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn put(&self, table: &str, generation: u64, key: &str, variant: u64, version: String, a: &Answer, ttl: Duration) {
+        let (c, v, field) = (ckey(table, generation, key), vkey(table, key), format!("{variant:016x}"));
+        let value = encode(a);
+        let ms = ttl.as_millis().max(1) as u64;
+        let r = tokio::time::timeout(self.timeout, async {
+            let mut conn = self.conn().await?;
+            self.store.key(&c).key(&v).arg(version).arg(field).arg(value.as_ref()).arg(ms).invoke_async::<i64>(&mut *conn).await.map_err(|e| e.to_string())
+        })
+        .await;
+        let _ = self.outcome("write", r);
+    }
+
+    /// Drops the keys in Redis and publishes them; returns the generations
+    /// seen. What fails is kept and retried.
+    pub(super) async fn invalidate(&self, items: Vec<(String, Invalidation)>) -> Option<Vec<(String, u64)>> {
+        if items.is_empty() {
+            return Some(Vec::new());
+        }
+        let r = tokio::time::timeout(self.timeout, async {
+            let mut conn = self.conn().await?;
+            let mut gens = Vec::with_capacity(items.len());
+            for (table, inv) in &items {
+                let g: redis::RedisResult<u64> = match &inv.key {
+                    Some(k) => {
+                        self.drop_key
+                            .key(vkey(table, k))
+                            .key(gkey(table))
+                            .arg(format!("sg:c:{table}:"))
+                            .arg(k)
+                            .arg(CHANNEL)
+                            .arg(format!("{}|k|{table}|{k}", self.instance))
+                            .arg(self.version_ttl_ms)
+                            .invoke_async(&mut *conn)
+                            .await
+                    }
+                    None => self.drop_table.key(gkey(table)).arg(CHANNEL).arg(format!("{}|g|{table}|", self.instance)).invoke_async(&mut *conn).await,
+                };
+                gens.push((table.clone(), g.map_err(|e| e.to_string())?));
+            }
+            Ok(gens)
+        })
+        .await;
+        let r = self.outcome("invalidation", r);
+        if r.is_none() {
+            self.defer(items);
+        }
+        r
+    }
+
+    fn defer(&self, items: Vec<(String, Invalidation)>) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.extend(items);
+        if p.len() > MAX_PENDING {
+            let mut tables: Vec<(String, Invalidation)> = Vec::new();
+            for (name, inv) in p.drain(..) {
+                if !tables.iter().any(|(n, _)| *n == name) {
+                    tables.push((name, Invalidation { table: inv.table, key: None }));
+                }
+            }
+            *p = tables;
+        }
+    }
+
+    pub(super) fn pending_len(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn take_pending(&self) -> Vec<(String, Invalidation)> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Parses a message; `None` for this proxy's own or a malformed one.
+    fn parse_message(&self, payload: &str) -> Option<(String, Remote)> {
+        let mut parts = payload.splitn(4, '|');
+        let (from, kind, table, rest) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if from == self.instance {
+            return None;
+        }
+        match kind {
+            "k" => Some((table.to_string(), Remote::Key(rest.to_string()))),
+            "g" => Some((table.to_string(), Remote::Generation(rest.parse().ok()?))),
+            _ => None,
+        }
+    }
+}
+
+fn encode(a: &Answer) -> Bytes {
+    let mut b = BytesMut::with_capacity(4 + a.bytes.len());
+    b.put_u32(a.rows);
+    b.extend_from_slice(&a.bytes);
+    b.freeze()
+}
+
+fn decode(v: &[u8]) -> Option<Answer> {
+    let rows = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
+    Some(Answer { bytes: Bytes::copy_from_slice(&v[4..]), rows })
+}
+
+/// Retries invalidations that could not reach Redis.
+pub(super) async fn retry_pending(cache: Arc<Cache>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Some(l2) = &cache.l2 else { return };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        if l2.available() {
+            let items = l2.take_pending();
+            if !items.is_empty() {
+                if let Some(gens) = l2.invalidate(items).await {
+                    for (t, g) in gens {
+                        cache.set_generation(&t, g);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+/// Reads the tables' generations and drops every local entry: called when
+/// the subscription is (re)made, since messages sent meanwhile are lost.
+async fn resync(cache: &Cache, conn: &mut ConnectionManager) {
+    let names: Vec<String> = cache.tables.iter().map(|t| gkey(&t.spec.name)).collect();
+    if !names.is_empty() {
+        let gens: redis::RedisResult<Vec<Option<u64>>> = redis::cmd("MGET").arg(&names).query_async(conn).await;
+        if let Ok(gens) = gens {
+            for (t, g) in cache.tables.iter().zip(gens) {
+                t.generation.store(g.unwrap_or(0), Ordering::Release);
+            }
+        }
+    }
+    cache.flush_local();
+    cache.subscribed.store(true, Ordering::Release);
+}
+
+/// Keeps a subscription to [`CHANNEL`] and applies what other proxies invalidate.
+pub(super) async fn listen(cache: Arc<Cache>, url: String, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Some(l2) = &cache.l2 else { return };
+    let mut warned = false;
+    loop {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cfg = ConnectionManagerConfig::new()
+            .set_push_sender(tx)
+            .set_automatic_resubscription()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_max_delay(Duration::from_secs(1));
+        let made = match redis::Client::open(resp3(&url)) {
+            Ok(client) => match ConnectionManager::new_with_config(client, cfg).await {
+                Ok(mut conn) => match conn.subscribe(CHANNEL).await {
+                    Ok(()) => Ok(conn),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        let mut conn = match made {
+            Ok(c) => c,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "cache: cannot subscribe to Redis invalidations; retrying (local entries are dropped when it succeeds)");
+                    warned = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = stopped(&mut shutdown) => return,
+                }
+            }
+        };
+        warned = false;
+        resync(&cache, &mut conn).await;
+        tracing::info!("cache: subscribed to Redis invalidations");
+        let mut ping = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                p = rx.recv() => {
+                    let Some(p) = p else { break };
+                    match p.kind {
+                        PushKind::Message => {
+                            let payload = match p.data.get(1) {
+                                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                                _ => continue,
+                            };
+                            if let Some((table, r)) = l2.parse_message(&payload) {
+                                cache.on_remote(&table, r);
+                            }
+                        }
+                        PushKind::Disconnection => {
+                            cache.subscribed.store(false, Ordering::Release);
+                            cache.flush_local();
+                        }
+                        // resubscribed after a reconnect
+                        PushKind::Subscribe => resync(&cache, &mut conn).await,
+                        _ => {}
+                    }
+                }
+                _ = ping.tick() => {
+                    // keeps the connection checked; a failure makes the manager reconnect
+                    let r: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut conn).await;
+                    if r.is_err() && cache.subscribed.swap(false, Ordering::AcqRel) {
+                        cache.flush_local();
+                    }
+                }
+                _ = stopped(&mut shutdown) => return,
+            }
+        }
+    }
+}
+
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_round_trip() {
+        let a = Answer { bytes: Bytes::from_static(b"D\0\0\0\x06\0\0C\0\0\0\x0dSELECT 1\0"), rows: 1 };
+        let b = decode(&encode(&a)).expect("decodes");
+        assert_eq!(b.bytes, a.bytes);
+        assert_eq!(b.rows, 1);
+        assert!(decode(b"\0\0").is_none());
+    }
+
+    #[test]
+    fn resp3_is_asked_for() {
+        assert_eq!(resp3("redis://h:1"), "redis://h:1?protocol=resp3");
+        assert_eq!(resp3("redis://h:1/?db=2"), "redis://h:1/?db=2&protocol=resp3");
+    }
+}

@@ -1,0 +1,329 @@
+//! The merchant-info cache (DESIGN.md §6) against real PostgreSQL and Redis:
+//! exact answers, invalidation across proxies, bloom filter, one load per
+//! key, and Redis going away and coming back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardgate_tests::{connect, http_get, Cluster, Options};
+use tokio_postgres::types::{FromSql, Type};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// Short bloom reloads and long TTLs: anything fresh after a write is the invalidation's doing.
+const CACHE: &str = "[cache]\nl1_ttl_ms = 600000\nl2_ttl_ms = 600000\nnegative_ttl_ms = 600000\nbloom_refresh_ms = 1000\n";
+const MERCHANTS: i64 = 1000;
+
+fn start() -> Cluster {
+    Cluster::start_temp(Options { extra_toml: CACHE.into(), ..Options::default() }).expect("start cluster")
+}
+
+async fn seed(c: &Cluster) -> Client {
+    let db = connect(&c.info.default_dsn).await.expect("db_default");
+    db.batch_execute(&format!(
+        "TRUNCATE t_merchant; INSERT INTO t_merchant (merchant_id, merchant_name, status, fee_rate, settle_account, updated_at)
+         SELECT g, 'merchant ' || g, (g % 3)::smallint, 0.0060 + (g % 7) / 10000.0, CASE WHEN g % 5 = 0 THEN NULL ELSE 'ACC' || g END,
+                '2026-01-01 00:00:00+00'::timestamptz + g * interval '1 minute'
+         FROM generate_series(1, {MERCHANTS}) g"
+    ))
+    .await
+    .expect("seed merchants");
+    db
+}
+
+/// Sum of a Prometheus metric's samples whose labels contain `labels`.
+fn metric(admin_url: &str, name: &str, labels: &str) -> f64 {
+    let (_, body) = http_get(&format!("{admin_url}/metrics")).expect("metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Any value as the raw bytes the server sent (binary format).
+#[derive(Debug, PartialEq)]
+struct Raw(Option<Vec<u8>>);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(Some(raw.to_vec())))
+    }
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(None))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// Simple protocol: column names, text values and the row count of the tag.
+async fn simple(c: &Client, sql: &str) -> (Vec<String>, Vec<Vec<Option<String>>>, u64) {
+    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let mut cols = Vec::new();
+    let mut rows = Vec::new();
+    let mut tag = u64::MAX;
+    for m in msgs {
+        match m {
+            SimpleQueryMessage::RowDescription(d) => cols = d.iter().map(|c| c.name().to_string()).collect(),
+            SimpleQueryMessage::Row(r) => rows.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
+            SimpleQueryMessage::CommandComplete(n) => tag = n,
+            _ => {}
+        }
+    }
+    (cols, rows, tag)
+}
+
+/// Extended protocol (binary results): column names and types, raw values.
+async fn extended(c: &Client, sql: &str, key: i64) -> (Vec<(String, Type)>, Vec<Vec<Raw>>) {
+    let st = c.prepare(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let cols = st.columns().iter().map(|c| (c.name().to_string(), c.type_().clone())).collect();
+    let rows = c.query(&st, &[&key]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    (cols, rows.iter().map(|r| (0..r.len()).map(|i| r.get::<_, Raw>(i)).collect()).collect())
+}
+
+fn subscribed(admin_url: &str) -> bool {
+    let (_, body) = http_get(&format!("{admin_url}/health")).expect("health");
+    serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["cache"]["redis_subscribed"].as_bool()) == Some(true)
+}
+
+async fn name_of(c: &Client, key: i64) -> Option<String> {
+    let rows = c.query("SELECT merchant_name FROM t_merchant WHERE merchant_id = $1", &[&key]).await.expect("point read");
+    rows.first().map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_reads_answer_like_the_database_and_follow_writes() {
+    let c = start();
+    let db = seed(&c).await;
+    let proxy = connect(&c.info.proxy_dsn).await.expect("proxy");
+    let admin = &c.info.admin_url;
+    wait_for("bloom filter", Duration::from_secs(20), || metric(admin, "shardgate_cache_bloom_keys", "t_merchant") == MERCHANTS as f64).await;
+
+    let simple_reads = [
+        "SELECT * FROM t_merchant WHERE merchant_id = 5",
+        "select merchant_name, fee_rate AS f, m.updated_at from t_merchant m where m.merchant_id = '7'",
+        "SELECT settle_account FROM t_merchant WHERE merchant_id = 10",
+        // absent: stopped by the bloom filter (or a negative entry), same empty answer
+        "SELECT * FROM t_merchant WHERE merchant_id = 99999",
+        "SELECT * FROM t_merchant WHERE merchant_id = -3",
+    ];
+    // cold (database), then warm (L1): both equal to PostgreSQL's own answer
+    for round in 0..3 {
+        for sql in simple_reads {
+            assert_eq!(simple(&proxy, sql).await, simple(&db, sql).await, "round {round}: {sql}");
+        }
+        for key in [5i64, 6, 99999] {
+            let sql = "SELECT * FROM t_merchant WHERE merchant_id = $1";
+            assert_eq!(extended(&proxy, sql, key).await, extended(&db, sql, key).await, "round {round}: key {key}");
+        }
+    }
+    // errors are PostgreSQL's: a bad key literal, an unknown column
+    for sql in ["SELECT * FROM t_merchant WHERE merchant_id = 'x'", "SELECT nope FROM t_merchant WHERE merchant_id = 1"] {
+        let (a, b) = (proxy.simple_query(sql).await.expect_err(sql), db.simple_query(sql).await.expect_err(sql));
+        assert_eq!(a.code(), b.code(), "{sql}");
+        assert_eq!(a.as_db_error().map(|e| e.message()), b.as_db_error().map(|e| e.message()), "{sql}");
+    }
+    let e = proxy.prepare("SELECT nope FROM t_merchant WHERE merchant_id = $1").await.expect_err("bad column");
+    assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN));
+    let l1 = metric(admin, "shardgate_cache_hits_total", "level=\"l1\"");
+    let bloom = metric(admin, "shardgate_cache_hits_total", "level=\"bloom\"");
+    assert!(l1 >= 10.0, "warm reads come from L1: {l1}");
+    assert!(bloom >= 2.0, "absent keys stopped by the bloom filter: {bloom}");
+
+    // served from the cache: a write that bypasses shardgate is not seen (until TTL) ...
+    db.batch_execute("UPDATE t_merchant SET merchant_name = 'changed behind the proxy' WHERE merchant_id = 5").await.expect("direct update");
+    assert_eq!(name_of(&proxy, 5).await.as_deref(), Some("merchant 5"));
+    // ... a write through shardgate is seen at once, by both protocols
+    proxy.batch_execute("UPDATE t_merchant SET merchant_name = 'renamed' WHERE merchant_id = 5").await.expect("update through proxy");
+    assert_eq!(name_of(&proxy, 5).await.as_deref(), Some("renamed"));
+    assert_eq!(simple(&proxy, "SELECT merchant_name FROM t_merchant WHERE merchant_id = 5").await.1, vec![vec![Some("renamed".to_string())]]);
+    // extended-protocol writes name their key in a parameter
+    proxy.execute("UPDATE t_merchant SET merchant_name = $2 WHERE merchant_id = $1", &[&6i64, &"six"]).await.expect("extended update");
+    assert_eq!(name_of(&proxy, 6).await.as_deref(), Some("six"));
+    // a new key is found at once (bloom filter and negative entry both dropped)
+    assert_eq!(name_of(&proxy, 99999).await, None);
+    proxy.batch_execute("INSERT INTO t_merchant (merchant_id, merchant_name) VALUES (99999, 'new')").await.expect("insert");
+    assert_eq!(name_of(&proxy, 99999).await.as_deref(), Some("new"));
+    // keys the statement does not name: the whole table is dropped
+    proxy.batch_execute("UPDATE t_merchant SET merchant_name = merchant_name || '!' WHERE status = 1").await.expect("update by status");
+    assert_eq!(name_of(&proxy, 7).await, db.query_one("SELECT merchant_name FROM t_merchant WHERE merchant_id = 7", &[]).await.ok().map(|r| r.get(0)));
+    assert_eq!(name_of(&proxy, 7).await.as_deref(), Some("merchant 7!"));
+    proxy.batch_execute("INSERT INTO t_merchant (merchant_id, merchant_name) SELECT 100000 + g, 'bulk' FROM generate_series(1, 3) g").await.expect("bulk");
+    assert_eq!(name_of(&proxy, 100002).await.as_deref(), Some("bulk"));
+
+    // inside a transaction that wrote the table, reads see its own writes; a rollback leaves the committed value
+    proxy.batch_execute("BEGIN; UPDATE t_merchant SET merchant_name = 'uncommitted' WHERE merchant_id = 8").await.expect("begin");
+    assert_eq!(name_of(&proxy, 8).await.as_deref(), Some("uncommitted"));
+    assert_eq!(simple(&proxy, "SELECT merchant_name FROM t_merchant WHERE merchant_id = 8").await.1, vec![vec![Some("uncommitted".to_string())]]);
+    proxy.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(name_of(&proxy, 8).await.as_deref(), Some("merchant 8"));
+    // a transaction that commits: visible after COMMIT
+    proxy.batch_execute("BEGIN; UPDATE t_merchant SET merchant_name = 'committed' WHERE merchant_id = 8; COMMIT").await.expect("tx");
+    assert_eq!(name_of(&proxy, 8).await.as_deref(), Some("committed"));
+    let bypass = metric(admin, "shardgate_cache_bypass_total", "transaction_wrote_table");
+    assert!(bypass >= 2.0, "reads in the writing transaction bypassed the cache: {bypass}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_proxy_is_seen_by_another_within_100ms() {
+    let c = start();
+    let _db = seed(&c).await;
+    let b = c.start_extra_proxy().expect("second proxy");
+    let pa = connect(&c.info.proxy_dsn).await.expect("proxy A");
+    let pb = connect(&b.dsn).await.expect("proxy B");
+    let mut worst = Duration::ZERO;
+    for i in 0..20i64 {
+        let key = 100 + i;
+        // cached in B (L1) first
+        assert_eq!(name_of(&pb, key).await, Some(format!("merchant {key}")));
+        assert_eq!(name_of(&pb, key).await, Some(format!("merchant {key}")));
+        let want = format!("v{i}");
+        pa.execute("UPDATE t_merchant SET merchant_name = $2 WHERE merchant_id = $1", &[&key, &want]).await.expect("update on A");
+        let t0 = Instant::now();
+        loop {
+            if name_of(&pb, key).await.as_deref() == Some(want.as_str()) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(2), "proxy B still answers the old value of {key} after 2 s");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        worst = worst.max(t0.elapsed());
+    }
+    eprintln!("invalidation A → B: worst {worst:?} over 20 writes");
+    assert!(worst < Duration::from_millis(100), "B saw a write through A only after {worst:?}");
+    assert!(metric(&b.admin_url, "shardgate_cache_invalidations_total", "origin=\"remote\"") >= 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_make_one_database_read_and_no_read_is_stale() {
+    let c = start();
+    let _db = seed(&c).await;
+    let admin = c.info.admin_url.clone();
+    let before = metric(&admin, "shardgate_cache_hits_total", "level=\"db\"");
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        clients.push(Arc::new(connect(&c.info.proxy_dsn).await.expect("proxy")));
+    }
+    let mut tasks = Vec::new();
+    for cl in &clients {
+        let cl = cl.clone();
+        tasks.push(tokio::spawn(async move { name_of(&cl, 42).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task").as_deref(), Some("merchant 42"));
+    }
+    let loads = metric(&admin, "shardgate_cache_hits_total", "level=\"db\"") - before;
+    assert_eq!(loads, 1.0, "32 concurrent misses of one key made {loads} database reads");
+
+    // readers hammer one key while a writer commits new versions through the proxy:
+    // once a version's UPDATE has returned, no read started later answers an older one
+    let committed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stale = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for cl in clients.iter().take(8) {
+        let (cl, committed, stop, stale) = (cl.clone(), committed.clone(), stop.clone(), stale.clone());
+        readers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let floor = committed.load(Ordering::Acquire);
+                let got: u64 = name_of(&cl, 43).await.and_then(|s| s.strip_prefix('v').and_then(|v| v.parse().ok())).unwrap_or(0);
+                if got < floor {
+                    stale.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    let writer = connect(&c.info.proxy_dsn).await.expect("writer");
+    for v in 1..=200u64 {
+        writer.execute("UPDATE t_merchant SET merchant_name = $2 WHERE merchant_id = $1", &[&43i64, &format!("v{v}")]).await.expect("write");
+        committed.store(v, Ordering::Release);
+    }
+    stop.store(true, Ordering::Release);
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.expect("reader");
+    }
+    eprintln!("{reads} reads during 200 writes");
+    assert!(reads > 200, "readers ran: {reads}");
+    assert_eq!(stale.load(Ordering::Relaxed), 0, "stale reads after a committed write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_costs_no_client_errors() {
+    let mut c = start();
+    let _db = seed(&c).await;
+    let admin = c.info.admin_url.clone();
+    let b = c.start_extra_proxy().expect("second proxy");
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..4i64 {
+        let dsn = if w % 2 == 0 { c.info.proxy_dsn.clone() } else { b.dsn.clone() };
+        let (stop, errors, reads) = (stop.clone(), errors.clone(), reads.clone());
+        workers.push(tokio::spawn(async move {
+            let cl = connect(&dsn).await.expect("proxy");
+            let mut i = 0i64;
+            while !stop.load(Ordering::Acquire) {
+                i += 1;
+                let key = 1 + (i * 7 + w) % 200;
+                let r = if i % 10 == 0 {
+                    cl.execute("UPDATE t_merchant SET status = $2 WHERE merchant_id = $1", &[&key, &((i % 3) as i16)]).await.map(|_| ())
+                } else {
+                    cl.query("SELECT * FROM t_merchant WHERE merchant_id = $1", &[&key]).await.map(|_| ())
+                };
+                match r {
+                    Ok(()) => {
+                        reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("client error: {e}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(subscribed(&admin) && subscribed(&b.admin_url), "both proxies listen for invalidations");
+    c.kill_redis();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = reads.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(reads.load(Ordering::Relaxed) > during, "clients kept being answered while Redis was down");
+    c.restart_redis().expect("restart redis");
+    // both proxies reconnect by themselves and use Redis again
+    let l2 = |url: &str| metric(url, "shardgate_cache_hits_total", "level=\"l2\"");
+    let after_kill = l2(&admin) + l2(&b.admin_url);
+    wait_for("L2 hits after the restart", Duration::from_secs(20), || l2(&admin) + l2(&b.admin_url) > after_kill).await;
+    wait_for("both proxies resubscribed", Duration::from_secs(20), || subscribed(&admin) && subscribed(&b.admin_url)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Release);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "client errors while Redis was killed and restarted");
+    assert!(metric(&admin, "shardgate_cache_redis_errors_total", "") > 0.0, "the proxy noticed Redis was gone");
+
+    // after the restart: a write through A is seen by B (pub/sub resubscribed) and answers are current
+    let pa = connect(&c.info.proxy_dsn).await.expect("A");
+    let pb = connect(&b.dsn).await.expect("B");
+    assert_eq!(name_of(&pb, 500).await.as_deref(), Some("merchant 500"));
+    let t0 = Instant::now();
+    pa.execute("UPDATE t_merchant SET merchant_name = 'after restart' WHERE merchant_id = $1", &[&500i64]).await.expect("update");
+    while name_of(&pb, 500).await.as_deref() != Some("after restart") {
+        assert!(t0.elapsed() < Duration::from_secs(5), "B did not see the write after Redis came back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
