@@ -428,8 +428,8 @@ struct Session {
     cache_pending: Vec<(u32, crate::cache::Invalidation)>,
     /// The open transaction wrote a cached table: its point reads skip the cache.
     cache_tx_wrote: bool,
-    /// Committed invalidations not yet sent to Redis and the other proxies.
-    cache_flush: Vec<crate::cache::Invalidation>,
+    /// Committed invalidations are waiting to be sent to Redis and the other proxies.
+    cache_flush: bool,
 }
 
 impl Session {
@@ -475,7 +475,7 @@ impl Session {
             cache_write_stmts: HashMap::new(),
             cache_pending: Vec::new(),
             cache_tx_wrote: false,
-            cache_flush: Vec::new(),
+            cache_flush: false,
         }
     }
 
@@ -540,8 +540,12 @@ impl Session {
             self.flush_cache_invalidations().await;
             // return the server at a clean point
             self.maybe_release();
-            // 4. write what we can without waiting
-            flush_now(&self.client, &mut self.cout)?;
+            // 4. write what we can without waiting; a write to a cached table is
+            // reported only once its commit has dropped the keys (drivers treat
+            // CommandComplete as done, before ReadyForQuery arrives)
+            if !self.holding_for_cache() {
+                flush_now(&self.client, &mut self.cout)?;
+            }
             if let Some(server) = &self.server {
                 if flush_now(&server.stream, &mut self.sout).is_err() {
                     self.server_lost()?;
@@ -562,6 +566,7 @@ impl Session {
             let server_stream = self.server.as_ref().map(|s| &s.stream);
             let want_client = self.sout.len() < HIGH_WATER;
             let want_server = self.cout.len() < HIGH_WATER;
+            let hold = self.holding_for_cache();
             tokio::select! {
                 r = self.client.readable(), if want_client => {
                     r?;
@@ -596,7 +601,7 @@ impl Session {
                         Err(_) => self.server_lost()?,
                     }
                 }
-                r = self.client.writable(), if !self.cout.is_empty() => r?,
+                r = self.client.writable(), if !self.cout.is_empty() && !hold => r?,
                 r = writable(server_stream), if !self.sout.is_empty() && server_stream.is_some() => {
                     if r.is_err() {
                         self.server_lost()?;

@@ -52,6 +52,13 @@ local g = redis.call('INCR', KEYS[1])
 redis.call('PUBLISH', ARGV[1], ARGV[2] .. g)
 return g";
 
+#[derive(Default)]
+struct Pending {
+    items: Vec<(String, Invalidation)>,
+    /// Times the list was collapsed into table-wide invalidations.
+    collapses: u64,
+}
+
 /// What another proxy invalidated.
 pub(super) enum Remote {
     Key(String),
@@ -63,13 +70,13 @@ pub(super) struct L2 {
     pool: bb8::Pool<RedisConnectionManager>,
     timeout: Duration,
     down_until: Mutex<Option<Instant>>,
-    pending: Mutex<Vec<(String, Invalidation)>>,
+    /// Invalidations made locally and not yet delivered to Redis (in flight included).
+    pending: Mutex<Pending>,
+    /// One delivery at a time, so delivered entries can be removed by count.
+    delivering: tokio::sync::Mutex<()>,
     /// Tells this proxy's own messages apart.
     instance: String,
     version_ttl_ms: u64,
-    store: redis::Script,
-    drop_key: redis::Script,
-    drop_table: redis::Script,
 }
 
 fn ckey(table: &str, generation: u64, key: &str) -> String {
@@ -94,13 +101,11 @@ impl L2 {
             pool,
             timeout,
             down_until: Mutex::new(None),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
+            delivering: tokio::sync::Mutex::new(()),
             instance: format!("{:016x}", rand::random::<u64>()),
             // versions must outlive any load in flight and any stored reply
             version_ttl_ms: cfg.l2_ttl_ms.saturating_mul(2).max(3_600_000),
-            store: redis::Script::new(STORE),
-            drop_key: redis::Script::new(DROP_KEY),
-            drop_table: redis::Script::new(DROP_TABLE),
         })
     }
 
@@ -113,6 +118,12 @@ impl L2 {
             Some(t) => Instant::now() >= t,
             None => true,
         }
+    }
+
+    /// Redis may hold replies this proxy knows are stale (invalidations not
+    /// delivered yet): neither read nor fill it until they are.
+    fn trusted(&self) -> bool {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).items.is_empty()
     }
 
     fn failed(&self, what: &str, e: &str) {
@@ -157,6 +168,9 @@ impl L2 {
 
     /// The stored reply (if any) and the key's version; `None` when Redis is unavailable.
     pub(super) async fn get(&self, table: &str, generation: u64, key: &str, variant: u64) -> Option<(Option<Answer>, String)> {
+        if !self.trusted() {
+            return None;
+        }
         let (c, v, field) = (ckey(table, generation, key), vkey(table, key), format!("{variant:016x}"));
         let r = tokio::time::timeout(self.timeout, async {
             let mut conn = self.conn().await?;
@@ -172,73 +186,112 @@ impl L2 {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn put(&self, table: &str, generation: u64, key: &str, variant: u64, version: String, a: &Answer, ttl: Duration) {
         let (c, v, field) = (ckey(table, generation, key), vkey(table, key), format!("{variant:016x}"));
+        if !self.trusted() {
+            return;
+        }
         let value = encode(a);
         let ms = ttl.as_millis().max(1) as u64;
         let r = tokio::time::timeout(self.timeout, async {
             let mut conn = self.conn().await?;
-            self.store.key(&c).key(&v).arg(version).arg(field).arg(value.as_ref()).arg(ms).invoke_async::<i64>(&mut *conn).await.map_err(|e| e.to_string())
+            redis::cmd("EVAL")
+                .arg(STORE)
+                .arg(2)
+                .arg(&c)
+                .arg(&v)
+                .arg(version)
+                .arg(field)
+                .arg(value.as_ref())
+                .arg(ms)
+                .query_async::<i64>(&mut *conn)
+                .await
+                .map_err(|e| e.to_string())
         })
         .await;
         let _ = self.outcome("write", r);
     }
 
-    /// Drops the keys in Redis and publishes them; returns the generations
-    /// seen. What fails is kept and retried.
-    pub(super) async fn invalidate(&self, items: Vec<(String, Invalidation)>) -> Option<Vec<(String, u64)>> {
-        if items.is_empty() {
-            return Some(Vec::new());
-        }
-        let r = tokio::time::timeout(self.timeout, async {
-            let mut conn = self.conn().await?;
-            let mut gens = Vec::with_capacity(items.len());
-            for (table, inv) in &items {
-                let g: redis::RedisResult<u64> = match &inv.key {
-                    Some(k) => {
-                        self.drop_key
-                            .key(vkey(table, k))
-                            .key(gkey(table))
-                            .arg(format!("sg:c:{table}:"))
-                            .arg(k)
-                            .arg(CHANNEL)
-                            .arg(format!("{}|k|{table}|{k}", self.instance))
-                            .arg(self.version_ttl_ms)
-                            .invoke_async(&mut *conn)
-                            .await
-                    }
-                    None => self.drop_table.key(gkey(table)).arg(CHANNEL).arg(format!("{}|g|{table}|", self.instance)).invoke_async(&mut *conn).await,
-                };
-                gens.push((table.clone(), g.map_err(|e| e.to_string())?));
-            }
-            Ok(gens)
-        })
-        .await;
-        let r = self.outcome("invalidation", r);
-        if r.is_none() {
-            self.defer(items);
-        }
-        r
-    }
-
-    fn defer(&self, items: Vec<(String, Invalidation)>) {
+    /// Records invalidations made locally: from now until they reach Redis
+    /// this proxy neither reads nor fills Redis (it may hold what they drop).
+    pub(super) fn mark(&self, items: Vec<(String, Invalidation)>) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.extend(items);
-        if p.len() > MAX_PENDING {
+        p.items.extend(items);
+        if p.items.len() > MAX_PENDING {
             let mut tables: Vec<(String, Invalidation)> = Vec::new();
-            for (name, inv) in p.drain(..) {
+            for (name, inv) in p.items.drain(..) {
                 if !tables.iter().any(|(n, _)| *n == name) {
                     tables.push((name, Invalidation { table: inv.table, key: None }));
                 }
             }
-            *p = tables;
+            p.items = tables;
+            p.collapses += 1;
         }
     }
 
-    pub(super) fn pending_len(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    /// Delivers what is pending (drop in Redis, publish to the other
+    /// proxies); returns the table generations seen. What fails stays
+    /// pending for the background retry.
+    pub(super) async fn flush(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        if !self.available() {
+            return out;
+        }
+        let _one = self.delivering.lock().await;
+        let (n, collapses, mut items) = {
+            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            (p.items.len(), p.collapses, p.items.clone())
+        };
+        if n == 0 {
+            return out;
+        }
+        let mut seen = std::collections::HashSet::new();
+        items.retain(|(t, i)| seen.insert((t.clone(), i.key.clone())));
+        for chunk in items.chunks(1_000) {
+            match self.deliver(chunk.to_vec()).await {
+                Some(gens) => out.extend(gens),
+                None => return out,
+            }
+        }
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // a collapse meanwhile rewrote the list: keep it (delivering it again is harmless)
+        if p.collapses == collapses && p.items.len() >= n {
+            p.items.drain(..n);
+        }
+        out
     }
 
-    fn take_pending(&self) -> Vec<(String, Invalidation)> {
-        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    /// One pipelined round trip for a batch; `None` when it did not go through.
+    async fn deliver(&self, items: Vec<(String, Invalidation)>) -> Option<Vec<(String, u64)>> {
+        // EVAL: no script cache to miss after a Redis restart
+        let mut pipe = redis::pipe();
+        for (table, inv) in &items {
+            match &inv.key {
+                Some(k) => pipe
+                    .cmd("EVAL")
+                    .arg(DROP_KEY)
+                    .arg(2)
+                    .arg(vkey(table, k))
+                    .arg(gkey(table))
+                    .arg(format!("sg:c:{table}:"))
+                    .arg(k)
+                    .arg(CHANNEL)
+                    .arg(format!("{}|k|{table}|{k}", self.instance))
+                    .arg(self.version_ttl_ms),
+                None => pipe.cmd("EVAL").arg(DROP_TABLE).arg(1).arg(gkey(table)).arg(CHANNEL).arg(format!("{}|g|{table}|", self.instance)),
+            };
+        }
+        // a large backlog (after an outage) gets more time than one lookup
+        let limit = if items.len() > 16 { self.timeout * 20 } else { self.timeout };
+        let r = tokio::time::timeout(limit, async {
+            let mut conn = self.conn().await?;
+            let gens: Vec<u64> = pipe.query_async(&mut *conn).await.map_err(|e| e.to_string())?;
+            Ok(items.iter().map(|(t, _)| t.clone()).zip(gens).collect::<Vec<_>>())
+        })
+        .await;
+        self.outcome("invalidation", r)
+    }
+
+    pub(super) fn pending_len(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).items.len()
     }
 
     /// Parses a message; `None` for this proxy's own or a malformed one.
@@ -276,14 +329,9 @@ pub(super) async fn retry_pending(cache: Arc<Cache>, mut shutdown: tokio::sync::
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = stopped(&mut shutdown) => return,
         }
-        if l2.available() {
-            let items = l2.take_pending();
-            if !items.is_empty() {
-                if let Some(gens) = l2.invalidate(items).await {
-                    for (t, g) in gens {
-                        cache.set_generation(&t, g);
-                    }
-                }
+        if l2.pending_len() > 0 {
+            for (t, g) in l2.flush().await {
+                cache.set_generation(&t, g);
             }
         }
     }

@@ -409,8 +409,12 @@ impl Cache {
         self.describes.insert((sql.to_string(), types.to_vec()), d);
     }
 
-    /// Drops keys in this proxy at once (before the client hears of the commit).
+    /// Drops keys in this proxy at once (before the client hears of the
+    /// commit); Redis is kept off until [`Cache::invalidate_shared`] delivered them.
     pub fn invalidate_local(&self, inv: &[Invalidation]) {
+        if let Some(l2) = &self.l2 {
+            l2.mark(inv.iter().filter_map(|i| Some((self.tables.get(i.table)?.spec.name.clone(), i.clone()))).collect());
+        }
         for i in inv {
             self.apply(i, "local");
         }
@@ -443,13 +447,12 @@ impl Cache {
         }
     }
 
-    /// Drops keys in Redis and tells the other proxies. Waits at most the
-    /// Redis timeout; what cannot be done now is retried in the background.
-    pub async fn invalidate_shared(&self, inv: Vec<Invalidation>) {
-        let Some(l2) = &self.l2 else { return };
-        let named: Vec<(String, Invalidation)> = inv.into_iter().filter_map(|i| Some((self.tables.get(i.table)?.spec.name.clone(), i))).collect();
-        if let Some(gens) = l2.invalidate(named).await {
-            for (table, g) in gens {
+    /// Drops the locally invalidated keys in Redis and tells the other
+    /// proxies. Waits at most the Redis timeout; what cannot be delivered now
+    /// is retried in the background.
+    pub async fn invalidate_shared(&self) {
+        if let Some(l2) = &self.l2 {
+            for (table, g) in l2.flush().await {
                 self.set_generation(&table, g);
             }
         }
@@ -500,11 +503,12 @@ impl Cache {
         let tables: Vec<serde_json::Value> = self
             .tables
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 serde_json::json!({
                     "table": t.spec.name,
                     "key": t.spec.key,
-                    "key_type_known": self.key_type(self.tables.iter().position(|x| x.spec.name == t.spec.name).unwrap_or(0)).is_some(),
+                    "key_type_known": self.key_type(i).is_some(),
                     "bloom_loaded": t.bloom.read().unwrap_or_else(|e| e.into_inner()).is_some(),
                 })
             })

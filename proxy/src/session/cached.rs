@@ -96,15 +96,21 @@ impl Session {
         }
         if !due.is_empty() {
             self.shared.cache.invalidate_local(&due);
-            self.cache_flush.extend(due);
+            self.cache_flush = true;
         }
+    }
+
+    /// Replies are held back while a statement that writes a cached table may
+    /// be committing: until the ReadyForQuery that ends it has been read (it
+    /// needs no more client input when a Sync/Query is outstanding).
+    pub(super) fn holding_for_cache(&self) -> bool {
+        self.pending_ready > 0 && self.cache_pending.iter().any(|(wait, _)| *wait < self.pending_ready) && self.cout.len() < super::HIGH_WATER
     }
 
     /// Sends committed invalidations to Redis and the other proxies.
     pub(super) async fn flush_cache_invalidations(&mut self) {
-        if !self.cache_flush.is_empty() {
-            let inv = std::mem::take(&mut self.cache_flush);
-            self.shared.cache.invalidate_shared(inv).await;
+        if std::mem::take(&mut self.cache_flush) {
+            self.shared.cache.invalidate_shared().await;
         }
     }
 
@@ -113,7 +119,7 @@ impl Session {
         let inv: Vec<Invalidation> = self.cache_pending.drain(..).map(|(_, i)| i).collect();
         if !inv.is_empty() {
             self.shared.cache.invalidate_local(&inv);
-            self.cache_flush.extend(inv);
+            self.cache_flush = true;
         }
         self.flush_cache_invalidations().await;
     }
