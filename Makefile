@@ -34,6 +34,7 @@ bench: deps
 	@bash scripts/bench.sh
 	@bash scripts/bench_routed.sh
 	@bash scripts/bench_sync.sh
+	@bash scripts/bench_cache.sh
 
 fuzz:
 	@bash scripts/fuzz.sh $(or $(SECONDS_TO_RUN),600) $(or $(FUZZ_TARGET),frames)
