@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-16}
-MERCHANTS=${MERCHANTS:-100000}
+MERCHANTS=${MERCHANTS:-10000}
 DIR=target/bench-cache
 export SHARDGATE_BIN=$PWD/target/release/shardgate SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
@@ -26,8 +26,10 @@ DEFAULT_DSN=$(jq -r .default_dsn $INFO)
 export PGPASSWORD=postgres
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-psql -X -q "$DEFAULT_DSN" -c "TRUNCATE t_merchant" -c "INSERT INTO t_merchant (merchant_id, merchant_name, status, fee_rate, settle_account)
-  SELECT g, 'merchant ' || g, (g % 3)::smallint, 0.0060, 'ACC' || g FROM generate_series(1, $MERCHANTS) g" -c "VACUUM ANALYZE t_merchant"
+# loaded through shardgate: it drops the table from the cache and reloads its bloom filter at once
+PGPASSWORD=app-secret psql -X -q "host=127.0.0.1 port=$PROXY_PORT user=app dbname=shardgate" -c "TRUNCATE t_merchant" -c "INSERT INTO t_merchant (merchant_id, merchant_name, status, fee_rate, settle_account)
+  SELECT g, 'merchant ' || g, (g % 3)::smallint, 0.0060, 'ACC' || g FROM generate_series(1, $MERCHANTS) g"
+psql -X -q "$DEFAULT_DSN" -c "VACUUM ANALYZE t_merchant"
 
 # the uncached proxy: same shards, db_default and Redis, no cached tables
 U_PORT=$(free_port); U_ADMIN=$(free_port)
@@ -38,10 +40,11 @@ UNCACHED_PID=$!
 for _ in $(seq 1 200); do curl -sf http://127.0.0.1:$U_ADMIN/livez >/dev/null && break; sleep 0.1; done
 
 # the cache's bloom filter has loaded every key
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do
   n=$(curl -s $ADMIN_URL/metrics | awk '/^shardgate_cache_bloom_keys/ {print $2}')
   [ "${n:-0}" = "$MERCHANTS" ] && break; sleep 0.2
 done
+[ "${n:-0}" = "$MERCHANTS" ] || { echo "the bloom filter did not load $MERCHANTS keys (has ${n:-0})" >&2; exit 1; }
 
 cat > $DIR/merchant.sql <<SQL
 \set m random(1, $MERCHANTS)

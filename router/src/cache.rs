@@ -91,6 +91,111 @@ pub fn mentions(sql: &str, tables: &[CachedTable]) -> Vec<usize> {
     found
 }
 
+/// A literal taken out of a statement text by [`normalize`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Literal {
+    Number(String),
+    Text(String),
+}
+
+/// Placeholders standing for literals in a normalized text are `$1001`, `$1002`, …
+pub const LITERAL_BASE: usize = 1000;
+
+/// Replaces the numeric and plain string literals of a statement text by
+/// placeholders (`$1001`, `$1002`, … in order), so texts that differ only in
+/// their values share one classification. `None` for texts this simple scan
+/// does not handle (parameters, dollar quotes, escape strings, comments,
+/// prefixed strings): classify those in full.
+pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
+    let b = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut lits = Vec::new();
+    let mut i = 0;
+    let mut last = 0;
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'$' | b'\\' => return None,
+            b'-' if b.get(i + 1) == Some(&b'-') => return None,
+            b'/' if b.get(i + 1) == Some(&b'*') => return None,
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += 1;
+                }
+                if i >= b.len() {
+                    return None;
+                }
+                i += 1;
+            }
+            b'\'' => {
+                // a string right after a word is prefixed (E'', B'', DATE '' is fine but rare): full path
+                if i > 0 && word(b[i - 1]) {
+                    return None;
+                }
+                let start = i;
+                let mut text = String::new();
+                i += 1;
+                let mut seg = i;
+                loop {
+                    if i >= b.len() {
+                        return None;
+                    }
+                    if b[i] == b'\'' {
+                        text.push_str(sql.get(seg..i)?);
+                        if b.get(i + 1) == Some(&b'\'') {
+                            text.push('\'');
+                            i += 2;
+                            seg = i;
+                            continue;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    i += 1;
+                }
+                out.push_str(sql.get(last..start)?);
+                lits.push(Literal::Text(text));
+                out.push_str(&format!("${}", LITERAL_BASE + lits.len()));
+                last = i;
+            }
+            c if c.is_ascii_digit() && (i == 0 || !word(b[i - 1])) => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
+                    i += 1;
+                }
+                if i < b.len() && word(b[i]) {
+                    return None;
+                }
+                out.push_str(sql.get(last..start)?);
+                lits.push(Literal::Number(sql.get(start..i)?.to_string()));
+                out.push_str(&format!("${}", LITERAL_BASE + lits.len()));
+                last = i;
+            }
+            c if word(c) => {
+                while i < b.len() && (word(b[i]) || b[i] == b'$') {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(sql.get(last..)?);
+    Some((out, lits))
+}
+
+/// The key of a point read classified from a normalized text, from its literals.
+pub fn literal_key(read: &PointRead, literals: &[Literal]) -> Option<KeyArg> {
+    match &read.key {
+        KeyArg::Param(p) if *p >= LITERAL_BASE => match literals.get(p - LITERAL_BASE)? {
+            Literal::Number(n) => Some(KeyArg::Number(n.clone())),
+            Literal::Text(t) => Some(KeyArg::Text(t.clone())),
+        },
+        _ => None,
+    }
+}
+
 /// Classifies a statement text (possibly several statements).
 pub fn classify(sql: &str, tables: &[CachedTable]) -> CacheAnalysis {
     let named = mentions(sql, tables);
@@ -482,6 +587,27 @@ mod tests {
         ] {
             assert_eq!(keys(sql), None, "{sql}");
         }
+    }
+
+    #[test]
+    fn normalized_texts_share_a_classification() {
+        let (n, lits) = normalize("SELECT * FROM t_merchant WHERE merchant_id = 42").expect("simple");
+        assert_eq!(n, "SELECT * FROM t_merchant WHERE merchant_id = $1001");
+        assert_eq!(lits, vec![Literal::Number("42".into())]);
+        let r = read(&n).expect("point read");
+        assert_eq!(literal_key(&r, &lits), Some(KeyArg::Number("42".into())));
+        assert_eq!(r.shape, read("SELECT * FROM t_merchant WHERE merchant_id = 7").expect("read").shape);
+        let (n, lits) = normalize("select name from t_merchant m2 where m2.merchant_id = 'it''s'").expect("simple");
+        assert_eq!(n, "select name from t_merchant m2 where m2.merchant_id = $1001");
+        assert_eq!(lits, vec![Literal::Text("it's".into())]);
+        // words with digits are not literals; what the scan does not handle goes the full way
+        assert_eq!(normalize("SELECT c1 FROM t2 WHERE x = 1.5").map(|(n, _)| n).as_deref(), Some("SELECT c1 FROM t2 WHERE x = $1001"));
+        for sql in ["SELECT $1", "SELECT E'a'", "SELECT 1 -- c", "SELECT /* c */ 1", "SELECT 'unterminated", "SELECT 1e5", "SELECT $$a$$", "SELECT \"x"] {
+            assert_eq!(normalize(sql), None, "{sql}");
+        }
+        // a literal elsewhere than the key keeps the statement from being a point read
+        let (n, _) = normalize("SELECT 1, name FROM t_merchant WHERE merchant_id = 2").expect("simple");
+        assert_eq!(read(&n), None);
     }
 
     #[test]

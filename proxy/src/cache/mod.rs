@@ -180,6 +180,29 @@ pub struct Cache {
     engine: Arc<Engine>,
     /// Set once the pub/sub subscription has been made (invalidations from other proxies arrive).
     subscribed: AtomicBool,
+    /// Classification of literal-free statement texts (see `normalize`).
+    normalized: moka::sync::Cache<String, Arc<CacheAnalysis>>,
+    meters: Meters,
+}
+
+/// Metric handles, registered once (labels are fixed).
+struct Meters {
+    hits: [metrics::Counter; 4],
+    seconds: [metrics::Histogram; 4],
+    miss_l1: metrics::Counter,
+    miss_l2: metrics::Counter,
+}
+
+impl Meters {
+    fn new() -> Meters {
+        let levels = [Served::Bloom, Served::L1, Served::L2, Served::Db];
+        Meters {
+            hits: levels.map(|l| metrics::counter!(m::CACHE_HITS, "level" => l.label())),
+            seconds: levels.map(|l| metrics::histogram!(m::CACHE_LOOKUP_SECONDS, "level" => l.label())),
+            miss_l1: metrics::counter!(m::CACHE_MISSES, "level" => "l1"),
+            miss_l2: metrics::counter!(m::CACHE_MISSES, "level" => "l2"),
+        }
+    }
 }
 
 impl Cache {
@@ -221,6 +244,8 @@ impl Cache {
             l2,
             engine,
             subscribed: AtomicBool::new(false),
+            normalized: moka::sync::Cache::new(10_000),
+            meters: Meters::new(),
         }))
     }
 
@@ -242,6 +267,32 @@ impl Cache {
     /// Classifies a statement text.
     pub fn classify(&self, sql: &str) -> CacheAnalysis {
         shardgate_router::cache::classify(sql, &self.specs)
+    }
+
+    /// Classifies a simple-protocol text through its literal-free form (one
+    /// parse per statement shape, not per key); `None` when the text needs the
+    /// full [`Cache::classify`] (it may write a cached table, or the scan
+    /// cannot normalize it).
+    pub fn classify_simple(&self, sql: &str) -> Option<(Option<shardgate_router::cache::PointRead>, Option<KeyArg>)> {
+        let (norm, literals) = shardgate_router::cache::normalize(sql)?;
+        let a = match self.normalized.get(&norm) {
+            Some(a) => a,
+            None => {
+                let a = Arc::new(self.classify(&norm));
+                self.normalized.insert(norm, a.clone());
+                a
+            }
+        };
+        if !a.writes.is_empty() {
+            return None;
+        }
+        match &a.read {
+            Some(r) => {
+                let key = shardgate_router::cache::literal_key(r, &literals);
+                Some((Some(r.clone()), key))
+            }
+            None => Some((None, None)),
+        }
     }
 
     fn key_type(&self, table: usize) -> Option<KeyType> {
@@ -318,6 +369,9 @@ impl Cache {
             key: Arc::from(key),
             variant,
         };
+        if let Some(a) = self.l1.get(&k).await {
+            return Ok(self.served(a, Served::L1, started));
+        }
         let level = Mutex::new(Served::L1);
         let entry = self
             .l1
@@ -332,7 +386,7 @@ impl Cache {
             Ok(e) => {
                 let served = if e.is_fresh() { *level.lock().unwrap_or_else(|e| e.into_inner()) } else { Served::L1 };
                 if served != Served::L1 {
-                    metrics::counter!(m::CACHE_MISSES, "level" => "l1").increment(1);
+                    self.meters.miss_l1.increment(1);
                 }
                 Ok(self.served(e.into_value(), served, started))
             }
@@ -341,8 +395,9 @@ impl Cache {
     }
 
     fn served(&self, a: Arc<Answer>, s: Served, started: Instant) -> (Arc<Answer>, Served) {
-        metrics::counter!(m::CACHE_HITS, "level" => s.label()).increment(1);
-        metrics::histogram!(m::CACHE_LOOKUP_SECONDS, "level" => s.label()).record(started.elapsed().as_secs_f64());
+        let i = s as usize;
+        self.meters.hits[i].increment(1);
+        self.meters.seconds[i].record(started.elapsed().as_secs_f64());
         (a, s)
     }
 
@@ -355,7 +410,7 @@ impl Cache {
             match l2.get(&t.spec.name, generation, key, variant).await {
                 Some((Some(a), _)) => return Ok((Arc::new(a), Served::L2)),
                 Some((None, v)) => {
-                    metrics::counter!(m::CACHE_MISSES, "level" => "l2").increment(1);
+                    self.meters.miss_l2.increment(1);
                     version = Some(v);
                 }
                 None => {}

@@ -131,12 +131,20 @@ impl Session {
             return Ok(None);
         }
         let Ok(text) = std::str::from_utf8(sql) else { return Ok(None) };
-        let a = cache.classify(text);
-        if !a.writes.is_empty() {
-            self.note_cache_writes(&a.writes, &[], &[], &[]);
-            return Ok(None);
-        }
-        let Some(read) = a.read else { return Ok(None) };
+        let (read, key_arg) = match cache.classify_simple(text) {
+            Some((Some(read), Some(key))) => (read, key),
+            Some(_) => return Ok(None),
+            None => {
+                let a = cache.classify(text);
+                if !a.writes.is_empty() {
+                    self.note_cache_writes(&a.writes, &[], &[], &[]);
+                    return Ok(None);
+                }
+                let Some(read) = a.read else { return Ok(None) };
+                let key = read.key.clone();
+                (read, key)
+            }
+        };
         if let Some(reason) = self.cache_bypass() {
             metrics::counter!(m::CACHE_BYPASS, "reason" => reason).increment(1);
             return Ok(None);
@@ -145,15 +153,15 @@ impl Session {
             // inside an unfinished extended batch: keep the server's order
             return Ok(None);
         }
-        let Some(key) = cache.canonical_key(read.table, &read.key, &[], &[], &[]) else {
+        let Some(key) = cache.canonical_key(read.table, &key_arg, &[], &[], &[]) else {
             metrics::counter!(m::CACHE_BYPASS, "reason" => "key").increment(1);
             return Ok(None);
         };
         self.barrier().await?;
         self.flush_cache_invalidations().await;
         let variant = Cache::variant(&read.shape, true, &[], &[], &self.desired);
-        let desired = self.desired.clone();
-        let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
+        let desired = &self.desired;
+        let sets = |c: &mut crate::backend::ServerConn| super::param_sets(desired, c);
         let fetch = Fetch { simple: true, sql: text, types: &[], values: &[], formats: &[], result_formats: &[], param_sets: &sets };
         match cache.get(read.table, &key, variant, &fetch).await {
             Ok((a, _)) => {
@@ -249,13 +257,11 @@ impl Session {
         }
         let cache = self.shared.cache.clone();
         let values: Vec<Option<&[u8]>> = bound.values.iter().map(|v| v.as_deref()).collect();
-        let param_types = stmt.describe.get().map(|(t, _)| parameter_types(t)).unwrap_or_default();
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
-        let fetch =
-            Fetch { simple: false, sql: &stmt.sql, types: &stmt.types, values: &values, formats: &bound.formats, result_formats: &bound.result_formats, param_sets: &sets };
+        let fetch = Fetch { simple: false, sql: &stmt.sql, types: &stmt.types, values: &values, formats: &bound.formats, result_formats: &bound.result_formats, param_sets: &sets };
         let bypass = self.cache_bypass();
-        let key = cache.canonical_key(read.table, &read.key, &values, &bound.formats, &param_types);
+        let key = cache.canonical_key(read.table, &read.key, &values, &bound.formats, &stmt.param_oids);
         if let (None, Some(key)) = (bypass, key.as_ref()) {
             self.flush_cache_invalidations().await;
             let variant = Cache::variant(&stmt.sql, false, &stmt.types, &bound.result_formats, &self.desired);
@@ -297,9 +303,3 @@ impl Session {
 
 const BATCHED: &str = "fetching rows of a cached point read in batches (Execute with a row limit) is not supported; fetch all rows";
 
-/// The parameter type oids of a ParameterDescription message.
-fn parameter_types(frame: &[u8]) -> Vec<u32> {
-    let mut r = Reader::new(frame.get(5..).unwrap_or_default());
-    let n = r.i16().unwrap_or(0).max(0) as usize;
-    (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect()
-}

@@ -34,23 +34,29 @@ pub(super) struct RoutedStmt {
     pub(super) describe: OnceLock<(Bytes, Bytes)>,
     /// A point read of a cached table: answered by the cache, not the shards.
     pub(super) cached: Option<shardgate_router::cache::PointRead>,
+    /// Parameter type oids from the description (cached point reads).
+    pub(super) param_oids: Vec<u32>,
 }
 
 impl RoutedStmt {
     /// A prepared point read of a cached table.
     pub(super) fn cached(sql: String, types: Vec<u32>, read: shardgate_router::cache::PointRead, describe: Option<(Bytes, Bytes)>) -> RoutedStmt {
         let d = OnceLock::new();
+        let mut param_oids = Vec::new();
         if let Some(describe) = describe {
+            let mut r = Reader::new(describe.0.get(5..).unwrap_or_default());
+            let n = r.i16().unwrap_or(0).max(0) as usize;
+            param_oids = (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect();
             let _ = d.set(describe);
         }
-        RoutedStmt { sql, types, analysis: Arc::new(Analysis::Passthrough(StatementClass::Read)), describe: d, cached: Some(read) }
+        RoutedStmt { sql, types, analysis: Arc::new(Analysis::Passthrough(StatementClass::Read)), describe: d, cached: Some(read), param_oids }
     }
 }
 
 /// A bound portal of a [`RoutedStmt`].
 pub(super) struct RoutedPortal {
     pub(super) stmt: Arc<RoutedStmt>,
-    pub(super) bound: Bound,
+    pub(super) bound: Arc<Bound>,
 }
 
 /// What the client's transaction-control statement does to held shards.
@@ -485,7 +491,7 @@ impl Session {
         let mut r = Reader::new(param_types);
         let n = r.i16().unwrap_or(0).max(0) as usize;
         let types = (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect();
-        self.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None }));
+        self.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None, param_oids: Vec::new() }));
         put_message(&mut self.cout, b'1', |_| {});
         Ok(Some(Flow::Continue))
     }
@@ -515,7 +521,7 @@ impl Session {
             self.fail_extended(ExecError::Proxy("08P01", m)).await?;
             return Ok(Some(Flow::Continue));
         }
-        self.routed_portals.insert(portal, RoutedPortal { stmt, bound });
+        self.routed_portals.insert(portal, RoutedPortal { stmt, bound: Arc::new(bound) });
         put_message(&mut self.cout, b'2', |_| {});
         Ok(Some(Flow::Continue))
     }
@@ -549,6 +555,8 @@ impl Session {
                 self.cout.extend_from_slice(&params);
                 self.cout.extend_from_slice(&rows);
             }
+            // text results: the statement's description is the portal's
+            Some(b) if rows[0] == b'T' && b.result_formats.iter().all(|f| *f == 0) => self.cout.extend_from_slice(&rows),
             Some(b) if rows[0] == b'T' => {
                 let n = wire::row_description(&rows[5..], usize::MAX, None).map_or(0, |(_, f)| f.len());
                 let binary: Vec<bool> = (0..n).map(|i| b.binary(i)).collect();
