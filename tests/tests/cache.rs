@@ -160,6 +160,23 @@ async fn point_reads_answer_like_the_database_and_follow_writes() {
     proxy.batch_execute("INSERT INTO t_merchant (merchant_id, merchant_name) SELECT 100000 + g, 'bulk' FROM generate_series(1, 3) g").await.expect("bulk");
     assert_eq!(name_of(&proxy, 100002).await.as_deref(), Some("bulk"));
 
+    // COPY into the table through shardgate: the whole table is dropped (and the reply is not held back)
+    assert_eq!(name_of(&proxy, 200001).await, None);
+    let mut child = std::process::Command::new(shardgate_tests::pg_bin().join("psql"))
+        .arg(&c.info.proxy_dsn)
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-c", "COPY t_merchant (merchant_id, merchant_name) FROM STDIN"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"200001\tcopied\n200002\tcopied too\n\\.\n").expect("copy data");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("psql exit");
+    assert!(status.success(), "COPY through the proxy");
+    assert_eq!(name_of(&proxy, 200001).await.as_deref(), Some("copied"));
+
     // inside a transaction that wrote the table, reads see its own writes; a rollback leaves the committed value
     proxy.batch_execute("BEGIN; UPDATE t_merchant SET merchant_name = 'uncommitted' WHERE merchant_id = 8").await.expect("begin");
     assert_eq!(name_of(&proxy, 8).await.as_deref(), Some("uncommitted"));

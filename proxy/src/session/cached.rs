@@ -101,10 +101,14 @@ impl Session {
     }
 
     /// Replies are held back while a statement that writes a cached table may
-    /// be committing: until the ReadyForQuery that ends it has been read (it
-    /// needs no more client input when a Sync/Query is outstanding).
+    /// be committing: until the ReadyForQuery that ends it has been read. Only
+    /// while that needs no more client input: a Sync/Query is outstanding and
+    /// the server is not waiting for COPY data.
     pub(super) fn holding_for_cache(&self) -> bool {
-        self.pending_ready > 0 && self.cache_pending.iter().any(|(wait, _)| *wait < self.pending_ready) && self.cout.len() < super::HIGH_WATER
+        self.pending_ready > 0
+            && self.copy_in.is_none()
+            && self.cout.len() < super::HIGH_WATER
+            && self.cache_pending.iter().any(|(wait, _)| *wait < self.pending_ready)
     }
 
     /// Sends committed invalidations to Redis and the other proxies.
