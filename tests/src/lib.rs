@@ -422,16 +422,7 @@ impl Cluster {
         let path = self.info.root.join(format!("shardgate-{port}.toml"));
         fs::write(&path, config)?;
         let log_path = self.info.root.join(format!("shardgate-{port}.log"));
-        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let child = Command::new(shardgate_bin()?)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", std::env::var("SHARDGATE_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning shardgate")?;
+        let child = spawn_proxy(&path, &log_path)?;
         let extra = ExtraProxy {
             dsn: self.info.proxy_dsn.replacen(&format!(":{}/", self.info.proxy_port), &format!(":{port}/"), 1),
             admin_url: format!("http://127.0.0.1:{admin}"),
@@ -500,17 +491,7 @@ impl Cluster {
 
     /// Starts the proxy (detached from our process group) and waits for its port.
     pub fn start_proxy(&mut self) -> Result<()> {
-        let bin = shardgate_bin()?;
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.info.root.join("shardgate.log"))?;
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(self.config_path())
-            .env("RUST_LOG", std::env::var("SHARDGATE_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning shardgate")?;
+        let child = spawn_proxy(&self.config_path(), &self.info.root.join("shardgate.log"))?;
         self.info.proxy_pid = Some(child.id());
         self.proxy = Some(child);
         wait_for_port(self.info.proxy_port, Duration::from_secs(30))
@@ -604,6 +585,37 @@ pub fn stop_all(info: &ClusterInfo) {
         if c.is_running() {
             let _ = c.stop_immediate();
         }
+    }
+}
+
+/// Starts shardgate with a config, its output appended to `log`.
+fn spawn_proxy(config: &Path, log: &Path) -> Result<std::process::Child> {
+    let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    Command::new(shardgate_bin()?)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", std::env::var("SHARDGATE_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning shardgate")
+}
+
+/// Any value, as the raw bytes the server sent (binary format): equality of
+/// these is stricter than equality of decoded values.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Clone)]
+pub struct Raw(pub Option<Vec<u8>>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
+    fn from_sql(_: &tokio_postgres::types::Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(Some(raw.to_vec())))
+    }
+    fn from_sql_null(_: &tokio_postgres::types::Type) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(None))
+    }
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
     }
 }
 

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardgate_tests::{connect, http_get, Cluster, Options};
-use tokio_postgres::types::{FromSql, Type};
+use shardgate_tests::{connect, http_get, Cluster, Options, Raw};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// Short bloom reloads and long TTLs: anything fresh after a write is the invalidation's doing.
@@ -48,21 +48,6 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Any value as the raw bytes the server sent (binary format).
-#[derive(Debug, PartialEq)]
-struct Raw(Option<Vec<u8>>);
-
-impl<'a> FromSql<'a> for Raw {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(Some(raw.to_vec())))
-    }
-    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(None))
-    }
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-}
 
 /// Simple protocol: column names, text values and the row count of the tag.
 async fn simple(c: &Client, sql: &str) -> (Vec<String>, Vec<Vec<Option<String>>>, u64) {

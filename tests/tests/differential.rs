@@ -6,27 +6,11 @@
 
 use std::process::Command;
 
-use postgres_types::{FromSql, ToSql, Type};
+use postgres_types::ToSql;
 use shardgate_tests::workload::{self, Step, Value};
-use shardgate_tests::{connect, schema, sqlstate, Cluster, Options};
+use shardgate_tests::{connect, schema, sqlstate, Cluster, Options, Raw};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-/// Any value, as the raw bytes the server sent (binary format): equality of
-/// these is stricter than equality of decoded values.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Clone)]
-struct Raw(Option<Vec<u8>>);
-
-impl<'a> FromSql<'a> for Raw {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(Some(raw.to_vec())))
-    }
-    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(None))
-    }
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-}
 
 /// What a statement answered.
 #[derive(Debug, PartialEq, Eq)]
