@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardgate_tests::{connect, http_get, Cluster, Options, Raw};
+use shardgate_tests::{connect, http_get, Cluster, Options, Raw, wait_for};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -39,15 +39,6 @@ fn metric(admin_url: &str, name: &str, labels: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
-
-async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 
 /// Simple protocol: column names, text values and the row count of the tag.
 async fn simple(c: &Client, sql: &str) -> (Vec<String>, Vec<Vec<Option<String>>>, u64) {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardgate_tests::{connect, http_get, sqlstate, Cluster, Options};
+use shardgate_tests::{connect, http_get, sqlstate, Cluster, Options, wait_for};
 use tokio_postgres::SimpleQueryMessage;
 
 const FAST: &str = "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 2000\nfailure_threshold = 2\nrecovery_threshold = 2\n[fallback]\nsync_interval_ms = 300\n";
@@ -22,14 +22,6 @@ fn health(c: &Cluster) -> (u16, serde_json::Value) {
 
 fn shard_state(c: &Cluster, n: usize) -> String {
     health(c).1["shards"][n]["state"].as_str().unwrap_or_default().to_string()
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn notices_and_rows(msgs: &[SimpleQueryMessage]) -> usize {

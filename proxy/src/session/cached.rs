@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use shardgate_router::cache::{KeyArg, WriteEffect};
 
-use super::routing::{parse_bind, RoutedStmt};
+use super::routing::{parse_bind, type_oids, RoutedStmt};
 use super::{End, Flow, Session};
 use crate::cache::{Cache, Fetch, Invalidation, LoadError};
 use crate::metrics as m;
@@ -192,9 +192,7 @@ impl Session {
             return Ok(None);
         }
         let Ok(text) = std::str::from_utf8(query) else { return Ok(None) };
-        let mut r = Reader::new(param_types);
-        let n = r.i16().unwrap_or(0).max(0) as usize;
-        let types: Vec<u32> = (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect();
+        let types = type_oids(param_types);
         let a = cache.classify(text);
         // a name is reused by the client only after Close (or it is the unnamed one)
         self.cache_write_stmts.remove(name);

@@ -44,9 +44,7 @@ impl RoutedStmt {
         let d = OnceLock::new();
         let mut param_oids = Vec::new();
         if let Some(describe) = describe {
-            let mut r = Reader::new(describe.0.get(5..).unwrap_or_default());
-            let n = r.i16().unwrap_or(0).max(0) as usize;
-            param_oids = (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect();
+            param_oids = type_oids(describe.0.get(5..).unwrap_or_default());
             let _ = d.set(describe);
         }
         RoutedStmt { sql, types, analysis: Arc::new(Analysis::Passthrough(StatementClass::Read)), describe: d, cached: Some(read), param_oids }
@@ -488,9 +486,7 @@ impl Session {
             self.fail_extended(ExecError::Proxy(e.sqlstate(), e.to_string())).await?;
             return Ok(Some(Flow::Continue));
         }
-        let mut r = Reader::new(param_types);
-        let n = r.i16().unwrap_or(0).max(0) as usize;
-        let types = (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect();
+        let types = type_oids(param_types);
         self.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None, param_oids: Vec::new() }));
         put_message(&mut self.cout, b'1', |_| {});
         Ok(Some(Flow::Continue))
@@ -695,6 +691,14 @@ impl Session {
             }
         }
     }
+}
+
+/// A count (int16) followed by that many type oids (int32): the parameter
+/// types of a Parse, or the body of a ParameterDescription.
+pub(super) fn type_oids(body: &[u8]) -> Vec<u32> {
+    let mut r = Reader::new(body);
+    let n = r.i16().unwrap_or(0).max(0) as usize;
+    (0..n).filter_map(|_| r.i32().ok().map(|t| t as u32)).collect()
 }
 
 fn count_params(stmt: &RoutedStmt) -> usize {
