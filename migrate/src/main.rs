@@ -1,14 +1,20 @@
 //! `shardgate-migrate`: dual-write migration from a legacy single-table store
-//! onto the shards. The subcommands are declared here; their engine lands with
-//! the migration issue, and until then each one says so and exits with status 2.
+//! onto the shards (DESIGN.md §5). Exit codes: 0 done or nothing to do,
+//! 1 differences found or a step failed, 2 bad arguments or config,
+//! 3 refused (out of order, or another step is running).
 
 use clap::{Parser, Subcommand};
+use shardgate_config::Config;
+use shardgate_migrate::db::{connect, Stores};
+use shardgate_migrate::plan::{Phase, Step as PlanStep};
+use shardgate_migrate::state;
+use shardgate_migrate::steps::{self, backfill, gate, prepare, status, verify, Outcome};
 
 /// Move a legacy single-table `t_order` onto shardgate's shards without downtime.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// shardgate config file (legacy_db and default_db are read from it).
+    /// shardgate config file (legacy_db, default_db and the shards are read from it).
     #[arg(short, long, default_value = "shardgate.toml", global = true)]
     config: std::path::PathBuf,
     /// Show what would be done without doing it.
@@ -21,15 +27,22 @@ struct Args {
 /// The steps, in the order they must run.
 #[derive(Subcommand, Debug)]
 enum Step {
-    /// Create month tables and indexes on every shard, and the fallback table.
+    /// Create month tables and indexes on every shard, the fallback and control tables.
     Prepare,
-    /// Proxies write legacy first, then shards; reads from legacy.
+    /// Proxies write legacy first, then the shards; reads from legacy.
     DualWrite,
     /// Copy history in merchant batches, resumable and throttled.
-    Backfill,
-    /// Compare counts and checksums per merchant and month.
+    Backfill {
+        /// Rows per batch (whole merchants).
+        #[arg(long, default_value_t = 20_000)]
+        batch_rows: i64,
+        /// Copy at most this many rows per second (0 = no limit).
+        #[arg(long, default_value_t = 0)]
+        max_rows_per_sec: u64,
+    },
+    /// Compare counts and checksums per merchant and month; exit 1 on differences.
     Verify {
-        /// Make the shards equal to legacy for differing rows.
+        /// Make the secondary store equal to the primary for differing rows.
         #[arg(long)]
         repair: bool,
     },
@@ -47,6 +60,130 @@ enum Step {
 
 fn main() {
     let args = Args::parse();
-    eprintln!("shardgate-migrate: `{:?}` is not implemented yet (config {}, dry-run {}); it lands with the migration issue", args.step, args.config.display(), args.dry_run);
-    std::process::exit(2);
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shardgate-migrate: {e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shardgate-migrate: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match rt.block_on(run(args, config)) {
+        Ok(o) => o.code(),
+        Err(e) => {
+            eprintln!("shardgate-migrate: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
+    let dry = args.dry_run;
+    if let Step::Status = args.step {
+        let d = connect(&config.default_dsn(), "default_db").await?;
+        status::run(&d).await?;
+        return Ok(Outcome::Ok);
+    }
+    shardgate_migrate::db::legacy_dsn(&config)?;
+    let step = match &args.step {
+        Step::Prepare => PlanStep::Prepare,
+        Step::DualWrite => PlanStep::DualWrite,
+        Step::Backfill { .. } => PlanStep::Backfill,
+        Step::Verify { .. } => PlanStep::Verify,
+        Step::SwitchReads => PlanStep::SwitchReads,
+        Step::SwitchWrites => PlanStep::SwitchWrites,
+        Step::Finalize => PlanStep::Finalize,
+        Step::Rollback => PlanStep::Rollback,
+        Step::Status => unreachable!("handled above"),
+    };
+    let stores = Stores::open(&config).await?;
+    let d = &stores.default;
+    if !dry {
+        d.batch_execute(state::DDL).await?;
+        if !steps::lock(d, step).await? {
+            return Ok(Outcome::Refused);
+        }
+    }
+    let st = state::load(d).await?;
+    let next = match gate(step, &st) {
+        Ok(n) => n,
+        Err(o) => return Ok(o),
+    };
+    let say = |what: &str| println!("{}: {}{what}", step.command(), if dry { "would " } else { "" });
+    match args.step {
+        Step::Prepare => {
+            for line in prepare::run(&stores, config.sharding.months_ahead, dry).await? {
+                println!("{line}");
+            }
+            if !dry {
+                if st.phase == Some(Phase::RolledBack) {
+                    // starting over: the shards may be stale, everything is copied and verified again
+                    d.execute(
+                        "UPDATE shardgate_migration SET backfill_checkpoint = NULL, backfill_done = false, backfill_rows = 0, backfill_total = NULL, \
+                         backfill_finished_at = NULL, verify_at = NULL, verify_rows = NULL, verify_differences = NULL WHERE id = 1",
+                        &[],
+                    )
+                    .await?;
+                }
+                if st.phase != Some(Phase::Prepared) {
+                    steps::change_phase(d, &st, Phase::Prepared).await?;
+                }
+            }
+        }
+        Step::Backfill { batch_rows, max_rows_per_sec } => {
+            let s = backfill::run(&stores, backfill::Options { batch_rows, max_rows_per_sec, dry_run: dry }).await?;
+            if !dry {
+                println!(
+                    "backfill: read {} legacy rows in {} batch(es), inserted {} on the shards, {:.2} s ({:.0} rows/s){}",
+                    s.rows_read,
+                    s.batches,
+                    s.rows_inserted,
+                    s.seconds,
+                    s.rows_read as f64 / s.seconds.max(1e-9),
+                    if s.finished { "; every merchant copied — run `verify` next" } else { "" }
+                );
+            }
+        }
+        Step::Verify { repair } => {
+            let left = verify::run(&stores, st.effective_phase(), repair, dry).await?;
+            if left > 0 {
+                eprintln!("verify: {left} difference(s){}", if repair { " remain after the repair; run verify --repair again" } else { "; run `verify --repair` to make the secondary equal to the primary" });
+                return Ok(Outcome::Differences);
+            }
+        }
+        Step::Rollback => {
+            if st.phase == Some(Phase::ShardWrites) {
+                // legacy must hold every write the shards took: apply what the outbox still owes it
+                let owed = shardgate_migrate::sync::drain_outbox(&stores, shardgate_migrate::Store::Legacy, dry).await?;
+                if owed > 0 && !dry {
+                    eprintln!("rollback: refused: {owed} write(s) could not be brought to legacy yet; fix the cause (see `status`) and run rollback again");
+                    return Ok(Outcome::Differences);
+                }
+            }
+            if let Some(to) = next {
+                if dry {
+                    say(&format!("move the phase from {} to {to}", st.effective_phase()));
+                } else {
+                    steps::change_phase(d, &st, to).await?;
+                }
+            }
+        }
+        _ => {
+            if let Some(to) = next {
+                if dry {
+                    say(&format!("move the phase from {} to {to}", st.effective_phase()));
+                } else {
+                    steps::change_phase(d, &st, to).await?;
+                }
+            }
+        }
+    }
+    Ok(Outcome::Ok)
 }

@@ -32,6 +32,27 @@ impl TableRule {
     pub fn create_month_table_sql(&self, month: MonthKey) -> String {
         format!("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING ALL)", self.physical(month), self.name)
     }
+
+    /// The fallback table on `db_default` (rows for a down shard).
+    pub fn fallback_table(&self) -> String {
+        format!("{}_fallback", self.name)
+    }
+
+    /// DDL of the fallback table and its indexes (needs the template table); idempotent.
+    pub fn create_fallback_table_sql(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (LIKE {name} INCLUDING DEFAULTS INCLUDING CONSTRAINTS, \
+             target_db text NOT NULL, target_table text NOT NULL, \
+             sync_status text NOT NULL DEFAULT 'PENDING' CHECK (sync_status IN ('PENDING', 'SYNCED', 'FAILED')), \
+             sync_attempts int NOT NULL DEFAULT 0, last_error text, next_attempt_at timestamptz, \
+             created_at timestamptz NOT NULL DEFAULT now(), synced_at timestamptz, PRIMARY KEY ({id})); \
+             CREATE INDEX IF NOT EXISTS {t}_todo ON {t} (target_db, id) WHERE sync_status <> 'SYNCED'; \
+             CREATE INDEX IF NOT EXISTS {t}_synced ON {t} (synced_at) WHERE sync_status = 'SYNCED'",
+            t = self.fallback_table(),
+            name = self.name,
+            id = self.id_column
+        )
+    }
 }
 
 /// Everything static the router needs.

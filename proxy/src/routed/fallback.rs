@@ -82,7 +82,7 @@ impl Fallback {
 }
 
 fn table(rule: &TableRule) -> String {
-    format!("{}_fallback", rule.name)
+    rule.fallback_table()
 }
 
 /// Read/update view of one shard-month's unsynced rows.
@@ -100,17 +100,7 @@ pub async fn prepare(engine: &Engine) -> anyhow::Result<()> {
     let mut conn = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
     for rule in &engine.topology().tables {
         let t = table(rule);
-        let ddl = format!(
-            "CREATE TABLE IF NOT EXISTS {t} (LIKE {name} INCLUDING DEFAULTS INCLUDING CONSTRAINTS, \
-             target_db text NOT NULL, target_table text NOT NULL, \
-             sync_status text NOT NULL DEFAULT 'PENDING' CHECK (sync_status IN ('PENDING', 'SYNCED', 'FAILED')), \
-             sync_attempts int NOT NULL DEFAULT 0, last_error text, next_attempt_at timestamptz, \
-             created_at timestamptz NOT NULL DEFAULT now(), synced_at timestamptz, PRIMARY KEY ({id})); \
-             CREATE INDEX IF NOT EXISTS {t}_todo ON {t} (target_db, id) WHERE sync_status <> 'SYNCED'; \
-             CREATE INDEX IF NOT EXISTS {t}_synced ON {t} (synced_at) WHERE sync_status = 'SYNCED'",
-            name = rule.name,
-            id = rule.id_column
-        );
+        let ddl = rule.create_fallback_table_sql();
         wire::control(&mut conn, &ddl).await?.map_err(|e| anyhow::anyhow!("creating {t}: SQLSTATE {} (does {} exist in db_default?)", e.code, rule.name))?;
         let cols = wire::control(
             &mut conn,
