@@ -186,6 +186,9 @@ impl Config {
         if self.cache.redis_pool_size == 0 || self.cache.redis_timeout_ms == 0 || self.cache.bloom_refresh_ms == 0 {
             return Err(ConfigError::invalid("cache", "redis_pool_size, redis_timeout_ms and bloom_refresh_ms must be at least 1"));
         }
+        if self.migration.poll_interval_ms == 0 || self.migration.poll_interval_ms > 1_000 {
+            return Err(ConfigError::invalid("migration.poll_interval_ms", "must be 1..=1000 (proxies follow a phase change within a second)"));
+        }
         let mut seen = std::collections::HashSet::new();
         for t in &self.cache.tables {
             let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');

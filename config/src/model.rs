@@ -45,6 +45,26 @@ pub struct Config {
     /// Merchant-info cache settings.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// How proxies follow a migration from `legacy_db` (shardgate-migrate).
+    #[serde(default)]
+    pub migration: MigrationConfig,
+}
+
+/// Migration settings of the proxy (the CLI's own options are flags).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    /// How often the proxy reads the migration phase from `db_default`.
+    pub poll_interval_ms: u64,
+    /// How often failed secondary writes (the outbox) are retried; 0 = never
+    /// (only `shardgate-migrate verify --repair` closes them).
+    pub outbox_retry_interval_ms: u64,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig { poll_interval_ms: 250, outbox_retry_interval_ms: 2_000 }
+    }
 }
 
 /// Client-facing server settings.

@@ -161,7 +161,7 @@ async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
         Step::Rollback => {
             if st.phase == Some(Phase::ShardWrites) {
                 // legacy must hold every write the shards took: apply what the outbox still owes it
-                let owed = shardgate_migrate::sync::drain_outbox(&stores, shardgate_migrate::Store::Legacy, dry).await?;
+                let owed = shardgate_migrate::sync::drain_outbox(&stores, shardgate_migrate::Store::Legacy, true, dry).await?;
                 if owed > 0 && !dry {
                     eprintln!("rollback: refused: {owed} write(s) could not be brought to legacy yet; fix the cause (see `status`) and run rollback again");
                     return Ok(Outcome::Differences);

@@ -437,9 +437,10 @@ pub fn render(report: &Report, primary: Store) -> String {
 
 /// Applies what the outbox owes `target`: each distinct scope is compared and
 /// repaired once (primary → `target`); returns the entries still pending.
-pub async fn drain_outbox(stores: &Stores, target: Store, dry_run: bool) -> anyhow::Result<usize> {
+/// `all` ignores the entries' backoff.
+pub async fn drain_outbox(stores: &Stores, target: Store, all: bool, dry_run: bool) -> anyhow::Result<usize> {
     let d = &stores.default;
-    let entries: Vec<_> = crate::state::due_outbox(d, 10_000, true).await?.into_iter().filter(|e| e.target == target).collect();
+    let entries: Vec<_> = crate::state::due_outbox(d, 10_000, all).await?.into_iter().filter(|e| e.target == target).collect();
     if dry_run {
         println!("would apply {} outbox entr(ies) owed to {}", entries.len(), target.name());
         return Ok(0);

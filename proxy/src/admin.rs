@@ -70,6 +70,7 @@ async fn health(State(s): State<AdminState>) -> impl IntoResponse {
         "shards": shards,
         "default": record(s.shared.config.default_dsn().dbname, &e.default_health),
         "cache": s.shared.cache.status(),
+        "migration": e.migration.status_json(),
     });
     let code = if all_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, [("content-type", "application/json")], body.to_string())

@@ -107,6 +107,12 @@ async fn start_background(shared: &Arc<server::Shared>) {
     }
     tokio::spawn(routed::fallback::run(engine.clone(), shared.config.fallback.clone(), shared.shutdown.clone()));
     shared.cache.start(shared.shutdown.clone());
+    // the migration phase (only while legacy_db is configured) and the outbox retrier
+    if shared.engine.migration.enabled {
+        let config = Arc::new(shared.config.clone());
+        tokio::spawn(routed::migration::watch(shared.engine.clone(), config.clone(), shared.shutdown.clone()));
+        tokio::spawn(routed::migration::retry_outbox(shared.engine.clone(), config, shared.shutdown.clone()));
+    }
     // health probes
     let engine = shared.engine.clone();
     let mut stop = shared.shutdown.clone();

@@ -52,6 +52,12 @@ pub const FALLBACK_SYNCED_TOTAL: &str = "shardgate_fallback_synced_total";
 
 /// Cache lookups answered, label `level` = bloom | l1 | l2 | db (counter).
 pub const CACHE_HITS: &str = "shardgate_cache_hits_total";
+/// Migration phase this proxy follows (index: legacy, prepared, dual_write, shard_reads, shard_writes, finalized, rolled_back).
+pub const MIGRATION_PHASE: &str = "shardgate_migration_phase";
+/// Secondary writes that failed and went to the outbox, by `target` store.
+pub const MIGRATION_OUTBOX_TOTAL: &str = "shardgate_migration_outbox_total";
+/// Outbox entries not applied yet.
+pub const MIGRATION_OUTBOX_PENDING: &str = "shardgate_migration_outbox_pending";
 /// Cache lookups a level could not answer, label `level` = l1 | l2 (counter).
 pub const CACHE_MISSES: &str = "shardgate_cache_misses_total";
 /// Point reads that skipped the cache, label `reason` (counter).

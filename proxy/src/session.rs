@@ -36,6 +36,7 @@ use crate::server::Shared;
 
 mod admin_sql;
 mod cached;
+mod migrating;
 mod routing;
 
 /// Largest startup packet accepted (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).
@@ -409,6 +410,8 @@ struct Session {
     max_message: usize,
     /// Shard connections held (inside a transaction block, or during one statement).
     slots: crate::routed::exec::Slots,
+    /// Secondary writes of the open block, run at COMMIT (migration dual-write).
+    secondaries: Vec<migrating::Secondary>,
     /// The client's prepared statements on sharded tables (answered by the proxy).
     routed_stmts: HashMap<Vec<u8>, Arc<routing::RoutedStmt>>,
     /// Portals bound to those statements.
@@ -466,6 +469,7 @@ impl Session {
             copy_in: None,
             max_message,
             slots: Vec::new(),
+            secondaries: Vec::new(),
             routed_stmts: HashMap::new(),
             routed_portals: HashMap::new(),
             begin_sql: None,

@@ -518,6 +518,7 @@ impl SelectAnalysis {
                 targets: vec![Target { shard, months, sql, params: None }],
                 merge: None,
                 generated_ids: Vec::new(),
+                logical: None,
                 row_targets: Vec::new(),
             })));
         }
@@ -536,7 +537,7 @@ impl SelectAnalysis {
         let mut spec = sc.spec.clone();
         spec.limit = limit;
         spec.offset = offset;
-        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new(), row_targets: Vec::new() })))
+        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new(), row_targets: Vec::new(), logical: None })))
     }
 }
 
@@ -551,7 +552,7 @@ impl WriteAnalysis {
                 Target { shard, months, sql, params: None }
             })
             .collect();
-        Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new(), row_targets: Vec::new() })))
+        Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new(), row_targets: Vec::new(), logical: None })))
     }
 }
 
@@ -643,6 +644,7 @@ impl InsertAnalysis {
         };
         // which target each VALUES row went to (so RETURNING rows can be put back in row order)
         let row_targets = if targets.len() > 1 { keys.iter().map(|k| order.iter().position(|o| o == k).unwrap_or(0)).collect() } else { Vec::new() };
-        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids, row_targets })))
+        let logical = Some(self.template.render(&rule.name, None, &id_text, &time_text));
+        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids, row_targets, logical })))
     }
 }

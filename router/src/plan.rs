@@ -65,6 +65,10 @@ pub struct Routed {
     /// each VALUES row, in row order (RETURNING rows are put back in this
     /// order); empty otherwise.
     pub row_targets: Vec<usize>,
+    /// For an INSERT: the statement for one unsharded table that holds every
+    /// row (the legacy store during a migration): the client's text with the
+    /// ids and times this plan generated. `None`: the client's text as is.
+    pub logical: Option<String>,
 }
 
 /// One statement on one shard.

@@ -123,14 +123,16 @@ pub struct Request<'a> {
 pub struct Out<'a> {
     /// Bytes queued for the client.
     pub buf: &'a mut BytesMut,
-    /// The client socket.
-    pub client: &'a TcpStream,
+    /// The client socket; `None` discards the answer (a secondary write).
+    pub client: Option<&'a TcpStream>,
 }
 
 impl Out<'_> {
     async fn maybe_flush(&mut self) -> Result<(), ExecError> {
         if self.buf.len() >= 64 * 1024 {
-            crate::session::write_all(self.client, self.buf).await.map_err(ExecError::ClientIo)?;
+            if let Some(c) = self.client {
+                crate::session::write_all(c, self.buf).await.map_err(ExecError::ClientIo)?;
+            }
             self.buf.clear();
         }
         Ok(())
@@ -152,9 +154,9 @@ pub async fn hold(
     tx: Option<&str>,
     param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> String + Sync),
 ) -> Result<(), ExecError> {
-    // one slot per shard, then one for db_default (fallback rows)
-    if slots.len() < engine.shards.len() + 1 {
-        slots.resize_with(engine.shards.len() + 1, || None);
+    // one slot per shard, then one for db_default (fallback rows), then legacy
+    if slots.len() < engine.shards.len() + 2 {
+        slots.resize_with(engine.shards.len() + 2, || None);
     }
     if slots[shard].is_none() {
         let t0 = Instant::now();
@@ -166,6 +168,10 @@ pub async fn hold(
             Ok(c) => c,
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
                 return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to shard db_{shard}")))
+            }
+            Err(e) if shard == engine.legacy_slot() => {
+                tracing::warn!(error = %e, "legacy_db unavailable");
+                return Err(ExecError::Proxy("08006", "legacy_db is unavailable (t_order lives there during this migration phase)".into()));
             }
             Err(e) if shard == engine.shards.len() => {
                 tracing::warn!(error = %e, "db_default unavailable for fallback rows");
@@ -290,6 +296,16 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
             Err(ExecError::Unreachable(s)) => return Err(ExecError::Proxy("08006", format!("shard db_{s} is unavailable"))),
             other => return other,
         }
+    }
+}
+
+/// Runs `req` on exactly the targets it names — no redirection to the
+/// fallback table (the legacy store, and secondary writes during a migration,
+/// whose failures go to the outbox instead).
+pub async fn execute_direct(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>) -> Result<(), ExecError> {
+    match execute_plan(engine, slots, req, out).await {
+        Err(ExecError::Unreachable(s)) => Err(ExecError::Proxy("08006", format!("shard db_{s} is unavailable"))),
+        other => other,
     }
 }
 

@@ -14,6 +14,7 @@ pub mod exec;
 pub mod fallback;
 pub mod health;
 pub mod merge;
+pub mod migration;
 pub mod months;
 pub mod twopc;
 pub mod value;
@@ -69,6 +70,10 @@ pub struct Engine {
     pub policy_fail: bool,
     /// Rows per sync-back batch.
     pub sync_batch: u32,
+    /// The legacy store while migrating (`legacy_db`).
+    pub legacy: Option<Pool>,
+    /// The migration phase this proxy follows.
+    pub migration: migration::Migration,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -128,6 +133,12 @@ impl Engine {
             probe_conns: (0..=config.shards.len()).map(|_| tokio::sync::Mutex::new(None)).collect(),
             policy_fail: config.fallback.policy == shardgate_config::FallbackPolicy::Fail,
             sync_batch: config.fallback.batch_size.max(1),
+            legacy: config
+                .legacy_db
+                .as_ref()
+                .and_then(|l| shardgate_config::Dsn::parse(&l.dsn).ok())
+                .map(|dsn| pool::build(dsn, p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms))),
+            migration: migration::Migration::new(config),
         })
     }
 
@@ -170,9 +181,19 @@ impl Engine {
         self.topology().tables.iter().any(|t| contains_ignore_case(sql, t.name.as_bytes()))
     }
 
-    /// The pool of a slot: shards by number, then `db_default` (fallback rows).
+    /// The pool of a slot: shards by number, then `db_default` (fallback rows),
+    /// then the legacy store.
     pub fn pool(&self, slot: usize) -> &Pool {
-        self.shards.get(slot).unwrap_or(&self.default)
+        match (self.shards.get(slot), &self.legacy) {
+            (Some(p), _) => p,
+            (None, Some(l)) if slot == self.legacy_slot() => l,
+            _ => &self.default,
+        }
+    }
+
+    /// Slot number of the legacy store.
+    pub fn legacy_slot(&self) -> usize {
+        self.shards.len() + 1
     }
 
     /// A shard is taken out of use (its writes go to the fallback table).

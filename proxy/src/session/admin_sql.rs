@@ -1,6 +1,6 @@
 //! Admin commands on the Postgres port, for users with `admin = true`, in
 //! pgbouncer's style: `SHOW SHARDS`, `SHOW POOLS`, `SHOW CLIENTS`,
-//! `SHOW MONTHS`, `SHOW FALLBACK`. Answered by the proxy; other users' SHOW goes to the server.
+//! `SHOW MONTHS`, `SHOW FALLBACK`, `SHOW MIGRATION`. Answered by the proxy; other users' SHOW goes to the server.
 
 use bytes::BytesMut;
 
@@ -53,7 +53,7 @@ impl Session {
         let ["show", what] = words.as_slice() else {
             return Ok(false);
         };
-        if !matches!(*what, "shards" | "pools" | "clients" | "months" | "fallback") {
+        if !matches!(*what, "shards" | "pools" | "clients" | "months" | "fallback" | "migration") {
             return Ok(false);
         }
         self.barrier().await?;
@@ -129,6 +129,27 @@ impl Session {
                     })
                     .collect();
                 put_table(&mut out, &["database", "state", "pending_rows", "failed_rows", "last_sync"], &rows);
+            }
+            "migration" => {
+                let m = &engine.migration;
+                let st = m.status();
+                let phase = if m.enabled { m.phase().map_or("unknown", |p| p.name()).to_string() } else { "none (no legacy_db configured)".into() };
+                let opt = |v: Option<i64>| v.map(|x| x.to_string()).unwrap_or_default();
+                let row = vec![
+                    phase,
+                    opt(st.as_ref().map(|s| s.backfill_rows)),
+                    opt(st.as_ref().and_then(|s| s.backfill_total)),
+                    st.as_ref().map(|s| s.backfill_done.to_string()).unwrap_or_default(),
+                    opt(st.as_ref().map(|s| s.outbox_pending)),
+                    st.as_ref().and_then(|s| s.verify_at.clone()).unwrap_or_default(),
+                    opt(st.as_ref().and_then(|s| s.verify_differences)),
+                    m.proxy_id.clone(),
+                ];
+                put_table(
+                    &mut out,
+                    &["phase", "backfill_rows", "backfill_total", "backfill_done", "outbox_pending", "last_verify_at", "last_verify_differences", "proxy"],
+                    &[row],
+                );
             }
             _ => return Ok(false),
         }

@@ -169,7 +169,7 @@ impl Session {
             _ => {
                 self.barrier().await?;
                 let bound = Bound::default();
-                match self.run_routed(&analysis, &bound, true, None).await? {
+                match self.run_routed(&analysis, text, &bound, true, None).await? {
                     Ok(()) => {
                         let status = self.logical_status();
                         msg::ready_for_query(&mut self.cout, status);
@@ -195,7 +195,7 @@ impl Session {
     }
 
     /// Plans and runs a routed statement; rows and tag go to the client buffer.
-    async fn run_routed(&mut self, analysis: &Analysis, bound: &Bound, simple: bool, visible: Option<usize>) -> Result<Result<(), ExecError>, End> {
+    async fn run_routed(&mut self, analysis: &Analysis, sql: &str, bound: &Bound, simple: bool, visible: Option<usize>) -> Result<Result<(), ExecError>, End> {
         if self.server.is_some() && self.tx_status == b'E' {
             return Ok(Err(ExecError::Proxy("25P02", "current transaction is aborted, commands ignored until end of transaction block".into())));
         }
@@ -213,12 +213,15 @@ impl Session {
             let ms: Vec<_> = plan.targets.iter().flat_map(|t| t.months.iter().copied()).collect();
             months::ensure(&engine, &ms).await;
         }
+        if engine.migration.enabled {
+            return self.run_migrating(&plan, sql, bound, simple, visible).await;
+        }
         let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
         let in_tx = self.in_tx_block();
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let req = Request { routed: &plan, bound, simple, visible, tx: in_tx.then_some(begin.as_str()), param_sets: &sets, down_targets: &[], serial: false };
-        let mut out = Out { buf: &mut self.cout, client: &self.client };
+        let mut out = Out { buf: &mut self.cout, client: Some(&self.client) };
         let r = exec::execute(&engine, &mut self.slots, &req, &mut out).await;
         match r {
             Err(ExecError::ClientIo(e)) => Err(End::ClientIo(e)),
@@ -264,6 +267,7 @@ impl Session {
 
     /// ROLLBACK (or COMMIT of an aborted block) on every shard of the block.
     async fn rollback_shard_part(&mut self) {
+        self.secondaries.clear();
         let in_tx = self.shards_in_block();
         twopc::rollback(&mut self.slots, &in_tx).await;
         exec::release(&mut self.slots);
@@ -274,6 +278,8 @@ impl Session {
     /// (two-phase commit) and `Some((gid, written))` says the decision is still to
     /// be made. On an error every shard is rolled back and released.
     async fn commit_shard_part(&mut self) -> Result<Option<(String, Vec<usize>)>, ExecError> {
+        // a migration's queued secondary writes go first, while the primary's locks are held
+        self.flush_secondaries().await;
         let in_tx = self.shards_in_block();
         let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
         if written.len() <= 1 {
@@ -575,7 +581,14 @@ impl Session {
         let engine = self.shared.engine.clone();
         let mut last = ExecError::Proxy("08006", "no shard is available to describe the statement".into());
         // a cached point read is described by db_default, where its table lives
-        let pools = if stmt.cached.is_some() { std::slice::from_ref(engine.pool(engine.shards.len())) } else { &engine.shards[..] };
+        let legacy_first = engine.migration.phase().is_some_and(|p| p.reads_legacy()) && engine.legacy.is_some();
+        let pools: Vec<&crate::backend::Pool> = if stmt.cached.is_some() {
+            vec![engine.pool(engine.shards.len())]
+        } else if legacy_first {
+            std::iter::once(engine.pool(engine.legacy_slot())).chain(engine.shards.iter()).collect()
+        } else {
+            engine.shards.iter().collect()
+        };
         for pool in pools {
             let Ok(mut conn) = pool.get().await else { continue };
             let mut buf = BytesMut::new();
@@ -652,7 +665,7 @@ impl Session {
         } else {
             None
         };
-        match self.run_routed(&stmt.analysis, &bound, false, visible).await? {
+        match self.run_routed(&stmt.analysis, &stmt.sql, &bound, false, visible).await? {
             Ok(()) => {}
             Err(e) => self.fail_extended(e).await?,
         }
@@ -683,6 +696,7 @@ impl Session {
     /// server rolls back).
     pub(super) fn drop_orphaned_shard_tx(&mut self) {
         if self.tx_status == b'I' && self.shards_in_tx() {
+            self.secondaries.clear();
             tracing::warn!("transaction ended on db_default without COMMIT/ROLLBACK through shardgate; rolling back shard work");
             for slot in self.slots.iter_mut() {
                 if let Some(mut s) = slot.take() {

@@ -1,0 +1,224 @@
+//! Statements on the sharded table while a migration from `legacy_db` runs
+//! (DESIGN.md §5); the phase says where reads go and which store is written
+//! first.
+//!
+//! - Legacy primary (`dual_write`, `shard_reads`), outside a transaction
+//!   block: the statement runs on legacy inside a transaction that stays open
+//!   while the same statement (same generated ids and times) runs on the
+//!   shards; then legacy commits. A backfill batch or a repair that locks
+//!   those legacy rows therefore never sees a write that is on one store
+//!   only. A failed shard write goes to the outbox and the client still gets
+//!   legacy's answer.
+//! - Shards primary (`shard_writes`): the shards answer, then legacy is
+//!   written; its failures go to the outbox.
+//! - Inside a transaction block the primary joins the block and the
+//!   secondary writes are queued; they run at COMMIT, before the primary
+//!   commits (dropped at ROLLBACK).
+
+use bytes::BytesMut;
+use shardgate_migrate::{Store, Writes};
+use shardgate_router::keys::ShardId;
+use shardgate_router::{Routed, RoutedKind, Target};
+
+use super::{End, Session};
+use crate::routed::exec::{self, Bound, ExecError, Out, Request};
+use crate::routed::{twopc, wire};
+
+/// A write the secondary store still has to get (queued inside a block).
+pub(super) struct Secondary {
+    plan: Box<Routed>,
+    bound: Bound,
+    target: Store,
+    sql: String,
+}
+
+/// The statement for legacy: the client's text, with generated ids for an INSERT.
+fn legacy_sql(plan: &Routed, sql: &str) -> String {
+    plan.logical.clone().unwrap_or_else(|| sql.to_string())
+}
+
+/// Keys of a write for the outbox: the shards and months its plan touches.
+fn keys(plan: &Routed) -> (Vec<i32>, Vec<String>) {
+    let mut shards: Vec<i32> = plan.targets.iter().map(|t| i32::from(t.shard.0)).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    // a target without months reads every month
+    let every = plan.targets.iter().any(|t| t.months.is_empty());
+    let mut months: Vec<String> = if every { Vec::new() } else { plan.targets.iter().flat_map(|t| t.months.iter().map(|m| m.suffix())).collect() };
+    months.sort();
+    months.dedup();
+    (shards, months)
+}
+
+impl Session {
+    /// A plan on one legacy target.
+    fn legacy_plan(&self, plan: &Routed, sql: &str) -> Routed {
+        let slot = self.shared.engine.legacy_slot();
+        Routed {
+            kind: plan.kind,
+            table: plan.table.clone(),
+            targets: vec![Target { shard: ShardId(slot as u8), months: Vec::new(), sql: legacy_sql(plan, sql), params: None }],
+            merge: None,
+            generated_ids: plan.generated_ids.clone(),
+            row_targets: Vec::new(),
+            logical: None,
+        }
+    }
+
+    /// Runs `routed` to the client (or, `to_client` false, discarding the answer).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_plan(
+        &mut self,
+        routed: &Routed,
+        bound: &Bound,
+        simple: bool,
+        visible: Option<usize>,
+        tx: Option<&str>,
+        to_client: bool,
+        direct: bool,
+    ) -> Result<Result<(), ExecError>, End> {
+        let engine = self.shared.engine.clone();
+        let desired = self.desired.clone();
+        let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
+        let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, down_targets: &[], serial: false };
+        let mut scratch = BytesMut::new();
+        let mut out = if to_client { Out { buf: &mut self.cout, client: Some(&self.client) } } else { Out { buf: &mut scratch, client: None } };
+        let r = if direct { exec::execute_direct(&engine, &mut self.slots, &req, &mut out).await } else { exec::execute(&engine, &mut self.slots, &req, &mut out).await };
+        match r {
+            Err(ExecError::ClientIo(e)) => Err(End::ClientIo(e)),
+            other => Ok(other),
+        }
+    }
+
+    /// Commits (or rolls back) the legacy transaction a dual-write opened.
+    async fn end_legacy_tx(&mut self, commit: bool) -> Result<(), ExecError> {
+        let slot = self.shared.engine.legacy_slot();
+        let r = match self.slots.get_mut(slot).and_then(Option::as_mut) {
+            Some(s) if commit => match wire::control(&mut s.conn, "COMMIT").await {
+                Ok(Ok(_)) => {
+                    s.in_tx = false;
+                    Ok(())
+                }
+                Ok(Err(e)) => {
+                    s.in_tx = false;
+                    Err(ExecError::Server(e))
+                }
+                Err(_) => {
+                    s.conn.broken = true;
+                    Err(ExecError::Proxy("08006", "lost the connection to legacy_db while committing; the write's outcome is unknown".into()))
+                }
+            },
+            Some(_) => {
+                twopc::rollback(&mut self.slots, &[slot]).await;
+                Ok(())
+            }
+            None => Ok(()),
+        };
+        exec::release(&mut self.slots);
+        r
+    }
+
+    /// Writes the secondary store; a failure goes to the outbox.
+    async fn apply_secondary(&mut self, plan: &Routed, sql: &str, bound: &Bound, target: Store) {
+        let routed = match target {
+            Store::Shards => plan.clone(),
+            Store::Legacy => self.legacy_plan(plan, sql),
+        };
+        // the answer is thrown away: text results, no Describe needed
+        let b = Bound { result_formats: Vec::new(), ..bound.clone() };
+        let r = match self.run_plan(&routed, &b, true, None, None, false, true).await {
+            Ok(r) => r,
+            Err(_) => Err(ExecError::Proxy("08006", "client went away".into())),
+        };
+        if let Err(e) = r {
+            let (shards, months) = keys(plan);
+            let text = routed.targets.first().map(|t| t.sql.as_str()).unwrap_or(sql);
+            self.shared.engine.migration.record_outbox(target, text, &shards, &months, &describe(&e)).await;
+        }
+    }
+
+    /// Runs the queued secondary writes of a block (at COMMIT, before the primary commits).
+    pub(super) async fn flush_secondaries(&mut self) {
+        for s in std::mem::take(&mut self.secondaries) {
+            self.apply_secondary(&s.plan, &s.sql, &s.bound, s.target).await;
+        }
+    }
+
+    /// Runs a planned statement as the migration phase says.
+    pub(super) async fn run_migrating(
+        &mut self,
+        plan: &Routed,
+        sql: &str,
+        bound: &Bound,
+        simple: bool,
+        visible: Option<usize>,
+    ) -> Result<Result<(), ExecError>, End> {
+        let engine = self.shared.engine.clone();
+        let _gate = engine.migration.gate.read().await;
+        let Some(phase) = engine.migration.phase() else {
+            return Ok(Err(ExecError::Proxy("57P03", "the migration phase is not known yet (db_default unreachable?); retry shortly".into())));
+        };
+        let in_block = self.in_tx_block();
+        let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
+        let block_tx = in_block.then_some(begin.as_str());
+        let legacy = self.legacy_plan(plan, sql);
+        if plan.kind == RoutedKind::Select {
+            return if phase.reads_legacy() {
+                self.run_plan(&legacy, bound, simple, visible, block_tx, true, true).await
+            } else {
+                self.run_plan(plan, bound, simple, visible, block_tx, true, false).await
+            };
+        }
+        match phase.writes() {
+            Writes::LegacyOnly => self.run_plan(&legacy, bound, simple, visible, block_tx, true, true).await,
+            Writes::ShardsOnly => self.run_plan(plan, bound, simple, visible, block_tx, true, false).await,
+            Writes::LegacyThenShards | Writes::ShardsThenLegacy if in_block => {
+                let (primary, target, direct) = match phase.writes() {
+                    Writes::LegacyThenShards => (&legacy, Store::Shards, true),
+                    _ => (plan, Store::Legacy, false),
+                };
+                let r = self.run_plan(primary, bound, simple, visible, block_tx, true, direct).await?;
+                if r.is_ok() {
+                    self.secondaries.push(Secondary { plan: Box::new(plan.clone()), bound: bound.clone(), target, sql: sql.to_string() });
+                }
+                Ok(r)
+            }
+            Writes::LegacyThenShards => {
+                // legacy's transaction stays open until the shards have the write
+                let r = self.run_plan(&legacy, bound, simple, visible, Some("BEGIN"), true, true).await?;
+                if let Err(e) = r {
+                    let _ = self.end_legacy_tx(false).await;
+                    return Ok(Err(e));
+                }
+                self.apply_secondary(plan, sql, bound, Store::Shards).await;
+                match self.end_legacy_tx(true).await {
+                    Ok(()) => Ok(Ok(())),
+                    Err(e) => {
+                        // the shards may hold a write legacy does not: compare them again
+                        let (shards, months) = keys(plan);
+                        engine.migration.record_outbox(Store::Shards, sql, &shards, &months, &format!("legacy commit failed: {}", describe(&e))).await;
+                        Ok(Err(e))
+                    }
+                }
+            }
+            Writes::ShardsThenLegacy => {
+                let r = self.run_plan(plan, bound, simple, visible, None, true, false).await?;
+                if r.is_ok() {
+                    self.apply_secondary(plan, sql, bound, Store::Legacy).await;
+                }
+                Ok(r)
+            }
+        }
+    }
+}
+
+/// An error, short, for the outbox.
+fn describe(e: &ExecError) -> String {
+    match e {
+        ExecError::Server(s) => format!("SQLSTATE {}: {}", s.code, crate::protocol::backend::parse_error_fields(&s.raw[5..]).message),
+        ExecError::Proxy(code, m) => format!("SQLSTATE {code}: {m}"),
+        ExecError::Unreachable(s) => format!("shard db_{s} unreachable"),
+        ExecError::CatchUp(s) => format!("shard db_{s} catching up"),
+        ExecError::ClientIo(e) => format!("client I/O: {e}"),
+    }
+}
