@@ -116,6 +116,22 @@ async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
         Ok(n) => n,
         Err(o) => return Ok(o),
     };
+    if step == PlanStep::Prepare {
+        // legacy ids must never be decoded as snowflake ids by the router
+        let max_id: Option<i64> = stores
+            .legacy
+            .query_one(&format!("SELECT max({}) FROM {}", stores.layout.rule.id_column, stores.layout.rule.name), &[])
+            .await?
+            .get(0);
+        if let Some(m) = max_id.filter(|m| *m > config.ids.legacy_id_max) {
+            eprintln!(
+                "prepare: refused: the largest legacy {} is {m} but ids.legacy_id_max is {}; set ids.legacy_id_max = {m} (or more) in the config \
+                 of every proxy so lookups by legacy ids go to every shard instead of being decoded as shardgate ids",
+                stores.layout.rule.id_column, config.ids.legacy_id_max
+            );
+            return Ok(Outcome::Refused);
+        }
+    }
     let say = |what: &str| println!("{}: {}{what}", step.command(), if dry { "would " } else { "" });
     match args.step {
         Step::Prepare => {

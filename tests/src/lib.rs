@@ -285,11 +285,13 @@ pub struct Options {
     pub pool_toml: String,
     /// Extra TOML appended at the end (whole sections).
     pub extra_toml: String,
+    /// Configure `[legacy_db]` (the proxy then follows a migration from it).
+    pub legacy: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { all_clusters: true, redis: true, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: String::new() }
+        Options { all_clusters: true, redis: true, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: String::new(), legacy: false }
     }
 }
 
@@ -309,18 +311,27 @@ pub fn shardgate_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SHARDGATE_BIN") {
         return Ok(PathBuf::from(p));
     }
+    built_bin("shardgate")
+}
+
+/// Path of the `shardgate-migrate` binary (the same rules as [`shardgate_bin`]).
+pub fn migrate_bin() -> Result<PathBuf> {
+    built_bin("shardgate-migrate")
+}
+
+fn built_bin(name: &str) -> Result<PathBuf> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../target"));
     let newest = ["release", "debug"]
         .iter()
         .filter(|profile| std::env::var("SHARDGATE_PROFILE").map_or(true, |want| want == **profile))
-        .map(|profile| target.join(profile).join("shardgate"))
+        .map(|profile| target.join(profile).join(name))
         .filter_map(|p| fs::metadata(&p).and_then(|m| m.modified()).ok().map(|t| (t, p)))
         .max_by_key(|(t, _)| *t);
     if let Some((_, p)) = newest {
         return Ok(p);
     }
-    bail!("shardgate binary not found under {}; run `cargo build --bins` first (make test does)", target.display())
+    bail!("{name} binary not found under {}; run `cargo build --bins` first (make test does)", target.display())
 }
 
 impl Cluster {
@@ -345,6 +356,8 @@ impl Cluster {
             // the order schema: every shard holds the template its month tables are made from;
             // db_default holds it too, empty, so catalog lookups (psql \d t_order) describe it
             main.psql("db_default", schema::T_ORDER_TEMPLATE)?;
+            // the legacy single-table store starts with the same table, empty
+            main.psql("legacy", schema::T_ORDER_TEMPLATE)?;
             s0.psql("db_0", schema::T_ORDER_TEMPLATE)?;
             for i in 1..8 {
                 rest.psql(&format!("db_{i}"), schema::T_ORDER_TEMPLATE)?;
@@ -462,6 +475,25 @@ impl Cluster {
         Ok(())
     }
 
+    /// Runs `shardgate-migrate <args>` with this system's config; returns its output.
+    pub fn migrate(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(migrate_bin()?).arg("--config").arg(self.config_path()).args(args).stdin(Stdio::null()).output().context("running shardgate-migrate")
+    }
+
+    /// Starts `shardgate-migrate <args>` without waiting (stdout and stderr to `log`).
+    pub fn migrate_spawn(&self, args: &[&str], log: &Path) -> Result<std::process::Child> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        Command::new(migrate_bin()?)
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning shardgate-migrate")
+    }
+
     /// Path of the generated proxy config.
     pub fn config_path(&self) -> PathBuf {
         self.info.root.join("shardgate.toml")
@@ -480,7 +512,10 @@ impl Cluster {
         for s in &i.shards {
             t.push_str(&format!("[[shards]]\ndsn = \"{s}\"\n"));
         }
-        t.push_str(&format!("[default_db]\ndsn = \"{}\"\n[legacy_db]\ndsn = \"{}\"\n", i.default_dsn, i.legacy_dsn));
+        t.push_str(&format!("[default_db]\ndsn = \"{}\"\n", i.default_dsn));
+        if opts.legacy {
+            t.push_str(&format!("[legacy_db]\ndsn = \"{}\"\n", i.legacy_dsn));
+        }
         if let Some(r) = &i.redis_url {
             t.push_str(&format!("[redis]\nurl = \"{r}\"\n"));
         }

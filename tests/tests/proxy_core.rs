@@ -20,6 +20,7 @@ fn core(server_toml: &str, pool_toml: &str) -> Cluster {
         server_toml: server_toml.into(),
         pool_toml: pool_toml.into(),
         extra_toml: String::new(),
+        legacy: false,
     })
     .expect("start cluster")
 }

@@ -16,6 +16,7 @@ fn start(server_toml: &str, extra_toml: &str) -> Cluster {
         server_toml: server_toml.into(),
         pool_toml: String::new(),
         extra_toml: extra_toml.into(),
+        legacy: false,
     })
     .expect("start cluster")
 }
