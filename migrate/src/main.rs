@@ -106,7 +106,6 @@ async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
     let stores = Stores::open(&config).await?;
     let d = &stores.default;
     if !dry {
-        d.batch_execute(state::DDL).await?;
         if !steps::lock(d, step).await? {
             return Ok(Outcome::Refused);
         }
@@ -117,17 +116,41 @@ async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
         Err(o) => return Ok(o),
     };
     if step == PlanStep::Prepare {
-        // legacy ids must never be decoded as snowflake ids by the router
-        let max_id: Option<i64> = stores
+        // a legacy id above ids.legacy_id_max would be decoded as a shardgate id and a
+        // lookup by it routed to the shard and month it seems to name: refuse if any would be wrong
+        let topo = shardgate_router::Topology::from_config(&config).map_err(anyhow::Error::msg)?;
+        let l = &stores.layout;
+        let rows = stores
             .legacy
-            .query_one(&format!("SELECT max({}) FROM {}", stores.layout.rule.id_column, stores.layout.rule.name), &[])
-            .await?
-            .get(0);
-        if let Some(m) = max_id.filter(|m| *m > config.ids.legacy_id_max) {
+            .query(
+                &format!(
+                    "SELECT {id}, {k}, (extract(epoch FROM {t}) * 1000)::bigint FROM {n} WHERE {id} > $1 LIMIT 1000000",
+                    id = l.rule.id_column,
+                    k = l.rule.shard_key,
+                    t = l.rule.month_column,
+                    n = l.rule.name
+                ),
+                &[&config.ids.legacy_id_max],
+            )
+            .await?;
+        let now = jiff::Timestamp::now();
+        let wrong = rows.iter().find(|r| {
+            let (id, merchant, ms): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            match topo.ids.decode(id, now, &l.tz) {
+                None => false,
+                Some(d) => {
+                    let month = jiff::Timestamp::from_millisecond(ms).ok().map(|t| shardgate_router::month::MonthKey::of(t, &l.tz));
+                    usize::from(d.shard.0) != l.shard_of(merchant) || d.month.is_some_and(|m| Some(m) != month)
+                }
+            }
+        });
+        if let Some(r) = wrong {
+            let id: i64 = r.get(0);
             eprintln!(
-                "prepare: refused: the largest legacy {} is {m} but ids.legacy_id_max is {}; set ids.legacy_id_max = {m} (or more) in the config \
-                 of every proxy so lookups by legacy ids go to every shard instead of being decoded as shardgate ids",
-                stores.layout.rule.id_column, config.ids.legacy_id_max
+                "prepare: refused: legacy {} {id} looks like a shardgate id but names another shard or month than its row; \
+                 set ids.legacy_id_max to the largest id the legacy system issued (at least {id}) in the config of every proxy, \
+                 so lookups by legacy ids go to every shard instead of being decoded",
+                l.rule.id_column
             );
             return Ok(Outcome::Refused);
         }

@@ -156,7 +156,9 @@ async fn full_migration_under_write_load_with_a_killed_backfill_and_a_stopped_sh
 
     let text = ok(&c, &["prepare", "--dry-run"]);
     assert!(text.contains("would create"), "{text}");
-    assert_eq!(control(&c, "SELECT count(*) FROM pg_class WHERE relname = 'shardgate_migration'").await, 0, "dry run changed nothing");
+    let made: bool = connect(&c.info.shards[7]).await.query_one("SELECT to_regclass('t_order_202503') IS NOT NULL", &[]).await.expect("regclass").get(0);
+    assert!(!made, "a dry run creates nothing");
+    assert_eq!(control(&c, "SELECT count(*) FROM pg_class WHERE relname = 'shardgate_migration'").await, 0, "a dry run or refused step creates nothing");
     let text = ok(&c, &["prepare"]);
     assert!(text.contains("db_0: created") && text.contains("phase: legacy -> prepared"), "{text}");
     // every legacy month plus the months ahead, with the three indexes
