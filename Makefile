@@ -35,6 +35,7 @@ bench: deps
 	@bash scripts/bench_routed.sh
 	@bash scripts/bench_sync.sh
 	@bash scripts/bench_cache.sh
+	@bash scripts/bench_migrate.sh
 
 fuzz:
 	@bash scripts/fuzz.sh $(or $(SECONDS_TO_RUN),600) $(or $(FUZZ_TARGET),frames)

@@ -105,10 +105,8 @@ async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
     };
     let stores = Stores::open(&config).await?;
     let d = &stores.default;
-    if !dry {
-        if !steps::lock(d, step).await? {
-            return Ok(Outcome::Refused);
-        }
+    if !dry && !steps::lock(d, step).await? {
+        return Ok(Outcome::Refused);
     }
     let st = state::load(d).await?;
     let next = match gate(step, &st) {

@@ -19,6 +19,9 @@ struct Args {
     /// Extra TOML sections appended to the config (`\n` for newlines).
     #[arg(long, default_value = "")]
     extra_toml: String,
+    /// Configure [legacy_db] (the proxy follows a migration from it).
+    #[arg(long)]
+    legacy: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -66,7 +69,7 @@ fn main() -> Result<()> {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)?;
             }
-            let opts = Options { server_toml: args.server_toml.replace("\\n", "\n"), extra_toml: args.extra_toml.replace("\\n", "\n"), ..Options::default() };
+            let opts = Options { server_toml: args.server_toml.replace("\\n", "\n"), extra_toml: args.extra_toml.replace("\\n", "\n"), legacy: args.legacy, ..Options::default() };
             let info = Cluster::start_in(&dir, opts)?.detach();
             std::fs::write(dir.join("cluster.json"), serde_json::to_string_pretty(&info)?)?;
             print_usage(&dir, &info);
