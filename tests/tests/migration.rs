@@ -176,16 +176,6 @@ async fn full_migration_under_write_load_with_a_killed_backfill_and_a_stopped_sh
     let (code, text) = step(&c, &["dual-write"]);
     assert!(code == 0 && text.contains("already done"), "{text}");
 
-    // a shard stopped during dual-write: its writes fail on the shard, never for the client
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let shard0 = c.info.cluster_of_shard(0).expect("shard 0 cluster");
-    shard0.stop_immediate().expect("stop shard 0");
-    let before = writer.count();
-    shardgate_tests::wait_for("writes while shard 0 is down", Duration::from_secs(30), || writer.count() >= before + 200).await;
-    shard0.start().expect("start shard 0");
-    let outbox = control(&c, "SELECT count(*) FROM shardgate_migration_outbox WHERE status = 'PENDING' AND 0 = ANY(shards)").await;
-    assert!(outbox > 0, "failed shard writes are in the outbox");
-
     // backfill killed mid-way, then re-run from its checkpoint
     let log = c.info.root.join("backfill.log");
     let mut child = c.migrate_spawn(&["backfill", "--max-rows-per-sec", "40000", "--batch-rows", "5000"], &log).expect("spawn backfill");
@@ -203,6 +193,16 @@ async fn full_migration_under_write_load_with_a_killed_backfill_and_a_stopped_sh
     assert_eq!(code, 3, "switch-reads before the backfill finished is refused: {text}");
     let text = ok(&c, &["backfill"]);
     assert!(text.contains("resuming after merchant_id") && text.contains("every merchant copied"), "{text}");
+
+    // a shard stopped during dual-write, after the backfill (so the backfill cannot mend it): its writes fail on the shard, never for the client
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shard0 = c.info.cluster_of_shard(0).expect("shard 0 cluster");
+    shard0.stop_immediate().expect("stop shard 0");
+    let before = writer.count();
+    shardgate_tests::wait_for("writes while shard 0 is down", Duration::from_secs(30), || writer.count() >= before + 200).await;
+    shard0.start().expect("start shard 0");
+    let outbox = control(&c, "SELECT count(*) FROM shardgate_migration_outbox WHERE status = 'PENDING' AND 0 = ANY(shards)").await;
+    assert!(outbox > 0, "failed shard writes are in the outbox");
 
     // verify finds what the stopped shard missed, --repair fixes it
     let (code, text) = step(&c, &["verify"]);
