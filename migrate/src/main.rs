@@ -153,7 +153,15 @@ async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
             return Ok(Outcome::Refused);
         }
     }
-    let say = |what: &str| println!("{}: {}{what}", step.command(), if dry { "would " } else { "" });
+    // the steps that only change the phase (and rollback after its drain)
+    let move_phase = async |next: Option<Phase>| -> anyhow::Result<()> {
+        match next {
+            Some(to) if dry => println!("{}: would move the phase from {} to {to}", step.command(), st.effective_phase()),
+            Some(to) => steps::change_phase(d, &st, to).await?,
+            None => {}
+        }
+        Ok(())
+    };
     match args.step {
         Step::Prepare => {
             for line in prepare::run(&stores, config.sharding.months_ahead, dry).await? {
@@ -204,23 +212,9 @@ async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
                     return Ok(Outcome::Differences);
                 }
             }
-            if let Some(to) = next {
-                if dry {
-                    say(&format!("move the phase from {} to {to}", st.effective_phase()));
-                } else {
-                    steps::change_phase(d, &st, to).await?;
-                }
-            }
+            move_phase(next).await?;
         }
-        _ => {
-            if let Some(to) = next {
-                if dry {
-                    say(&format!("move the phase from {} to {to}", st.effective_phase()));
-                } else {
-                    steps::change_phase(d, &st, to).await?;
-                }
-            }
-        }
+        _ => move_phase(next).await?,
     }
     Ok(Outcome::Ok)
 }
