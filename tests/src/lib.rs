@@ -407,14 +407,17 @@ impl Cluster {
     }
 
     /// Kills Redis with SIGKILL (its data is gone: it keeps none on disk).
+    /// Panics when Redis is not running under this harness: a kill that
+    /// silently did nothing would make a Redis-outage test prove nothing.
     pub fn kill_redis(&mut self) {
-        if let Some(pid) = self.info.redis_pid.take() {
-            signal(pid, "KILL");
-            let t0 = Instant::now();
-            while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        let pid = self.info.redis_pid.take().expect("kill_redis: this system's Redis pid is unknown (never started, or already killed)");
+        signal(pid, "KILL");
+        let t0 = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
         }
+        let port = self.info.redis_url.as_deref().and_then(|u| u.rsplit(':').next()).and_then(|p| p.parse::<u16>().ok()).expect("redis port");
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "Redis (pid {pid}) still accepts connections on port {port} after SIGKILL");
     }
 
     /// Starts Redis again on the port it had.
@@ -466,11 +469,18 @@ impl Cluster {
             .arg(dir.join("redis.log"));
         run(c, "redis-server (install it: apt-get install -y redis-server)")?;
         wait_for_port(port, Duration::from_secs(10))?;
+        // the daemon creates its pidfile and writes it after: wait for a number, not for the file
         let t0 = Instant::now();
-        while !pidfile.exists() && t0.elapsed() < Duration::from_secs(5) {
+        let pid = loop {
+            if let Some(pid) = fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+                break pid;
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                bail!("redis-server on port {port} wrote no pid to {}", pidfile.display());
+            }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        self.info.redis_pid = fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok());
+        };
+        self.info.redis_pid = Some(pid);
         self.info.redis_url = Some(format!("redis://127.0.0.1:{port}"));
         Ok(())
     }

@@ -309,8 +309,16 @@ async fn an_update_storm_during_sync_back_keeps_the_last_acknowledged_value() {
             }
         }));
     }
+    let mut failed = Vec::new();
     for t in tasks {
-        t.await.expect("updater");
+        if let Err(e) = t.await {
+            failed.push(e);
+        }
+    }
+    if !failed.is_empty() {
+        let log = c.proxy_log();
+        let states: Vec<&str> = log.lines().filter(|l| l.contains("state changed") || l.contains("sync") || l.contains("unavailable")).collect();
+        panic!("updaters failed: {failed:?}\nproxy log (shard states, sync-back):\n{}", states.join("\n"));
     }
     wait_synced(&c, Duration::from_secs(60)).await;
     let seen = shard0_counts(&c).await;

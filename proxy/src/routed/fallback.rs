@@ -377,7 +377,11 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
                 }
             }
             match first {
-                Ok(_) => synced.extend(&ids),
+                Ok(_) => {
+                    // the shard is serving: a recovering shard's slow probes are not an outage
+                    engine.shard_answered(shard);
+                    synced.extend(&ids);
+                }
                 Err(_) => {
                     // isolate the rows that cannot go home
                     for row in &rows {

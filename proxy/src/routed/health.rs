@@ -4,7 +4,12 @@
 //! `health.probe_interval_ms`, bounded by `health.probe_timeout_ms`) move a
 //! shard through the states with `failure_threshold` consecutive failures and
 //! `recovery_threshold` consecutive successes. Live traffic reports too: a
-//! connection to a shard that cannot be made marks it down at once.
+//! connection to a shard that cannot be made marks it down at once, and an
+//! answered statement clears the failed probes of a suspect or recovering
+//! shard. A recovering shard goes back down only after `failure_threshold`
+//! failed probes in a row, like an up one: it is already taking writes and
+//! sync-back is moving its outage's orders home, so one slow probe on a busy
+//! machine must not send it back (its synced orders would be out of reach).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -125,7 +130,9 @@ impl Tracker {
             State::Up => State::Suspect,
             State::Suspect if n >= cfg.failure_threshold => State::Down,
             State::Suspect => State::Suspect,
-            State::Down | State::Recovering => State::Down,
+            State::Recovering if n >= cfg.failure_threshold => State::Down,
+            State::Recovering => State::Recovering,
+            State::Down => State::Down,
         };
         self.set(next).map(|old| (old, next))
     }
@@ -133,8 +140,16 @@ impl Tracker {
     /// Live traffic was answered: a suspect database is serving, so it is up
     /// (a slow probe on a busy machine must not take a working shard out).
     pub fn traffic_ok(&self) -> Option<(State, State)> {
-        if self.state() != State::Suspect {
-            return None;
+        match self.state() {
+            State::Suspect => {}
+            State::Recovering => {
+                // serving: its failed probes so far were slowness, not an outage
+                if self.failures.load(Ordering::Relaxed) != 0 {
+                    self.failures.store(0, Ordering::Relaxed);
+                }
+                return None;
+            }
+            State::Up | State::Down => return None,
         }
         self.failures.store(0, Ordering::Relaxed);
         self.set(State::Up).map(|old| (old, State::Up))
@@ -198,8 +213,15 @@ mod tests {
         assert_eq!(t.failure("x", &c), None);
         assert_eq!(t.failure("x", &c), Some((State::Suspect, State::Down)));
         assert_eq!(t.success(Duration::from_millis(1), &c), Some((State::Down, State::Recovering)));
+        // a recovering shard needs failure_threshold failures in a row to go back down
+        assert_eq!(t.failure("x", &c), None);
+        assert_eq!(t.failure("x", &c), None);
         assert_eq!(t.failure("x", &c), Some((State::Recovering, State::Down)));
         t.success(Duration::from_millis(1), &c);
+        assert_eq!(t.state(), State::Recovering);
+        // a failure in between starts the count of successes over
+        t.failure("x", &c);
+        assert_eq!(t.success(Duration::from_millis(1), &c), None);
         assert_eq!(t.state(), State::Recovering);
         assert_eq!(t.success(Duration::from_millis(1), &c), Some((State::Recovering, State::Up)));
         // a suspect shard that answers again is up
@@ -214,6 +236,15 @@ mod tests {
         t.failure("slow probe", &c);
         assert_eq!(t.traffic_ok(), Some((State::Suspect, State::Up)));
         assert_eq!(t.failures(), 0);
+        // a recovering shard that answers keeps recovering, its failed probes forgotten
+        t.unreachable("refused");
+        t.success(Duration::from_millis(1), &c);
+        t.failure("slow probe", &c);
+        t.failure("slow probe", &c);
+        assert_eq!(t.traffic_ok(), None);
+        assert_eq!(t.failures(), 0);
+        assert_eq!(t.failure("slow probe", &c), None);
+        assert_eq!(t.state(), State::Recovering);
         // a down shard is not brought back by traffic (it gets none); only probes do that
         t.unreachable("refused");
         assert_eq!(t.traffic_ok(), None);
