@@ -515,7 +515,7 @@ impl SelectAnalysis {
             return Ok(Plan::Routed(Box::new(Routed {
                 kind: RoutedKind::Select,
                 table: rule.name.clone(),
-                targets: vec![Target { shard, months, sql, params: None }],
+                targets: vec![Target { shard, months, sql, params: None, extra: Vec::new() }],
                 merge: None,
                 generated_ids: Vec::new(),
                 logical: None,
@@ -531,7 +531,7 @@ impl SelectAnalysis {
             .into_iter()
             .map(|(shard, months)| {
                 let sql = template.render(&table_text(rule, &months), pushed, &[], &[]);
-                Target { shard, months, sql, params: form.params.clone() }
+                Target { shard, months, sql, params: form.params.clone(), extra: Vec::new() }
             })
             .collect();
         let mut spec = sc.spec.clone();
@@ -549,7 +549,7 @@ impl WriteAnalysis {
             .into_iter()
             .map(|(shard, months)| {
                 let sql = self.template.render(&table_text(rule, &months), None, &[], &[]);
-                Target { shard, months, sql, params: None }
+                Target { shard, months, sql, params: None, extra: Vec::new() }
             })
             .collect();
         Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new(), row_targets: Vec::new(), logical: None })))
@@ -610,6 +610,15 @@ impl InsertAnalysis {
         // one time value per row that takes the proxy's now (omitted column or now())
         let row_time: Vec<Option<String>> = self.rows.iter().map(|r| r.time.is_none().then(|| time_literal(ctx.now))).collect();
         let time_text: Vec<String> = row_time.iter().flatten().cloned().collect();
+        // a bound statement gets its generated values as parameters (see `Target::extra`)
+        let bound = !params.is_empty();
+        let now_text = ctx.now.to_string();
+        let holes = |first: usize, ids: &[String], times: usize| -> (Vec<String>, Vec<String>, Vec<String>) {
+            let id_holes = (0..ids.len()).map(|i| format!("${}", first + i + 1)).collect();
+            let time_holes = (0..times).map(|i| format!("${}", first + ids.len() + i + 1)).collect();
+            let extra = ids.iter().cloned().chain(std::iter::repeat_n(now_text.clone(), times)).collect();
+            (id_holes, time_holes, extra)
+        };
         // Group rows by target, in order of first appearance.
         let mut order: Vec<(ShardId, MonthKey)> = Vec::new();
         for k in &keys {
@@ -619,8 +628,14 @@ impl InsertAnalysis {
         }
         let targets = if order.len() == 1 {
             let (shard, month) = order[0];
-            let sql = self.template.render(&rule.physical(month), None, &id_text, &time_text);
-            vec![Target { shard, months: vec![month], sql, params: None }]
+            if bound {
+                let (id_holes, time_holes, extra) = holes(params.len(), &id_text, time_text.len());
+                let sql = self.template.render(&rule.physical(month), None, &id_holes, &time_holes);
+                vec![Target { shard, months: vec![month], sql, params: None, extra }]
+            } else {
+                let sql = self.template.render(&rule.physical(month), None, &id_text, &time_text);
+                vec![Target { shard, months: vec![month], sql, params: None, extra: Vec::new() }]
+            }
         } else {
             let mut out = Vec::with_capacity(order.len());
             for &(shard, month) in &order {
@@ -636,9 +651,15 @@ impl InsertAnalysis {
                 let _ = stmt.visit(&mut ren);
                 let pick = |v: &[String]| -> Vec<String> { rows.iter().filter_map(|i| v.get(*i).cloned()).collect() };
                 let times: Vec<String> = rows.iter().filter_map(|i| row_time[*i].clone()).collect();
-                let sql = Template::parse(&stmt.to_string()).render(&rule.physical(month), None, &pick(&id_text), &times);
+                let template = Template::parse(&stmt.to_string());
+                let (sql, extra) = if bound {
+                    let (id_holes, time_holes, extra) = holes(ren.map.len(), &pick(&id_text), times.len());
+                    (template.render(&rule.physical(month), None, &id_holes, &time_holes), extra)
+                } else {
+                    (template.render(&rule.physical(month), None, &pick(&id_text), &times), Vec::new())
+                };
                 let params = if params.is_empty() && ren.map.is_empty() { None } else { Some(ren.map) };
-                out.push(Target { shard, months: vec![month], sql, params });
+                out.push(Target { shard, months: vec![month], sql, params, extra });
             }
             out
         };

@@ -83,6 +83,14 @@ pub struct Target {
     /// Bind values for this statement, as indexes into the client's values;
     /// `None` means all of them in order.
     pub params: Option<Vec<usize>>,
+    /// Values the router filled in itself (generated ids, then the proxy's
+    /// time for rows without one) for a statement with bind parameters: the SQL
+    /// names them as placeholders after the client's (`params`), and they are
+    /// bound as text of unknown type, like the literals they stand for. The
+    /// target text is then the same from one execution to the next, so a shard
+    /// keeps it prepared instead of parsing and planning every INSERT. Empty for
+    /// statements without parameters (the values are literals in `sql`).
+    pub extra: Vec<String>,
 }
 
 /// Reference to a column of the rows a target returns.
@@ -323,6 +331,9 @@ impl fmt::Display for Plan {
                     if let Some(p) = &t.params {
                         let p: Vec<String> = p.iter().map(|i| format!("${}", i + 1)).collect();
                         write!(f, " params=[{}]", p.join(","))?;
+                    }
+                    if !t.extra.is_empty() {
+                        write!(f, " extra=[{}]", t.extra.join(","))?;
                     }
                     writeln!(f, ": {}", t.sql)?;
                 }

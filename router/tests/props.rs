@@ -82,10 +82,11 @@ proptest! {
         let Plan::Routed(r) = shardgate_router::plan(&sql, &binds, &world.topo, &world.ctx()).expect("plan") else { panic!("not routed") };
         let mut seen = vec![0u32; rows.len()];
         for t in &r.targets {
-            let target_params: Vec<String> = match &t.params {
+            let mut target_params: Vec<String> = match &t.params {
                 Some(map) => map.iter().map(|i| params[*i].clone()).collect(),
                 None => params.clone(),
             };
+            target_params.extend(t.extra.iter().cloned());
             let (table, got) = rows_of(&t.sql, &target_params);
             prop_assert_eq!(t.months.len(), 1);
             prop_assert_eq!(&table, &format!("t_order_{}", t.months[0]));

@@ -76,10 +76,13 @@ async fn every_golden_rewrite_runs_on_postgres() {
         for t in &routed.targets {
             let client = &clients[usize::from(t.shard.0)];
             let all: Vec<TextParam> = case.params.iter().map(|p| TextParam(p.clone())).collect();
-            let picked: Vec<&TextParam> = match &t.params {
+            let mut picked: Vec<&TextParam> = match &t.params {
                 None => all.iter().collect(),
                 Some(map) => map.iter().map(|i| &all[*i]).collect(),
             };
+            // values the router generated (ids, times) follow the client's, as text
+            let extra: Vec<TextParam> = t.extra.iter().map(|e| TextParam(Some(e.clone()))).collect();
+            picked.extend(extra.iter());
             let refs: Vec<&(dyn ToSql + Sync)> = picked.iter().map(|p| *p as &(dyn ToSql + Sync)).collect();
             client.batch_execute("BEGIN").await.expect("begin");
             let res = client.query(t.sql.as_str(), &refs).await;

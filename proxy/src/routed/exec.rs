@@ -404,9 +404,11 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
             Some(p) => p.clone(),
             None => (0..req.bound.values.len()).collect(),
         };
-        let values: Vec<Option<&[u8]>> = idx.iter().map(|&i| req.bound.values.get(i).and_then(|v| v.as_deref())).collect();
-        let types: Vec<u32> = idx.iter().map(|&i| req.bound.types.get(i).copied().unwrap_or(0)).collect();
-        let fmts: Vec<i16> = idx.iter().map(|&i| req.bound.formats.get(i).copied().unwrap_or(0)).collect();
+        // the client's values, then the ones the router generated (text, type left to the server)
+        let values: Vec<Option<&[u8]>> =
+            idx.iter().map(|&i| req.bound.values.get(i).and_then(|v| v.as_deref())).chain(t.extra.iter().map(|e| Some(e.as_bytes()))).collect();
+        let types: Vec<u32> = idx.iter().map(|&i| req.bound.types.get(i).copied().unwrap_or(0)).chain(t.extra.iter().map(|_| 0)).collect();
+        let fmts: Vec<i16> = idx.iter().map(|&i| req.bound.formats.get(i).copied().unwrap_or(0)).chain(t.extra.iter().map(|_| 0)).collect();
         let buf = if req.serial {
             serial_bufs.push(BytesMut::new());
             serial_bufs.last_mut().expect("pushed")
