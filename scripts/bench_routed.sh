@@ -22,6 +22,7 @@ export SHARDGATE_BIN=$PWD/target/release/shardgate SHARDGATE_LOG=warn
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 INFO=$DIR/cluster.json
 PROXY_PORT=$(jq .proxy_port $INFO)
+PROXY_PID=$(jq .proxy_pid $INFO)
 mapfile -t SHARDS < <(jq -r '.shards[]' $INFO)
 DEFAULT_DSN=$(jq -r .default_dsn $INFO)
 MONTH=$(date -u +%Y%m)
@@ -45,13 +46,44 @@ SELECT * FROM t_order_$MONTH WHERE merchant_id = :m AND id = :id;
 UPDATE t_order_$MONTH SET pay_status = 'PAID' WHERE merchant_id = :m AND id = :id;
 SQL
 done
+# the floor any proxy hop costs here: pgbouncer (session mode, so prepared
+# statements work; a pure relay) passing the direct statements to the right shard
+PGB_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p $DIR/pgbouncer
+{
+  echo "[databases]"
+  for k in $(seq 0 7); do
+    port=$(echo "${SHARDS[$k]}" | sed -E 's|.*:([0-9]+)/.*|\1|')
+    echo "db_$k = host=127.0.0.1 port=$port dbname=db_$k user=postgres password=postgres"
+  done
+  cat <<INI
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+auth_type = trust
+auth_file = $PWD/$DIR/pgbouncer/users.txt
+pool_mode = session
+default_pool_size = $CLIENTS
+max_client_conn = 2000
+logfile = $PWD/$DIR/pgbouncer/pgbouncer.log
+pidfile = $PWD/$DIR/pgbouncer/pgbouncer.pid
+INI
+} > $DIR/pgbouncer/pgbouncer.ini
+echo '"postgres" ""' > $DIR/pgbouncer/users.txt
+chown -R postgres:postgres $DIR/pgbouncer 2>/dev/null || true
+if [ "$(id -u)" = 0 ]; then runuser -u postgres -- pgbouncer -d $PWD/$DIR/pgbouncer/pgbouncer.ini; else pgbouncer -d $DIR/pgbouncer/pgbouncer.ini; fi
+sleep 0.5
+PGB_PID=$(cat $DIR/pgbouncer/pgbouncer.pid)
+trap 'kill $PGB_PID 2>/dev/null; ./target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
+
 tps_of() { awk '/^tps/ {print $3}'; }
 routed_shardgate() { PGPASSWORD=app-secret pgbench -n -h 127.0.0.1 -p $PROXY_PORT -U app -c $CLIENTS -j 2 -T $DURATION -M $1 -f $DIR/routed.sql shardgate 2>&1 | tps_of; }
-routed_direct() { # one pgbench per shard database, CLIENTS/8 clients each; total TPS
+routed_direct() { # mode [via]: one pgbench per shard database, CLIENTS/8 clients each; total TPS
   local per=$(( CLIENTS / 8 )); [ $per -lt 1 ] && per=1
   local pids=() k
   for k in $(seq 0 7); do
     local dsn=${SHARDS[$k]}
+    [ "${2:-}" = pgbouncer ] && dsn="postgres://postgres@127.0.0.1:$PGB_PORT/db_$k"
     pgbench -n "$dsn" -c $per -j 1 -T $DURATION -M $1 -f $DIR/direct_$k.sql > $DIR/direct_$k.out 2>&1 &
     pids+=($!)
   done
@@ -61,10 +93,14 @@ routed_direct() { # one pgbench per shard database, CLIENTS/8 clients each; tota
 declare -A SUM
 for round in $(seq 1 $ROUNDS); do
   for mode in simple prepared; do
-    d=$(routed_direct $mode); s=$(routed_shardgate $mode)
+    d=$(routed_direct $mode); t0=$(awk '{print $14 + $15}' /proc/$PROXY_PID/stat); s=$(routed_shardgate $mode); t1=$(awk '{print $14 + $15}' /proc/$PROXY_PID/stat)
+    b=$(routed_direct $mode pgbouncer)
     SUM[d.$mode]=$(echo "${SUM[d.$mode]:-0} + ${d:-0}" | bc -l)
     SUM[s.$mode]=$(echo "${SUM[s.$mode]:-0} + ${s:-0}" | bc -l)
-    printf 'round %d  routed %-9s direct tps=%9.1f  shardgate tps=%9.1f\n' $round $mode ${d:-0} ${s:-0}
+    SUM[b.$mode]=$(echo "${SUM[b.$mode]:-0} + ${b:-0}" | bc -l)
+    # proxy CPU per routed transaction (clock ticks over the run's transactions)
+    SUM[c.$mode]=$(echo "${SUM[c.$mode]:-0} + ($t1 - $t0) * 1000000 / $(getconf CLK_TCK) / (${s:-1} * $DURATION)" | bc -l)
+    printf 'round %d  routed %-9s direct tps=%9.1f  shardgate tps=%9.1f  pgbouncer relay tps=%9.1f\n' $round $mode ${d:-0} ${s:-0} ${b:-0}
   done
 done
 
@@ -98,10 +134,12 @@ diff <(psql -X -At "$PLAIN_DSN" -c "$AGG ORDER BY 1") <(PGPASSWORD=app-secret ps
 
 echo
 echo "== routed order workload: insert + point select + update, $CLIENTS clients, ${DURATION}s x $ROUNDS (mean TPS) =="
-printf '%-9s %12s %12s %8s\n' mode direct shardgate ratio
+echo "(pgbouncer relay: the direct statements through pgbouncer in session mode, a pure relay: what one proxy hop costs on this machine)"
+printf '%-9s %12s %12s %8s %16s %8s %16s\n' mode direct shardgate ratio "pgbouncer relay" ratio "proxy_cpu_us/tx"
 for mode in simple prepared; do
-  d=$(echo "${SUM[d.$mode]} / $ROUNDS" | bc -l); s=$(echo "${SUM[s.$mode]} / $ROUNDS" | bc -l)
-  printf '%-9s %12.1f %12.1f %8.2f\n' $mode $d $s $(echo "$s / $d" | bc -l)
+  d=$(echo "${SUM[d.$mode]} / $ROUNDS" | bc -l); s=$(echo "${SUM[s.$mode]} / $ROUNDS" | bc -l); b=$(echo "${SUM[b.$mode]} / $ROUNDS" | bc -l)
+  c=$(echo "${SUM[c.$mode]} / $ROUNDS" | bc -l)
+  printf '%-9s %12.1f %12.1f %8.2f %16.1f %8.2f %16.1f\n' $mode $d $s $(echo "$s / $d" | bc -l) $b $(echo "$b / $d" | bc -l) $c
 done
 p=$(echo "${SUM[agg.p]} / $ROUNDS" | bc -l); s=$(echo "${SUM[agg.s]} / $ROUNDS" | bc -l)
 echo
