@@ -254,3 +254,38 @@ async fn commit_and_rollback_sent_with_the_extended_protocol_end_the_shards_too(
     let decisions: i64 = def.query_one("SELECT count(*) FROM shardgate_2pc_decisions", &[]).await.expect("decisions").get(0);
     assert_eq!(decisions, 0);
 }
+
+#[tokio::test]
+async fn more_distinct_statements_than_a_shard_connection_keeps_prepared_all_keep_working() {
+    // one connection per shard: every statement below meets the same server session,
+    // which keeps at most 512 routed statements (the least recently used are closed)
+    let c = Cluster::start_temp(Options {
+        all_clusters: true,
+        redis: false,
+        proxy: true,
+        server_toml: String::new(),
+        pool_toml: "size = 1".into(),
+        extra_toml: String::new(),
+        legacy: false,
+    })
+    .expect("start cluster");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'lru', 8, '2026-11-05 00:00+00')").await.expect("seed");
+    // 700 distinct texts, then all of them again: the second round re-prepares the evicted
+    // ones under the same names, which fails (42P05) unless eviction closed them on the shard
+    for round in 0..2 {
+        for i in 0..700i32 {
+            let sql = format!("SELECT order_no, {i} AS k FROM t_order WHERE merchant_id = $1 AND id = $2");
+            let row = client.query_one(sql.as_str(), &[&8i64, &1i64]).await.unwrap_or_else(|e| panic!("round {round}, statement {i}: {e:?}"));
+            assert_eq!(row.get::<_, String>(0), "lru");
+            assert_eq!(row.get::<_, i32>(1), i);
+        }
+    }
+    // and a statement used all along stays prepared through the churn
+    let hot = client.prepare("SELECT order_no FROM t_order WHERE merchant_id = $1 AND id = $2").await.expect("prepare");
+    for i in 0..1000i32 {
+        let sql = format!("SELECT {i} AS k FROM t_order WHERE merchant_id = $1 AND id = $2");
+        client.query_one(sql.as_str(), &[&8i64, &1i64]).await.expect("churn");
+        assert_eq!(client.query_one(&hot, &[&8i64, &1i64]).await.expect("hot").get::<_, String>(0), "lru");
+    }
+}

@@ -98,6 +98,8 @@ pub struct ServerConn {
     pub cancel_key: CancelKey,
     /// shardgate-named prepared statements that exist on this connection.
     pub prepared: HashSet<String>,
+    /// Recency of the routed statements (`sgr_…`) among `prepared`.
+    pub routed: RoutedNames,
     /// Set when the connection must not be reused (I/O error, unknown state).
     pub broken: bool,
 }
@@ -119,6 +121,7 @@ impl ServerConn {
             applied: HashMap::new(),
             cancel_key: CancelKey { addr, pid: 0, secret: 0 },
             prepared: HashSet::new(),
+            routed: RoutedNames::default(),
             broken: false,
         };
         let mut out = BytesMut::new();
@@ -261,4 +264,77 @@ pub enum Probe {
 fn server_error(f: &Frame) -> BackendError {
     let e = parse_error_fields(f.body());
     BackendError::Server { code: e.code, message: e.message }
+}
+
+/// The routed statements a shard connection keeps prepared, by recency: when
+/// `cap` are kept, the least recently used gives way to a new one (its name is
+/// returned for the caller to Close on the server), so statements seen once
+/// cannot use up the room of the ones a workload repeats.
+#[derive(Debug, Default)]
+pub struct RoutedNames {
+    last_use: HashMap<String, u64>,
+    tick: u64,
+}
+
+impl RoutedNames {
+    /// Records a use of `name`.
+    pub fn touch(&mut self, name: &str) {
+        self.tick += 1;
+        match self.last_use.get_mut(name) {
+            Some(t) => *t = self.tick,
+            None => {
+                self.last_use.insert(name.to_string(), self.tick);
+            }
+        }
+    }
+
+    /// Makes room for one more below `cap`: the least recently used name, if one must go.
+    pub fn evict_for_one_more(&mut self, cap: usize) -> Option<String> {
+        if self.last_use.len() < cap {
+            return None;
+        }
+        let old = self.last_use.iter().min_by_key(|(_, t)| **t).map(|(n, _)| n.clone())?;
+        self.last_use.remove(&old);
+        Some(old)
+    }
+
+    /// Forgets `name` (closed, or its Parse failed).
+    pub fn forget(&mut self, name: &str) {
+        self.last_use.remove(name);
+    }
+
+    /// How many are kept.
+    pub fn len(&self) -> usize {
+        self.last_use.len()
+    }
+
+    /// True when none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.last_use.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod routed_names_tests {
+    use super::RoutedNames;
+
+    #[test]
+    fn the_least_recently_used_name_gives_way() {
+        let mut r = RoutedNames::default();
+        for n in ["a", "b", "c"] {
+            assert_eq!(r.evict_for_one_more(3), None);
+            r.touch(n);
+        }
+        // "a" is used again: "b" is now the oldest
+        r.touch("a");
+        assert_eq!(r.evict_for_one_more(3).as_deref(), Some("b"));
+        r.touch("d");
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.evict_for_one_more(3).as_deref(), Some("c"));
+        r.touch("e");
+        assert_eq!(r.evict_for_one_more(3).as_deref(), Some("a"));
+        r.forget("d");
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.evict_for_one_more(3), None);
+    }
 }

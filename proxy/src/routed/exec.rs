@@ -423,12 +423,25 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
         };
         // extended-protocol clients repeat their statements: keep them prepared on the shard
         // connection (named by text and types), so the shard parses and plans once
+        // (at most MAX_PREPARED_PER_CONN, the least recently used closed to make room)
         let conn = &mut slots[shard].as_mut().expect("held").conn;
-        let name = (!req.simple && conn.prepared.len() < MAX_PREPARED_PER_CONN).then(|| target_statement_name(&t.sql, &types));
+        let name = (!req.simple).then(|| target_statement_name(&t.sql, &types));
         let parse = match &name {
-            Some(n) if conn.prepared.contains(n) => false,
+            Some(n) if conn.prepared.contains(n) => {
+                conn.routed.touch(n);
+                false
+            }
             Some(n) => {
+                if let Some(old) = conn.routed.evict_for_one_more(MAX_PREPARED_PER_CONN) {
+                    conn.prepared.remove(&old);
+                    // answered by CloseComplete, before this target's ParseComplete
+                    put_message(buf, b'C', |o| {
+                        o.extend_from_slice(b"S");
+                        crate::protocol::codec::put_cstr(o, old.as_bytes());
+                    });
+                }
                 conn.prepared.insert(n.clone());
+                conn.routed.touch(n);
                 parsed.push((shard, n.clone()));
                 true
             }
@@ -472,6 +485,7 @@ async fn forget_parsed(slots: &mut Slots, parsed: &[(usize, String)]) {
     for (shard, name) in parsed {
         let Some(slot) = slots.get_mut(*shard).and_then(Option::as_mut) else { continue };
         slot.conn.prepared.remove(name);
+        slot.conn.routed.forget(name);
         if slot.conn.broken {
             continue;
         }

@@ -121,12 +121,13 @@ pub enum Event {
     Failed(ServerError),
 }
 
-/// Reads ParseComplete/BindComplete and the portal description.
+/// Reads CloseComplete (of an evicted statement)/ParseComplete/BindComplete
+/// and the portal description.
 pub async fn read_head(conn: &mut ServerConn, notices: &mut BytesMut) -> Result<Head, BackendError> {
     loop {
         let f = conn.read_frame().await?;
         match f.tag {
-            b'1' | b'2' | b'S' | b'A' => {}
+            b'1' | b'2' | b'3' | b'S' | b'A' => {}
             b'N' => notices.extend_from_slice(&f.raw),
             b'T' => return Ok(Head::Rows(f.raw)),
             b'n' => return Ok(Head::NoRows),
