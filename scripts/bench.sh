@@ -24,27 +24,8 @@ DEFAULT_DSN=$(jq -r .default_dsn $INFO)
 PG_PORT=$(echo "$DEFAULT_DSN" | sed -E 's|.*:([0-9]+)/.*|\1|')
 
 # pgbouncer in transaction mode in front of the same database, same pool size
-PGB_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p $DIR/pgbouncer
-cat > $DIR/pgbouncer/pgbouncer.ini <<INI
-[databases]
-shardgate = host=127.0.0.1 port=$PG_PORT dbname=db_default user=postgres password=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-auth_type = trust
-auth_file = $PWD/$DIR/pgbouncer/users.txt
-pool_mode = transaction
-default_pool_size = 20
-max_client_conn = 2000
-logfile = $PWD/$DIR/pgbouncer/pgbouncer.log
-pidfile = $PWD/$DIR/pgbouncer/pgbouncer.pid
-INI
-echo '"app" ""' > $DIR/pgbouncer/users.txt
-chown -R postgres:postgres $DIR/pgbouncer 2>/dev/null || true
-if [ "$(id -u)" = 0 ]; then runuser -u postgres -- pgbouncer -d $PWD/$DIR/pgbouncer/pgbouncer.ini; else pgbouncer -d $DIR/pgbouncer/pgbouncer.ini; fi
-sleep 0.5
-PGB_PID=$(cat $DIR/pgbouncer/pgbouncer.pid)
+source scripts/pgbouncer.sh
+start_pgbouncer $DIR transaction 20 app "shardgate = host=127.0.0.1 port=$PG_PORT dbname=db_default user=postgres password=postgres"
 
 PGPASSWORD=postgres pgbench -h 127.0.0.1 -p $PG_PORT -U postgres -i -q -s $SCALE db_default >/dev/null 2>&1
 

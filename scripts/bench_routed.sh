@@ -48,32 +48,12 @@ SQL
 done
 # the floor any proxy hop costs here: pgbouncer (session mode, so prepared
 # statements work; a pure relay) passing the direct statements to the right shard
-PGB_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p $DIR/pgbouncer
-{
-  echo "[databases]"
-  for k in $(seq 0 7); do
-    port=$(echo "${SHARDS[$k]}" | sed -E 's|.*:([0-9]+)/.*|\1|')
-    echo "db_$k = host=127.0.0.1 port=$port dbname=db_$k user=postgres password=postgres"
-  done
-  cat <<INI
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-auth_type = trust
-auth_file = $PWD/$DIR/pgbouncer/users.txt
-pool_mode = session
-default_pool_size = $CLIENTS
-max_client_conn = 2000
-logfile = $PWD/$DIR/pgbouncer/pgbouncer.log
-pidfile = $PWD/$DIR/pgbouncer/pgbouncer.pid
-INI
-} > $DIR/pgbouncer/pgbouncer.ini
-echo '"postgres" ""' > $DIR/pgbouncer/users.txt
-chown -R postgres:postgres $DIR/pgbouncer 2>/dev/null || true
-if [ "$(id -u)" = 0 ]; then runuser -u postgres -- pgbouncer -d $PWD/$DIR/pgbouncer/pgbouncer.ini; else pgbouncer -d $DIR/pgbouncer/pgbouncer.ini; fi
-sleep 0.5
-PGB_PID=$(cat $DIR/pgbouncer/pgbouncer.pid)
+source scripts/pgbouncer.sh
+DBS=$(for k in $(seq 0 7); do
+  port=$(echo "${SHARDS[$k]}" | sed -E 's|.*:([0-9]+)/.*|\1|')
+  echo "db_$k = host=127.0.0.1 port=$port dbname=db_$k user=postgres password=postgres"
+done)
+start_pgbouncer $DIR session $CLIENTS postgres "$DBS"
 trap 'kill $PGB_PID 2>/dev/null; ./target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 
 tps_of() { awk '/^tps/ {print $3}'; }
