@@ -54,10 +54,16 @@ DBS=$(for k in $(seq 0 7); do
   echo "db_$k = host=127.0.0.1 port=$port dbname=db_$k user=postgres password=postgres"
 done)
 start_pgbouncer $DIR session $CLIENTS postgres "$DBS"
-trap 'kill $PGB_PID 2>/dev/null; ./target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
+trap 'kill $PGB_PID 2>/dev/null; cp $DIR/shardgate.log target/bench-routed.shardgate.log 2>/dev/null; ./target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 
 tps_of() { awk '/^tps/ {print $3}'; }
-routed_shardgate() { PGPASSWORD=app-secret pgbench -n -h 127.0.0.1 -p $PROXY_PORT -U app -c $CLIENTS -j 2 -T $DURATION -M $1 -f $DIR/routed.sql shardgate 2>&1 | tps_of; }
+# a client that got an error is reported (it also lowers the TPS), never hidden
+loud() { grep -iE "error|abort" "$1" | head -5 | sed "s|^|WARNING ($2): |" >&2 || true; }
+routed_shardgate() {
+  PGPASSWORD=app-secret pgbench -n -h 127.0.0.1 -p $PROXY_PORT -U app -c $CLIENTS -j 2 -T $DURATION -M $1 -f $DIR/routed.sql shardgate > $DIR/shardgate.out 2>&1 || true
+  loud $DIR/shardgate.out "shardgate $1"
+  tps_of < $DIR/shardgate.out
+}
 routed_direct() { # mode [via]: one pgbench per shard database, CLIENTS/8 clients each; total TPS
   local per=$(( CLIENTS / 8 )); [ $per -lt 1 ] && per=1
   local pids=() k
@@ -67,7 +73,8 @@ routed_direct() { # mode [via]: one pgbench per shard database, CLIENTS/8 client
     pgbench -n "$dsn" -c $per -j 1 -T $DURATION -M $1 -f $DIR/direct_$k.sql > $DIR/direct_$k.out 2>&1 &
     pids+=($!)
   done
-  wait "${pids[@]}"
+  wait "${pids[@]}" || true
+  for k in $(seq 0 7); do loud $DIR/direct_$k.out "direct${2:+ via $2} $1 db_$k"; done
   cat $DIR/direct_*.out | tps_of | paste -sd+ | bc -l
 }
 declare -A SUM
