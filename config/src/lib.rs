@@ -127,6 +127,10 @@ impl Config {
         if self.pool.size == 0 {
             return Err(ConfigError::invalid("pool.size", "must be at least 1"));
         }
+        if self.pool.max_prepared_statements < 2 {
+            // a Bind's statement and the one a Parse makes room for must both fit
+            return Err(ConfigError::invalid("pool.max_prepared_statements", "must be at least 2"));
+        }
         if self.sharding.shard_count == 0 || self.sharding.shard_count > 8 {
             // Generated ids carry the shard in 3 bits (router::id).
             return Err(ConfigError::invalid("sharding.shard_count", "must be between 1 and 8"));
@@ -288,6 +292,15 @@ mod tests {
         let e = c.validate().expect_err("dup").to_string();
         assert!(e.contains("duplicate user `app`"), "{e}");
         assert!(e.starts_with("config key `users[2].name`"), "{e}");
+    }
+
+    #[test]
+    fn a_prepared_statement_cap_below_two_is_refused() {
+        let mut c = Config::from_toml(EXAMPLE, "x").expect("parses");
+        assert_eq!(c.pool.max_prepared_statements, 512);
+        c.pool.max_prepared_statements = 1;
+        let e = c.validate().expect_err("cap").to_string();
+        assert_eq!(e, "config key `pool.max_prepared_statements`: must be at least 2");
     }
 
     #[test]

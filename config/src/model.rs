@@ -156,11 +156,14 @@ pub struct PoolConfig {
     pub connect_timeout_ms: u64,
     /// `transaction` (default) or `session` pooling.
     pub mode: PoolMode,
+    /// Prepared statements one server connection keeps for shardgate (clients'
+    /// statements and routed ones); beyond this the least recently used is closed.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { size: 20, checkout_timeout_ms: 5_000, connect_timeout_ms: 3_000, mode: PoolMode::Transaction }
+        PoolConfig { size: 20, checkout_timeout_ms: 5_000, connect_timeout_ms: 3_000, mode: PoolMode::Transaction, max_prepared_statements: 512 }
     }
 }
 

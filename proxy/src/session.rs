@@ -59,8 +59,9 @@ const TRACKED_PARAMS: &[&str] =
 enum Expect {
     /// ParseComplete for a Parse; `name` is the server statement it creates.
     ParseComplete { forward: bool, name: Option<Arc<str>> },
-    /// CloseComplete for a Close.
-    CloseComplete { forward: bool },
+    /// CloseComplete for a Close; `evicted` is the server statement the proxy
+    /// closed to make room (back in the set if the server skipped the Close).
+    CloseComplete { forward: bool, evicted: Option<Arc<str>> },
     /// ReadyForQuery for a client Sync (`sync`) or Query/FunctionCall.
     Ready { sync: bool },
     /// The client ended a COPY FROM STDIN (CopyDone/CopyFail) before the
@@ -776,15 +777,21 @@ impl Session {
 
     /// Makes sure the held server has `stmt` prepared, injecting its Parse if not.
     fn ensure_prepared(&mut self, name: &[u8]) {
+        let cap = self.shared.config.pool.max_prepared_statements;
         let (Some(stmt), Some(server)) = (self.statements.get(name), self.server.as_mut()) else {
             return;
         };
-        if !server.prepared.contains(&*stmt.server_name) {
-            self.sout.extend_from_slice(&stmt.parse);
-            if !self.server_skipping {
-                server.prepared.insert(stmt.server_name.to_string());
-                self.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
-            }
+        if server.prepared.contains(&stmt.server_name) {
+            server.prepared.touch(&stmt.server_name);
+            return;
+        }
+        if !self.server_skipping {
+            make_room(server, cap, &mut self.sout, &mut self.expect);
+        }
+        self.sout.extend_from_slice(&stmt.parse);
+        if !self.server_skipping {
+            server.prepared.insert(&stmt.server_name);
+            self.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
         }
     }
 
@@ -866,13 +873,15 @@ impl Session {
                         // the server skips this Parse: nothing is created, nothing is answered
                         self.sout.extend_from_slice(&parse);
                     } else {
-                        if server.prepared.contains(&*server_name) {
+                        if server.prepared.contains(&server_name) {
                             // re-prepare in place so the reply stays in order
                             crate::protocol::frontend::Target { kind: b'S', name: b"" }.write_renamed(&mut self.sout, b'C', server_name.as_bytes());
-                            self.expect.push_back(Expect::CloseComplete { forward: false });
+                            self.expect.push_back(Expect::CloseComplete { forward: false, evicted: None });
+                        } else {
+                            make_room(server, self.shared.config.pool.max_prepared_statements, &mut self.sout, &mut self.expect);
                         }
                         self.sout.extend_from_slice(&parse);
-                        server.prepared.insert(server_name.to_string());
+                        server.prepared.insert(&server_name);
                         self.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });
                     }
                     self.statements.insert(p.name.to_vec(), Statement { server_name, parse });
@@ -928,7 +937,7 @@ impl Session {
                     self.sout.extend_from_slice(&f.raw);
                 }
                 if f.tag == b'C' {
-                    self.expect_reply(Expect::CloseComplete { forward: true });
+                    self.expect_reply(Expect::CloseComplete { forward: true, evicted: None });
                 } else {
                     self.expect_reply(Expect::Describe);
                 }
@@ -1038,7 +1047,7 @@ impl Session {
                 other => return self.desync("ParseComplete", other),
             },
             b'3' => match self.expect.pop_front() {
-                Some(Expect::CloseComplete { forward }) => {
+                Some(Expect::CloseComplete { forward, .. }) => {
                     if forward {
                         self.cout.extend_from_slice(&f.raw);
                     }
@@ -1057,7 +1066,14 @@ impl Session {
                         Expect::Ready { .. } | Expect::SwallowUntilReady => break,
                         Expect::ParseComplete { name: Some(n), .. } => {
                             if let Some(server) = self.server.as_mut() {
-                                server.prepared.remove(&**n);
+                                server.prepared.remove(n);
+                            }
+                            self.expect.pop_front();
+                        }
+                        Expect::CloseComplete { evicted: Some(n), .. } => {
+                            // the Close was skipped: the statement is still there
+                            if let Some(server) = self.server.as_mut() {
+                                server.prepared.insert(n);
                             }
                             self.expect.pop_front();
                         }
@@ -1368,6 +1384,15 @@ async fn writable(s: Option<&TcpStream>) -> std::io::Result<()> {
     match s {
         Some(s) => s.writable().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Closes the least recently used statement of `server` when it holds
+/// `cap` already, ahead of a Parse in the same pipeline.
+fn make_room(server: &mut crate::backend::ServerConn, cap: usize, sout: &mut BytesMut, expect: &mut VecDeque<Expect>) {
+    if let Some(old) = server.prepared.evict_for_one_more(cap) {
+        crate::protocol::frontend::Target { kind: b'S', name: b"" }.write_renamed(sout, b'C', old.as_bytes());
+        expect.push_back(Expect::CloseComplete { forward: false, evicted: Some(old.into()) });
     }
 }
 

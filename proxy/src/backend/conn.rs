@@ -2,7 +2,7 @@
 //! (SCRAM-SHA-256, md5, cleartext or trust), remember its parameters, its
 //! cancel key and which shardgate prepared statements it holds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -96,10 +96,9 @@ pub struct ServerConn {
     pub applied: HashMap<String, String>,
     /// Cancel key of this server process.
     pub cancel_key: CancelKey,
-    /// shardgate-named prepared statements that exist on this connection.
-    pub prepared: HashSet<String>,
-    /// Recency of the routed statements (`sgr_…`) among `prepared`.
-    pub routed: RoutedNames,
+    /// shardgate-named prepared statements that exist on this connection
+    /// (clients' statements under their server names, and routed `sgr_…` ones).
+    pub prepared: Prepared,
     /// Set when the connection must not be reused (I/O error, unknown state).
     pub broken: bool,
 }
@@ -120,8 +119,7 @@ impl ServerConn {
             reported: HashMap::new(),
             applied: HashMap::new(),
             cancel_key: CancelKey { addr, pid: 0, secret: 0 },
-            prepared: HashSet::new(),
-            routed: RoutedNames::default(),
+            prepared: Prepared::default(),
             broken: false,
         };
         let mut out = BytesMut::new();
@@ -266,19 +264,26 @@ fn server_error(f: &Frame) -> BackendError {
     BackendError::Server { code: e.code, message: e.message }
 }
 
-/// The routed statements a shard connection keeps prepared, by recency: when
-/// `cap` are kept, the least recently used gives way to a new one (its name is
-/// returned for the caller to Close on the server), so statements seen once
-/// cannot use up the room of the ones a workload repeats.
+/// The statements shardgate keeps prepared on one server connection, by
+/// recency: at `pool.max_prepared_statements` the least recently used gives
+/// way to a new one (its name is returned for the caller to Close on the
+/// server in the same pipeline), so statements seen once cannot use up the
+/// room of the ones a workload repeats, and a long-lived connection does not
+/// grow the server's memory without bound.
 #[derive(Debug, Default)]
-pub struct RoutedNames {
+pub struct Prepared {
     last_use: HashMap<String, u64>,
     tick: u64,
 }
 
-impl RoutedNames {
-    /// Records a use of `name`.
-    pub fn touch(&mut self, name: &str) {
+impl Prepared {
+    /// True when `name` exists on the server.
+    pub fn contains(&self, name: &str) -> bool {
+        self.last_use.contains_key(name)
+    }
+
+    /// Records that `name` now exists on the server, or a use of it.
+    pub fn insert(&mut self, name: &str) {
         self.tick += 1;
         match self.last_use.get_mut(name) {
             Some(t) => *t = self.tick,
@@ -288,7 +293,16 @@ impl RoutedNames {
         }
     }
 
-    /// Makes room for one more below `cap`: the least recently used name, if one must go.
+    /// Records a use of `name` if it exists.
+    pub fn touch(&mut self, name: &str) {
+        self.tick += 1;
+        if let Some(t) = self.last_use.get_mut(name) {
+            *t = self.tick;
+        }
+    }
+
+    /// Makes room for one more below `cap`: forgets the least recently used
+    /// name and returns it, if one must go.
     pub fn evict_for_one_more(&mut self, cap: usize) -> Option<String> {
         if self.last_use.len() < cap {
             return None;
@@ -299,8 +313,13 @@ impl RoutedNames {
     }
 
     /// Forgets `name` (closed, or its Parse failed).
-    pub fn forget(&mut self, name: &str) {
+    pub fn remove(&mut self, name: &str) {
         self.last_use.remove(name);
+    }
+
+    /// Forgets every name (`DISCARD ALL` / `DEALLOCATE ALL`).
+    pub fn clear(&mut self) {
+        self.last_use.clear();
     }
 
     /// How many are kept.
@@ -315,26 +334,32 @@ impl RoutedNames {
 }
 
 #[cfg(test)]
-mod routed_names_tests {
-    use super::RoutedNames;
+mod prepared_tests {
+    use super::Prepared;
 
     #[test]
     fn the_least_recently_used_name_gives_way() {
-        let mut r = RoutedNames::default();
+        let mut p = Prepared::default();
         for n in ["a", "b", "c"] {
-            assert_eq!(r.evict_for_one_more(3), None);
-            r.touch(n);
+            assert_eq!(p.evict_for_one_more(3), None);
+            p.insert(n);
         }
         // "a" is used again: "b" is now the oldest
-        r.touch("a");
-        assert_eq!(r.evict_for_one_more(3).as_deref(), Some("b"));
-        r.touch("d");
-        assert_eq!(r.len(), 3);
-        assert_eq!(r.evict_for_one_more(3).as_deref(), Some("c"));
-        r.touch("e");
-        assert_eq!(r.evict_for_one_more(3).as_deref(), Some("a"));
-        r.forget("d");
-        assert_eq!(r.len(), 1);
-        assert_eq!(r.evict_for_one_more(3), None);
+        p.touch("a");
+        assert_eq!(p.evict_for_one_more(3).as_deref(), Some("b"));
+        assert!(!p.contains("b"));
+        p.insert("d");
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.evict_for_one_more(3).as_deref(), Some("c"));
+        p.insert("e");
+        assert_eq!(p.evict_for_one_more(3).as_deref(), Some("a"));
+        p.remove("d");
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.evict_for_one_more(3), None);
+        // touching a name that is not there creates nothing
+        p.touch("zz");
+        assert!(!p.contains("zz"));
+        p.clear();
+        assert!(p.is_empty());
     }
 }

@@ -423,25 +423,23 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
         };
         // extended-protocol clients repeat their statements: keep them prepared on the shard
         // connection (named by text and types), so the shard parses and plans once
-        // (at most MAX_PREPARED_PER_CONN, the least recently used closed to make room)
+        // (at most pool.max_prepared_statements, the least recently used closed to make room)
         let conn = &mut slots[shard].as_mut().expect("held").conn;
         let name = (!req.simple).then(|| target_statement_name(&t.sql, &types));
         let parse = match &name {
             Some(n) if conn.prepared.contains(n) => {
-                conn.routed.touch(n);
+                conn.prepared.touch(n);
                 false
             }
             Some(n) => {
-                if let Some(old) = conn.routed.evict_for_one_more(MAX_PREPARED_PER_CONN) {
-                    conn.prepared.remove(&old);
+                if let Some(old) = conn.prepared.evict_for_one_more(engine.max_prepared) {
                     // answered by CloseComplete, before this target's ParseComplete
                     put_message(buf, b'C', |o| {
                         o.extend_from_slice(b"S");
                         crate::protocol::codec::put_cstr(o, old.as_bytes());
                     });
                 }
-                conn.prepared.insert(n.clone());
-                conn.routed.touch(n);
+                conn.prepared.insert(n);
                 parsed.push((shard, n.clone()));
                 true
             }
@@ -465,9 +463,6 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
     result
 }
 
-/// Most statements one shard connection keeps prepared for routed targets.
-const MAX_PREPARED_PER_CONN: usize = 512;
-
 /// Server statement name of a target statement.
 fn target_statement_name(sql: &str, types: &[u32]) -> String {
     use std::hash::{Hash, Hasher};
@@ -485,7 +480,6 @@ async fn forget_parsed(slots: &mut Slots, parsed: &[(usize, String)]) {
     for (shard, name) in parsed {
         let Some(slot) = slots.get_mut(*shard).and_then(Option::as_mut) else { continue };
         slot.conn.prepared.remove(name);
-        slot.conn.routed.forget(name);
         if slot.conn.broken {
             continue;
         }

@@ -42,6 +42,8 @@ pub struct Engine {
     pub ids: Option<IdGenerator>,
     /// Most rows or groups a merge holds in memory.
     pub max_merge_rows: usize,
+    /// Most prepared statements a server connection keeps (`pool.max_prepared_statements`).
+    pub max_prepared: usize,
     /// This proxy's id in two-phase commit names.
     pub worker: u16,
     /// `db_default` (decision log).
@@ -119,6 +121,7 @@ impl Engine {
             months: RwLock::new(Arc::new(Vec::new())),
             ids,
             max_merge_rows: config.server.max_merge_rows,
+            max_prepared: config.pool.max_prepared_statements,
             worker,
             default,
             orphan_age_ms: config.sharding.prepared_orphan_age_ms,
