@@ -239,18 +239,15 @@ pub fn classify(sql: &str, tables: &[CachedTable]) -> CacheAnalysis {
                     TableFactor::Table { name, .. } if u.table.joins.is_empty() => tables.iter().position(|c| is_table(name, &c.name)),
                     _ => None,
                 };
-                match t {
-                    Some(t) => {
-                        let key = &tables[t].key;
-                        let moves_key = u.assignments.iter().any(|a| match &a.target {
-                            AssignmentTarget::ColumnName(n) => object_base(n).as_deref() == Some(key.as_str()),
-                            AssignmentTarget::Tuple(ns) => ns.iter().any(|n| object_base(n).as_deref() == Some(key.as_str())),
-                        });
-                        let keys = if moves_key || u.from.is_some() { None } else { u.selection.as_ref().and_then(|w| where_keys(w, key)) };
-                        out.writes.push(WriteEffect { table: t, keys });
-                    }
-                    // UPDATE other_table … FROM t_merchant only reads it
-                    None => {}
+                // (UPDATE other_table … FROM t_merchant only reads it)
+                if let Some(t) = t {
+                    let key = &tables[t].key;
+                    let moves_key = u.assignments.iter().any(|a| match &a.target {
+                        AssignmentTarget::ColumnName(n) => object_base(n).as_deref() == Some(key.as_str()),
+                        AssignmentTarget::Tuple(ns) => ns.iter().any(|n| object_base(n).as_deref() == Some(key.as_str())),
+                    });
+                    let keys = if moves_key || u.from.is_some() { None } else { u.selection.as_ref().and_then(|w| where_keys(w, key)) };
+                    out.writes.push(WriteEffect { table: t, keys });
                 }
             }
             Statement::Delete(d) => {
