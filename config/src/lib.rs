@@ -127,9 +127,10 @@ impl Config {
         if self.pool.size == 0 {
             return Err(ConfigError::invalid("pool.size", "must be at least 1"));
         }
-        if self.pool.max_prepared_statements < 2 {
-            // a Bind's statement and the one a Parse makes room for must both fit
-            return Err(ConfigError::invalid("pool.max_prepared_statements", "must be at least 2"));
+        if self.pool.max_prepared_statements < 16 {
+            // closing a statement also closes the portals bound to it: keep room for
+            // the statements a client prepares while one of its portals is open
+            return Err(ConfigError::invalid("pool.max_prepared_statements", "must be at least 16"));
         }
         if self.sharding.shard_count == 0 || self.sharding.shard_count > 8 {
             // Generated ids carry the shard in 3 bits (router::id).
@@ -295,12 +296,12 @@ mod tests {
     }
 
     #[test]
-    fn a_prepared_statement_cap_below_two_is_refused() {
+    fn a_prepared_statement_cap_below_sixteen_is_refused() {
         let mut c = Config::from_toml(EXAMPLE, "x").expect("parses");
         assert_eq!(c.pool.max_prepared_statements, 512);
-        c.pool.max_prepared_statements = 1;
+        c.pool.max_prepared_statements = 15;
         let e = c.validate().expect_err("cap").to_string();
-        assert_eq!(e, "config key `pool.max_prepared_statements`: must be at least 2");
+        assert_eq!(e, "config key `pool.max_prepared_statements`: must be at least 16");
     }
 
     #[test]

@@ -613,11 +613,11 @@ async fn reusing_a_prepared_statement_name_gives_42p05_like_postgres() {
 
 #[tokio::test]
 async fn a_server_connection_keeps_at_most_max_prepared_statements_closing_the_least_recently_used() {
-    // one server connection, room for 4 statements
-    let c = core("", "size = 1\nmax_prepared_statements = 4");
+    // one server connection, room for 16 statements (the least allowed)
+    let c = core("", "size = 1\nmax_prepared_statements = 16");
     let client = connect(&c.info.proxy_dsn).await.expect("connect");
     let mut stmts = Vec::new();
-    for i in 0..10i32 {
+    for i in 0..40i32 {
         stmts.push(client.prepare(&format!("SELECT {i}::int + $1::int")).await.expect("prepare"));
     }
     // every statement keeps working, in any order, while others push it out and it comes back
@@ -629,7 +629,7 @@ async fn a_server_connection_keeps_at_most_max_prepared_statements_closing_the_l
     }
     // the server session behind the proxy holds no more than the cap (this query's own statement included)
     let n: i64 = client.query_one("SELECT count(*) FROM pg_prepared_statements", &[]).await.expect("count").get(0);
-    assert!((1..=4).contains(&n), "{n} statements prepared on the server");
+    assert!((1..=16).contains(&n), "{n} statements prepared on the server");
 }
 
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -671,27 +671,28 @@ fn read_messages(s: &mut TcpStream, n: usize) -> Vec<(u8, Vec<u8>)> {
 
 #[test]
 fn a_close_the_server_skipped_after_an_error_leaves_the_statement_known() {
-    // room for 2; an error in the batch makes the server skip the Close the proxy
+    // room for 16; an error in the batch makes the server skip the Close the proxy
     // adds to make room, so that statement must still count as prepared there
-    let c = core("", "size = 1\nmax_prepared_statements = 2");
+    let c = core("", "size = 1\nmax_prepared_statements = 16");
     let mut s = raw_login(&c);
     let sync = frame(b'S', &[]);
-    // batch 1: two statements fill the room
-    s.write_all(&[parse_msg("a", "SELECT 1"), parse_msg("b", "SELECT 2"), sync.clone()].concat()).expect("batch 1");
+    // batch 1: sixteen statements fill the room ("s0" is the least recently used, then "s1")
+    let fill: Vec<u8> = (0..16).flat_map(|i| parse_msg(&format!("s{i}"), &format!("SELECT {}", 100 + i))).collect();
+    s.write_all(&[fill, sync.clone()].concat()).expect("batch 1");
     let r = read_messages(&mut s, 1);
     assert!(r.iter().all(|(t, _)| *t != b'E'), "batch 1: {r:?}");
-    // batch 2: "d" makes room (closes "a"), fails when run; then "e" would close "b", but the
-    // server skips everything after the error up to Sync
+    // batch 2: "d" makes room (closes "s0"), fails when run; then "e" would close "s1", but
+    // the server skips everything after the error up to Sync
     s.write_all(&[parse_msg("d", "SELECT 1/0"), bind_execute("d"), parse_msg("e", "SELECT 5"), sync.clone()].concat()).expect("batch 2");
     let r = read_messages(&mut s, 1);
     let errors: Vec<String> = r.iter().filter(|(t, _)| *t == b'E').map(|(_, b)| String::from_utf8_lossy(b).into_owned()).collect();
     assert!(errors.len() == 1 && errors[0].contains("22012"), "batch 2: one division by zero, got {errors:?}");
-    // batch 3: the text of "b" again under another client name: the server still has it,
+    // batch 3: the text of "s1" again under another client name: the server still has it,
     // so the proxy must not Parse it under the same server name (42P05)
-    s.write_all(&[parse_msg("f", "SELECT 2"), bind_execute("f"), sync.clone()].concat()).expect("batch 3");
+    s.write_all(&[parse_msg("f", "SELECT 101"), bind_execute("f"), sync.clone()].concat()).expect("batch 3");
     let r = read_messages(&mut s, 1);
     let errors: Vec<String> = r.iter().filter(|(t, _)| *t == b'E').map(|(_, b)| String::from_utf8_lossy(b).into_owned()).collect();
     assert!(errors.is_empty(), "batch 3: {errors:?}");
     let row = r.iter().find(|(t, _)| *t == b'D').expect("a row");
-    assert!(row.1.ends_with(b"2"), "SELECT 2 answered {:?}", row.1);
+    assert!(row.1.ends_with(b"101"), "SELECT 101 answered {:?}", row.1);
 }
