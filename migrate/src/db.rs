@@ -231,6 +231,22 @@ impl Tuple {
 }
 
 /// Runs `COPY (query) TO STDOUT (FORMAT binary)` and returns its rows.
+/// Runs `body` in a transaction opened with `begin` (`BEGIN`, maybe followed by
+/// `SET LOCAL …`): COMMIT when it succeeds, ROLLBACK when it fails.
+pub async fn in_transaction<T>(c: &Client, begin: &str, body: impl AsyncFnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    c.batch_execute(begin).await?;
+    match body().await {
+        Ok(v) => {
+            c.batch_execute("COMMIT").await?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
 pub async fn copy_out(c: &Client, query: &str) -> anyhow::Result<Vec<Tuple>> {
     let stream = c.copy_out(&format!("COPY ({query}) TO STDOUT (FORMAT binary)")).await?;
     futures_util::pin_mut!(stream);

@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use shardgate_router::month::MonthKey;
 use tokio_postgres::Client;
 
-use crate::db::{copy_in, copy_out, month_tables, Layout, Stores};
+use crate::db::{copy_in, copy_out, in_transaction, month_tables, Layout, Stores};
 use crate::plan::Store;
 
 /// Which part of the data to compare.
@@ -267,8 +267,7 @@ async fn repair_key(stores: &Stores, legacy: &Client, primary: Store, d: &KeyDif
             } else {
                 copy_out(legacy, &format!("SELECT {cols} FROM {} WHERE {} = ANY({})", l.rule.name, l.rule.id_column, id_array(&copy))).await?
             };
-            c.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'").await?;
-            let r: anyhow::Result<()> = async {
+            in_transaction(c, "BEGIN; SET LOCAL lock_timeout = '5s'", async || {
                 if !gone.is_empty() {
                     c.batch_execute(&format!("DELETE FROM {table} WHERE {} = ANY({})", l.rule.id_column, id_array(&gone))).await?;
                 }
@@ -276,14 +275,9 @@ async fn repair_key(stores: &Stores, legacy: &Client, primary: Store, d: &KeyDif
                     copy_in(c, &l.rule.name, &cols, &tuples).await?;
                     c.batch_execute(&format!("INSERT INTO {table} ({cols}) SELECT {cols} FROM sg_load ON CONFLICT DO NOTHING")).await?;
                 }
-                c.batch_execute("COMMIT").await?;
                 Ok(())
-            }
-            .await;
-            if r.is_err() {
-                let _ = c.batch_execute("ROLLBACK").await;
-            }
-            r?;
+            })
+            .await?;
         }
         Store::Shards => {
             let c = &stores.shards[shard];
@@ -363,8 +357,7 @@ pub async fn compare(stores: &Stores, scope: &Scope, primary: Store, repair: boo
     report.differing_groups = keys.len();
     let legacy_conn = stores.legacy_conn().await?;
     for chunk in keys.chunks(KEYS_PER_LOCK) {
-        legacy_conn.batch_execute("BEGIN").await?;
-        let r: anyhow::Result<()> = async {
+        in_transaction(&legacy_conn, "BEGIN", async || {
             if primary == Store::Legacy {
                 legacy_conn.batch_execute(&format!("SET LOCAL lock_timeout = '10s'; LOCK TABLE {} IN SHARE MODE", l.rule.name)).await?;
             }
@@ -387,14 +380,9 @@ pub async fn compare(stores: &Stores, scope: &Scope, primary: Store, repair: boo
                 }
                 report.diffs.push(d);
             }
-            legacy_conn.batch_execute("COMMIT").await?;
             Ok(())
-        }
-        .await;
-        if r.is_err() {
-            let _ = legacy_conn.batch_execute("ROLLBACK").await;
-        }
-        r?;
+        })
+        .await?;
     }
     report.misplaced = misplaced;
     report.remaining = if repair {

@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shardgate_router::month::MonthKey;
 
-use crate::db::{copy_in, copy_out, Stores, Tuple};
+use crate::db::{copy_in, copy_out, in_transaction, Stores, Tuple};
 use crate::state;
 
 /// Backfill options.
@@ -172,8 +172,7 @@ async fn load_shard(stores: &Stores, shard: usize, months: &BTreeMap<MonthKey, V
     for m in months.keys() {
         c.batch_execute(&l.rule.create_month_table_sql(*m)).await.with_context(|| format!("creating {} on db_{shard}", l.rule.physical(*m)))?;
     }
-    c.batch_execute("BEGIN").await?;
-    let r: anyhow::Result<u64> = async {
+    in_transaction(c, "BEGIN", async || {
         let all: Vec<Tuple> = months.values().flatten().cloned().collect();
         copy_in(c, &l.rule.name, &cols, &all).await.with_context(|| format!("copying into db_{shard}"))?;
         let mut n = 0;
@@ -183,12 +182,7 @@ async fn load_shard(stores: &Stores, shard: usize, months: &BTreeMap<MonthKey, V
                 .await
                 .with_context(|| format!("inserting into db_{shard}.{}", l.rule.physical(*m)))?;
         }
-        c.batch_execute("COMMIT").await?;
         Ok(n)
-    }
-    .await;
-    if r.is_err() {
-        let _ = c.batch_execute("ROLLBACK").await;
-    }
-    r
+    })
+    .await
 }
