@@ -875,7 +875,7 @@ impl Session {
                     } else {
                         if server.prepared.contains(&server_name) {
                             // re-prepare in place so the reply stays in order
-                            crate::protocol::frontend::Target { kind: b'S', name: b"" }.write_renamed(&mut self.sout, b'C', server_name.as_bytes());
+                            crate::protocol::frontend::close_statement(&mut self.sout, server_name.as_bytes());
                             self.expect.push_back(Expect::CloseComplete { forward: false, evicted: None });
                         } else {
                             make_room(server, self.shared.config.pool.max_prepared_statements, &mut self.sout, &mut self.expect);
@@ -1391,7 +1391,7 @@ async fn writable(s: Option<&TcpStream>) -> std::io::Result<()> {
 /// `cap` already, ahead of a Parse in the same pipeline.
 fn make_room(server: &mut crate::backend::ServerConn, cap: usize, sout: &mut BytesMut, expect: &mut VecDeque<Expect>) {
     if let Some(old) = server.prepared.evict_for_one_more(cap) {
-        crate::protocol::frontend::Target { kind: b'S', name: b"" }.write_renamed(sout, b'C', old.as_bytes());
+        crate::protocol::frontend::close_statement(sout, old.as_bytes());
         expect.push_back(Expect::CloseComplete { forward: false, evicted: Some(old.into()) });
     }
 }

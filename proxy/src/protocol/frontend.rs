@@ -220,6 +220,11 @@ impl<'a> Target<'a> {
     }
 }
 
+/// Writes a Close of the prepared statement `name`.
+pub fn close_statement(out: &mut BytesMut, name: &[u8]) {
+    Target { kind: b'S', name: b"" }.write_renamed(out, b'C', name);
+}
+
 /// A SASLInitialResponse.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SaslInitial<'a> {

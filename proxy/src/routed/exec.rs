@@ -434,10 +434,7 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
             Some(n) => {
                 if let Some(old) = conn.prepared.evict_for_one_more(engine.max_prepared) {
                     // answered by CloseComplete, before this target's ParseComplete
-                    put_message(buf, b'C', |o| {
-                        o.extend_from_slice(b"S");
-                        crate::protocol::codec::put_cstr(o, old.as_bytes());
-                    });
+                    crate::protocol::frontend::close_statement(buf, old.as_bytes());
                 }
                 conn.prepared.insert(n);
                 parsed.push((shard, n.clone()));
@@ -484,10 +481,7 @@ async fn forget_parsed(slots: &mut Slots, parsed: &[(usize, String)]) {
             continue;
         }
         let mut b = BytesMut::new();
-        put_message(&mut b, b'C', |o| {
-            o.extend_from_slice(b"S");
-            crate::protocol::codec::put_cstr(o, name.as_bytes());
-        });
+        crate::protocol::frontend::close_statement(&mut b, name.as_bytes());
         put_message(&mut b, b'S', |_| {});
         let ok = slot.conn.stream.write_all(&b).await.is_ok() && wire::read_ready(&mut slot.conn).await.is_ok();
         if !ok {
