@@ -321,16 +321,6 @@ impl Prepared {
     pub fn clear(&mut self) {
         self.last_use.clear();
     }
-
-    /// How many are kept.
-    pub fn len(&self) -> usize {
-        self.last_use.len()
-    }
-
-    /// True when none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.last_use.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -349,17 +339,18 @@ mod prepared_tests {
         assert_eq!(p.evict_for_one_more(3).as_deref(), Some("b"));
         assert!(!p.contains("b"));
         p.insert("d");
-        assert_eq!(p.len(), 3);
         assert_eq!(p.evict_for_one_more(3).as_deref(), Some("c"));
         p.insert("e");
         assert_eq!(p.evict_for_one_more(3).as_deref(), Some("a"));
+        // "d" and "e" are left: below the cap once one is removed
         p.remove("d");
-        assert_eq!(p.len(), 1);
-        assert_eq!(p.evict_for_one_more(3), None);
+        assert_eq!(p.evict_for_one_more(2), None);
+        assert!(p.contains("e") && !p.contains("d"));
         // touching a name that is not there creates nothing
         p.touch("zz");
         assert!(!p.contains("zz"));
         p.clear();
-        assert!(p.is_empty());
+        assert!(!p.contains("e"));
+        assert_eq!(p.evict_for_one_more(1), None);
     }
 }
