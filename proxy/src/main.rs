@@ -116,6 +116,8 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Client statements are planned on the workers (see PLANNING_STACK).
+    builder.thread_stack_size(shardgate_router::PLANNING_STACK);
     if config.server.worker_threads > 0 {
         builder.worker_threads(config.server.worker_threads);
     }

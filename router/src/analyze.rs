@@ -132,6 +132,17 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
     if sql.as_bytes().windows(HOLE_PREFIX.len()).any(|w| w.eq_ignore_ascii_case(HOLE_PREFIX.as_bytes())) {
         return Err(RouteError::unsupported(format!("identifiers starting with {HOLE_PREFIX} are reserved by shardgate")));
     }
+    if crate::lexer::depth_bound(sql) > crate::lexer::MAX_DEPTH_TOKENS {
+        if mentions_sharded_word(sql, topo) {
+            return Err(RouteError::TooComplex(format!(
+                "this statement chains too many operators for shardgate to analyse (over {} tokens along one expression); \
+                 write long OR lists as IN (…) or = ANY($1), or split the statement",
+                crate::lexer::MAX_DEPTH_TOKENS
+            )));
+        }
+        // Not about sharded tables: the server parses it, with its own stack-depth check.
+        return Ok(Analysis::Passthrough(StatementClass::Other));
+    }
     let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
         Err(e) => {

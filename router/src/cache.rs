@@ -203,9 +203,13 @@ pub fn classify(sql: &str, tables: &[CachedTable]) -> CacheAnalysis {
         return CacheAnalysis::default();
     }
     let whole = |ts: &[usize]| ts.iter().map(|&table| WriteEffect { table, keys: None }).collect::<Vec<_>>();
+    // Too deep to hand to sqlparser (see `lexer::depth_bound`), or not parsed:
+    // the server has the full grammar, and whatever this is, it may write the table.
+    if crate::lexer::depth_bound(sql) > crate::lexer::MAX_DEPTH_TOKENS {
+        return CacheAnalysis { read: None, writes: whole(&named) };
+    }
     let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
-        // the server has the full grammar: whatever this is, it may write the table
         Err(_) => return CacheAnalysis { read: None, writes: whole(&named) },
     };
     let mut out = CacheAnalysis::default();

@@ -31,6 +31,9 @@ pub enum RouteError {
     /// The id generator cannot hand out an id (clock stepped back too far).
     #[error("{0}")]
     IdGeneration(String),
+    /// The statement nests too deeply to analyse safely.
+    #[error("{0}")]
+    TooComplex(String),
 }
 
 impl RouteError {
@@ -46,6 +49,7 @@ impl RouteError {
             RouteError::InvalidLimit(_) => "2201W",
             RouteError::Protocol(_) => "08P01",
             RouteError::IdGeneration(_) => "XX000",
+            RouteError::TooComplex(_) => "54001",
         }
     }
 

@@ -10,6 +10,10 @@ pub(crate) enum Token<'a> {
     Semicolon,
     /// `(`.
     OpenParen,
+    /// `)`.
+    CloseParen,
+    /// `,`.
+    Comma,
     /// Anything else outside quotes and comments (one token per literal/symbol).
     Other,
 }
@@ -91,6 +95,14 @@ pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
                 out.push(Token::OpenParen);
                 i += 1;
             }
+            b')' => {
+                out.push(Token::CloseParen);
+                i += 1;
+            }
+            b',' => {
+                out.push(Token::Comma);
+                i += 1;
+            }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 // E'...' escape strings: a word E/e directly followed by a quote
                 if (c == b'e' || c == b'E') && b.get(i + 1) == Some(&b'\'') {
@@ -112,6 +124,43 @@ pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
         }
     }
     out
+}
+
+/// Most tokens a statement may have along one path of open parentheses; see
+/// [`depth_bound`]. sqlparser builds a chain of binary operators (`a + b + c …`,
+/// `x = 1 OR x = 2 OR …`, `v::int::text …`) as a left-deep tree without
+/// recursing, but cloning, visiting and dropping that tree recurse once per
+/// operator: a few thousand of them overflow a thread's stack and abort the
+/// whole process. Texts beyond this bound are never handed to sqlparser.
+pub(crate) const MAX_DEPTH_TOKENS: usize = 1500;
+
+/// An upper bound on how deeply sqlparser's tree of `sql` can nest: the most
+/// tokens counted along one path of open parentheses, where a `,` starts a new
+/// list item (it resets the count to where its parenthesis opened) and a `;` a
+/// new statement. Every nesting level of the tree (an operator in a chain, a
+/// parenthesis, a function call) has a token of its own on that path, so the
+/// tree is never deeper than this. Long lists (`IN (…)`, multi-row VALUES, wide
+/// select lists) are cut by their commas and cost nothing.
+pub(crate) fn depth_bound(sql: &str) -> usize {
+    let mut open: Vec<usize> = Vec::new();
+    let (mut cur, mut max) = (0usize, 0usize);
+    for t in tokens(sql) {
+        match t {
+            Token::Semicolon => {
+                open.clear();
+                cur = 0;
+            }
+            Token::Comma => cur = open.last().copied().unwrap_or(0),
+            Token::OpenParen => {
+                cur += 1;
+                open.push(cur);
+            }
+            Token::CloseParen => cur = open.pop().unwrap_or(cur) + 1,
+            Token::Word(_) | Token::Other => cur += 1,
+        }
+        max = max.max(cur);
+    }
+    max
 }
 
 /// Returns the index just past the closing quote (doubled quotes escape;
@@ -154,6 +203,28 @@ mod tests {
         assert_eq!(words("select 'set x' -- set y\n /* a /* set */ b */ from t"), ["select", "from", "t"]);
         assert_eq!(words("select $q$ ; set $q$, $1, E'it\\'s ; set' ; listen x"), ["select", ";", "listen", "x"]);
         assert_eq!(words("select \"set\"\"x\"; set a"), ["select", ";", "set", "a"]);
+    }
+
+    #[test]
+    fn depth_bound_counts_chains_not_lists() {
+        let chain = format!("select 1{}", "+1".repeat(500));
+        assert!(depth_bound(&chain) > 1000);
+        // lists are cut at their commas, at every level
+        let list = format!("select * from t where a in ({})", vec!["1"; 5000].join(","));
+        assert!(depth_bound(&list) < 20, "{}", depth_bound(&list));
+        let rows = format!("insert into t (a, b) values {}", vec!["(1, 'x')"; 5000].join(","));
+        assert!(depth_bound(&rows) < 20);
+        // a chain inside parentheses adds to the chain around it
+        let nested = format!("select (1{a}) + (1{a})", a = "+1".repeat(300));
+        assert!(depth_bound(&nested) > 600, "{}", depth_bound(&nested));
+        let deep = format!("select {}1{}", "(1+".repeat(300), ")".repeat(300));
+        assert!(depth_bound(&deep) > 900);
+        // statements are counted on their own; quotes and comments hide their text
+        let two = format!("select 1{a}; select 1{a}", a = "+1".repeat(300));
+        assert!(depth_bound(&two) < 700);
+        assert!(depth_bound(&format!("select '{}' -- {}", "+1".repeat(900), "+1".repeat(900))) < 5);
+        // unbalanced parentheses do not panic
+        assert!(depth_bound(")))(((") < 10);
     }
 
     #[test]

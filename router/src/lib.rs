@@ -33,6 +33,13 @@ pub use plan::{Agg, CmpOp, ColRef, Grouping, Having, MergeSpec, Operand, Plan, R
 pub use session::{session_effect, SessionEffect};
 pub use topology::{Context, Param, TableRule, Topology};
 
+/// The stack a thread that plans statements should have. Statements are
+/// analysed up to a fixed nesting bound (longer operator chains are refused with
+/// 54001 before sqlparser sees them); at that bound a debug build needs about
+/// 4 MiB, more than the 2 MiB tokio gives its workers by default. Threads only
+/// reserve this address space: pages are touched as the stack grows.
+pub const PLANNING_STACK: usize = 8 << 20;
+
 /// Plans one statement without caching: parse, analyse, apply bind values.
 pub fn plan(sql: &str, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
     analyze(sql, topo).plan(params, topo, ctx)

@@ -289,3 +289,28 @@ async fn more_distinct_statements_than_a_shard_connection_keeps_prepared_all_kee
         assert_eq!(client.query_one(&hot, &[&8i64, &1i64]).await.expect("hot").get::<_, String>(0), "lru");
     }
 }
+
+/// Before the router's nesting bound, one statement with a 10,000-operator chain
+/// (20 KB) overflowed a worker's stack and aborted the proxy for every client.
+#[tokio::test]
+async fn a_deeply_chained_statement_is_refused_and_the_proxy_keeps_serving() {
+    let c = start("", "");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let chain = format!("1{}", "+1".repeat(100_000));
+    let sharded = format!("SELECT * FROM t_order WHERE merchant_id = {chain}");
+    let e = client.simple_query(&sharded).await.expect_err("simple protocol");
+    assert_eq!(sqlstate(&e).as_deref(), Some("54001"), "{e:?}");
+    assert!(e.as_db_error().is_some_and(|d| d.message().contains("= ANY($1)")), "{e:?}");
+    let e = client.prepare(&format!("UPDATE t_order SET order_amount = {chain} WHERE merchant_id = $1")).await.expect_err("extended protocol");
+    assert_eq!(sqlstate(&e).as_deref(), Some("54001"), "{e:?}");
+    // Not about a sharded table: the server judges it (PostgreSQL has its own stack-depth check).
+    match client.simple_query(&format!("SELECT {chain}")).await {
+        Ok(_) => {}
+        Err(e) => assert_eq!(sqlstate(&e).as_deref(), Some("54001"), "{e:?}"),
+    }
+    // the same session and new ones are served
+    let one: i64 = client.query_one("SELECT count(*) FROM t_order WHERE merchant_id = $1", &[&7i64]).await.expect("same session").get(0);
+    assert_eq!(one, 0);
+    let other = connect(&c.info.proxy_dsn).await.expect("a new client after the deep statements");
+    other.simple_query("SELECT 1").await.expect("new client");
+}
