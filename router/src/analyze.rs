@@ -39,7 +39,8 @@ pub enum Analysis {
 pub struct SelectAnalysis {
     rule: usize,
     cond: Cond,
-    single: Template,
+    /// The statement for one target, printed on first need (scatters never need it).
+    single: std::sync::OnceLock<Template>,
     /// The renamed statement, kept to build the scatter form on first need.
     query: sqlparser::ast::Query,
     /// How many times the sharded table is referenced.
@@ -260,11 +261,10 @@ fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRul
         }
         _ => Cond::All,
     };
-    let single = Template::parse(&q.to_string());
     Ok(Analysis::Select(Box::new(SelectAnalysis {
         rule: rule_idx,
         cond,
-        single,
+        single: std::sync::OnceLock::new(),
         query: q,
         references: r.count,
         scatter: std::sync::OnceLock::new(),
@@ -467,6 +467,26 @@ fn groups(set: &crate::extract::TargetSet, months: &[MonthKey], shard_count: u8,
     out
 }
 
+/// Renders the text of each distinct month set once: a statement spread over
+/// all shards runs the same text on each of them.
+fn shared_texts(
+    groups: Vec<(ShardId, Vec<MonthKey>)>,
+    mut render: impl FnMut(&[MonthKey]) -> String,
+) -> impl Iterator<Item = (ShardId, Vec<MonthKey>, std::sync::Arc<str>)> {
+    let mut done: Vec<(Vec<MonthKey>, std::sync::Arc<str>)> = Vec::new();
+    groups.into_iter().map(move |(shard, months)| {
+        let sql = match done.iter().find(|(m, _)| *m == months) {
+            Some((_, sql)) => sql.clone(),
+            None => {
+                let sql: std::sync::Arc<str> = render(&months).into();
+                done.push((months.clone(), sql.clone()));
+                sql
+            }
+        };
+        (shard, months, sql)
+    })
+}
+
 impl Analysis {
     /// Applies bind values and context.
     pub fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
@@ -522,7 +542,8 @@ impl SelectAnalysis {
         let gs = groups(&set, ctx.months, topo.shard_count, self.locking);
         if gs.len() == 1 {
             let (shard, months) = gs.into_iter().next().expect("one group");
-            let sql = self.single.render(&table_text(rule, &months), None, &[], &[]);
+            let single = self.single.get_or_init(|| Template::parse(&self.query.to_string()));
+            let sql = single.render(&table_text(rule, &months), None, &[], &[]).into();
             return Ok(Plan::Routed(Box::new(Routed {
                 kind: RoutedKind::Select,
                 table: rule.name.clone(),
@@ -538,12 +559,8 @@ impl SelectAnalysis {
         let limit = count_value(sc.limit, params, "LIMIT")?;
         let offset = count_value(sc.offset, params, "OFFSET")?.unwrap_or(0);
         let pushed = if sc.push_limit { limit.map(|l| l.saturating_add(offset)) } else { None };
-        let targets = gs
-            .into_iter()
-            .map(|(shard, months)| {
-                let sql = template.render(&table_text(rule, &months), pushed, &[], &[]);
-                Target { shard, months, sql, params: form.params.clone(), extra: Vec::new() }
-            })
+        let targets = shared_texts(gs, |months| template.render(&table_text(rule, months), pushed, &[], &[]))
+            .map(|(shard, months, sql)| Target { shard, months, sql, params: form.params.clone(), extra: Vec::new() })
             .collect();
         let mut spec = sc.spec.clone();
         spec.limit = limit;
@@ -556,12 +573,9 @@ impl WriteAnalysis {
     fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
         let rule = &topo.tables[self.rule];
         let set = self.cond.eval(params, topo, ctx)?;
-        let targets = groups(&set, ctx.months, topo.shard_count, true)
-            .into_iter()
-            .map(|(shard, months)| {
-                let sql = self.template.render(&table_text(rule, &months), None, &[], &[]);
-                Target { shard, months, sql, params: None, extra: Vec::new() }
-            })
+        let gs = groups(&set, ctx.months, topo.shard_count, true);
+        let targets = shared_texts(gs, |months| self.template.render(&table_text(rule, months), None, &[], &[]))
+            .map(|(shard, months, sql)| Target { shard, months, sql, params: None, extra: Vec::new() })
             .collect();
         Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new(), row_targets: Vec::new(), logical: None })))
     }
@@ -642,10 +656,10 @@ impl InsertAnalysis {
             if bound {
                 let (id_holes, time_holes, extra) = holes(params.len(), &id_text, time_text.len());
                 let sql = self.template.render(&rule.physical(month), None, &id_holes, &time_holes);
-                vec![Target { shard, months: vec![month], sql, params: None, extra }]
+                vec![Target { shard, months: vec![month], sql: sql.into(), params: None, extra }]
             } else {
                 let sql = self.template.render(&rule.physical(month), None, &id_text, &time_text);
-                vec![Target { shard, months: vec![month], sql, params: None, extra: Vec::new() }]
+                vec![Target { shard, months: vec![month], sql: sql.into(), params: None, extra: Vec::new() }]
             }
         } else {
             let mut out = Vec::with_capacity(order.len());
@@ -670,7 +684,7 @@ impl InsertAnalysis {
                     (template.render(&rule.physical(month), None, &pick(&id_text), &times), Vec::new())
                 };
                 let params = if params.is_empty() && ren.map.is_empty() { None } else { Some(ren.map) };
-                out.push(Target { shard, months: vec![month], sql, params, extra });
+                out.push(Target { shard, months: vec![month], sql: sql.into(), params, extra });
             }
             out
         };

@@ -41,7 +41,23 @@ impl MonthKey {
 
     /// `yyyyMM` as used in physical table names (years before 1000 are zero-padded).
     pub fn suffix(self) -> String {
-        format!("{:04}{:02}", self.year, self.month)
+        let mut s = String::with_capacity(6);
+        self.push_suffix(&mut s);
+        s
+    }
+
+    /// Appends [`MonthKey::suffix`] to `out` (planning renders one per target).
+    pub fn push_suffix(self, out: &mut String) {
+        match u16::try_from(self.year) {
+            Ok(y) if y <= 9999 => {
+                let digits = [y / 1000, y / 100 % 10, y / 10 % 10, y % 10, u16::from(self.month / 10), u16::from(self.month % 10)];
+                out.extend(digits.iter().map(|d| char::from(b'0' + *d as u8)));
+            }
+            _ => {
+                use std::fmt::Write;
+                let _ = write!(out, "{:04}{:02}", self.year, self.month);
+            }
+        }
     }
 
     /// Parses `yyyyMM` (as printed by [`MonthKey::suffix`]).
@@ -183,6 +199,24 @@ pub fn months_in_range(lo: Bound, hi: Bound, tz: &TimeZone, existing: &[MonthKey
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn suffix_is_the_zero_padded_year_and_month_for_every_month() {
+        for year in -9999..=9999i16 {
+            for month in 1..=12u8 {
+                let m = MonthKey { year, month };
+                assert_eq!(m.suffix(), format!("{year:04}{month:02}"));
+            }
+        }
+        let rule = crate::topology::TableRule {
+            name: "t".into(),
+            shard_key: "k".into(),
+            month_column: "c".into(),
+            id_column: "id".into(),
+            pattern: "{yyyyMM}_t_{yyyyMM}x".into(),
+        };
+        assert_eq!(rule.physical(MonthKey { year: 7, month: 3 }), "000703_t_000703x");
+    }
 
     fn utc() -> TimeZone {
         TimeZone::UTC

@@ -78,8 +78,9 @@ pub struct Target {
     pub shard: ShardId,
     /// Month tables read or written; empty means the template table (no month exists).
     pub months: Vec<MonthKey>,
-    /// Rewritten SQL, runs on PostgreSQL 15.
-    pub sql: String,
+    /// Rewritten SQL, runs on PostgreSQL 15. Targets on different shards with
+    /// the same month tables share one text.
+    pub sql: std::sync::Arc<str>,
     /// Bind values for this statement, as indexes into the client's values;
     /// `None` means all of them in order.
     pub params: Option<Vec<usize>>,

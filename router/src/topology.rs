@@ -24,7 +24,14 @@ pub struct TableRule {
 impl TableRule {
     /// `t_order_202611`.
     pub fn physical(&self, month: MonthKey) -> String {
-        self.pattern.replace("{yyyyMM}", &month.suffix())
+        let mut out = String::with_capacity(self.pattern.len());
+        let mut parts = self.pattern.split("{yyyyMM}");
+        out.push_str(parts.next().unwrap_or_default());
+        for rest in parts {
+            month.push_suffix(&mut out);
+            out.push_str(rest);
+        }
+        out
     }
 
     /// DDL that creates the month table from the template table (same columns,

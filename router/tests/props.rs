@@ -194,6 +194,6 @@ fn cached_router_applies_new_bind_values() {
         let Plan::Routed(r) = router.plan(sql, &[Param::Text(m), Param::Text("2026-10-01"), Param::Text("2026-11-01")], &world.ctx()).expect("plan") else { panic!() };
         assert_eq!(r.targets.len(), 1);
         assert_eq!(r.targets[0].shard.0, shard);
-        assert_eq!(r.targets[0].sql, "SELECT * FROM t_order_202610 AS t_order WHERE merchant_id = $1 AND create_time >= $2 AND create_time < $3");
+        assert_eq!(&*r.targets[0].sql, "SELECT * FROM t_order_202610 AS t_order WHERE merchant_id = $1 AND create_time >= $2 AND create_time < $3");
     }
 }

@@ -85,7 +85,7 @@ async fn every_golden_rewrite_runs_on_postgres() {
             picked.extend(extra.iter());
             let refs: Vec<&(dyn ToSql + Sync)> = picked.iter().map(|p| *p as &(dyn ToSql + Sync)).collect();
             client.batch_execute("BEGIN").await.expect("begin");
-            let res = client.query(t.sql.as_str(), &refs).await;
+            let res = client.query(&*t.sql, &refs).await;
             client.batch_execute("ROLLBACK").await.expect("rollback");
             match res {
                 Ok(_) => ran += 1,

@@ -202,7 +202,7 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
         let s = t.shard.0 as usize;
         let down = engine.is_down(s);
         let pending = engine.fallback.pending(s);
-        let fb = |write: bool| Target { shard: slot, months: t.months.clone(), sql: swap_tables(&t.sql, rule, s, &t.months, write), params: t.params.clone(), extra: t.extra.clone() };
+        let fb = |write: bool| Target { shard: slot, months: t.months.clone(), sql: swap_tables(&t.sql, rule, s, &t.months, write).into(), params: t.params.clone(), extra: t.extra.clone() };
         match (routed.kind, down) {
             (RoutedKind::Select, true) => {
                 if policy_fail {

@@ -57,7 +57,7 @@ impl Session {
         Routed {
             kind: plan.kind,
             table: plan.table.clone(),
-            targets: vec![Target { shard: ShardId(slot as u8), months: Vec::new(), sql: legacy_sql(plan, sql), params: None, extra: Vec::new() }],
+            targets: vec![Target { shard: ShardId(slot as u8), months: Vec::new(), sql: legacy_sql(plan, sql).into(), params: None, extra: Vec::new() }],
             merge: None,
             generated_ids: plan.generated_ids.clone(),
             row_targets: Vec::new(),
@@ -132,7 +132,7 @@ impl Session {
         };
         if let Err(e) = r {
             let (shards, months) = keys(plan);
-            let text = plan.logical.as_deref().or(routed.targets.first().map(|t| t.sql.as_str())).unwrap_or(sql);
+            let text = plan.logical.as_deref().or(routed.targets.first().map(|t| &*t.sql)).unwrap_or(sql);
             self.shared.engine.migration.record_outbox(target, text, &shards, &months, &describe(&e)).await;
         }
     }
