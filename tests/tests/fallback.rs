@@ -278,6 +278,59 @@ async fn sigkill_of_the_proxy_during_sync_back_loses_and_doubles_nothing() {
     println!("sigkill: {kills} proxy kills during sync-back of {} rows; all exactly once", ids.len());
 }
 
+/// The race behind a flaky update storm: an UPDATE planned while its shard is
+/// down runs on the fallback row, waits there for the row lock of a sync-back
+/// batch, and when that batch commits, the row has moved home and no longer
+/// matches. The shard is back by then, so the update must run again there —
+/// not fail with "no order written for it while it is down matched". The test
+/// holds the lock itself and moves the row as sync-back does, so the order of
+/// events is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_waited_for_sync_back_to_move_its_row_runs_again_on_the_shard() {
+    let c = start(FAST);
+    c.info.cluster_of_shard(0).expect("cluster").stop_immediate().expect("stop shard 0");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status) VALUES (2, 'moved', 16, 2.00, 'NEW')").await.expect("insert while down");
+    assert_eq!(shard_state(&c, 0), "down");
+    // the "sync-back batch": the fallback row locked in a transaction on db_default
+    let mut def = connect(&c.info.default_dsn).await.expect("db_default");
+    let tx = def.transaction().await.expect("begin");
+    let row = tx.query_one("SELECT target_table, row_to_json(f)::text FROM t_order_fallback f WHERE id = 2 FOR UPDATE", &[]).await.expect("lock the row");
+    let (table, json): (String, String) = (row.get(0), row.get(1));
+    // the update is planned while db_0 is down and waits for the lock
+    let dsn = c.info.proxy_dsn.clone();
+    let update = tokio::spawn(async move {
+        let client = connect(&dsn).await.expect("connect");
+        client.execute("UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = 16 AND id = 2", &[]).await
+    });
+    let watcher = connect(&c.info.default_dsn).await.expect("db_default");
+    let t0 = Instant::now();
+    loop {
+        let waiting: i64 = watcher
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%'", &[])
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(!update.is_finished() && t0.elapsed() < Duration::from_secs(10), "the update did not wait for the row lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // db_0 comes back; the batch moves the row home and marks it synced
+    c.info.cluster_of_shard(0).expect("cluster").start().expect("restart shard 0");
+    wait_for("db_0 no longer down", Duration::from_secs(20), || shard_state(&c, 0) != "down").await;
+    let shard0 = connect(&c.info.shards[0]).await.expect("shard 0");
+    shard0.execute(&format!("INSERT INTO {table} SELECT * FROM json_populate_record(NULL::{table}, $1::text::json)"), &[&json]).await.expect("move the row home");
+    tx.execute("UPDATE t_order_fallback SET sync_status = 'SYNCED', synced_at = now() WHERE id = 2", &[]).await.expect("mark synced");
+    tx.commit().await.expect("commit the batch");
+    let n = update.await.expect("update task").expect("the update runs again on the shard");
+    assert_eq!(n, 1);
+    let status: String = shard0.query_one(&format!("SELECT pay_status FROM {table} WHERE id = 2"), &[]).await.expect("row on db_0").get(0);
+    assert_eq!(status, "PAID");
+    assert!(c.proxy_log().contains("the shard is back, so it runs again"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_storm_during_sync_back_keeps_the_last_acknowledged_value() {
     let c = start(&FAST.replace("sync_interval_ms = 300", "sync_interval_ms = 100\nbatch_size = 100"));
@@ -320,6 +373,8 @@ async fn an_update_storm_during_sync_back_keeps_the_last_acknowledged_value() {
         let states: Vec<&str> = log.lines().filter(|l| l.contains("state changed") || l.contains("sync") || l.contains("unavailable")).collect();
         panic!("updaters failed: {failed:?}\nproxy log (shard states, sync-back):\n{}", states.join("\n"));
     }
+    let again = c.proxy_log().lines().filter(|l| l.contains("the shard is back, so it runs again")).count();
+    println!("update storm: {again} update(s) planned while db_0 was down ran again after sync-back had moved their row");
     wait_synced(&c, Duration::from_secs(60)).await;
     let seen = shard0_counts(&c).await;
     let last = last.lock().expect("lock").clone();

@@ -91,6 +91,9 @@ pub enum ExecError {
     Unreachable(usize),
     /// A read of a shard that still has unsynced fallback rows: bring them home first.
     CatchUp(usize),
+    /// An UPDATE/DELETE that ran only on a down shard's fallback rows matched none
+    /// of them; nothing was changed.
+    DownMissed(usize),
 }
 
 impl From<ValueError> for ExecError {
@@ -241,11 +244,22 @@ fn target_formats(req: &Request<'_>, spec: Option<&MergeSpec>) -> Vec<i16> {
     (0..visible + spec.hidden).map(|i| if i < visible && !computed.contains(&i) && req.bound.binary(i) { 1 } else { 0 }).collect()
 }
 
+/// The client's error for [`ExecError::DownMissed`].
+pub(crate) fn down_missed(shard: usize) -> ExecError {
+    ExecError::Proxy(
+        "57P03",
+        format!("shard db_{shard} is unavailable: no order written for it while it is down matched, so the rows may be on db_{shard}; retry when it is back"),
+    )
+}
+
 /// Runs `req` and writes rows and the command tag (not ReadyForQuery),
 /// redirecting targets of down shards to the fallback table.
 pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>) -> Result<(), ExecError> {
     let mut attempt = 0;
     let mut caught_up = false;
+    let mut missed_again = false;
+    // nothing of a statement that only matched nothing on fallback rows reached the client
+    let mark = out.buf.len();
     loop {
         let adjusted = match super::fallback::adjust(engine, req.routed, engine.policy_fail).await {
             Ok(a) => a,
@@ -294,6 +308,16 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
                 continue;
             }
             Err(ExecError::Unreachable(s)) => return Err(ExecError::Proxy("08006", format!("shard db_{s} is unavailable"))),
+            // Planned while the shard was down, but it came back before the write ran and
+            // sync-back moved the row home (a moved row no longer matches on the fallback
+            // side): run it again against the shard as it is now. Nothing was changed.
+            Err(ExecError::DownMissed(s)) if !missed_again && !engine.is_down(s) => {
+                tracing::info!(shard = s, "a write planned while the shard was down matched none of its fallback rows; the shard is back, so it runs again");
+                missed_again = true;
+                out.buf.truncate(mark);
+                continue;
+            }
+            Err(ExecError::DownMissed(s)) => return Err(down_missed(s)),
             other => return other,
         }
     }
@@ -655,10 +679,10 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     for &(_, shard) in req.down_targets {
         let matched: u64 = req.down_targets.iter().filter(|(_, s)| *s == shard).map(|(ti, _)| per_target.get(*ti).copied().unwrap_or(0)).sum();
         if matched == 0 {
-            return Err(ExecError::Proxy(
-                "57P03",
-                format!("shard db_{shard} is unavailable: no order written for it while it is down matched, so the rows may be on db_{shard}; retry when it is back"),
-            ));
+            if req.down_targets.len() == routed.targets.len() && affected == 0 {
+                return Err(ExecError::DownMissed(shard));
+            }
+            return Err(down_missed(shard));
         }
     }
     if reorder {

@@ -219,6 +219,7 @@ fn describe(e: &ExecError) -> String {
         ExecError::Proxy(code, m) => format!("SQLSTATE {code}: {m}"),
         ExecError::Unreachable(s) => format!("shard db_{s} unreachable"),
         ExecError::CatchUp(s) => format!("shard db_{s} catching up"),
+        ExecError::DownMissed(s) => format!("shard db_{s} down: no fallback row matched"),
         ExecError::ClientIo(e) => format!("client I/O: {e}"),
     }
 }

@@ -810,6 +810,7 @@ pub(super) fn error_frame(e: &ExecError) -> Bytes {
             msg::error_response(&mut b, Severity::Error, "08006", &format!("shard db_{s} is unavailable"));
             b.freeze()
         }
+        ExecError::DownMissed(s) => error_frame(&crate::routed::exec::down_missed(*s)),
     }
 }
 
