@@ -87,20 +87,13 @@ pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
                 }
                 out.push(Token::Other);
             }
-            b';' => {
-                out.push(Token::Semicolon);
-                i += 1;
-            }
-            b'(' => {
-                out.push(Token::OpenParen);
-                i += 1;
-            }
-            b')' => {
-                out.push(Token::CloseParen);
-                i += 1;
-            }
-            b',' => {
-                out.push(Token::Comma);
+            b';' | b'(' | b')' | b',' => {
+                out.push(match c {
+                    b';' => Token::Semicolon,
+                    b'(' => Token::OpenParen,
+                    b')' => Token::CloseParen,
+                    _ => Token::Comma,
+                });
                 i += 1;
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
