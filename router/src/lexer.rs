@@ -20,8 +20,14 @@ pub(crate) enum Token<'a> {
 
 /// Splits `sql` into tokens. Never panics, whatever bytes it is given.
 pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
-    let b = sql.as_bytes();
     let mut out = Vec::new();
+    scan(sql, |t| out.push(t));
+    out
+}
+
+/// Calls `emit` with each token of `sql` in order, without collecting them.
+pub(crate) fn scan<'a>(sql: &'a str, mut emit: impl FnMut(Token<'a>)) {
+    let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -52,11 +58,11 @@ pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
             }
             b'\'' => {
                 i = skip_quoted(b, i + 1, b'\'', false);
-                out.push(Token::Other);
+                emit(Token::Other);
             }
             b'"' => {
                 i = skip_quoted(b, i + 1, b'"', false);
-                out.push(Token::Other);
+                emit(Token::Other);
             }
             b'$' => {
                 // dollar quote $tag$...$tag$, or a parameter $1
@@ -85,10 +91,10 @@ pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
                         i += 1;
                     }
                 }
-                out.push(Token::Other);
+                emit(Token::Other);
             }
             b';' | b'(' | b')' | b',' => {
-                out.push(match c {
+                emit(match c {
                     b';' => Token::Semicolon,
                     b'(' => Token::OpenParen,
                     b')' => Token::CloseParen,
@@ -100,7 +106,7 @@ pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
                 // E'...' escape strings: a word E/e directly followed by a quote
                 if (c == b'e' || c == b'E') && b.get(i + 1) == Some(&b'\'') {
                     i = skip_quoted(b, i + 2, b'\'', true);
-                    out.push(Token::Other);
+                    emit(Token::Other);
                     continue;
                 }
                 let start = i;
@@ -108,15 +114,14 @@ pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
                     i += 1;
                 }
                 // start and i are on char boundaries: both sit at ASCII bytes or the ends
-                out.push(Token::Word(sql.get(start..i).unwrap_or("")));
+                emit(Token::Word(sql.get(start..i).unwrap_or("")));
             }
             _ => {
-                out.push(Token::Other);
+                emit(Token::Other);
                 i += 1;
             }
         }
     }
-    out
 }
 
 /// Most tokens a statement may have along one path of open parentheses; see
@@ -137,7 +142,7 @@ pub(crate) const MAX_DEPTH_TOKENS: usize = 1500;
 pub(crate) fn depth_bound(sql: &str) -> usize {
     let mut open: Vec<usize> = Vec::new();
     let (mut cur, mut max) = (0usize, 0usize);
-    for t in tokens(sql) {
+    scan(sql, |t| {
         match t {
             Token::Semicolon => {
                 open.clear();
@@ -152,7 +157,7 @@ pub(crate) fn depth_bound(sql: &str) -> usize {
             Token::Word(_) | Token::Other => cur += 1,
         }
         max = max.max(cur);
-    }
+    });
     max
 }
 
