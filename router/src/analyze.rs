@@ -121,6 +121,23 @@ fn mentions_sharded_word(sql: &str, topo: &Topology) -> bool {
     })
 }
 
+/// Why a text was not parsed.
+pub(crate) enum Unparsed {
+    /// Deeper than [`crate::lexer::MAX_DEPTH_TOKENS`]: never handed to sqlparser.
+    TooDeep,
+    /// sqlparser's error.
+    Syntax(sqlparser::parser::ParserError),
+}
+
+/// The one way the router parses SQL: within the nesting bound (see
+/// [`crate::lexer::depth_bound`]), then with sqlparser's PostgreSQL dialect.
+pub(crate) fn parse(sql: &str) -> std::result::Result<Vec<Statement>, Unparsed> {
+    if crate::lexer::depth_bound(sql) > crate::lexer::MAX_DEPTH_TOKENS {
+        return Err(Unparsed::TooDeep);
+    }
+    Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(Unparsed::Syntax)
+}
+
 /// Analyses one statement text (possibly several statements).
 pub fn analyze(sql: &str, topo: &Topology) -> Analysis {
     match analyze_inner(sql, topo) {
@@ -133,20 +150,20 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
     if sql.as_bytes().windows(HOLE_PREFIX.len()).any(|w| w.eq_ignore_ascii_case(HOLE_PREFIX.as_bytes())) {
         return Err(RouteError::unsupported(format!("identifiers starting with {HOLE_PREFIX} are reserved by shardgate")));
     }
-    if crate::lexer::depth_bound(sql) > crate::lexer::MAX_DEPTH_TOKENS {
-        if mentions_sharded_word(sql, topo) {
-            return Err(RouteError::TooComplex(format!(
-                "this statement chains too many operators for shardgate to analyse (over {} tokens along one expression); \
-                 write long OR lists as IN (…) or = ANY($1), or split the statement",
-                crate::lexer::MAX_DEPTH_TOKENS
-            )));
-        }
-        // Not about sharded tables: the server parses it, with its own stack-depth check.
-        return Ok(Analysis::Passthrough(StatementClass::Other));
-    }
-    let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+    let stmts = match parse(sql) {
         Ok(s) => s,
-        Err(e) => {
+        Err(Unparsed::TooDeep) => {
+            if mentions_sharded_word(sql, topo) {
+                return Err(RouteError::TooComplex(format!(
+                    "this statement chains too many operators for shardgate to analyse (over {} tokens along one expression); \
+                     write long OR lists as IN (…) or = ANY($1), or split the statement",
+                    crate::lexer::MAX_DEPTH_TOKENS
+                )));
+            }
+            // Not about sharded tables: the server parses it, with its own stack-depth check.
+            return Ok(Analysis::Passthrough(StatementClass::Other));
+        }
+        Err(Unparsed::Syntax(e)) => {
             if mentions_sharded_word(sql, topo) {
                 return Err(RouteError::Syntax(format!(
                     "shardgate could not parse this statement on a sharded table: {}",

@@ -16,8 +16,6 @@ use sqlparser::ast::{
     AssignmentTarget, BinaryOperator, Expr, FromTable, Ident, OnConflictAction, OnInsert, SelectItem, SetExpr,
     Statement, TableFactor, TableObject, UnaryOperator, Value,
 };
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 
 use crate::extract::{placeholder_index, src_of, Src};
 use crate::rewrite::{is_table, object_base};
@@ -203,13 +201,10 @@ pub fn classify(sql: &str, tables: &[CachedTable]) -> CacheAnalysis {
         return CacheAnalysis::default();
     }
     let whole = |ts: &[usize]| ts.iter().map(|&table| WriteEffect { table, keys: None }).collect::<Vec<_>>();
-    // Too deep to hand to sqlparser (see `lexer::depth_bound`), or not parsed:
-    // the server has the full grammar, and whatever this is, it may write the table.
-    if crate::lexer::depth_bound(sql) > crate::lexer::MAX_DEPTH_TOKENS {
-        return CacheAnalysis { read: None, writes: whole(&named) };
-    }
-    let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+    let stmts = match crate::analyze::parse(sql) {
         Ok(s) => s,
+        // too deep to parse, or not parsed: the server has the full grammar, and
+        // whatever this is, it may write the table
         Err(_) => return CacheAnalysis { read: None, writes: whole(&named) },
     };
     let mut out = CacheAnalysis::default();
