@@ -706,6 +706,17 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool
 }
 
 /// Connects with tokio-postgres (no TLS) and drives the connection in the background.
+/// The month tables (`t_order_yyyyMM`) on a shard, by name.
+pub async fn month_tables(shard: &tokio_postgres::Client) -> Vec<String> {
+    shard
+        .query("SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname ~ '^t_order_[0-9]{6}$'", &[])
+        .await
+        .expect("month tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 pub async fn connect(dsn: &str) -> std::result::Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use postgres_types::ToSql;
 use shardgate_tests::workload::{self, Step, Value};
-use shardgate_tests::{connect, schema, sqlstate, Cluster, Options, Raw};
+use shardgate_tests::{connect, month_tables, schema, sqlstate, Cluster, Options, Raw};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 
@@ -190,10 +190,9 @@ async fn tokio_postgres_simple_and_extended_answer_like_one_table() {
         let shard = connect(dsn).await.expect("shard");
         let template: i64 = shard.query_one("SELECT count(*) FROM t_order", &[]).await.expect("template").get(0);
         assert_eq!(template, 0, "db_{n}: the template table stays empty");
-        let tables = shard.query("SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname ~ '^t_order_[0-9]{6}$'", &[]).await.expect("tables");
+        let tables = month_tables(&shard).await;
         assert!(tables.len() >= 6, "db_{n} has month tables for the workload's six months");
-        for t in tables {
-            let name: String = t.get(0);
+        for name in tables {
             let month = &name["t_order_".len()..];
             let q = format!(
                 "SELECT count(*), count(*) FILTER (WHERE merchant_id % 8 <> {n}), count(*) FILTER (WHERE to_char(create_time AT TIME ZONE 'UTC', 'YYYYMM') <> '{month}') FROM {name}"

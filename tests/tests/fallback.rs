@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardgate_tests::{connect, http_get, sqlstate, Cluster, Options, wait_for};
+use shardgate_tests::{connect, http_get, month_tables, sqlstate, Cluster, Options, wait_for};
 use tokio_postgres::SimpleQueryMessage;
 
 const FAST: &str = "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 2000\nfailure_threshold = 2\nrecovery_threshold = 2\n[fallback]\nsync_interval_ms = 300\n";
@@ -181,9 +181,7 @@ async fn chaos_kill_shard_0_under_write_load_loses_and_doubles_nothing() {
     let mut seen: HashMap<i64, usize> = HashMap::new();
     for (n, dsn) in c.info.shards.iter().enumerate() {
         let shard = connect(dsn).await.expect("shard");
-        let tables = shard.query("SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname ~ '^t_order_[0-9]{6}$'", &[]).await.expect("tables");
-        for t in tables {
-            let name: String = t.get(0);
+        for name in month_tables(&shard).await {
             for r in shard.query(&format!("SELECT id, merchant_id, order_no FROM {name}"), &[]).await.expect("rows") {
                 let (id, merchant, order_no): (i64, i64, String) = (r.get(0), r.get(1), r.get(2));
                 assert_eq!(merchant % 8, n as i64, "{order_no} on the wrong shard");
@@ -225,9 +223,7 @@ async fn orders_while_down(c: &Cluster, n: i64) -> Vec<i64> {
 async fn shard0_counts(c: &Cluster) -> HashMap<i64, (usize, String)> {
     let shard = connect(&c.info.shards[0]).await.expect("shard 0");
     let mut seen: HashMap<i64, (usize, String)> = HashMap::new();
-    let tables = shard.query("SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname ~ '^t_order_[0-9]{6}$'", &[]).await.expect("tables");
-    for t in tables {
-        let name: String = t.get(0);
+    for name in month_tables(&shard).await {
         for r in shard.query(&format!("SELECT id, pay_status FROM {name}"), &[]).await.expect("rows") {
             let e = seen.entry(r.get(0)).or_insert((0, String::new()));
             e.0 += 1;

@@ -122,14 +122,7 @@ async fn shard_rows(c: &Cluster) -> Vec<(i64, i64, usize, String, String, String
     let mut out = Vec::new();
     for (i, dsn) in c.info.shards.iter().enumerate() {
         let s = connect(dsn).await;
-        let tables: Vec<String> = s
-            .query("SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname ~ '^t_order_[0-9]{6}$'", &[])
-            .await
-            .expect("tables")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for t in tables {
+        for t in shardgate_tests::month_tables(&s).await {
             let rows = s
                 .query(&format!("SELECT id, merchant_id, to_char(create_time AT TIME ZONE 'UTC', 'YYYYMM'), order_no, coalesce(pay_status, '') FROM {t}"), &[])
                 .await

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shardgate_tests::{connect, pg_bin, sqlstate, Cluster, Options, ADMIN_USER};
+use shardgate_tests::{connect, month_tables, pg_bin, sqlstate, Cluster, Options, ADMIN_USER};
 
 fn start(server_toml: &str, extra_toml: &str) -> Cluster {
     Cluster::start_temp(Options {
@@ -66,15 +66,7 @@ async fn a_write_to_a_month_without_a_table_creates_it_on_every_shard() {
     let n: i64 = client.query_one("SELECT count(*) FROM t_order WHERE create_time >= '2031-01-01'", &[]).await.expect("count").get(0);
     assert_eq!(n, 1);
     // and the maintainer made the current month and the months ahead
-    let months: Vec<String> = connect(&c.info.shards[0])
-        .await
-        .expect("shard0")
-        .query("SELECT relname::text FROM pg_class WHERE relname ~ '^t_order_[0-9]{6}$'", &[])
-        .await
-        .expect("list")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let months = month_tables(&connect(&c.info.shards[0]).await.expect("shard0")).await;
     let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
     let this_month = format!("t_order_{}", now.strftime("%Y%m"));
     assert!(months.contains(&this_month), "{this_month} in {months:?}");
