@@ -497,7 +497,13 @@ impl Session {
     }
 
     async fn run_loop_inner(&mut self) -> Result<(), End> {
+        // one future for the session's life: a fresh `changed()` per wait would
+        // register and drop a waiter on every message
         let mut shutdown = self.shared.shutdown.clone();
+        let shutdown_signal = async move {
+            let _ = shutdown.changed().await;
+        };
+        tokio::pin!(shutdown_signal);
         let cfg = &self.shared.config.server;
         let client_idle = Duration::from_millis(cfg.client_idle_timeout_ms);
         let idle_in_tx = Duration::from_millis(cfg.idle_in_transaction_timeout_ms);
@@ -619,7 +625,7 @@ impl Session {
                         self.on_timer(kind)?;
                     }
                 }
-                _ = shutdown.changed(), if !self.shutting_down => {
+                () = &mut shutdown_signal, if !self.shutting_down => {
                     self.shutting_down = true;
                 }
             }
@@ -733,7 +739,7 @@ impl Session {
                 }
             }
         }
-        if self.pinned.is_some() {
+        if self.pinned.is_some() || !shardgate_router::may_pin(sql) {
             return;
         }
         let text = String::from_utf8_lossy(sql);
@@ -1020,6 +1026,9 @@ impl Session {
 
     /// DISCARD ALL / DEALLOCATE ALL drop server-side statements: forget ours.
     fn forget_statements_if_discarded(&mut self, sql: &[u8]) {
+        if !sql.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| b.eq_ignore_ascii_case(&b'd')) {
+            return;
+        }
         let head: String = String::from_utf8_lossy(&sql[..sql.len().min(64)]).to_ascii_lowercase();
         let words: Vec<&str> = head.split_whitespace().collect();
         let drops_all = matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..]);

@@ -18,6 +18,18 @@ pub(crate) enum Token<'a> {
     Other,
 }
 
+/// True when `needle` occurs in `hay`, ASCII case ignored. A byte scan with no
+/// lexing: a cheap necessary condition before a keyword check that lexes.
+pub fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return needle.is_empty();
+    }
+    // jump between occurrences of the first byte in either case (memchr), compare there
+    let (lo, up) = (needle[0].to_ascii_lowercase(), needle[0].to_ascii_uppercase());
+    let last = hay.len() - needle.len();
+    memchr::memchr2_iter(lo, up, &hay[..=last]).any(|i| hay[i..i + needle.len()].eq_ignore_ascii_case(needle))
+}
+
 /// Splits `sql` into tokens. Never panics, whatever bytes it is given.
 pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
     let mut out = Vec::new();

@@ -30,7 +30,8 @@ use std::sync::Arc;
 pub use analyze::{analyze, Analysis};
 pub use error::{Result, RouteError};
 pub use plan::{Agg, CmpOp, ColRef, Grouping, Having, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
-pub use session::{session_effect, SessionEffect};
+pub use lexer::contains_ignore_case;
+pub use session::{may_pin, session_effect, SessionEffect};
 pub use topology::{Context, Param, TableRule, Topology};
 
 /// The stack a thread that plans statements should have. Statements are

@@ -2,7 +2,7 @@
 //! pooling a client that creates such state is pinned to its server connection
 //! (the pgbouncer/pgdog rule), so nothing leaks to other clients.
 
-use crate::lexer::{tokens, Token};
+use crate::lexer::{contains_ignore_case, tokens, Token};
 
 /// What a statement does to the server session beyond its transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,9 +14,23 @@ pub enum SessionEffect {
     Pins(&'static str),
 }
 
+/// Every word that can make a statement pin holds one of these: SET, RESET,
+/// set_config; LISTEN; LOAD; PREPARE; DECLARE; TEMP, TEMPORARY; the advisory locks.
+const PIN_HINTS: [&[u8]; 7] = [b"set", b"listen", b"load", b"prepare", b"declare", b"temp", b"advisory"];
+
+/// False when no statement in `sql` can pin: none of the words that pin occurs
+/// anywhere in it. A byte scan, so the statements of a transaction-pooled
+/// client skip the lexer unless they might pin.
+pub fn may_pin(sql: &[u8]) -> bool {
+    PIN_HINTS.iter().any(|h| contains_ignore_case(sql, h))
+}
+
 /// Classifies every statement in `sql` (a simple-query string may hold many);
 /// the first one that pins decides.
 pub fn session_effect(sql: &str) -> SessionEffect {
+    if !may_pin(sql.as_bytes()) {
+        return SessionEffect::None;
+    }
     let toks = tokens(sql);
     for stmt in toks.split(|t| *t == Token::Semicolon) {
         if let Some(reason) = statement_pins(stmt) {
@@ -140,6 +154,18 @@ mod tests {
         #[test]
         fn never_panics(s in "\\PC*") {
             let _ = session_effect(&s);
+        }
+
+        #[test]
+        fn the_byte_scan_never_hides_a_pinning_statement(words in proptest::collection::vec(
+            "(?i)(set|reset|listen|load|prepare|declare|temp|temporary|into|create|with|hold|transaction|local|select|pg_advisory_lock|pg_try_advisory_lock_shared|set_config|x|1|;|\\(|\\)|'a')", 0..8)) {
+            let sql = words.join(" ");
+            // session_effect only skips the lexer when may_pin says no; check it
+            // against the lexer's own verdict
+            let toks = tokens(&sql);
+            let pins = toks.split(|t| *t == Token::Semicolon).any(|s| statement_pins(s).is_some());
+            proptest::prop_assert!(!pins || may_pin(sql.as_bytes()), "{}", sql);
+            proptest::prop_assert_eq!(pins, session_effect(&sql) != SessionEffect::None, "{}", sql);
         }
 
         #[test]

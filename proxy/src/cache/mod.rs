@@ -261,7 +261,7 @@ impl Cache {
 
     /// Cheap pre-check on the hot path: does the text contain a cached table's name?
     pub fn may_concern(&self, sql: &[u8]) -> bool {
-        self.specs.iter().any(|t| crate::routed::contains_ignore_case(sql, t.name.as_bytes()))
+        self.specs.iter().any(|t| shardgate_router::contains_ignore_case(sql, t.name.as_bytes()))
     }
 
     /// Classifies a statement text.

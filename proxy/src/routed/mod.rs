@@ -26,7 +26,7 @@ use std::time::Duration;
 use shardgate_config::Config;
 use shardgate_router::id::{IdGenerator, SystemClock};
 use shardgate_router::month::MonthKey;
-use shardgate_router::{Context, Router, Topology};
+use shardgate_router::{contains_ignore_case, Context, Router, Topology};
 
 use crate::backend::{pool, Pool};
 
@@ -286,21 +286,14 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
     out.into_iter().map(|o| o.expect("all ready")).collect()
 }
 
-pub(crate) fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return needle.is_empty();
-    }
-    // jump between occurrences of the first byte in either case (memchr), compare there
-    let (lo, up) = (needle[0].to_ascii_lowercase(), needle[0].to_ascii_uppercase());
-    let last = hay.len() - needle.len();
-    memchr::memchr2_iter(lo, up, &hay[..=last]).any(|i| hay[i..i + needle.len()].eq_ignore_ascii_case(needle))
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn cheap_scan_finds_table_names_in_any_case() {
         assert!(super::contains_ignore_case(b"select * from T_Order where x", b"t_order"));
         assert!(!super::contains_ignore_case(b"select * from pgbench_accounts", b"t_order"));
+        assert!(super::contains_ignore_case(b"T_ORDER", b"t_order"));
+        assert!(!super::contains_ignore_case(b"t_orde", b"t_order"));
+        assert!(super::contains_ignore_case(b"", b""));
     }
 }
