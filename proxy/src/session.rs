@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use deadpool::managed::{Object, PoolError, TimeoutType};
 use shardgate_config::{AuthMethod, PoolMode};
 use shardgate_router::{session_effect, SessionEffect};
@@ -30,7 +30,7 @@ use crate::cancel::Registration;
 use crate::error::ProxyError;
 use crate::metrics as m;
 use crate::protocol::backend::{self as msg, parse_error_fields, parse_parameter_status, Severity};
-use crate::protocol::codec::{put_message, split_frame, split_startup, Frame, FrameError};
+use crate::protocol::codec::{frame_total, put_message, split_frame, split_startup, Frame, FrameError, FrameRef};
 use crate::protocol::frontend::{parse_startup, Bind, Parse, SaslInitial, StartupPacket, Target};
 use crate::server::Shared;
 
@@ -534,19 +534,7 @@ impl Session {
                 }
             }
             // 2. server messages, while the client side is not backed up
-            while self.cout.len() < HIGH_WATER {
-                let Some(server) = self.server.as_mut() else {
-                    break;
-                };
-                match split_frame(&mut server.rbuf, MAX_SERVER_MESSAGE) {
-                    Ok(Some(f)) => self.on_server(f)?,
-                    Ok(None) => break,
-                    Err(e) => {
-                        warn!(error = %e, "bad message from server");
-                        self.server_lost()?;
-                    }
-                }
-            }
+            self.drain_server(|s| s.cout.len() >= HIGH_WATER)?;
             // 3. committed cache invalidations reach Redis before the client hears of the commit
             self.flush_cache_invalidations().await;
             // return the server at a clean point
@@ -1043,14 +1031,61 @@ impl Session {
         }
     }
 
-    fn on_server(&mut self, f: Frame) -> Result<(), End> {
+    /// Handles the whole server messages already read, in place (no copy of a
+    /// message before it goes to the client buffer), until `stop` says so.
+    fn drain_server(&mut self, stop: impl Fn(&Self) -> bool) -> Result<(), End> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let mut rbuf = std::mem::take(&mut server.rbuf);
+        let mut used = 0;
+        let mut res = Ok(());
+        let mut bad = None;
+        while !stop(self) {
+            match frame_total(&rbuf[used..], MAX_SERVER_MESSAGE) {
+                Ok(Some(total)) if rbuf.len() - used >= total => {
+                    let f = FrameRef { tag: rbuf[used], raw: &rbuf[used..used + total] };
+                    used += total;
+                    res = self.on_server(f);
+                    if res.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(total)) => {
+                    // reserve at most what the (already bounded) message still needs
+                    rbuf.advance(used);
+                    used = 0;
+                    rbuf.reserve(total - rbuf.len());
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(e);
+                    break;
+                }
+            }
+        }
+        rbuf.advance(used);
+        // on_server never swaps or drops the server connection
+        if let Some(server) = self.server.as_mut() {
+            server.rbuf = rbuf;
+        }
+        res?;
+        if let Some(e) = bad {
+            warn!(error = %e, "bad message from server");
+            self.server_lost()?;
+        }
+        Ok(())
+    }
+
+    fn on_server(&mut self, f: FrameRef<'_>) -> Result<(), End> {
         tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), expect = ?self.expect.front(), "server message");
         let swallowing = matches!(self.expect.front(), Some(Expect::SwallowUntilReady));
         match f.tag {
             b'1' => match self.expect.pop_front() {
                 Some(Expect::ParseComplete { forward, .. }) => {
                     if forward {
-                        self.cout.extend_from_slice(&f.raw);
+                        self.cout.extend_from_slice(f.raw);
                     }
                 }
                 other => return self.desync("ParseComplete", other),
@@ -1058,7 +1093,7 @@ impl Session {
             b'3' => match self.expect.pop_front() {
                 Some(Expect::CloseComplete { forward, .. }) => {
                     if forward {
-                        self.cout.extend_from_slice(&f.raw);
+                        self.cout.extend_from_slice(f.raw);
                     }
                 }
                 other => return self.desync("CloseComplete", other),
@@ -1106,7 +1141,7 @@ impl Session {
                 } else if let Some(b) = replacement {
                     self.cout.extend_from_slice(&b);
                 } else {
-                    self.cout.extend_from_slice(&f.raw);
+                    self.cout.extend_from_slice(f.raw);
                 }
             }
             b'Z' => {
@@ -1127,7 +1162,7 @@ impl Session {
                         if self.pending_ready == 0 {
                             self.query_deadline = None;
                         }
-                        self.cout.extend_from_slice(&f.raw);
+                        self.cout.extend_from_slice(f.raw);
                     }
                     other => return self.desync("ReadyForQuery", other),
                 }
@@ -1137,33 +1172,33 @@ impl Session {
                     self.expect.pop_front();
                 }
                 self.enter_copy_in();
-                self.cout.extend_from_slice(&f.raw);
+                self.cout.extend_from_slice(f.raw);
             }
             b'2' => {
                 if matches!(self.expect.front(), Some(Expect::BindComplete)) {
                     self.expect.pop_front();
                 }
-                self.cout.extend_from_slice(&f.raw);
+                self.cout.extend_from_slice(f.raw);
             }
             b'T' | b'n' if matches!(self.expect.front(), Some(Expect::Describe)) => {
                 self.expect.pop_front();
-                self.cout.extend_from_slice(&f.raw);
+                self.cout.extend_from_slice(f.raw);
             }
             b'C' | b'I' | b's' if matches!(self.expect.front(), Some(Expect::Execute)) => {
                 self.expect.pop_front();
-                self.cout.extend_from_slice(&f.raw);
+                self.cout.extend_from_slice(f.raw);
             }
             b'S' => {
                 if let (Some((k, v)), Some(server)) = (parse_parameter_status(f.body()), self.server.as_mut()) {
                     server.reported.insert(k, v);
                 }
                 if !swallowing {
-                    self.cout.extend_from_slice(&f.raw);
+                    self.cout.extend_from_slice(f.raw);
                 }
             }
             _ => {
                 if !swallowing {
-                    self.cout.extend_from_slice(&f.raw);
+                    self.cout.extend_from_slice(f.raw);
                 }
             }
         }

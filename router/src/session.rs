@@ -2,7 +2,11 @@
 //! pooling a client that creates such state is pinned to its server connection
 //! (the pgbouncer/pgdog rule), so nothing leaks to other clients.
 
-use crate::lexer::{contains_ignore_case, tokens, Token};
+use std::sync::LazyLock;
+
+use aho_corasick::AhoCorasick;
+
+use crate::lexer::{tokens, Token};
 
 /// What a statement does to the server session beyond its transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +26,10 @@ const PIN_HINTS: [&[u8]; 7] = [b"set", b"listen", b"load", b"prepare", b"declare
 /// anywhere in it. A byte scan, so the statements of a transaction-pooled
 /// client skip the lexer unless they might pin.
 pub fn may_pin(sql: &[u8]) -> bool {
-    PIN_HINTS.iter().any(|h| contains_ignore_case(sql, h))
+    // one pass for all the words, not one scan per word
+    static HINTS: LazyLock<AhoCorasick> =
+        LazyLock::new(|| AhoCorasick::builder().ascii_case_insensitive(true).build(PIN_HINTS).expect("fixed ASCII patterns build"));
+    HINTS.is_match(sql)
 }
 
 /// Classifies every statement in `sql` (a simple-query string may hold many);

@@ -36,8 +36,10 @@ pub enum FrameError {
     BadLength(i64),
 }
 
-/// Takes one tagged message from `buf`; `Ok(None)` until a whole one is buffered.
-pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
+/// The whole length (tag included) of the tagged message that starts `buf`,
+/// once its 5-byte header is there; `Ok(None)` before. The length prefix is
+/// checked against `max` here, before anyone reserves room for it.
+pub fn frame_total(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -49,7 +51,14 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Fram
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let total = len + 1;
+    Ok(Some(len + 1))
+}
+
+/// Takes one tagged message from `buf`; `Ok(None)` until a whole one is buffered.
+pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
+    let Some(total) = frame_total(buf, max)? else {
+        return Ok(None);
+    };
     if buf.len() < total {
         // reserve at most what the (already bounded) frame still needs
         buf.reserve(total - buf.len());
@@ -57,6 +66,22 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Fram
     }
     let raw = buf.split_to(total).freeze();
     Ok(Some(Frame { tag: raw[0], raw }))
+}
+
+/// A whole tagged message borrowed from a read buffer (see [`Frame`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    /// Message type byte.
+    pub tag: u8,
+    /// The whole message: tag, 4-byte length, body.
+    pub raw: &'a [u8],
+}
+
+impl FrameRef<'_> {
+    /// The message body (after tag and length).
+    pub fn body(&self) -> &[u8] {
+        &self.raw[5..]
+    }
 }
 
 /// Takes an untagged startup-phase packet (StartupMessage, SSLRequest,

@@ -18,7 +18,7 @@ use shardgate_router::{Analysis, Plan, StatementClass};
 
 use super::{End, Expect, Flow, Session};
 use crate::protocol::backend::{self as msg, Severity};
-use crate::protocol::codec::{put_cstr, put_message, split_frame};
+use crate::protocol::codec::{put_cstr, put_message};
 use crate::protocol::frontend::{Reader, Target};
 use crate::routed::exec::{self, Bound, ExecError, Out, Request};
 use crate::routed::wire::{self, ServerError};
@@ -112,17 +112,7 @@ impl Session {
                 }
                 self.sout.clear();
             }
-            loop {
-                let server = self.server.as_mut().expect("held");
-                match split_frame(&mut server.rbuf, crate::backend::conn::MAX_SERVER_MESSAGE) {
-                    Ok(Some(f)) => self.on_server(f)?,
-                    Ok(None) => break,
-                    Err(_) => return self.server_lost(),
-                }
-                if self.expect.is_empty() {
-                    break;
-                }
-            }
+            self.drain_server(|s| s.expect.is_empty())?;
             if self.cout.len() >= 64 * 1024 {
                 super::write_all(&self.client, &self.cout).await?;
                 self.cout.clear();
