@@ -507,6 +507,8 @@ impl Session {
         let cfg = &self.shared.config.server;
         let client_idle = Duration::from_millis(cfg.client_idle_timeout_ms);
         let idle_in_tx = Duration::from_millis(cfg.idle_in_transaction_timeout_ms);
+        // the clock is read per client message only when a timeout needs it
+        let track_activity = !client_idle.is_zero() || !idle_in_tx.is_zero();
         // One timer for the session's life. Deadlines mostly move later (every
         // message pushes the idle deadline), so the timer is only re-armed when a
         // deadline must come sooner; when it fires early the deadline is checked
@@ -573,7 +575,9 @@ impl Session {
                     match self.client.try_read_buf(&mut self.cin) {
                         Ok(0) => return Ok(()),
                         Ok(n) => {
-                            self.last_client_activity = Instant::now();
+                            if track_activity {
+                                self.last_client_activity = Instant::now();
+                            }
                             if n < spare {
                                 clear_read_readiness(&self.client);
                             }
@@ -674,7 +678,7 @@ impl Session {
             return Ok(true);
         }
         let t0 = Instant::now();
-        let got = self.shared.pool.get().await;
+        let got = crate::backend::pool::checkout(&self.shared.pool).await;
         self.shared.meters.pool_wait.record(t0.elapsed().as_secs_f64());
         let mut server = match got {
             Ok(s) => s,

@@ -56,6 +56,20 @@ impl managed::Manager for ServerManager {
 /// A pool of server connections to one database.
 pub type Pool = managed::Pool<ServerManager>;
 
+/// Checks out a connection: first without waiting, so no timer is set up when
+/// one is free (the common case under transaction pooling); then waiting up to
+/// the pool's wait timeout, in the semaphore's queue like any other waiter. A
+/// free permit exists only while nobody queues, so the first try never jumps
+/// the queue.
+pub async fn checkout(pool: &Pool) -> Result<managed::Object<ServerManager>, managed::PoolError<BackendError>> {
+    let mut now = pool.timeouts();
+    now.wait = Some(Duration::ZERO);
+    match pool.timeout_get(&now).await {
+        Err(managed::PoolError::Timeout(managed::TimeoutType::Wait)) => pool.get().await,
+        got => got,
+    }
+}
+
 /// Builds a pool; connections are made lazily on first checkout.
 pub fn build(dsn: Dsn, size: usize, connect_timeout: Duration, checkout_timeout: Duration) -> Pool {
     let manager = ServerManager { dsn, connect_timeout, last_params: Arc::new(Mutex::new(Vec::new())) };
@@ -63,7 +77,9 @@ pub fn build(dsn: Dsn, size: usize, connect_timeout: Duration, checkout_timeout:
         .max_size(size)
         .wait_timeout(Some(checkout_timeout))
         .create_timeout(Some(connect_timeout))
-        .recycle_timeout(Some(Duration::from_secs(1)))
+        // recycle never waits (a flag and a non-blocking probe), so a timeout
+        // around it would only cost a clock read and a timer per checkout
+        .recycle_timeout(None)
         .runtime(deadpool::Runtime::Tokio1)
         .build()
         .expect("runtime and sizes are set")

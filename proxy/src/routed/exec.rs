@@ -163,7 +163,7 @@ pub async fn hold(
     }
     if slots[shard].is_none() {
         let t0 = Instant::now();
-        let got = engine.pool(shard).get().await;
+        let got = crate::backend::pool::checkout(engine.pool(shard)).await;
         if let Some(meters) = engine.meters.get(shard) {
             meters.pool_wait.record(t0.elapsed().as_secs_f64());
         }
