@@ -677,9 +677,7 @@ impl Session {
         if self.server.is_some() {
             return Ok(true);
         }
-        let t0 = Instant::now();
-        let got = crate::backend::pool::checkout(&self.shared.pool).await;
-        self.shared.meters.pool_wait.record(t0.elapsed().as_secs_f64());
+        let got = crate::backend::pool::checkout(&self.shared.pool, Some(&self.shared.meters.pool_wait)).await;
         let mut server = match got {
             Ok(s) => s,
             Err(PoolError::Timeout(TimeoutType::Wait)) => return Err(ProxyError::PoolTimeout),

@@ -60,14 +60,19 @@ pub type Pool = managed::Pool<ServerManager>;
 /// one is free (the common case under transaction pooling); then waiting up to
 /// the pool's wait timeout, in the semaphore's queue like any other waiter. A
 /// free permit exists only while nobody queues, so the first try never jumps
-/// the queue.
-pub async fn checkout(pool: &Pool) -> Result<managed::Object<ServerManager>, managed::PoolError<BackendError>> {
+/// the queue. The whole checkout's time goes to `wait` when given.
+pub async fn checkout(pool: &Pool, wait: Option<&metrics::Histogram>) -> Result<managed::Object<ServerManager>, managed::PoolError<BackendError>> {
+    let t0 = std::time::Instant::now();
     let mut now = pool.timeouts();
     now.wait = Some(Duration::ZERO);
-    match pool.timeout_get(&now).await {
+    let got = match pool.timeout_get(&now).await {
         Err(managed::PoolError::Timeout(managed::TimeoutType::Wait)) => pool.get().await,
         got => got,
+    };
+    if let Some(h) = wait {
+        h.record(t0.elapsed().as_secs_f64());
     }
+    got
 }
 
 /// Builds a pool; connections are made lazily on first checkout.

@@ -162,11 +162,7 @@ pub async fn hold(
         slots.resize_with(engine.shards.len() + 2, || None);
     }
     if slots[shard].is_none() {
-        let t0 = Instant::now();
-        let got = crate::backend::pool::checkout(engine.pool(shard)).await;
-        if let Some(meters) = engine.meters.get(shard) {
-            meters.pool_wait.record(t0.elapsed().as_secs_f64());
-        }
+        let got = crate::backend::pool::checkout(engine.pool(shard), engine.meters.get(shard).map(|m| &m.pool_wait)).await;
         let mut conn = match got {
             Ok(c) => c,
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
