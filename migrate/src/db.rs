@@ -230,7 +230,6 @@ impl Tuple {
     }
 }
 
-/// Runs `COPY (query) TO STDOUT (FORMAT binary)` and returns its rows.
 /// Runs `body` in a transaction opened with `begin` (`BEGIN`, maybe followed by
 /// `SET LOCAL …`): COMMIT when it succeeds, ROLLBACK when it fails.
 pub async fn in_transaction<T>(c: &Client, begin: &str, body: impl AsyncFnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
@@ -247,6 +246,7 @@ pub async fn in_transaction<T>(c: &Client, begin: &str, body: impl AsyncFnOnce()
     }
 }
 
+/// Runs `COPY (query) TO STDOUT (FORMAT binary)` and returns its rows.
 pub async fn copy_out(c: &Client, query: &str) -> anyhow::Result<Vec<Tuple>> {
     let stream = c.copy_out(&format!("COPY ({query}) TO STDOUT (FORMAT binary)")).await?;
     futures_util::pin_mut!(stream);
