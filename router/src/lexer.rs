@@ -197,6 +197,15 @@ fn skip_quoted(b: &[u8], mut i: usize, q: u8, backslash: bool) -> usize {
 mod tests {
     use super::*;
 
+    #[test]
+    fn cheap_scan_finds_table_names_in_any_case() {
+        assert!(contains_ignore_case(b"select * from T_Order where x", b"t_order"));
+        assert!(!contains_ignore_case(b"select * from pgbench_accounts", b"t_order"));
+        assert!(contains_ignore_case(b"T_ORDER", b"t_order"));
+        assert!(!contains_ignore_case(b"t_orde", b"t_order"));
+        assert!(contains_ignore_case(b"", b""));
+    }
+
     fn words(sql: &str) -> Vec<String> {
         tokens(sql)
             .into_iter()

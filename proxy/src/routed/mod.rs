@@ -285,15 +285,3 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
     .await;
     out.into_iter().map(|o| o.expect("all ready")).collect()
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cheap_scan_finds_table_names_in_any_case() {
-        assert!(super::contains_ignore_case(b"select * from T_Order where x", b"t_order"));
-        assert!(!super::contains_ignore_case(b"select * from pgbench_accounts", b"t_order"));
-        assert!(super::contains_ignore_case(b"T_ORDER", b"t_order"));
-        assert!(!super::contains_ignore_case(b"t_orde", b"t_order"));
-        assert!(super::contains_ignore_case(b"", b""));
-    }
-}
