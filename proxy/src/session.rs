@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use deadpool::managed::{Object, PoolError, TimeoutType};
 use shardgate_config::{AuthMethod, PoolMode};
-use shardgate_router::{session_effect, SessionEffect};
+use shardgate_router::{SettingChange, session_effect, SessionEffect};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -51,6 +51,10 @@ const CLOSED_STATEMENT: &[u8] = b"shardgate_closed";
 
 /// Client-settable parameters that change how a server behaves for the
 /// client; they are applied with SET on whatever server the client gets.
+/// Application users never touch the proxy's own tables in `db_default`.
+const CONTROL_TABLES: &str = "permission denied: shardgate's control tables (the fallback table and its views, two-phase-commit decisions, \
+     migration state and outbox) belong to the proxy; statements naming them are refused for application users (admin users may read them)";
+
 const TRACKED_PARAMS: &[&str] =
     &["client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits", "search_path", "standard_conforming_strings", "bytea_output"];
 
@@ -284,6 +288,10 @@ async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, o
     }
     if *shared.shutdown.borrow() {
         write_fatal(stream, "57P03", "the database system is shutting down").await?;
+        return Ok(None);
+    }
+    if desired.iter().any(|(k, v)| k == "standard_conforming_strings" && !matches!(v.to_ascii_lowercase().as_str(), "on" | "true" | "1" | "yes")) {
+        write_fatal(stream, "0A000", "standard_conforming_strings must stay on through shardgate: it reads and rewrites SQL text with standard string literals").await?;
         return Ok(None);
     }
     let registration = shared.cancels.register();
@@ -688,7 +696,7 @@ impl Session {
         };
         let sets = param_sets(&self.desired, &mut server);
         if !sets.is_empty() {
-            self.sout.extend_from_slice(&crate::protocol::frontend::query(&sets));
+            self.sout.extend_from_slice(&sets);
             self.expect.push_back(Expect::SwallowUntilReady);
         }
         self.registration.slot.set(Some(server.cancel_key));
@@ -715,20 +723,30 @@ impl Session {
         }
     }
 
-    fn note_statement_text(&mut self, sql: &[u8]) {
-        let head = sql.iter().position(|b| !b.is_ascii_whitespace()).map_or(&[][..], |i| &sql[i..]);
-        let maybe_set = head.len() > 3 && (head[..3].eq_ignore_ascii_case(b"set") || (head.len() > 5 && head[..5].eq_ignore_ascii_case(b"reset")));
-        if let Some((name, value)) = maybe_set.then(|| tracked_set(&String::from_utf8_lossy(&sql[..sql.len().min(512)]))).flatten() {
+    /// Notes what a statement sent on to `db_default` does to the session: a
+    /// tracked parameter the shards must follow, or pinning. `Err` is a SET the
+    /// shards cannot follow: the statement is refused with this message.
+    fn note_statement_text(&mut self, sql: &[u8]) -> Result<(), String> {
+        let text = std::str::from_utf8(sql).ok();
+        let word = text.and_then(shardgate_router::first_word);
+        if word.is_some_and(|w| w.eq_ignore_ascii_case("set") || w.eq_ignore_ascii_case("reset")) {
             // shard connections get the client's session parameters too (see param_sets)
-            if name == "*" {
-                self.desired.clear();
-            } else {
-                self.desired.retain(|(k, _)| *k != name);
-                if let Some(v) = value {
+            match text.and_then(|t| shardgate_router::setting_change(t, TRACKED_PARAMS)) {
+                Some(SettingChange::ResetAll) => self.desired.clear(),
+                Some(SettingChange::Reset(name)) => self.desired.retain(|(k, _)| *k != name),
+                Some(SettingChange::Set(name, v)) => {
+                    self.desired.retain(|(k, _)| *k != name);
                     self.desired.push((name, normalize_param(&v)));
                 }
+                Some(SettingChange::Refused(m)) => return Err(m),
+                None => {}
             }
         }
+        self.note_pinning(sql);
+        Ok(())
+    }
+
+    fn note_pinning(&mut self, sql: &[u8]) {
         if self.pinned.is_some() || !shardgate_router::may_pin(sql) {
             return;
         }
@@ -742,11 +760,15 @@ impl Session {
 
     /// Remembers the client's BEGIN text so shards joining the block start it the same way.
     fn note_begin(&mut self, sql: &[u8]) {
-        let head = &sql[..sql.len().min(5)];
-        if head.eq_ignore_ascii_case(b"begin") || head.eq_ignore_ascii_case(b"start") {
-            let text = String::from_utf8_lossy(sql);
-            let stmt = text.split(';').next().unwrap_or("BEGIN").trim().to_string();
-            self.begin_sql = Some(stmt);
+        // cheap first: only a text that starts with b/s or a comment can be a BEGIN
+        let head = sql.iter().find(|b| !b.is_ascii_whitespace()).map(u8::to_ascii_lowercase);
+        if !matches!(head, Some(b'b' | b's' | b'/' | b'-')) {
+            return;
+        }
+        let text = String::from_utf8_lossy(sql);
+        if shardgate_router::transaction_control(&text) == shardgate_router::TxControl::Begin {
+            // the shards join with the BEGIN as the router reads it, never the client's text
+            self.begin_sql = Some(shardgate_router::begin_statement(&text));
         }
     }
 
@@ -803,6 +825,10 @@ impl Session {
                 if self.admin && self.admin_command(sql).await? {
                     return Ok(Flow::Continue);
                 }
+                if !self.admin && self.shared.engine.router.names_control_table(sql) {
+                    self.refuse_simple("42501", CONTROL_TABLES.into()).await?;
+                    return Ok(Flow::Continue);
+                }
                 if let Some(flow) = self.routed_query(sql).await? {
                     return Ok(flow);
                 }
@@ -810,7 +836,10 @@ impl Session {
                     return Ok(flow);
                 }
                 self.note_begin(sql);
-                self.note_statement_text(sql);
+                if let Err(m) = self.note_statement_text(sql) {
+                    self.refuse_simple("0A000", m).await?;
+                    return Ok(Flow::Continue);
+                }
                 if !self.server_for(false).await {
                     return Ok(Flow::Continue);
                 }
@@ -822,6 +851,10 @@ impl Session {
             }
             b'P' => {
                 let p = Parse::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                if !self.admin && self.shared.engine.router.names_control_table(p.query) {
+                    self.refuse_extended("42501", CONTROL_TABLES.into()).await?;
+                    return Ok(Flow::Continue);
+                }
                 if let Some(flow) = self.routed_parse(p.name, p.query, p.param_types).await? {
                     return Ok(flow);
                 }
@@ -832,7 +865,10 @@ impl Session {
                     self.fail_duplicate(p.name);
                     return Ok(Flow::Continue);
                 }
-                self.note_statement_text(p.query);
+                if let Err(m) = self.note_statement_text(p.query) {
+                    self.refuse_extended("0A000", m).await?;
+                    return Ok(Flow::Continue);
+                }
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
@@ -890,6 +926,18 @@ impl Session {
                 if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
                     if let Some(flow) = self.routed_bind(f.body()).await? {
                         return Ok(flow);
+                    }
+                }
+                if self.shards_in_tx() {
+                    // a named statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps
+                    // them prepared): the shards' part ends with it, as at a Parse
+                    let text = self.statements.get(b.statement).map(|s| s.parse.clone());
+                    if let Some(parse) = text {
+                        if let Ok(p) = Parse::parse(parse.get(5..).unwrap_or_default()) {
+                            if let Some(flow) = self.extended_tx_end(p.query).await? {
+                                return Ok(flow);
+                            }
+                        }
                     }
                 }
                 if !self.server_for(true).await {
@@ -1083,6 +1131,10 @@ impl Session {
     fn on_server(&mut self, f: FrameRef<'_>) -> Result<(), End> {
         tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), expect = ?self.expect.front(), "server message");
         let swallowing = matches!(self.expect.front(), Some(Expect::SwallowUntilReady));
+        if swallowing && !matches!(f.tag, b'E' | b'Z' | b'S') {
+            // the replies to the proxy's own parameter pipeline
+            return Ok(());
+        }
         match f.tag {
             b'1' => match self.expect.pop_front() {
                 Some(Expect::ParseComplete { forward, .. }) => {
@@ -1139,7 +1191,11 @@ impl Session {
                     }
                 }
                 if swallowing {
+                    // what is applied there is unknown now: never hand this connection on
                     warn!(sqlstate = %fields.code, "applying client parameters on server failed");
+                    if let Some(server) = self.server.as_mut() {
+                        server.broken = true;
+                    }
                 } else if let Some(b) = replacement {
                     self.cout.extend_from_slice(&b);
                 } else {
@@ -1289,28 +1345,26 @@ impl Session {
     }
 }
 
-/// SET/RESET statements that bring a server's session parameters in line with
-/// what a client asked for (SET what it wants, RESET what an earlier client
-/// changed and this one did not ask for); records them as applied.
-fn param_sets(desired: &[(String, String)], server: &mut crate::backend::ServerConn) -> String {
-    let mut sets = String::new();
+/// The messages that bring a server's session parameters in line with what a
+/// client asked for (set what it wants, reset what an earlier client changed
+/// and this one did not ask for), recorded as applied. Values travel as bind
+/// parameters of one fixed statement (`set_config`), never as SQL text; a
+/// server that rejects them is not reused (see the swallow path). Empty when
+/// nothing differs.
+fn param_sets(desired: &[(String, String)], server: &mut crate::backend::ServerConn) -> Bytes {
+    let mut changes: Vec<(&str, Option<&str>)> = Vec::new();
     for name in TRACKED_PARAMS {
         let want = desired.iter().find(|(k, _)| k == name).map(|(_, v)| v);
         if server.applied.get(*name) == want {
             continue;
         }
+        changes.push((name, want.map(String::as_str)));
         match want {
-            Some(v) => {
-                sets.push_str(&format!("SET {name} = '{}';", v.replace('\'', "''")));
-                server.applied.insert(name.to_string(), v.clone());
-            }
-            None => {
-                sets.push_str(&format!("RESET {name};"));
-                server.applied.remove(*name);
-            }
-        }
+            Some(v) => server.applied.insert(name.to_string(), v.clone()),
+            None => server.applied.remove(*name),
+        };
     }
-    sets
+    crate::protocol::frontend::set_config_pipeline(&changes)
 }
 
 #[derive(Clone, Copy)]
@@ -1332,55 +1386,6 @@ fn statement_name(query: &[u8], param_types: &[u8]) -> String {
     query.hash(&mut h2);
     query.len().hash(&mut h2);
     format!("sg_{:016x}{:016x}", h.finish(), h2.finish())
-}
-
-/// `SET name = value` / `SET TIME ZONE …` / `RESET name` / `RESET ALL` of a
-/// tracked parameter: `(name, Some(value))`, `(name, None)` for a reset, `("*", None)`
-/// for RESET ALL. SET LOCAL and other statements give `None`.
-fn tracked_set(sql: &str) -> Option<(String, Option<String>)> {
-    let sql = sql.trim().trim_end_matches(';').trim();
-    let mut words = sql.splitn(2, char::is_whitespace);
-    let verb = words.next()?.to_ascii_lowercase();
-    let rest = words.next().unwrap_or("").trim();
-    if verb == "reset" {
-        let name = rest.to_ascii_lowercase();
-        if name == "all" {
-            return Some(("*".into(), None));
-        }
-        return TRACKED_PARAMS.contains(&name.as_str()).then_some((name, None));
-    }
-    if verb != "set" {
-        return None;
-    }
-    let lower = rest.to_ascii_lowercase();
-    let rest = if lower.starts_with("session ") { rest[8..].trim_start() } else { rest };
-    let lower = rest.to_ascii_lowercase();
-    let (name, value) = if lower.starts_with("time zone") {
-        ("timezone".to_string(), rest[9..].trim())
-    } else {
-        let end = rest.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(rest.len());
-        let name = rest[..end].to_ascii_lowercase();
-        let after = rest[end..].trim_start();
-        let value = if let Some(v) = after.strip_prefix('=') {
-            v
-        } else if after.len() >= 2 && after[..2].eq_ignore_ascii_case("to") {
-            &after[2..]
-        } else {
-            return None;
-        };
-        (name, value.trim())
-    };
-    if !TRACKED_PARAMS.contains(&name.as_str()) {
-        return None;
-    }
-    if value.eq_ignore_ascii_case("default") || value.eq_ignore_ascii_case("local") {
-        return Some((name, None));
-    }
-    let value = match value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
-        Some(q) => q.replace("''", "'"),
-        None => value.to_string(),
-    };
-    Some((name, Some(value)))
 }
 
 /// Canonical spelling of a parameter value for comparison.
@@ -1454,17 +1459,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tracked_sets_are_recognised() {
-        assert_eq!(tracked_set("SET TimeZone = 'Asia/Shanghai'"), Some(("timezone".into(), Some("Asia/Shanghai".into()))));
-        assert_eq!(tracked_set("set time zone 'UTC';"), Some(("timezone".into(), Some("UTC".into()))));
-        assert_eq!(tracked_set("SET SESSION datestyle TO ISO"), Some(("datestyle".into(), Some("ISO".into()))));
-        assert_eq!(tracked_set("SET search_path TO DEFAULT"), Some(("search_path".into(), None)));
-        assert_eq!(tracked_set("RESET ALL"), Some(("*".into(), None)));
-        assert_eq!(tracked_set("SET LOCAL timezone = 'UTC'"), None);
-        assert_eq!(tracked_set("SET work_mem = '64MB'"), None);
-        assert_eq!(tracked_set("SELECT 1"), None);
-    }
 
     #[test]
     fn statement_names_depend_on_text_and_types() {

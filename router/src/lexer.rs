@@ -30,6 +30,48 @@ pub fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
     memchr::memchr2_iter(lo, up, &hay[..=last]).any(|i| hay[i..i + needle.len()].eq_ignore_ascii_case(needle))
 }
 
+/// The first word of `sql` after whitespace and comments (`None` if it starts
+/// with anything else). Reads only as far as that word: cheap on long texts.
+pub fn first_word(sql: &str) -> Option<&str> {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    loop {
+        match b.get(i)? {
+            b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            c if c.is_ascii_alphabetic() || *c == b'_' => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                return sql.get(start..i);
+            }
+            _ => return None,
+        }
+    }
+}
+
 /// Splits `sql` into tokens. Never panics, whatever bytes it is given.
 pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
     let mut out = Vec::new();
@@ -244,6 +286,15 @@ mod tests {
         assert!(depth_bound(&format!("select '{}' -- {}", "+1".repeat(900), "+1".repeat(900))) < 5);
         // unbalanced parentheses do not panic
         assert!(depth_bound(")))(((") < 10);
+    }
+
+    #[test]
+    fn first_word_skips_comments_only() {
+        assert_eq!(first_word("  /* a /* b */ */ -- c\n SET x = 1"), Some("SET"));
+        assert_eq!(first_word("reset all"), Some("reset"));
+        assert_eq!(first_word("'set'"), None);
+        assert_eq!(first_word("/* unterminated"), None);
+        assert_eq!(first_word(""), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - `merge`: scatter form of a SELECT and its [`MergeSpec`].
 //! - `analyze`: statement text → cached [`Analysis`] → [`Plan`] per execution.
 //! - [`session_effect`]: does a statement leave state in the server session.
+//! - [`transaction_control`]: does a statement text end or open a transaction.
 
 mod analyze;
 pub mod cache;
@@ -23,16 +24,20 @@ pub mod month;
 mod plan;
 mod rewrite;
 mod session;
+mod setting;
 mod topology;
+mod txcontrol;
 
 use std::sync::Arc;
 
 pub use analyze::{analyze, Analysis};
 pub use error::{Result, RouteError};
 pub use plan::{Agg, CmpOp, ColRef, Grouping, Having, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
-pub use lexer::contains_ignore_case;
+pub use lexer::{contains_ignore_case, first_word};
+pub use setting::{setting_change, SettingChange};
 pub use session::{may_pin, session_effect, SessionEffect};
 pub use topology::{Context, Param, TableRule, Topology};
+pub use txcontrol::{begin_statement, transaction_control, TxControl};
 
 /// The stack a thread that plans statements should have. Statements are
 /// analysed up to a fixed nesting bound (longer operator chains are refused with
@@ -40,6 +45,19 @@ pub use topology::{Context, Param, TableRule, Topology};
 /// 4 MiB, more than the 2 MiB tokio gives its workers by default. Threads only
 /// reserve this address space: pages are touched as the stack grows.
 pub const PLANNING_STACK: usize = 8 << 20;
+
+/// The words that name the proxy's control tables: `shardgate_…`
+/// (decisions, migration state, outbox) and, per sharded table,
+/// `<table>_fallback` and its per-shard views `<table>_fb_…` / `<table>_fbw_…`.
+fn control_table_words(topo: &Topology) -> Vec<String> {
+    let mut words = vec!["shardgate_".to_string()];
+    for t in &topo.tables {
+        words.push(format!("{}_fallback", t.name));
+        words.push(format!("{}_fb_", t.name));
+        words.push(format!("{}_fbw_", t.name));
+    }
+    words
+}
 
 /// Plans one statement without caching: parse, analyse, apply bind values.
 pub fn plan(sql: &str, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
@@ -51,6 +69,8 @@ pub fn plan(sql: &str, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>)
 pub struct Router {
     topo: Topology,
     cache: moka::sync::Cache<Arc<str>, Arc<Analysis>>,
+    /// Names of the proxy's own tables in `db_default` (see [`Router::names_control_table`]).
+    control: aho_corasick::AhoCorasick,
 }
 
 impl std::fmt::Debug for Router {
@@ -62,7 +82,20 @@ impl std::fmt::Debug for Router {
 impl Router {
     /// A router holding up to `capacity` analysed statement texts.
     pub fn new(topo: Topology, capacity: u64) -> Router {
-        Router { topo, cache: moka::sync::Cache::new(capacity) }
+        let control = aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(control_table_words(&topo))
+            .expect("ASCII table names build");
+        Router { topo, cache: moka::sync::Cache::new(capacity), control }
+    }
+
+    /// True when a client text mentions one of the proxy's own tables in
+    /// `db_default` (the fallback table and its views, two-phase-commit
+    /// decisions, migration state and outbox), anywhere: quoted or not, in a
+    /// string or a comment. Such statements are refused for application users;
+    /// a byte scan, cheap enough for every statement.
+    pub fn names_control_table(&self, sql: &[u8]) -> bool {
+        self.control.is_match(sql)
     }
 
     /// The topology.

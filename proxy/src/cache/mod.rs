@@ -119,7 +119,7 @@ pub struct Fetch<'a> {
     pub formats: &'a [i16],
     pub result_formats: &'a [i16],
     /// SET statements the connection needs first (the client's session settings).
-    pub param_sets: &'a (dyn Fn(&mut ServerConn) -> String + Sync),
+    pub param_sets: &'a (dyn Fn(&mut ServerConn) -> bytes::Bytes + Sync),
 }
 
 struct TableState {
@@ -436,9 +436,12 @@ impl Cache {
         let mut conn = pool.get().await.map_err(|e| LoadError::Uncacheable(format!("db_default: {e}")))?;
         let sets = (f.param_sets)(&mut conn);
         if !sets.is_empty() {
-            match crate::routed::wire::control(&mut conn, &sets).await {
+            match crate::routed::wire::pipeline(&mut conn, &sets).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(LoadError::Server(e)),
+                Ok(Err(e)) => {
+                    conn.broken = true;
+                    return Err(LoadError::Server(e));
+                }
                 Err(e) => {
                     conn.broken = true;
                     return Err(LoadError::Uncacheable(e.to_string()));

@@ -252,6 +252,52 @@ pub fn query(sql: &str) -> Bytes {
     out.freeze()
 }
 
+/// The one statement that applies a session parameter: name and value are bind
+/// parameters; a NULL value resets the parameter to its session default.
+pub const SET_CONFIG_SQL: &str = "SELECT pg_catalog.set_config($1, coalesce($2, \
+     (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE lower(s.name) = lower($1))), false)";
+
+/// Parse of [`SET_CONFIG_SQL`], then Bind/Execute per `(name, value)` and a
+/// Sync: session parameters applied without any client text in SQL. Empty for
+/// no changes.
+pub fn set_config_pipeline(changes: &[(&str, Option<&str>)]) -> Bytes {
+    let mut out = BytesMut::new();
+    if changes.is_empty() {
+        return out.freeze();
+    }
+    put_message(&mut out, b'P', |o| {
+        put_cstr(o, b"");
+        put_cstr(o, SET_CONFIG_SQL.as_bytes());
+        o.put_i16(2);
+        o.put_u32(25);
+        o.put_u32(25);
+    });
+    for (name, value) in changes {
+        put_message(&mut out, b'B', |o| {
+            put_cstr(o, b"");
+            put_cstr(o, b"");
+            o.put_i16(0);
+            o.put_i16(2);
+            o.put_i32(name.len() as i32);
+            o.extend_from_slice(name.as_bytes());
+            match value {
+                Some(v) => {
+                    o.put_i32(v.len() as i32);
+                    o.extend_from_slice(v.as_bytes());
+                }
+                None => o.put_i32(-1),
+            }
+            o.put_i16(0);
+        });
+        put_message(&mut out, b'E', |o| {
+            put_cstr(o, b"");
+            o.put_i32(0);
+        });
+    }
+    put_message(&mut out, b'S', |_| {});
+    out.freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,7 +115,7 @@ pub struct Request<'a> {
     /// `Some(begin)` inside a transaction block: shards join it with this statement.
     pub tx: Option<&'a str>,
     /// SET statements that bring a fresh shard connection in line with the client's parameters.
-    pub param_sets: &'a (dyn Fn(&mut crate::backend::ServerConn) -> String + Sync),
+    pub param_sets: &'a (dyn Fn(&mut crate::backend::ServerConn) -> bytes::Bytes + Sync),
     /// Targets standing in for a down shard, with that shard (UPDATE/DELETE must match there).
     pub down_targets: &'a [(usize, usize)],
     /// Run the targets one after another, in order (not all at once).
@@ -155,7 +155,7 @@ pub async fn hold(
     slots: &mut Slots,
     shard: usize,
     tx: Option<&str>,
-    param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> String + Sync),
+    param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> bytes::Bytes + Sync),
 ) -> Result<(), ExecError> {
     // one slot per shard, then one for db_default (fallback rows), then legacy
     if slots.len() < engine.shards.len() + 2 {
@@ -184,9 +184,13 @@ pub async fn hold(
         };
         let sets = param_sets(&mut conn);
         if !sets.is_empty() {
-            match wire::control(&mut conn, &sets).await {
+            match wire::pipeline(&mut conn, &sets).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(ExecError::Server(e)),
+                Ok(Err(e)) => {
+                    // what is applied there is unknown now: never hand this connection on
+                    conn.broken = true;
+                    return Err(ExecError::Server(e));
+                }
                 Err(e) => {
                     conn.broken = true;
                     return Err(lost(shard, &e));

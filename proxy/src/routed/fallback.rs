@@ -295,6 +295,13 @@ pub async fn recount(engine: &Engine) {
     }
 }
 
+/// The month of `name` if it is exactly a month table of `rule` as shardgate
+/// prints it (`t_order_202611`); anything else is refused.
+fn month_table_of(rule: &TableRule, name: &str) -> Option<MonthKey> {
+    let m = name.strip_prefix(rule.name.as_str())?.strip_prefix('_').and_then(MonthKey::parse_suffix)?;
+    (rule.physical(m) == name).then_some(m)
+}
+
 fn quote(v: &Option<String>) -> String {
     match v {
         None => "NULL".into(),
@@ -360,21 +367,41 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
         let mut failed: Vec<(i64, String)> = Vec::new();
         for g in groups.into_iter().flatten() {
             let v: serde_json::Value = serde_json::from_str(&g)?;
-            let target = v[0].as_str().unwrap_or_default().to_string();
+            let claimed = v[0].as_str().unwrap_or_default().to_string();
             if let Some(max) = v[1].as_i64() {
                 *after = (*after).max(max);
             }
             let ids: Vec<i64> = v[2].as_array().map(|a| a.iter().filter_map(|x| x.as_i64()).collect()).unwrap_or_default();
             let rows = v[3].as_array().cloned().unwrap_or_default();
-            let json = v[3].to_string();
+            // the fallback table is data: its target_table is only ever used as the name of
+            // a month table shardgate itself prints, and each row must belong to this shard
+            let Some(month) = month_table_of(rule, &claimed) else {
+                for rid in &ids {
+                    failed.push((*rid, format!("target_table {claimed:?} is not a month table of {}; the row was not synced", rule.name)));
+                }
+                continue;
+            };
+            let target = rule.physical(month);
+            let (rows, misplaced): (Vec<serde_json::Value>, Vec<serde_json::Value>) = rows.into_iter().partition(|row| {
+                row.get(rule.shard_key.as_str()).and_then(serde_json::Value::as_i64).is_some_and(|k| {
+                    shardgate_router::keys::shard_of(shardgate_router::keys::MerchantId(k), engine.shards.len() as u8).0 as usize == shard
+                })
+            });
+            for row in &misplaced {
+                let rid = row.get(id.as_str()).and_then(serde_json::Value::as_i64).unwrap_or_default();
+                failed.push((rid, format!("{} of the row does not belong to db_{shard}; the row was not synced", rule.shard_key)));
+            }
+            let ids: Vec<i64> = rows.iter().filter_map(|row| row.get(id.as_str()).and_then(serde_json::Value::as_i64)).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let json = serde_json::Value::Array(rows.clone()).to_string();
             let mut first = wire::control(&mut shard_conn, &upsert(&target, &json)).await?;
             if matches!(&first, Err(e) if e.code == "42P01") {
                 // the month table is missing on this shard (it was down when the month was made)
-                if let Some(m) = target.strip_prefix(&format!("{}_", rule.name)).and_then(MonthKey::parse_suffix) {
-                    super::months::create(engine, &[m]).await;
-                    let _ = wire::control(&mut shard_conn, &rule.create_month_table_sql(m)).await;
-                    first = wire::control(&mut shard_conn, &upsert(&target, &json)).await?;
-                }
+                super::months::create(engine, &[month]).await;
+                let _ = wire::control(&mut shard_conn, &rule.create_month_table_sql(month)).await;
+                first = wire::control(&mut shard_conn, &upsert(&target, &json)).await?;
             }
             match first {
                 Ok(_) => {

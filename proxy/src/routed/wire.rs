@@ -169,8 +169,15 @@ pub async fn read_ready(conn: &mut ServerConn) -> Result<u8, BackendError> {
 /// Runs a control statement (BEGIN, PREPARE TRANSACTION …) and returns the
 /// rows of its first column, or the server's error.
 pub async fn control(conn: &mut ServerConn, sql: &str) -> Result<Result<Vec<Option<String>>, ServerError>, BackendError> {
+    pipeline(conn, &crate::protocol::frontend::query(sql)).await
+}
+
+/// Sends messages the proxy made that end in one Sync or Query (for example
+/// [`crate::protocol::frontend::set_config_pipeline`]) and reads up to the
+/// ReadyForQuery: the rows of the first column, or the first error.
+pub async fn pipeline(conn: &mut ServerConn, msgs: &[u8]) -> Result<Result<Vec<Option<String>>, ServerError>, BackendError> {
     use tokio::io::AsyncWriteExt;
-    conn.stream.write_all(&crate::protocol::frontend::query(sql)).await?;
+    conn.stream.write_all(msgs).await?;
     let mut rows = Vec::new();
     let mut err = None;
     loop {

@@ -61,32 +61,34 @@ pub(super) struct RoutedPortal {
 enum TxVerb {
     Commit,
     Rollback,
-    /// SAVEPOINT / ROLLBACK TO / RELEASE / PREPARE TRANSACTION: refused while shards take part.
+    /// SAVEPOINT / ROLLBACK TO / RELEASE / PREPARE TRANSACTION / COMMIT PREPARED: refused while shards take part.
     Unsupported,
+    /// Several statements in one string, one of them transaction control: refused
+    /// while shards take part (the shards could not end in step with `db_default`).
+    Mixed,
     Other,
 }
 
 fn tx_verb(sql: &str) -> TxVerb {
-    let words: Vec<String> = sql.split_whitespace().take(2).map(|w| w.trim_end_matches(';').to_ascii_lowercase()).collect();
-    match words.first().map(String::as_str) {
-        Some("commit" | "end") => TxVerb::Commit,
-        Some("rollback" | "abort") => match words.get(1).map(String::as_str) {
-            Some("to" | "prepared") => TxVerb::Unsupported,
-            _ => TxVerb::Rollback,
-        },
-        Some("savepoint" | "release" | "prepare") => TxVerb::Unsupported,
-        _ => TxVerb::Other,
+    use shardgate_router::TxControl as T;
+    match shardgate_router::transaction_control(sql) {
+        T::Commit => TxVerb::Commit,
+        T::Rollback => TxVerb::Rollback,
+        T::Unsupported(_) => TxVerb::Unsupported,
+        T::Mixed => TxVerb::Mixed,
+        T::None | T::Begin => TxVerb::Other,
     }
 }
 
-const NO_SAVEPOINTS: &str = "savepoints and PREPARE TRANSACTION are not supported in a transaction that touched t_order; use a plain BEGIN … COMMIT";
+const NO_SAVEPOINTS: &str = "savepoints, PREPARE TRANSACTION and COMMIT/ROLLBACK PREPARED are not supported in a transaction that touched t_order; use a plain BEGIN … COMMIT";
+const NO_MIXED: &str = "COMMIT/ROLLBACK inside a string of several statements is not supported in a transaction that touched t_order; send COMMIT or ROLLBACK as a statement of its own";
 
 /// A statement that fails on `db_default` with no side effects: used to put
 /// its transaction into the aborted state when a shard statement failed.
 const FAIL_SQL: &str = "SELECT 'shardgate: a statement on a shard failed'::int";
 
 impl Session {
-    fn shards_in_tx(&self) -> bool {
+    pub(super) fn shards_in_tx(&self) -> bool {
         self.slots.iter().flatten().any(|s| s.in_tx)
     }
 
@@ -142,6 +144,12 @@ impl Session {
             return Ok(None);
         }
         let Ok(text) = std::str::from_utf8(sql) else { return Ok(None) };
+        if self.shards_in_tx() && !matches!(tx_verb(text), TxVerb::Other) {
+            // read by the lexer, whatever sqlparser makes of it: the shards' part ends here too
+            // (or the statement is refused before anything of it runs)
+            self.barrier().await?;
+            return self.end_transaction(text).await;
+        }
         // simple-protocol texts carry their values as literals: analysed each time, not cached
         let analysis = self.shared.engine.router.analysis_uncached(text);
         match &*analysis {
@@ -219,6 +227,22 @@ impl Session {
         }
     }
 
+    /// Refuses a simple Query with `code` and `m`, in order, before anything of it runs.
+    pub(super) async fn refuse_simple(&mut self, code: &'static str, m: String) -> Result<(), End> {
+        self.barrier().await?;
+        self.fail_simple(ExecError::Proxy(code, m)).await
+    }
+
+    /// Refuses an extended-protocol message with `code` and `m` (the batch skips to Sync).
+    pub(super) async fn refuse_extended(&mut self, code: &'static str, m: String) -> Result<(), End> {
+        self.barrier().await?;
+        if self.server_skipping {
+            self.discard_until_sync = true;
+            return Ok(());
+        }
+        self.fail_extended(ExecError::Proxy(code, m)).await
+    }
+
     /// Writes the error of a simple Query and its ReadyForQuery; inside a
     /// transaction block `db_default` is made to fail too.
     async fn fail_simple(&mut self, e: ExecError) -> Result<(), End> {
@@ -293,6 +317,10 @@ impl Session {
                 self.fail_simple(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
                 Ok(Some(Flow::Continue))
             }
+            TxVerb::Mixed => {
+                self.fail_simple(ExecError::Proxy("0A000", NO_MIXED.into())).await?;
+                Ok(Some(Flow::Continue))
+            }
             TxVerb::Rollback => {
                 self.rollback_shard_part().await;
                 Ok(None)
@@ -352,7 +380,7 @@ impl Session {
     /// written inside the client's transaction, and the prepared shard
     /// transactions are resolved as soon as `db_default` reports the end of it.
     /// `Some` when the Parse was answered here (an error).
-    async fn extended_tx_end(&mut self, query: &[u8]) -> Result<Option<Flow>, End> {
+    pub(super) async fn extended_tx_end(&mut self, query: &[u8]) -> Result<Option<Flow>, End> {
         let Ok(text) = std::str::from_utf8(query) else { return Ok(None) };
         let verb = self.effective_verb(tx_verb(text));
         if matches!(verb, TxVerb::Other) {
@@ -367,6 +395,10 @@ impl Session {
             TxVerb::Other => Ok(None),
             TxVerb::Unsupported => {
                 self.fail_extended(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
+                Ok(Some(Flow::Continue))
+            }
+            TxVerb::Mixed => {
+                self.fail_extended(ExecError::Proxy("0A000", NO_MIXED.into())).await?;
                 Ok(Some(Flow::Continue))
             }
             TxVerb::Rollback => {
@@ -817,6 +849,10 @@ mod tests {
     #[test]
     fn transaction_verbs() {
         assert!(matches!(tx_verb("COMMIT"), TxVerb::Commit));
+        assert!(matches!(tx_verb("/* app */ COMMIT"), TxVerb::Commit));
+        assert!(matches!(tx_verb("-- x\ncommit"), TxVerb::Commit));
+        assert!(matches!(tx_verb("COMMIT PREPARED 'g'"), TxVerb::Unsupported));
+        assert!(matches!(tx_verb("select 1; commit"), TxVerb::Mixed));
         assert!(matches!(tx_verb("end;"), TxVerb::Commit));
         assert!(matches!(tx_verb("rollback"), TxVerb::Rollback));
         assert!(matches!(tx_verb("ROLLBACK TO SAVEPOINT a"), TxVerb::Unsupported));

@@ -1,0 +1,166 @@
+//! What a statement text does to the client's transaction, read with the
+//! lexer (comments, quotes and case never fool it): the proxy uses this to end
+//! the shards' part of a transaction exactly when `db_default`'s part ends.
+
+use crate::lexer::{scan, Token};
+
+/// The effect of a statement text on an open transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxControl {
+    /// Not a transaction-control statement.
+    None,
+    /// `BEGIN` / `START TRANSACTION`.
+    Begin,
+    /// `COMMIT` / `END` (any case, comments, `WORK`/`TRANSACTION`, `AND [NO] CHAIN`).
+    Commit,
+    /// `ROLLBACK` / `ABORT` (same forms).
+    Rollback,
+    /// Savepoints, `ROLLBACK TO`, `PREPARE TRANSACTION`, `COMMIT/ROLLBACK PREPARED`:
+    /// the shards cannot follow these; the word names the statement.
+    Unsupported(&'static str),
+    /// Several statements in one text, at least one of them transaction control:
+    /// the shards cannot end in step with it.
+    Mixed,
+}
+
+/// Classifies `sql` (one or several statements).
+pub fn transaction_control(sql: &str) -> TxControl {
+    // the first three words of each non-empty statement
+    let mut stmts: Vec<[Option<&str>; 3]> = Vec::new();
+    let mut cur: [Option<&str>; 3] = [None; 3];
+    let mut n = 0usize;
+    let mut any_to = false;
+    let mut tos: Vec<bool> = Vec::new();
+    let mut nonempty = false;
+    scan(sql, |t| match t {
+        Token::Semicolon => {
+            if nonempty {
+                stmts.push(cur);
+                tos.push(any_to);
+            }
+            cur = [None; 3];
+            n = 0;
+            any_to = false;
+            nonempty = false;
+        }
+        Token::Word(w) => {
+            nonempty = true;
+            if n < 3 {
+                cur[n] = Some(w);
+            }
+            n += 1;
+            any_to |= w.eq_ignore_ascii_case("to");
+        }
+        _ => {
+            nonempty = true;
+            n += 1;
+        }
+    });
+    if nonempty {
+        stmts.push(cur);
+        tos.push(any_to);
+    }
+    let kinds: Vec<TxControl> = stmts.iter().zip(&tos).map(|(w, to)| one(w, *to)).collect();
+    match kinds.as_slice() {
+        [] => TxControl::None,
+        [k] => *k,
+        ks if ks.iter().all(|k| *k == TxControl::None) => TxControl::None,
+        _ => TxControl::Mixed,
+    }
+}
+
+fn one(w: &[Option<&str>; 3], has_to: bool) -> TxControl {
+    let is = |i: usize, word: &str| w[i].is_some_and(|x| x.eq_ignore_ascii_case(word));
+    let Some(first) = w[0] else { return TxControl::None };
+    let first = first.to_ascii_lowercase();
+    match first.as_str() {
+        "begin" | "start" => TxControl::Begin,
+        "commit" | "end" if is(1, "prepared") => TxControl::Unsupported("COMMIT PREPARED"),
+        "commit" | "end" => TxControl::Commit,
+        "rollback" | "abort" if is(1, "prepared") => TxControl::Unsupported("ROLLBACK PREPARED"),
+        "rollback" | "abort" if has_to => TxControl::Unsupported("ROLLBACK TO SAVEPOINT"),
+        "rollback" | "abort" => TxControl::Rollback,
+        "savepoint" => TxControl::Unsupported("SAVEPOINT"),
+        "release" => TxControl::Unsupported("RELEASE SAVEPOINT"),
+        "prepare" if is(1, "transaction") => TxControl::Unsupported("PREPARE TRANSACTION"),
+        _ => TxControl::None,
+    }
+}
+
+/// The statement a shard joins the client's transaction with: the client's
+/// `BEGIN`/`START TRANSACTION` parsed and printed again (its isolation level and
+/// access mode), never the client's own text. Anything else gives `BEGIN`.
+pub fn begin_statement(sql: &str) -> String {
+    use sqlparser::ast::Statement;
+    match crate::analyze::parse(sql) {
+        Ok(stmts) => match stmts.as_slice() {
+            [s @ Statement::StartTransaction { .. }] => s.to_string(),
+            _ => "BEGIN".into(),
+        },
+        Err(_) => "BEGIN".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{begin_statement, transaction_control as tc, TxControl as T};
+
+    #[test]
+    fn begin_is_printed_from_its_parse_not_copied() {
+        assert_eq!(begin_statement("begin"), "BEGIN");
+        let s = begin_statement("/* x */ begin isolation level serializable, read only");
+        assert!(s.contains("SERIALIZABLE") && s.contains("READ ONLY"), "{s}");
+        assert_eq!(begin_statement("begin; create table pwned()"), "BEGIN");
+        assert_eq!(begin_statement("begin /*"), "BEGIN");
+    }
+
+    #[test]
+    fn commit_in_every_spelling() {
+        for s in [
+            "COMMIT",
+            "commit;",
+            "end",
+            "END TRANSACTION",
+            "/* app:checkout */ COMMIT",
+            "-- note\nCOMMIT",
+            "  \n\tCoMmIt WORK",
+            "COMMIT AND CHAIN",
+            "/* a /* nested */ b */commit",
+            "commit;;",
+        ] {
+            assert_eq!(tc(s), T::Commit, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn rollback_and_the_forms_shards_cannot_follow() {
+        assert_eq!(tc("ROLLBACK"), T::Rollback);
+        assert_eq!(tc("/*x*/ abort"), T::Rollback);
+        assert_eq!(tc("rollback and no chain"), T::Rollback);
+        assert_eq!(tc("ROLLBACK TO SAVEPOINT a"), T::Unsupported("ROLLBACK TO SAVEPOINT"));
+        assert_eq!(tc("rollback work to a"), T::Unsupported("ROLLBACK TO SAVEPOINT"));
+        assert_eq!(tc("ROLLBACK PREPARED 'x'"), T::Unsupported("ROLLBACK PREPARED"));
+        assert_eq!(tc("COMMIT PREPARED 'x'"), T::Unsupported("COMMIT PREPARED"));
+        assert_eq!(tc("savepoint a"), T::Unsupported("SAVEPOINT"));
+        assert_eq!(tc("RELEASE a"), T::Unsupported("RELEASE SAVEPOINT"));
+        assert_eq!(tc("PREPARE TRANSACTION 'g'"), T::Unsupported("PREPARE TRANSACTION"));
+        assert_eq!(tc("BEGIN"), T::Begin);
+        assert_eq!(tc("start transaction isolation level serializable"), T::Begin);
+    }
+
+    #[test]
+    fn other_statements_and_hidden_words() {
+        for s in ["", ";", "select 1", "select 'commit'", "-- commit", "/* commit */", "prepare p as select 1", "\"commit\"", "update t set a = 'rollback'"] {
+            assert_eq!(tc(s), T::None, "{s:?}");
+        }
+        assert_eq!(tc("select 1; select 2"), T::None);
+    }
+
+    #[test]
+    fn several_statements_with_transaction_control_are_mixed() {
+        assert_eq!(tc("INSERT INTO x VALUES (1); COMMIT"), T::Mixed);
+        assert_eq!(tc("update x set a = 1;commit;"), T::Mixed);
+        assert_eq!(tc("COMMIT; BEGIN"), T::Mixed);
+        assert_eq!(tc("select 1; /* c */ rollback"), T::Mixed);
+    }
+}

@@ -1,0 +1,95 @@
+//! Nothing lost, nothing doubled: every way a client can end a transaction
+//! ends the shards' part of it the same way, or is refused before anything
+//! commits. Each write is read back from the shard itself.
+
+use shardgate_tests::{connect, sqlstate, Cluster, Options};
+
+fn start() -> Cluster {
+    Cluster::start_temp(Options { redis: false, ..Options::default() }).expect("start cluster")
+}
+
+/// Rows with this order_no, counted on the shard of merchant 1 (db_1), all months.
+async fn on_shard(c: &Cluster, order_no: &str) -> i64 {
+    let shard = connect(&c.info.shards[1]).await.expect("shard");
+    let tables = shardgate_tests::month_tables(&shard).await;
+    let mut n = 0;
+    for t in tables {
+        n += shard.query_one(&format!("SELECT count(*) FROM {t} WHERE order_no = $1"), &[&order_no]).await.expect("count").get::<_, i64>(0);
+    }
+    n
+}
+
+fn insert(no: &str) -> String {
+    format!("INSERT INTO t_order (order_no, merchant_id, order_amount, create_time) VALUES ('{no}', 1, 1.00, '2026-11-02 10:00+00')")
+}
+
+#[tokio::test]
+async fn every_spelling_of_commit_commits_the_shards_too() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    // simple protocol: COMMIT behind comments, in other case, with WORK / AND NO CHAIN
+    let spellings = ["/* app:checkout */ COMMIT", "-- note\nCOMMIT", "  cOmMiT work", "END", "/* a /* nested */ b */ commit and no chain"];
+    for (i, commit) in spellings.iter().enumerate() {
+        let no = format!("CMT{i}");
+        client.batch_execute("BEGIN").await.expect("begin");
+        client.batch_execute(&insert(&no)).await.expect("insert");
+        client.batch_execute(commit).await.unwrap_or_else(|e| panic!("{commit:?}: {e}"));
+        assert_eq!(on_shard(&c, &no).await, 1, "{commit:?} acknowledged, row must be on the shard");
+    }
+    // extended protocol: a named COMMIT prepared before the transaction and executed
+    // inside it (pgjdbc keeps COMMIT prepared once it passes prepareThreshold)
+    let commit = client.prepare("/* pooled */ COMMIT").await.expect("prepare commit");
+    for i in 0..2 {
+        let no = format!("PREP{i}");
+        client.batch_execute("BEGIN").await.expect("begin");
+        client.execute(insert(&no).as_str(), &[]).await.expect("insert");
+        client.execute(&commit, &[]).await.expect("prepared commit");
+        assert_eq!(on_shard(&c, &no).await, 1, "prepared COMMIT #{i} acknowledged, row must be on the shard");
+    }
+    // and a named ROLLBACK rolls the shard back
+    let rollback = client.prepare("ROLLBACK").await.expect("prepare rollback");
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.execute(insert("RB1").as_str(), &[]).await.expect("insert");
+    client.execute(&rollback, &[]).await.expect("prepared rollback");
+    assert_eq!(on_shard(&c, "RB1").await, 0);
+    // the session is clean afterwards
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order WHERE merchant_id = 1", &[]).await.expect("count").get(0);
+    assert_eq!(n, 7);
+}
+
+#[tokio::test]
+async fn transaction_control_the_shards_cannot_follow_is_refused_before_anything_commits() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let default = connect(&c.info.default_dsn).await.expect("db_default");
+    default.batch_execute("CREATE TABLE outbox (id int)").await.expect("outbox");
+    // COMMIT at the end of a multi-statement string: refused, nothing commits anywhere
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute(&insert("MIX1")).await.expect("insert");
+    let e = client.batch_execute("INSERT INTO outbox VALUES (1); COMMIT").await.expect_err("mixed string refused");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    let m = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert!(m.contains("COMMIT or ROLLBACK as a statement of its own"), "{m}");
+    // the transaction is aborted, as after any error: ROLLBACK ends it everywhere
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(on_shard(&c, "MIX1").await, 0);
+    let n: i64 = default.query_one("SELECT count(*) FROM outbox", &[]).await.expect("outbox").get(0);
+    assert_eq!(n, 0, "the outbox row must not commit without the order");
+    // COMMIT PREPARED / savepoints inside a block that touched t_order: refused
+    for stmt in ["COMMIT PREPARED 'x'", "SAVEPOINT a", "/* c */ rollback to savepoint a"] {
+        client.batch_execute("BEGIN").await.expect("begin");
+        client.batch_execute(&insert("SP1")).await.expect("insert");
+        let e = client.batch_execute(stmt).await.expect_err("refused");
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{stmt}: {e}");
+        client.batch_execute("ROLLBACK").await.expect("rollback");
+        assert_eq!(on_shard(&c, "SP1").await, 0, "{stmt}");
+    }
+    // an order plus its outbox row (local message table) commit together
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute(&insert("OUT1")).await.expect("insert");
+    client.batch_execute("INSERT INTO outbox VALUES (2)").await.expect("outbox");
+    client.batch_execute("/* done */ COMMIT").await.expect("commit");
+    assert_eq!(on_shard(&c, "OUT1").await, 1);
+    let n: i64 = default.query_one("SELECT count(*) FROM outbox", &[]).await.expect("outbox").get(0);
+    assert_eq!(n, 1);
+}

@@ -1,0 +1,156 @@
+//! No client reaches beyond its own SQL: each attack as it was reproduced,
+//! plus variants, asserting it is refused and that nothing changed.
+
+use shardgate_tests::{connect, sqlstate, Cluster, Options};
+
+fn start() -> Cluster {
+    Cluster::start_temp(Options { redis: false, ..Options::default() }).expect("start cluster")
+}
+
+/// Tables named `name` in the public schema of every shard and db_default.
+async fn tables_named(c: &Cluster, name: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for dsn in c.info.shards.iter().chain(std::iter::once(&c.info.default_dsn)) {
+        let db = connect(dsn).await.expect("direct");
+        let n: i64 = db.query_one("SELECT count(*) FROM pg_class WHERE relname = $1", &[&name]).await.expect("pg_class").get(0);
+        if n > 0 {
+            found.push(dsn.rsplit('/').next().unwrap_or_default().to_string());
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn session_settings_never_become_sql_on_the_shards() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'S1', 1, '2026-11-02 00:00+00')").await.expect("seed");
+    // the reproduced attack: strings read with backslash escapes, then a search_path that
+    // closes the proxy's quote when pasted into SET … = '…'
+    let e = client.batch_execute("SET standard_conforming_strings = off").await.expect_err("refused");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    client.batch_execute("SELECT id FROM t_order WHERE merchant_id = 1").await.expect("query");
+    let attacks = [
+        // simple protocol, the exact text
+        r"SET search_path = E'public\\\';CREATE TABLE public.pwned_by_client();--'",
+        // a doubled quote in a standard string
+        "SET search_path = 'public'';CREATE TABLE public.pwned_by_client();--'",
+        // TimeZone and DateStyle carry values to the shards as well
+        "SET TimeZone = 'UTC'';CREATE TABLE public.pwned_by_client();--'",
+        "SET datestyle = 'ISO'';CREATE TABLE public.pwned_by_client();--'",
+    ];
+    for a in attacks {
+        // PostgreSQL may accept or reject the odd value on db_default; either way the
+        // shards get it only as a bind value
+        let _ = client.batch_execute(a).await;
+        let _ = client.batch_execute("SELECT id FROM t_order WHERE merchant_id = 1").await;
+        let _ = client.batch_execute("SELECT count(*) FROM t_order").await;
+        client.batch_execute("RESET ALL").await.expect("reset");
+    }
+    // the extended protocol (tokio-postgres prepares every statement)
+    let _ = client.execute("SET search_path = 'public'';CREATE TABLE public.pwned_by_client();--'", &[]).await;
+    let _ = client.query("SELECT id FROM t_order WHERE merchant_id = $1", &[&1i64]).await;
+    client.batch_execute("RESET ALL").await.expect("reset");
+    assert!(tables_named(&c, "pwned_by_client").await.is_empty(), "a client's setting ran as SQL");
+    // settings still reach the shards: a zone changes how timestamptz is printed there
+    client.batch_execute("SET TimeZone = 'Asia/Shanghai'").await.expect("set zone");
+    let row = client.query_one("SELECT create_time::text FROM t_order WHERE merchant_id = 1", &[]).await.expect("read");
+    assert_eq!(row.get::<_, String>(0), "2026-11-02 08:00:00+08");
+    let row = client.simple_query("SELECT create_time FROM t_order WHERE merchant_id = 1").await.expect("read");
+    let text = row.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(text.as_deref(), Some("2026-11-02 08:00:00+08"));
+    // and the setting still works after the client's connection came back to the pool
+    client.batch_execute("SET search_path = public, \"$user\"").await.expect("set path");
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count").get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn a_client_cannot_ask_for_backslash_strings_at_startup() {
+    let c = start();
+    let dsn = format!("{}&options=-c%20standard_conforming_strings%3Doff", c.info.proxy_dsn_for("app", "app-secret"));
+    let r = connect(&dsn).await;
+    let e = match r {
+        Ok(client) => client.simple_query("SELECT 1").await.expect_err("refused"),
+        Err(e) => e,
+    };
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+}
+
+const FAST_SYNC: &str = "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 2000\nfailure_threshold = 2\nrecovery_threshold = 2\n[fallback]\nsync_interval_ms = 300\n";
+
+#[tokio::test]
+async fn application_users_cannot_touch_the_control_tables() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    // a write through t_order makes the proxy's tables exist for sure
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'C1', 1, '2026-11-02 00:00+00')").await.expect("seed");
+    let attempts = [
+        "INSERT INTO t_order_fallback (id, order_no, merchant_id, create_time, target_db, target_table) VALUES (7, 'x', 1, now(), 'db_1', 't_order_202611')",
+        "SELECT * FROM t_order_fallback",
+        "select * from \"t_order_fallback\"",
+        "UPDATE public.T_ORDER_FALLBACK SET sync_status = 'SYNCED'",
+        "SELECT * FROM shardgate_2pc_decisions",
+        "DELETE FROM shardgate_2pc_decisions",
+        "INSERT INTO shardgate_2pc_decisions (gid, shards) VALUES ('sg_x', '{1}')",
+        "SELECT * FROM shardgate_migration",
+        "/* x */ TRUNCATE t_order_fallback",
+    ];
+    for sql in attempts {
+        let e = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "simple: {sql}: {e}");
+        let e = client.execute(sql, &[]).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "extended: {sql}: {e}");
+    }
+    // inside a transaction block the refusal aborts it, as an error would
+    client.batch_execute("BEGIN").await.expect("begin");
+    assert!(client.batch_execute("SELECT * FROM t_order_fallback").await.is_err());
+    let e = client.batch_execute("SELECT 1").await.expect_err("aborted");
+    assert_eq!(sqlstate(&e).as_deref(), Some("25P02"));
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    // nothing reached db_default
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let n: i64 = def.query_one("SELECT count(*) FROM t_order_fallback", &[]).await.expect("fallback").get(0);
+    assert_eq!(n, 0);
+    // the admin user still may read them (operations)
+    let admin = connect(&c.info.proxy_dsn_for(shardgate_tests::ADMIN_USER.0, shardgate_tests::ADMIN_USER.1)).await.expect("admin");
+    admin.batch_execute("SELECT count(*) FROM t_order_fallback").await.expect("admin reads");
+}
+
+#[tokio::test]
+async fn sync_back_never_uses_a_name_it_did_not_make() {
+    let c = Cluster::start_temp(Options { redis: false, extra_toml: FAST_SYNC.into(), ..Options::default() }).expect("start cluster");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'C1', 1, '2026-11-02 00:00+00')").await.expect("seed");
+    // rows planted in the fallback table by someone with db_default access
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    def.batch_execute(
+        "INSERT INTO t_order_fallback (id, order_no, merchant_id, create_time, target_db, target_table) VALUES \
+         (11, 'evil', 1, '2026-11-02 00:00+00', 'db_1', 't_order_202611 (id) SELECT 1 WHERE false; CREATE TABLE public.pwned_via_sync(); --'), \
+         (12, 'other-shard', 2, '2026-11-02 00:00+00', 'db_1', 't_order_202611'), \
+         (13, 'fine', 9, '2026-11-02 00:00+00', 'db_1', 't_order_202611')",
+    )
+    .await
+    .expect("plant rows");
+    let t0 = std::time::Instant::now();
+    loop {
+        let rows = def.query("SELECT id, sync_status FROM t_order_fallback WHERE id IN (11, 12, 13) ORDER BY id", &[]).await.expect("status");
+        let st: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if st.iter().all(|(_, s)| s != "PENDING") {
+            assert_eq!(st, vec![(11, "FAILED".into()), (12, "FAILED".into()), (13, "SYNCED".into())]);
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "sync-back never looked at the rows: {st:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(tables_named(&c, "pwned_via_sync").await.is_empty(), "a fallback row's target_table ran as SQL");
+    let err: String = def.query_one("SELECT last_error FROM t_order_fallback WHERE id = 11", &[]).await.expect("error").get(0);
+    assert!(err.contains("not a month table"), "{err}");
+    // the misplaced row did not land on db_1; the right one did
+    let shard1 = connect(&c.info.shards[1]).await.expect("db_1");
+    let ids: Vec<i64> = shard1.query("SELECT id FROM t_order_202611 ORDER BY id", &[]).await.expect("db_1").iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec![1, 13]);
+}
