@@ -252,12 +252,20 @@ pub struct IdConfig {
     /// sequence ids brought in by a migration): they are never decoded for
     /// routing, a lookup by such an id goes to every shard and month.
     pub legacy_id_max: i64,
+    /// Whether `WHERE id = …` alone may narrow a statement to the shard and
+    /// month an id names. Off (the default): applications bring their own ids
+    /// (sequences, their own snowflakes, migrated rows), so a lookup by id
+    /// goes to every shard and month and always finds its row. On: every id
+    /// above `legacy_id_max` that decodes as a shardgate id must name its
+    /// row's shard and month — an INSERT with an explicit id that does not is
+    /// refused (0A000) — and lookups by such ids go to one shard and month.
+    pub route_by_id: bool,
 }
 
 impl Default for IdConfig {
     fn default() -> Self {
         // 2024-01-01T00:00:00Z
-        IdConfig { worker_id: Some(1), epoch_ms: 1_704_067_200_000, max_clock_backward_ms: 50, legacy_id_max: 0 }
+        IdConfig { worker_id: Some(1), epoch_ms: 1_704_067_200_000, max_clock_backward_ms: 50, legacy_id_max: 0, route_by_id: false }
     }
 }
 

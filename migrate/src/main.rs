@@ -113,9 +113,10 @@ async fn run(args: Args, config: Config) -> anyhow::Result<Outcome> {
         Ok(n) => n,
         Err(o) => return Ok(o),
     };
-    if step == PlanStep::Prepare {
-        // a legacy id above ids.legacy_id_max would be decoded as a shardgate id and a
-        // lookup by it routed to the shard and month it seems to name: refuse if any would be wrong
+    if step == PlanStep::Prepare && config.ids.route_by_id {
+        // with ids.route_by_id, a legacy id above ids.legacy_id_max would be decoded as a shardgate
+        // id and a lookup by it routed to the shard and month it seems to name: refuse if any would
+        // be wrong (without it, lookups by id go everywhere and any id is fine)
         let topo = shardgate_router::Topology::from_config(&config).map_err(anyhow::Error::msg)?;
         let l = &stores.layout;
         let rows = stores

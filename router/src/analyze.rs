@@ -74,6 +74,8 @@ pub struct WriteAnalysis {
 struct RowAnalysis {
     shard: Src,
     time: Option<Src>,
+    /// The explicit id: `Some(None)` when it is an expression (not a literal or parameter).
+    id: Option<Option<Src>>,
 }
 
 /// An INSERT … VALUES, analysed.
@@ -344,13 +346,17 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
         return Err(RouteError::NotNull(format!("INSERT into {name} must set {}: it picks the shard", rule.shard_key)));
     };
     let time_pos = pos(&rule.month_column);
-    let generate_id = pos(&rule.id_column).is_none();
+    let id_pos = pos(&rule.id_column);
+    let generate_id = id_pos.is_none();
     let generate_time = time_pos.is_none();
     if let Some(sqlparser::ast::OnInsert::OnConflict(oc)) = &ins.on {
         if let sqlparser::ast::OnConflictAction::DoUpdate(du) = &oc.action {
             for a in &du.assignments {
-                if let sqlparser::ast::AssignmentTarget::ColumnName(n) = &a.target {
-                    let c = col_name(n);
+                let cols: Vec<String> = match &a.target {
+                    sqlparser::ast::AssignmentTarget::ColumnName(n) => vec![col_name(n)],
+                    sqlparser::ast::AssignmentTarget::Tuple(ns) => ns.iter().map(col_name).collect(),
+                };
+                for c in cols {
                     if c == rule.shard_key || c == rule.month_column || c == rule.id_column {
                         return Err(RouteError::unsupported(format!(
                             "ON CONFLICT DO UPDATE of {c} would move the row to another shard or month table"
@@ -390,13 +396,14 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
             Some(p) => Some(src_of_value(&row[p], &rule.month_column, name)?),
             None => None,
         };
+        let id = id_pos.map(|p| crate::extract::src_of(&row[p]));
         if generate_id {
             row.push(Expr::Identifier(Ident::new(HOLE_ID)));
         }
         if generate_time {
             row.push(Expr::Identifier(Ident::new(HOLE_TIME)));
         }
-        rows.push(RowAnalysis { shard, time });
+        rows.push(RowAnalysis { shard, time, id });
     }
     if generate_id {
         ins.columns.push(ObjectName::from(vec![Ident::new(rule.id_column.clone())]));
@@ -622,6 +629,33 @@ impl VisitorMut for Renumber {
     }
 }
 
+/// With `ids.route_by_id`, lookups trust what a decodable id says: an explicit
+/// id above `ids.legacy_id_max` that decodes must name its row's shard and month.
+fn check_explicit_id(id: Option<&Src>, shard: ShardId, month: MonthKey, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>, rule: &TableRule) -> Result<()> {
+    let hint = "omit the id to have shardgate generate one, keep application ids at or below ids.legacy_id_max, or set ids.route_by_id = false";
+    let Some(src) = id else {
+        return Err(RouteError::unsupported(format!(
+            "with ids.route_by_id = true, {} in an INSERT into {} must be a literal or a $n parameter; {hint}",
+            rule.id_column, rule.name
+        )));
+    };
+    if let crate::extract::IntValue::Int(v) = crate::extract::int_value(src, params)? {
+        if let Some(d) = topo.ids.decode(v, ctx.now, &topo.tz) {
+            if d.shard != shard || d.month.is_some_and(|m| m != month) {
+                return Err(RouteError::unsupported(format!(
+                    "{} {v} reads as a shardgate id of db_{}{}, but the row belongs to db_{} month {}: a lookup by this id would miss it; {hint}",
+                    rule.id_column,
+                    d.shard.0,
+                    d.month.map(|m| format!(" month {}", m.suffix())).unwrap_or_default(),
+                    shard.0,
+                    month.suffix()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn time_literal(ts: jiff::Timestamp) -> String {
     format!("'{ts}'")
 }
@@ -637,6 +671,11 @@ impl InsertAnalysis {
                 Some(t) => row_month(t, params, topo, rule)?,
                 None => now_month,
             };
+            if topo.ids.route_by_id {
+                if let Some(id) = &r.id {
+                    check_explicit_id(id.as_ref(), shard, month, params, topo, ctx, rule)?;
+                }
+            }
             keys.push((shard, month));
         }
         let mut ids = Vec::new();

@@ -548,6 +548,10 @@ fn months_set(lo: Option<Bound>, hi: Option<Bound>, topo: &Topology, ctx: &Conte
 
 fn id_targets(ints: &[IntValue], topo: &Topology, ctx: &Context<'_>) -> TargetSet {
     let n = ctx.months.len();
+    if !topo.ids.route_by_id {
+        // application ids carry no placement: any id may be on any shard and month
+        return TargetSet::full(n, topo.shard_count);
+    }
     let mut set = TargetSet::empty(n);
     for v in ints {
         match v {

@@ -91,7 +91,7 @@ impl Topology {
                 pattern: t.table_pattern.clone(),
             })
             .collect();
-        let ids = IdLayout { epoch_ms: c.ids.epoch_ms, legacy_id_max: c.ids.legacy_id_max, shard_count };
+        let ids = IdLayout { epoch_ms: c.ids.epoch_ms, legacy_id_max: c.ids.legacy_id_max, shard_count, route_by_id: c.ids.route_by_id };
         Ok(Topology { tables, shard_count, tz, ids })
     }
 

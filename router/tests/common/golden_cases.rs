@@ -98,6 +98,8 @@ pub const NOW_MS: i64 = 1_795_341_600_000;
 /// The fixed world the golden cases are planned in.
 pub struct World {
     pub topo: Topology,
+    /// The same with `ids.route_by_id = true` (the cases in ids.txt).
+    pub topo_route_by_id: Topology,
     pub months: Vec<MonthKey>,
     pub ids: IdGenerator,
 }
@@ -114,7 +116,9 @@ impl World {
             MonthKey { year: 2027, month: 1 },
         ];
         let ids = IdGenerator::new(topo.ids.clone(), 1, 50, Box::new(Fixed(Arc::new(AtomicI64::new(NOW_MS)))), 0).expect("id generator");
-        World { topo, months, ids }
+        let mut topo_route_by_id = topo.clone();
+        topo_route_by_id.ids.route_by_id = true;
+        World { topo, topo_route_by_id, months, ids }
     }
 
     pub fn ctx(&self) -> Context<'_> {
@@ -124,7 +128,8 @@ impl World {
     /// The plan (or error) printed as in the golden files.
     pub fn render(&self, c: &Case) -> String {
         let params: Vec<Param<'_>> = c.params.iter().map(|p| p.as_deref().map_or(Param::Null, Param::Text)).collect();
-        match shardgate_router::plan(&c.sql, &params, &self.topo, &self.ctx()) {
+        let topo = if c.file == "ids.txt" { &self.topo_route_by_id } else { &self.topo };
+        match shardgate_router::plan(&c.sql, &params, topo, &self.ctx()) {
             Ok(p) => p.to_string().trim_end().to_string(),
             Err(e) => format!("error {}: {e}", e.sqlstate()),
         }
