@@ -19,6 +19,12 @@ async fn on_shard(c: &Cluster, order_no: &str) -> i64 {
     n
 }
 
+/// Every row as `id:amount:status`, in id order.
+async fn state(client: &tokio_postgres::Client) -> Vec<String> {
+    let q = "SELECT id::text || ':' || order_amount::text || ':' || pay_status FROM t_order ORDER BY id";
+    client.query(q, &[]).await.expect("state").iter().map(|r| r.get::<_, String>(0)).collect()
+}
+
 fn insert(no: &str) -> String {
     format!("INSERT INTO t_order (order_no, merchant_id, order_amount, create_time) VALUES ('{no}', 1, 1.00, '2026-11-02 10:00+00')")
 }
@@ -92,4 +98,55 @@ async fn transaction_control_the_shards_cannot_follow_is_refused_before_anything
     assert_eq!(on_shard(&c, "OUT1").await, 1);
     let n: i64 = default.query_one("SELECT count(*) FROM outbox", &[]).await.expect("outbox").get(0);
     assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn a_statement_over_several_month_tables_or_shards_applies_completely_or_not_at_all() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client
+        .batch_execute(
+            "INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status, create_time) VALUES \
+             (1, 'A1', 5, 10.00, 'NEW', '2026-10-05 10:00+00'), (2, 'A2', 5, 20.00, 'NEW', '2026-12-05 10:00+00'), \
+             (3, 'B1', 6, 30.00, 'NEW', '2026-11-05 10:00+00')",
+        )
+        .await
+        .expect("seed");
+    let before = state(&client).await;
+    // the reproduced case: fails in December after October was updated (one shard, two months)
+    for (simple, sql) in [
+        (true, "UPDATE t_order SET order_amount = 100/(EXTRACT(MONTH FROM create_time)::int - 12) WHERE merchant_id = 5"),
+        (false, "UPDATE t_order SET order_amount = 100/(EXTRACT(MONTH FROM create_time)::int - 12) WHERE merchant_id = 5"),
+        (true, "UPDATE t_order SET pay_status = 'HALF', order_amount = order_amount / CASE WHEN create_time >= '2026-11-01 00:00+00' THEN 0 ELSE 1 END WHERE merchant_id = 5"),
+        (true, "DELETE FROM t_order WHERE merchant_id = 5 AND 1/(EXTRACT(MONTH FROM create_time)::int - 12) > 0"),
+    ] {
+        let e = if simple { client.batch_execute(sql).await.expect_err(sql) } else { client.execute(sql, &[]).await.map(|_| ()).expect_err(sql) };
+        assert_eq!(sqlstate(&e).as_deref(), Some("22012"), "{sql}: {e}");
+        assert_eq!(state(&client).await, before, "{sql} left part of its work behind");
+    }
+    // a multi-row INSERT whose December row collides: the October row must not stay
+    let e = client
+        .batch_execute(
+            "INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (7001, 'AT1', 5, '2026-10-10 00:00+00'), (2, 'AT2', 5, '2026-12-10 00:00+00')",
+        )
+        .await
+        .expect_err("duplicate id");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    // and the same over two shards (two-phase commit)
+    let e = client
+        .batch_execute(
+            "INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (7002, 'AT3', 6, '2026-11-10 00:00+00'), (2, 'AT4', 5, '2026-12-10 00:00+00')",
+        )
+        .await
+        .expect_err("duplicate id");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    assert_eq!(state(&client).await, before, "a failed INSERT left rows behind");
+    // inside a block the statement fails as a whole too, and ROLLBACK undoes the rest
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute("UPDATE t_order SET pay_status = 'IN' WHERE merchant_id = 6").await.expect("update");
+    assert!(client.batch_execute("UPDATE t_order SET order_amount = 100/(EXTRACT(MONTH FROM create_time)::int - 12) WHERE merchant_id = 5").await.is_err());
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(state(&client).await, before);
+    // the successful form changes both months at once
+    assert_eq!(client.execute("UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = 5", &[]).await.expect("update"), 2);
 }

@@ -342,7 +342,10 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     let write = routed.kind != RoutedKind::Select;
     // several shards written outside a transaction block: one atomic two-phase commit
     let implicit_2pc = write && req.tx.is_none() && shard_list.len() > 1;
-    let tx = if implicit_2pc { Some("BEGIN") } else { req.tx };
+    // several month tables written on one shard: one transaction there, so a statement
+    // that fails in a later month leaves the earlier ones unchanged
+    let implicit_tx = write && req.tx.is_none() && !implicit_2pc && routed.targets.len() > shard_list.len();
+    let tx = if implicit_2pc || implicit_tx { Some("BEGIN") } else { req.tx };
     engine.fanout.record(routed.targets.len() as f64);
     let t0 = Instant::now();
     let result = run(engine, slots, req, out, &shard_list, tx).await;
@@ -378,6 +381,14 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     let result = if implicit_2pc {
         match result {
             Ok(()) => super::twopc::commit(engine, slots, &shard_list).await,
+            Err(e) => {
+                super::twopc::rollback(slots, &shard_list).await;
+                Err(e)
+            }
+        }
+    } else if implicit_tx {
+        match result {
+            Ok(()) => super::twopc::commit_each(slots, &shard_list).await,
             Err(e) => {
                 super::twopc::rollback(slots, &shard_list).await;
                 Err(e)
