@@ -97,6 +97,11 @@ pub struct ServerConfig {
     /// fails with 54000 and a hint. Streams (single shard, plain and ordered
     /// concatenations) are not limited.
     pub max_merge_rows: usize,
+    /// Most bytes of rows one client portal of a sharded table may hold
+    /// between Executes with a row limit (pgjdbc fetch size, asyncpg
+    /// cursors): the answer is read whole and handed out in parts; above it
+    /// the Execute fails with 54000 and a hint.
+    pub max_portal_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -113,6 +118,7 @@ impl Default for ServerConfig {
             auth_method: AuthMethod::ScramSha256,
             worker_threads: 0,
             max_merge_rows: 1_000_000,
+            max_portal_bytes: 64 * 1024 * 1024,
         }
     }
 }

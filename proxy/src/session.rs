@@ -425,6 +425,10 @@ struct Session {
     routed_stmts: HashMap<Vec<u8>, Arc<routing::RoutedStmt>>,
     /// Portals bound to those statements.
     routed_portals: HashMap<Vec<u8>, routing::RoutedPortal>,
+    /// Routed portals read in parts (Execute with a row limit): the rows not yet sent.
+    suspended: HashMap<Vec<u8>, routing::Suspended>,
+    /// While set, routed answers are kept whole in `cout` (up to this many bytes), not sent.
+    capture_limit: Option<usize>,
     /// The client's BEGIN text, repeated on shards that join the transaction.
     begin_sql: Option<String>,
     /// The user may run admin commands.
@@ -480,6 +484,8 @@ impl Session {
             slots: Vec::new(),
             secondaries: Vec::new(),
             routed_stmts: HashMap::new(),
+            suspended: HashMap::new(),
+            capture_limit: None,
             routed_portals: HashMap::new(),
             begin_sql: None,
             admin: login.admin,
@@ -1008,6 +1014,9 @@ impl Session {
                 }
             }
             b'S' => {
+                if self.server.is_none() {
+                    self.suspended.clear();
+                }
                 if self.discard_until_sync && self.server.is_none() {
                     self.discard_until_sync = false;
                     msg::ready_for_query(&mut self.cout, b'I');
@@ -1017,6 +1026,10 @@ impl Session {
                     // the server ignores Sync in COPY FROM STDIN mode; no reply comes
                     self.sout.extend_from_slice(&f.raw);
                 } else {
+                    if !self.suspended.is_empty() && !self.in_tx_block() {
+                        // portals end with their (implicit) transaction, as in PostgreSQL
+                        self.suspended.clear();
+                    }
                     self.discard_until_sync = false;
                     self.sout.extend_from_slice(&f.raw);
                     self.expect.push_back(Expect::Ready { sync: true });

@@ -128,10 +128,23 @@ pub struct Out<'a> {
     pub buf: &'a mut BytesMut,
     /// The client socket; `None` discards the answer (a secondary write).
     pub client: Option<&'a TcpStream>,
+    /// Keep the whole answer in `buf`, up to this many bytes (a portal read
+    /// in parts); over it `buf` is emptied and `overflow` set, while the
+    /// shards' answers are still read to their end.
+    pub keep: Option<usize>,
+    /// The kept answer went over `keep`.
+    pub overflow: bool,
 }
 
 impl Out<'_> {
     async fn maybe_flush(&mut self) -> Result<(), ExecError> {
+        if let Some(limit) = self.keep {
+            if self.overflow || self.buf.len() > limit {
+                self.overflow = true;
+                self.buf.clear();
+            }
+            return Ok(());
+        }
         if self.buf.len() >= 64 * 1024 {
             if let Some(c) = self.client {
                 crate::session::write_all(c, self.buf).await.map_err(ExecError::ClientIo)?;

@@ -82,8 +82,22 @@ impl Session {
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, down_targets: &[], serial: false };
         let mut scratch = BytesMut::new();
-        let mut out = if to_client { Out { buf: &mut self.cout, client: Some(&self.client) } } else { Out { buf: &mut scratch, client: None } };
+        let keep = self.capture_limit;
+        let mut out = if to_client {
+            Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false }
+        } else {
+            Out { buf: &mut scratch, client: None, keep: None, overflow: false }
+        };
         let r = if direct { exec::execute_direct(&engine, &mut self.slots, &req, &mut out).await } else { exec::execute(&engine, &mut self.slots, &req, &mut out).await };
+        let r = match r {
+            // a portal read in parts kept more than it may: its answer is dropped (checked by the caller)
+            Ok(()) if out.overflow => {
+                out.buf.clear();
+                out.buf.resize(keep.unwrap_or_default() + 1, 0);
+                Ok(())
+            }
+            other => other,
+        };
         match r {
             Err(ExecError::ClientIo(e)) => Err(End::ClientIo(e)),
             other => Ok(other),

@@ -51,6 +51,16 @@ impl RoutedStmt {
     }
 }
 
+/// A routed portal read in parts: its answer was read whole (bounded by
+/// `server.max_portal_bytes`) and is handed out `max_rows` at a time.
+pub(super) struct Suspended {
+    /// DataRow frames not yet sent.
+    rows: std::collections::VecDeque<Bytes>,
+    /// The command tag without its row count (`SELECT`, `INSERT 0`, `UPDATE`): each
+    /// part's tag counts that part's rows, as PostgreSQL's does.
+    tag: String,
+}
+
 /// A bound portal of a [`RoutedStmt`].
 pub(super) struct RoutedPortal {
     pub(super) stmt: Arc<RoutedStmt>,
@@ -219,8 +229,13 @@ impl Session {
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let req = Request { routed: &plan, bound, simple, visible, tx: in_tx.then_some(begin.as_str()), param_sets: &sets, down_targets: &[], serial: false };
-        let mut out = Out { buf: &mut self.cout, client: Some(&self.client) };
+        let keep = self.capture_limit;
+        let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false };
         let r = exec::execute(&engine, &mut self.slots, &req, &mut out).await;
+        let r = match r {
+            Ok(()) if out.overflow => Err(portal_too_large(keep.unwrap_or_default())),
+            other => other,
+        };
         match r {
             Err(ExecError::ClientIo(e)) => Err(End::ClientIo(e)),
             other => Ok(other),
@@ -281,6 +296,7 @@ impl Session {
 
     /// ROLLBACK (or COMMIT of an aborted block) on every shard of the block.
     async fn rollback_shard_part(&mut self) {
+        self.suspended.clear();
         self.secondaries.clear();
         let in_tx = self.shards_in_block();
         twopc::rollback(&mut self.slots, &in_tx).await;
@@ -292,6 +308,7 @@ impl Session {
     /// (two-phase commit) and `Some((gid, written))` says the decision is still to
     /// be made. On an error every shard is rolled back and released.
     async fn commit_shard_part(&mut self) -> Result<Option<(String, Vec<usize>)>, ExecError> {
+        self.suspended.clear();
         // a migration's queued secondary writes go first, while the primary's locks are held
         self.flush_secondaries().await;
         let in_tx = self.shards_in_block();
@@ -545,6 +562,7 @@ impl Session {
             self.fail_extended(ExecError::Proxy("08P01", m)).await?;
             return Ok(Some(Flow::Continue));
         }
+        self.suspended.remove(&portal);
         self.routed_portals.insert(portal, RoutedPortal { stmt, bound: Arc::new(bound) });
         put_message(&mut self.cout, b'2', |_| {});
         Ok(Some(Flow::Continue))
@@ -667,13 +685,23 @@ impl Session {
             self.cached_execute(&stmt, &bound, max_rows).await?;
             return Ok(Some(Flow::Continue));
         }
-        if max_rows > 0 {
-            self.fail_extended(ExecError::Proxy(
-                "0A000",
-                "fetching rows of a t_order portal in batches (Execute with a row limit) is not supported; fetch all rows or use LIMIT/OFFSET".into(),
-            ))
-            .await?;
+        if self.suspended.contains_key(portal) {
+            // the next part of a portal read in parts
+            self.send_part(portal, if max_rows > 0 { max_rows as usize } else { usize::MAX });
             return Ok(Some(Flow::Continue));
+        }
+        if max_rows > 0 {
+            // a row limit on a statement that returns no rows is ignored, as PostgreSQL does
+            let returns_rows = match self.describe(&stmt).await {
+                Ok((_, rows)) => rows.first() == Some(&b'T'),
+                Err(e) => {
+                    self.fail_extended(e).await?;
+                    return Ok(Some(Flow::Continue));
+                }
+            };
+            if returns_rows {
+                return self.execute_in_parts(portal.to_vec(), &stmt, &bound, max_rows as usize).await.map(Some);
+            }
         }
         let visible = if bound.result_formats.iter().any(|f| *f != 0) {
             match self.describe(&stmt).await {
@@ -694,11 +722,83 @@ impl Session {
         Ok(Some(Flow::Continue))
     }
 
+    /// The first Execute with a row limit of a routed portal: runs the
+    /// statement, keeps its rows (at most `server.max_portal_bytes`), sends the
+    /// first `max_rows` and PortalSuspended, or all of them and the tag.
+    async fn execute_in_parts(&mut self, portal: Vec<u8>, stmt: &RoutedStmt, bound: &Bound, max_rows: usize) -> Result<Flow, End> {
+        let visible = if bound.result_formats.iter().any(|f| *f != 0) {
+            match self.describe(stmt).await {
+                Ok((_, rows)) if rows[0] == b'T' => wire::row_description(&rows[5..], usize::MAX, None).map(|(_, f)| f.len()),
+                Ok(_) => Some(0),
+                Err(e) => {
+                    self.fail_extended(e).await?;
+                    return Ok(Flow::Continue);
+                }
+            }
+        } else {
+            None
+        };
+        let limit = self.shared.config.server.max_portal_bytes;
+        let before = std::mem::take(&mut self.cout);
+        self.capture_limit = Some(limit);
+        let r = self.run_routed(&stmt.analysis, &stmt.sql, bound, false, visible).await;
+        self.capture_limit = None;
+        let mut captured = std::mem::replace(&mut self.cout, before);
+        let r = match r? {
+            Ok(()) if captured.len() > limit => Err(portal_too_large(limit)),
+            other => other,
+        };
+        if let Err(e) = r {
+            self.fail_extended(e).await?;
+            return Ok(Flow::Continue);
+        }
+        let mut rows = std::collections::VecDeque::new();
+        let mut tag = String::from("SELECT");
+        while let Ok(Some(f)) = crate::protocol::codec::split_frame(&mut captured, usize::MAX) {
+            match f.tag {
+                b'D' => rows.push_back(f.raw),
+                // the tag is made per part; notices go out with the first part
+                b'C' => {
+                    let t = String::from_utf8_lossy(f.body().strip_suffix(&[0]).unwrap_or(f.body())).into_owned();
+                    tag = t.rsplit_once(' ').map_or(t.clone(), |(verb, _)| verb.to_string());
+                }
+                _ => self.cout.extend_from_slice(&f.raw),
+            }
+        }
+        self.suspended.insert(portal.clone(), Suspended { rows, tag });
+        self.send_part(&portal, max_rows);
+        Ok(Flow::Continue)
+    }
+
+    /// Sends up to `n` kept rows of a portal read in parts, then
+    /// PortalSuspended, or the tag (`SELECT` and the rows of this part, as
+    /// PostgreSQL counts them) once a part comes up short. Like PostgreSQL, a
+    /// part that takes exactly the last rows is still suspended: the next
+    /// Execute answers `SELECT 0`.
+    fn send_part(&mut self, portal: &[u8], n: usize) {
+        let Some(s) = self.suspended.get_mut(portal) else { return };
+        let mut sent = 0usize;
+        while sent < n {
+            let Some(row) = s.rows.pop_front() else { break };
+            self.cout.extend_from_slice(&row);
+            sent += 1;
+        }
+        if sent < n {
+            let tag = self.suspended.remove(portal).map_or_else(|| "SELECT".into(), |s| s.tag);
+            put_message(&mut self.cout, b'C', |o| put_cstr(o, format!("{tag} {sent}").as_bytes()));
+        } else {
+            put_message(&mut self.cout, b's', |_| {});
+        }
+    }
+
     /// Close: `Some` when it closes a routed statement or portal.
     pub(super) async fn routed_close(&mut self, t: &Target<'_>) -> Result<Option<Flow>, End> {
         let found = match t.kind {
             b'S' => self.routed_stmts.remove(t.name).is_some(),
-            _ => self.routed_portals.remove(t.name).is_some(),
+            _ => {
+                self.suspended.remove(t.name);
+                self.routed_portals.remove(t.name).is_some()
+            }
         };
         if !found {
             return Ok(None);
@@ -727,6 +827,16 @@ impl Session {
             }
         }
     }
+}
+
+fn portal_too_large(limit: usize) -> ExecError {
+    ExecError::Proxy(
+        "54000",
+        format!(
+            "the rows of this portal exceed server.max_portal_bytes ({limit} bytes), which a portal read in parts may hold; \
+             fetch them without a row limit, add a LIMIT, or raise the setting"
+        ),
+    )
 }
 
 /// A count (int16) followed by that many type oids (int32): the parameter
