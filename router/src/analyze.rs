@@ -252,34 +252,11 @@ fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRul
     if r.count == 0 {
         return Err(RouteError::unsupported(format!("{} is referenced in a way shardgate cannot route", rule.name)));
     }
-    // Routing keys are read from the top-level WHERE when the sharded table is
-    // the only table there; any other shape (self-joins, subqueries) routes everywhere
-    // and must therefore fit on a single target.
-    let cond = match q.body.as_ref() {
-        SetExpr::Select(s) if r.count == 1 && s.from.len() == 1 && s.from[0].joins.is_empty() => {
-            s.selection.as_ref().map_or(Cond::All, |w| r.scope().cond(w))
-        }
-        // A self-join whose every reference is a top-level FROM/JOIN item: each
-        // reference is routed by the WHERE predicates qualified with its own
-        // alias, and the statement runs where the union of them leads — which
-        // must be a single target (checked at plan time).
-        SetExpr::Select(s)
-            if r.count > 1
-                && s.from.iter().map(|t| 1 + t.joins.len()).sum::<usize>() == r.count
-                && r.qualifiers.iter().collect::<std::collections::HashSet<_>>().len() == r.count =>
-        {
-            match &s.selection {
-                None => Cond::All,
-                Some(w) => Cond::Or(
-                    r.qualifiers
-                        .iter()
-                        .map(|qual| crate::extract::Scope { rule, qualifiers: vec![qual.clone()], qualified_only: true }.cond(w))
-                        .collect(),
-                ),
-            }
-        }
-        _ => Cond::All,
-    };
+    // Each reference to the sharded table is routed by the WHERE of the query
+    // block whose FROM holds it (a derived table, CTE or subquery is routed by its
+    // own WHERE, never by an outer one); the statement runs where the union of
+    // them leads, and anything but a single target must fit the scatter forms.
+    let cond = reference_conds(&q, rule, r.count);
     Ok(Analysis::Select(Box::new(SelectAnalysis {
         rule: rule_idx,
         cond,
@@ -289,6 +266,78 @@ fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRul
         scatter: std::sync::OnceLock::new(),
         locking,
     })))
+}
+
+/// The routing condition of a SELECT: per reference to the sharded table, its
+/// query block's WHERE read with that reference's qualifier (only qualified
+/// columns when the block has several FROM items; nothing from a reference
+/// whose alias renames its columns); the union of them. `Cond::All` when a
+/// reference sits where this walk does not look.
+fn reference_conds(q: &sqlparser::ast::Query, rule: &TableRule, references: usize) -> Cond {
+    use sqlparser::ast::{Query, Select, TableFactor, TableWithJoins, Visit, Visitor};
+    struct Refs<'r> {
+        rule: &'r TableRule,
+        conds: Vec<Cond>,
+    }
+    fn factors<'a>(twj: &'a [TableWithJoins], out: &mut Vec<&'a TableFactor>) {
+        for t in twj {
+            for f in std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)) {
+                match f {
+                    TableFactor::NestedJoin { table_with_joins, .. } => factors(std::slice::from_ref(table_with_joins.as_ref()), out),
+                    other => out.push(other),
+                }
+            }
+        }
+    }
+    impl Refs<'_> {
+        fn select(&mut self, s: &Select) {
+            let mut fs = Vec::new();
+            factors(&s.from, &mut fs);
+            let several = fs.len() > 1;
+            for f in fs {
+                let TableFactor::Table { name, alias, .. } = f else { continue };
+                if crate::rewrite::object_base(name).as_deref() != Some(crate::rewrite::HOLE_TABLE) {
+                    continue;
+                }
+                let cond = match alias {
+                    Some(a) if a.columns.is_empty() => {
+                        let qual = if a.name.quote_style.is_some() { a.name.value.clone() } else { a.name.value.to_lowercase() };
+                        let scope = crate::extract::Scope { rule: self.rule, qualifiers: vec![qual], qualified_only: several };
+                        s.selection.as_ref().map_or(Cond::All, |w| scope.cond(w))
+                    }
+                    _ => Cond::All,
+                };
+                self.conds.push(cond);
+            }
+        }
+        fn body(&mut self, e: &SetExpr) {
+            match e {
+                SetExpr::Select(s) => self.select(s),
+                SetExpr::SetOperation { left, right, .. } => {
+                    self.body(left);
+                    self.body(right);
+                }
+                // a nested Query is visited on its own
+                _ => {}
+            }
+        }
+    }
+    impl Visitor for Refs<'_> {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            self.body(&q.body);
+            ControlFlow::Continue(())
+        }
+    }
+    let mut v = Refs { rule, conds: Vec::new() };
+    let _ = q.visit(&mut v);
+    if v.conds.len() != references {
+        return Cond::All;
+    }
+    match v.conds.len() {
+        1 => v.conds.pop().expect("one"),
+        _ => Cond::Or(v.conds),
+    }
 }
 
 fn analyze_write(mut stmt: Statement, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {

@@ -287,7 +287,7 @@ pub(crate) fn scatter(q: &Query, shard_key: &str) -> Result<Scatter> {
 }
 
 fn scatter_inner(q: &Query) -> Result<Scatter> {
-    let one_shard = "add a {shard key} condition so the query runs on one shard";
+    let one_shard = "add a {shard key} condition to the WHERE of every query block that reads the table (a derived table, CTE or subquery is routed by its own WHERE, never by an outer one) so the query runs on one shard";
     if q.with.is_some() {
         return Err(RouteError::unsupported(format!("WITH queries on a sharded table that spans shards are not supported; {one_shard}")));
     }
