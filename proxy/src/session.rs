@@ -429,6 +429,9 @@ struct Session {
     suspended: HashMap<Vec<u8>, routing::Suspended>,
     /// While set, routed answers are kept whole in `cout` (up to this many bytes), not sent.
     capture_limit: Option<usize>,
+    /// Shards joined the implicit transaction of the current extended batch
+    /// (writes before one Sync apply together, as in PostgreSQL): ended at the Sync.
+    batch_tx: bool,
     /// The client's BEGIN text, repeated on shards that join the transaction.
     begin_sql: Option<String>,
     /// The user may run admin commands.
@@ -484,6 +487,7 @@ impl Session {
             slots: Vec::new(),
             secondaries: Vec::new(),
             routed_stmts: HashMap::new(),
+            batch_tx: false,
             suspended: HashMap::new(),
             capture_limit: None,
             routed_portals: HashMap::new(),
@@ -871,6 +875,7 @@ impl Session {
                     self.fail_duplicate(p.name);
                     return Ok(Flow::Continue);
                 }
+                self.note_begin(p.query);
                 if let Err(m) = self.note_statement_text(p.query) {
                     self.refuse_extended("0A000", m).await?;
                     return Ok(Flow::Continue);
@@ -1014,6 +1019,9 @@ impl Session {
                 }
             }
             b'S' => {
+                if self.batch_tx {
+                    self.end_batch_tx().await?;
+                }
                 if self.server.is_none() {
                     self.suspended.clear();
                 }
@@ -1257,6 +1265,15 @@ impl Session {
             }
             b'C' | b'I' | b's' if matches!(self.expect.front(), Some(Expect::Execute)) => {
                 self.expect.pop_front();
+                if f.tag == b'C' {
+                    // a BEGIN executed in an extended batch opens the block now, not at the
+                    // batch's ReadyForQuery: routed statements later in the same batch (pgjdbc
+                    // sends BEGIN with the first statement) must join it on the shards
+                    match f.body().strip_suffix(&[0]).unwrap_or(f.body()) {
+                        b"BEGIN" | b"START TRANSACTION" if self.tx_status == b'I' => self.tx_status = b'T',
+                        _ => {}
+                    }
+                }
                 self.cout.extend_from_slice(f.raw);
             }
             b'S' => {

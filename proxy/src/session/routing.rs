@@ -189,6 +189,34 @@ impl Session {
         }
     }
 
+    /// Ends the shards' part of an extended batch's implicit transaction at
+    /// its Sync: committed (two-phase across several written shards) when the
+    /// batch ran without error, else rolled back. A failed commit is reported
+    /// before the Sync's ReadyForQuery, with `db_default`'s part failed too.
+    pub(super) async fn end_batch_tx(&mut self) -> Result<(), End> {
+        self.barrier().await?;
+        self.batch_tx = false;
+        if self.discard_until_sync || self.server_skipping || (self.server.is_some() && self.tx_status == b'E') {
+            self.rollback_shard_part().await;
+            return Ok(());
+        }
+        self.suspended.clear();
+        let in_tx = self.shards_in_block();
+        let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+        let r = if written.len() <= 1 {
+            twopc::commit_each(&mut self.slots, &in_tx).await
+        } else {
+            let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+            let _ = twopc::commit_each(&mut self.slots, &readers).await;
+            twopc::commit(&self.shared.engine, &mut self.slots, &written).await
+        };
+        exec::release(&mut self.slots);
+        if let Err(e) = r {
+            self.fail_extended(e).await?;
+        }
+        Ok(())
+    }
+
     /// Transaction status as the client must see it.
     pub(super) fn logical_status(&self) -> u8 {
         if self.server.is_some() {
@@ -224,8 +252,15 @@ impl Session {
         if engine.migration.enabled {
             return self.run_migrating(&plan, sql, bound, simple, visible).await;
         }
-        let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
-        let in_tx = self.in_tx_block();
+        let mut begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
+        let mut in_tx = self.in_tx_block();
+        if !simple && !in_tx && (self.batch_tx || (plan.kind != shardgate_router::RoutedKind::Select && self.cin.first() != Some(&b'S'))) {
+            // a write in an extended batch that goes on after it: the batch is one implicit
+            // transaction in PostgreSQL, so the shards hold theirs until its Sync
+            self.batch_tx = true;
+            in_tx = true;
+            begin = "BEGIN".into();
+        }
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let req = Request { routed: &plan, bound, simple, visible, tx: in_tx.then_some(begin.as_str()), param_sets: &sets, down_targets: &[], serial: false };
@@ -817,7 +852,8 @@ impl Session {
     /// cannot be committed safely, so their connections are closed (the
     /// server rolls back).
     pub(super) fn drop_orphaned_shard_tx(&mut self) {
-        if self.tx_status == b'I' && self.shards_in_tx() {
+        // (an extended batch's implicit transaction is ended at its Sync, not here)
+        if self.tx_status == b'I' && !self.batch_tx && self.shards_in_tx() {
             self.secondaries.clear();
             tracing::warn!("transaction ended on db_default without COMMIT/ROLLBACK through shardgate; rolling back shard work");
             for slot in self.slots.iter_mut() {
