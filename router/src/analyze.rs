@@ -148,7 +148,40 @@ pub fn analyze(sql: &str, topo: &Topology) -> Analysis {
     }
 }
 
+/// `ONLY t_order` (no child tables: the same rows as `t_order`) with ONLY
+/// blanked out; sqlparser would read ONLY as a table named "only".
+fn without_only<'a>(sql: &'a str, topo: &Topology) -> std::borrow::Cow<'a, str> {
+    if !crate::lexer::contains_ignore_case(sql.as_bytes(), b"only") {
+        return std::borrow::Cow::Borrowed(sql);
+    }
+    let mut blank: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut prev: Option<&str> = None;
+    crate::lexer::scan(sql, |t| {
+        if let crate::lexer::Token::Word(w) = t {
+            if let Some(p) = prev {
+                let named = topo.tables.iter().any(|r| w.eq_ignore_ascii_case(&r.name));
+                if p.eq_ignore_ascii_case("only") && named {
+                    let start = p.as_ptr() as usize - sql.as_ptr() as usize;
+                    blank.push(start..start + p.len());
+                }
+            }
+            prev = Some(w);
+        } else {
+            prev = None;
+        }
+    });
+    if blank.is_empty() {
+        return std::borrow::Cow::Borrowed(sql);
+    }
+    let mut out = sql.as_bytes().to_vec();
+    for r in blank {
+        out[r].fill(b' ');
+    }
+    std::borrow::Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| sql.to_string()))
+}
+
 fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
+    let sql = &*without_only(sql, topo);
     if sql.as_bytes().windows(HOLE_PREFIX.len()).any(|w| w.eq_ignore_ascii_case(HOLE_PREFIX.as_bytes())) {
         return Err(RouteError::unsupported(format!("identifiers starting with {HOLE_PREFIX} are reserved by shardgate")));
     }
@@ -189,7 +222,8 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
             return Ok(Analysis::Passthrough(StatementClass::Other));
         }
     }
-    let stmt = stmts.into_iter().next().expect("one statement");
+    let mut stmt = stmts.into_iter().next().expect("one statement");
+    protect_unary_signs(&mut stmt);
     let named = &named[0];
     if named.is_empty() {
         let dml = matches!(stmt, Statement::Query(_) | Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_));
@@ -218,6 +252,22 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
             rule.name
         ))),
     }
+}
+
+/// sqlparser prints `- -x` as `--x`, which the shard reads as a comment
+/// swallowing the rest of the statement: a sign directly over another sign
+/// gets parentheses (`-(-x)`, the same value).
+fn protect_unary_signs(stmt: &mut Statement) {
+    use sqlparser::ast::UnaryOperator as U;
+    let _ = sqlparser::ast::visit_expressions_mut(stmt, |e: &mut Expr| {
+        if let Expr::UnaryOp { op: U::Minus | U::Plus, expr } = e {
+            if matches!(expr.as_ref(), Expr::UnaryOp { .. }) {
+                let inner = std::mem::replace(expr.as_mut(), Expr::Value(Value::Null.into()));
+                **expr = Expr::Nested(Box::new(inner));
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
 }
 
 /// The command words of a statement (`ALTER TABLE`, `COPY`), for messages.

@@ -325,6 +325,8 @@ fn write_value(e: &Expr) -> Option<KeyArg> {
         Src::Text(t) => KeyArg::Text(t),
         Src::Null => KeyArg::Null,
         Src::Param(p) => KeyArg::Param(p),
+        // a value the cache cannot read: treated as no known key
+        Src::Opaque | Src::Civil(..) => return None,
     })
 }
 

@@ -23,6 +23,12 @@ pub(crate) enum Src {
     Null,
     /// `$n` (0-based index).
     Param(usize),
+    /// A value whose meaning shardgate does not read: routes nowhere in particular.
+    Opaque,
+    /// A string cast to `timestamp without time zone` (`false`) or `date`
+    /// (`true`): PostgreSQL drops any offset (and for a date the time of day)
+    /// and reads the rest in the session zone.
+    Civil(String, bool),
 }
 
 /// Which routing column an expression names.
@@ -226,8 +232,42 @@ pub(crate) fn placeholder_index(p: &str) -> Option<usize> {
     p.strip_prefix('$')?.parse::<usize>().ok()?.checked_sub(1)
 }
 
+/// A cast to a type that drops an offset or a time of day (`timestamp`, `date`):
+/// PostgreSQL reads `'2026-11-30 23:00-10'::timestamp` as 23:00 in the session
+/// zone, not as the instant the offset names.
+fn drops_offset(t: &DataType) -> bool {
+    use sqlparser::ast::TimezoneInfo as Tz;
+    matches!(t, DataType::Date | DataType::Timestamp(_, Tz::None | Tz::WithoutTimeZone))
+        || matches!(t.to_string().to_ascii_lowercase().as_str(), "date" | "timestamp" | "timestamp without time zone")
+}
+
 /// A literal or parameter, seen through casts to routing-compatible types.
 pub(crate) fn src_of(e: &Expr) -> Option<Src> {
+    let mut cur = e;
+    loop {
+        match cur {
+            Expr::Nested(inner) => cur = inner,
+            Expr::Cast { kind: CastKind::Cast | CastKind::DoubleColon, expr, data_type, format: None } if transparent_type(data_type) => {
+                if drops_offset(data_type) {
+                    let date = matches!(data_type, DataType::Date) || data_type.to_string().eq_ignore_ascii_case("date");
+                    return src_of(expr).map(|s| match s {
+                        Src::Null | Src::Param(_) => s,
+                        Src::Text(t) => Src::Civil(t, date),
+                        _ => Src::Opaque,
+                    });
+                }
+                cur = expr;
+            }
+            Expr::TypedString(ts) if drops_offset(&ts.data_type) => {
+                let date = matches!(ts.data_type, DataType::Date);
+                return Some(match &ts.value.value {
+                    Value::SingleQuotedString(s) => Src::Civil(s.clone(), date),
+                    _ => Src::Opaque,
+                });
+            }
+            _ => break,
+        }
+    }
     match strip_casts(e) {
         Expr::Value(v) => match &v.value {
             Value::Number(n, _) => Some(n.parse::<i64>().map_or_else(|_| Src::Number(n.clone()), Src::Int)),
@@ -289,7 +329,7 @@ fn int_from_binary(oid: u32, b: &[u8]) -> IntValue {
 pub(crate) fn int_value(src: &Src, params: &[Param<'_>]) -> Result<IntValue> {
     match src {
         Src::Int(i) => Ok(IntValue::Int(*i)),
-        Src::Number(_) => Ok(IntValue::Unroutable),
+        Src::Number(_) | Src::Opaque | Src::Civil(..) => Ok(IntValue::Unroutable),
         Src::Null => Ok(IntValue::Null),
         Src::Text(s) => int_from_text(s),
         Src::Param(i) => match param(params, *i)? {
@@ -300,12 +340,23 @@ pub(crate) fn int_value(src: &Src, params: &[Param<'_>]) -> Result<IntValue> {
     }
 }
 
+/// A time in a WHERE clause: a text shardgate cannot read (zone names, `24:00`,
+/// other date styles) narrows nothing — the shards read it and judge it, so the
+/// answer (or PostgreSQL's own error) is the one table's.
+fn where_time(src: &Src, params: &[Param<'_>], topo: &Topology) -> Result<Option<TimeValue>> {
+    match time_value(src, params, topo) {
+        Err(RouteError::InvalidDatetime(_) | RouteError::Unsupported(_)) => Ok(Some(TimeValue::Unknown)),
+        other => other,
+    }
+}
+
 /// Resolves a timestamp-valued source.
 pub(crate) fn time_value(src: &Src, params: &[Param<'_>], topo: &Topology) -> Result<Option<TimeValue>> {
     Ok(Some(match src {
         Src::Null => return Ok(None),
         Src::Text(s) => parse_time(s, &topo.tz)?,
-        Src::Int(_) | Src::Number(_) => TimeValue::Unknown,
+        Src::Int(_) | Src::Number(_) | Src::Opaque => TimeValue::Unknown,
+        Src::Civil(s, date) => parse_time(crate::month::civil_prefix(s, *date), &topo.tz)?,
         Src::Param(i) => match param(params, *i)? {
             Param::Null => return Ok(None),
             Param::Text(s) => parse_time(s, &topo.tz)?,
@@ -483,7 +534,7 @@ impl Cond {
                 Some(ints) => id_targets(&ints, topo, ctx),
             },
             Cond::Time(cmp, src) => {
-                let Some(t) = time_value(src, params, topo)? else { return Ok(TargetSet::empty(n)) };
+                let Some(t) = where_time(src, params, topo)? else { return Ok(TargetSet::empty(n)) };
                 let (lo, hi) = match cmp {
                     Cmp::Eq => (incl(t, true), incl(t, false)),
                     Cmp::Lt => (Some(Bound::Unbounded), excl(t, false)),
@@ -496,14 +547,14 @@ impl Cond {
             Cond::TimeIn(vals) => {
                 let mut acc = TargetSet::empty(n);
                 for v in vals {
-                    if let Some(t) = time_value(v, params, topo)? {
+                    if let Some(t) = where_time(v, params, topo)? {
                         acc = acc.or(&months_set(incl(t, true), incl(t, false), topo, ctx));
                     }
                 }
                 acc
             }
             Cond::TimeBetween(lo, hi) => {
-                let (Some(l), Some(h)) = (time_value(lo, params, topo)?, time_value(hi, params, topo)?) else {
+                let (Some(l), Some(h)) = (where_time(lo, params, topo)?, where_time(hi, params, topo)?) else {
                     return Ok(TargetSet::empty(n));
                 };
                 months_set(incl(l, true), incl(h, false), topo, ctx)
@@ -596,7 +647,16 @@ pub(crate) fn row_shard(src: &Src, params: &[Param<'_>], topo: &Topology, rule: 
 
 /// Month of one INSERT row's month-column value.
 pub(crate) fn row_month(src: &Src, params: &[Param<'_>], topo: &Topology, rule: &TableRule) -> Result<MonthKey> {
-    match time_value(src, params, topo)? {
+    let t = match time_value(src, params, topo) {
+        Err(RouteError::InvalidDatetime(_)) => {
+            return Err(RouteError::unsupported(format!(
+                "shardgate could not read {} to pick the month table; write it in ISO form with an offset (YYYY-MM-DD HH:MM:SS[.ffffff]+HH:MM)",
+                rule.month_column
+            )))
+        }
+        other => other?,
+    };
+    match t {
         Some(TimeValue::At(ts)) => Ok(MonthKey::of(ts, &topo.tz)),
         None => Err(RouteError::NotNull(format!(
             "null value in column \"{}\" of relation \"{}\": every row needs a time to pick its month table",

@@ -203,12 +203,15 @@ impl Builder {
             Expr::Nested(x) => self.operand(x),
             Expr::Value(v) => match &v.value {
                 Value::Null => Ok(Operand::Null),
-                Value::Number(n, _) => Ok(Operand::Literal(n.clone())),
+                Value::Number(n, _) => Ok(Operand::Number(n.clone())),
                 Value::SingleQuotedString(s) => Ok(Operand::Literal(s.clone())),
                 _ => Err(having_err()),
             },
             Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match self.operand(expr)? {
-                Operand::Literal(n) if n.parse::<f64>().is_ok() => Ok(Operand::Literal(format!("-{n}"))),
+                Operand::Number(n) => Ok(Operand::Number(match n.strip_prefix('-') {
+                    Some(pos) => pos.to_string(),
+                    None => format!("-{n}"),
+                })),
                 _ => Err(having_err()),
             },
             _ => {
@@ -275,6 +278,20 @@ fn count_of(e: &Expr) -> Result<Option<Count>> {
         }
         _ => Err(bad()),
     }
+}
+
+/// True when `e` reads no column and calls nothing (literals, casts and
+/// operators over them): its value is the same on every shard.
+fn is_constant(e: &Expr) -> bool {
+    let mut constant = true;
+    let _ = sqlparser::ast::visit_expressions(e, |x: &Expr| {
+        if matches!(x, Expr::Identifier(_) | Expr::CompoundIdentifier(_) | Expr::Function(_) | Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. }) {
+            constant = false;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    constant
 }
 
 /// Plans the scatter form of `q` (its sharded table already renamed to the hole).
@@ -353,7 +370,15 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
             return Err(RouteError::unsupported("aggregates are not allowed in GROUP BY"));
         }
     }
-    let grouping = item_aggs.iter().any(Option::is_some) || !group_exprs.is_empty() || sel.having.is_some();
+    // an aggregate only in ORDER BY makes the query an aggregate too (one row)
+    let order_aggs = match &q.order_by {
+        Some(ob) => match &ob.kind {
+            OrderByKind::Expressions(exprs) => exprs.iter().map(|o| scan(&o.expr)).collect::<Result<Vec<bool>>>()?.into_iter().any(|a| a),
+            _ => false,
+        },
+        None => false,
+    };
+    let grouping = item_aggs.iter().any(Option::is_some) || !group_exprs.is_empty() || sel.having.is_some() || order_aggs;
     if grouping && b.wildcard {
         return Err(RouteError::unsupported("* together with GROUP BY or aggregates cannot be merged across shards; name the columns"));
     }
@@ -378,6 +403,11 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
                     b.aggregates.push((ColRef::Visible(i), a));
                 }
                 None => {
+                    // a constant is the same in every group of every shard: a key of its own
+                    if !b.keys.contains(&ColRef::Visible(i)) && b.items[i].as_ref().is_some_and(|(e, _)| is_constant(e)) {
+                        b.keys.push(ColRef::Visible(i));
+                        continue;
+                    }
                     if !b.keys.contains(&ColRef::Visible(i)) {
                         let e = b.items[i].as_ref().map(|(e, _)| e.to_string()).unwrap_or_default();
                         return Err(RouteError::unsupported(format!(

@@ -125,6 +125,11 @@ pub fn parse_time(text: &str, tz: &TimeZone) -> Result<TimeValue> {
             "shardgate reads create_time values in ISO form (YYYY-MM-DD[ HH:MM:SS[.ffffff]][+HH[:MM]]), got \"{t}\"; write the time in ISO form"
         )));
     }
+    // PostgreSQL rolls a leap second (:60) over and rounds beyond microseconds, which
+    // can move the value into the next month; jiff clamps and keeps nanoseconds
+    if t.contains(":60") || fraction_digits(t) > 6 {
+        return Ok(TimeValue::Unknown);
+    }
     // Normalise the PostgreSQL spellings jiff does not take: "+08" and "+0800" offsets.
     let norm = normalise_offset(t);
     // Pick the one parser that fits the shape: failed jiff parses build rich
@@ -141,6 +146,32 @@ pub fn parse_time(text: &str, tz: &TimeZone) -> Result<TimeValue> {
         return dt.to_zoned(tz.clone()).map(|z| TimeValue::At(z.timestamp())).map_err(|_| bad());
     }
     Err(bad())
+}
+
+/// The civil part of a timestamp text, as `timestamp without time zone` (or
+/// `date`, with `date_only`) keeps it: `2026-11-01 05:00 -10` → `2026-11-01 05:00`.
+pub fn civil_prefix(text: &str, date_only: bool) -> &str {
+    let t = text.trim();
+    let b = t.as_bytes();
+    let mut i = 0;
+    while i < b.len() && i < 10 && (b[i].is_ascii_digit() || b[i] == b'-') {
+        i += 1;
+    }
+    if !date_only && i < b.len() && (b[i] == b' ' || b[i] == b'T') {
+        let mut k = i + 1;
+        while k < b.len() && (b[k].is_ascii_digit() || b[k] == b':' || b[k] == b'.') {
+            k += 1;
+        }
+        if k > i + 1 {
+            i = k;
+        }
+    }
+    &t[..i]
+}
+
+/// Digits after the seconds' decimal point.
+fn fraction_digits(t: &str) -> usize {
+    t.find('.').map_or(0, |p| t[p + 1..].bytes().take_while(u8::is_ascii_digit).count())
 }
 
 /// `2026-11-01 10:00:00+08` → `2026-11-01 10:00:00+08:00`; `+0800` → `+08:00`.

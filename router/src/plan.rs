@@ -160,8 +160,10 @@ pub enum Having {
 pub enum Operand {
     /// A merged column.
     Col(ColRef),
-    /// A literal in PostgreSQL text form (numbers and strings).
+    /// A string literal (its type comes from what it is compared with).
     Literal(String),
+    /// A number literal in PostgreSQL text form (integer or numeric by its own spelling).
+    Number(String),
     /// NULL.
     Null,
 }
@@ -258,6 +260,7 @@ impl fmt::Display for Operand {
         match self {
             Operand::Col(c) => write!(f, "{c}"),
             Operand::Literal(l) => write!(f, "'{l}'"),
+            Operand::Number(n) => write!(f, "{n}"),
             Operand::Null => f.write_str("NULL"),
         }
     }

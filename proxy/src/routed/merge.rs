@@ -297,6 +297,19 @@ impl<'a> Collector<'a> {
             }
             rows.push(row);
         }
+        if self.spec.distinct && self.spec.grouping.is_some() {
+            // SELECT DISTINCT … GROUP BY: the groups' visible values, de-duplicated
+            let cols: Vec<Column> = self.effective_cols(client_binary);
+            let mut seen = std::collections::HashSet::new();
+            let mut kept = Vec::with_capacity(rows.len());
+            for r in rows {
+                let key: Vec<Option<Key>> = (0..visible).map(|i| r[i].as_ref().map(|v| decode(cols[i].type_oid, cols[i].binary, v)).transpose()).collect::<Result<_, _>>()?;
+                if seen.insert(key) {
+                    kept.push(r);
+                }
+            }
+            rows = kept;
+        }
         if !self.spec.order_by.is_empty() {
             let cols: Vec<Column> = self.effective_cols(client_binary);
             check_orderable(&self.spec.order_by, &cols, visible)?;
@@ -363,7 +376,9 @@ fn eval_having(h: &Having, row: &Row, cols: &[Column], visible: usize, client_bi
             Some(null != *negated)
         }
         Having::Cmp(a, op, b) => {
-            // a literal takes the type of the column it is compared with
+            // a string literal takes the type of the column it is compared with; a number
+            // literal is integer or numeric by its spelling, and numbers of different kinds
+            // compare by value (PostgreSQL's int8-numeric operators)
             let ty = [a, b].iter().find_map(|o| match o {
                 Operand::Col(c) => Some(column_of(*c, cols, visible, client_binary)),
                 _ => None,
@@ -371,7 +386,7 @@ fn eval_having(h: &Having, row: &Row, cols: &[Column], visible: usize, client_bi
             let (Some(x), Some(y)) = (operand(a, ty, row, cols, visible, client_binary)?, operand(b, ty, row, cols, visible, client_binary)?) else {
                 return Ok(None);
             };
-            let o = x.cmp(&y);
+            let o = value::cmp_values(&x, &y)?;
             use std::cmp::Ordering::*;
             Some(match op {
                 CmpOp::Eq => o == Equal,
@@ -403,6 +418,7 @@ fn operand(o: &Operand, ty: Option<Column>, row: &Row, cols: &[Column], visible:
             let col = column_of(*c, cols, visible, client_binary);
             row[index(*c, visible)].as_ref().map(|v| decode(col.type_oid, col.binary, v)).transpose()
         }
+        Operand::Number(n) => value::number_key(n).map(Some),
         Operand::Literal(l) => {
             let t = ty.map_or(value::oid::TEXT, |c| c.type_oid);
             decode(t, false, l.as_bytes()).map(Some)

@@ -220,6 +220,52 @@ fn parse_float(s: &str) -> Result<f64, ValueError> {
     }
 }
 
+/// A number literal's key: an integer if it is spelled as one (and fits
+/// bigint), else numeric (`1.5`, `1e0`), as PostgreSQL types constants.
+pub fn number_key(s: &str) -> Result<Key, ValueError> {
+    if let Ok(i) = s.parse::<i64>() {
+        return Ok(Key::Int(i));
+    }
+    num_key(s).map(Key::Num)
+}
+
+/// Compares two values as PostgreSQL's cross-type operators do: integers,
+/// numerics and floats by value (int and numeric exactly, anything with a
+/// float as float8); other kinds only with their own kind (a mix is an
+/// internal error rather than an arbitrary answer).
+pub fn cmp_values(a: &Key, b: &Key) -> Result<Ordering, ValueError> {
+    let as_num = |k: &Key| -> Option<NumKey> {
+        match k {
+            Key::Int(i) => Some(NumKey::Finite(BigDecimal::from(*i))),
+            Key::Num(n) => Some(n.clone()),
+            _ => None,
+        }
+    };
+    let as_float = |k: &Key| -> Option<f64> {
+        match k {
+            Key::Int(i) => Some(*i as f64),
+            Key::Float(f) => Some(*f),
+            Key::Num(NumKey::Finite(d)) => d.to_string().parse().ok(),
+            Key::Num(NumKey::NaN) => Some(f64::NAN),
+            Key::Num(NumKey::PosInf) => Some(f64::INFINITY),
+            Key::Num(NumKey::NegInf) => Some(f64::NEG_INFINITY),
+            _ => None,
+        }
+    };
+    Ok(match (a, b) {
+        (Key::Float(_), _) | (_, Key::Float(_)) => match (as_float(a), as_float(b)) {
+            (Some(x), Some(y)) => Key::Float(x).cmp(&Key::Float(y)),
+            _ => return Err(ValueError::Malformed("values of different types compared")),
+        },
+        (Key::Int(_) | Key::Num(_), Key::Int(_) | Key::Num(_)) => match (as_num(a), as_num(b)) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            _ => return Err(ValueError::Malformed("values of different types compared")),
+        },
+        _ if a.rank() == b.rank() => a.cmp(b),
+        _ => return Err(ValueError::Malformed("values of different types compared")),
+    })
+}
+
 fn num_key(s: &str) -> Result<NumKey, ValueError> {
     Ok(match s {
         "NaN" => NumKey::NaN,
