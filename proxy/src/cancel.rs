@@ -11,6 +11,8 @@ use crate::backend::CancelKey;
 #[derive(Default)]
 pub struct CancelSlot {
     current: Mutex<Option<CancelKey>>,
+    /// Shard connections running one of the session's routed statements right now.
+    shards: Mutex<Vec<CancelKey>>,
 }
 
 impl CancelSlot {
@@ -22,6 +24,18 @@ impl CancelSlot {
     }
     fn get(&self) -> Option<CancelKey> {
         self.current.lock().ok().and_then(|c| *c)
+    }
+
+    /// Records the shard connections a routed statement runs on (empty once it is answered).
+    pub fn set_shards(&self, keys: Vec<CancelKey>) {
+        if let Ok(mut s) = self.shards.lock() {
+            *s = keys;
+        }
+    }
+
+    /// The shard connections running a routed statement now.
+    pub fn shards(&self) -> Vec<CancelKey> {
+        self.shards.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
@@ -65,15 +79,16 @@ impl CancelRegistry {
         }
     }
 
-    /// The server to cancel for a CancelRequest, if the key matches a session
-    /// that holds a server connection now.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelKey> {
-        let m = self.sessions.lock().ok()?;
-        let (s, slot) = m.get(&pid)?;
+    /// The servers to cancel for a CancelRequest, if the key matches a
+    /// session: its `db_default` connection and the shard connections running
+    /// its routed statement now.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Vec<CancelKey> {
+        let Ok(m) = self.sessions.lock() else { return Vec::new() };
+        let Some((s, slot)) = m.get(&pid) else { return Vec::new() };
         if *s != secret {
-            return None;
+            return Vec::new();
         }
-        slot.get()
+        slot.get().into_iter().chain(slot.shards()).collect()
     }
 }
 
@@ -88,12 +103,12 @@ mod tests {
         let b = reg.register();
         let key = CancelKey { addr: "127.0.0.1:5432".parse().expect("addr"), pid: 42, secret: 7 };
         a.slot.set(Some(key));
-        assert_eq!(reg.lookup(a.pid, a.secret), Some(key));
-        assert_eq!(reg.lookup(a.pid, a.secret.wrapping_add(1)), None);
-        assert_eq!(reg.lookup(b.pid, b.secret), None, "b holds no server");
+        assert_eq!(reg.lookup(a.pid, a.secret), vec![key]);
+        assert_eq!(reg.lookup(a.pid, a.secret.wrapping_add(1)), vec![]);
+        assert_eq!(reg.lookup(b.pid, b.secret), vec![], "b holds no server");
         let pid = a.pid;
         let secret = a.secret;
         drop(a);
-        assert_eq!(reg.lookup(pid, secret), None);
+        assert_eq!(reg.lookup(pid, secret), vec![]);
     }
 }

@@ -55,8 +55,19 @@ const CLOSED_STATEMENT: &[u8] = b"shardgate_closed";
 const CONTROL_TABLES: &str = "permission denied: shardgate's control tables (the fallback table and its views, two-phase-commit decisions, \
      migration state and outbox) belong to the proxy; statements naming them are refused for application users (admin users may read them)";
 
-const TRACKED_PARAMS: &[&str] =
-    &["client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits", "search_path", "standard_conforming_strings", "bytea_output"];
+const TRACKED_PARAMS: &[&str] = &[
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "intervalstyle",
+    "extra_float_digits",
+    "search_path",
+    "standard_conforming_strings",
+    "bytea_output",
+    // timeouts stop a client's statements on the shards as on one server
+    "statement_timeout",
+    "lock_timeout",
+];
 
 /// A reply the server owes us for something we sent, in send order.
 #[derive(Debug)]
@@ -228,8 +239,11 @@ async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, o
                 write_all(stream, b"N").await?;
             }
             Ok(StartupPacket::Cancel { pid, secret }) => {
-                if let Some(key) = shared.cancels.lookup(pid, secret) {
-                    debug!(pid, "forwarding cancel request");
+                let keys = shared.cancels.lookup(pid, secret);
+                if !keys.is_empty() {
+                    debug!(pid, servers = keys.len(), "forwarding cancel request");
+                }
+                for key in keys {
                     if let Err(e) = key.cancel().await {
                         warn!(error = %e, "cancel request to server failed");
                     }

@@ -154,3 +154,79 @@ async fn sync_back_never_uses_a_name_it_did_not_make() {
     let ids: Vec<i64> = shard1.query("SELECT id FROM t_order_202611 ORDER BY id", &[]).await.expect("db_1").iter().map(|r| r.get(0)).collect();
     assert_eq!(ids, vec![1, 13]);
 }
+
+/// Statements still running on the shards that contain `marker`.
+async fn running_on_shards(c: &Cluster, marker: &str) -> i64 {
+    let mut n = 0;
+    for dsn in &c.info.shards {
+        let db = connect(dsn).await.expect("direct");
+        n += db
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", &[&marker])
+            .await
+            .expect("pg_stat_activity")
+            .get::<_, i64>(0);
+    }
+    n
+}
+
+async fn seed_two_shards(client: &tokio_postgres::Client) {
+    client
+        .batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'S1', 1, '2026-11-02 00:00+00'), (2, 'S2', 2, '2026-11-02 00:00+00')")
+        .await
+        .expect("seed");
+}
+
+#[tokio::test]
+async fn a_cancel_stops_the_statement_on_every_shard_it_runs_on() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    seed_two_shards(&client).await;
+    for (marker, sql) in [
+        ("sg_cancel_one", "SELECT pg_sleep(6), id, 'sg_cancel_one' FROM t_order WHERE merchant_id = 1"),
+        ("sg_cancel_two", "SELECT pg_sleep(6), id, 'sg_cancel_two' FROM t_order WHERE merchant_id IN (1, 2)"),
+    ] {
+        for extended in [false, true] {
+            let token = client.cancel_token();
+            let canceller = tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+                token.cancel_query(tokio_postgres::NoTls).await.expect("cancel");
+                std::time::Instant::now()
+            });
+            let e = if extended { client.query(sql, &[]).await.map(|_| ()).expect_err(sql) } else { client.batch_execute(sql).await.expect_err(sql) };
+            let sent = canceller.await.expect("canceller");
+            assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{sql}: {e}");
+            assert!(sent.elapsed() < std::time::Duration::from_secs(1), "{sql}: the answer came {:?} after the cancel", sent.elapsed());
+            assert_eq!(running_on_shards(&c, marker).await, 0, "{sql}: still running on a shard");
+        }
+    }
+    // the session goes on
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count").get(0);
+    assert_eq!(n, 2);
+}
+
+#[tokio::test]
+async fn statement_timeout_and_query_timeout_reach_the_shards() {
+    let c = Cluster::start_temp(Options { redis: false, server_toml: "query_timeout_ms = 1500\n".into(), ..Options::default() }).expect("start cluster");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    seed_two_shards(&client).await;
+    // the client's statement_timeout
+    client.batch_execute("SET statement_timeout = '500ms'").await.expect("set");
+    for sql in ["SELECT pg_sleep(4), 'sg_st_one' FROM t_order WHERE merchant_id = 1", "SELECT pg_sleep(4), 'sg_st_two' FROM t_order"] {
+        let t0 = std::time::Instant::now();
+        let e = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{sql}: {e}");
+        assert!(t0.elapsed() < std::time::Duration::from_millis(1400), "{sql}: took {:?}", t0.elapsed());
+    }
+    assert_eq!(running_on_shards(&c, "sg_st_").await, 0);
+    client.batch_execute("RESET statement_timeout").await.expect("reset");
+    // the proxy's query_timeout_ms covers routed statements
+    for sql in ["SELECT pg_sleep(5), 'sg_qt_one' FROM t_order WHERE merchant_id = 1", "SELECT pg_sleep(5), 'sg_qt_two' FROM t_order"] {
+        let t0 = std::time::Instant::now();
+        let e = client.query(sql, &[]).await.map(|_| ()).expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{sql}: {e}");
+        assert!(t0.elapsed() < std::time::Duration::from_millis(2500), "{sql}: took {:?}", t0.elapsed());
+    }
+    assert_eq!(running_on_shards(&c, "sg_qt_").await, 0);
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count").get(0);
+    assert_eq!(n, 2);
+}

@@ -120,6 +120,9 @@ pub struct Request<'a> {
     pub down_targets: &'a [(usize, usize)],
     /// Run the targets one after another, in order (not all at once).
     pub serial: bool,
+    /// The client's cancel slot: the shard connections running this statement are
+    /// registered there while it runs, so a CancelRequest reaches them.
+    pub cancel: Option<&'a crate::cancel::CancelSlot>,
 }
 
 /// Where answers go.
@@ -428,9 +431,20 @@ pub fn release(slots: &mut Slots) {
 }
 
 async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>) -> Result<(), ExecError> {
+    let r = run_registered(engine, slots, req, out, shards, tx).await;
+    if let Some(c) = req.cancel {
+        c.set_shards(Vec::new());
+    }
+    r
+}
+
+async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>) -> Result<(), ExecError> {
     let routed = req.routed;
     for &s in shards {
         hold(engine, slots, s, tx, req.param_sets).await?;
+    }
+    if let Some(c) = req.cancel {
+        c.set_shards(shards.iter().filter_map(|&s| slots.get(s).and_then(Option::as_ref).map(|x| x.conn.cancel_key)).collect());
     }
     let spec = if routed.targets.len() > 1 { routed.merge.as_ref() } else { None };
     let formats = target_formats(req, spec);

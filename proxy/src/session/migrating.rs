@@ -80,7 +80,8 @@ impl Session {
         let engine = self.shared.engine.clone();
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
-        let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, down_targets: &[], serial: false };
+        let cancel = self.registration.slot.clone();
+        let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, down_targets: &[], serial: false, cancel: Some(&cancel) };
         let mut scratch = BytesMut::new();
         let keep = self.capture_limit;
         let mut out = if to_client {

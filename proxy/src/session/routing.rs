@@ -263,10 +263,22 @@ impl Session {
         }
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
-        let req = Request { routed: &plan, bound, simple, visible, tx: in_tx.then_some(begin.as_str()), param_sets: &sets, down_targets: &[], serial: false };
+        let cancel = self.registration.slot.clone();
+        let req = Request {
+            routed: &plan,
+            bound,
+            simple,
+            visible,
+            tx: in_tx.then_some(begin.as_str()),
+            param_sets: &sets,
+            down_targets: &[],
+            serial: false,
+            cancel: Some(&cancel),
+        };
         let keep = self.capture_limit;
         let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false };
-        let r = exec::execute(&engine, &mut self.slots, &req, &mut out).await;
+        let timeout = self.shared.config.server.query_timeout_ms;
+        let r = with_query_timeout(timeout, &cancel, exec::execute(&engine, &mut self.slots, &req, &mut out)).await;
         let r = match r {
             Ok(()) if out.overflow => Err(portal_too_large(keep.unwrap_or_default())),
             other => other,
@@ -862,6 +874,30 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// Runs a routed statement; past `server.query_timeout_ms` (0 = never) the
+/// shard connections running it get a CancelRequest, and the statement ends
+/// with the shards' 57014 as a statement on one server would.
+pub(super) async fn with_query_timeout<T>(timeout_ms: u64, cancel: &crate::cancel::CancelSlot, run: impl std::future::Future<Output = T>) -> T {
+    if timeout_ms == 0 {
+        return run.await;
+    }
+    let fire = async {
+        tokio::time::sleep(std::time::Duration::from_millis(timeout_ms)).await;
+        metrics::counter!(crate::metrics::QUERY_TIMEOUTS_TOTAL).increment(1);
+        tracing::warn!(timeout_ms, "routed statement timed out, cancelling it on its shards");
+        for key in cancel.shards() {
+            let _ = key.cancel().await;
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::pin!(run);
+    tokio::select! {
+        biased;
+        r = &mut run => r,
+        () = fire => unreachable!("pending never completes"),
     }
 }
 
