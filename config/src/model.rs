@@ -204,11 +204,24 @@ pub struct ShardingConfig {
     /// A shard's prepared transaction (two-phase commit) older than this whose
     /// proxy is gone is resolved by recovery from the decision log.
     pub prepared_orphan_age_ms: u64,
+    /// An INSERT may create a missing month table only this many months
+    /// before the current month (an older one is refused with 0A000: one
+    /// client must not make thousands of tables on every shard).
+    pub create_months_back: u32,
+    /// … and only this many months after it.
+    pub create_months_ahead: u32,
 }
 
 impl Default for ShardingConfig {
     fn default() -> Self {
-        ShardingConfig { shard_count: 8, time_zone: "UTC".into(), months_ahead: 3, prepared_orphan_age_ms: 60_000 }
+        ShardingConfig {
+            shard_count: 8,
+            time_zone: "UTC".into(),
+            months_ahead: 3,
+            prepared_orphan_age_ms: 60_000,
+            create_months_back: 120,
+            create_months_ahead: 24,
+        }
     }
 }
 

@@ -230,3 +230,23 @@ async fn statement_timeout_and_query_timeout_reach_the_shards() {
     let n: i64 = client.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count").get(0);
     assert_eq!(n, 2);
 }
+
+#[tokio::test]
+async fn an_insert_cannot_make_month_tables_outside_the_window() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    for when in ["9999-01-01 00:00+00", "1970-01-01 00:00+00", "2040-01-01 00:00+00"] {
+        let sql = format!("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'far', 3, '{when}')");
+        let e = client.batch_execute(&sql).await.expect_err(&sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{sql}: {e}");
+        let m = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        assert!(m.contains("create_months_ahead"), "{m}");
+    }
+    for dsn in &c.info.shards {
+        let shard = connect(dsn).await.expect("shard");
+        let months = shardgate_tests::month_tables(&shard).await;
+        assert!(months.iter().all(|t| t.as_str() > "t_order_2020" && t.as_str() < "t_order_2030"), "{dsn}: {months:?}");
+    }
+    // within the window, a missing month is still made on demand
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'old', 3, '2024-02-03 00:00+00')").await.expect("in the window");
+}

@@ -18,6 +18,25 @@ pub fn wanted(now: jiff::Timestamp, tz: &jiff::tz::TimeZone, ahead: u32) -> Vec<
     (first..=first + ahead as i32).filter_map(MonthKey::from_ordinal).collect()
 }
 
+/// Refuses months an INSERT would have to create outside
+/// `sharding.create_months_back` / `create_months_ahead` of now (months that
+/// exist already are always fine).
+pub fn within_window(engine: &Engine, cfg: &shardgate_config::ShardingConfig, months: &[MonthKey]) -> Result<(), String> {
+    let existing = engine.months();
+    let now = MonthKey::of(jiff::Timestamp::now(), &engine.topology().tz).ordinal();
+    let (lo, hi) = (now - cfg.create_months_back as i32, now + cfg.create_months_ahead as i32);
+    match months.iter().find(|m| !existing.contains(m) && !(lo..=hi).contains(&m.ordinal())) {
+        None => Ok(()),
+        Some(m) => Err(format!(
+            "create_time in {} would need a new month table outside the months an INSERT may create \
+             (sharding.create_months_back = {}, create_months_ahead = {}); check the value, or create the month table on every shard first",
+            m.suffix(),
+            cfg.create_months_back,
+            cfg.create_months_ahead
+        )),
+    }
+}
+
 /// Month suffixes of the physical tables of every sharded table on one shard.
 async fn existing_on(engine: &Engine, shard: usize) -> anyhow::Result<Vec<MonthKey>> {
     let mut conn = tokio::time::timeout(Duration::from_secs(5), engine.shards[shard].get())

@@ -247,6 +247,9 @@ impl Session {
         };
         if plan.kind == shardgate_router::RoutedKind::Insert {
             let ms: Vec<_> = plan.targets.iter().flat_map(|t| t.months.iter().copied()).collect();
+            if let Err(m) = months::within_window(&engine, &self.shared.config.sharding, &ms) {
+                return Ok(Err(ExecError::Proxy("0A000", m)));
+            }
             months::ensure(&engine, &ms).await;
         }
         if engine.migration.enabled {
