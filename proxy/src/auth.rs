@@ -53,11 +53,16 @@ impl ScramSecret {
         })
     }
 
-    /// A secret no password matches (for unknown users, so that they are
-    /// indistinguishable from a wrong password).
-    pub fn impossible() -> ScramSecret {
-        let mut salt = vec![0u8; 16];
-        rand::Rng::fill(&mut rand::thread_rng(), &mut salt[..]);
+    /// A secret no password matches, for an unknown user: its salt is the
+    /// same at every attempt for that name (HMAC of the name under `key`, one
+    /// per process), with the iterations of a real secret, so an unknown user
+    /// is indistinguishable from a known one with a wrong password (as
+    /// PostgreSQL's mock authentication does).
+    pub fn mock(user: &str, key: &[u8; 32]) -> ScramSecret {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+        mac.update(b"shardgate mock salt\0");
+        mac.update(user.as_bytes());
+        let salt = mac.finalize().into_bytes()[..16].to_vec();
         ScramSecret { iterations: 4096, salt, stored_key: [0; 32], server_key: [0; 32] }
     }
 }
@@ -228,7 +233,7 @@ mod tests {
 
     #[test]
     fn scram_rejects_channel_binding_and_garbage() {
-        let s = ScramSecret::impossible();
+        let s = ScramSecret::mock("nobody", &[7; 32]);
         assert!(matches!(ScramServer::start(s.clone(), b"p=tls-server-end-point,,n=,r=abc"), Err(AuthError::ChannelBinding)));
         assert!(ScramServer::start(s.clone(), b"").is_err());
         assert!(ScramServer::start(s.clone(), b"n,,n=").is_err());

@@ -22,6 +22,8 @@ pub struct Shared {
     pub config: Config,
     /// Precomputed secrets by user name.
     pub users: HashMap<String, UserSecret>,
+    /// Key of the mock SCRAM salts of unknown users (see `ScramSecret::mock`).
+    pub mock_key: [u8; 32],
     /// Pool of server connections to `default_db`.
     pub pool: Pool,
     /// Cancel routing.
@@ -77,6 +79,7 @@ impl Shared {
         Ok(Shared {
             config,
             users,
+            mock_key: rand::random(),
             pool,
             cancels: Arc::new(CancelRegistry::default()),
             shutdown,

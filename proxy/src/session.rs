@@ -353,7 +353,7 @@ async fn authenticate(shared: &Shared, stream: &TcpStream, cin: &mut BytesMut, u
         }
         AuthMethod::ScramSha256 => {
             // unknown users run the same exchange against a secret nothing matches
-            let scram = secret.and_then(|s| s.scram.clone()).unwrap_or_else(ScramSecret::impossible);
+            let scram = secret.and_then(|s| s.scram.clone()).unwrap_or_else(|| ScramSecret::mock(user, &shared.mock_key));
             msg::authentication(&mut out, 10, b"SCRAM-SHA-256\0\0");
             write_all(stream, &out).await?;
             let Some(f) = read_auth_message(stream, cin).await? else {

@@ -250,3 +250,66 @@ async fn an_insert_cannot_make_month_tables_outside_the_window() {
     // within the window, a missing month is still made on demand
     client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'old', 3, '2024-02-03 00:00+00')").await.expect("in the window");
 }
+
+/// The SCRAM server-first message (`r=…,s=<salt>,i=<iterations>`) the proxy
+/// sends `user`; the salt and iterations part of it.
+fn scram_salt(port: u16, user: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+    let mut body = Vec::new();
+    body.extend_from_slice(&196_608i32.to_be_bytes());
+    for (k, v) in [("user", user), ("database", "shardgate")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    s.write_all(&msg).expect("startup");
+    let read_msg = |s: &mut std::net::TcpStream| -> (u8, Vec<u8>) {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).expect("header");
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+        let mut b = vec![0u8; len];
+        s.read_exact(&mut b).expect("body");
+        (head[0], b)
+    };
+    let (tag, b) = read_msg(&mut s);
+    assert_eq!((tag, &b[..4]), (b'R', &10i32.to_be_bytes()[..]), "SASL offered to {user}");
+    let first = b"n,,n=,r=clientnonceclientnonce";
+    let mut m = Vec::new();
+    m.extend_from_slice(b"SCRAM-SHA-256\0");
+    m.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    m.extend_from_slice(first);
+    let mut out = vec![b'p'];
+    out.extend_from_slice(&((m.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&m);
+    s.write_all(&out).expect("sasl initial");
+    let (tag, b) = read_msg(&mut s);
+    assert_eq!((tag, &b[..4]), (b'R', &11i32.to_be_bytes()[..]), "SASL continue for {user}");
+    let text = String::from_utf8_lossy(&b[4..]).into_owned();
+    text.split(',').filter(|p| p.starts_with("s=") || p.starts_with("i=")).collect::<Vec<_>>().join(",")
+}
+
+#[tokio::test]
+async fn an_unknown_user_looks_like_a_known_one_with_a_wrong_password() {
+    let c = start();
+    let port = c.info.proxy_port;
+    let known = [scram_salt(port, "app"), scram_salt(port, "app")];
+    let ghost = [scram_salt(port, "ghost"), scram_salt(port, "ghost")];
+    assert_eq!(known[0], known[1], "a known user's salt is stable");
+    assert_eq!(ghost[0], ghost[1], "an unknown user's salt must be stable too, or it gives the user away");
+    assert_ne!(ghost[0], scram_salt(port, "ghost2"), "each unknown name has its own salt");
+    let iterations = |s: &str| s.split(',').find(|p| p.starts_with("i=")).map(str::to_string);
+    assert_eq!(iterations(&known[0]), iterations(&ghost[0]), "same iteration count");
+    // and both fail the same way with a wrong password
+    for user in ["app", "ghost"] {
+        let e = connect(&c.info.proxy_dsn_for(user, "wrong")).await.err().expect("refused");
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{user}: {e}");
+        let m = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        assert_eq!(m, format!("password authentication failed for user \"{user}\""));
+    }
+}
