@@ -132,6 +132,12 @@ async fn two_phase_commits_left_by_a_dead_proxy_are_resolved_after_restart() {
     let client = connect(&c.info.proxy_dsn).await.expect("connect");
     let ids: Vec<i64> = client.query("SELECT id FROM t_order WHERE id IN (11, 12, 13) ORDER BY id", &[]).await.expect("ids").iter().map(|r| r.get(0)).collect();
     assert_eq!(ids, vec![11, 12], "the decided transaction committed on both shards, the undecided one rolled back");
+    // recovery won the race against the undecided transaction's decision: its abort marker
+    // makes a late decision fail instead of committing what was rolled back
+    let outcome: String = def.query_one("SELECT outcome FROM shardgate_2pc_decisions WHERE gid = 'sg_9_2_bbbb'", &[]).await.expect("marker").get(0);
+    assert_eq!(outcome, "abort");
+    let late = def.batch_execute("INSERT INTO shardgate_2pc_decisions (gid, shards) VALUES ('sg_9_2_bbbb', '{5}')").await.expect_err("a late decision");
+    assert_eq!(shardgate_tests::sqlstate(&late).as_deref(), Some("23505"));
 }
 
 #[tokio::test]

@@ -17,9 +17,14 @@ use super::exec::{ExecError, Slots};
 use super::wire;
 use super::Engine;
 
-/// The decision log, created in `db_default` at startup.
+/// The decision log, created in `db_default` at startup. `outcome` is
+/// `commit` for a proxy's decision and `abort` for recovery's marker: both
+/// insert the gid, so whichever commits first wins and the other fails on
+/// the primary key (a late decision can never commit after recovery rolled
+/// its shards back).
 pub const DECISIONS_DDL: &str =
-    "CREATE TABLE IF NOT EXISTS shardgate_2pc_decisions (gid text PRIMARY KEY, shards int[] NOT NULL, decided_at timestamptz NOT NULL DEFAULT now())";
+    "CREATE TABLE IF NOT EXISTS shardgate_2pc_decisions (gid text PRIMARY KEY, shards int[] NOT NULL, decided_at timestamptz NOT NULL DEFAULT now()); \
+     ALTER TABLE shardgate_2pc_decisions ADD COLUMN IF NOT EXISTS outcome text NOT NULL DEFAULT 'commit'";
 
 /// A new global transaction id: worker, time, randomness.
 pub fn new_gid(worker: u16) -> String {
@@ -42,11 +47,17 @@ pub async fn prepare(slots: &mut Slots, shards: &[usize], gid: &str) -> Result<(
     let mut prepared = Vec::new();
     for &s in shards {
         let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
-        let r = wire::control(&mut slot.conn, &format!("PREPARE TRANSACTION '{}'", shard_gid(gid, s))).await;
+        let r = wire::control_tag(&mut slot.conn, &format!("PREPARE TRANSACTION '{}'", shard_gid(gid, s))).await;
         slot.in_tx = false;
         match r {
-            // PREPARE on a failed transaction answers ROLLBACK without error: check the tag by state
-            Ok(Ok(_)) => prepared.push(s),
+            Ok(Ok(tag)) if tag == "PREPARE TRANSACTION" => prepared.push(s),
+            // PREPARE of a transaction that had failed rolls it back and says ROLLBACK, no error
+            Ok(Ok(tag)) => {
+                tracing::warn!(shard = s, tag, "PREPARE TRANSACTION did not prepare; rolling the transaction back");
+                finish(slots, &prepared, gid, false).await;
+                rollback(slots, shards).await;
+                return Err(ExecError::Proxy("40000", format!("the transaction on shard db_{s} had failed and was rolled back; nothing was committed")));
+            }
             Ok(Err(e)) => {
                 finish(slots, &prepared, gid, false).await;
                 rollback(slots, shards).await;
@@ -65,20 +76,30 @@ pub async fn prepare(slots: &mut Slots, shards: &[usize], gid: &str) -> Result<(
 }
 
 /// Phase two: COMMIT or ROLLBACK PREPARED on each shard. Failures are left
-/// to [`recover`] (the decision row says what to do).
-pub async fn finish(slots: &mut Slots, shards: &[usize], gid: &str, commit: bool) {
+/// to [`recover`] (the decision row says what to do); true when every shard
+/// is resolved.
+pub async fn finish(slots: &mut Slots, shards: &[usize], gid: &str, commit: bool) -> bool {
     let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+    let mut all = true;
     for &s in shards {
-        let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
+        let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else {
+            all = false;
+            continue;
+        };
         match wire::control(&mut slot.conn, &format!("{verb} PREPARED '{}'", shard_gid(gid, s))).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(shard = s, sqlstate = %e.code, gid, "{verb} PREPARED failed; recovery will retry"),
+            Ok(Err(e)) => {
+                all = false;
+                tracing::warn!(shard = s, sqlstate = %e.code, gid, "{verb} PREPARED failed; recovery will retry");
+            }
             Err(e) => {
+                all = false;
                 slot.conn.broken = true;
                 tracing::warn!(shard = s, error = %e, gid, "{verb} PREPARED failed; recovery will retry");
             }
         }
     }
+    all
 }
 
 /// Rolls back the open transaction block on each shard (best effort).
@@ -147,8 +168,10 @@ pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Res
     };
     match decided {
         Ok(()) => {
-            finish(slots, shards, &gid, true).await;
-            forget(engine, &gid).await;
+            // the decision row stays until every participant has committed (recovery finishes the rest)
+            if finish(slots, shards, &gid, true).await {
+                forget(engine, &gid).await;
+            }
             Ok(())
         }
         Err(e) => {
@@ -161,7 +184,7 @@ pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Res
 /// Whether the decision row for `gid` exists (`None`: db_default unreachable).
 pub async fn decided(engine: &Engine, gid: &str) -> Option<bool> {
     let mut conn = engine.default.get().await.ok()?;
-    match wire::control(&mut conn, &format!("SELECT 1 FROM shardgate_2pc_decisions WHERE gid = '{gid}'")).await {
+    match wire::control(&mut conn, &format!("SELECT 1 FROM shardgate_2pc_decisions WHERE gid = '{gid}' AND outcome = 'commit'")).await {
         Ok(Ok(rows)) => Some(!rows.is_empty()),
         _ => None,
     }
@@ -213,8 +236,23 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
         let Ok(Ok(gids)) = wire::control(&mut conn, &q).await else { continue };
         for g in gids.into_iter().flatten() {
             let Some((base, _)) = g.rsplit_once("_s") else { continue };
-            let decided = matches!(wire::control(&mut def, &format!("SELECT 1 FROM shardgate_2pc_decisions WHERE gid = '{}'", base.replace('\'', "''"))).await, Ok(Ok(rows)) if !rows.is_empty());
-            let verb = if decided { "COMMIT" } else { "ROLLBACK" };
+            // win the race against a decision that may still commit: an abort marker under the
+            // same gid; a decision that commits first makes the marker a no-op, one that comes
+            // later fails on the primary key, so the outcome read back is final
+            let base = base.replace('\'', "''");
+            let q = format!(
+                "INSERT INTO shardgate_2pc_decisions (gid, shards, outcome) VALUES ('{base}', '{{}}', 'abort') ON CONFLICT (gid) DO NOTHING; \
+                 SELECT outcome FROM shardgate_2pc_decisions WHERE gid = '{base}'"
+            );
+            let decided = match wire::control(&mut def, &q).await {
+                Ok(Ok(rows)) => rows.into_iter().flatten().next(),
+                _ => None,
+            };
+            let Some(outcome) = decided else {
+                tracing::warn!(shard = s, gid = %g, "could not read or mark the decision; left for the next round");
+                continue;
+            };
+            let verb = if outcome == "commit" { "COMMIT" } else { "ROLLBACK" };
             match wire::control(&mut conn, &format!("{verb} PREPARED '{}'", g.replace('\'', "''"))).await {
                 Ok(Ok(_)) => {
                     tracing::info!(shard = s, gid = %g, verb, "resolved an orphaned prepared transaction");

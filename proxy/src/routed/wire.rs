@@ -172,6 +172,25 @@ pub async fn control(conn: &mut ServerConn, sql: &str) -> Result<Result<Vec<Opti
     pipeline(conn, &crate::protocol::frontend::query(sql)).await
 }
 
+/// Runs a control statement and returns its command tag (`PREPARE TRANSACTION`,
+/// or `ROLLBACK` when the server rolled an aborted transaction back instead),
+/// or the server's error.
+pub async fn control_tag(conn: &mut ServerConn, sql: &str) -> Result<Result<String, ServerError>, BackendError> {
+    use tokio::io::AsyncWriteExt;
+    conn.stream.write_all(&crate::protocol::frontend::query(sql)).await?;
+    let mut tag = String::new();
+    let mut err = None;
+    loop {
+        let f = conn.read_frame().await?;
+        match f.tag {
+            b'C' => tag = String::from_utf8_lossy(f.body().strip_suffix(&[0]).unwrap_or(f.body())).into_owned(),
+            b'E' => err = Some(ServerError::from_frame(&f)),
+            b'Z' => return Ok(err.map_or(Ok(tag), Err)),
+            _ => {}
+        }
+    }
+}
+
 /// Sends messages the proxy made that end in one Sync or Query (for example
 /// [`crate::protocol::frontend::set_config_pipeline`]) and reads up to the
 /// ReadyForQuery: the rows of the first column, or the first error.

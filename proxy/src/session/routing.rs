@@ -509,10 +509,10 @@ impl Session {
     pub(super) async fn resolve_pending_2pc(&mut self) {
         if let Some((gid, shards)) = self.resolve_2pc.take() {
             let engine = self.shared.engine.clone();
-            let decided = twopc::decided(&engine, &gid).await;
-            twopc::resolve(&engine, &gid, &shards, decided.unwrap_or(false)).await;
-            if decided.is_none() {
-                tracing::warn!(gid, "could not read the commit decision; recovery will resolve the prepared transactions");
+            match twopc::decided(&engine, &gid).await {
+                Some(commit) => twopc::resolve(&engine, &gid, &shards, commit).await,
+                // unknown is not "no": a decision that committed must never be rolled back
+                None => tracing::warn!(gid, "could not read the commit decision; recovery will resolve the prepared transactions"),
             }
         }
     }
