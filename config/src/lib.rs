@@ -171,6 +171,9 @@ impl Config {
                 return Err(ConfigError::invalid("ids.worker_id", format!("{w} is out of range 0..=63")));
             }
         }
+        if self.ids.lease_ttl_ms < 1000 {
+            return Err(ConfigError::invalid("ids.lease_ttl_ms", "must be at least 1000"));
+        }
         if self.health.failure_threshold == 0 || self.health.recovery_threshold == 0 {
             return Err(ConfigError::invalid("health", "failure_threshold and recovery_threshold must be at least 1"));
         }

@@ -260,9 +260,13 @@ fn default_sharded_tables() -> Vec<ShardedTableConfig> {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdConfig {
-    /// This proxy's worker id (0..=63). Two proxies must never share one;
-    /// `None` means lease one from Redis.
+    /// This proxy's worker id (0..=63), fixed by the operator, who must then
+    /// make sure no two proxies share it. `None` (the default) leases a free
+    /// one from `db_default` (`shardgate_worker_leases`), renewed while the
+    /// proxy runs; without a valid lease no id is handed out.
     pub worker_id: Option<u16>,
+    /// How long a worker-id lease lasts without renewal (renewed every third of it).
+    pub lease_ttl_ms: u64,
     /// Epoch of the id timestamp, milliseconds since 1970-01-01 UTC.
     pub epoch_ms: u64,
     /// Largest backwards clock step (ms) waited out instead of failing.
@@ -284,7 +288,7 @@ pub struct IdConfig {
 impl Default for IdConfig {
     fn default() -> Self {
         // 2024-01-01T00:00:00Z
-        IdConfig { worker_id: Some(1), epoch_ms: 1_704_067_200_000, max_clock_backward_ms: 50, legacy_id_max: 0, route_by_id: false }
+        IdConfig { worker_id: None, lease_ttl_ms: 30_000, epoch_ms: 1_704_067_200_000, max_clock_backward_ms: 50, legacy_id_max: 0, route_by_id: false }
     }
 }
 

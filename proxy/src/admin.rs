@@ -34,6 +34,9 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     if *s.shared.shutdown.borrow() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
+    if s.shared.engine.ids.get().is_none() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no worker-id lease yet: INSERTs without an id are refused\n");
+    }
     match tokio::time::timeout(Duration::from_secs(2), s.shared.pool.get()).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "default database unreachable\n"),

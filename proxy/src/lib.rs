@@ -53,6 +53,12 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         TcpListener::bind(&config.server.admin_listen).await.with_context(|| format!("binding server.admin_listen {}", config.server.admin_listen))?;
     tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, "shardgate listening");
     let shared = Arc::new(server::Shared::new(config, shutdown.clone())?);
+    shared.engine.start_id_lease(&shared.config, shutdown.clone());
+    // start serving with the lease in hand when db_default answers (the task keeps trying after)
+    let t0 = std::time::Instant::now();
+    while shared.engine.ids.get().is_none() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     start_background(&shared).await;
     let admin = admin::router(shared.clone(), prometheus);
     let mut admin_shutdown = shutdown.clone();

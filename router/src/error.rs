@@ -48,7 +48,7 @@ impl RouteError {
             RouteError::NotNull(_) => "23502",
             RouteError::InvalidLimit(_) => "2201W",
             RouteError::Protocol(_) => "08P01",
-            RouteError::IdGeneration(_) => "XX000",
+            RouteError::IdGeneration(_) => "55000",
             RouteError::TooComplex(_) => "54001",
         }
     }

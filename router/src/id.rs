@@ -131,6 +131,9 @@ pub struct IdGenerator {
     clock: Box<dyn Clock>,
     /// Per (shard, moved): `logical_ms << 12 | sequence` of the last id issued.
     slots: Vec<AtomicU64>,
+    /// With a leased worker id: the clock time (ms) until which the lease is
+    /// known to be held; no id is issued at or after it.
+    fence: Option<std::sync::Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for IdGenerator {
@@ -156,7 +159,19 @@ impl IdGenerator {
         }
         let start = resume_after_ms.max(layout.epoch_ms);
         let slots = (0..16).map(|_| AtomicU64::new(start << SEQ_BITS | SEQ_MASK)).collect();
-        Ok(IdGenerator { layout, worker, max_backward_ms, clock, slots })
+        Ok(IdGenerator { layout, worker, max_backward_ms, clock, slots, fence: None })
+    }
+
+    /// Issues ids only while the clock is before `fence` (ms), which the
+    /// holder of a worker-id lease moves on at each renewal.
+    pub fn with_fence(mut self, fence: std::sync::Arc<AtomicU64>) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// The worker id in the ids.
+    pub fn worker(&self) -> u16 {
+        self.worker
     }
 
     /// The id layout (for decoding).
@@ -171,6 +186,15 @@ impl IdGenerator {
 
     /// The next id for a row on `shard`; `moved` marks a row whose month is not the id's month.
     pub fn next(&self, shard: ShardId, moved: bool) -> Result<i64> {
+        if let Some(f) = &self.fence {
+            if self.clock.now_ms() >= f.load(Ordering::Acquire) {
+                return Err(RouteError::IdGeneration(
+                    "this proxy holds no valid worker-id lease right now (db_default unreachable or the lease was lost), so it issues no ids; \
+                     retry shortly, or send the id yourself"
+                        .into(),
+                ));
+            }
+        }
         let slot = &self.slots[usize::from(shard.0 & 0b111) * 2 + usize::from(moved)];
         let mut spins = 0u32;
         loop {

@@ -13,6 +13,7 @@
 pub mod exec;
 pub mod fallback;
 pub mod health;
+pub mod lease;
 pub mod merge;
 pub mod migration;
 pub mod months;
@@ -39,13 +40,14 @@ pub struct Engine {
     /// Month tables that exist on the shards, ascending.
     months: RwLock<Arc<Vec<MonthKey>>>,
     /// Generates ids for INSERTs that omit them.
-    pub ids: Option<IdGenerator>,
+    /// The id generator: set at start with a fixed `ids.worker_id`, else once a
+    /// worker-id lease is held (see [`lease`]).
+    pub ids: std::sync::OnceLock<IdGenerator>,
     /// Most rows or groups a merge holds in memory.
     pub max_merge_rows: usize,
     /// Most prepared statements a server connection keeps (`pool.max_prepared_statements`).
     pub max_prepared: usize,
     /// This proxy's id in two-phase commit names.
-    pub worker: u16,
     /// `db_default` (decision log).
     pub default: Pool,
     /// Age after which recovery resolves a prepared transaction.
@@ -104,6 +106,41 @@ impl ShardMeters {
 }
 
 impl Engine {
+    /// The worker id of this proxy's ids (0 before a lease is held).
+    pub fn worker(&self) -> u16 {
+        self.ids.get().map_or(0, IdGenerator::worker)
+    }
+
+    /// Holds a worker-id lease for the life of the process when `ids.worker_id`
+    /// is not set: takes one (retrying while db_default is unreachable or every
+    /// worker id is held), starts the id generator behind its fence, renews it.
+    pub fn start_id_lease(self: &std::sync::Arc<Self>, config: &Config, shutdown: tokio::sync::watch::Receiver<bool>) {
+        if config.ids.worker_id.is_some() {
+            return;
+        }
+        let engine = self.clone();
+        let (dsn, ttl, backward) = (config.default_dsn(), config.ids.lease_ttl_ms, config.ids.max_clock_backward_ms);
+        tokio::spawn(async move {
+            let lease = loop {
+                match lease::acquire(&dsn, ttl).await {
+                    Ok(Some(l)) => break l,
+                    Ok(None) => tracing::error!("all 64 worker ids are leased by live proxies; this proxy issues no ids until one is free"),
+                    Err(e) => tracing::warn!(error = %e, "could not take a worker-id lease yet; retrying"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            };
+            let layout = engine.topology().ids.clone();
+            match IdGenerator::new(layout, lease.worker, backward, Box::new(SystemClock), lease.resume_after_ms) {
+                Ok(g) => {
+                    tracing::info!(worker = lease.worker, "worker-id lease taken");
+                    let _ = engine.ids.set(g.with_fence(lease.fence.clone()));
+                    lease::keep(dsn, lease, ttl, shutdown).await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot issue ids"),
+            }
+        });
+    }
+
     /// Builds the engine; pools connect lazily.
     pub fn new(config: &Config, default: Pool) -> anyhow::Result<Engine> {
         let topo = Topology::from_config(config).map_err(anyhow::Error::msg)?;
@@ -113,8 +150,11 @@ impl Engine {
             .into_iter()
             .map(|dsn| pool::build(dsn, p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms)))
             .collect();
-        let worker = config.ids.worker_id.unwrap_or(0);
-        let ids = IdGenerator::new(topo.ids.clone(), worker, config.ids.max_clock_backward_ms, Box::new(SystemClock), 0).ok();
+        let ids = std::sync::OnceLock::new();
+        if let Some(worker) = config.ids.worker_id {
+            let g = IdGenerator::new(topo.ids.clone(), worker, config.ids.max_clock_backward_ms, Box::new(SystemClock), 0).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let _ = ids.set(g);
+        }
         Ok(Engine {
             router: Router::new(topo, 10_000),
             shards,
@@ -122,7 +162,6 @@ impl Engine {
             ids,
             max_merge_rows: config.server.max_merge_rows,
             max_prepared: config.pool.max_prepared_statements,
-            worker,
             default,
             orphan_age_ms: config.sharding.prepared_orphan_age_ms,
             meters: (0..config.shards.len()).map(ShardMeters::new).collect(),
@@ -168,14 +207,14 @@ impl Engine {
     /// Planning context for now.
     pub fn plan(&self, sql: &str, params: &[shardgate_router::Param<'_>]) -> shardgate_router::Result<shardgate_router::Plan> {
         let months = self.months();
-        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.as_ref() };
+        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get() };
         self.router.plan(sql, params, &ctx)
     }
 
     /// Plans an already analysed statement (prepared statements keep theirs).
     pub fn plan_analysis(&self, a: &shardgate_router::Analysis, params: &[shardgate_router::Param<'_>]) -> shardgate_router::Result<shardgate_router::Plan> {
         let months = self.months();
-        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.as_ref() };
+        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get() };
         a.plan(params, self.topology(), &ctx)
     }
 

@@ -150,7 +150,7 @@ pub async fn commit_each(slots: &mut Slots, shards: &[usize]) -> Result<(), Exec
 /// A whole two-phase commit with the decision written on its own `db_default`
 /// connection (statements outside a transaction block).
 pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Result<(), ExecError> {
-    let gid = new_gid(engine.worker);
+    let gid = new_gid(engine.worker());
     prepare(slots, shards, &gid).await?;
     let decided = match engine.default.get().await {
         Ok(mut conn) => match wire::control(&mut conn, &decision_sql(&gid, shards)).await {

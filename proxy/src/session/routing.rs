@@ -370,7 +370,7 @@ impl Session {
         }
         let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
         let _ = twopc::commit_each(&mut self.slots, &readers).await;
-        let gid = twopc::new_gid(self.shared.engine.worker);
+        let gid = twopc::new_gid(self.shared.engine.worker());
         let r = twopc::prepare(&mut self.slots, &written, &gid).await;
         exec::release(&mut self.slots);
         r.map(|()| Some((gid, written)))
