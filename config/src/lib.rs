@@ -171,6 +171,9 @@ impl Config {
                 return Err(ConfigError::invalid("ids.worker_id", format!("{w} is out of range 0..=63")));
             }
         }
+        if self.server.max_unauthenticated == 0 || self.server.login_timeout_ms < 100 {
+            return Err(ConfigError::invalid("server", "max_unauthenticated must be at least 1 and login_timeout_ms at least 100"));
+        }
         if self.ids.lease_ttl_ms < 1000 {
             return Err(ConfigError::invalid("ids.lease_ttl_ms", "must be at least 1000"));
         }

@@ -75,8 +75,13 @@ pub struct ServerConfig {
     pub listen: String,
     /// Admin HTTP listen address (`/livez`, `/readyz`, `/health`, `/metrics`).
     pub admin_listen: String,
-    /// Client connections above this are refused with SQLSTATE 53300.
+    /// Logged-in client connections above this are refused with SQLSTATE 53300.
     pub max_client_connections: usize,
+    /// Connections still logging in above this are refused at once with 53300
+    /// (they do not take places of logged-in clients).
+    pub max_unauthenticated: usize,
+    /// A connection that has not logged in after this long is closed (08006).
+    pub login_timeout_ms: u64,
     /// Largest protocol message accepted from a client, in bytes; a larger
     /// length prefix is refused before anything is allocated.
     pub max_message_size: usize,
@@ -110,6 +115,8 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:6432".into(),
             admin_listen: "127.0.0.1:9930".into(),
             max_client_connections: 4096,
+            max_unauthenticated: 256,
+            login_timeout_ms: 10_000,
             max_message_size: 64 * 1024 * 1024,
             client_idle_timeout_ms: 0,
             idle_in_transaction_timeout_ms: 0,

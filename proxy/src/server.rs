@@ -136,13 +136,36 @@ impl Shared {
     }
 }
 
+/// 53300 for a connection with no place to log in; nothing of it is read.
+async fn refuse_login(stream: tokio::net::TcpStream) {
+    let mut out = bytes::BytesMut::new();
+    crate::protocol::backend::error_response(&mut out, crate::protocol::backend::Severity::Fatal, "53300", "sorry, too many connections are logging in");
+    let _ = tokio::time::timeout(Duration::from_secs(1), crate::session::write_all(&stream, &out)).await;
+}
+
+/// Ends the connection that has waited longest to log in; false if none is left.
+fn evict_oldest(logins: &mut std::collections::VecDeque<(Arc<std::sync::atomic::AtomicU8>, tokio::task::AbortHandle)>) -> bool {
+    use crate::session::{EVICTED, LOGGING_IN};
+    while let Some((state, handle)) = logins.pop_front() {
+        // the session moves itself to logged in; whichever of the two moves first wins
+        if state.compare_exchange(LOGGING_IN, EVICTED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            handle.abort();
+            return true;
+        }
+    }
+    false
+}
+
 /// Accepts clients until `shutdown` flips, then waits up to
 /// `server.shutdown_timeout_ms` for their sessions to end.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let limit = Arc::new(Semaphore::new(shared.config.server.max_client_connections));
+    let max_logins = shared.config.server.max_unauthenticated;
     let mut shutdown = shared.shutdown.clone();
     let mut sessions = JoinSet::new();
     let mut next_id: u64 = 0;
+    // connections still logging in, oldest first
+    let mut logins: std::collections::VecDeque<(Arc<std::sync::atomic::AtomicU8>, tokio::task::AbortHandle)> = std::collections::VecDeque::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -155,16 +178,25 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     }
                 };
                 next_id += 1;
-                let permit = limit.clone().try_acquire_owned().ok();
+                // every place for a login is taken: the connection that has waited longest goes
+                // (a real client logs in within milliseconds, an idle socket never does)
+                logins.retain(|(s, _)| s.load(Ordering::Acquire) == crate::session::LOGGING_IN);
+                if logins.len() >= max_logins && !evict_oldest(&mut logins) {
+                    metrics::counter!(crate::metrics::CLIENT_REFUSED_TOTAL).increment(1);
+                    tokio::spawn(refuse_login(stream));
+                    continue;
+                }
                 let shared = shared.clone();
+                let limit = limit.clone();
                 let span = info_span!("session", id = next_id, %peer);
-                sessions.spawn(async move {
-                    let over_limit = permit.is_none();
+                let state = Arc::new(std::sync::atomic::AtomicU8::new(crate::session::LOGGING_IN));
+                let task_state = state.clone();
+                let handle = sessions.spawn(async move {
                     shared.clients.fetch_add(1, Ordering::Relaxed);
-                    crate::session::run(shared.clone(), stream, over_limit).await;
+                    crate::session::run(shared.clone(), stream, limit, task_state).await;
                     shared.clients.fetch_sub(1, Ordering::Relaxed);
-                    drop(permit);
                 }.instrument(span));
+                logins.push_back((state, handle));
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = shutdown.changed() => break,

@@ -44,7 +44,6 @@ const MAX_STARTUP: usize = 10_000;
 /// Stop reading from one side while this much is queued for the other.
 const HIGH_WATER: usize = 256 * 1024;
 /// Time allowed from connect to the end of authentication.
-const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Statement name used to turn a client's Close of a statement into a no-op
 /// on the server (closing a nonexistent statement is not an error).
 const CLOSED_STATEMENT: &[u8] = b"shardgate_closed";
@@ -129,11 +128,32 @@ impl From<std::io::Error> for End {
     }
 }
 
+/// A connection's login state, shared with the accept loop (which may evict
+/// the oldest connection still logging in).
+pub const LOGGING_IN: u8 = 0;
+/// Logged in (or its login ended): never evicted.
+pub const LOGGED_IN: u8 = 1;
+/// Evicted by the accept loop.
+pub const EVICTED: u8 = 2;
+
 /// Serves one client connection until it ends.
-pub async fn run(shared: Arc<Shared>, stream: TcpStream, over_limit: bool) {
+/// While it logs in the connection counts against `server.max_unauthenticated`
+/// (`state`: the accept loop may evict it); a logged-in client holds one of
+/// `limit` (`server.max_client_connections`).
+pub async fn run(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    limit: Arc<tokio::sync::Semaphore>,
+    state: Arc<std::sync::atomic::AtomicU8>,
+) {
     let _ = stream.set_nodelay(true);
     let mut cin = BytesMut::with_capacity(8 * 1024);
-    let start = tokio::time::timeout(AUTH_TIMEOUT, startup(&shared, &stream, &mut cin, over_limit)).await;
+    let login_timeout = Duration::from_millis(shared.config.server.login_timeout_ms);
+    let start = tokio::time::timeout(login_timeout, startup(&shared, &stream, &mut cin, &limit)).await;
+    if state.compare_exchange(LOGGING_IN, LOGGED_IN, std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire).is_err() {
+        // evicted to make room for a newer login: the task is being aborted
+        return;
+    }
     let login = match start {
         Ok(Ok(Some(l))) => l,
         Ok(Ok(None)) => return,
@@ -164,6 +184,8 @@ struct Login {
     admin: bool,
     desired: Vec<(String, String)>,
     registration: Registration,
+    /// The client's place under `server.max_client_connections`.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A short read drained the socket: clear tokio's read readiness without the
@@ -224,7 +246,7 @@ async fn read_auth_message(stream: &TcpStream, cin: &mut BytesMut) -> std::io::R
     }
 }
 
-async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, over_limit: bool) -> std::io::Result<Option<Login>> {
+async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, limit: &Arc<tokio::sync::Semaphore>) -> std::io::Result<Option<Login>> {
     let (version, params) = loop {
         let Some(pkt) = read_startup_packet(stream, cin).await? else {
             return Ok(None);
@@ -289,11 +311,11 @@ async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, o
         write_fatal(stream, "28000", "no PostgreSQL user name specified in startup packet").await?;
         return Ok(None);
     };
-    if over_limit {
+    let Ok(permit) = limit.clone().try_acquire_owned() else {
         metrics::counter!(m::CLIENT_REFUSED_TOTAL).increment(1);
         write_fatal(stream, "53300", "sorry, too many clients already").await?;
         return Ok(None);
-    }
+    };
     if !authenticate(shared, stream, cin, &user).await? {
         metrics::counter!(m::AUTH_FAILURES_TOTAL).increment(1);
         info!(user = %user, "authentication failed");
@@ -319,7 +341,7 @@ async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, o
     write_all(stream, &out).await?;
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
     let admin = shared.config.user(&user).is_some_and(|u| u.admin);
-    Ok(Some(Login { user, admin, desired, registration }))
+    Ok(Some(Login { user, admin, desired, registration, _permit: permit }))
 }
 
 /// Parses `-c name=value` / `--name=value` pairs of the `options` startup parameter.

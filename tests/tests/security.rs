@@ -307,9 +307,42 @@ async fn an_unknown_user_looks_like_a_known_one_with_a_wrong_password() {
     assert_eq!(iterations(&known[0]), iterations(&ghost[0]), "same iteration count");
     // and both fail the same way with a wrong password
     for user in ["app", "ghost"] {
-        let e = connect(&c.info.proxy_dsn_for(user, "wrong")).await.err().expect("refused");
+        let e = connect(&c.info.proxy_dsn_for(user, "wrong")).await.expect_err("refused");
         assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{user}: {e}");
         let m = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
         assert_eq!(m, format!("password authentication failed for user \"{user}\""));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_that_never_log_in_do_not_keep_a_real_client_out() {
+    use tokio::io::AsyncReadExt;
+    let c = Cluster::start_temp(Options { redis: false, server_toml: "max_unauthenticated = 64\nlogin_timeout_ms = 2000\n".into(), ..Options::default() })
+        .expect("start cluster");
+    let addr = format!("127.0.0.1:{}", c.info.proxy_port);
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.expect("connect"));
+    }
+    // a real client still logs in and is served while they sit there: each new connection
+    // beyond max_unauthenticated ends the one that has waited longest
+    let t0 = std::time::Instant::now();
+    let client = tokio::time::timeout(std::time::Duration::from_secs(5), connect(&c.info.proxy_dsn)).await.expect("login in time").expect("login");
+    client.batch_execute("SELECT count(*) FROM t_order").await.expect("query");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    // the oldest waiting sockets made room: closed at once
+    let mut buf = Vec::new();
+    let first = idle.first_mut().expect("sockets");
+    tokio::time::timeout(std::time::Duration::from_secs(1), first.read_to_end(&mut buf)).await.expect("evicted at once").expect("read");
+    // and the newest ones, still waiting, are closed with 08006 after login_timeout_ms
+    let mut buf = Vec::new();
+    let last = idle.last_mut().expect("sockets");
+    tokio::time::timeout(std::time::Duration::from_secs(5), last.read_to_end(&mut buf)).await.expect("closed after the login timeout").expect("read");
+    assert_eq!(buf.first(), Some(&b'E'), "an ErrorResponse");
+    assert!(String::from_utf8_lossy(&buf).contains("08006"), "{:?}", String::from_utf8_lossy(&buf));
+    // the proxy holds no more than the cap of them meanwhile (and none now)
+    let (_, metrics) = shardgate_tests::http_get(&format!("{}/metrics", c.info.admin_url)).expect("metrics");
+    assert!(metrics.contains("shardgate_"), "metrics served");
+    drop(idle);
+    client.batch_execute("SELECT 1").await.expect("still served");
 }
