@@ -154,7 +154,7 @@ pub async fn run(
         // evicted to make room for a newer login: the task is being aborted
         return;
     }
-    let login = match start {
+    let mut login = match start {
         Ok(Ok(Some(l))) => l,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -168,6 +168,7 @@ pub async fn run(
             return;
         }
     };
+    let _place = login.permit.take();
     info!(user = %login.user, "client connected");
     metrics::gauge!(m::CLIENT_CONNECTIONS).increment(1.0);
     let id = shared.register_session(&login.user, stream.peer_addr().map(|a| a.to_string()).unwrap_or_default());
@@ -184,8 +185,8 @@ struct Login {
     admin: bool,
     desired: Vec<(String, String)>,
     registration: Registration,
-    /// The client's place under `server.max_client_connections`.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The client's place under `server.max_client_connections` (held by `run` until the session ends).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A short read drained the socket: clear tokio's read readiness without the
@@ -341,7 +342,7 @@ async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, l
     write_all(stream, &out).await?;
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
     let admin = shared.config.user(&user).is_some_and(|u| u.admin);
-    Ok(Some(Login { user, admin, desired, registration, _permit: permit }))
+    Ok(Some(Login { user, admin, desired, registration, permit: Some(permit) }))
 }
 
 /// Parses `-c name=value` / `--name=value` pairs of the `options` startup parameter.

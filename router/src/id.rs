@@ -306,7 +306,7 @@ mod tests {
         t.store(NOV_2026 - 10_000, Ordering::SeqCst); // 10 s back
         let e = g.next(ShardId(5), false).expect_err("large step back");
         assert!(e.to_string().contains("clock moved backwards"), "{e}");
-        assert_eq!(e.sqlstate(), "XX000");
+        assert_eq!(e.sqlstate(), "55000");
         // Once the clock catches up ids flow again, still increasing.
         t.store(NOV_2026 + 5, Ordering::SeqCst);
         assert!(g.next(ShardId(5), false).expect("id") > last);
