@@ -76,6 +76,8 @@ struct RowAnalysis {
     time: Option<Src>,
     /// The explicit id: `Some(None)` when it is an expression (not a literal or parameter).
     id: Option<Option<Src>>,
+    /// The id column is listed and this row says DEFAULT: shardgate generates it.
+    id_default: bool,
 }
 
 /// An INSERT … VALUES, analysed.
@@ -495,14 +497,21 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
             Some(p) => Some(src_of_value(&row[p], &rule.month_column, name)?),
             None => None,
         };
-        let id = id_pos.map(|p| crate::extract::src_of(&row[p]));
+        // `DEFAULT` for the id: the logical table's default is shardgate's generated id
+        let id_default = id_pos.is_some_and(|p| matches!(&row[p], Expr::Identifier(i) if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("default")));
+        if id_default {
+            if let Some(p) = id_pos {
+                row[p] = Expr::Identifier(Ident::new(HOLE_ID));
+            }
+        }
+        let id = if id_default { None } else { id_pos.map(|p| crate::extract::src_of(&row[p])) };
         if generate_id {
             row.push(Expr::Identifier(Ident::new(HOLE_ID)));
         }
         if generate_time {
             row.push(Expr::Identifier(Ident::new(HOLE_TIME)));
         }
-        rows.push(RowAnalysis { shard, time, id });
+        rows.push(RowAnalysis { shard, time, id, id_default });
     }
     if generate_id {
         ins.columns.push(ObjectName::from(vec![Ident::new(rule.id_column.clone())]));
@@ -778,12 +787,18 @@ impl InsertAnalysis {
             keys.push((shard, month));
         }
         let mut ids = Vec::new();
-        if self.generate_id {
+        // one generated id per row that omits the column or says DEFAULT, in row order
+        let mut row_ids: Vec<Option<String>> = vec![None; keys.len()];
+        if self.generate_id || self.rows.iter().any(|r| r.id_default) {
             let Some(gen) = ctx.ids else {
                 return Err(RouteError::IdGeneration(format!("no id generator configured; INSERT into {} must set {}", rule.name, rule.id_column)));
             };
-            for (shard, month) in &keys {
-                ids.push(gen.next_for_row(*shard, Some(*month), ctx.now, &topo.tz)?);
+            for (i, (shard, month)) in keys.iter().enumerate() {
+                if self.generate_id || self.rows[i].id_default {
+                    let id = gen.next_for_row(*shard, Some(*month), ctx.now, &topo.tz)?;
+                    ids.push(id);
+                    row_ids[i] = Some(id.to_string());
+                }
             }
         }
         let id_text: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
@@ -829,14 +844,14 @@ impl InsertAnalysis {
                 }
                 let mut ren = Renumber { map: Vec::new() };
                 let _ = stmt.visit(&mut ren);
-                let pick = |v: &[String]| -> Vec<String> { rows.iter().filter_map(|i| v.get(*i).cloned()).collect() };
+                let row_id_text: Vec<String> = rows.iter().filter_map(|i| row_ids[*i].clone()).collect();
                 let times: Vec<String> = rows.iter().filter_map(|i| row_time[*i].clone()).collect();
                 let template = Template::parse(&stmt.to_string());
                 let (sql, extra) = if bound {
-                    let (id_holes, time_holes, extra) = holes(ren.map.len(), &pick(&id_text), times.len());
+                    let (id_holes, time_holes, extra) = holes(ren.map.len(), &row_id_text, times.len());
                     (template.render(&rule.physical(month), None, &id_holes, &time_holes), extra)
                 } else {
-                    (template.render(&rule.physical(month), None, &pick(&id_text), &times), Vec::new())
+                    (template.render(&rule.physical(month), None, &row_id_text, &times), Vec::new())
                 };
                 let params = if params.is_empty() && ren.map.is_empty() { None } else { Some(ren.map) };
                 out.push(Target { shard, months: vec![month], sql: sql.into(), params, extra });
