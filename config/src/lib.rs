@@ -25,6 +25,18 @@ pub struct Dsn {
     pub dbname: String,
 }
 
+/// A URL with its password replaced, for Debug output and logs.
+pub fn redact_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<not a URL>".into(),
+    }
+}
+
 impl std::fmt::Debug for Dsn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
@@ -78,13 +90,36 @@ impl Config {
         Config::from_toml(&text, &path.display().to_string())
     }
 
-    /// Parses and validates TOML text; `origin` names it in errors.
+    /// Parses and validates TOML text; `origin` names it in errors. Users'
+    /// `password_env` / `password_file` are read here.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
             let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
             ConfigError::Parse { origin: origin.to_string(), line, message }
         })?;
+        for (i, u) in config.users.iter_mut().enumerate() {
+            let key = |k: &str| format!("users[{i}].{k}");
+            let sources = usize::from(!u.password.is_empty()) + usize::from(u.password_env.is_some()) + usize::from(u.password_file.is_some());
+            if sources != 1 {
+                return Err(ConfigError::invalid(key("password"), "give exactly one of password, password_env, password_file"));
+            }
+            if let Some(var) = &u.password_env {
+                u.password = std::env::var(var).map_err(|_| ConfigError::invalid(key("password_env"), format!("environment variable `{var}` is not set")))?;
+            }
+            if let Some(file) = &u.password_file {
+                u.password = std::fs::read_to_string(file)
+                    .map_err(|e| ConfigError::invalid(key("password_file"), format!("cannot read `{file}`: {e}")))?
+                    .trim()
+                    .to_string();
+            }
+            if u.password.is_empty() {
+                return Err(ConfigError::invalid(key("password"), "is empty"));
+            }
+        }
+        if let Some(var) = config.server.admin_token_env.clone() {
+            config.server.admin_token = Some(crate::model::Secret(std::env::var(&var).map_err(|_| ConfigError::invalid("server.admin_token_env", format!("environment variable `{var}` is not set")))?));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -271,6 +306,36 @@ mod tests {
         assert!(!e.contains('\n'), "one line: {e}");
         let line: usize = e.split(':').nth(1).and_then(|l| l.parse().ok()).expect("line number");
         assert_eq!(text.lines().nth(line - 1).map(|l| l.trim_start().starts_with("listn")), Some(true), "{e}");
+    }
+
+    #[test]
+    fn passwords_come_from_env_or_file_and_secrets_never_show_in_debug() {
+        let dir = std::env::temp_dir().join(format!("sg-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("pw");
+        std::fs::write(&file, "from-file\n").expect("write");
+        std::env::set_var("SG_TEST_PW", "from-env");
+        std::env::set_var("SG_TEST_TOKEN", "tok-secret");
+        let text = EXAMPLE
+            .replacen("name = \"app\"\npassword = \"app\"", "name = \"app\"\npassword_env = \"SG_TEST_PW\"", 1)
+            .replacen("name = \"admin\"\npassword = \"admin\"", &format!("name = \"admin\"\npassword_file = \"{}\"", file.display()), 1)
+            .replacen("[server]\n", "[server]\nadmin_token_env = \"SG_TEST_TOKEN\"\n", 1);
+        let c = Config::from_toml(&text, "x").expect("parses");
+        assert_eq!(c.users[0].password, "from-env");
+        assert_eq!(c.users[1].password, "from-file");
+        assert_eq!(c.server.admin_token.as_ref().map(|t| t.0.as_str()), Some("tok-secret"));
+        let mut c2 = c.clone();
+        c2.shards[0].dsn = "postgres://u:dsn-secret@127.0.0.1:5432/db_0".into();
+        let debug = format!("{c2:?}");
+        for secret in ["from-env", "from-file", "tok-secret", "dsn-secret"] {
+            assert!(!debug.contains(secret), "{secret} in Debug output");
+        }
+        // exactly one source
+        let both = EXAMPLE.replacen("name = \"app\"\npassword = \"app\"", "name = \"app\"\npassword = \"x\"\npassword_env = \"SG_TEST_PW\"", 1);
+        assert!(err(&both).contains("exactly one of password, password_env, password_file"));
+        let missing = EXAMPLE.replacen("name = \"app\"\npassword = \"app\"", "name = \"app\"\npassword_env = \"SG_TEST_NOT_SET_ANYWHERE\"", 1);
+        assert!(err(&missing).contains("is not set"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

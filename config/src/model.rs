@@ -67,6 +67,17 @@ impl Default for MigrationConfig {
     }
 }
 
+/// A secret value: never printed by `Debug`.
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Client-facing server settings.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -77,6 +88,11 @@ pub struct ServerConfig {
     pub admin_listen: String,
     /// Logged-in client connections above this are refused with SQLSTATE 53300.
     pub max_client_connections: usize,
+    /// When set, the admin HTTP port answers everything but `/livez` only to
+    /// `Authorization: Bearer <token>` (401 otherwise).
+    pub admin_token: Option<Secret>,
+    /// Name of an environment variable holding `admin_token`.
+    pub admin_token_env: Option<String>,
     /// Connections still logging in above this are refused at once with 53300
     /// (they do not take places of logged-in clients).
     pub max_unauthenticated: usize,
@@ -116,6 +132,8 @@ impl Default for ServerConfig {
             admin_listen: "127.0.0.1:9930".into(),
             max_client_connections: 4096,
             max_unauthenticated: 256,
+            admin_token: None,
+            admin_token_env: None,
             login_timeout_ms: 10_000,
             max_message_size: 64 * 1024 * 1024,
             client_idle_timeout_ms: 0,
@@ -142,19 +160,40 @@ pub enum AuthMethod {
 }
 
 /// A proxy user.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// Login name.
     pub name: String,
     /// Plain password, or a `SCRAM-SHA-256$...` verifier, or an `md5...` hash.
+    /// Or leave it out and give `password_env` or `password_file`.
+    #[serde(default)]
     pub password: String,
+    /// Name of an environment variable holding the password (read at start).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// A file holding the password (read at start; surrounding whitespace dropped).
+    #[serde(default)]
+    pub password_file: Option<String>,
     /// Overrides `server.auth_method` for this user.
     #[serde(default)]
     pub auth_method: Option<AuthMethod>,
     /// May run admin commands (`SHOW SHARDS`, ...).
     #[serde(default)]
     pub admin: bool,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .field("auth_method", &self.auth_method)
+            .field("admin", &self.admin)
+            .finish()
+    }
 }
 
 /// Backend connection pool settings.
@@ -191,11 +230,17 @@ pub enum PoolMode {
 }
 
 /// One backend database.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// `postgres://user:password@host:port/dbname`.
     pub dsn: String,
+}
+
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig").field("dsn", &crate::redact_url(&self.dsn)).finish()
+    }
 }
 
 /// Sharding parameters.
@@ -350,11 +395,17 @@ impl Default for FallbackConfig {
 }
 
 /// Redis connection.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port[/db]`.
     pub url: String,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig").field("url", &crate::redact_url(&self.url)).finish()
+    }
 }
 
 /// Two-level cache.

@@ -22,12 +22,29 @@ struct AdminState {
 
 /// The admin router.
 pub fn router(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Router {
-    Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
+    let state = AdminState { shared, prometheus };
+    let guarded = Router::new()
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/health", get(health))
-        .with_state(AdminState { shared, prometheus })
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new().route("/livez", get(|| async { "ok\n" })).merge(guarded).with_state(state)
+}
+
+/// With `server.admin_token` set, everything but `/livez` wants
+/// `Authorization: Bearer <token>` (compared in constant time).
+async fn require_token(State(s): State<AdminState>, req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    if let Some(token) = &s.shared.config.server.admin_token {
+        let given = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| {
+            let (a, b) = (g.as_bytes(), token.0.as_bytes());
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        });
+        if !ok {
+            return (StatusCode::UNAUTHORIZED, [(axum::http::header::WWW_AUTHENTICATE, "Bearer")], "admin token required\n").into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn md5_matches_libpq() {
         let salt = [1, 2, 3, 4];
-        let user = UserConfig { name: "app".into(), password: "pw".into(), auth_method: Some(AuthMethod::Md5), admin: false };
+        let user = UserConfig { name: "app".into(), password: "pw".into(), password_env: None, password_file: None, auth_method: Some(AuthMethod::Md5), admin: false };
         let s = UserSecret::from_config(&user, AuthMethod::ScramSha256);
         let client = postgres_protocol::authentication::md5_hash(b"app", b"pw", salt);
         assert!(verify_md5(s.md5.as_deref().expect("md5"), salt, client.as_bytes()));

@@ -346,3 +346,32 @@ async fn idle_sockets_that_never_log_in_do_not_keep_a_real_client_out() {
     drop(idle);
     client.batch_execute("SELECT 1").await.expect("still served");
 }
+
+/// GET `path` on the admin port, with an optional bearer token; the status code.
+fn admin_status(port: u16, path: &str, token: Option<&str>) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin port");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").expect("request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_admin_port_can_require_a_bearer_token() {
+    let c = Cluster::start_temp(Options { redis: false, server_toml: "admin_token = \"t0ken-sg\"\n".into(), ..Options::default() }).expect("start cluster");
+    let port = c.info.admin_port;
+    assert_eq!(admin_status(port, "/livez", None), 200, "liveness stays open for the orchestrator");
+    for path in ["/metrics", "/health", "/readyz"] {
+        assert_eq!(admin_status(port, path, None), 401, "{path} without a token");
+        assert_eq!(admin_status(port, path, Some("wrong-token")), 401, "{path} with a wrong token");
+        assert_ne!(admin_status(port, path, Some("t0ken-sg")), 401, "{path} with the token");
+    }
+    assert_eq!(admin_status(port, "/metrics", Some("t0ken-sg")), 200);
+    // no secret in the proxy's log at info level
+    let log = c.proxy_log();
+    for secret in ["t0ken-sg", "app-secret"] {
+        assert!(!log.contains(secret), "{secret} in the proxy log");
+    }
+}
