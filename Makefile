@@ -3,7 +3,7 @@ CARGO ?= cargo
 DEV := target/dev
 SHARD ?= 0
 
-.PHONY: up down shard-stop shard-start test bench deps build fuzz
+.PHONY: up down shard-stop shard-start test bench deps build fuzz soak
 
 deps:
 	@bash scripts/setup.sh
@@ -39,3 +39,7 @@ bench: deps
 
 fuzz:
 	@bash scripts/fuzz.sh $(or $(SECONDS_TO_RUN),600) $(or $(FUZZ_TARGET),frames)
+
+# the random differential test (tests/tests/random_differential.rs) over random seeds until SECONDS (default 600) are up
+soak: build
+	SHARDGATE_SOAK_SECONDS=$(or $(SECONDS),600) $(CARGO) test -p shardgate-tests --test random_differential -- --nocapture

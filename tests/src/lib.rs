@@ -7,6 +7,7 @@
 //! Redis and the `shardgate` proxy. PostgreSQL refuses to run as root, so
 //! when we are root every server command runs as the `postgres` user.
 
+pub mod gen;
 pub mod schema;
 pub mod workload;
 

@@ -1,0 +1,815 @@
+//! Randomized differential test: statements generated from a seed
+//! (`shardgate_tests::gen`) run on one plain PostgreSQL table (database
+//! `reference` on the main cluster) and through shardgate, with the simple
+//! protocol and with the extended protocol (bind parameters where the
+//! generator chose them). Compared: column names, column type oids
+//! (extended), rows (sorted unless the statement orders by … id), row counts of
+//! the command tag, and SQLSTATEs. Each INSERT/UPDATE/DELETE runs on shardgate
+//! first and is followed by a whole-table comparison.
+//!
+//! Per statement: `same`; `refused` (shardgate answered 0A000 with a message
+//! while the reference succeeded — allowed); `wrong` (anything else different).
+//!
+//! Environment:
+//! - `SHARDGATE_SEED` — the seed (default 20261129);
+//! - `SHARDGATE_STATEMENTS` — statements per protocol (default 1500);
+//! - `SHARDGATE_SOAK_SECONDS` — soak: random seeds until the time is up (`make soak`);
+//! - `SHARDGATE_PROTOCOLS` — `simple`, `extended` or both (default `simple,extended`);
+//! - `SHARDGATE_VERBOSE=1` — print every statement and its classification;
+//! - `SHARDGATE_SHOW_WRONG` — how many wrong answers the report shows in full (default 10).
+//!
+//! Reproduce a reported statement: run with its seed (and the protocol); the
+//! statement index in the report is the generator's index for that seed.
+//! `cargo test -p shardgate-tests --test random_differential print_statements -- --ignored --nocapture`
+//! prints the statements of `SHARDGATE_SEED` without a database.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use futures_util::TryStreamExt;
+use postgres_types::{to_sql_checked, IsNull, ToSql, Type};
+use shardgate_tests::gen::{format_pg_micros, Gen, Kind, Param, Stmt};
+use shardgate_tests::{connect, month_tables, schema, Cluster, Options, Raw};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+const DEFAULT_SEED: u64 = 20_261_129;
+const DEFAULT_STATEMENTS: usize = 1500;
+const INITIAL_ROWS: usize = 300;
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------- outcomes
+
+/// What one statement answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Ok {
+        cols: Vec<String>,
+        /// Column type oids (extended protocol only).
+        types: Vec<u32>,
+        /// Text (simple) or binary (extended) values.
+        rows: Vec<Vec<Option<Vec<u8>>>>,
+        /// The count of the command tag.
+        affected: Option<u64>,
+    },
+    Err {
+        code: String,
+        msg: String,
+    },
+}
+
+impl Outcome {
+    fn is_refusal(&self) -> bool {
+        matches!(self, Outcome::Err { code, .. } if code == "0A000")
+    }
+    fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok { .. })
+    }
+}
+
+/// Equal answers: everything for results, the SQLSTATE for errors.
+fn same(a: &Outcome, b: &Outcome) -> bool {
+    match (a, b) {
+        (Outcome::Err { code: x, .. }, Outcome::Err { code: y, .. }) => x == y,
+        _ => a == b,
+    }
+}
+
+fn err_outcome(e: &tokio_postgres::Error) -> Outcome {
+    match e.as_db_error() {
+        Some(db) => Outcome::Err { code: db.code().code().to_string(), msg: db.message().to_string() },
+        None => Outcome::Err { code: "client".into(), msg: e.to_string() },
+    }
+}
+
+/// Binary timestamptz parameter (microseconds since 2000-01-01 UTC).
+#[derive(Debug)]
+struct TsParam(i64);
+
+impl ToSql for TsParam {
+    fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_i64(self.0);
+        Ok(IsNull::No)
+    }
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+    to_sql_checked!();
+}
+
+fn bind_values(params: &[Param]) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    params
+        .iter()
+        .map(|p| -> Box<dyn ToSql + Sync + Send> {
+            match p {
+                Param::Int(i) => Box::new(*i),
+                Param::Text(t) => Box::new(t.clone()),
+                Param::Ts(us) => Box::new(TsParam(*us)),
+                Param::IntArray(v) => Box::new(v.clone()),
+            }
+        })
+        .collect()
+}
+
+async fn run_simple(client: &Client, sql: &str, ordered: bool) -> Outcome {
+    match client.simple_query(sql).await {
+        Err(e) => err_outcome(&e),
+        Ok(msgs) => {
+            let mut cols = Vec::new();
+            let mut rows = Vec::new();
+            let mut affected = None;
+            for m in msgs {
+                match m {
+                    SimpleQueryMessage::RowDescription(d) => cols = d.iter().map(|c| c.name().to_string()).collect(),
+                    SimpleQueryMessage::Row(r) => rows.push((0..r.len()).map(|i| r.get(i).map(|v| v.as_bytes().to_vec())).collect()),
+                    SimpleQueryMessage::CommandComplete(n) => affected = Some(n),
+                    _ => {}
+                }
+            }
+            if !ordered {
+                rows.sort();
+            }
+            Outcome::Ok { cols, types: Vec::new(), rows, affected }
+        }
+    }
+}
+
+async fn run_extended(client: &Client, sql: &str, params: &[Param], ordered: bool) -> Outcome {
+    let stmt = match client.prepare(sql).await {
+        Ok(s) => s,
+        Err(e) => return err_outcome(&e),
+    };
+    let cols: Vec<String> = stmt.columns().iter().map(|c| c.name().to_string()).collect();
+    let types: Vec<u32> = stmt.columns().iter().map(|c| c.type_().oid()).collect();
+    let owned = bind_values(params);
+    let refs: Vec<&(dyn ToSql + Sync)> = owned.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect();
+    let stream = match client.query_raw(&stmt, refs.iter().map(|p| *p as &dyn ToSql)).await {
+        Ok(s) => s,
+        Err(e) => return err_outcome(&e),
+    };
+    futures_util::pin_mut!(stream);
+    let mut rows = Vec::new();
+    loop {
+        match stream.try_next().await {
+            Ok(Some(row)) => rows.push((0..row.len()).map(|i| row.get::<_, Raw>(i).0).collect::<Vec<_>>()),
+            Ok(None) => break,
+            Err(e) => return err_outcome(&e),
+        }
+    }
+    let affected = stream.rows_affected();
+    if !ordered {
+        rows.sort();
+    }
+    Outcome::Ok { cols, types, rows, affected }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Simple,
+    Extended,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Simple => "simple",
+            Protocol::Extended => "extended",
+        }
+    }
+}
+
+/// Runs one statement (with a time limit).
+async fn exec(client: &Client, proto: Protocol, sql: &str, params: &[Param], ordered: bool) -> Outcome {
+    let fut = async {
+        match proto {
+            Protocol::Simple => run_simple(client, sql, ordered).await,
+            Protocol::Extended => run_extended(client, sql, params, ordered).await,
+        }
+    };
+    match tokio::time::timeout(STATEMENT_TIMEOUT, fut).await {
+        Ok(o) => o,
+        Err(_) => Outcome::Err { code: "timeout".into(), msg: format!("no answer within {STATEMENT_TIMEOUT:?}") },
+    }
+}
+
+// ---------------------------------------------------------------- display
+
+fn be_i64(b: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(b.try_into().ok()?))
+}
+
+/// Binary numeric → text.
+fn numeric_text(b: &[u8]) -> Option<String> {
+    let rd = |i: usize| -> Option<i64> { Some(i64::from(i16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]))) };
+    let ndigits = rd(0)? as usize;
+    let weight = rd(2)?;
+    let sign = u16::from_be_bytes([*b.get(4)?, *b.get(5)?]);
+    let dscale = u16::from_be_bytes([*b.get(6)?, *b.get(7)?]) as usize;
+    if sign == 0xC000 {
+        return Some("NaN".into());
+    }
+    let digit = |i: i64| -> i64 {
+        if i < 0 || i as usize >= ndigits {
+            0
+        } else {
+            rd(8 + 2 * i as usize).unwrap_or(0)
+        }
+    };
+    let mut s = String::new();
+    if sign == 0x4000 {
+        s.push('-');
+    }
+    if weight < 0 {
+        s.push('0');
+    } else {
+        for i in 0..=weight {
+            if i == 0 {
+                s.push_str(&digit(i).to_string());
+            } else {
+                s.push_str(&format!("{:04}", digit(i)));
+            }
+        }
+    }
+    if dscale > 0 {
+        let mut frac = String::new();
+        let mut i = weight + 1;
+        while frac.len() < dscale {
+            frac.push_str(&format!("{:04}", digit(i)));
+            i += 1;
+        }
+        frac.truncate(dscale);
+        s.push('.');
+        s.push_str(&frac);
+    }
+    Some(s)
+}
+
+fn show_value(v: &Option<Vec<u8>>, oid: Option<u32>) -> String {
+    let Some(b) = v else { return "NULL".into() };
+    let decoded = match oid {
+        None => Some(String::from_utf8_lossy(b).into_owned()),
+        Some(20) => be_i64(b).map(|i| i.to_string()),
+        Some(23) => b.as_slice().try_into().ok().map(|a: [u8; 4]| i32::from_be_bytes(a).to_string()),
+        Some(21) => b.as_slice().try_into().ok().map(|a: [u8; 2]| i16::from_be_bytes(a).to_string()),
+        Some(16) => b.first().map(|x| if *x != 0 { "t".to_string() } else { "f".to_string() }),
+        Some(25) | Some(1043) | Some(19) => Some(String::from_utf8_lossy(b).into_owned()),
+        Some(1184) | Some(1114) => be_i64(b).map(format_pg_micros),
+        Some(1700) => numeric_text(b),
+        Some(701) => b.as_slice().try_into().ok().map(|a: [u8; 8]| f64::from_be_bytes(a).to_string()),
+        _ => None,
+    };
+    decoded.unwrap_or_else(|| format!("\\x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
+}
+
+fn show_row(row: &[Option<Vec<u8>>], types: &[u32]) -> String {
+    let vals: Vec<String> = row.iter().enumerate().map(|(i, v)| show_value(v, types.get(i).copied())).collect();
+    format!("({})", vals.join(", "))
+}
+
+/// An outcome, in full or (large row sets) summarized.
+fn show(o: &Outcome, limit: usize) -> String {
+    match o {
+        Outcome::Err { code, msg } => format!("ERROR {code}: {msg}"),
+        Outcome::Ok { cols, types, rows, affected } => {
+            let mut s = format!("cols [{}]", cols.join(", "));
+            if !types.is_empty() {
+                s.push_str(&format!(" types {types:?}"));
+            }
+            s.push_str(&format!(" tag {} rows {}", affected.map_or("-".to_string(), |n| n.to_string()), rows.len()));
+            for r in rows.iter().take(limit) {
+                s.push_str(&format!("\n        {}", show_row(r, types)));
+            }
+            if rows.len() > limit {
+                s.push_str(&format!("\n        … {} more", rows.len() - limit));
+            }
+            s
+        }
+    }
+}
+
+/// For two row sets: the rows only one side has (multiset difference), both ways.
+fn row_diff(want: &Outcome, got: &Outcome) -> Option<String> {
+    let (Outcome::Ok { rows: a, types, cols: ca, .. }, Outcome::Ok { rows: b, cols: cb, .. }) = (want, got) else { return None };
+    if ca != cb {
+        return None;
+    }
+    let mut count: BTreeMap<&Vec<Option<Vec<u8>>>, i64> = BTreeMap::new();
+    for r in a {
+        *count.entry(r).or_default() += 1;
+    }
+    for r in b {
+        *count.entry(r).or_default() -= 1;
+    }
+    let only_ref: Vec<String> = count.iter().filter(|(_, n)| **n > 0).map(|(r, _)| show_row(r, types)).collect();
+    let only_proxy: Vec<String> = count.iter().filter(|(_, n)| **n < 0).map(|(r, _)| show_row(r, types)).collect();
+    let mut s = String::new();
+    if only_ref.is_empty() && only_proxy.is_empty() {
+        s.push_str("      same rows, different order or tag/types");
+    }
+    for (label, rows) in [("only in reference", only_ref), ("only through shardgate", only_proxy)] {
+        if rows.is_empty() {
+            continue;
+        }
+        s.push_str(&format!("      {label} ({}):", rows.len()));
+        for r in rows.iter().take(10) {
+            s.push_str(&format!("\n        {r}"));
+        }
+        if rows.len() > 10 {
+            s.push_str(&format!("\n        … {} more", rows.len() - 10));
+        }
+        s.push('\n');
+    }
+    Some(s)
+}
+
+// ---------------------------------------------------------------- tally
+
+#[derive(Debug, Clone)]
+struct Wrong {
+    seed: u64,
+    proto: Protocol,
+    index: String,
+    shape: String,
+    sql: String,
+    params: Vec<Param>,
+    reference: Outcome,
+    proxy: Outcome,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    same: usize,
+    refused: usize,
+    wrong: usize,
+    /// shape → (same, refused, wrong)
+    by_shape: BTreeMap<String, [usize; 3]>,
+    /// refusal message → (count, an example statement)
+    refusals: BTreeMap<String, (usize, String)>,
+    wrongs: Vec<Wrong>,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.same += other.same;
+        self.refused += other.refused;
+        self.wrong += other.wrong;
+        for (k, v) in other.by_shape {
+            let e = self.by_shape.entry(k).or_default();
+            for i in 0..3 {
+                e[i] += v[i];
+            }
+        }
+        for (k, (n, ex)) in other.refusals {
+            let e = self.refusals.entry(k).or_insert((0, ex));
+            e.0 += n;
+        }
+        self.wrongs.extend(other.wrongs);
+    }
+    fn total(&self) -> usize {
+        self.same + self.refused + self.wrong
+    }
+}
+
+/// Shape without the bracketed id kind, for the per-shape table.
+fn shape_class(shape: &str) -> String {
+    shape.split(" [").next().unwrap_or(shape).to_string()
+}
+
+struct Pass<'a> {
+    seed: u64,
+    proto: Protocol,
+    reference: Client,
+    proxy: Client,
+    /// db_0 .. db_7, to check where rows landed.
+    shards: Vec<Client>,
+    proxy_dsn: &'a str,
+    reference_dsn: &'a str,
+    tally: Tally,
+    verbose: bool,
+    /// The reference could not be made equal to shardgate's table again: stop the pass.
+    broken: bool,
+}
+
+impl Pass<'_> {
+    /// Reconnects a client that the last statement left closed.
+    async fn heal(&mut self) {
+        if self.proxy.is_closed() {
+            eprintln!("  (shardgate connection closed; reconnecting)");
+            self.proxy = connect(self.proxy_dsn).await.expect("reconnect to shardgate");
+        }
+        if self.reference.is_closed() {
+            self.reference = connect(self.reference_dsn).await.expect("reconnect to reference");
+        }
+    }
+
+    /// Classifies and records one comparison.
+    fn record(&mut self, index: String, shape: &str, sql: &str, params: &[Param], reference: &Outcome, proxy: &Outcome) {
+        let class = if same(reference, proxy) {
+            0
+        } else if proxy.is_refusal() && reference.is_ok() && matches!(proxy, Outcome::Err { msg, .. } if !msg.trim().is_empty()) {
+            1
+        } else {
+            2
+        };
+        match class {
+            0 => self.tally.same += 1,
+            1 => {
+                self.tally.refused += 1;
+                if let Outcome::Err { msg, .. } = proxy {
+                    let e = self.tally.refusals.entry(format!("[{} {}] {msg}", self.proto.name(), shape_class(shape))).or_insert((0, sql.to_string()));
+                    e.0 += 1;
+                }
+            }
+            _ => {
+                self.tally.wrong += 1;
+                self.tally.wrongs.push(Wrong {
+                    seed: self.seed,
+                    proto: self.proto,
+                    index: index.clone(),
+                    shape: shape.to_string(),
+                    sql: sql.to_string(),
+                    params: params.to_vec(),
+                    reference: reference.clone(),
+                    proxy: proxy.clone(),
+                });
+            }
+        }
+        self.tally.by_shape.entry(shape_class(shape)).or_default()[class] += 1;
+        if self.verbose {
+            let label = ["same", "REFUSED", "WRONG"][class];
+            println!("  [{} #{index}] {label} {shape}: {sql} {params:?}", self.proto.name());
+            if class == 2 {
+                println!("      reference: {}\n      shardgate: {}", show(reference, 5), show(proxy, 5));
+            }
+        }
+    }
+
+    /// Runs one generated statement on both sides and records it (DML: shardgate first,
+    /// then the whole table is compared).
+    async fn statement(&mut self, gen: &mut Gen, s: &Stmt, index: String) {
+        let ext = self.proto == Protocol::Extended;
+        let (sql, params) = s.render(ext, &HashMap::new());
+        if !s.kind.is_dml() {
+            let want = exec(&self.reference, self.proto, &sql, &params, s.ordered).await;
+            let got = exec(&self.proxy, self.proto, &sql, &params, s.ordered).await;
+            self.record(index, &s.shape, &sql, &params, &want, &got);
+            self.heal().await;
+            return;
+        }
+        let got = exec(&self.proxy, self.proto, &sql, &params, s.ordered).await;
+        self.heal().await;
+        let filled = returned_ids(self.proto, &got);
+        for (no, id) in &filled {
+            gen.note_generated_id(no, *id);
+        }
+        let fill: HashMap<String, i64> = if s.generated_id_rows().is_empty() { HashMap::new() } else { filled };
+        let (ref_sql, ref_params) = s.render(ext, &fill);
+        let want = if got.is_refusal() {
+            // not applied through shardgate: see what one table would say, then undo it
+            self.reference.batch_execute("BEGIN").await.expect("BEGIN on reference");
+            let w = exec(&self.reference, self.proto, &ref_sql, &ref_params, s.ordered).await;
+            self.reference.batch_execute("ROLLBACK").await.expect("ROLLBACK on reference");
+            w
+        } else {
+            exec(&self.reference, self.proto, &ref_sql, &ref_params, s.ordered).await
+        };
+        self.heal().await;
+        // compare shardgate's statement text; the reference ran it with the generated ids filled in
+        self.record(index.clone(), &s.shape, &sql, &params, &want, &got);
+        let nos = s.order_nos();
+        if s.kind == Kind::Insert && got.is_ok() && same(&want, &got) && !nos.is_empty() {
+            self.placement(&format!("{index}+placement"), Some(&nos)).await;
+        }
+        self.table_check(&format!("{index}+table")).await;
+    }
+
+    /// Every row (or the rows with these order numbers) is in
+    /// `db_{merchant_id mod 8}.t_order_{yyyyMM of create_time in UTC}`, once.
+    async fn placement(&mut self, index: &str, order_nos: Option<&[String]>) {
+        let filter = match order_nos {
+            Some(nos) => format!(" WHERE order_no IN ({})", nos.iter().map(|n| format!("'{}'", n.replace('\'', "''"))).collect::<Vec<_>>().join(", ")),
+            None => String::new(),
+        };
+        let sql = format!("SELECT order_no, merchant_id, to_char(create_time AT TIME ZONE 'UTC', 'YYYYMM') FROM t_order{filter}");
+        let mut want: Vec<Vec<Option<Vec<u8>>>> = Vec::new();
+        match self.reference.simple_query(&sql).await {
+            Ok(msgs) => {
+                for m in msgs {
+                    if let SimpleQueryMessage::Row(r) = m {
+                        let (no, merchant, month) = (r.get(0).unwrap_or(""), r.get(1).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0), r.get(2).unwrap_or(""));
+                        want.push(vec![Some(format!("{no} in db_{}.t_order_{month}", merchant.rem_euclid(8)).into_bytes())]);
+                    }
+                }
+            }
+            Err(e) => panic!("placement: reference: {e}"),
+        }
+        let mut got: Vec<Vec<Option<Vec<u8>>>> = Vec::new();
+        for (n, shard) in self.shards.iter().enumerate() {
+            let mut tables = month_tables(shard).await;
+            tables.push("t_order".to_string());
+            let q = tables.iter().map(|t| format!("SELECT '{t}', order_no FROM {t}{filter}")).collect::<Vec<_>>().join(" UNION ALL ");
+            match shard.simple_query(&q).await {
+                Ok(msgs) => {
+                    for m in msgs {
+                        if let SimpleQueryMessage::Row(r) = m {
+                            got.push(vec![Some(format!("{} in db_{n}.{}", r.get(1).unwrap_or(""), r.get(0).unwrap_or("")).into_bytes())]);
+                        }
+                    }
+                }
+                Err(e) => panic!("placement: db_{n}: {e}"),
+            }
+        }
+        want.sort();
+        got.sort();
+        let cols = vec!["placement".to_string()];
+        let want = Outcome::Ok { cols: cols.clone(), types: Vec::new(), affected: Some(want.len() as u64), rows: want };
+        let got = Outcome::Ok { cols, types: Vec::new(), affected: Some(got.len() as u64), rows: got };
+        self.record(index.to_string(), "placement of inserted rows", &format!("where rows are on the shards{filter}"), &[], &want, &got);
+    }
+
+    /// The whole table on both sides; on a difference the reference is made equal to
+    /// shardgate's table (so one wrong write is reported once, not by every later statement).
+    async fn table_check(&mut self, index: &str) {
+        let sql = "SELECT * FROM t_order ORDER BY id";
+        let want = exec(&self.reference, self.proto, sql, &[], true).await;
+        let got = exec(&self.proxy, self.proto, sql, &[], true).await;
+        let equal = same(&want, &got);
+        self.record(index.to_string(), "table-check after write", sql, &[], &want, &got);
+        if !equal && !self.resync().await {
+            // the reference cannot hold shardgate's table: later answers would all differ
+            self.broken = true;
+        }
+    }
+
+    /// Copies the table as shardgate shows it into the reference; false when that
+    /// is not possible (shardgate's table cannot be read, or holds rows one table cannot:
+    /// the same id or order_no twice, in different month tables).
+    async fn resync(&mut self) -> bool {
+        let msgs = match self.proxy.simple_query("SELECT id, order_no, merchant_id, order_amount, pay_status, create_time FROM t_order").await {
+            Ok(m) => m,
+            Err(e) => {
+                println!("  resync (seed {} {} pass): cannot read the table through shardgate: {e}", self.seed, self.proto.name());
+                return false;
+            }
+        };
+        let mut rows = Vec::new();
+        for m in msgs {
+            if let SimpleQueryMessage::Row(r) = m {
+                let vals: Vec<String> = (0..6).map(|i| r.get(i).map_or("NULL".to_string(), |v| format!("'{}'", v.replace('\'', "''")))).collect();
+                rows.push(format!("({})", vals.join(", ")));
+            }
+        }
+        self.reference.batch_execute("DELETE FROM t_order").await.expect("resync: clear reference");
+        for chunk in rows.chunks(200) {
+            let sql = format!("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status, create_time) VALUES {}", chunk.join(", "));
+            if let Err(e) = self.reference.batch_execute(&sql).await {
+                println!(
+                    "  resync (seed {} {} pass): one table cannot hold shardgate's rows ({}); the rest of this pass is skipped",
+                    self.seed,
+                    self.proto.name(),
+                    e.as_db_error().map_or_else(|| e.to_string(), |d| format!("{}: {}", d.code().code(), d.message()))
+                );
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Ids shardgate returned for rows inserted without one (RETURNING id, order_no).
+fn returned_ids(proto: Protocol, o: &Outcome) -> HashMap<String, i64> {
+    let mut out = HashMap::new();
+    let Outcome::Ok { cols, rows, .. } = o else { return out };
+    let (Some(ci), Some(cn)) = (cols.iter().position(|c| c == "id"), cols.iter().position(|c| c == "order_no")) else { return out };
+    for r in rows {
+        let (Some(Some(id)), Some(Some(no))) = (r.get(ci), r.get(cn)) else { continue };
+        let id = match proto {
+            Protocol::Simple => String::from_utf8_lossy(id).parse::<i64>().ok(),
+            Protocol::Extended => be_i64(id),
+        };
+        if let Some(id) = id {
+            out.insert(String::from_utf8_lossy(no).into_owned(), id);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- driver
+
+fn start() -> Cluster {
+    let c = Cluster::start_temp(Options { all_clusters: true, redis: false, proxy: true, ..Options::default() }).expect("start cluster");
+    let main = c.info.clusters.iter().find(|p| p.databases.iter().any(|d| d == "db_default")).expect("main cluster");
+    main.psql("postgres", "CREATE DATABASE reference").expect("create reference db");
+    main.psql("reference", schema::T_ORDER_TEMPLATE).expect("reference schema");
+    // the plain table numbers rows that omit the id itself (only used when shardgate's
+    // generated ids are unknown, e.g. a refused INSERT checked inside a rolled-back transaction)
+    main.psql("reference", "ALTER TABLE t_order ALTER id ADD GENERATED BY DEFAULT AS IDENTITY (START 50000000)").expect("reference id default");
+    c
+}
+
+fn reference_dsn(c: &Cluster) -> String {
+    c.info.default_dsn.replace("/db_default", "/reference")
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// One seed on one protocol: reset both tables, load the seed's rows, run `n` statements.
+async fn run_pass(c: &Cluster, seed: u64, proto: Protocol, n: usize, deadline: Option<Instant>) -> Tally {
+    let proxy_dsn = c.info.proxy_dsn.clone();
+    let ref_dsn = reference_dsn(c);
+    let mut pass = Pass {
+        seed,
+        proto,
+        reference: connect(&ref_dsn).await.expect("reference"),
+        proxy: connect(&proxy_dsn).await.expect("shardgate"),
+        shards: {
+            let mut v = Vec::new();
+            for dsn in &c.info.shards {
+                v.push(connect(dsn).await.expect("shard"));
+            }
+            v
+        },
+        proxy_dsn: &proxy_dsn,
+        reference_dsn: &ref_dsn,
+        tally: Tally::default(),
+        verbose: std::env::var("SHARDGATE_VERBOSE").is_ok_and(|v| v != "0"),
+        broken: false,
+    };
+    pass.reference.batch_execute("DELETE FROM t_order").await.expect("reset reference");
+    pass.proxy.batch_execute("DELETE FROM t_order").await.expect("reset through shardgate");
+    let mut gen = Gen::new(seed);
+    // the initial load: simple protocol, must succeed on both
+    for s in gen.initial_load(INITIAL_ROWS) {
+        let sql = s.sql();
+        let got = run_simple(&pass.proxy, &sql, true).await;
+        assert!(got.is_ok(), "seed {seed}: initial load through shardgate failed: {}\n{sql}", show(&got, 3));
+        let fill = if s.generated_id_rows().is_empty() { HashMap::new() } else { returned_ids(Protocol::Simple, &got) };
+        for (no, id) in &fill {
+            gen.note_generated_id(no, *id);
+        }
+        let want = run_simple(&pass.reference, &s.render(false, &fill).0, true).await;
+        assert!(want.is_ok(), "seed {seed}: initial load on the reference failed: {}", show(&want, 3));
+    }
+    let t0 = Instant::now();
+    pass.table_check("load+table").await;
+    pass.placement("load+placement", None).await;
+    for _ in 0..n {
+        if deadline.is_some_and(|d| Instant::now() >= d) || pass.broken {
+            break;
+        }
+        let s = gen.next_stmt();
+        pass.statement(&mut gen, &s, s.index.to_string()).await;
+    }
+    let t = pass.tally;
+    println!(
+        "random differential ({}, seed {seed}): {} same, {} refused, {} wrong  [{} comparisons in {:.1}s]",
+        proto.name(),
+        t.same,
+        t.refused,
+        t.wrong,
+        t.total(),
+        t0.elapsed().as_secs_f64()
+    );
+    t
+}
+
+/// SQL on one line (a `-- comment` ends with a newline).
+fn one_line(sql: &str) -> String {
+    sql.replace('\n', "\\n")
+}
+
+fn print_report(t: &Tally) {
+    println!("\n== per shape (same / refused / wrong)");
+    for (shape, [s, r, w]) in &t.by_shape {
+        println!("  {shape:<50} {s:>5} {r:>5} {w:>5}{}", if *w > 0 { "   <-- WRONG" } else { "" });
+    }
+    if !t.refusals.is_empty() {
+        println!("\n== refusals (0A000) by shape and message");
+        for (msg, (n, example)) in &t.refusals {
+            println!("  {n:>5}  {msg}\n         e.g. {}", one_line(example));
+        }
+    }
+    if t.wrongs.is_empty() {
+        return;
+    }
+    let full = env_u64("SHARDGATE_SHOW_WRONG").map_or(10, |n| n as usize);
+    println!("\n== wrong answers: first {full} in full");
+    for w in t.wrongs.iter().take(full) {
+        println!("\n  seed {} {} #{} [{}]\n    {}", w.seed, w.proto.name(), w.index, w.shape, w.sql);
+        if !w.params.is_empty() {
+            println!("    params {:?}", w.params);
+        }
+        println!("    reference: {}\n    shardgate: {}", show(&w.reference, 12), show(&w.proxy, 12));
+        if let Some(d) = row_diff(&w.reference, &w.proxy) {
+            println!("{d}");
+        }
+    }
+    // every wrong one, one line each, and the shortest statement per shape
+    println!("\n== all wrong answers ({})", t.wrongs.len());
+    for w in &t.wrongs {
+        let short = |o: &Outcome| match o {
+            Outcome::Err { code, .. } => format!("ERROR {code}"),
+            Outcome::Ok { rows, affected, .. } => format!("{} rows, tag {}", rows.len(), affected.map_or("-".into(), |n| n.to_string())),
+        };
+        println!("  seed {} {} #{} [{}] reference: {} / shardgate: {} :: {}", w.seed, w.proto.name(), w.index, w.shape, short(&w.reference), short(&w.proxy), one_line(&w.sql));
+    }
+    let mut shortest: BTreeMap<String, &Wrong> = BTreeMap::new();
+    for w in &t.wrongs {
+        let key = format!("{} {}", w.proto.name(), w.shape);
+        let shorter = match shortest.get(&key) {
+            Some(x) => w.sql.len() < x.sql.len(),
+            None => true,
+        };
+        if shorter {
+            shortest.insert(key, w);
+        }
+    }
+    println!("\n== shortest wrong statement per protocol and shape");
+    for (key, w) in shortest {
+        println!("  {key}: seed {} #{} :: {}{}", w.seed, w.index, one_line(&w.sql), if w.params.is_empty() { String::new() } else { format!("  params {:?}", w.params) });
+    }
+}
+
+fn protocols() -> Vec<Protocol> {
+    let want = std::env::var("SHARDGATE_PROTOCOLS").unwrap_or_else(|_| "simple,extended".into());
+    let mut out = Vec::new();
+    if want.contains("simple") {
+        out.push(Protocol::Simple);
+    }
+    if want.contains("extended") {
+        out.push(Protocol::Extended);
+    }
+    assert!(!out.is_empty(), "SHARDGATE_PROTOCOLS names neither simple nor extended");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_statements_answer_like_one_table() {
+    let n = env_u64("SHARDGATE_STATEMENTS").map_or(DEFAULT_STATEMENTS, |v| v as usize);
+    let soak = env_u64("SHARDGATE_SOAK_SECONDS");
+    let t0 = Instant::now();
+    let c = start();
+    println!("cluster started in {:.1}s", t0.elapsed().as_secs_f64());
+    let mut all = Tally::default();
+    let mut per_protocol: BTreeMap<&str, Tally> = BTreeMap::new();
+    match soak {
+        None => {
+            let seed = env_u64("SHARDGATE_SEED").unwrap_or(DEFAULT_SEED);
+            for proto in protocols() {
+                let t = run_pass(&c, seed, proto, n, None).await;
+                per_protocol.entry(proto.name()).or_default().add(t);
+            }
+        }
+        Some(secs) => {
+            let deadline = Instant::now() + Duration::from_secs(secs);
+            let mut seed = env_u64("SHARDGATE_SEED").unwrap_or_else(|| {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) % 1_000_000_000
+            });
+            println!("soak for {secs}s");
+            while Instant::now() < deadline {
+                println!("soak: seed {seed}");
+                for proto in protocols() {
+                    let t = run_pass(&c, seed, proto, n, Some(deadline)).await;
+                    per_protocol.entry(proto.name()).or_default().add(t);
+                }
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407) % 1_000_000_000;
+            }
+        }
+    }
+    for (k, t) in per_protocol {
+        println!("total ({k}): {} same, {} refused, {} wrong", t.same, t.refused, t.wrong);
+        all.add(t);
+    }
+    print_report(&all);
+    println!(
+        "\nrandom differential: {} same, {} refused ({:.1}%), {} wrong in {:.1}s",
+        all.same,
+        all.refused,
+        100.0 * all.refused as f64 / all.total().max(1) as f64,
+        all.wrong,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(all.total() >= n.min(100), "only {} comparisons ran", all.total());
+    assert!(all.same * 10 >= all.total() * 6, "only {} of {} answers were the same (refused {}): the comparison is not meaningful", all.same, all.total(), all.refused);
+    assert_eq!(all.wrong, 0, "{} statements answered differently through shardgate (report above)", all.wrong);
+}
+
+/// Prints the statements of `SHARDGATE_SEED` (no database needed).
+#[test]
+#[ignore]
+fn print_statements() {
+    let seed = env_u64("SHARDGATE_SEED").unwrap_or(DEFAULT_SEED);
+    let n = env_u64("SHARDGATE_STATEMENTS").map_or(DEFAULT_STATEMENTS, |v| v as usize);
+    let mut gen = Gen::new(seed);
+    for s in gen.initial_load(INITIAL_ROWS) {
+        println!("load #{}: {}", s.index, s.sql());
+    }
+    for _ in 0..n {
+        let s = gen.next_stmt();
+        let (ext, params) = s.render(true, &HashMap::new());
+        println!("#{} [{}] {}\n    ext: {ext} {params:?}", s.index, s.shape, s.sql());
+    }
+    let _ = Kind::Select;
+}
