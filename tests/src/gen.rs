@@ -695,7 +695,16 @@ impl Gen {
                         Ts::new(y, m, dim, 23, 59, 59, 999_999, off)
                     }
                 }
-                _ => Ts::new(y, m, r.n(1, i64::from(dim)) as u32, r.n(0, 23) as u32, r.n(0, 59) as u32, r.n(0, 59) as u32, if r.p(0.1) { r.n(1, 999_999) as u32 } else { 0 }, off),
+                _ => Ts::new(
+                    y,
+                    m,
+                    r.n(1, i64::from(dim)) as u32,
+                    r.n(0, 23) as u32,
+                    r.n(0, 59) as u32,
+                    r.n(0, 59) as u32,
+                    if r.p(0.1) { r.n(1, 999_999) as u32 } else { 0 },
+                    off,
+                ),
             };
             if t.off_min.is_some() && t.s == 0 && t.us == 0 && r.p(0.2) {
                 t.style = TsStyle::NoSeconds;
@@ -1426,7 +1435,11 @@ impl Gen {
         ];
         match r.n(0, 99) {
             0..=84 => (r.pick(&plain).to_string(), "plain"),
-            85..=93 => (r.pick(&["count(DISTINCT merchant_id)", "count(DISTINCT pay_status)", "sum(DISTINCT order_amount)", "count(DISTINCT order_amount)"]).to_string(), "count-distinct"),
+            85..=93 => (
+                r.pick(&["count(DISTINCT merchant_id)", "count(DISTINCT pay_status)", "sum(DISTINCT order_amount)", "count(DISTINCT order_amount)"])
+                    .to_string(),
+                "count-distinct",
+            ),
             _ => (
                 r.pick(&[
                     "bool_or(order_amount > 100)",
@@ -1572,7 +1585,8 @@ impl Gen {
                 false
             }
             8 => {
-                let t = *r.pick(&["sum(order_amount) IS NULL", "count(order_amount) < count(*)", "max(pay_status) IS NOT NULL", "min(order_no) < max(order_no)"]);
+                let t =
+                    *r.pick(&["sum(order_amount) IS NULL", "count(order_amount) < count(*)", "max(pay_status) IS NOT NULL", "min(order_no) < max(order_no)"]);
                 r.s(t);
                 false
             }
@@ -2084,7 +2098,8 @@ impl Gen {
             IdMode::Generated => "insert/generated-ids".to_string(),
             IdMode::SomeDefault => "insert/default-ids".to_string(),
             IdMode::Explicit => {
-                let kinds: HashSet<&str> = spec.rows.iter().filter_map(|(no, _, _)| self.by_order_no.get(no)).filter_map(|&i| self.pool[i].id).map(id_kind).collect();
+                let kinds: HashSet<&str> =
+                    spec.rows.iter().filter_map(|(no, _, _)| self.by_order_no.get(no)).filter_map(|&i| self.pool[i].id).map(id_kind).collect();
                 let mut kinds: Vec<&str> = kinds.into_iter().collect();
                 kinds.sort();
                 format!("insert/explicit-ids [{}]", kinds.join(","))
@@ -2193,7 +2208,13 @@ impl Gen {
             let mut used = Vec::new();
             for i in 0..k {
                 let which = r.n(0, 7);
-                let target = if which <= 3 { "pay_status" } else if which <= 6 { "order_amount" } else { "order_no" };
+                let target = if which <= 3 {
+                    "pay_status"
+                } else if which <= 6 {
+                    "order_amount"
+                } else {
+                    "order_no"
+                };
                 if used.contains(&target) {
                     continue;
                 }
@@ -2230,7 +2251,13 @@ impl Gen {
             let t = *r.pick(&["id, pay_status, order_amount", "*", "order_no", "id, order_amount * 2 AS dbl, upper(pay_status)"]);
             r.s(&format!(" RETURNING {t}"));
         }
-        format!("update/{}{}{}{}", if bad { "key-column " } else { "" }, w, if ret { " returning" } else { "" }, if label.is_empty() { String::new() } else { format!(" [{label}]") })
+        format!(
+            "update/{}{}{}{}",
+            if bad { "key-column " } else { "" },
+            w,
+            if ret { " returning" } else { "" },
+            if label.is_empty() { String::new() } else { format!(" [{label}]") }
+        )
     }
 
     fn delete(&self, r: &mut R) -> String {
@@ -2249,7 +2276,12 @@ impl Gen {
             let t = *r.pick(&["id", "*"]);
             r.s(&format!(" RETURNING {t}"));
         }
-        format!("delete/{}{}{}", if w == "all" { "merchant" } else { w }, if ret { " returning" } else { "" }, if label.is_empty() { String::new() } else { format!(" [{label}]") })
+        format!(
+            "delete/{}{}{}",
+            if w == "all" { "merchant" } else { w },
+            if ret { " returning" } else { "" },
+            if label.is_empty() { String::new() } else { format!(" [{label}]") }
+        )
     }
 }
 
@@ -2311,7 +2343,10 @@ mod tests {
                 assert!(sql.contains("ORDER BY"), "{sql}");
                 let tail = &sql[sql.rfind("ORDER BY").unwrap_or(0)..];
                 let before_limit = tail.split(" LIMIT ").next().unwrap_or(tail).split(" OFFSET ").next().unwrap_or(tail);
-                assert!(before_limit.trim_end().ends_with("id") || before_limit.trim_end().ends_with("id DESC") || before_limit.trim_end().ends_with("id ASC"), "{sql}");
+                assert!(
+                    before_limit.trim_end().ends_with("id") || before_limit.trim_end().ends_with("id DESC") || before_limit.trim_end().ends_with("id ASC"),
+                    "{sql}"
+                );
             }
         }
     }

@@ -16,7 +16,9 @@
 //! - `SHARDGATE_SOAK_SECONDS` — soak: random seeds until the time is up (`make soak`);
 //! - `SHARDGATE_PROTOCOLS` — `simple`, `extended` or both (default `simple,extended`);
 //! - `SHARDGATE_VERBOSE=1` — print every statement and its classification;
-//! - `SHARDGATE_SHOW_WRONG` — how many wrong answers the report shows in full (default 10).
+//! - `SHARDGATE_SHOW_WRONG` — how many wrong answers the report shows in full (default 10);
+//! - `SHARDGATE_SESSION_TZ` — run both sessions with this `TimeZone` (default: the server's, UTC,
+//!   which is also shardgate's `sharding.time_zone`).
 //!
 //! Reproduce a reported statement: run with its seed (and the protocol); the
 //! statement index in the report is the generator's index for that seed.
@@ -637,6 +639,12 @@ async fn run_pass(c: &Cluster, seed: u64, proto: Protocol, n: usize, deadline: O
         verbose: std::env::var("SHARDGATE_VERBOSE").is_ok_and(|v| v != "0"),
         broken: false,
     };
+    if let Ok(tz) = std::env::var("SHARDGATE_SESSION_TZ") {
+        // both sessions in another zone than sharding.time_zone (times without offset are read in it)
+        let set = format!("SET TimeZone = '{}'", tz.replace('\'', "''"));
+        pass.reference.batch_execute(&set).await.expect("SET TimeZone on the reference");
+        pass.proxy.batch_execute(&set).await.expect("SET TimeZone through shardgate");
+    }
     pass.reference.batch_execute("DELETE FROM t_order").await.expect("reset reference");
     pass.proxy.batch_execute("DELETE FROM t_order").await.expect("reset through shardgate");
     let mut gen = Gen::new(seed);
@@ -713,7 +721,16 @@ fn print_report(t: &Tally) {
             Outcome::Err { code, .. } => format!("ERROR {code}"),
             Outcome::Ok { rows, affected, .. } => format!("{} rows, tag {}", rows.len(), affected.map_or("-".into(), |n| n.to_string())),
         };
-        println!("  seed {} {} #{} [{}] reference: {} / shardgate: {} :: {}", w.seed, w.proto.name(), w.index, w.shape, short(&w.reference), short(&w.proxy), one_line(&w.sql));
+        println!(
+            "  seed {} {} #{} [{}] reference: {} / shardgate: {} :: {}",
+            w.seed,
+            w.proto.name(),
+            w.index,
+            w.shape,
+            short(&w.reference),
+            short(&w.proxy),
+            one_line(&w.sql)
+        );
     }
     let mut shortest: BTreeMap<String, &Wrong> = BTreeMap::new();
     for w in &t.wrongs {
@@ -728,7 +745,13 @@ fn print_report(t: &Tally) {
     }
     println!("\n== shortest wrong statement per protocol and shape");
     for (key, w) in shortest {
-        println!("  {key}: seed {} #{} :: {}{}", w.seed, w.index, one_line(&w.sql), if w.params.is_empty() { String::new() } else { format!("  params {:?}", w.params) });
+        println!(
+            "  {key}: seed {} #{} :: {}{}",
+            w.seed,
+            w.index,
+            one_line(&w.sql),
+            if w.params.is_empty() { String::new() } else { format!("  params {:?}", w.params) }
+        );
     }
 }
 
@@ -764,9 +787,8 @@ async fn generated_statements_answer_like_one_table() {
         }
         Some(secs) => {
             let deadline = Instant::now() + Duration::from_secs(secs);
-            let mut seed = env_u64("SHARDGATE_SEED").unwrap_or_else(|| {
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) % 1_000_000_000
-            });
+            let mut seed = env_u64("SHARDGATE_SEED")
+                .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) % 1_000_000_000);
             println!("soak for {secs}s");
             while Instant::now() < deadline {
                 println!("soak: seed {seed}");
@@ -792,7 +814,13 @@ async fn generated_statements_answer_like_one_table() {
         t0.elapsed().as_secs_f64()
     );
     assert!(all.total() >= n.min(100), "only {} comparisons ran", all.total());
-    assert!(all.same * 10 >= all.total() * 6, "only {} of {} answers were the same (refused {}): the comparison is not meaningful", all.same, all.total(), all.refused);
+    assert!(
+        all.same * 10 >= all.total() * 6,
+        "only {} of {} answers were the same (refused {}): the comparison is not meaningful",
+        all.same,
+        all.total(),
+        all.refused
+    );
     assert_eq!(all.wrong, 0, "{} statements answered differently through shardgate (report above)", all.wrong);
 }
 
@@ -811,5 +839,4 @@ fn print_statements() {
         let (ext, params) = s.render(true, &HashMap::new());
         println!("#{} [{}] {}\n    ext: {ext} {params:?}", s.index, s.shape, s.sql());
     }
-    let _ = Kind::Select;
 }

@@ -150,6 +150,21 @@ impl Session {
 
     /// Tries a simple Query on the routed path; `None` = not ours, pass it on.
     pub(super) async fn routed_query(&mut self, sql: &[u8]) -> Result<Option<Flow>, End> {
+        if !self.suspended.is_empty() {
+            // MOVE on a t_order portal read in parts (asyncpg's cursor.forward) moves over its kept rows
+            if let Some((count, name)) = std::str::from_utf8(sql).ok().and_then(parse_move) {
+                if self.suspended.contains_key(name.as_bytes()) {
+                    self.barrier().await?;
+                    let s = self.suspended.get_mut(name.as_bytes()).expect("checked");
+                    let n = count.unwrap_or(usize::MAX).min(s.rows.len());
+                    s.rows.drain(..n);
+                    put_message(&mut self.cout, b'C', |o| put_cstr(o, format!("MOVE {n}").as_bytes()));
+                    let status = self.logical_status();
+                    msg::ready_for_query(&mut self.cout, status);
+                    return Ok(Some(Flow::Continue));
+                }
+            }
+        }
         if !self.wants_router(sql) {
             return Ok(None);
         }
@@ -834,7 +849,8 @@ impl Session {
             sent += 1;
         }
         if sent < n {
-            let tag = self.suspended.remove(portal).map_or_else(|| "SELECT".into(), |s| s.tag);
+            // the portal stays, at its end: a later Execute answers 0 rows, as in PostgreSQL
+            let tag = s.tag.clone();
             put_message(&mut self.cout, b'C', |o| put_cstr(o, format!("{tag} {sent}").as_bytes()));
         } else {
             put_message(&mut self.cout, b's', |_| {});
@@ -902,6 +918,43 @@ pub(super) async fn with_query_timeout<T>(timeout_ms: u64, cancel: &crate::cance
         r = &mut run => r,
         () = fire => unreachable!("pending never completes"),
     }
+}
+
+/// `MOVE [FORWARD | NEXT] [count | ALL] [FROM | IN] portal`: the count
+/// (`None` for ALL) and the portal's name; other forms give `None`.
+fn parse_move(sql: &str) -> Option<(Option<usize>, String)> {
+    let words: Vec<&str> = sql.trim().trim_end_matches(';').split_whitespace().collect();
+    let (first, mut rest) = words.split_first()?;
+    if !first.eq_ignore_ascii_case("move") {
+        return None;
+    }
+    let mut count = Some(1);
+    if let Some(w) = rest.first() {
+        if w.eq_ignore_ascii_case("forward") {
+            rest = &rest[1..];
+        } else if w.eq_ignore_ascii_case("next") {
+            rest = &rest[1..];
+            count = Some(1);
+        }
+    }
+    if let Some(w) = rest.first() {
+        if w.eq_ignore_ascii_case("all") {
+            count = None;
+            rest = &rest[1..];
+        } else if let Ok(n) = w.parse::<usize>() {
+            count = Some(n);
+            rest = &rest[1..];
+        }
+    }
+    if rest.first().is_some_and(|w| w.eq_ignore_ascii_case("from") || w.eq_ignore_ascii_case("in")) {
+        rest = &rest[1..];
+    }
+    let [name] = rest else { return None };
+    let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(q) => q.replace("\"\"", "\""),
+        None => name.to_ascii_lowercase(),
+    };
+    Some((count, name))
 }
 
 fn portal_too_large(limit: usize) -> ExecError {
@@ -1029,6 +1082,15 @@ mod tests {
     fn placeholders_are_counted_outside_quotes() {
         assert_eq!(max_placeholder("select * from t_order where merchant_id = $1 and id in ($3, $2)"), 3);
         assert_eq!(max_placeholder("select '$9' from t_order"), 0);
+    }
+
+    #[test]
+    fn move_statements() {
+        assert_eq!(parse_move("MOVE FORWARD 10 \"__asyncpg_portal_2e__\""), Some((Some(10), "__asyncpg_portal_2e__".into())));
+        assert_eq!(parse_move("move all in c1;"), Some((None, "c1".into())));
+        assert_eq!(parse_move("MOVE NEXT FROM C1"), Some((Some(1), "c1".into())));
+        assert_eq!(parse_move("MOVE BACKWARD 1 c1"), None);
+        assert_eq!(parse_move("SELECT 1"), None);
     }
 
     #[test]

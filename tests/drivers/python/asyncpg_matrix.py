@@ -23,8 +23,6 @@ REFUSALS = {}
 KNOWN_GAPS = {
     "error/duplicate-order-no-other-merchant": duplicate_accepted(ISSUE_18_ORDER_NO),
     "error/duplicate-id-other-merchant": duplicate_accepted(ISSUE_18_ID),
-    # cursor.forward(n) sends the simple query `MOVE FORWARD n "<portal>"`
-    "cursor/fetch-n-forward": proxy_error("no issue number yet: MOVE FORWARD n on a portal shardgate keeps is not applied (asyncpg cursor.forward)", "34000"),
 }
 
 
