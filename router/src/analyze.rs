@@ -776,7 +776,7 @@ impl InsertAnalysis {
         for r in &self.rows {
             let shard = row_shard(&r.shard, params, topo, rule)?;
             let month = match &r.time {
-                Some(t) => row_month(t, params, topo, rule)?,
+                Some(t) => row_month(t, params, topo, ctx, rule)?,
                 None => now_month,
             };
             if topo.ids.route_by_id {

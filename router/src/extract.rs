@@ -7,7 +7,7 @@ use sqlparser::ast::{BinaryOperator, CastKind, DataType, Expr, Ident, UnaryOpera
 
 use crate::error::{Result, RouteError};
 use crate::keys::{shard_of, MerchantId, ShardId};
-use crate::month::{months_in_range, parse_time, time_from_binary_micros, Bound, MonthKey, TimeValue};
+use crate::month::{months_in_range, time_from_binary_micros, Bound, MonthKey, TimeValue};
 use crate::topology::{Context, Param, TableRule, Topology};
 
 /// A value in the statement: a literal or a bind parameter.
@@ -343,28 +343,49 @@ pub(crate) fn int_value(src: &Src, params: &[Param<'_>]) -> Result<IntValue> {
 /// A time in a WHERE clause: a text shardgate cannot read (zone names, `24:00`,
 /// other date styles) narrows nothing — the shards read it and judge it, so the
 /// answer (or PostgreSQL's own error) is the one table's.
-fn where_time(src: &Src, params: &[Param<'_>], topo: &Topology) -> Result<Option<TimeValue>> {
-    match time_value(src, params, topo) {
+fn where_time(src: &Src, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Option<TimeValue>> {
+    match time_value(src, params, topo, ctx) {
         Err(RouteError::InvalidDatetime(_) | RouteError::Unsupported(_)) => Ok(Some(TimeValue::Unknown)),
         other => other,
     }
 }
 
 /// Resolves a timestamp-valued source.
-pub(crate) fn time_value(src: &Src, params: &[Param<'_>], topo: &Topology) -> Result<Option<TimeValue>> {
+pub(crate) fn time_value(src: &Src, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Option<TimeValue>> {
+    // offset-free times are read in the session's zone, as PostgreSQL reads them
+    let zone: Option<&jiff::tz::TimeZone> = match ctx.zone {
+        crate::topology::SessionZone::Sharding => Some(&topo.tz),
+        crate::topology::SessionZone::Zone(z) => Some(z),
+        crate::topology::SessionZone::Unknown => None,
+    };
+    let read = |s: &str| crate::month::parse_time_in(s, zone);
     Ok(Some(match src {
         Src::Null => return Ok(None),
-        Src::Text(s) => parse_time(s, &topo.tz)?,
+        Src::Text(s) => read(s)?,
         Src::Int(_) | Src::Number(_) | Src::Opaque => TimeValue::Unknown,
-        Src::Civil(s, date) => parse_time(crate::month::civil_prefix(s, *date), &topo.tz)?,
+        Src::Civil(s, date) => read(crate::month::civil_prefix(s, *date))?,
         Src::Param(i) => match param(params, *i)? {
             Param::Null => return Ok(None),
-            Param::Text(s) => parse_time(s, &topo.tz)?,
+            Param::Text(s) => read(s)?,
             Param::Binary { oid, bytes } => match (oid, bytes.len()) {
-                (1184 | 1114 | 0, 8) => {
+                (1184 | 0, 8) => {
                     let mut a = [0u8; 8];
                     a.copy_from_slice(bytes);
                     time_from_binary_micros(i64::from_be_bytes(a))
+                }
+                // timestamp without time zone: a civil time in the session's zone
+                (1114, 8) => {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(bytes);
+                    match (time_from_binary_micros(i64::from_be_bytes(a)), zone) {
+                        (TimeValue::At(ts), Some(z)) => ts
+                            .to_zoned(jiff::tz::TimeZone::UTC)
+                            .datetime()
+                            .to_zoned(z.clone())
+                            .map_or(TimeValue::Unknown, |zd| TimeValue::At(zd.timestamp())),
+                        (TimeValue::At(_), None) => TimeValue::Unknown,
+                        (other, _) => other,
+                    }
                 }
                 (1082, 4) => {
                     let days = i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
@@ -374,7 +395,7 @@ pub(crate) fn time_value(src: &Src, params: &[Param<'_>], topo: &Topology) -> Re
                         _ => jiff::civil::date(2000, 1, 1)
                             .checked_add(jiff::Span::new().days(i64::from(days)))
                             .ok()
-                            .and_then(|d| d.to_zoned(topo.tz.clone()).ok())
+                            .and_then(|d| zone.and_then(|z| d.to_zoned(z.clone()).ok()))
                             .map_or(TimeValue::Unknown, |z| TimeValue::At(z.timestamp())),
                     }
                 }
@@ -534,7 +555,7 @@ impl Cond {
                 Some(ints) => id_targets(&ints, topo, ctx),
             },
             Cond::Time(cmp, src) => {
-                let Some(t) = where_time(src, params, topo)? else { return Ok(TargetSet::empty(n)) };
+                let Some(t) = where_time(src, params, topo, ctx)? else { return Ok(TargetSet::empty(n)) };
                 let (lo, hi) = match cmp {
                     Cmp::Eq => (incl(t, true), incl(t, false)),
                     Cmp::Lt => (Some(Bound::Unbounded), excl(t, false)),
@@ -547,14 +568,14 @@ impl Cond {
             Cond::TimeIn(vals) => {
                 let mut acc = TargetSet::empty(n);
                 for v in vals {
-                    if let Some(t) = where_time(v, params, topo)? {
+                    if let Some(t) = where_time(v, params, topo, ctx)? {
                         acc = acc.or(&months_set(incl(t, true), incl(t, false), topo, ctx));
                     }
                 }
                 acc
             }
             Cond::TimeBetween(lo, hi) => {
-                let (Some(l), Some(h)) = (where_time(lo, params, topo)?, where_time(hi, params, topo)?) else {
+                let (Some(l), Some(h)) = (where_time(lo, params, topo, ctx)?, where_time(hi, params, topo, ctx)?) else {
                     return Ok(TargetSet::empty(n));
                 };
                 months_set(incl(l, true), incl(h, false), topo, ctx)
@@ -646,8 +667,8 @@ pub(crate) fn row_shard(src: &Src, params: &[Param<'_>], topo: &Topology, rule: 
 }
 
 /// Month of one INSERT row's month-column value.
-pub(crate) fn row_month(src: &Src, params: &[Param<'_>], topo: &Topology, rule: &TableRule) -> Result<MonthKey> {
-    let t = match time_value(src, params, topo) {
+pub(crate) fn row_month(src: &Src, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>, rule: &TableRule) -> Result<MonthKey> {
+    let t = match time_value(src, params, topo, ctx) {
         Err(RouteError::InvalidDatetime(_)) => {
             return Err(RouteError::unsupported(format!(
                 "shardgate could not read {} to pick the month table; write it in ISO form with an offset (YYYY-MM-DD HH:MM:SS[.ffffff]+HH:MM)",

@@ -36,7 +36,7 @@ pub use plan::{Agg, CmpOp, ColRef, Grouping, Having, MergeSpec, Operand, Plan, R
 pub use lexer::{contains_ignore_case, first_word};
 pub use setting::{setting_change, SettingChange};
 pub use session::{may_pin, session_effect, SessionEffect};
-pub use topology::{Context, Param, TableRule, Topology};
+pub use topology::{Context, Param, SessionZone, TableRule, Topology};
 pub use txcontrol::{begin_statement, transaction_control, TxControl};
 
 /// The stack a thread that plans statements should have. Statements are

@@ -148,6 +148,22 @@ pub fn parse_time(text: &str, tz: &TimeZone) -> Result<TimeValue> {
     Err(bad())
 }
 
+/// [`parse_time`] with the session's zone; `None` is a zone shardgate cannot
+/// read: a time written with an offset is still read, one without it is Unknown.
+pub fn parse_time_in(text: &str, tz: Option<&TimeZone>) -> Result<TimeValue> {
+    match tz {
+        Some(tz) => parse_time(text, tz),
+        None => {
+            let t = text.trim();
+            let offset = t.ends_with(['Z', 'z']) || t.get(10..).is_some_and(|rest| rest.contains(['+', '-']));
+            match parse_time(t, &TimeZone::UTC)? {
+                TimeValue::At(_) if !offset => Ok(TimeValue::Unknown),
+                v => Ok(v),
+            }
+        }
+    }
+}
+
 /// The civil part of a timestamp text, as `timestamp without time zone` (or
 /// `date`, with `date_only`) keeps it: `2026-11-01 05:00 -10` → `2026-11-01 05:00`.
 pub fn civil_prefix(text: &str, date_only: bool) -> &str {

@@ -126,4 +126,20 @@ pub struct Context<'a> {
     pub months: &'a [MonthKey],
     /// Where generated ids come from; `None` refuses INSERTs that omit the id.
     pub ids: Option<&'a IdGenerator>,
+    /// The client session's TimeZone: times written without an offset are read
+    /// in it, as PostgreSQL reads them.
+    pub zone: SessionZone<'a>,
+}
+
+/// The zone a session reads offset-free times in.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum SessionZone<'a> {
+    /// `sharding.time_zone` (the client did not set another).
+    #[default]
+    Sharding,
+    /// The client's own TimeZone.
+    Zone(&'a TimeZone),
+    /// A TimeZone shardgate cannot read (a POSIX or offset spelling): an
+    /// offset-free time narrows nothing, and an INSERT needs an offset.
+    Unknown,
 }

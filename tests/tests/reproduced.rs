@@ -125,3 +125,52 @@ async fn every_reproduced_statement_answers_like_one_table_or_is_refused() {
     }
     assert!(wrong.is_empty(), "{} answers differ:\n{}", wrong.len(), wrong.join("\n"));
 }
+
+#[tokio::test]
+async fn times_without_an_offset_are_read_in_the_session_time_zone() {
+    let c = Cluster::start_temp(Options { redis: false, ..Options::default() }).expect("start cluster");
+    let main = c.info.clusters.iter().find(|p| p.databases.iter().any(|d| d == "db_default")).expect("main cluster");
+    main.psql("postgres", "CREATE DATABASE reference").expect("create reference db");
+    main.psql("reference", schema::T_ORDER_TEMPLATE).expect("reference schema");
+    let reference = connect(&c.info.default_dsn.replace("/db_default", "/reference")).await.expect("reference");
+    let proxy = connect(&c.info.proxy_dsn).await.expect("proxy");
+    reference.batch_execute(FIXTURE).await.expect("load reference");
+    proxy.batch_execute(FIXTURE).await.expect("load through shardgate");
+    let mut wrong = Vec::new();
+    // Asia/Shanghai: a readable zone; '+08' is POSIX for UTC-8, which shardgate does not read
+    for zone in ["Asia/Shanghai", "America/New_York", "+08"] {
+        let set = format!("SET TimeZone = '{zone}'");
+        reference.batch_execute(&set).await.expect("set");
+        proxy.batch_execute(&set).await.expect("set");
+        for sql in [
+            "SELECT count(*) FROM t_order WHERE merchant_id = 10 AND create_time >= '2026-12-01'",
+            "SELECT count(*) FROM t_order WHERE merchant_id = 1 AND create_time < '2026-12-01 00:00'",
+            "SELECT id FROM t_order WHERE create_time >= '2026-12-01'::date ORDER BY id",
+            "SELECT id FROM t_order WHERE create_time < TIMESTAMP '2026-11-01 05:00' ORDER BY id",
+            "SELECT id, create_time FROM t_order WHERE create_time BETWEEN '2026-11-30 20:00' AND '2026-12-01 08:00' ORDER BY id",
+        ] {
+            for (mode, want, got) in [("simple", simple(&reference, sql).await, simple(&proxy, sql).await), ("extended", extended(&reference, sql).await, extended(&proxy, sql).await)] {
+                if got != want {
+                    wrong.push(format!("{zone} {mode}: {sql}\n  one table: {want:?}\n  shardgate: {got:?}"));
+                }
+            }
+        }
+    }
+    // an offset-free INSERT lands in the month of its instant
+    for client in [&reference, &proxy] {
+        client.batch_execute("SET TimeZone = 'Asia/Shanghai'").await.expect("set");
+        client
+            .batch_execute("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status, create_time) VALUES (7701, 'SH1', 1, 1.00, 'NEW', '2026-12-01 05:00:00')")
+            .await
+            .expect("insert");
+    }
+    let sql = "SELECT count(*) FROM t_order WHERE merchant_id = 1 AND create_time < '2026-12-01 00:00+00'";
+    let (want, got) = (simple(&reference, sql).await, simple(&proxy, sql).await);
+    if got != want {
+        wrong.push(format!("after the insert: {sql}\n  one table: {want:?}\n  shardgate: {got:?}"));
+    }
+    let shard = connect(&c.info.shards[1]).await.expect("db_1");
+    let n: i64 = shard.query_one("SELECT count(*) FROM t_order_202611 WHERE id = 7701", &[]).await.expect("placement").get(0);
+    assert_eq!(n, 1, "2026-12-01 05:00 in Asia/Shanghai is November 30 in UTC: t_order_202611");
+    assert!(wrong.is_empty(), "{} answers differ:\n{}", wrong.len(), wrong.join("\n"));
+}

@@ -207,14 +207,20 @@ impl Engine {
     /// Planning context for now.
     pub fn plan(&self, sql: &str, params: &[shardgate_router::Param<'_>]) -> shardgate_router::Result<shardgate_router::Plan> {
         let months = self.months();
-        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get() };
+        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get(), zone: Default::default() };
         self.router.plan(sql, params, &ctx)
     }
 
     /// Plans an already analysed statement (prepared statements keep theirs).
-    pub fn plan_analysis(&self, a: &shardgate_router::Analysis, params: &[shardgate_router::Param<'_>]) -> shardgate_router::Result<shardgate_router::Plan> {
+    /// `zone` is the client session's TimeZone (offset-free times are read in it).
+    pub fn plan_analysis(
+        &self,
+        a: &shardgate_router::Analysis,
+        params: &[shardgate_router::Param<'_>],
+        zone: shardgate_router::SessionZone<'_>,
+    ) -> shardgate_router::Result<shardgate_router::Plan> {
         let months = self.months();
-        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get() };
+        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get(), zone };
         a.plan(params, self.topology(), &ctx)
     }
 

@@ -252,7 +252,14 @@ impl Session {
         }
         let engine = self.shared.engine.clone();
         let params = bound.params();
-        let plan = match engine.plan_analysis(analysis, &params) {
+        // the session's TimeZone, if the client set one: offset-free times are read in it
+        let session_tz = self.desired.iter().find(|(k, _)| k == "timezone").map(|(_, v)| jiff::tz::TimeZone::get(v).ok());
+        let zone = match &session_tz {
+            None => shardgate_router::SessionZone::Sharding,
+            Some(Some(z)) => shardgate_router::SessionZone::Zone(z),
+            Some(None) => shardgate_router::SessionZone::Unknown,
+        };
+        let plan = match engine.plan_analysis(analysis, &params, zone) {
             Ok(Plan::Routed(r)) => r,
             Ok(Plan::Passthrough(_)) => return Ok(Err(ExecError::Proxy("XX000", "statement unexpectedly not routed".into()))),
             Err(e) => {
