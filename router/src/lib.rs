@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 pub use analyze::{analyze, Analysis};
 pub use error::{Result, RouteError};
-pub use plan::{Agg, CmpOp, ColRef, Grouping, Having, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
+pub use plan::{Agg, CmpOp, DistinctKind, ColRef, Grouping, Having, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
 pub use lexer::{contains_ignore_case, first_word};
 pub use setting::{setting_change, SettingChange};
 pub use session::{may_pin, session_effect, SessionEffect};

@@ -91,9 +91,9 @@ fn as_aggregate(e: &Expr) -> Result<Option<(&Function, &'static str)>> {
     let name = func_name(f);
     let Some(kind) = MERGEABLE.iter().find(|k| **k == name) else { return Ok(None) };
     if let FunctionArguments::List(list) = &f.args {
-        if matches!(list.duplicate_treatment, Some(sqlparser::ast::DuplicateTreatment::Distinct)) {
+        if matches!(list.duplicate_treatment, Some(sqlparser::ast::DuplicateTreatment::Distinct)) && distinct_arg(f).is_none() {
             return Err(RouteError::unsupported(format!(
-                "{name}(DISTINCT …) cannot be merged across shards; add a {{shard key}} condition so the query runs on one shard, or select the distinct values and aggregate them in the application"
+                "{name}(DISTINCT …) of several arguments cannot be merged across shards; add a {{shard key}} condition so the query runs on one shard"
             )));
         }
         if !list.clauses.is_empty() {
@@ -116,6 +116,18 @@ fn as_aggregate(e: &Expr) -> Result<Option<(&Function, &'static str)>> {
     Ok(Some((f, kind)))
 }
 
+/// The one argument of an aggregate called with DISTINCT.
+fn distinct_arg(f: &Function) -> Option<&Expr> {
+    let FunctionArguments::List(list) = &f.args else { return None };
+    if !matches!(list.duplicate_treatment, Some(sqlparser::ast::DuplicateTreatment::Distinct)) {
+        return None;
+    }
+    match list.args.as_slice() {
+        [sqlparser::ast::FunctionArg::Unnamed(FunctionArgExpr::Expr(x))] => Some(x),
+        _ => None,
+    }
+}
+
 fn with_name(f: &Function, name: &str) -> Expr {
     let mut g = f.clone();
     g.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(name))]);
@@ -130,6 +142,8 @@ struct Builder {
     aggregates: Vec<(ColRef, Agg)>,
     keys: Vec<ColRef>,
     key_exprs: Vec<Expr>,
+    /// Arguments of DISTINCT aggregates: the targets group by them too.
+    distinct_args: Vec<Expr>,
 }
 
 impl Builder {
@@ -185,6 +199,22 @@ impl Builder {
     }
 
     fn agg_kind(&mut self, f: &Function, kind: &str) -> Agg {
+        if let Some(x) = distinct_arg(f) {
+            let dk = match kind {
+                "count" => Some(crate::plan::DistinctKind::Count),
+                "sum" => Some(crate::plan::DistinctKind::Sum),
+                "avg" => Some(crate::plan::DistinctKind::Avg),
+                // min/max of the distinct values are min/max
+                _ => None,
+            };
+            if let Some(kind) = dk {
+                let of = self.add_hidden(x.clone());
+                if !self.distinct_args.contains(x) {
+                    self.distinct_args.push(x.clone());
+                }
+                return Agg::Distinct { of, kind };
+            }
+        }
         match kind {
             "count" => Agg::Count,
             "sum" => Agg::Sum,
@@ -331,7 +361,15 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
         scan(w)?;
     }
 
-    let mut b = Builder { items: Vec::new(), wildcard: false, hidden: Vec::new(), aggregates: Vec::new(), keys: Vec::new(), key_exprs: Vec::new() };
+    let mut b = Builder {
+        items: Vec::new(),
+        wildcard: false,
+        hidden: Vec::new(),
+        aggregates: Vec::new(),
+        keys: Vec::new(),
+        key_exprs: Vec::new(),
+        distinct_args: Vec::new(),
+    };
     // Projection.
     let mut item_aggs: Vec<Option<(Function, &'static str)>> = Vec::new();
     for item in &sel.projection {
@@ -488,12 +526,29 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
     };
     let push_limit = limit.is_some() && !grouping && !distinct;
 
+    if !b.distinct_args.is_empty() && group_exprs.is_empty() && !b.keys.is_empty() {
+        // without GROUP BY a target with no rows sends no row at all; the merger then makes the
+        // one row itself, which it can do for aggregates but not for other select items
+        return Err(RouteError::unsupported(format!(
+            "a DISTINCT aggregate beside plain select items without GROUP BY cannot be merged across shards; select only aggregates, or {one_shard}"
+        )));
+    }
     // The statement each target runs.
     let mut tq = q.clone();
     if let SetExpr::Select(ts) = tq.body.as_mut() {
         ts.having = None;
         for (i, h) in b.hidden.iter().enumerate() {
             ts.projection.push(SelectItem::ExprWithAlias { expr: h.clone(), alias: Ident::new(format!("__sg_h{i}")) });
+        }
+        if !b.distinct_args.is_empty() {
+            // one row per group and distinct value: the merger keeps each group's distinct values
+            if let GroupByExpr::Expressions(exprs, _) = &mut ts.group_by {
+                for x in &b.distinct_args {
+                    if !exprs.contains(x) {
+                        exprs.push(x.clone());
+                    }
+                }
+            }
         }
     }
     tq.limit_clause = if push_limit {

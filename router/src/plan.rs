@@ -121,6 +121,25 @@ pub enum Agg {
         /// Hidden `count(x)`.
         count: ColRef,
     },
+    /// `count/sum/avg(DISTINCT x)`: targets group by `x` too and send it in a
+    /// hidden column; the merger keeps each group's distinct values.
+    Distinct {
+        /// Hidden `x`.
+        of: ColRef,
+        /// Which aggregate of the distinct values.
+        kind: DistinctKind,
+    },
+}
+
+/// The aggregate of a group's distinct values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DistinctKind {
+    /// `count(DISTINCT x)`.
+    Count,
+    /// `sum(DISTINCT x)`.
+    Sum,
+    /// `avg(DISTINCT x)`.
+    Avg,
 }
 
 /// Comparison operators usable in a merged HAVING.
@@ -238,6 +257,11 @@ impl fmt::Display for Agg {
             Agg::Min => f.write_str("min"),
             Agg::Max => f.write_str("max"),
             Agg::Avg { sum, count } => write!(f, "avg({sum}/{count})"),
+            Agg::Distinct { of, kind } => write!(f, "{}(distinct {of})", match kind {
+                DistinctKind::Count => "count",
+                DistinctKind::Sum => "sum",
+                DistinctKind::Avg => "avg",
+            }),
         }
     }
 }

@@ -44,6 +44,15 @@ const CASES: &[(&str, bool)] = &[
     ("WITH x AS (SELECT id FROM t_order WHERE merchant_id = 1) SELECT count(*) FROM x", true),
     ("SELECT * FROM t_order AS t(merchant_id, order_no, id) WHERE merchant_id = 4", true),
     ("SELECT id FROM t_order WHERE merchant_id = 1 AND id IN (SELECT id FROM t_order o WHERE o.merchant_id = 9) ORDER BY id", true),
+    // DISTINCT aggregates across shards, merged from the distinct values
+    ("SELECT count(DISTINCT merchant_id) FROM t_order", true),
+    ("SELECT count(DISTINCT pay_status), count(*), sum(order_amount) FROM t_order", true),
+    ("SELECT sum(DISTINCT order_amount), avg(DISTINCT order_amount), count(DISTINCT order_amount) FROM t_order", true),
+    ("SELECT pay_status, count(DISTINCT merchant_id) AS m, count(*) FROM t_order GROUP BY pay_status ORDER BY 1", true),
+    ("SELECT date_trunc('month', create_time) AS mo, count(DISTINCT merchant_id) FROM t_order GROUP BY 1 HAVING count(DISTINCT merchant_id) > 1 ORDER BY 1", true),
+    ("SELECT count(DISTINCT merchant_id), sum(DISTINCT merchant_id), avg(DISTINCT merchant_id) FROM t_order WHERE order_amount < 0", true),
+    ("SELECT min(DISTINCT order_amount), max(DISTINCT order_no), count(DISTINCT create_time::date) FROM t_order", true),
+    ("SELECT count(DISTINCT (merchant_id % 2)) FROM t_order WHERE pay_status IS NOT NULL", true),
 ];
 
 #[derive(Debug, PartialEq)]

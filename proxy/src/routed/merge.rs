@@ -157,18 +157,67 @@ pub struct Collector<'a> {
     cap: usize,
     groups: Vec<Group>,
     index: HashMap<Vec<Option<Key>>, usize>,
+    /// Distinct values kept over all groups (bounded by `cap` too).
+    distinct_values: usize,
 }
 
 struct Group {
     row: Row,
     accs: Vec<Acc>,
+    /// Per DISTINCT aggregate: the values seen, their count and their sum.
+    distinct: Vec<Distinct>,
+}
+
+#[derive(Default)]
+struct Distinct {
+    seen: std::collections::HashSet<Key>,
+    count: i64,
+    sum: Acc,
 }
 
 impl<'a> Collector<'a> {
     /// A collector for rows with columns `cols`.
     pub fn new(spec: &'a MergeSpec, cols: Vec<Column>, cap: usize) -> Self {
         let visible = cols.len().saturating_sub(spec.hidden);
-        Collector { spec, cols, visible, cap, groups: Vec::new(), index: HashMap::new() }
+        Collector { spec, cols, visible, cap, groups: Vec::new(), index: HashMap::new(), distinct_values: 0 }
+    }
+
+    /// The DISTINCT aggregates: (hidden value column, aggregate column, kind).
+    fn distincts(&self) -> Vec<(usize, usize, shardgate_router::DistinctKind)> {
+        let Some(g) = &self.spec.grouping else { return Vec::new() };
+        g.aggregates
+            .iter()
+            .filter_map(|(c, a)| match a {
+                Agg::Distinct { of, kind } => Some((index(*of, self.visible), index(*c, self.visible), *kind)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Adds a row's values to its group's distinct sets.
+    fn add_distinct(&mut self, g: usize, row: &Row) -> Result<(), ValueError> {
+        for (k, (of, _, _)) in self.distincts().into_iter().enumerate() {
+            let Some(v) = row.get(of).cloned().flatten() else { continue };
+            let col = self.cols[of];
+            let key = decode(col.type_oid, col.binary, &v)?;
+            let d = &mut self.groups[g].distinct[k];
+            if d.seen.insert(key) {
+                d.count += 1;
+                d.sum.add(col.type_oid, Some(&v)).or_else(|e| match e {
+                    // a type that cannot be summed is fine for count(DISTINCT …)
+                    ValueError::Unsupported(_) => Ok(()),
+                    e => Err(e),
+                })?;
+                self.distinct_values += 1;
+                if self.distinct_values > self.cap {
+                    return Err(ValueError::Limit(format!(
+                        "the merge of this query holds more than {} distinct values (server.max_merge_rows); narrow it to fewer merchants or months, or raise the limit",
+                        self.cap
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Columns combined by addition (counts, sums and the parts of averages).
@@ -183,7 +232,7 @@ impl<'a> Collector<'a> {
                         out.push((index(*sum, self.visible), false));
                         out.push((index(*count, self.visible), true));
                     }
-                    Agg::Min | Agg::Max => {}
+                    Agg::Min | Agg::Max | Agg::Distinct { .. } => {}
                 }
             }
         }
@@ -217,7 +266,8 @@ impl<'a> Collector<'a> {
                     )));
                 }
                 let accs = vec![Acc::Empty; summed.len()];
-                self.groups.push(Group { row: row.clone(), accs });
+                let distinct = (0..self.distincts().len()).map(|_| Distinct::default()).collect();
+                self.groups.push(Group { row: row.clone(), accs, distinct });
                 self.index.insert(key, self.groups.len() - 1);
                 let g = self.groups.len() - 1;
                 // first row: its sums are the start value
@@ -225,9 +275,10 @@ impl<'a> Collector<'a> {
                     let t = self.cols[*col].type_oid;
                     self.groups[g].accs[k].add(t, row.get(*col).and_then(|v| v.as_deref()))?;
                 }
-                return Ok(());
+                return self.add_distinct(g, &row);
             }
         };
+        self.add_distinct(slot, &row)?;
         let cols = &self.cols;
         let g = &mut self.groups[slot];
         for (k, (col, _)) in summed.iter().enumerate() {
@@ -260,6 +311,16 @@ impl<'a> Collector<'a> {
     pub fn finish(mut self, client_binary: &[bool]) -> Result<Vec<Row>, ValueError> {
         let summed = self.summed();
         let visible = self.visible;
+        let n_distinct = self.distincts().len();
+        if self.groups.is_empty() && n_distinct > 0 && self.spec.grouping.as_ref().is_some_and(|g| g.keys.is_empty()) {
+            // an aggregate without GROUP BY answers one row even over no rows (the targets,
+            // grouping by the distinct values, sent none)
+            self.groups.push(Group {
+                row: vec![None; self.cols.len()],
+                accs: vec![Acc::Empty; summed.len()],
+                distinct: (0..n_distinct).map(|_| Distinct::default()).collect(),
+            });
+        }
         let mut rows = Vec::with_capacity(self.groups.len());
         for g in std::mem::take(&mut self.groups) {
             let mut row = g.row;
@@ -269,10 +330,23 @@ impl<'a> Collector<'a> {
                 row[*col] = g.accs[k].text(t).map(Bytes::from);
             }
             if let Some(grouping) = &self.spec.grouping {
+                let mut next_distinct = 0;
                 for (c, agg) in &grouping.aggregates {
                     let i = index(*c, visible);
                     let t = self.cols[i].type_oid;
                     let text: Option<String> = match agg {
+                        Agg::Distinct { kind, .. } => {
+                            let d = &g.distinct[next_distinct];
+                            next_distinct += 1;
+                            match kind {
+                                shardgate_router::DistinctKind::Count => Some(d.count.to_string()),
+                                shardgate_router::DistinctKind::Sum => d.sum.text(t),
+                                shardgate_router::DistinctKind::Avg => match d.sum.text(t) {
+                                    Some(s) if d.count > 0 => Some(avg_text(t, &s, d.count)?),
+                                    _ => None,
+                                },
+                            }
+                        }
                         Agg::Count | Agg::Sum => row[i].as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
                         Agg::Avg { sum, count } => {
                             let s = row[index(*sum, visible)].as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
@@ -285,7 +359,11 @@ impl<'a> Collector<'a> {
                         Agg::Min | Agg::Max => continue,
                     };
                     // counts of no rows are 0, not NULL
-                    let text = if matches!(agg, Agg::Count) { Some(text.unwrap_or_else(|| "0".into())) } else { text };
+                    let text = if matches!(agg, Agg::Count | Agg::Distinct { kind: shardgate_router::DistinctKind::Count, .. }) {
+                        Some(text.unwrap_or_else(|| "0".into()))
+                    } else {
+                        text
+                    };
                     let binary = i < visible && client_binary.get(i).copied().unwrap_or(false);
                     row[i] = text.map(|t2| value::encode(t, binary, &t2).map(Bytes::from)).transpose()?;
                 }

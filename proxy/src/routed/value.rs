@@ -576,9 +576,10 @@ pub fn encode(type_oid: u32, binary: bool, text: &str) -> Result<Vec<u8>, ValueE
 }
 
 /// Running total of one summed column, by the column's type.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub enum Acc {
     /// No non-NULL part yet.
+    #[default]
     Empty,
     /// int8 (count, sum of int2/int4).
     Int(i64),
