@@ -118,6 +118,23 @@ fn sharded_tables_named(s: &Statement, topo: &Topology) -> Vec<usize> {
     found
 }
 
+/// `TABLE t_order` anywhere in the text (sqlparser reads it at most as a subquery).
+fn table_command_on_sharded(sql: &str, topo: &Topology) -> bool {
+    crate::lexer::tokens(sql).windows(2).any(|w| match (&w[0], &w[1]) {
+        (crate::lexer::Token::Word(a), crate::lexer::Token::Word(b)) => {
+            a.eq_ignore_ascii_case("table") && topo.tables.iter().any(|r| b.eq_ignore_ascii_case(&r.name))
+        }
+        _ => false,
+    })
+}
+
+/// True when every mention of a sharded table's name in `s` is a column or
+/// other identifier inside an expression (not a table): nothing to route.
+fn names_only_as_column(s: &Statement, topo: &Topology) -> bool {
+    // the printed statement keeps TABLE …; anything else mentioning the name is an identifier
+    !table_command_on_sharded(&s.to_string(), topo)
+}
+
 fn mentions_sharded_word(sql: &str, topo: &Topology) -> bool {
     crate::lexer::tokens(sql).iter().any(|t| match t {
         crate::lexer::Token::Word(w) => topo.tables.iter().any(|r| w.eq_ignore_ascii_case(&r.name)),
@@ -201,6 +218,9 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
             return Ok(Analysis::Passthrough(StatementClass::Other));
         }
         Err(Unparsed::Syntax(e)) => {
+            if table_command_on_sharded(sql, topo) {
+                return Err(RouteError::unsupported("TABLE on a sharded table is not supported through shardgate; write SELECT * FROM it"));
+            }
             if mentions_sharded_word(sql, topo) {
                 return Err(RouteError::Syntax(format!(
                     "shardgate could not parse this statement on a sharded table: {}",
@@ -236,6 +256,13 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
                 "{} naming a sharded table is not supported through shardgate; use SELECT/INSERT/UPDATE/DELETE, or run it on each shard's month tables",
                 statement_word(&stmt)
             )));
+        }
+        // a sharded table's name where the relation walk does not see it (`(TABLE t_order)`,
+        // `INSERT … SELECT … FROM (TABLE t_order)`): db_default's empty template would answer
+        if dml && mentions_sharded_word(sql, topo) && !names_only_as_column(&stmt, topo) {
+            return Err(RouteError::unsupported(
+                "shardgate cannot tell how this statement uses the sharded table (for example TABLE t_order inside it); write SELECT … FROM t_order",
+            ));
         }
         return Ok(Analysis::Passthrough(class_of(&stmt)));
     }
@@ -300,6 +327,9 @@ fn rename<'r, T: VisitMut>(node: &mut T, rule: &'r TableRule, ctes: &[String]) -
 fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {
     let locking = !q.locks.is_empty();
     let ctes: Vec<String> = q.with.as_ref().map_or_else(Vec::new, |w| w.cte_tables.iter().map(|c| c.alias.name.value.to_lowercase()).collect());
+    if ctes.contains(&rule.name) {
+        return Err(RouteError::unsupported(format!("a WITH query named {} hides the sharded table; give the WITH query another name", rule.name)));
+    }
     let r = rename(&mut q, rule, &ctes)?;
     if r.count == 0 {
         return Err(RouteError::unsupported(format!("{} is referenced in a way shardgate cannot route", rule.name)));

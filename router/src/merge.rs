@@ -41,6 +41,25 @@ const OTHER_AGGREGATES: [&str; 36] = [
     "regr_r2", "regr_slope", "regr_sxx", "regr_sxy", "regr_syy", "xmlagg", "range_agg", "any_value",
 ];
 
+/// Functions whose value belongs to one server, connection or transaction.
+const PER_SERVER: &[&str] = &[
+    "current_database",
+    "pg_backend_pid",
+    "inet_server_addr",
+    "inet_server_port",
+    "txid_current",
+    "pg_current_xact_id",
+    "now",
+    "current_timestamp",
+    "transaction_timestamp",
+    "statement_timestamp",
+    "clock_timestamp",
+    "timeofday",
+    "random",
+    "gen_random_uuid",
+    "pg_postmaster_start_time",
+];
+
 fn func_name(f: &Function) -> String {
     match f.name.0.last() {
         Some(ObjectNamePart::Identifier(i)) => i.value.to_lowercase(),
@@ -344,6 +363,29 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
     let SetExpr::Select(sel) = q.body.as_ref() else {
         return Err(RouteError::unsupported(format!("UNION/INTERSECT/EXCEPT over a sharded table that spans shards is not supported; {one_shard}")));
     };
+    // a value each shard computes for itself would come back once per shard, or differently
+    for item in &sel.projection {
+        let e = match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+            _ => continue,
+        };
+        let mut per_server: Option<String> = None;
+        let _ = sqlparser::ast::visit_expressions(e, |x: &Expr| {
+            if let Expr::Function(f) = x {
+                let n = func_name(f);
+                if PER_SERVER.contains(&n.as_str()) {
+                    per_server = Some(n);
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        });
+        if let Some(n) = per_server {
+            return Err(RouteError::unsupported(format!(
+                "{n}() in the select list of a query that spans shards would answer once per shard database or transaction; select it on its own, or {one_shard}"
+            )));
+        }
+    }
     let distinct = match &sel.distinct {
         None | Some(Distinct::All) => false,
         Some(Distinct::Distinct) => true,

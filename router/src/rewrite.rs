@@ -132,12 +132,16 @@ pub(crate) fn object_base(name: &ObjectName) -> Option<String> {
 }
 
 pub(crate) fn is_table(name: &ObjectName, table: &str) -> bool {
+    // PostgreSQL folds unquoted names; a quoted schema must be exactly "public"
     let schema_ok = match name.0.len() {
         1 => true,
-        2 => matches!(&name.0[0], ObjectNamePart::Identifier(i) if i.value.eq_ignore_ascii_case("public")),
+        2 => matches!(&name.0[0], ObjectNamePart::Identifier(i)
+            if (i.quote_style.is_none() && i.value.eq_ignore_ascii_case("public")) || (i.quote_style == Some('"') && i.value == "public")),
         _ => false,
     };
-    schema_ok && object_base(name).as_deref() == Some(table)
+    // sqlparser takes 't_order' (a string) as a name; PostgreSQL does not
+    let quoted_as_string = name.0.iter().any(|p| matches!(p, ObjectNamePart::Identifier(i) if i.quote_style.is_some_and(|q| q != '"')));
+    schema_ok && !quoted_as_string && object_base(name).as_deref() == Some(table)
 }
 
 pub(crate) fn hole_name() -> ObjectName {

@@ -53,6 +53,15 @@ const CASES: &[(&str, bool)] = &[
     ("SELECT count(DISTINCT merchant_id), sum(DISTINCT merchant_id), avg(DISTINCT merchant_id) FROM t_order WHERE order_amount < 0", true),
     ("SELECT min(DISTINCT order_amount), max(DISTINCT order_no), count(DISTINCT create_time::date) FROM t_order", true),
     ("SELECT count(DISTINCT (merchant_id % 2)) FROM t_order WHERE pay_status IS NOT NULL", true),
+    // names PostgreSQL reads differently from sqlparser
+    ("SELECT count(*) FROM 't_order' WHERE merchant_id = 1", true),
+    ("SELECT count(*) FROM \"PUBLIC\".t_order", true),
+    ("SELECT count(*) FROM (TABLE t_order) s", false),
+    ("TABLE t_order", false),
+    ("WITH t_order AS (SELECT 1::bigint AS merchant_id, 'cte'::text AS src) SELECT * FROM t_order WHERE merchant_id = 1", false),
+    // values each shard computes for itself
+    ("SELECT DISTINCT current_database() FROM t_order", false),
+    ("SELECT id, now() = now() AS same FROM t_order ORDER BY id", false),
 ];
 
 #[derive(Debug, PartialEq)]
