@@ -807,12 +807,15 @@ impl Session {
 
     /// Remembers the client's BEGIN text so shards joining the block start it the same way.
     fn note_begin(&mut self, sql: &[u8]) {
-        // cheap first: only a text that starts with b/s or a comment can be a BEGIN
+        // cheap first: the first word must be BEGIN or START (reading past comments)
         let head = sql.iter().find(|b| !b.is_ascii_whitespace()).map(u8::to_ascii_lowercase);
         if !matches!(head, Some(b'b' | b's' | b'/' | b'-')) {
             return;
         }
         let text = String::from_utf8_lossy(sql);
+        if !shardgate_router::first_word(&text).is_some_and(|w| w.eq_ignore_ascii_case("begin") || w.eq_ignore_ascii_case("start")) {
+            return;
+        }
         if shardgate_router::transaction_control(&text) == shardgate_router::TxControl::Begin {
             // the shards join with the BEGIN as the router reads it, never the client's text
             self.begin_sql = Some(shardgate_router::begin_statement(&text));

@@ -46,11 +46,11 @@ pub use txcontrol::{begin_statement, transaction_control, TxControl};
 /// reserve this address space: pages are touched as the stack grows.
 pub const PLANNING_STACK: usize = 8 << 20;
 
-/// The words that name the proxy's control tables: `shardgate_…`
-/// (decisions, migration state, outbox) and, per sharded table,
-/// `<table>_fallback` and its per-shard views `<table>_fb_…` / `<table>_fbw_…`.
+/// The words that name the proxy's control tables: two-phase-commit
+/// decisions, worker-id leases, migration state and outbox, and, per sharded
+/// table, `<table>_fallback` and its per-shard views `<table>_fb_…` / `<table>_fbw_…`.
 fn control_table_words(topo: &Topology) -> Vec<String> {
-    let mut words = vec!["shardgate_".to_string()];
+    let mut words: Vec<String> = ["shardgate_2pc", "shardgate_worker_leases", "shardgate_migration"].iter().map(|w| w.to_string()).collect();
     for t in &topo.tables {
         words.push(format!("{}_fallback", t.name));
         words.push(format!("{}_fb_", t.name));

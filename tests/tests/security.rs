@@ -375,3 +375,12 @@ async fn the_admin_port_can_require_a_bearer_token() {
         assert!(!log.contains(secret), "{secret} in the proxy log");
     }
 }
+
+#[tokio::test]
+async fn names_that_merely_contain_shardgate_are_not_refused() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("SET application_name = 'shardgate_billing'").await.expect("an application name is not a control table");
+    client.batch_execute("/* shardgate_trace=1 */ SELECT 1").await.expect("a comment");
+    client.batch_execute("CREATE TABLE shardgate_notes (x int); DROP TABLE shardgate_notes").await.expect("an application's own table");
+}
