@@ -212,6 +212,10 @@ impl Config {
         if self.ids.lease_ttl_ms < 1000 {
             return Err(ConfigError::invalid("ids.lease_ttl_ms", "must be at least 1000"));
         }
+        if self.ids.max_clock_backward_ms.saturating_mul(10) >= self.ids.lease_ttl_ms {
+            // a lease's ids may run that far ahead of the clock; the reservation covers a tenth of the TTL
+            return Err(ConfigError::invalid("ids.max_clock_backward_ms", "must be less than a tenth of ids.lease_ttl_ms"));
+        }
         if self.health.failure_threshold == 0 || self.health.recovery_threshold == 0 {
             return Err(ConfigError::invalid("health", "failure_threshold and recovery_threshold must be at least 1"));
         }

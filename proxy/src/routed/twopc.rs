@@ -23,8 +23,9 @@ use super::Engine;
 /// the primary key (a late decision can never commit after recovery rolled
 /// its shards back).
 pub const DECISIONS_DDL: &str =
-    "CREATE TABLE IF NOT EXISTS shardgate_2pc_decisions (gid text PRIMARY KEY, shards int[] NOT NULL, decided_at timestamptz NOT NULL DEFAULT now()); \
-     ALTER TABLE shardgate_2pc_decisions ADD COLUMN IF NOT EXISTS outcome text NOT NULL DEFAULT 'commit'";
+    "CREATE TABLE IF NOT EXISTS shardgate_2pc_decisions (gid text PRIMARY KEY, shards int[] NOT NULL, decided_at timestamptz NOT NULL DEFAULT clock_timestamp()); \
+     ALTER TABLE shardgate_2pc_decisions ADD COLUMN IF NOT EXISTS outcome text NOT NULL DEFAULT 'commit'; \
+     ALTER TABLE shardgate_2pc_decisions ALTER COLUMN decided_at SET DEFAULT clock_timestamp()";
 
 /// A new global transaction id: worker, time, randomness.
 pub fn new_gid(worker: u16) -> String {
@@ -39,7 +40,9 @@ fn shard_gid(gid: &str, shard: usize) -> String {
 /// Statement that records the commit decision.
 pub fn decision_sql(gid: &str, shards: &[usize]) -> String {
     let list: Vec<String> = shards.iter().map(|s| s.to_string()).collect();
-    format!("INSERT INTO shardgate_2pc_decisions (gid, shards) VALUES ('{gid}', '{{{}}}')", list.join(","))
+    // clock_timestamp(), not now(): inside a long client transaction now() is its start, and the
+    // cleanup of old rows must never take a decision whose shards may still be committing
+    format!("INSERT INTO shardgate_2pc_decisions (gid, shards, decided_at) VALUES ('{gid}', '{{{}}}', clock_timestamp())", list.join(","))
 }
 
 /// Phase one on every shard in `shards`; on failure everything is rolled back.
@@ -233,7 +236,11 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
             "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'sg\\_%' AND prepared < now() - interval '{} milliseconds'",
             engine.orphan_age_ms
         );
-        let Ok(Ok(gids)) = wire::control(&mut conn, &q).await else { continue };
+        let Ok(Ok(gids)) = wire::control(&mut conn, &q).await else {
+            // unread: the cleanup below must not run on a partial picture
+            all_reachable = false;
+            continue;
+        };
         for g in gids.into_iter().flatten() {
             let Some((base, _)) = g.rsplit_once("_s") else { continue };
             // win the race against a decision that may still commit: an abort marker under the

@@ -155,6 +155,10 @@ impl Session {
             if let Some((count, name)) = std::str::from_utf8(sql).ok().and_then(parse_move) {
                 if self.suspended.contains_key(name.as_bytes()) {
                     self.barrier().await?;
+                    if self.server.is_some() && self.tx_status == b'E' {
+                        self.fail_simple(ExecError::Proxy("25P02", "current transaction is aborted, commands ignored until end of transaction block".into())).await?;
+                        return Ok(Some(Flow::Continue));
+                    }
                     let s = self.suspended.get_mut(name.as_bytes()).expect("checked");
                     let n = count.unwrap_or(usize::MAX).min(s.rows.len());
                     s.rows.drain(..n);
@@ -211,6 +215,11 @@ impl Session {
     pub(super) async fn end_batch_tx(&mut self) -> Result<(), End> {
         self.barrier().await?;
         self.batch_tx = false;
+        if self.in_tx_block() {
+            // a BEGIN later in the batch made the whole block explicit (as in PostgreSQL): the
+            // shards' part now ends with the client's COMMIT or ROLLBACK, not at this Sync
+            return Ok(());
+        }
         if self.discard_until_sync || self.server_skipping || (self.server.is_some() && self.tx_status == b'E') {
             self.rollback_shard_part().await;
             return Ok(());
@@ -616,6 +625,7 @@ impl Session {
         let Some(stmt) = self.routed_stmts.get(statement).cloned() else {
             if !self.routed_portals.is_empty() {
                 self.routed_portals.remove(portal);
+                self.suspended.remove(portal);
             }
             return Ok(None);
         };
