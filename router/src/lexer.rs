@@ -36,30 +36,12 @@ pub fn first_word(sql: &str) -> Option<&str> {
     let b = sql.as_bytes();
     let mut i = 0;
     loop {
+        if let Some(end) = comment_end(b, i) {
+            i = end;
+            continue;
+        }
         match b.get(i)? {
             b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => i += 1,
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0usize;
-                while i < b.len() {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
             c if c.is_ascii_alphabetic() || *c == b'_' => {
                 let start = i;
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
@@ -69,6 +51,38 @@ pub fn first_word(sql: &str) -> Option<&str> {
             }
             _ => return None,
         }
+    }
+}
+
+/// If a comment starts at `i` (`-- …` to the end of the line, or a block
+/// comment, nested as PostgreSQL allows), the index just past it.
+fn comment_end(b: &[u8], mut i: usize) -> Option<usize> {
+    match (b.get(i), b.get(i + 1)) {
+        (Some(b'-'), Some(b'-')) => {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            Some(i)
+        }
+        (Some(b'/'), Some(b'*')) => {
+            let mut depth = 0usize;
+            while i < b.len() {
+                if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                    depth += 1;
+                    i += 2;
+                } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            Some(i)
+        }
+        _ => None,
     }
 }
 
@@ -84,32 +98,13 @@ pub(crate) fn scan<'a>(sql: &'a str, mut emit: impl FnMut(Token<'a>)) {
     let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
+        if let Some(end) = comment_end(b, i) {
+            i = end;
+            continue;
+        }
         let c = b[i];
         match c {
             b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => i += 1,
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                // nested block comments, as PostgreSQL allows
-                let mut depth = 0usize;
-                while i < b.len() {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
             b'\'' => {
                 i = skip_quoted(b, i + 1, b'\'', false);
                 emit(Token::Other);

@@ -103,8 +103,9 @@ async fn extended(c: &Client, sql: &str) -> Answer {
     }
 }
 
-#[tokio::test]
-async fn every_reproduced_statement_answers_like_one_table_or_is_refused() {
+/// A system with the fixture loaded through shardgate and into one plain table
+/// (`reference` on the main cluster); the cluster and clients for both.
+async fn loaded() -> (Cluster, Client, Client) {
     let c = Cluster::start_temp(Options { redis: false, ..Options::default() }).expect("start cluster");
     let main = c.info.clusters.iter().find(|p| p.databases.iter().any(|d| d == "db_default")).expect("main cluster");
     main.psql("postgres", "CREATE DATABASE reference").expect("create reference db");
@@ -113,6 +114,12 @@ async fn every_reproduced_statement_answers_like_one_table_or_is_refused() {
     let proxy = connect(&c.info.proxy_dsn).await.expect("proxy");
     reference.batch_execute(FIXTURE).await.expect("load reference");
     proxy.batch_execute(FIXTURE).await.expect("load through shardgate");
+    (c, reference, proxy)
+}
+
+#[tokio::test]
+async fn every_reproduced_statement_answers_like_one_table_or_is_refused() {
+    let (_cluster, reference, proxy) = loaded().await;
     let mut wrong = Vec::new();
     for (sql, answered) in CASES {
         for (mode, want, got) in [("simple", simple(&reference, sql).await, simple(&proxy, sql).await), ("extended", extended(&reference, sql).await, extended(&proxy, sql).await)] {
@@ -146,14 +153,7 @@ async fn every_reproduced_statement_answers_like_one_table_or_is_refused() {
 
 #[tokio::test]
 async fn times_without_an_offset_are_read_in_the_session_time_zone() {
-    let c = Cluster::start_temp(Options { redis: false, ..Options::default() }).expect("start cluster");
-    let main = c.info.clusters.iter().find(|p| p.databases.iter().any(|d| d == "db_default")).expect("main cluster");
-    main.psql("postgres", "CREATE DATABASE reference").expect("create reference db");
-    main.psql("reference", schema::T_ORDER_TEMPLATE).expect("reference schema");
-    let reference = connect(&c.info.default_dsn.replace("/db_default", "/reference")).await.expect("reference");
-    let proxy = connect(&c.info.proxy_dsn).await.expect("proxy");
-    reference.batch_execute(FIXTURE).await.expect("load reference");
-    proxy.batch_execute(FIXTURE).await.expect("load through shardgate");
+    let (c, reference, proxy) = loaded().await;
     let mut wrong = Vec::new();
     // Asia/Shanghai: a readable zone; '+08' is POSIX for UTC-8, which shardgate does not read
     for zone in ["Asia/Shanghai", "America/New_York", "+08"] {
