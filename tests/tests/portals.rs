@@ -3,14 +3,12 @@
 //! table: each part, PortalSuspended in between, the end, inside and outside
 //! transaction blocks, single- and multi-shard.
 
-use shardgate_tests::{connect, schema, Cluster, Options, Raw};
+use shardgate_tests::{connect, Cluster, Options, Raw};
 use tokio_postgres::Client;
 
 fn start() -> Cluster {
     let c = Cluster::start_temp(Options { redis: false, ..Options::default() }).expect("start cluster");
-    let main = c.info.clusters.iter().find(|p| p.databases.iter().any(|d| d == "db_default")).expect("main cluster");
-    main.psql("postgres", "CREATE DATABASE reference").expect("create reference db");
-    main.psql("reference", schema::T_ORDER_TEMPLATE).expect("reference schema");
+    c.create_reference(false).expect("reference db");
     c
 }
 

@@ -3,7 +3,7 @@
 //! extended protocol: the answers (rows, column names, row counts, SQLSTATEs)
 //! must be equal, or shardgate must refuse with 0A000 and a message.
 
-use shardgate_tests::{connect, schema, sqlstate, Cluster, Options, Raw};
+use shardgate_tests::{connect, sqlstate, Cluster, Options, Raw};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 const FIXTURE: &str = "INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status, create_time) VALUES \
@@ -107,10 +107,7 @@ async fn extended(c: &Client, sql: &str) -> Answer {
 /// (`reference` on the main cluster); the cluster and clients for both.
 async fn loaded() -> (Cluster, Client, Client) {
     let c = Cluster::start_temp(Options { redis: false, ..Options::default() }).expect("start cluster");
-    let main = c.info.clusters.iter().find(|p| p.databases.iter().any(|d| d == "db_default")).expect("main cluster");
-    main.psql("postgres", "CREATE DATABASE reference").expect("create reference db");
-    main.psql("reference", schema::T_ORDER_TEMPLATE).expect("reference schema");
-    let reference = connect(&c.info.default_dsn.replace("/db_default", "/reference")).await.expect("reference");
+    let reference = connect(&c.create_reference(false).expect("reference db")).await.expect("reference");
     let proxy = connect(&c.info.proxy_dsn).await.expect("proxy");
     reference.batch_execute(FIXTURE).await.expect("load reference");
     proxy.batch_execute(FIXTURE).await.expect("load through shardgate");
