@@ -200,6 +200,17 @@ impl Config {
                     return Err(ConfigError::invalid(format!("sharded_tables[{i}].{k}"), format!("`{v}` is not a plain SQL identifier")));
                 }
             }
+            for c in &t.unique_lookups {
+                if !is_identifier(c) {
+                    return Err(ConfigError::invalid(format!("sharded_tables[{i}].unique_lookups"), format!("`{c}` is not a plain SQL identifier")));
+                }
+                if [&t.shard_key, &t.month_column, &t.id_column].iter().any(|k| k.eq_ignore_ascii_case(c)) {
+                    return Err(ConfigError::invalid(
+                        format!("sharded_tables[{i}].unique_lookups"),
+                        format!("`{c}` is a routing column; list other columns (such as order_no)"),
+                    ));
+                }
+            }
         }
         if let Some(w) = self.ids.worker_id {
             if w > 63 {

@@ -292,6 +292,12 @@ pub struct ShardedTableConfig {
     /// Primary-key column filled with a snowflake id when an INSERT omits it.
     #[serde(default = "default_id_column")]
     pub id_column: String,
+    /// Columns kept unique across every shard and month (as a unique index on
+    /// one table would): each value is recorded in a lookup table in
+    /// `db_default`, written atomically with the row, so an INSERT of a taken
+    /// value gets `23505` and `WHERE col = value` goes to one shard and month.
+    #[serde(default)]
+    pub unique_lookups: Vec<String>,
 }
 
 fn default_id_column() -> String {
@@ -305,6 +311,7 @@ fn default_sharded_tables() -> Vec<ShardedTableConfig> {
         month_column: "create_time".into(),
         table_pattern: "t_order_{yyyyMM}".into(),
         id_column: default_id_column(),
+        unique_lookups: vec!["order_no".into()],
     }]
 }
 

@@ -69,7 +69,7 @@ fn route(config: &shardgate_config::Config, a: &RouteArgs) -> anyhow::Result<i32
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let params: Vec<shardgate_router::Param<'_>> =
         a.params.iter().map(|p| if p == "\\N" { shardgate_router::Param::Null } else { shardgate_router::Param::Text(p) }).collect();
-    let ctx = shardgate_router::Context { now, months: &months, ids: Some(&ids), zone: Default::default() };
+    let ctx = shardgate_router::Context { now, months: &months, ids: Some(&ids), zone: Default::default(), lookups: &[] };
     match shardgate_router::plan(&a.sql, &params, &topo, &ctx) {
         Ok(plan) => {
             print!("{plan}");

@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
     let months: Vec<MonthKey> = (1..=12).filter_map(|m| MonthKey::new(2026, m)).collect();
     let ids = IdGenerator::new(topo.ids.clone(), 1, 50, Box::new(SystemClock), 0).expect("ids");
     let now = Timestamp::from_second(1_795_341_600).expect("now");
-    let ctx = Context { now, months: &months, ids: Some(&ids), zone: Default::default() };
+    let ctx = Context { now, months: &months, ids: Some(&ids), zone: Default::default(), lookups: &[] };
 
     // Baseline measured in the same run: sqlparser parse + print alone.
     let mut g = c.benchmark_group("baseline_parse_print");

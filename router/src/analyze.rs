@@ -78,6 +78,8 @@ struct RowAnalysis {
     id: Option<Option<Src>>,
     /// The id column is listed and this row says DEFAULT: shardgate generates it.
     id_default: bool,
+    /// The values of the rule's unique-lookup columns, in `unique_lookups` order.
+    lookups: Vec<Src>,
 }
 
 /// An INSERT … VALUES, analysed.
@@ -439,6 +441,11 @@ fn analyze_write(mut stmt: Statement, rule_idx: usize, rule: &TableRule) -> Resu
                             "UPDATE of {c} would move the row to another shard or month table; DELETE it and INSERT the new row instead"
                         )));
                     }
+                    if rule.unique_lookups.contains(&c) {
+                        return Err(RouteError::unsupported(format!(
+                            "UPDATE of {c} is not supported: it is kept unique across shards (sharding unique_lookups); DELETE the row and INSERT it with the new {c}"
+                        )));
+                    }
                 }
             }
             (u.selection.clone(), u.from.is_some() || !u.table.joins.is_empty())
@@ -480,6 +487,22 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
     let id_pos = pos(&rule.id_column);
     let generate_id = id_pos.is_none();
     let generate_time = time_pos.is_none();
+    if !rule.unique_lookups.is_empty() && ins.on.is_some() {
+        return Err(RouteError::unsupported(format!(
+            "INSERT … ON CONFLICT into {name} is not supported while {} is kept unique across shards (unique_lookups); \
+             INSERT and handle the unique violation (23505), or look the row up first",
+            rule.unique_lookups.join(", ")
+        )));
+    }
+    let lookup_pos: Vec<usize> = rule
+        .unique_lookups
+        .iter()
+        .map(|c| {
+            pos(c).ok_or_else(|| {
+                RouteError::unsupported(format!("INSERT into {name} must set {c}: it is kept unique across shards (unique_lookups), so shardgate records each value"))
+            })
+        })
+        .collect::<Result<_>>()?;
     if let Some(sqlparser::ast::OnInsert::OnConflict(oc)) = &ins.on {
         if let sqlparser::ast::OnConflictAction::DoUpdate(du) = &oc.action {
             for a in &du.assignments {
@@ -541,7 +564,19 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
         if generate_time {
             row.push(Expr::Identifier(Ident::new(HOLE_TIME)));
         }
-        rows.push(RowAnalysis { shard, time, id, id_default });
+        let lookups = lookup_pos
+            .iter()
+            .zip(&rule.unique_lookups)
+            .map(|(&p, c)| {
+                crate::extract::lookup_src(&row[p]).ok_or_else(|| {
+                    RouteError::unsupported(format!(
+                        "{c} in an INSERT into {name} must be a string literal or a $n parameter (got `{}`): it is kept unique across shards (unique_lookups)",
+                        row[p]
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        rows.push(RowAnalysis { shard, time, id, id_default, lookups });
     }
     if generate_id {
         ins.columns.push(ObjectName::from(vec![Ident::new(rule.id_column.clone())]));
@@ -650,6 +685,20 @@ fn shared_texts(
 }
 
 impl Analysis {
+    /// The unique-lookup values (`(table, column, value)`) whose entries could
+    /// narrow this statement's targets: look them up and pass them in
+    /// [`Context::lookups`]. Empty for INSERTs and statements without them.
+    pub fn lookup_probes(&self, params: &[Param<'_>]) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        match self {
+            Analysis::Select(a) => a.cond.lookup_probes(params, &mut out),
+            Analysis::Write(a) => a.cond.lookup_probes(params, &mut out),
+            _ => {}
+        }
+        out.dedup();
+        out
+    }
+
     /// Applies bind values and context.
     pub fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
         match self {
@@ -714,6 +763,7 @@ impl SelectAnalysis {
                 generated_ids: Vec::new(),
                 logical: None,
                 row_targets: Vec::new(),
+                lookup_rows: Vec::new(),
             })));
         }
         let form = self.scatter_form(rule)?;
@@ -727,7 +777,7 @@ impl SelectAnalysis {
         let mut spec = sc.spec.clone();
         spec.limit = limit;
         spec.offset = offset;
-        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new(), row_targets: Vec::new(), logical: None })))
+        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Select, table: rule.name.clone(), targets, merge: Some(spec), generated_ids: Vec::new(), row_targets: Vec::new(), logical: None, lookup_rows: Vec::new() })))
     }
 }
 
@@ -739,7 +789,7 @@ impl WriteAnalysis {
         let targets = shared_texts(gs, |months| self.template.render(&table_text(rule, months), None, &[], &[]))
             .map(|(shard, months, sql)| Target { shard, months, sql, params: None, extra: Vec::new() })
             .collect();
-        Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new(), row_targets: Vec::new(), logical: None })))
+        Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new(), row_targets: Vec::new(), logical: None, lookup_rows: Vec::new() })))
     }
 }
 
@@ -803,12 +853,31 @@ impl InsertAnalysis {
         let rule = &topo.tables[self.rule];
         let now_month = MonthKey::of(ctx.now, &topo.tz);
         let mut keys = Vec::with_capacity(self.rows.len());
+        let mut lookup_rows = Vec::new();
         for r in &self.rows {
             let shard = row_shard(&r.shard, params, topo, rule)?;
             let month = match &r.time {
                 Some(t) => row_month(t, params, topo, ctx, rule)?,
                 None => now_month,
             };
+            for (src, column) in r.lookups.iter().zip(&rule.unique_lookups) {
+                match crate::extract::lookup_text(src, params)? {
+                    // NULLs are not unique values (as in a unique index); the column's NOT NULL speaks
+                    crate::extract::LookupText::Null => {}
+                    crate::extract::LookupText::Text(value) => {
+                        let crate::extract::IntValue::Int(shard_key) = crate::extract::int_value(&r.shard, params)? else {
+                            unreachable!("row_shard accepted it")
+                        };
+                        lookup_rows.push(crate::plan::LookupRow { column: column.clone(), value, shard_key, month });
+                    }
+                    crate::extract::LookupText::Unknown => {
+                        return Err(RouteError::unsupported(format!(
+                            "{column} must be bound as text (or an integer type) in an INSERT into {}: it is kept unique across shards (unique_lookups)",
+                            rule.name
+                        )))
+                    }
+                }
+            }
             if topo.ids.route_by_id {
                 if let Some(id) = &r.id {
                     check_explicit_id(id.as_ref(), shard, month, params, topo, ctx, rule)?;
@@ -891,6 +960,6 @@ impl InsertAnalysis {
         // which target each VALUES row went to (so RETURNING rows can be put back in row order)
         let row_targets = if targets.len() > 1 { keys.iter().map(|k| order.iter().position(|o| o == k).unwrap_or(0)).collect() } else { Vec::new() };
         let logical = Some(self.template.render(&rule.name, None, &id_text, &time_text));
-        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids, row_targets, logical })))
+        Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids, row_targets, logical, lookup_rows })))
     }
 }

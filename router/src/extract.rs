@@ -37,6 +37,8 @@ pub(crate) enum Col {
     Shard,
     Month,
     Id,
+    /// A unique-lookup column (index into the rule's `unique_lookups`).
+    Lookup(usize),
 }
 
 /// Comparison in a month predicate.
@@ -70,6 +72,8 @@ pub(crate) enum Cond {
     TimeIn(Vec<Src>),
     /// `month_col BETWEEN a AND b`.
     TimeBetween(Src, Src),
+    /// `unique_col = v` / `IN (…)`: where the lookup table says the rows are.
+    Lookup { table: String, column: String, vals: Vec<Src> },
 }
 
 /// Names by which a statement refers to the sharded table (`t_order`, its alias).
@@ -112,7 +116,7 @@ impl Scope<'_> {
         } else if name == self.rule.id_column {
             Some(Col::Id)
         } else {
-            None
+            self.rule.unique_lookups.iter().position(|c| *c == name).map(Col::Lookup)
         }
     }
 
@@ -124,6 +128,13 @@ impl Scope<'_> {
             Expr::BinaryOp { left, op: BinaryOperator::Or, right } => Cond::Or(vec![self.cond(left), self.cond(right)]),
             Expr::BinaryOp { left, op, right } => {
                 let Some(cmp) = cmp_of(op) else { return Cond::All };
+                if cmp == Cmp::Eq {
+                    for (c, v) in [(left, right), (right, left)] {
+                        if let (Some(Col::Lookup(i)), Some(v)) = (self.column(c), lookup_src(v)) {
+                            return self.lookup(i, vec![v]);
+                        }
+                    }
+                }
                 if let (Some(col), Some(v)) = (self.column(left), src_of(right)) {
                     leaf(col, cmp, v)
                 } else if let (Some(col), Some(v)) = (self.column(right), src_of(left)) {
@@ -134,11 +145,16 @@ impl Scope<'_> {
             }
             Expr::InList { expr, list, negated: false } => {
                 let Some(col) = self.column(expr) else { return Cond::All };
+                if let Col::Lookup(i) = col {
+                    let Some(vals) = list.iter().map(lookup_src).collect::<Option<Vec<_>>>() else { return Cond::All };
+                    return self.lookup(i, vals);
+                }
                 let Some(vals) = list.iter().map(src_of).collect::<Option<Vec<_>>>() else { return Cond::All };
                 match col {
                     Col::Shard => Cond::Shard(vals),
                     Col::Id => Cond::Id(vals),
                     Col::Month => Cond::TimeIn(vals),
+                    Col::Lookup(_) => Cond::All,
                 }
             }
             Expr::Between { expr, negated: false, low, high } => match (self.column(expr), src_of(low), src_of(high)) {
@@ -167,6 +183,84 @@ impl Scope<'_> {
                 }
             }
             _ => Cond::All,
+        }
+    }
+}
+
+impl Scope<'_> {
+    fn lookup(&self, i: usize, vals: Vec<Src>) -> Cond {
+        Cond::Lookup { table: self.rule.name.clone(), column: self.rule.unique_lookups[i].clone(), vals }
+    }
+}
+
+/// A unique-lookup value written so that its text is the value stored: a
+/// string literal, an integer, a parameter, or those cast to `text` or
+/// `varchar` without a length. Other casts may change the value (`'007'::int`
+/// stores `7`), so they are not read.
+pub(crate) fn lookup_src(e: &Expr) -> Option<Src> {
+    match e {
+        Expr::Nested(inner) => lookup_src(inner),
+        Expr::Cast { kind: CastKind::Cast | CastKind::DoubleColon, expr, data_type: DataType::Text | DataType::Varchar(None) | DataType::CharacterVarying(None), format: None } => {
+            lookup_src(expr)
+        }
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::NationalStringLiteral(s) => Some(Src::Text(s.clone())),
+            Value::DollarQuotedString(d) => Some(Src::Text(d.value.clone())),
+            Value::Number(n, _) => n.parse::<i64>().ok().map(Src::Int),
+            Value::Null => Some(Src::Null),
+            Value::Placeholder(p) => placeholder_index(p).map(Src::Param),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A unique-lookup value once bind values are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LookupText {
+    Null,
+    Text(String),
+    /// A parameter type whose text form may differ from the stored value.
+    Unknown,
+}
+
+pub(crate) fn lookup_text(src: &Src, params: &[Param<'_>]) -> Result<LookupText> {
+    Ok(match src {
+        Src::Text(s) => LookupText::Text(s.clone()),
+        Src::Int(i) => LookupText::Text(i.to_string()),
+        Src::Null => LookupText::Null,
+        Src::Param(i) => match param(params, *i)? {
+            Param::Null => LookupText::Null,
+            Param::Text(s) => LookupText::Text(s.to_string()),
+            // text, varchar, name, or left to the server, which infers the column's own type
+            // (unique-lookup columns are text or varchar; the proxy checks at start)
+            Param::Binary { oid: 25 | 1043 | 19 | 0, bytes } => match std::str::from_utf8(bytes) {
+                Ok(s) => LookupText::Text(s.to_string()),
+                Err(_) => LookupText::Unknown,
+            },
+            Param::Binary { oid: oid @ (20 | 23 | 21), bytes } => match int_from_binary(oid, bytes) {
+                IntValue::Int(v) => LookupText::Text(v.to_string()),
+                _ => LookupText::Unknown,
+            },
+            Param::Binary { .. } => LookupText::Unknown,
+        },
+        _ => LookupText::Unknown,
+    })
+}
+
+impl Cond {
+    /// The unique-lookup values this condition could narrow by, as `(table, column, value)`.
+    pub fn lookup_probes(&self, params: &[Param<'_>], out: &mut Vec<(String, String, String)>) {
+        match self {
+            Cond::And(parts) | Cond::Or(parts) => parts.iter().for_each(|p| p.lookup_probes(params, out)),
+            Cond::Lookup { table, column, vals } => {
+                for v in vals {
+                    if let Ok(LookupText::Text(t)) = lookup_text(v, params) {
+                        out.push((table.clone(), column.clone(), t));
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -579,6 +673,24 @@ impl Cond {
                     return Ok(TargetSet::empty(n));
                 };
                 months_set(incl(l, true), incl(h, false), topo, ctx)
+            }
+            Cond::Lookup { table, column, vals } => {
+                let mut acc = TargetSet::empty(n);
+                for v in vals {
+                    let text = match lookup_text(v, params)? {
+                        // `= NULL` matches no row
+                        LookupText::Null => continue,
+                        LookupText::Unknown => return Ok(TargetSet::full(n, topo.shard_count)),
+                        LookupText::Text(t) => t,
+                    };
+                    // not looked up, no entry (a row from before the lookup existed), or a
+                    // month this proxy does not know yet: anywhere
+                    let found = ctx.lookups.iter().find(|r| r.table == *table && r.column == *column && r.value == text).and_then(|r| r.at);
+                    let Some((key, month)) = found else { return Ok(TargetSet::full(n, topo.shard_count)) };
+                    let Some(i) = ctx.months.iter().position(|m| *m == month) else { return Ok(TargetSet::full(n, topo.shard_count)) };
+                    acc.masks[i] |= 1u8 << shard_of(MerchantId(key), topo.shard_count).0;
+                }
+                acc
             }
         })
     }

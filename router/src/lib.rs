@@ -32,11 +32,11 @@ use std::sync::Arc;
 
 pub use analyze::{analyze, Analysis};
 pub use error::{Result, RouteError};
-pub use plan::{Agg, CmpOp, DistinctKind, ColRef, Grouping, Having, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
+pub use plan::{Agg, CmpOp, ColRef, DistinctKind, Grouping, Having, LookupRow, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
 pub use lexer::{contains_ignore_case, first_word};
 pub use setting::{setting_change, SettingChange};
 pub use session::{may_pin, session_effect, SessionEffect};
-pub use topology::{Context, Param, SessionZone, TableRule, Topology};
+pub use topology::{Context, Param, Resolved, SessionZone, TableRule, Topology};
 pub use txcontrol::{begin_statement, transaction_control, TxControl};
 
 /// The stack a thread that plans statements should have. Statements are
@@ -50,7 +50,7 @@ pub const PLANNING_STACK: usize = 8 << 20;
 /// decisions, worker-id leases, migration state and outbox, and, per sharded
 /// table, `<table>_fallback` and its per-shard views `<table>_fb_…` / `<table>_fbw_…`.
 fn control_table_words(topo: &Topology) -> Vec<String> {
-    let mut words: Vec<String> = ["shardgate_2pc", "shardgate_worker_leases", "shardgate_migration"].iter().map(|w| w.to_string()).collect();
+    let mut words: Vec<String> = ["shardgate_2pc", "shardgate_worker_leases", "shardgate_migration", "shardgate_lookup"].iter().map(|w| w.to_string()).collect();
     for t in &topo.tables {
         words.push(format!("{}_fallback", t.name));
         words.push(format!("{}_fb_", t.name));

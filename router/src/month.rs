@@ -261,6 +261,7 @@ mod tests {
             month_column: "c".into(),
             id_column: "id".into(),
             pattern: "{yyyyMM}_t_{yyyyMM}x".into(),
+            unique_lookups: Vec::new(),
         };
         assert_eq!(rule.physical(MonthKey { year: 7, month: 3 }), "000703_t_000703x");
     }

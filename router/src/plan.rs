@@ -69,6 +69,23 @@ pub struct Routed {
     /// row (the legacy store during a migration): the client's text with the
     /// ids and times this plan generated. `None`: the client's text as is.
     pub logical: Option<String>,
+    /// For an INSERT into a table with unique lookups: the entries to record in
+    /// the lookup tables, in the same transaction as the rows.
+    pub lookup_rows: Vec<LookupRow>,
+}
+
+/// An entry for a unique-lookup table: `value` of `column` lives in the row
+/// with this shard key and month.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupRow {
+    /// The unique column.
+    pub column: String,
+    /// Its value, as text.
+    pub value: String,
+    /// The row's shard-key value.
+    pub shard_key: i64,
+    /// The row's month.
+    pub month: MonthKey,
 }
 
 /// One statement on one shard.
@@ -367,6 +384,9 @@ impl fmt::Display for Plan {
                 }
                 if let Some(m) = &r.merge {
                     writeln!(f, "  {m}")?;
+                }
+                for l in &r.lookup_rows {
+                    writeln!(f, "  lookup {}={:?} -> {}@{}", l.column, l.value, l.shard_key, l.month)?;
                 }
                 if !r.generated_ids.is_empty() {
                     let ids: Vec<String> = r.generated_ids.iter().map(|i| i.to_string()).collect();

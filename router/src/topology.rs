@@ -19,6 +19,8 @@ pub struct TableRule {
     pub id_column: String,
     /// Physical name pattern with `{yyyyMM}`.
     pub pattern: String,
+    /// Columns kept unique across shards and months through a lookup table in `db_default`.
+    pub unique_lookups: Vec<String>,
 }
 
 impl TableRule {
@@ -32,6 +34,12 @@ impl TableRule {
             out.push_str(rest);
         }
         out
+    }
+
+    /// The lookup table in `db_default` for unique column `column`
+    /// (`shardgate_lookup_t_order_order_no`): value → shard key and month.
+    pub fn lookup_table(&self, column: &str) -> String {
+        format!("shardgate_lookup_{}_{}", self.name, column)
     }
 
     /// DDL that creates the month table from the template table (same columns,
@@ -89,6 +97,7 @@ impl Topology {
                 month_column: t.month_column.to_lowercase(),
                 id_column: t.id_column.to_lowercase(),
                 pattern: t.table_pattern.clone(),
+                unique_lookups: t.unique_lookups.iter().map(|c| c.to_lowercase()).collect(),
             })
             .collect();
         let ids = IdLayout { epoch_ms: c.ids.epoch_ms, legacy_id_max: c.ids.legacy_id_max, shard_count, route_by_id: c.ids.route_by_id };
@@ -129,6 +138,22 @@ pub struct Context<'a> {
     /// The client session's TimeZone: times written without an offset are read
     /// in it, as PostgreSQL reads them.
     pub zone: SessionZone<'a>,
+    /// Unique-lookup values the proxy looked up for this statement (see
+    /// [`crate::Analysis::lookup_probes`]); a value not listed narrows nothing.
+    pub lookups: &'a [Resolved],
+}
+
+/// One unique-lookup value and where the lookup table says its row lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The sharded table.
+    pub table: String,
+    /// The unique column.
+    pub column: String,
+    /// The value, as text.
+    pub value: String,
+    /// The row's shard key and month; `None` when the lookup table has no entry.
+    pub at: Option<(i64, MonthKey)>,
 }
 
 /// The zone a session reads offset-free times in.

@@ -353,18 +353,31 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     let routed = req.routed;
     // the shards (and fallback slot) the targets use, in ascending order
     let mut shard_list: Vec<usize> = routed.targets.iter().map(|t| t.shard.0 as usize).collect();
+    // unique-lookup entries are written on the db_default slot, in the same transaction
+    let lookups = !routed.lookup_rows.is_empty();
+    if lookups {
+        shard_list.push(engine.shards.len());
+    }
     shard_list.sort_unstable();
     shard_list.dedup();
     let write = routed.kind != RoutedKind::Select;
     // several shards written outside a transaction block: one atomic two-phase commit
     let implicit_2pc = write && req.tx.is_none() && shard_list.len() > 1;
     // several month tables written on one shard: one transaction there, so a statement
-    // that fails in a later month leaves the earlier ones unchanged
-    let implicit_tx = write && req.tx.is_none() && !implicit_2pc && routed.targets.len() > shard_list.len();
+    // that fails in a later month leaves the earlier ones unchanged (and rows commit
+    // with their lookup entries)
+    let implicit_tx = write && req.tx.is_none() && !implicit_2pc && (routed.targets.len() > shard_list.len() || lookups);
     let tx = if implicit_2pc || implicit_tx { Some("BEGIN") } else { req.tx };
     engine.fanout.record(routed.targets.len() as f64);
     let t0 = Instant::now();
-    let result = run(engine, slots, req, out, &shard_list, tx).await;
+    let result = if lookups {
+        match record_lookups(engine, slots, req, tx.unwrap_or("BEGIN")).await {
+            Ok(()) => run(engine, slots, req, out, &shard_list, tx).await,
+            Err(e) => Err(e),
+        }
+    } else {
+        run(engine, slots, req, out, &shard_list, tx).await
+    };
     for &s in &shard_list {
         let Some(meters) = engine.meters.get(s) else { continue };
         meters.queries.increment(1);
@@ -415,6 +428,12 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     };
     release(slots);
     result
+}
+
+/// Writes an INSERT's unique-lookup entries in the `db_default` slot's transaction.
+async fn record_lookups(engine: &Engine, slots: &mut Slots, req: &Request<'_>, tx: &str) -> Result<(), ExecError> {
+    hold(engine, slots, engine.shards.len(), Some(tx), req.param_sets).await?;
+    super::lookup::record(engine, slots, &req.routed.lookup_rows, &req.routed.table).await
 }
 
 /// Returns every held shard connection that is not inside a transaction block.

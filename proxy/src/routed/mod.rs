@@ -14,6 +14,7 @@ pub mod exec;
 pub mod fallback;
 pub mod health;
 pub mod lease;
+pub mod lookup;
 pub mod merge;
 pub mod migration;
 pub mod months;
@@ -78,6 +79,8 @@ pub struct Engine {
     pub legacy: Option<Pool>,
     /// The migration phase this proxy follows.
     pub migration: migration::Migration,
+    /// Unique-lookup tables in `db_default`.
+    pub lookups: lookup::Lookups,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -181,6 +184,7 @@ impl Engine {
                 .and_then(|l| shardgate_config::Dsn::parse(&l.dsn).ok())
                 .map(|dsn| pool::build(dsn, p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms))),
             migration: migration::Migration::new(config),
+            lookups: lookup::Lookups::default(),
         })
     }
 
@@ -207,7 +211,7 @@ impl Engine {
     /// Planning context for now.
     pub fn plan(&self, sql: &str, params: &[shardgate_router::Param<'_>]) -> shardgate_router::Result<shardgate_router::Plan> {
         let months = self.months();
-        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get(), zone: Default::default() };
+        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get(), zone: Default::default(), lookups: &[] };
         self.router.plan(sql, params, &ctx)
     }
 
@@ -219,8 +223,19 @@ impl Engine {
         params: &[shardgate_router::Param<'_>],
         zone: shardgate_router::SessionZone<'_>,
     ) -> shardgate_router::Result<shardgate_router::Plan> {
+        self.plan_with(a, params, zone, &[])
+    }
+
+    /// [`Engine::plan_analysis`] with unique-lookup entries looked up for it.
+    pub fn plan_with(
+        &self,
+        a: &shardgate_router::Analysis,
+        params: &[shardgate_router::Param<'_>],
+        zone: shardgate_router::SessionZone<'_>,
+        lookups: &[shardgate_router::Resolved],
+    ) -> shardgate_router::Result<shardgate_router::Plan> {
         let months = self.months();
-        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get(), zone };
+        let ctx = Context { now: jiff::Timestamp::now(), months: &months, ids: self.ids.get(), zone, lookups };
         a.plan(params, self.topology(), &ctx)
     }
 

@@ -195,6 +195,22 @@ pub async fn control_tag(conn: &mut ServerConn, sql: &str) -> Result<Result<Stri
 /// [`crate::protocol::frontend::set_config_pipeline`]) and reads up to the
 /// ReadyForQuery: the rows of the first column, or the first error.
 pub async fn pipeline(conn: &mut ServerConn, msgs: &[u8]) -> Result<Result<Vec<Option<String>>, ServerError>, BackendError> {
+    Ok(exchange(conn, msgs).await?.map(|rows| rows.into_iter().map(|r| r.into_iter().next().flatten()).collect()))
+}
+
+/// Runs one statement the proxy wrote, with text bind values (`None` = NULL;
+/// values are never spliced into the text), and returns its rows, every
+/// column as text, or the server's error.
+pub async fn query(conn: &mut ServerConn, sql: &str, values: &[Option<&str>]) -> Result<Result<Vec<Vec<Option<String>>>, ServerError>, BackendError> {
+    let mut out = BytesMut::new();
+    let vals: Vec<Option<&[u8]>> = values.iter().map(|v| v.map(str::as_bytes)).collect();
+    put_execute(&mut out, sql, &[], &vals, &[], &[]);
+    exchange(conn, &out).await
+}
+
+/// Sends messages ending in one Sync or Query and reads up to ReadyForQuery:
+/// every row (all columns as text), or the first error.
+async fn exchange(conn: &mut ServerConn, msgs: &[u8]) -> Result<Result<Vec<Vec<Option<String>>>, ServerError>, BackendError> {
     use tokio::io::AsyncWriteExt;
     conn.stream.write_all(msgs).await?;
     let mut rows = Vec::new();
@@ -204,7 +220,7 @@ pub async fn pipeline(conn: &mut ServerConn, msgs: &[u8]) -> Result<Result<Vec<O
         match f.tag {
             b'D' => {
                 let row = super::merge::parse_data_row(f.body()).map_err(|e| BackendError::Protocol(e.to_string()))?;
-                rows.push(row.into_iter().next().flatten().map(|b| String::from_utf8_lossy(&b).into_owned()));
+                rows.push(row.into_iter().map(|c| c.map(|b| String::from_utf8_lossy(&b).into_owned())).collect());
             }
             b'E' => err = Some(ServerError::from_frame(&f)),
             b'Z' => return Ok(err.map_or(Ok(rows), Err)),

@@ -62,6 +62,8 @@ impl Session {
             generated_ids: plan.generated_ids.clone(),
             row_targets: Vec::new(),
             logical: None,
+            // the lookup entries go with the shard-side write
+            lookup_rows: Vec::new(),
         }
     }
 

@@ -268,7 +268,20 @@ impl Session {
             Some(Some(z)) => shardgate_router::SessionZone::Zone(z),
             Some(None) => shardgate_router::SessionZone::Unknown,
         };
-        let plan = match engine.plan_analysis(analysis, &params, zone) {
+        let mut planned = engine.plan_analysis(analysis, &params, zone);
+        if let Ok(Plan::Routed(r)) = &planned {
+            // `order_no = …` and other unique-lookup values: their entries say where the rows are
+            if r.kind != shardgate_router::RoutedKind::Insert && r.targets.len() > 1 {
+                let probes = analysis.lookup_probes(&params);
+                if !probes.is_empty() {
+                    let found = crate::routed::lookup::resolve(&engine, &probes).await;
+                    if found.iter().any(|f| f.at.is_some()) {
+                        planned = engine.plan_with(analysis, &params, zone, &found);
+                    }
+                }
+            }
+        }
+        let plan = match planned {
             Ok(Plan::Routed(r)) => r,
             Ok(Plan::Passthrough(_)) => return Ok(Err(ExecError::Proxy("XX000", "statement unexpectedly not routed".into()))),
             Err(e) => {

@@ -122,7 +122,7 @@ impl World {
     }
 
     pub fn ctx(&self) -> Context<'_> {
-        Context { now: jiff::Timestamp::from_millisecond(NOW_MS).expect("now"), months: &self.months, ids: Some(&self.ids), zone: Default::default() }
+        Context { now: jiff::Timestamp::from_millisecond(NOW_MS).expect("now"), months: &self.months, ids: Some(&self.ids), zone: Default::default(), lookups: &[] }
     }
 
     /// The plan (or error) printed as in the golden files.

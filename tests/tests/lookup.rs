@@ -1,0 +1,223 @@
+//! `order_no` is unique across every shard and month, as one table's unique
+//! index makes it, and a lookup by it goes to one shard and month
+//! (`unique_lookups = ["order_no"]`, the default for `t_order`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shardgate_tests::{connect, http_get, sqlstate, Cluster, Options};
+
+const FAST: &str = "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 2000\nfailure_threshold = 2\nrecovery_threshold = 2\n[fallback]\nsync_interval_ms = 300\n";
+
+fn start() -> Cluster {
+    Cluster::start_temp(Options { redis: false, extra_toml: FAST.into(), ..Options::default() }).expect("start cluster")
+}
+
+fn health(c: &Cluster) -> serde_json::Value {
+    let (_, body) = http_get(&format!("{}/health", c.info.admin_url)).unwrap_or_default();
+    serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+}
+
+fn insert(no: &str, merchant: i64, time: &str) -> String {
+    format!("INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status, create_time) VALUES ('{no}', {merchant}, 1.00, 'NEW', '{time}')")
+}
+
+/// `shardgate_shard_queries_total` per shard.
+fn shard_queries(admin: &str) -> HashMap<String, f64> {
+    let (_, body) = http_get(&format!("{admin}/metrics")).expect("metrics");
+    body.lines()
+        .filter(|l| l.starts_with("shardgate_shard_queries_total{"))
+        .filter_map(|l| {
+            let shard = l.split("shard=\"").nth(1)?.split('"').next()?.to_string();
+            let v = l.rsplit(' ').next()?.parse().ok()?;
+            Some((shard, v))
+        })
+        .collect()
+}
+
+/// Rows with `order_no` on every shard (all months), read on the shards themselves.
+async fn copies(c: &Cluster, order_no: &str) -> usize {
+    let mut n = 0;
+    for dsn in &c.info.shards {
+        let shard = connect(dsn).await.expect("shard");
+        for t in shardgate_tests::month_tables(&shard).await {
+            n += shard.query_one(&format!("SELECT count(*) FROM {t} WHERE order_no = $1"), &[&order_no]).await.expect("count").get::<_, i64>(0) as usize;
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn a_taken_order_no_is_refused_on_every_shard_and_month_as_one_table_refuses_it() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute(&insert("U1", 1, "2026-11-02 10:00+00")).await.expect("first");
+    // another merchant (another shard), the same merchant in another month, bound as a parameter
+    for sql in [insert("U1", 2, "2026-11-02 10:00+00"), insert("U1", 1, "2026-10-02 10:00+00"), insert("U1", 9, "2026-12-02 10:00+00")] {
+        let e = client.batch_execute(&sql).await.expect_err("duplicate order_no");
+        assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{sql}: {e}");
+        let db = e.as_db_error().expect("server error");
+        assert_eq!(db.message(), "duplicate key value violates unique constraint \"t_order_order_no\"");
+        assert_eq!(db.detail(), Some("Key (order_no)=(U1) already exists."));
+        assert_eq!(db.table(), Some("t_order"));
+    }
+    let e = client
+        .execute("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ($1, $2, '2026-11-03 10:00+00')", &[&"U1", &6i64])
+        .await
+        .expect_err("bound duplicate");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e} {:?}", e.as_db_error().map(|d| d.message().to_string()));
+    assert_eq!(copies(&c, "U1").await, 1);
+
+    // a statement with the same value twice applies nothing
+    let e = client
+        .batch_execute("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ('U2', 1, '2026-11-02 10:00+00'), ('U3', 2, '2026-11-02 10:00+00'), ('U2', 3, '2026-10-02 10:00+00')")
+        .await
+        .expect_err("duplicate within the statement");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e} {:?}", e.as_db_error());
+    assert_eq!(copies(&c, "U2").await + copies(&c, "U3").await, 0);
+
+    // in a block: the second insert fails, ROLLBACK leaves nothing, the value is free again
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute(&insert("U4", 3, "2026-11-02 10:00+00")).await.expect("in block");
+    let e = client.batch_execute(&insert("U4", 4, "2026-11-02 10:00+00")).await.expect_err("duplicate in block");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(copies(&c, "U4").await, 0);
+    client.batch_execute(&insert("U4", 4, "2026-11-02 10:00+00")).await.expect("free after rollback");
+    assert_eq!(copies(&c, "U4").await, 1);
+
+    // a deleted order frees its order_no, for another merchant and month
+    client.batch_execute("DELETE FROM t_order WHERE order_no = 'U1'").await.expect("delete");
+    client.batch_execute(&insert("U1", 5, "2026-12-02 10:00+00")).await.expect("reuse after delete");
+    let rows = client.query("SELECT merchant_id FROM t_order WHERE order_no = 'U1'", &[]).await.expect("read");
+    assert_eq!(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>(), vec![5]);
+    assert_eq!(copies(&c, "U1").await, 1);
+    // and the old owner cannot take it back
+    let e = client.batch_execute(&insert("U1", 1, "2026-11-02 10:00+00")).await.expect_err("taken again");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+
+    // UPDATE of order_no and ON CONFLICT are refused with a hint, not half-done
+    for sql in ["UPDATE t_order SET order_no = 'U9' WHERE order_no = 'U4'", "INSERT INTO t_order (order_no, merchant_id) VALUES ('U8', 1) ON CONFLICT (order_no) DO NOTHING"] {
+        let e = client.batch_execute(sql).await.expect_err("refused");
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{sql}: {e}");
+    }
+    // the lookup table is the proxy's: an ordinary client cannot touch it
+    let e = client.batch_execute("DELETE FROM shardgate_lookup_t_order_order_no").await.expect_err("control table");
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}");
+}
+
+#[tokio::test]
+async fn a_read_by_order_no_goes_to_one_shard_and_month() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    for (i, m) in [(0, 3i64), (1, 5), (2, 6)] {
+        client.batch_execute(&insert(&format!("R{i}"), m, &format!("2026-1{i}-05 10:00+00"))).await.expect("insert");
+    }
+    let before = shard_queries(&c.info.admin_url);
+    let row = client.query_one("SELECT merchant_id, order_no FROM t_order WHERE order_no = $1", &[&"R1"]).await.expect("point read");
+    assert_eq!(row.get::<_, i64>(0), 5);
+    let n = client.execute("UPDATE t_order SET pay_status = 'PAID' WHERE order_no = 'R1'", &[]).await.expect("update");
+    assert_eq!(n, 1);
+    let after = shard_queries(&c.info.admin_url);
+    let touched: Vec<&String> = after.keys().filter(|k| after[*k] != before.get(*k).copied().unwrap_or(0.0)).collect();
+    assert_eq!(touched, vec!["db_5"], "only merchant 5's shard answers a lookup by its order_no");
+    // IN lists: the union of their entries; a value without an entry reads everywhere (still exact)
+    let rows = client.query("SELECT order_no FROM t_order WHERE order_no IN ('R0', 'R2', 'nope') ORDER BY 1", &[]).await.expect("in");
+    assert_eq!(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(), vec!["R0", "R2"]);
+    let rows = client.query("SELECT order_no FROM t_order WHERE order_no IN ('R0', 'R2') OR merchant_id = 5 ORDER BY 1", &[]).await.expect("or");
+    assert_eq!(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(), vec!["R0", "R1", "R2"]);
+    // rows written straight to a shard (before the lookup existed) are still found
+    let shard = connect(&c.info.shards[7]).await.expect("shard");
+    shard.batch_execute("INSERT INTO t_order_202611 (id, order_no, merchant_id, create_time) VALUES (77, 'OLD7', 7, '2026-11-05 10:00+00')").await.expect("direct");
+    let n: i64 = client.query_one("SELECT count(*) FROM t_order WHERE order_no = 'OLD7'", &[]).await.expect("old").get(0);
+    assert_eq!(n, 1);
+}
+
+/// Must show 4: writers race on a shared pool of order_nos (collisions on
+/// purpose) while a shard is stopped and started again. Every acknowledged
+/// order_no is there exactly once, and every refusal was a 23505 for a value
+/// that someone else holds. `SHARDGATE_LOOKUP_SECONDS` (default 8) sets the length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_writers_and_a_lost_shard_leave_each_order_no_exactly_once() {
+    let c = start();
+    let seconds: u64 = std::env::var("SHARDGATE_LOOKUP_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let acked: Arc<Mutex<HashMap<String, (i64, String)>>> = Arc::default();
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let other = Arc::new(Mutex::new(Vec::<String>::new()));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut writers = Vec::new();
+    for w in 0..8i64 {
+        let dsn = c.info.proxy_dsn.clone();
+        let (acked, refused, other) = (acked.clone(), refused.clone(), other.clone());
+        writers.push(tokio::spawn(async move {
+            let client = connect(&dsn).await.expect("connect");
+            let mut i = 0i64;
+            while Instant::now() < end {
+                i += 1;
+                // 8 writers draw from 400 values: most values are tried by several writers
+                let no = format!("RACE{}", (i * 7 + w * 13) % 400);
+                let merchant = (w * 31 + i) % 64;
+                let month = if i % 2 == 0 { "2026-11-10 10:00+00" } else { "2026-10-10 10:00+00" };
+                let sql = format!("INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status, create_time) VALUES ($1, $2, 2.50, 'NEW', '{month}')");
+                match client.execute(sql.as_str(), &[&no, &merchant]).await {
+                    Ok(1) => {
+                        let prev = acked.lock().expect("lock").insert(no.clone(), (merchant, month.to_string()));
+                        assert!(prev.is_none(), "{no} acknowledged twice: {prev:?} and merchant {merchant}");
+                    }
+                    Ok(n) => panic!("INSERT answered {n} rows"),
+                    Err(e) if sqlstate(&e).as_deref() == Some("23505") => refused.lock().expect("lock").push(no),
+                    Err(e) => other.lock().expect("lock").push(format!("{no}: {e} {:?}", e.as_db_error().map(|d| d.message().to_string()))),
+                }
+            }
+        }));
+    }
+    // a shard goes away mid-run (its merchants' orders go to db_default) and comes back
+    tokio::time::sleep(Duration::from_secs(seconds / 3)).await;
+    let shard2 = c.info.cluster_of_shard(2).expect("cluster of db_2").clone();
+    shard2.stop_immediate().expect("stop shard cluster");
+    tokio::time::sleep(Duration::from_secs(seconds / 3)).await;
+    shard2.start().expect("restart shard cluster");
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let acked = acked.lock().expect("lock").clone();
+    let refused = refused.lock().expect("lock").clone();
+    let other = other.lock().expect("lock").clone();
+    eprintln!("acknowledged {}, refused with 23505 {}, other errors {}", acked.len(), refused.len(), other.len());
+    assert!(acked.len() > 100 && refused.len() > 100, "the run must race: {} acknowledged, {} refused", acked.len(), refused.len());
+    // errors other than 23505 are only the moments the shard was going away (nothing acknowledged)
+    for e in &other {
+        assert!(e.contains("unavailable") || e.contains("lost") || e.contains("shard") || e.contains("retry"), "unexpected error: {e}");
+    }
+    // every refused value is held by an acknowledged order
+    let held: HashSet<&String> = acked.keys().collect();
+    for no in &refused {
+        assert!(held.contains(no), "{no} was refused as taken, but no acknowledged order holds it");
+    }
+    // once the fallback rows are home: each acknowledged order_no exactly once, with its values
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    shardgate_tests::wait_for("db_2 up and its fallback rows home", Duration::from_secs(60), || {
+        let h = health(&c);
+        h["shards"][2]["state"] == "up" && h["shards"][2]["fallback_pending_rows"] == 0 && h["shards"][2]["fallback_failed_rows"] == 0
+    })
+    .await;
+    let rows = client.query("SELECT order_no, merchant_id, create_time::text FROM t_order WHERE order_no LIKE 'RACE%'", &[]).await.expect("read all");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &rows {
+        let no: String = r.get(0);
+        *seen.entry(no.clone()).or_default() += 1;
+        let (m, _) = acked.get(&no).unwrap_or_else(|| panic!("{no} is stored but was never acknowledged"));
+        assert_eq!(*m, r.get::<_, i64>(1), "{no} stored for another merchant than acknowledged");
+    }
+    for (no, n) in &seen {
+        assert_eq!(*n, 1, "{no} stored {n} times");
+    }
+    assert_eq!(seen.len(), acked.len(), "acknowledged orders missing");
+    // and on the shards themselves, after sync-back
+    let mut on_shards = 0;
+    for no in acked.keys().take(40) {
+        on_shards += copies(&c, no).await;
+    }
+    assert_eq!(on_shards, acked.len().min(40));
+}
