@@ -592,6 +592,11 @@ impl Session {
             }
             // 2. server messages, while the client side is not backed up
             self.drain_server(|s| s.cout.len() >= HIGH_WATER)?;
+            // a COMMIT that carried a two-phase decision has ended: the shards commit before
+            // the client hears of it (it may read its rows right after)
+            if self.resolve_2pc.is_some() {
+                self.resolve_pending_2pc().await;
+            }
             // 3. committed cache invalidations reach Redis before the client hears of the commit
             self.flush_cache_invalidations().await;
             // return the server at a clean point

@@ -213,7 +213,17 @@ async fn racing_writers_and_a_lost_shard_leave_each_order_no_exactly_once() {
     for (no, n) in &seen {
         assert_eq!(*n, 1, "{no} stored {n} times");
     }
-    assert_eq!(seen.len(), acked.len(), "acknowledged orders missing");
+    let missing: Vec<&String> = acked.keys().filter(|k| !seen.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        let mut prepared = Vec::new();
+        for dsn in &c.info.shards {
+            let shard = connect(dsn).await.expect("shard");
+            for r in shard.query("SELECT gid, prepared::text FROM pg_prepared_xacts", &[]).await.expect("prepared") {
+                prepared.push(format!("{} {}", r.get::<_, String>(0), r.get::<_, String>(1)));
+            }
+        }
+        panic!("acknowledged orders missing: {missing:?} (of {}); prepared on the shards: {prepared:?}", acked.len());
+    }
     // and on the shards themselves, after sync-back
     let mut on_shards = 0;
     for no in acked.keys().take(40) {

@@ -122,6 +122,7 @@ pub async fn run(stores: &Stores, opts: Options) -> anyhow::Result<Summary> {
             for r in futures_util::future::join_all(jobs).await {
                 inserted += r?;
             }
+            record_lookups(stores, &legacy, &range).await?;
             Ok((locked, inserted, last))
         }
         .await;
@@ -162,6 +163,45 @@ pub async fn run(stores: &Stores, opts: Options) -> anyhow::Result<Summary> {
     bar.finish();
     sum.seconds = t0.elapsed().as_secs_f64();
     Ok(sum)
+}
+
+/// Fills the unique-lookup tables in `db_default` (`unique_lookups`, such as
+/// `order_no`) for a batch, as the proxy records them for its own INSERTs:
+/// value → shard key and month. An entry already there (a dual-written row)
+/// is kept; a run that dies before its checkpoint writes the same entries again.
+async fn record_lookups(stores: &Stores, legacy: &tokio_postgres::Client, range: &str) -> anyhow::Result<()> {
+    let l = &stores.layout;
+    let (t, k, time) = (&l.rule.name, &l.rule.shard_key, &l.rule.month_column);
+    let zone = &l.tz_name;
+    for column in &l.rule.unique_lookups {
+        let table = l.rule.lookup_table(column);
+        let ty: String = legacy
+            .query_one("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2", &[t, column])
+            .await
+            .with_context(|| format!("the type of {t}.{column} in legacy"))?
+            .get(0);
+        stores
+            .default
+            .batch_execute(&format!("CREATE TABLE IF NOT EXISTS {table} (value {ty} PRIMARY KEY, shard_key bigint NOT NULL, month text NOT NULL)"))
+            .await
+            .with_context(|| format!("creating {table} in db_default"))?;
+        let rows = legacy
+            .query(&format!("SELECT {column}::text, {k}, to_char({time} AT TIME ZONE $1, 'YYYYMM') FROM {t} WHERE {range} AND {column} IS NOT NULL"), &[&zone])
+            .await
+            .with_context(|| format!("reading {column} of a batch"))?;
+        let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let keys: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
+        let months: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
+        stores
+            .default
+            .execute(
+                &format!("INSERT INTO {table} (value, shard_key, month) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) ON CONFLICT (value) DO NOTHING"),
+                &[&values, &keys, &months],
+            )
+            .await
+            .with_context(|| format!("recording {column} values in {table}"))?;
+    }
+    Ok(())
 }
 
 /// Loads one shard's part of a batch; returns rows inserted.

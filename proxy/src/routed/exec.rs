@@ -276,6 +276,19 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
     let mut missed_again = false;
     // nothing of a statement that only matched nothing on fallback rows reached the client
     let mark = out.buf.len();
+    // a shard still missing a committed two-phase transaction would answer without
+    // acknowledged rows (and a write would wait on its locks): apply it first
+    // (an INSERT touches none of those rows; a down shard is answered from its fallback rows)
+    let waits = |s: usize| engine.unfinished.waits_on(s) && !engine.is_down(s);
+    if req.routed.kind != RoutedKind::Insert && engine.unfinished.any() && req.routed.targets.iter().any(|t| waits(t.shard.0 as usize)) {
+        super::twopc::apply_unfinished(engine).await;
+        if let Some(t) = req.routed.targets.iter().find(|t| waits(t.shard.0 as usize)) {
+            return Err(ExecError::Proxy(
+                "57P03",
+                format!("shard db_{} has not yet applied a committed transaction (it was unreachable); retry shortly", t.shard.0),
+            ));
+        }
+    }
     loop {
         let adjusted = match super::fallback::adjust(engine, req.routed, engine.policy_fail).await {
             Ok(a) => a,
@@ -432,6 +445,8 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
 
 /// Writes an INSERT's unique-lookup entries in the `db_default` slot's transaction.
 async fn record_lookups(engine: &Engine, slots: &mut Slots, req: &Request<'_>, tx: &str) -> Result<(), ExecError> {
+    // the tables first: preparing them takes a db_default connection of its own
+    engine.lookups.meta(engine).await?;
     hold(engine, slots, engine.shards.len(), Some(tx), req.param_sets).await?;
     super::lookup::record(engine, slots, &req.routed.lookup_rows, &req.routed.table).await
 }

@@ -525,6 +525,9 @@ pub async fn run(engine: std::sync::Arc<Engine>, cfg: shardgate_config::Fallback
                 continue;
             }
         }
+        if engine.unfinished.any() {
+            super::twopc::apply_unfinished(&engine).await;
+        }
         recount(&engine).await;
         sync_round(&engine, cfg.batch_size.max(1)).await;
         rounds += 1;

@@ -190,7 +190,8 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         let (Ok(k), Some(mo)) = (k.parse::<i64>(), MonthKey::parse_suffix(&mo)) else {
             return Err(ExecError::Proxy("XX000", format!("unreadable entry in {}", m.lookup_table)));
         };
-        if row_exists(engine, m, &row.value, k, mo).await? {
+        let conn = &mut slots[slot_no].as_mut().expect("held").conn;
+        if row_exists(engine, conn, m, &row.value, k, mo).await? {
             return Err(duplicate(m, &row.value));
         }
         // the entry's row is gone: the value is free, this row takes the entry
@@ -211,7 +212,7 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
 /// Whether a row with `value` exists in the shard and month an entry names
 /// (its unsynced fallback rows included). Waits first for the two-phase
 /// commits in progress on that shard: one may be applying the entry's row.
-async fn row_exists(engine: &Engine, m: &Meta, value: &str, shard_key: i64, month: MonthKey) -> Result<bool, ExecError> {
+async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &Meta, value: &str, shard_key: i64, month: MonthKey) -> Result<bool, ExecError> {
     let topo = engine.topology();
     let Some(rule) = topo.tables.iter().find(|r| r.name == m.table) else { return Ok(true) };
     let shard = shardgate_router::keys::shard_of(shardgate_router::keys::MerchantId(shard_key), topo.shard_count).0 as usize;
@@ -221,15 +222,15 @@ async fn row_exists(engine: &Engine, m: &Meta, value: &str, shard_key: i64, mont
             format!("{} {value} was used by an order on shard db_{shard}, which cannot be reached to check that the order still exists; retry when it is back", m.column),
         )
     };
-    // rows written while the shard was down, not yet moved home
-    let mut def = engine.default.get().await.map_err(|_| unknown())?;
+    // rows written while the shard was down, not yet moved home (on the caller's
+    // db_default connection: a small pool may have no other)
     let fb = format!(
         "SELECT 1 FROM {} WHERE {} = $1 AND target_db = $2 AND target_table = $3 AND sync_status <> 'SYNCED'",
         rule.fallback_table(),
         m.column
     );
     let target_db = format!("db_{shard}");
-    match wire::query(&mut def, &fb, &[Some(value), Some(&target_db), Some(&rule.physical(month))]).await {
+    match wire::query(def, &fb, &[Some(value), Some(&target_db), Some(&rule.physical(month))]).await {
         Ok(Ok(r)) if !r.is_empty() => return Ok(true),
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err(ExecError::Server(e)),
@@ -238,7 +239,6 @@ async fn row_exists(engine: &Engine, m: &Meta, value: &str, shard_key: i64, mont
             return Err(unknown());
         }
     }
-    drop(def);
     let mut conn = match tokio::time::timeout(Duration::from_secs(5), engine.pool(shard).get()).await {
         Ok(Ok(c)) => c,
         _ => return Err(unknown()),
@@ -283,14 +283,26 @@ async fn row_exists(engine: &Engine, m: &Meta, value: &str, shard_key: i64, mont
 /// Looks up `probes` (`(table, column, value)`, from
 /// [`shardgate_router::Analysis::lookup_probes`]) for routing a read or write.
 /// A failure only means no narrowing: the statement then goes everywhere.
-pub async fn resolve(engine: &Engine, probes: &[(String, String, String)]) -> Vec<Resolved> {
+///
+/// Inside a transaction that holds the `db_default` slot the lookup runs there
+/// (it sees the transaction's own entries, in its snapshot); else on a pool
+/// connection.
+pub async fn resolve(engine: &Engine, slots: &mut Slots, probes: &[(String, String, String)]) -> Vec<Resolved> {
     let Ok(meta) = engine.lookups.meta(engine).await else { return Vec::new() };
-    let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(2), engine.default.get()).await else { return Vec::new() };
+    let mut pooled;
+    let conn = match slots.get_mut(engine.shards.len()).and_then(Option::as_mut) {
+        Some(slot) if !slot.conn.broken => &mut slot.conn,
+        _ => {
+            let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), engine.default.get()).await else { return Vec::new() };
+            pooled = c;
+            &mut *pooled
+        }
+    };
     let mut out = Vec::with_capacity(probes.len());
     for (table, column, value) in probes {
         let Some(m) = find(meta, table, column) else { continue };
         let q = format!("SELECT shard_key, month FROM {} WHERE value = $1", m.lookup_table);
-        let at = match wire::query(&mut conn, &q, &[Some(value)]).await {
+        let at = match wire::query(conn, &q, &[Some(value)]).await {
             Ok(Ok(rows)) => rows.into_iter().next().and_then(|r| {
                 let k = r.first()?.as_deref()?.parse::<i64>().ok()?;
                 let mo = MonthKey::parse_suffix(r.get(1)?.as_deref()?)?;

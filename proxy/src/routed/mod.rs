@@ -81,6 +81,8 @@ pub struct Engine {
     pub migration: migration::Migration,
     /// Unique-lookup tables in `db_default`.
     pub lookups: lookup::Lookups,
+    /// Decided two-phase commits not yet applied on some shard.
+    pub unfinished: twopc::Unfinished,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -185,6 +187,7 @@ impl Engine {
                 .map(|dsn| pool::build(dsn, p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms))),
             migration: migration::Migration::new(config),
             lookups: lookup::Lookups::default(),
+            unfinished: twopc::Unfinished::default(),
         })
     }
 

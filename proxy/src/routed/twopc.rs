@@ -46,7 +46,7 @@ pub fn decision_sql(gid: &str, shards: &[usize]) -> String {
 }
 
 /// Phase one on every shard in `shards`; on failure everything is rolled back.
-pub async fn prepare(slots: &mut Slots, shards: &[usize], gid: &str) -> Result<(), ExecError> {
+pub async fn prepare(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: &str) -> Result<(), ExecError> {
     let mut prepared = Vec::new();
     for &s in shards {
         let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
@@ -57,19 +57,19 @@ pub async fn prepare(slots: &mut Slots, shards: &[usize], gid: &str) -> Result<(
             // PREPARE of a transaction that had failed rolls it back and says ROLLBACK, no error
             Ok(Ok(tag)) => {
                 tracing::warn!(shard = s, tag, "PREPARE TRANSACTION did not prepare; rolling the transaction back");
-                finish(slots, &prepared, gid, false).await;
+                finish(engine, slots, &prepared, gid, false).await;
                 rollback(slots, shards).await;
                 return Err(ExecError::Proxy("40000", format!("the transaction on shard db_{s} had failed and was rolled back; nothing was committed")));
             }
             Ok(Err(e)) => {
-                finish(slots, &prepared, gid, false).await;
+                finish(engine, slots, &prepared, gid, false).await;
                 rollback(slots, shards).await;
                 return Err(ExecError::Server(e));
             }
             Err(e) => {
                 slot.conn.broken = true;
                 tracing::warn!(shard = s, error = %e, "shard lost during PREPARE TRANSACTION");
-                finish(slots, &prepared, gid, false).await;
+                finish(engine, slots, &prepared, gid, false).await;
                 rollback(slots, shards).await;
                 return Err(ExecError::Proxy("08006", format!("lost the connection to shard db_{s} while committing; the transaction was rolled back")));
             }
@@ -81,28 +81,103 @@ pub async fn prepare(slots: &mut Slots, shards: &[usize], gid: &str) -> Result<(
 /// Phase two: COMMIT or ROLLBACK PREPARED on each shard. Failures are left
 /// to [`recover`] (the decision row says what to do); true when every shard
 /// is resolved.
-pub async fn finish(slots: &mut Slots, shards: &[usize], gid: &str, commit: bool) -> bool {
+pub async fn finish(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: &str, commit: bool) -> bool {
     let verb = if commit { "COMMIT" } else { "ROLLBACK" };
-    let mut all = true;
+    let mut missed = Vec::new();
     for &s in shards {
         let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else {
-            all = false;
+            missed.push(s);
             continue;
         };
         match wire::control(&mut slot.conn, &format!("{verb} PREPARED '{}'", shard_gid(gid, s))).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                all = false;
+                missed.push(s);
                 tracing::warn!(shard = s, sqlstate = %e.code, gid, "{verb} PREPARED failed; recovery will retry");
             }
             Err(e) => {
-                all = false;
+                missed.push(s);
                 slot.conn.broken = true;
                 tracing::warn!(shard = s, error = %e, gid, "{verb} PREPARED failed; recovery will retry");
             }
         }
     }
-    all
+    if commit && !missed.is_empty() {
+        engine.unfinished.add(gid, &missed);
+    }
+    missed.is_empty()
+}
+
+/// Committed two-phase transactions this proxy could not yet apply on some
+/// shards (the shard went away between the decision and `COMMIT PREPARED`).
+/// They are retried as soon as the shard answers again, and a statement on
+/// such a shard first finishes them: until then the shard would answer
+/// without rows that were acknowledged.
+#[derive(Default)]
+pub struct Unfinished {
+    list: std::sync::Mutex<Vec<(String, Vec<usize>)>>,
+}
+
+impl Unfinished {
+    fn add(&self, gid: &str, shards: &[usize]) {
+        if let Ok(mut l) = self.list.lock() {
+            match l.iter_mut().find(|(g, _)| g == gid) {
+                Some((_, s)) => s.extend_from_slice(shards),
+                None => l.push((gid.to_string(), shards.to_vec())),
+            }
+        }
+    }
+
+    /// Whether a decided transaction still waits on `shard`.
+    pub fn waits_on(&self, shard: usize) -> bool {
+        self.list.lock().map(|l| l.iter().any(|(_, s)| s.contains(&shard))).unwrap_or(false)
+    }
+
+    /// Whether any decided transaction is unfinished.
+    pub fn any(&self) -> bool {
+        self.list.lock().map(|l| !l.is_empty()).unwrap_or(false)
+    }
+}
+
+/// Applies the unfinished commits on every shard that answers; a shard
+/// that no longer has the prepared transaction (recovery, another proxy)
+/// counts as done.
+pub async fn apply_unfinished(engine: &Engine) {
+    let work: Vec<(String, Vec<usize>)> = engine.unfinished.list.lock().map(|l| l.clone()).unwrap_or_default();
+    for (gid, shards) in work {
+        let mut left = Vec::new();
+        for s in shards {
+            let done = match tokio::time::timeout(Duration::from_secs(2), engine.pool(s).get()).await {
+                Ok(Ok(mut conn)) => match wire::control(&mut conn, &format!("COMMIT PREPARED '{}'", shard_gid(&gid, s))).await {
+                    Ok(Ok(_)) => true,
+                    // undefined_object: nothing prepared under that name any more
+                    Ok(Err(e)) => e.code == "42704",
+                    Err(_) => {
+                        conn.broken = true;
+                        false
+                    }
+                },
+                _ => false,
+            };
+            if done {
+                tracing::info!(shard = s, gid, "applied a committed two-phase transaction the shard had missed");
+            } else {
+                left.push(s);
+            }
+        }
+        if let Ok(mut l) = engine.unfinished.list.lock() {
+            match l.iter().position(|(g, _)| *g == gid) {
+                Some(i) if left.is_empty() => {
+                    l.remove(i);
+                }
+                Some(i) => l[i].1.retain(|s| left.contains(s)),
+                None => {}
+            }
+        }
+        if left.is_empty() {
+            forget(engine, &gid).await;
+        }
+    }
 }
 
 /// Rolls back the open transaction block on each shard (best effort).
@@ -154,7 +229,11 @@ pub async fn commit_each(slots: &mut Slots, shards: &[usize]) -> Result<(), Exec
 /// connection (statements outside a transaction block).
 pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Result<(), ExecError> {
     let gid = new_gid(engine.worker());
-    prepare(slots, shards, &gid).await?;
+    let local = engine.shards.len();
+    if shards.contains(&local) && slots.get(local).and_then(Option::as_ref).is_some_and(|s| s.in_tx) {
+        return commit_carried(engine, slots, shards, local, &gid).await;
+    }
+    prepare(engine, slots, shards, &gid).await?;
     let decided = match engine.default.get().await {
         Ok(mut conn) => match wire::control(&mut conn, &decision_sql(&gid, shards)).await {
             Ok(Ok(_)) => Ok(()),
@@ -172,14 +251,55 @@ pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Res
     match decided {
         Ok(()) => {
             // the decision row stays until every participant has committed (recovery finishes the rest)
-            if finish(slots, shards, &gid, true).await {
+            if finish(engine, slots, shards, &gid, true).await {
                 forget(engine, &gid).await;
             }
             Ok(())
         }
         Err(e) => {
-            finish(slots, shards, &gid, false).await;
+            finish(engine, slots, shards, &gid, false).await;
             Err(e)
+        }
+    }
+}
+
+/// [`commit`] when `db_default` takes part (unique-lookup entries, fallback
+/// rows): its transaction is not prepared but carries the decision row and
+/// commits with it, one step fewer. If that COMMIT's answer is lost, the
+/// outcome is whatever `db_default` did; recovery reads it from the decision
+/// log and the shards follow (never rolled back here on a guess).
+async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], local: usize, gid: &str) -> Result<(), ExecError> {
+    let remote: Vec<usize> = shards.iter().copied().filter(|&s| s != local).collect();
+    if let Err(e) = prepare(engine, slots, &remote, gid).await {
+        rollback(slots, &[local]).await;
+        return Err(e);
+    }
+    let slot = slots[local].as_mut().expect("checked by the caller");
+    let r = wire::control(&mut slot.conn, &format!("{}; COMMIT", decision_sql(gid, &remote))).await;
+    slot.in_tx = false;
+    slot.wrote = false;
+    match r {
+        Ok(Ok(_)) => {
+            if finish(engine, slots, &remote, gid, true).await {
+                // on the same connection: a small pool may have no other free
+                let conn = &mut slots[local].as_mut().expect("held").conn;
+                let _ = wire::query(conn, "DELETE FROM shardgate_2pc_decisions WHERE gid = $1", &[Some(gid)]).await;
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            // the decision did not commit (COMMIT of a failed block rolls it back)
+            let _ = wire::control(&mut slots[local].as_mut().expect("held").conn, "ROLLBACK").await;
+            finish(engine, slots, &remote, gid, false).await;
+            Err(ExecError::Server(e))
+        }
+        Err(e) => {
+            slots[local].as_mut().expect("held").conn.broken = true;
+            tracing::warn!(error = %e, gid, "db_default lost during the commit; recovery settles the shards from the decision log");
+            Err(ExecError::Proxy(
+                "08006",
+                "lost the connection to db_default during COMMIT; the outcome is unknown (recovery applies it to every shard)".into(),
+            ))
         }
     }
 }
@@ -206,6 +326,9 @@ pub async fn resolve(engine: &Engine, gid: &str, shards: &[usize], commit: bool)
         if !ok {
             all = false;
             tracing::warn!(shard = s, gid, "{verb} PREPARED failed; recovery will retry");
+            if commit {
+                engine.unfinished.add(gid, &[s]);
+            }
         }
     }
     if commit && all {
@@ -232,17 +355,35 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
             all_reachable = false;
             continue;
         };
+        // every prepared transaction: a decided one is committed whatever its age (its proxy
+        // may have lost the shard before COMMIT PREPARED); an undecided one is left to its
+        // proxy until it is older than prepared_orphan_age_ms
         let q = format!(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'sg\\_%' AND prepared < now() - interval '{} milliseconds'",
+            "SELECT gid, (prepared < now() - interval '{} milliseconds')::text FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'sg\\_%'",
             engine.orphan_age_ms
         );
-        let Ok(Ok(gids)) = wire::control(&mut conn, &q).await else {
+        let Ok(Ok(gids)) = wire::query(&mut conn, &q, &[]).await else {
             // unread: the cleanup below must not run on a partial picture
             all_reachable = false;
             continue;
         };
-        for g in gids.into_iter().flatten() {
+        for row in gids {
+            let (Some(Some(g)), Some(Some(old))) = (row.first().cloned(), row.get(1).cloned()) else { continue };
             let Some((base, _)) = g.rsplit_once("_s") else { continue };
+            if old != "true" {
+                let decided = wire::query(&mut def, "SELECT 1 FROM shardgate_2pc_decisions WHERE gid = $1 AND outcome = 'commit'", &[Some(base)]).await;
+                if matches!(decided, Ok(Ok(ref r)) if !r.is_empty()) {
+                    match wire::control(&mut conn, &format!("COMMIT PREPARED '{}'", g.replace('\'', "''"))).await {
+                        Ok(Ok(_)) => {
+                            tracing::info!(shard = s, gid = %g, "committed a decided prepared transaction");
+                            resolved += 1;
+                        }
+                        // its own proxy committed it meanwhile
+                        other => tracing::debug!(shard = s, gid = %g, ok = other.is_ok(), "a decided prepared transaction was not committed here"),
+                    }
+                }
+                continue;
+            }
             // win the race against a decision that may still commit: an abort marker under the
             // same gid; a decision that commits first makes the marker a no-op, one that comes
             // later fails on the primary key, so the outcome read back is final

@@ -274,7 +274,7 @@ impl Session {
             if r.kind != shardgate_router::RoutedKind::Insert && r.targets.len() > 1 {
                 let probes = analysis.lookup_probes(&params);
                 if !probes.is_empty() {
-                    let found = crate::routed::lookup::resolve(&engine, &probes).await;
+                    let found = crate::routed::lookup::resolve(&engine, &mut self.slots, &probes).await;
                     if found.iter().any(|f| f.at.is_some()) {
                         planned = engine.plan_with(analysis, &params, zone, &found);
                     }
@@ -415,7 +415,7 @@ impl Session {
         let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
         let _ = twopc::commit_each(&mut self.slots, &readers).await;
         let gid = twopc::new_gid(self.shared.engine.worker());
-        let r = twopc::prepare(&mut self.slots, &written, &gid).await;
+        let r = twopc::prepare(&self.shared.engine, &mut self.slots, &written, &gid).await;
         exec::release(&mut self.slots);
         r.map(|()| Some((gid, written)))
     }

@@ -161,7 +161,6 @@ public class PgJdbcMatrix {
         Object run(Connection c) throws Exception;
     }
 
-    static final String ISSUE_18_ORDER_NO = "issue 18: global unique lookup for order_no; order_no is unique only within one shard's month table";
 
     /** Documented refusals (0A000 with a message saying what to change): none for pgjdbc. */
     static final Map<String, String> REFUSALS = Map.of();
@@ -189,8 +188,7 @@ public class PgJdbcMatrix {
     }
 
     /** Known gaps: still run and compared; each must differ in exactly its known way. */
-    static final Map<String, KnownGap> KNOWN_GAPS = Map.of(
-        "error/duplicate-order-no-other-merchant", duplicateAccepted(ISSUE_18_ORDER_NO));
+    static final Map<String, KnownGap> KNOWN_GAPS = Map.of();
 
     static boolean isError(Object o, String code) {
         return o instanceof Res && ((Res) o).kind.equals("error") && (code == null || ((Res) o).code.equals(code));

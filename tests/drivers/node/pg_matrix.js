@@ -107,20 +107,14 @@ function diff(want, got) {
 // message, and the check is in REFUSALS; a 0A000 elsewhere is a FAIL), KNOWN GAP (the check is in
 // KNOWN_GAPS and differs in exactly its known way), FIXED (a known gap that now answers like the
 // reference: a FAIL, so the list cannot go stale) or FAIL: the same rules as tests/drivers/python/matrix.py.
-const ISSUE_18_ORDER_NO = "issue 18: global unique lookup for order_no; order_no is unique only within one shard's month table";
 
 // Documented refusals (0A000 with a message saying what to change): none for node-postgres.
 const REFUSALS = {};
 
 const isError = (o, code) => Array.isArray(o) && o.length === 3 && o[0] === 'error' && (code === undefined || o[1] === code);
 const isRefusal = (want, got) => !isError(want) && isError(got, '0A000') && Boolean(got[2] && String(got[2].msg).trim());
-// the one table refuses a duplicate key (23505); shardgate accepts the row
-const duplicateAccepted = (reason) => ({ reason, shape: 'reference 23505, shardgate accepts the row', matches: (w, g) => isError(w, '23505') && !isError(g) });
-
 // Known gaps: still run and compared; each must differ in exactly its known way.
-const KNOWN_GAPS = {
-  'error/duplicate-order-no-other-merchant': duplicateAccepted(ISSUE_18_ORDER_NO),
-};
+const KNOWN_GAPS = {};
 
 class Matrix {
   constructor(refusals, knownGaps) {

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from matrix import ISSUE_18_ID, ISSUE_18_ORDER_NO, SEL, UTC, Matrix, acapture, blank_generated, duplicate_accepted, load_ids, proxy_error, rows_outcome, snowflake_shaped
+from matrix import ISSUE_18_ID, SEL, UTC, Matrix, acapture, blank_generated, duplicate_accepted, load_ids, proxy_error, rows_outcome, snowflake_shaped
 
 DRIVER = "asyncpg"
 
@@ -21,7 +21,6 @@ REFUSALS = {}
 
 # Known gaps: still run and compared; each must differ in exactly its known way.
 KNOWN_GAPS = {
-    "error/duplicate-order-no-other-merchant": duplicate_accepted(ISSUE_18_ORDER_NO),
     "error/duplicate-id-other-merchant": duplicate_accepted(ISSUE_18_ID),
 }
 

@@ -38,8 +38,7 @@ SEL = f"SELECT {ROW_COLUMNS} FROM t_order"
 UTC = datetime.timezone.utc
 
 # reasons of known gaps shared by several drivers (PgJdbcMatrix.java and pg_matrix.js say the same)
-ISSUE_18_ORDER_NO = "issue 18: global unique lookup for order_no; order_no is unique only within one shard's month table"
-ISSUE_18_ID = "issue 18: global unique lookup for order_no, ids alike; id is unique only within one shard's month table"
+ISSUE_18_ID = "issue 18: application ids are unique only within one shard's month table (order_no is unique everywhere: unique_lookups)"
 
 
 def load_ids(path):

@@ -15,7 +15,7 @@ from typing import Optional
 from sqlalchemy import BigInteger, DateTime, Numeric, Text, create_engine, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from matrix import ISSUE_18_ORDER_NO, PASS, UTC, Matrix, blank_generated, capture, duplicate_accepted, load_ids, norm, rows_outcome, snowflake_shaped
+from matrix import PASS, UTC, Matrix, blank_generated, capture, load_ids, norm, rows_outcome, snowflake_shaped
 
 DRIVER = "sqlalchemy"
 COLUMNS = ("id", "order_no", "merchant_id", "order_amount", "pay_status", "create_time")
@@ -28,9 +28,7 @@ REFUSALS = {
 }
 
 # Known gaps: still run and compared; each must differ in exactly its known way.
-KNOWN_GAPS = {
-    "error/duplicate-order-no-other-merchant": duplicate_accepted(ISSUE_18_ORDER_NO),
-}
+KNOWN_GAPS = {}
 
 
 class Base(DeclarativeBase):
