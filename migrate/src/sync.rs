@@ -278,6 +278,9 @@ async fn repair_key(stores: &Stores, legacy: &Client, primary: Store, d: &KeyDif
                 Ok(())
             })
             .await?;
+            if !copy.is_empty() {
+                crate::steps::backfill::record_lookups(stores, legacy, &format!("{} = ANY({})", l.rule.id_column, id_array(&copy))).await?;
+            }
         }
         Store::Shards => {
             let c = &stores.shards[shard];

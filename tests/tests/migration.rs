@@ -248,6 +248,26 @@ async fn full_migration_under_write_load_with_a_killed_backfill_and_a_stopped_sh
     let p = connect(&c.info.proxy_dsn).await;
     let n: i64 = p.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count via proxy").get(0);
     assert_eq!(n, legacy_count);
+    // every order_no has its unique-lookup entry (backfill, dual-write and repair wrote them),
+    // naming the order's merchant and month: a taken order_no is refused for another merchant
+    let def = connect(&c.info.default_dsn).await;
+    let entries: HashMap<String, (i64, String)> = def
+        .query("SELECT value, shard_key, month FROM shardgate_lookup_t_order_order_no", &[])
+        .await
+        .expect("lookup entries")
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    for (_, merchant, _, _, month, no, _) in &rows {
+        let want = (*merchant, month.trim_start_matches("t_order_").to_string());
+        assert_eq!(entries.get(no), Some(&want), "lookup entry of {no}");
+    }
+    let (_, merchant, _, _, _, no, _) = &rows[0];
+    let e = p
+        .execute("INSERT INTO t_order (order_no, merchant_id) VALUES ($1, $2)", &[no, &(merchant + 1)])
+        .await
+        .expect_err("a migrated order_no is taken");
+    assert_eq!(e.code().map(|c| c.code()), Some("23505"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

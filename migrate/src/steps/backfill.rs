@@ -166,10 +166,11 @@ pub async fn run(stores: &Stores, opts: Options) -> anyhow::Result<Summary> {
 }
 
 /// Fills the unique-lookup tables in `db_default` (`unique_lookups`, such as
-/// `order_no`) for a batch, as the proxy records them for its own INSERTs:
+/// `order_no`) for the legacy rows matching `range` (a batch, the rows a
+/// repair copies), as the proxy records them for its own INSERTs:
 /// value → shard key and month. An entry already there (a dual-written row)
 /// is kept; a run that dies before its checkpoint writes the same entries again.
-async fn record_lookups(stores: &Stores, legacy: &tokio_postgres::Client, range: &str) -> anyhow::Result<()> {
+pub(crate) async fn record_lookups(stores: &Stores, legacy: &tokio_postgres::Client, range: &str) -> anyhow::Result<()> {
     let l = &stores.layout;
     let (t, k, time) = (&l.rule.name, &l.rule.shard_key, &l.rule.month_column);
     let zone = &l.tz_name;
