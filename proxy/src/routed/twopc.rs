@@ -27,6 +27,18 @@ pub const DECISIONS_DDL: &str =
      ALTER TABLE shardgate_2pc_decisions ADD COLUMN IF NOT EXISTS outcome text NOT NULL DEFAULT 'commit'; \
      ALTER TABLE shardgate_2pc_decisions ALTER COLUMN decided_at SET DEFAULT clock_timestamp()";
 
+/// Fault injection for the crash tests: with `SHARDGATE_CRASH_AT` set to a
+/// step's name (`after_prepare`, `after_decision`, `during_commit_prepared`)
+/// the process aborts there, as a SIGKILL would stop it (nothing finished,
+/// nothing cleaned up). Unset, this is one cached comparison.
+pub fn crash_point(step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("SHARDGATE_CRASH_AT").ok()).as_deref() == Some(step) {
+        eprintln!("SHARDGATE_CRASH_AT={step}: aborting");
+        std::process::abort();
+    }
+}
+
 /// A new global transaction id: worker, time, randomness.
 pub fn new_gid(worker: u16) -> String {
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
@@ -75,6 +87,7 @@ pub async fn prepare(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: 
             }
         }
     }
+    crash_point("after_prepare");
     Ok(())
 }
 
@@ -90,6 +103,7 @@ pub async fn finish(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: &
             continue;
         };
         match wire::control(&mut slot.conn, &format!("{verb} PREPARED '{}'", shard_gid(gid, s))).await {
+            Ok(Ok(_)) if commit => crash_point("during_commit_prepared"),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 missed.push(s);
@@ -250,6 +264,7 @@ pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Res
     };
     match decided {
         Ok(()) => {
+            crash_point("after_decision");
             // the decision row stays until every participant has committed (recovery finishes the rest)
             if finish(engine, slots, shards, &gid, true).await {
                 forget(engine, &gid).await;
@@ -280,6 +295,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
     slot.wrote = false;
     match r {
         Ok(Ok(_)) => {
+            crash_point("after_decision");
             if finish(engine, slots, &remote, gid, true).await {
                 // on the same connection: a small pool may have no other free
                 let conn = &mut slots[local].as_mut().expect("held").conn;
@@ -320,7 +336,13 @@ pub async fn resolve(engine: &Engine, gid: &str, shards: &[usize], commit: bool)
     let mut all = true;
     for &s in shards {
         let ok = match engine.pool(s).get().await {
-            Ok(mut conn) => matches!(wire::control(&mut conn, &format!("{verb} PREPARED '{}'", shard_gid(gid, s))).await, Ok(Ok(_))),
+            Ok(mut conn) => {
+                let ok = matches!(wire::control(&mut conn, &format!("{verb} PREPARED '{}'", shard_gid(gid, s))).await, Ok(Ok(_)));
+                if ok && commit {
+                    crash_point("during_commit_prepared");
+                }
+                ok
+            }
             Err(_) => false,
         };
         if !ok {

@@ -470,6 +470,7 @@ impl Session {
                 self.tx_status = b'I';
                 match decided {
                     Ok(_) => {
+                        twopc::crash_point("after_decision");
                         twopc::resolve(&engine, &gid, &written, true).await;
                         put_message(&mut self.cout, b'C', |o| put_cstr(o, b"COMMIT"));
                     }

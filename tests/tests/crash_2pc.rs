@@ -1,0 +1,89 @@
+//! The proxy dies (abort, as SIGKILL: nothing finished or cleaned up) at each
+//! step of a two-phase commit, is restarted, and recovery settles what it
+//! left: every participant ends the same way — the shards' rows, their
+//! `order_no` lookup entries in `db_default`, and the client's own
+//! `db_default` work — committed if the decision was made, else rolled back.
+//!
+//! One test function: the crash step is given to the proxy through the
+//! environment (`SHARDGATE_CRASH_AT`), which this process sets before each start.
+
+use std::time::{Duration, Instant};
+
+use shardgate_tests::{connect, sqlstate, Cluster, Options};
+
+/// Rows with this order_no on the shards (all months).
+async fn on_shards(c: &Cluster, no: &str) -> i64 {
+    let mut n = 0;
+    for dsn in &c.info.shards {
+        let s = connect(dsn).await.expect("shard");
+        for t in shardgate_tests::month_tables(&s).await {
+            n += s.query_one(&format!("SELECT count(*) FROM {t} WHERE order_no = $1"), &[&no]).await.expect("count").get::<_, i64>(0);
+        }
+    }
+    n
+}
+
+async fn prepared_left(c: &Cluster) -> i64 {
+    let mut n = 0;
+    for dsn in c.info.shards.iter().chain(std::iter::once(&c.info.default_dsn)) {
+        let s = connect(dsn).await.expect("db");
+        n += s.query_one("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()", &[]).await.expect("prepared").get::<_, i64>(0);
+    }
+    n
+}
+
+#[tokio::test]
+async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant_the_same() {
+    let mut c = Cluster::start_temp(Options { redis: false, extra_toml: "[sharding]\nprepared_orphan_age_ms = 500\n".into(), ..Options::default() }).expect("start cluster");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    def.batch_execute("CREATE TABLE outbox (order_no text PRIMARY KEY)").await.expect("outbox");
+    for (step, decided) in [("after_prepare", false), ("after_decision", true), ("during_commit_prepared", true)] {
+        c.kill_proxy().expect("stop proxy");
+        std::env::set_var("SHARDGATE_CRASH_AT", step);
+        c.start_proxy().expect("start proxy that crashes");
+        std::env::remove_var("SHARDGATE_CRASH_AT");
+        // a statement outside a block over two shards (plus db_default's lookup entries)
+        let client = connect(&c.info.proxy_dsn).await.expect("connect");
+        let (a1, a2) = (format!("A-{step}-1"), format!("A-{step}-2"));
+        let sql = format!("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ('{a1}', 1, '2026-11-05 10:00+00'), ('{a2}', 2, '2026-10-05 10:00+00')");
+        let e = client.batch_execute(&sql).await.expect_err("the proxy dies during the commit");
+        assert!(e.is_closed() || e.as_db_error().is_none(), "{step}: a lost connection, not an answer: {e}");
+        c.kill_proxy().expect("reap");
+        // an order plus an outbox row in one block (the local-message-table pattern)
+        std::env::set_var("SHARDGATE_CRASH_AT", step);
+        c.start_proxy().expect("start proxy that crashes");
+        std::env::remove_var("SHARDGATE_CRASH_AT");
+        let client = connect(&c.info.proxy_dsn).await.expect("connect");
+        let b = format!("B-{step}");
+        client.batch_execute("BEGIN").await.expect("begin");
+        client.batch_execute(&format!("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ('{b}', 3, '2026-11-05 10:00+00')")).await.expect("order");
+        client.batch_execute(&format!("INSERT INTO outbox VALUES ('{b}')")).await.expect("outbox row");
+        let e = client.batch_execute("COMMIT").await.expect_err("the proxy dies during the COMMIT");
+        assert!(e.is_closed() || e.as_db_error().is_none(), "{step}: {e}");
+        c.kill_proxy().expect("reap");
+        // restarted (prepared transactions are now older than prepared_orphan_age_ms): recovery settles them
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c.start_proxy().expect("restart");
+        let t0 = Instant::now();
+        while prepared_left(&c).await > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{step}: prepared transactions left unresolved");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let want = i64::from(decided);
+        for no in [&a1, &a2, &b] {
+            assert_eq!(on_shards(&c, no).await, want, "{step}: rows of {no}");
+            let entries: i64 = def.query_one("SELECT count(*) FROM shardgate_lookup_t_order_order_no WHERE value = $1", &[no]).await.expect("entry").get(0);
+            assert_eq!(entries, want, "{step}: lookup entry of {no}");
+        }
+        let outbox: i64 = def.query_one("SELECT count(*) FROM outbox WHERE order_no = $1", &[&b]).await.expect("outbox").get(0);
+        assert_eq!(outbox, want, "{step}: the outbox row commits with the order");
+        // and the order_no is taken exactly when the order exists
+        let client = connect(&c.info.proxy_dsn).await.expect("connect");
+        let r = client.batch_execute(&format!("INSERT INTO t_order (order_no, merchant_id) VALUES ('{a1}', 9)")).await;
+        match (decided, r) {
+            (true, Err(e)) => assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{step}: {e}"),
+            (false, Ok(())) => {}
+            (d, r) => panic!("{step}: decided {d}, re-insert of {a1}: {r:?}"),
+        }
+    }
+}
