@@ -39,6 +39,22 @@ pub fn crash_point(step: &str) {
     }
 }
 
+/// Like [`crash_point`], a pause for the fault tests: `SHARDGATE_PAUSE_AT=<step>=<ms>`
+/// holds the commit at that step (a test stops a shard meanwhile).
+pub async fn pause_point(step: &str) {
+    static AT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        let v = std::env::var("SHARDGATE_PAUSE_AT").ok()?;
+        let (s, ms) = v.split_once('=')?;
+        Some((s.to_string(), ms.parse().ok()?))
+    });
+    if let Some((s, ms)) = at {
+        if s == step {
+            tokio::time::sleep(Duration::from_millis(*ms)).await;
+        }
+    }
+}
+
 /// A new global transaction id: worker, time, randomness.
 pub fn new_gid(worker: u16) -> String {
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
@@ -296,6 +312,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
     match r {
         Ok(Ok(_)) => {
             crash_point("after_decision");
+            pause_point("after_decision").await;
             if finish(engine, slots, &remote, gid, true).await {
                 // on the same connection: a small pool may have no other free
                 let conn = &mut slots[local].as_mut().expect("held").conn;
