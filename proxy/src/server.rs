@@ -74,7 +74,10 @@ impl Shared {
         let users = config.users.iter().map(|u| (u.name.clone(), UserSecret::from_config(u, config.server.auth_method))).collect();
         let p = &config.pool;
         let pool = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
-        let engine = Arc::new(crate::routed::Engine::new(&config, pool.clone())?);
+        // the proxy's own db_default work (two-phase decisions, lookup entries, fallback rows)
+        // has a pool of its own: client sessions holding every session connection cannot starve it
+        let internal = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
+        let engine = Arc::new(crate::routed::Engine::new(&config, internal)?);
         let cache = crate::cache::Cache::new(&config.cache, config.redis.as_ref().map(|r| r.url.as_str()), engine.clone())?;
         Ok(Shared {
             config,

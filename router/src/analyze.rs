@@ -688,7 +688,7 @@ impl Analysis {
     /// The unique-lookup values (`(table, column, value)`) whose entries could
     /// narrow this statement's targets: look them up and pass them in
     /// [`Context::lookups`]. Empty for INSERTs and statements without them.
-    pub fn lookup_probes(&self, params: &[Param<'_>]) -> Vec<(String, String, String)> {
+    pub fn lookup_probes(&self, params: &[Param<'_>]) -> Vec<crate::extract::Probe> {
         let mut out = Vec::new();
         match self {
             Analysis::Select(a) => a.cond.lookup_probes(params, &mut out),
@@ -868,7 +868,8 @@ impl InsertAnalysis {
                         let crate::extract::IntValue::Int(shard_key) = crate::extract::int_value(&r.shard, params)? else {
                             unreachable!("row_shard accepted it")
                         };
-                        lookup_rows.push(crate::plan::LookupRow { column: column.clone(), value, shard_key, month });
+                        let param = if let Src::Param(i) = src { Some(*i) } else { None };
+                        lookup_rows.push(crate::plan::LookupRow { column: column.clone(), value, shard_key, month, param });
                     }
                     crate::extract::LookupText::Unknown => {
                         return Err(RouteError::unsupported(format!(

@@ -248,15 +248,29 @@ pub(crate) fn lookup_text(src: &Src, params: &[Param<'_>]) -> Result<LookupText>
     })
 }
 
+/// A unique-lookup value a statement could be narrowed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Sharded table.
+    pub table: String,
+    /// Unique column.
+    pub column: String,
+    /// The value as text.
+    pub value: String,
+    /// The bind parameter it came from (its declared type must be text-like).
+    pub param: Option<usize>,
+}
+
 impl Cond {
-    /// The unique-lookup values this condition could narrow by, as `(table, column, value)`.
-    pub fn lookup_probes(&self, params: &[Param<'_>], out: &mut Vec<(String, String, String)>) {
+    /// The unique-lookup values this condition could narrow by.
+    pub fn lookup_probes(&self, params: &[Param<'_>], out: &mut Vec<Probe>) {
         match self {
             Cond::And(parts) | Cond::Or(parts) => parts.iter().for_each(|p| p.lookup_probes(params, out)),
             Cond::Lookup { table, column, vals } => {
                 for v in vals {
-                    if let Ok(LookupText::Text(t)) = lookup_text(v, params) {
-                        out.push((table.clone(), column.clone(), t));
+                    if let Ok(LookupText::Text(value)) = lookup_text(v, params) {
+                        let param = if let Src::Param(i) = v { Some(*i) } else { None };
+                        out.push(Probe { table: table.clone(), column: column.clone(), value, param });
                     }
                 }
             }

@@ -31,6 +31,7 @@ mod txcontrol;
 use std::sync::Arc;
 
 pub use analyze::{analyze, Analysis};
+pub use extract::Probe;
 pub use error::{Result, RouteError};
 pub use plan::{Agg, CmpOp, ColRef, DistinctKind, Grouping, Having, LookupRow, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
 pub use lexer::{contains_ignore_case, first_word};

@@ -86,6 +86,9 @@ pub struct LookupRow {
     pub shard_key: i64,
     /// The row's month.
     pub month: MonthKey,
+    /// The bind parameter the value came from: its declared type must be
+    /// text-like (a text value declared `int4` or `bpchar` is stored changed).
+    pub param: Option<usize>,
 }
 
 /// One statement on one shard.

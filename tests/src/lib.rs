@@ -8,6 +8,7 @@
 //! when we are root every server command runs as the `postgres` user.
 
 pub mod gen;
+pub mod raw;
 pub mod schema;
 pub mod workload;
 

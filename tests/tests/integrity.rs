@@ -2,6 +2,7 @@
 //! ends the shards' part of it the same way, or is refused before anything
 //! commits. Each write is read back from the shard itself.
 
+use shardgate_tests::raw::{frame, md5_login, pbe, read_until_ready};
 use shardgate_tests::{connect, sqlstate, Cluster, Options};
 
 fn start() -> Cluster {
@@ -151,63 +152,6 @@ async fn a_statement_over_several_month_tables_or_shards_applies_completely_or_n
     assert_eq!(client.execute("UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = 5", &[]).await.expect("update"), 2);
 }
 
-// ---- raw protocol helpers (the md5 user, so no SCRAM client is needed)
-
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
-/// Parse (unnamed), Bind (unnamed portal), Execute of `sql`.
-fn pbe(sql: &str) -> Vec<u8> {
-    let parse = [&[0u8][..], sql.as_bytes(), &[0], &[0, 0]].concat();
-    let bind = [&[0u8, 0][..], &[0, 0, 0, 0, 0, 0]].concat();
-    [frame(b'P', &parse), frame(b'B', &bind), frame(b'E', &[0, 0, 0, 0, 0])].concat()
-}
-
-fn read_until_ready(s: &mut std::net::TcpStream) -> Vec<u8> {
-    use std::io::Read;
-    let mut tags = Vec::new();
-    loop {
-        let mut hdr = [0u8; 5];
-        s.read_exact(&mut hdr).expect("message header");
-        let len = i32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).expect("message body");
-        tags.push(hdr[0]);
-        if hdr[0] == b'Z' {
-            return tags;
-        }
-    }
-}
-
-fn md5_login(c: &Cluster) -> std::net::TcpStream {
-    use std::io::{Read, Write};
-    let (user, pw) = shardgate_tests::MD5_USER;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", c.info.proxy_port)).expect("connect");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
-    let mut body = 196_608i32.to_be_bytes().to_vec();
-    body.extend_from_slice(b"user\0");
-    body.extend_from_slice(user.as_bytes());
-    body.extend_from_slice(b"\0\0");
-    let mut p = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    p.extend_from_slice(&body);
-    s.write_all(&p).expect("startup");
-    let mut hdr = [0u8; 13];
-    s.read_exact(&mut hdr).expect("md5 request");
-    let salt: String = hdr[9..13].iter().map(|b| format!("{b:02x}")).collect();
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import hashlib,sys; u,p,s=sys.argv[1],sys.argv[2],bytes.fromhex(sys.argv[3]); i=hashlib.md5((p+u).encode()).hexdigest(); print('md5'+hashlib.md5(i.encode()+s).hexdigest())", user, pw, &salt])
-        .output()
-        .expect("python3");
-    let hash = String::from_utf8(out.stdout).expect("utf8").trim().to_string();
-    s.write_all(&frame(b'p', &[hash.as_bytes(), &[0]].concat())).expect("password");
-    read_until_ready(&mut s);
-    s
-}
-
 #[tokio::test]
 async fn a_begin_later_in_a_batch_makes_the_whole_batch_one_block_that_rollback_undoes() {
     use std::io::Write;
@@ -220,8 +164,8 @@ async fn a_begin_later_in_a_batch_makes_the_whole_batch_one_block_that_rollback_
     batch.extend(pbe(&insert("BATCH2")));
     batch.extend(frame(b'S', b""));
     s.write_all(&batch).expect("batch");
-    let tags = read_until_ready(&mut s);
-    assert!(!tags.contains(&b'E'), "the batch failed: {tags:?}");
+    let msgs = read_until_ready(&mut s);
+    assert!(!msgs.iter().any(|(t, _)| *t == b'E'), "the batch failed: {msgs:?}");
     s.write_all(&frame(b'Q', b"ROLLBACK\0")).expect("rollback");
     read_until_ready(&mut s);
     assert_eq!(on_shard(&c, "BATCH1").await, 0, "ROLLBACK must undo the write made before BEGIN in the same batch");

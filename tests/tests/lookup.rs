@@ -231,3 +231,44 @@ async fn racing_writers_and_a_lost_shard_leave_each_order_no_exactly_once() {
     }
     assert_eq!(on_shards, acked.len().min(40));
 }
+
+#[tokio::test]
+async fn values_of_other_declared_types_and_reuse_inside_a_block() {
+    use std::io::Write;
+    use shardgate_tests::raw::{error_code, frame, md5_login, pbe_typed, read_until_ready};
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute(&insert("A1", 1, "2026-11-02 10:00+00")).await.expect("A1");
+    client.batch_execute(&insert("A1 ", 2, "2026-11-02 10:00+00")).await.expect("'A1 ' is another value");
+    let mut s = md5_login(&c);
+    // '007' declared int4 is stored as '7': refused, not recorded as '007'
+    let sql = "INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ($1, $2, '2026-11-02 10:00+00')";
+    s.write_all(&[pbe_typed(sql, &[23, 20], &["007", "3"]), frame(b'S', b"")].concat()).expect("write");
+    assert_eq!(error_code(&read_until_ready(&mut s)).as_deref(), Some("0A000"));
+    // 'A1 ' declared bpchar compares as 'A1' (trailing blanks dropped): one table finds the
+    // 'A1' row, so the entry of the text value 'A1 ' must not narrow the read to merchant 2
+    let sql = "SELECT merchant_id FROM t_order WHERE order_no = $1";
+    s.write_all(&[pbe_typed(sql, &[1042], &["A1 "]), frame(b'S', b"")].concat()).expect("write");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    let rows: Vec<&Vec<u8>> = msgs.iter().filter(|(t, _)| *t == b'D').map(|(_, b)| b).collect();
+    assert_eq!(rows.len(), 1, "one row, merchant 1's: {msgs:?}");
+    assert!(rows[0].ends_with(b"1"), "{rows:?}");
+
+    // inside one block: insert, delete, insert again elsewhere, as one table allows
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute(&insert("RE1", 4, "2026-11-02 10:00+00")).await.expect("first");
+    client.batch_execute("DELETE FROM t_order WHERE order_no = 'RE1'").await.expect("delete");
+    client.batch_execute(&insert("RE1", 5, "2026-10-02 10:00+00")).await.expect("again, after the delete");
+    let e = client.batch_execute(&insert("RE1", 6, "2026-10-02 10:00+00")).await.expect_err("a third time: taken");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute(&insert("RE2", 4, "2026-11-02 10:00+00")).await.expect("first");
+    client.batch_execute("DELETE FROM t_order WHERE order_no = 'RE2'").await.expect("delete");
+    client.batch_execute(&insert("RE2", 5, "2026-10-02 10:00+00")).await.expect("again, after the delete");
+    client.batch_execute("COMMIT").await.expect("commit");
+    let rows = client.query("SELECT merchant_id FROM t_order WHERE order_no = 'RE2'", &[]).await.expect("read");
+    assert_eq!(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>(), vec![5]);
+    assert_eq!(copies(&c, "RE2").await, 1);
+}

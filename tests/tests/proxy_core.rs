@@ -187,70 +187,14 @@ async fn authentication_scram_md5_and_failures() {
     assert!(!log.contains(APP_USER.1) && !log.contains(MD5_USER.1) && !log.contains("postgres:postgres"), "secret in log");
 }
 
-/// A raw protocol connection for malformed-input tests.
-fn raw(c: &Cluster) -> TcpStream {
-    let s = TcpStream::connect(("127.0.0.1", c.info.proxy_port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    s
-}
-
 fn read_all(mut s: TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     out
 }
 
-fn startup_packet(params: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut body = 196_608i32.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v);
-        body.push(0);
-    }
-    body.push(0);
-    let mut p = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    p.extend_from_slice(&body);
-    p
-}
-
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
-
-/// Logs in over a raw socket with SCRAM via tokio-postgres's own client code is
-/// not possible here, so raw tests use the md5 user.
-fn raw_login(c: &Cluster) -> TcpStream {
-    let mut s = raw(c);
-    s.write_all(&startup_packet(&[("user", MD5_USER.0.as_bytes())])).expect("startup");
-    let mut hdr = [0u8; 13];
-    s.read_exact(&mut hdr).expect("md5 request");
-    assert_eq!(hdr[0], b'R');
-    let salt = [hdr[9], hdr[10], hdr[11], hdr[12]];
-    let hash = postgres_md5(MD5_USER.0, MD5_USER.1, salt);
-    let mut msg = vec![b'p'];
-    msg.extend_from_slice(&((hash.len() + 5) as i32).to_be_bytes());
-    msg.extend_from_slice(hash.as_bytes());
-    msg.push(0);
-    s.write_all(&msg).expect("password");
-    // read until ReadyForQuery
-    let mut buf = Vec::new();
-    let mut b = [0u8; 4096];
-    while !buf.ends_with(b"Z\0\0\0\x05I") {
-        let n = s.read(&mut b).expect("login reply");
-        assert!(n > 0, "closed during login: {:?}", String::from_utf8_lossy(&buf));
-        buf.extend_from_slice(&b[..n]);
-    }
-    s
-}
-
-fn postgres_md5(user: &str, pw: &str, salt: [u8; 4]) -> String {
-    let out = Command::new("python3")
-        .args(["-c", "import hashlib,sys; u,p,s=sys.argv[1],sys.argv[2],bytes.fromhex(sys.argv[3]); i=hashlib.md5((p+u).encode()).hexdigest(); print('md5'+hashlib.md5(i.encode()+s).hexdigest())", user, pw])
-        .arg(salt.iter().map(|b| format!("{b:02x}")).collect::<String>())
-        .output()
-        .expect("python3");
-    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
 }
 
 #[tokio::test]
@@ -258,7 +202,7 @@ async fn malformed_input_gets_an_error_and_others_keep_working() {
     let c = core("max_message_size = 65536", "");
     let healthy = connect(&c.info.proxy_dsn).await.expect("connect");
     // SSLRequest and GSSENCRequest are declined with 'N', then startup proceeds
-    let mut s = raw(&c);
+    let mut s = shardgate_tests::raw::connect(&c);
     s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).expect("ssl");
     let mut n = [0u8; 1];
     s.read_exact(&mut n).expect("answer");
@@ -268,47 +212,47 @@ async fn malformed_input_gets_an_error_and_others_keep_working() {
     assert_eq!(&n, b"N");
     drop(s);
     // invalid UTF-8 in the startup packet
-    let mut s = raw(&c);
-    s.write_all(&startup_packet(&[("user", b"\xff\xfe")])).expect("write");
+    let mut s = shardgate_tests::raw::connect(&c);
+    s.write_all(&shardgate_tests::raw::startup_packet(&[("user", b"\xff\xfe")])).expect("write");
     let r = read_all(s);
     assert!(contains(&r, "08P01") && contains(&r, "invalid UTF-8"), "{:?}", String::from_utf8_lossy(&r));
     // a startup length that is absurd
-    let mut s = raw(&c);
+    let mut s = shardgate_tests::raw::connect(&c);
     s.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).expect("write");
     let r = read_all(s);
     assert!(contains(&r, "08P01"), "{:?}", String::from_utf8_lossy(&r));
     // protocol 2 is refused
-    let mut s = raw(&c);
+    let mut s = shardgate_tests::raw::connect(&c);
     s.write_all(&[0, 0, 0, 9, 0, 2, 0, 0, 0]).expect("write");
     assert!(contains(&read_all(s), "0A000"));
     // no user
-    let mut s = raw(&c);
-    s.write_all(&startup_packet(&[("database", b"x")])).expect("write");
+    let mut s = shardgate_tests::raw::connect(&c);
+    s.write_all(&shardgate_tests::raw::startup_packet(&[("database", b"x")])).expect("write");
     assert!(contains(&read_all(s), "28000"));
     // after login: oversize length prefix is refused before allocating
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     s.write_all(&[b'Q', 0x7f, 0xff, 0xff, 0xf0]).expect("write");
     let r = read_all(s);
     assert!(contains(&r, "54000") && contains(&r, "exceeds server.max_message_size"), "{:?}", String::from_utf8_lossy(&r));
     // a length smaller than the length field
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     s.write_all(&[b'Q', 0, 0, 0, 2]).expect("write");
     assert!(contains(&read_all(s), "08P01"));
     // an unknown message type
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     s.write_all(&[b'?', 0, 0, 0, 4]).expect("write");
     let r = read_all(s);
     assert!(contains(&r, "08P01") && contains(&r, "invalid frontend message type"), "{:?}", String::from_utf8_lossy(&r));
     // a malformed Bind body
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     s.write_all(&[b'B', 0, 0, 0, 6, b'x', b'y']).expect("write");
     assert!(contains(&read_all(s), "08P01"));
     // a truncated frame, then the client goes away
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     s.write_all(&[b'Q', 0, 0, 1, 0, b's', b'e']).expect("write");
     drop(s);
     // a Sync with nothing before it is answered like PostgreSQL does
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     s.write_all(&[b'S', 0, 0, 0, 4]).expect("sync");
     let mut z = [0u8; 6];
     s.read_exact(&mut z).expect("ready");
@@ -534,7 +478,7 @@ fn read_until(s: &mut TcpStream, tag: u8) -> Vec<u8> {
 #[tokio::test]
 async fn messages_sent_after_an_error_and_before_sync_are_skipped_in_step() {
     let c = core("", "");
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     // batch part 1: fails at Execute; Flush so the error reaches the client before Sync is sent
     let mut out = msg(b'P', b"\0SELECT 1/0\0\0\0");
     out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
@@ -573,7 +517,7 @@ fn read_msgs_until(s: &mut TcpStream, tag: u8) -> Vec<(u8, Vec<u8>)> {
 #[tokio::test]
 async fn reusing_a_prepared_statement_name_gives_42p05_like_postgres() {
     let c = core("", "");
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     // create "dup", then Parse "dup" again in the same batch: 42P05, rest skipped until Sync
     let mut out = msg(b'P', b"dup\0SELECT 1\0\0\0");
     out.extend(msg(b'P', b"dup\0SELECT 2\0\0\0"));
@@ -674,7 +618,7 @@ fn a_close_the_server_skipped_after_an_error_leaves_the_statement_known() {
     // room for 16; an error in the batch makes the server skip the Close the proxy
     // adds to make room, so that statement must still count as prepared there
     let c = core("", "size = 1\nmax_prepared_statements = 16");
-    let mut s = raw_login(&c);
+    let mut s = shardgate_tests::raw::md5_login(&c);
     let sync = frame(b'S', &[]);
     // batch 1: sixteen statements fill the room ("s0" is the least recently used, then "s1")
     let fill: Vec<u8> = (0..16).flat_map(|i| parse_msg(&format!("s{i}"), &format!("SELECT {}", 100 + i))).collect();

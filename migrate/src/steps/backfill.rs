@@ -168,8 +168,9 @@ pub async fn run(stores: &Stores, opts: Options) -> anyhow::Result<Summary> {
 /// Fills the unique-lookup tables in `db_default` (`unique_lookups`, such as
 /// `order_no`) for the legacy rows matching `range` (a batch, the rows a
 /// repair copies), as the proxy records them for its own INSERTs:
-/// value → shard key and month. An entry already there (a dual-written row)
-/// is kept; a run that dies before its checkpoint writes the same entries again.
+/// value → shard key and month. Legacy is the primary while this runs, so its
+/// row wins over an entry already there (one left by a row deleted since); a
+/// run that dies before its checkpoint writes the same entries again.
 pub(crate) async fn record_lookups(stores: &Stores, legacy: &tokio_postgres::Client, range: &str) -> anyhow::Result<()> {
     let l = &stores.layout;
     let (t, k, time) = (&l.rule.name, &l.rule.shard_key, &l.rule.month_column);
@@ -196,7 +197,8 @@ pub(crate) async fn record_lookups(stores: &Stores, legacy: &tokio_postgres::Cli
         stores
             .default
             .execute(
-                &format!("INSERT INTO {table} (value, shard_key, month) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) ON CONFLICT (value) DO NOTHING"),
+                &format!("INSERT INTO {table} (value, shard_key, month) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[]) \
+                     ON CONFLICT (value) DO UPDATE SET shard_key = EXCLUDED.shard_key, month = EXCLUDED.month"),
                 &[&values, &keys, &months],
             )
             .await

@@ -182,7 +182,8 @@ pub async fn hold(
         let mut conn = match got {
             Ok(c) => c,
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
-                return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to shard db_{shard}")))
+                let db = if shard == engine.shards.len() { "db_default".to_string() } else { format!("shard db_{shard}") };
+                return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to {db} (pool.size connections are all in use)")));
             }
             Err(e) if shard == engine.legacy_slot() => {
                 tracing::warn!(error = %e, "legacy_db unavailable");

@@ -153,6 +153,14 @@ fn lost_default(e: impl std::fmt::Display) -> ExecError {
 pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], table: &str) -> Result<(), ExecError> {
     let meta = engine.lookups.meta(engine).await?;
     let slot_no = engine.shards.len();
+    // the same value twice in one statement
+    for (i, row) in rows.iter().enumerate() {
+        if rows[..i].iter().any(|r| r.column == row.column && r.value == row.value) {
+            if let Some(m) = find(meta, table, &row.column) {
+                return Err(duplicate(m, &row.value));
+            }
+        }
+    }
     for row in rows {
         let Some(m) = find(meta, table, &row.column) else { continue };
         let key = row.shard_key.to_string();
@@ -184,14 +192,18 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         let Some([Some(k), Some(mo), Some(mine)]) = held.as_deref().map(|r| [r[0].clone(), r[1].clone(), r[2].clone()]) else {
             return Err(ExecError::Proxy("40001", "could not serialize access: a unique value changed hands concurrently; retry the transaction".into()));
         };
-        if mine == "t" {
-            return Err(duplicate(m, &row.value));
-        }
         let (Ok(k), Some(mo)) = (k.parse::<i64>(), MonthKey::parse_suffix(&mo)) else {
             return Err(ExecError::Proxy("XX000", format!("unreadable entry in {}", m.lookup_table)));
         };
-        let conn = &mut slots[slot_no].as_mut().expect("held").conn;
-        if row_exists(engine, conn, m, &row.value, k, mo).await? {
+        let exists = if mine == "t" {
+            // written earlier in this transaction: its row, if still there, is on a
+            // connection this transaction holds (the shard's, or db_default's fallback rows)
+            own_row_exists(engine, slots, m, &row.value, k, mo).await?
+        } else {
+            let conn = &mut slots[slot_no].as_mut().expect("held").conn;
+            row_exists(engine, conn, m, &row.value, k, mo).await?
+        };
+        if exists {
             return Err(duplicate(m, &row.value));
         }
         // the entry's row is gone: the value is free, this row takes the entry
@@ -207,6 +219,37 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         }
     }
     Ok(())
+}
+
+/// Whether this transaction's own row with `value` still exists where its
+/// entry says (a later statement of the transaction may have deleted it, or a
+/// first attempt never reached the shard).
+async fn own_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &str, shard_key: i64, month: MonthKey) -> Result<bool, ExecError> {
+    let topo = engine.topology();
+    let Some(rule) = topo.tables.iter().find(|r| r.name == m.table) else { return Ok(true) };
+    let shard = shardgate_router::keys::shard_of(shardgate_router::keys::MerchantId(shard_key), topo.shard_count).0 as usize;
+    let fb = format!(
+        "SELECT 1 FROM {} WHERE {} = $1 AND target_db = $2 AND target_table = $3 AND sync_status <> 'SYNCED'",
+        rule.fallback_table(),
+        m.column
+    );
+    let target_db = format!("db_{shard}");
+    let table = rule.physical(month);
+    let checks = [(engine.shards.len(), fb), (shard, format!("SELECT 1 FROM {table} WHERE {} = $1", m.column))];
+    for (slot, q) in checks {
+        let Some(held) = slots.get_mut(slot).and_then(Option::as_mut).filter(|h| h.in_tx) else { continue };
+        let vals: Vec<Option<&str>> = if slot == shard { vec![Some(value)] } else { vec![Some(value), Some(&target_db), Some(&table)] };
+        match wire::query(&mut held.conn, &q, &vals).await {
+            Ok(Ok(r)) if !r.is_empty() => return Ok(true),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(ExecError::Server(e)),
+            Err(e) => {
+                held.conn.broken = true;
+                return Err(lost_default(e));
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Whether a row with `value` exists in the shard and month an entry names
@@ -280,14 +323,14 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
     }
 }
 
-/// Looks up `probes` (`(table, column, value)`, from
+/// Looks up `probes` (from
 /// [`shardgate_router::Analysis::lookup_probes`]) for routing a read or write.
 /// A failure only means no narrowing: the statement then goes everywhere.
 ///
 /// Inside a transaction that holds the `db_default` slot the lookup runs there
 /// (it sees the transaction's own entries, in its snapshot); else on a pool
 /// connection.
-pub async fn resolve(engine: &Engine, slots: &mut Slots, probes: &[(String, String, String)]) -> Vec<Resolved> {
+pub async fn resolve(engine: &Engine, slots: &mut Slots, probes: &[shardgate_router::Probe]) -> Vec<Resolved> {
     let Ok(meta) = engine.lookups.meta(engine).await else { return Vec::new() };
     let mut pooled;
     let conn = match slots.get_mut(engine.shards.len()).and_then(Option::as_mut) {
@@ -299,7 +342,7 @@ pub async fn resolve(engine: &Engine, slots: &mut Slots, probes: &[(String, Stri
         }
     };
     let mut out = Vec::with_capacity(probes.len());
-    for (table, column, value) in probes {
+    for shardgate_router::Probe { table, column, value, .. } in probes {
         let Some(m) = find(meta, table, column) else { continue };
         let q = format!("SELECT shard_key, month FROM {} WHERE value = $1", m.lookup_table);
         let at = match wire::query(conn, &q, &[Some(value)]).await {

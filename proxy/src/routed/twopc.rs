@@ -267,7 +267,7 @@ pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Res
     let decided = match engine.default.get().await {
         Ok(mut conn) => match wire::control(&mut conn, &decision_sql(&gid, shards)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(ExecError::Server(e)),
+            Ok(Err(e)) => Err(decision_failed(e)),
             Err(e) => {
                 conn.broken = true;
                 Err(ExecError::Proxy("08006", format!("lost db_default while recording the commit decision: {e}")))
@@ -324,7 +324,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
             // the decision did not commit (COMMIT of a failed block rolls it back)
             let _ = wire::control(&mut slots[local].as_mut().expect("held").conn, "ROLLBACK").await;
             finish(engine, slots, &remote, gid, false).await;
-            Err(ExecError::Server(e))
+            Err(decision_failed(e))
         }
         Err(e) => {
             slots[local].as_mut().expect("held").conn.broken = true;
@@ -334,6 +334,18 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
                 "lost the connection to db_default during COMMIT; the outcome is unknown (recovery applies it to every shard)".into(),
             ))
         }
+    }
+}
+
+/// The error for a decision that could not be written. A unique violation on
+/// the decision log means recovery's abort marker came first (the proxy was
+/// too slow): the transaction was rolled back, which the client must not read
+/// as a taken key.
+pub fn decision_failed(e: wire::ServerError) -> ExecError {
+    if e.code == "23505" {
+        ExecError::Proxy("40001", "could not serialize access: recovery rolled the transaction back while it was committing; retry it".into())
+    } else {
+        ExecError::Server(e)
     }
 }
 
@@ -388,6 +400,8 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
     let mut def = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
     let mut resolved = 0;
     let mut all_reachable = true;
+    // decisions whose transactions are still prepared somewhere: never cleaned up
+    let mut seen: Vec<String> = Vec::new();
     // shards, then db_default (fallback rows take part in two-phase commits as slot `shards.len()`)
     for (s, pool) in engine.shards.iter().chain(std::iter::once(&engine.default)).enumerate() {
         let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(3), pool.get()).await else {
@@ -409,6 +423,7 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
         for row in gids {
             let (Some(Some(g)), Some(Some(old))) = (row.first().cloned(), row.get(1).cloned()) else { continue };
             let Some((base, _)) = g.rsplit_once("_s") else { continue };
+            seen.push(base.to_string());
             if old != "true" {
                 let decided = wire::query(&mut def, "SELECT 1 FROM shardgate_2pc_decisions WHERE gid = $1 AND outcome = 'commit'", &[Some(base)]).await;
                 if matches!(decided, Ok(Ok(ref r)) if !r.is_empty()) {
@@ -450,7 +465,8 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
         }
     }
     if all_reachable {
-        let _ = wire::control(&mut def, "DELETE FROM shardgate_2pc_decisions WHERE decided_at < now() - interval '1 hour'").await;
+        let list = format!("{{{}}}", seen.iter().map(|g| format!("\"{g}\"")).collect::<Vec<_>>().join(","));
+        let _ = wire::query(&mut def, "DELETE FROM shardgate_2pc_decisions WHERE decided_at < now() - interval '1 hour' AND gid <> ALL($1::text[])", &[Some(&list)]).await;
     }
     Ok(resolved)
 }

@@ -272,7 +272,9 @@ impl Session {
         if let Ok(Plan::Routed(r)) = &planned {
             // `order_no = …` and other unique-lookup values: their entries say where the rows are
             if r.kind != shardgate_router::RoutedKind::Insert && r.targets.len() > 1 {
-                let probes = analysis.lookup_probes(&params);
+                let mut probes = analysis.lookup_probes(&params);
+                // a value bound with another declared type (int4, bpchar) may compare changed
+                probes.retain(|p| p.param.is_none_or(|i| text_like(bound, i)));
                 if !probes.is_empty() {
                     let found = crate::routed::lookup::resolve(&engine, &mut self.slots, &probes).await;
                     if found.iter().any(|f| f.at.is_some()) {
@@ -289,6 +291,12 @@ impl Session {
                 return Ok(Err(ExecError::Proxy(e.sqlstate(), e.to_string())));
             }
         };
+        if let Some(l) = plan.lookup_rows.iter().find(|l| l.param.is_some_and(|i| !text_like(bound, i))) {
+            return Ok(Err(ExecError::Proxy(
+                "0A000",
+                format!("{} must be bound as text or varchar (or left to the server to type): it is kept unique across shards (unique_lookups), and a value of another type is stored changed", l.column),
+            )));
+        }
         if plan.kind == shardgate_router::RoutedKind::Insert {
             let ms: Vec<_> = plan.targets.iter().flat_map(|t| t.months.iter().copied()).collect();
             if let Err(m) = months::within_window(&engine, &self.shared.config.sharding, &ms) {
@@ -454,13 +462,14 @@ impl Session {
                 let server = self.server.as_mut().expect("in a transaction block");
                 let decided = match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
                     Ok(Ok(_)) => match wire::control(server, "COMMIT").await {
-                        Ok(r) => r,
+                        // an error of the COMMIT itself (a deferred constraint) is the client's own
+                        Ok(r) => r.map_err(ExecError::Server),
                         // the decision's fate is unknown: recovery resolves it from the log
                         Err(_) => return self.server_lost().map(|_| None),
                     },
                     Ok(Err(e)) => {
                         let _ = wire::control(server, "ROLLBACK").await;
-                        Err(e)
+                        Err(twopc::decision_failed(e))
                     }
                     Err(_) => {
                         twopc::resolve(&engine, &gid, &written, false).await;
@@ -476,7 +485,7 @@ impl Session {
                     }
                     Err(e) => {
                         twopc::resolve(&engine, &gid, &written, false).await;
-                        self.cout.extend_from_slice(&e.raw);
+                        self.cout.extend_from_slice(&error_frame(&e));
                     }
                 }
                 msg::ready_for_query(&mut self.cout, b'I');
@@ -537,7 +546,7 @@ impl Session {
                     Ok(Err(e)) => {
                         twopc::resolve(&self.shared.engine, &gid, &written, false).await;
                         self.abort_default().await?;
-                        self.fail_extended(ExecError::Server(e)).await?;
+                        self.fail_extended(twopc::decision_failed(e)).await?;
                         Ok(Some(Flow::Continue))
                     }
                     Err(_) => {
@@ -930,6 +939,11 @@ impl Session {
 /// Runs a routed statement; past `server.query_timeout_ms` (0 = never) the
 /// shard connections running it get a CancelRequest, and the statement ends
 /// with the shards' 57014 as a statement on one server would.
+/// Whether bind parameter `i` is declared text-like (or left to the server).
+fn text_like(bound: &Bound, i: usize) -> bool {
+    matches!(bound.types.get(i).copied().unwrap_or(0), 0 | 25 | 1043)
+}
+
 pub(super) async fn with_query_timeout<T>(timeout_ms: u64, cancel: &crate::cancel::CancelSlot, run: impl std::future::Future<Output = T>) -> T {
     if timeout_ms == 0 {
         return run.await;
