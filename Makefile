@@ -33,6 +33,7 @@ bench: deps
 	$(CARGO) build --release --workspace --bins
 	@bash scripts/bench.sh
 	@bash scripts/bench_routed.sh
+	@bash scripts/bench_lookup.sh
 	@bash scripts/bench_sync.sh
 	@bash scripts/bench_cache.sh
 	@bash scripts/bench_migrate.sh

@@ -101,6 +101,7 @@ async fn start_background(shared: &Arc<server::Shared>) {
             if let Err(e) = routed::twopc::recover(&engine).await {
                 tracing::warn!(error = %e, "two-phase commit recovery failed");
             }
+            routed::lookup::fill(&engine).await;
             if tick.is_multiple_of(routed::months::INTERVAL.as_secs() / 30) {
                 routed::months::maintain(&engine, ahead).await;
             }
@@ -131,6 +132,11 @@ async fn start_background(shared: &Arc<server::Shared>) {
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+    });
+    let engine = shared.engine.clone();
+    tokio::spawn(async move {
+        // unique lookups: tables made, and filled from existing rows if they are new
+        routed::lookup::fill(&engine).await;
     });
     let engine = shared.engine.clone();
     tokio::spawn(async move {

@@ -272,3 +272,42 @@ async fn values_of_other_declared_types_and_reuse_inside_a_block() {
     assert_eq!(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>(), vec![5]);
     assert_eq!(copies(&c, "RE2").await, 1);
 }
+
+/// Rows already on the shards when the lookup is created (written by an older
+/// version, or straight to the shards) are filled in: their order_nos are taken,
+/// and reads by them are routed only once every row has its entry.
+#[tokio::test]
+async fn rows_from_before_the_lookup_are_filled_in() {
+    let mut c = start();
+    c.kill_proxy().expect("stop proxy");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    def.batch_execute("DROP TABLE IF EXISTS shardgate_lookup_t_order_order_no; DROP TABLE IF EXISTS shardgate_lookup_state").await.expect("no lookup yet");
+    for (shard, rows) in [(1, "(101, 'OLD1', 1), (102, 'DUPX', 9)"), (2, "(201, 'DUPX', 2), (202, 'OLD2', 10)")] {
+        let s = connect(&c.info.shards[shard]).await.expect("shard");
+        s.batch_execute(&format!("INSERT INTO t_order_202611 (id, order_no, merchant_id) SELECT * FROM (VALUES {rows}) v")).await.expect("old rows");
+    }
+    c.start_proxy().expect("start proxy");
+    let t0 = Instant::now();
+    loop {
+        let done = def.query_opt("SELECT complete FROM shardgate_lookup_state WHERE lookup_table = 'shardgate_lookup_t_order_order_no'", &[]).await.ok().flatten().is_some_and(|r| r.get::<_, bool>(0));
+        if done {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the lookup was never filled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    // an old order_no is taken for everyone
+    for no in ["OLD1", "OLD2", "DUPX"] {
+        let e = client.batch_execute(&insert(no, 5, "2026-11-02 10:00+00")).await.expect_err("taken");
+        assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{no}: {e}");
+    }
+    // reads by them answer what one table holds: the duplicate from before (both rows)
+    let n = |no: &'static str| {
+        let client = &client;
+        async move { client.query_one("SELECT count(*) FROM t_order WHERE order_no = $1", &[&no]).await.expect("read").get::<_, i64>(0) }
+    };
+    assert_eq!(n("OLD1").await, 1);
+    assert_eq!(n("OLD2").await, 1);
+    assert_eq!(n("DUPX").await, 2);
+}
