@@ -32,7 +32,7 @@ export PGPASSWORD=postgres
 cat > $DIR/routed.sql <<'SQL'
 \set m random(1, 800000)
 \set r random(1, 1000000000000)
-INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status) VALUES ('b' || :r, :m, 12.34, 'NEW') RETURNING id \gset
+INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status) VALUES (:r, :m, 12.34, 'NEW') RETURNING id \gset
 SELECT * FROM t_order WHERE merchant_id = :m AND id = :id;
 UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = :m AND id = :id;
 SQL

@@ -37,6 +37,9 @@ async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant
     let mut c = Cluster::start_temp(Options { redis: false, extra_toml: "[sharding]\nprepared_orphan_age_ms = 500\n".into(), ..Options::default() }).expect("start cluster");
     let def = connect(&c.info.default_dsn).await.expect("db_default");
     def.batch_execute("CREATE TABLE outbox (order_no text PRIMARY KEY)").await.expect("outbox");
+    let seed = connect(&c.info.proxy_dsn).await.expect("connect");
+    seed.batch_execute("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ('SEED4', 4, '2026-11-05 10:00+00')").await.expect("seed");
+    drop(seed);
     for (step, decided) in [("after_prepare", false), ("after_decision", true), ("during_commit_prepared", true)] {
         c.kill_proxy().expect("stop proxy");
         std::env::set_var("SHARDGATE_CRASH_AT", step);
@@ -61,6 +64,19 @@ async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant
         let e = client.batch_execute("COMMIT").await.expect_err("the proxy dies during the COMMIT");
         assert!(e.is_closed() || e.as_db_error().is_none(), "{step}: {e}");
         c.kill_proxy().expect("reap");
+        // an UPDATE on one shard plus an outbox row: two participants as well
+        std::env::set_var("SHARDGATE_CRASH_AT", step);
+        c.start_proxy().expect("start proxy that crashes");
+        std::env::remove_var("SHARDGATE_CRASH_AT");
+        let client = connect(&c.info.proxy_dsn).await.expect("connect");
+        let u = format!("U-{step}");
+        client.batch_execute("BEGIN").await.expect("begin");
+        let n = client.execute(&format!("UPDATE t_order SET pay_status = '{u}' WHERE merchant_id = 4 AND order_no = 'SEED4'"), &[]).await.expect("update");
+        assert_eq!(n, 1);
+        client.batch_execute(&format!("INSERT INTO outbox VALUES ('{u}')")).await.expect("outbox row");
+        let e = client.batch_execute("COMMIT").await.expect_err("the proxy dies during the COMMIT");
+        assert!(e.is_closed() || e.as_db_error().is_none(), "{step}: {e}");
+        c.kill_proxy().expect("reap");
         // restarted (prepared transactions are now older than prepared_orphan_age_ms): recovery settles them
         tokio::time::sleep(Duration::from_millis(700)).await;
         c.start_proxy().expect("restart");
@@ -77,6 +93,10 @@ async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant
         }
         let outbox: i64 = def.query_one("SELECT count(*) FROM outbox WHERE order_no = $1", &[&b]).await.expect("outbox").get(0);
         assert_eq!(outbox, want, "{step}: the outbox row commits with the order");
+        let outbox: i64 = def.query_one("SELECT count(*) FROM outbox WHERE order_no = $1", &[&u]).await.expect("outbox").get(0);
+        let shard4 = connect(&c.info.shards[4]).await.expect("db_4");
+        let updated: i64 = shard4.query_one("SELECT count(*) FROM t_order_202611 WHERE order_no = 'SEED4' AND pay_status = $1", &[&u]).await.expect("status").get(0);
+        assert_eq!((updated, outbox), (want, want), "{step}: the update and the outbox row commit together");
         // and the order_no is taken exactly when the order exists
         let client = connect(&c.info.proxy_dsn).await.expect("connect");
         let r = client.batch_execute(&format!("INSERT INTO t_order (order_no, merchant_id) VALUES ('{a1}', 9)")).await;

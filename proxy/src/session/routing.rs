@@ -415,7 +415,10 @@ impl Session {
         self.flush_secondaries().await;
         let in_tx = self.shards_in_block();
         let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
-        if written.len() <= 1 {
+        // one written shard commits alone, unless the client's own db_default transaction
+        // wrote too (an order update plus an outbox row): then both take part in two-phase
+        // commit, the decision riding on the client's COMMIT
+        if written.is_empty() || (written.len() == 1 && !self.default_wrote().await) {
             let r = twopc::commit_each(&mut self.slots, &in_tx).await;
             exec::release(&mut self.slots);
             return r.map(|()| None);
@@ -426,6 +429,16 @@ impl Session {
         let r = twopc::prepare(&self.shared.engine, &mut self.slots, &written, &gid).await;
         exec::release(&mut self.slots);
         r.map(|()| Some((gid, written)))
+    }
+
+    /// Whether the client's `db_default` transaction has written anything (it has
+    /// a transaction id). Unknown counts as written: two-phase commit is never wrong.
+    async fn default_wrote(&mut self) -> bool {
+        let Some(server) = self.server.as_mut() else { return false };
+        match wire::control(server, "SELECT (pg_current_xact_id_if_assigned() IS NOT NULL)::text").await {
+            Ok(Ok(rows)) => rows.first().cloned().flatten().as_deref() != Some("false"),
+            _ => true,
+        }
     }
 
     /// COMMIT / ROLLBACK / savepoints while shards take part (simple protocol).
