@@ -92,9 +92,12 @@ async fn start_background(shared: &Arc<server::Shared>) {
     let mut shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let mut tick = 0u64;
+        // every 5 s: a decided commit another proxy could not finish on a shard is
+        // applied here within that time (recovery is a read of pg_prepared_xacts per shard)
+        const EVERY: u64 = 5;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(EVERY)) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
             tick += 1;
@@ -102,7 +105,7 @@ async fn start_background(shared: &Arc<server::Shared>) {
                 tracing::warn!(error = %e, "two-phase commit recovery failed");
             }
             routed::lookup::fill(&engine).await;
-            if tick.is_multiple_of(routed::months::INTERVAL.as_secs() / 30) {
+            if tick.is_multiple_of(routed::months::INTERVAL.as_secs() / EVERY) {
                 routed::months::maintain(&engine, ahead).await;
             }
         }
