@@ -55,8 +55,8 @@ pub fn pbe(sql: &str) -> Vec<u8> {
     pbe_typed(sql, &[], &[])
 }
 
-/// Reads messages up to and including ReadyForQuery: `(tag, body)` each.
-pub fn read_until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+/// Reads messages up to and including the first one with `tag`: `(tag, body)` each.
+pub fn read_msgs_until(s: &mut TcpStream, tag: u8) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
     loop {
         let mut hdr = [0u8; 5];
@@ -64,12 +64,17 @@ pub fn read_until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
         let len = i32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
         let mut body = vec![0u8; len - 4];
         s.read_exact(&mut body).expect("message body");
-        let done = hdr[0] == b'Z';
+        let done = hdr[0] == tag;
         out.push((hdr[0], body));
         if done {
             return out;
         }
     }
+}
+
+/// Reads messages up to and including ReadyForQuery: `(tag, body)` each.
+pub fn read_until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    read_msgs_until(s, b'Z')
 }
 
 /// The SQLSTATE of the first ErrorResponse among `msgs`.

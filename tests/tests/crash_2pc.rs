@@ -32,6 +32,14 @@ async fn prepared_left(c: &Cluster) -> i64 {
     n
 }
 
+/// Starts the proxy with a fault hook (`SHARDGATE_CRASH_AT` / `SHARDGATE_PAUSE_AT`)
+/// set in its environment; this process's environment is left without it.
+fn start_faulty(c: &mut Cluster, var: &str, value: &str) {
+    std::env::set_var(var, value);
+    c.start_proxy().expect("start proxy with a fault hook");
+    std::env::remove_var(var);
+}
+
 #[tokio::test]
 async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant_the_same() {
     let mut c = Cluster::start_temp(Options { redis: false, extra_toml: "[sharding]\nprepared_orphan_age_ms = 500\n".into(), ..Options::default() }).expect("start cluster");
@@ -42,9 +50,7 @@ async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant
     drop(seed);
     for (step, decided) in [("after_prepare", false), ("after_decision", true), ("during_commit_prepared", true)] {
         c.kill_proxy().expect("stop proxy");
-        std::env::set_var("SHARDGATE_CRASH_AT", step);
-        c.start_proxy().expect("start proxy that crashes");
-        std::env::remove_var("SHARDGATE_CRASH_AT");
+        start_faulty(&mut c, "SHARDGATE_CRASH_AT", step);
         // a statement outside a block over two shards (plus db_default's lookup entries)
         let client = connect(&c.info.proxy_dsn).await.expect("connect");
         let (a1, a2) = (format!("A-{step}-1"), format!("A-{step}-2"));
@@ -53,9 +59,7 @@ async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant
         assert!(e.is_closed() || e.as_db_error().is_none(), "{step}: a lost connection, not an answer: {e}");
         c.kill_proxy().expect("reap");
         // an order plus an outbox row in one block (the local-message-table pattern)
-        std::env::set_var("SHARDGATE_CRASH_AT", step);
-        c.start_proxy().expect("start proxy that crashes");
-        std::env::remove_var("SHARDGATE_CRASH_AT");
+        start_faulty(&mut c, "SHARDGATE_CRASH_AT", step);
         let client = connect(&c.info.proxy_dsn).await.expect("connect");
         let b = format!("B-{step}");
         client.batch_execute("BEGIN").await.expect("begin");
@@ -65,9 +69,7 @@ async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant
         assert!(e.is_closed() || e.as_db_error().is_none(), "{step}: {e}");
         c.kill_proxy().expect("reap");
         // an UPDATE on one shard plus an outbox row: two participants as well
-        std::env::set_var("SHARDGATE_CRASH_AT", step);
-        c.start_proxy().expect("start proxy that crashes");
-        std::env::remove_var("SHARDGATE_CRASH_AT");
+        start_faulty(&mut c, "SHARDGATE_CRASH_AT", step);
         let client = connect(&c.info.proxy_dsn).await.expect("connect");
         let u = format!("U-{step}");
         client.batch_execute("BEGIN").await.expect("begin");
@@ -111,9 +113,7 @@ async fn a_proxy_killed_at_any_step_of_two_phase_commit_leaves_every_participant
     // COMMIT (the decision is durable), and once the shard is back its rows are there
     // for the very first read, before any periodic recovery
     c.kill_proxy().expect("stop proxy");
-    std::env::set_var("SHARDGATE_PAUSE_AT", "after_decision=3000");
-    c.start_proxy().expect("start pausing proxy");
-    std::env::remove_var("SHARDGATE_PAUSE_AT");
+    start_faulty(&mut c, "SHARDGATE_PAUSE_AT", "after_decision=3000");
     let client = connect(&c.info.proxy_dsn).await.expect("connect");
     let insert = tokio::spawn(async move {
         client.batch_execute("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ('P-0', 8, '2026-11-05 10:00+00'), ('P-1', 1, '2026-11-05 10:00+00')").await

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use shardgate_tests::raw::{frame, read_msgs_until};
 use shardgate_tests::{connect, sqlstate, Cluster, Options, APP_USER, MD5_USER};
 
 fn core(server_toml: &str, pool_toml: &str) -> Cluster {
@@ -463,13 +464,6 @@ fn psycopg3_and_asyncpg_normal_prepared_and_pipeline() {
     assert!(out.status.success() && text.contains("clients ok"), "{text}\n--- proxy log ---\n{}", c.proxy_log());
 }
 
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
 /// Reads messages until one with `tag` arrives; returns all tags seen.
 fn read_until(s: &mut TcpStream, tag: u8) -> Vec<u8> {
     read_msgs_until(s, tag).into_iter().map(|(t, _)| t).collect()
@@ -480,49 +474,34 @@ async fn messages_sent_after_an_error_and_before_sync_are_skipped_in_step() {
     let c = core("", "");
     let mut s = shardgate_tests::raw::md5_login(&c);
     // batch part 1: fails at Execute; Flush so the error reaches the client before Sync is sent
-    let mut out = msg(b'P', b"\0SELECT 1/0\0\0\0");
-    out.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-    out.extend(msg(b'E', b"\0\0\0\0\0"));
-    out.extend(msg(b'H', b""));
+    let mut out = frame(b'P', b"\0SELECT 1/0\0\0\0");
+    out.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend(frame(b'E', b"\0\0\0\0\0"));
+    out.extend(frame(b'H', b""));
     s.write_all(&out).expect("write");
     assert_eq!(read_until(&mut s, b'E'), b"1E", "ParseComplete, then the error (1/0 is folded when Bind plans)");
     // part 2 of the same batch: the server skips all of it, then answers the Sync
-    let mut out = msg(b'P', b"named\0SELECT 1\0\0\0");
-    out.extend(msg(b'P', b"\0SELECT 2\0\0\0"));
-    out.extend(msg(b'C', b"Snamed\0"));
-    out.extend(msg(b'S', b""));
+    let mut out = frame(b'P', b"named\0SELECT 1\0\0\0");
+    out.extend(frame(b'P', b"\0SELECT 2\0\0\0"));
+    out.extend(frame(b'C', b"Snamed\0"));
+    out.extend(frame(b'S', b""));
     s.write_all(&out).expect("write");
     assert_eq!(read_until(&mut s, b'Z'), b"Z");
     // the session is in step: a query afterwards is answered normally
-    s.write_all(&msg(b'Q', b"SELECT 7\0")).expect("write");
+    s.write_all(&frame(b'Q', b"SELECT 7\0")).expect("write");
     assert_eq!(read_until(&mut s, b'Z'), b"TDCZ");
 }
 
-/// Reads messages until one with `tag` arrives; returns (tag, body) of each.
-fn read_msgs_until(s: &mut TcpStream, tag: u8) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    loop {
-        let mut hdr = [0u8; 5];
-        s.read_exact(&mut hdr).expect("message header");
-        let len = i32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).expect("message body");
-        out.push((hdr[0], body));
-        if hdr[0] == tag {
-            return out;
-        }
-    }
-}
 
 #[tokio::test]
 async fn reusing_a_prepared_statement_name_gives_42p05_like_postgres() {
     let c = core("", "");
     let mut s = shardgate_tests::raw::md5_login(&c);
     // create "dup", then Parse "dup" again in the same batch: 42P05, rest skipped until Sync
-    let mut out = msg(b'P', b"dup\0SELECT 1\0\0\0");
-    out.extend(msg(b'P', b"dup\0SELECT 2\0\0\0"));
-    out.extend(msg(b'P', b"\0SELECT 3\0\0\0"));
-    out.extend(msg(b'S', b""));
+    let mut out = frame(b'P', b"dup\0SELECT 1\0\0\0");
+    out.extend(frame(b'P', b"dup\0SELECT 2\0\0\0"));
+    out.extend(frame(b'P', b"\0SELECT 3\0\0\0"));
+    out.extend(frame(b'S', b""));
     s.write_all(&out).expect("write");
     let got = read_msgs_until(&mut s, b'Z');
     let tags: Vec<u8> = got.iter().map(|(t, _)| *t).collect();
@@ -530,27 +509,27 @@ async fn reusing_a_prepared_statement_name_gives_42p05_like_postgres() {
     let err = String::from_utf8_lossy(&got[1].1).to_string();
     assert!(err.contains("C42P05") && err.contains("prepared statement \"dup\" already exists"), "{err}");
     // the original statement still works
-    let mut out = msg(b'B', b"\0dup\0\0\0\0\0\0\0");
-    out.extend(msg(b'E', b"\0\0\0\0\0"));
-    out.extend(msg(b'S', b""));
+    let mut out = frame(b'B', b"\0dup\0\0\0\0\0\0\0");
+    out.extend(frame(b'E', b"\0\0\0\0\0"));
+    out.extend(frame(b'S', b""));
     s.write_all(&out).expect("write");
     let got = read_msgs_until(&mut s, b'Z');
     let tags: Vec<u8> = got.iter().map(|(t, _)| *t).collect();
     assert_eq!(tags, b"2DCZ");
     assert_eq!(got[1].1, b"\0\x01\0\0\0\x011", "the first definition (SELECT 1) answers");
     // inside a transaction block the duplicate aborts the transaction, as in PostgreSQL
-    s.write_all(&msg(b'Q', b"BEGIN\0")).expect("write");
+    s.write_all(&frame(b'Q', b"BEGIN\0")).expect("write");
     read_until(&mut s, b'Z');
-    let mut out = msg(b'P', b"dup\0SELECT 9\0\0\0");
-    out.extend(msg(b'S', b""));
+    let mut out = frame(b'P', b"dup\0SELECT 9\0\0\0");
+    out.extend(frame(b'S', b""));
     s.write_all(&out).expect("write");
     let got = read_msgs_until(&mut s, b'Z');
     assert_eq!(got.iter().map(|(t, _)| *t).collect::<Vec<_>>(), b"EZ");
     assert_eq!(got[1].1, b"E", "transaction is aborted");
-    s.write_all(&msg(b'Q', b"SELECT 1\0")).expect("write");
+    s.write_all(&frame(b'Q', b"SELECT 1\0")).expect("write");
     let got = read_msgs_until(&mut s, b'Z');
     assert!(String::from_utf8_lossy(&got[0].1).contains("C25P02"), "commands are refused until ROLLBACK");
-    s.write_all(&msg(b'Q', b"ROLLBACK\0")).expect("write");
+    s.write_all(&frame(b'Q', b"ROLLBACK\0")).expect("write");
     let got = read_msgs_until(&mut s, b'Z');
     assert_eq!(got.last().map(|(_, b)| b.clone()), Some(b"I".to_vec()));
 }
@@ -574,13 +553,6 @@ async fn a_server_connection_keeps_at_most_max_prepared_statements_closing_the_l
     // the server session behind the proxy holds no more than the cap (this query's own statement included)
     let n: i64 = client.query_one("SELECT count(*) FROM pg_prepared_statements", &[]).await.expect("count").get(0);
     assert!((1..=16).contains(&n), "{n} statements prepared on the server");
-}
-
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
 }
 
 /// Parse of `name` (no parameter types).

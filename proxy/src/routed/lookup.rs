@@ -252,18 +252,29 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
     Ok(())
 }
 
+/// The sharded table of an entry and the shard its shard key picks.
+fn place<'e>(engine: &'e Engine, m: &Meta, shard_key: i64) -> Option<(&'e TableRule, usize)> {
+    let topo = engine.topology();
+    let rule = topo.tables.iter().find(|r| r.name == m.table)?;
+    Some((rule, shardgate_router::keys::shard_of(shardgate_router::keys::MerchantId(shard_key), topo.shard_count).0 as usize))
+}
+
+/// A fallback row (written while its shard was down, not yet home) with value
+/// `$1` for shard `$2`, month table `$3`.
+fn fallback_query(rule: &TableRule, m: &Meta) -> String {
+    format!(
+        "SELECT 1 FROM {} WHERE {} = $1 AND target_db = $2 AND target_table = $3 AND sync_status <> 'SYNCED'",
+        rule.fallback_table(),
+        m.column
+    )
+}
+
 /// Whether this transaction's own row with `value` still exists where its
 /// entry says (a later statement of the transaction may have deleted it, or a
 /// first attempt never reached the shard).
 async fn own_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &str, shard_key: i64, month: MonthKey) -> Result<bool, ExecError> {
-    let topo = engine.topology();
-    let Some(rule) = topo.tables.iter().find(|r| r.name == m.table) else { return Ok(true) };
-    let shard = shardgate_router::keys::shard_of(shardgate_router::keys::MerchantId(shard_key), topo.shard_count).0 as usize;
-    let fb = format!(
-        "SELECT 1 FROM {} WHERE {} = $1 AND target_db = $2 AND target_table = $3 AND sync_status <> 'SYNCED'",
-        rule.fallback_table(),
-        m.column
-    );
+    let Some((rule, shard)) = place(engine, m, shard_key) else { return Ok(true) };
+    let fb = fallback_query(rule, m);
     let target_db = format!("db_{shard}");
     let table = rule.physical(month);
     let checks = [(engine.shards.len(), fb), (shard, format!("SELECT 1 FROM {table} WHERE {} = $1", m.column))];
@@ -287,9 +298,7 @@ async fn own_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &st
 /// (its unsynced fallback rows included). Waits first for the two-phase
 /// commits in progress on that shard: one may be applying the entry's row.
 async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &Meta, value: &str, shard_key: i64, month: MonthKey) -> Result<bool, ExecError> {
-    let topo = engine.topology();
-    let Some(rule) = topo.tables.iter().find(|r| r.name == m.table) else { return Ok(true) };
-    let shard = shardgate_router::keys::shard_of(shardgate_router::keys::MerchantId(shard_key), topo.shard_count).0 as usize;
+    let Some((rule, shard)) = place(engine, m, shard_key) else { return Ok(true) };
     let unknown = || {
         ExecError::Proxy(
             "57P03",
@@ -298,11 +307,7 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
     };
     // rows written while the shard was down, not yet moved home (on the caller's
     // db_default connection: a small pool may have no other)
-    let fb = format!(
-        "SELECT 1 FROM {} WHERE {} = $1 AND target_db = $2 AND target_table = $3 AND sync_status <> 'SYNCED'",
-        rule.fallback_table(),
-        m.column
-    );
+    let fb = fallback_query(rule, m);
     let target_db = format!("db_{shard}");
     match wire::query(def, &fb, &[Some(value), Some(&target_db), Some(&rule.physical(month))]).await {
         Ok(Ok(r)) if !r.is_empty() => return Ok(true),
