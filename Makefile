@@ -12,10 +12,10 @@ build:
 	$(CARGO) build --workspace --bins
 
 up: deps build
-	@./target/debug/devcluster --dir $(DEV) up
+	@./target/debug/devcluster --dir $(DEV) --tls up
 	@echo
 	@echo "-- a query through shardgate:"
-	@psql "$$(jq -r .proxy_dsn $(DEV)/cluster.json)" -c 'select version()' -c "select 'shardgate is serving' as status"
+	@psql "$$(jq -r .proxy_dsn $(DEV)/cluster.json)" -c 'select version()' -c "select 'shardgate is serving' as status" -c '\conninfo'
 
 down:
 	@if [ -x ./target/debug/devcluster ]; then ./target/debug/devcluster --dir $(DEV) down; else echo "nothing to stop"; fi

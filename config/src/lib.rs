@@ -3,6 +3,7 @@
 
 mod error;
 mod model;
+pub mod tls;
 
 pub use error::ConfigError;
 pub use model::*;
@@ -23,6 +24,41 @@ pub struct Dsn {
     pub password: Option<String>,
     /// Database name.
     pub dbname: String,
+    /// TLS to this server (`?sslmode=`; default `disable`).
+    pub sslmode: SslMode,
+    /// PEM file of the CA that signed the server's certificate (`?sslrootcert=`).
+    pub sslrootcert: Option<String>,
+}
+
+/// How a connection to a PostgreSQL server uses TLS, as libpq's `sslmode`
+/// (`allow` is not offered: it only ever falls back the other way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Plain TCP (shardgate's default; set `verify-full` in production).
+    #[default]
+    Disable,
+    /// TLS when the server offers it, without verifying the certificate; else plain.
+    Prefer,
+    /// TLS or fail; the certificate is verified only when `sslrootcert` is given (as libpq).
+    Require,
+    /// TLS, certificate chain verified against `sslrootcert`.
+    VerifyCa,
+    /// TLS, chain verified and the host name (or IP) must match the certificate.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// Parses libpq's names.
+    pub fn parse(s: &str) -> Result<SslMode, String> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => return Err(format!("sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full")),
+        })
+    }
 }
 
 /// A URL with its password replaced, for Debug output and logs.
@@ -39,7 +75,11 @@ pub fn redact_url(s: &str) -> String {
 
 impl std::fmt::Debug for Dsn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)?;
+        if self.sslmode != SslMode::Disable {
+            write!(f, "?sslmode={:?}", self.sslmode)?;
+        }
+        Ok(())
     }
 }
 
@@ -65,12 +105,31 @@ impl Dsn {
                 .map(|(_, v)| v.into_owned())
                 .ok_or_else(|| "cannot decode".to_string())
         };
+        let mut sslmode = SslMode::Disable;
+        let mut sslrootcert = None;
+        for (k, v) in url.query_pairs() {
+            match k.as_ref() {
+                "sslmode" => sslmode = SslMode::parse(&v)?,
+                "sslrootcert" => sslrootcert = Some(v.into_owned()),
+                other => return Err(format!("unknown DSN parameter `{other}` (shardgate reads sslmode and sslrootcert)")),
+            }
+        }
+        if matches!(sslmode, SslMode::VerifyCa | SslMode::VerifyFull) && sslrootcert.is_none() {
+            return Err(format!("sslmode {} needs sslrootcert=<CA file>", if sslmode == SslMode::VerifyCa { "verify-ca" } else { "verify-full" }));
+        }
+        if let Some(path) = &sslrootcert {
+            if !Path::new(path).is_file() {
+                return Err(format!("sslrootcert `{path}` is not a readable file"));
+            }
+        }
         Ok(Dsn {
             host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
             port: url.port().unwrap_or(5432),
             user: decode(user)?,
             password: url.password().map(decode).transpose()?,
             dbname: decode(dbname)?,
+            sslmode,
+            sslrootcert,
         })
     }
 }
@@ -217,6 +276,20 @@ impl Config {
                 return Err(ConfigError::invalid("ids.worker_id", format!("{w} is out of range 0..=63")));
             }
         }
+        match (&self.server.tls_cert_file, &self.server.tls_key_file) {
+            (Some(c), Some(k)) => {
+                for (key, path) in [("server.tls_cert_file", c), ("server.tls_key_file", k)] {
+                    if !Path::new(path).is_file() {
+                        return Err(ConfigError::invalid(key, format!("`{path}` is not a readable file")));
+                    }
+                }
+            }
+            (None, None) if self.server.require_tls => {
+                return Err(ConfigError::invalid("server.require_tls", "needs server.tls_cert_file and server.tls_key_file"));
+            }
+            (None, None) => {}
+            _ => return Err(ConfigError::invalid("server.tls_cert_file", "give both tls_cert_file and tls_key_file, or neither")),
+        }
         if self.server.max_unauthenticated == 0 || self.server.login_timeout_ms < 100 {
             return Err(ConfigError::invalid("server", "max_unauthenticated must be at least 1 and login_timeout_ms at least 100"));
         }
@@ -232,9 +305,16 @@ impl Config {
         }
         if let Some(r) = &self.redis {
             match url::Url::parse(&r.url) {
-                Ok(u) if u.scheme() == "redis" => {}
-                Ok(u) if u.scheme() == "rediss" => return Err(ConfigError::invalid("redis.url", "TLS to Redis (rediss://) is not supported; use redis://")),
-                _ => return Err(ConfigError::invalid("redis.url", format!("`{}` is not a redis:// URL", r.url))),
+                Ok(u) if u.scheme() == "redis" && r.tls_ca_file.is_some() => {
+                    return Err(ConfigError::invalid("redis.tls_ca_file", "is set but redis.url is not rediss://"));
+                }
+                Ok(u) if u.scheme() == "redis" || u.scheme() == "rediss" => {}
+                _ => return Err(ConfigError::invalid("redis.url", format!("`{}` is not a redis:// or rediss:// URL", crate::redact_url(&r.url)))),
+            }
+            if let Some(ca) = &r.tls_ca_file {
+                if !Path::new(ca).is_file() {
+                    return Err(ConfigError::invalid("redis.tls_ca_file", format!("`{ca}` is not a readable file")));
+                }
             }
         }
         if self.cache.ttl_jitter_percent > 50 {
@@ -417,6 +497,44 @@ mod tests {
         let d = Dsn::parse("postgresql://us%40r:p%3Ass@127.0.0.1:5433/db_1").expect("dsn");
         assert_eq!((d.user.as_str(), d.password.as_deref(), d.port, d.dbname.as_str()), ("us@r", Some("p:ss"), 5433, "db_1"));
         assert!(!format!("{d:?}").contains("p:ss"));
+    }
+
+    #[test]
+    fn dsn_sslmode_follows_libpq_and_checks_its_ca_file() {
+        assert_eq!(Dsn::parse("postgres://u@h/db").expect("dsn").sslmode, SslMode::Disable);
+        assert_eq!(Dsn::parse("postgres://u@h/db?sslmode=require").expect("dsn").sslmode, SslMode::Require);
+        assert_eq!(Dsn::parse("postgres://u@h/db?sslmode=prefer").expect("dsn").sslmode, SslMode::Prefer);
+        let ca = tempfile_path("ca.crt");
+        let d = Dsn::parse(&format!("postgres://u@h/db?sslmode=verify-full&sslrootcert={ca}")).expect("dsn");
+        assert_eq!((d.sslmode, d.sslrootcert.as_deref()), (SslMode::VerifyFull, Some(ca.as_str())));
+        for (bad, why) in [
+            ("postgres://u@h/db?sslmode=allow", "not one of"),
+            ("postgres://u@h/db?sslmode=verify-full", "needs sslrootcert"),
+            ("postgres://u@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.crt", "not a readable file"),
+            ("postgres://u@h/db?connect_timeout=3", "unknown DSN parameter"),
+        ] {
+            let e = Dsn::parse(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    fn tempfile_path(name: &str) -> String {
+        let p = std::env::temp_dir().join(format!("shardgate-config-test-{}-{name}", std::process::id()));
+        std::fs::write(&p, "not read by Dsn::parse").expect("write temp file");
+        p.display().to_string()
+    }
+
+    #[test]
+    fn tls_settings_need_both_files_and_require_tls_needs_them() {
+        let base = EXAMPLE.to_string();
+        let with = |extra: &str| base.replacen("[server]\n", &format!("[server]\n{extra}\n"), 1);
+        let e = Config::from_toml(&base.replace("require_tls = false", "require_tls = true"), "t").expect_err("require_tls alone");
+        assert!(e.to_string().contains("server.require_tls"), "{e}");
+        let cert = tempfile_path("cert.pem");
+        let e = Config::from_toml(&with(&format!("tls_cert_file = \"{cert}\"")), "t").expect_err("cert without key");
+        assert!(e.to_string().contains("both"), "{e}");
+        let e = Config::from_toml(&base.replace("url = \"redis://127.0.0.1:6379\"", "url = \"redis://127.0.0.1:6379\"\ntls_ca_file = \"/nonexistent\""), "t").expect_err("CA for plain redis");
+        assert!(e.to_string().contains("redis.tls_ca_file"), "{e}");
     }
 
     #[test]

@@ -118,6 +118,13 @@ pub struct ServerConfig {
     /// fails with 54000 and a hint. Streams (single shard, plain and ordered
     /// concatenations) are not limited.
     pub max_merge_rows: usize,
+    /// PEM file with the certificate chain the proxy presents to TLS clients
+    /// (with `tls_key_file`; both unset: SSLRequest is answered `N`).
+    pub tls_cert_file: Option<String>,
+    /// PEM file with the private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<String>,
+    /// Refuse clients that did not negotiate TLS (28000, before authentication).
+    pub require_tls: bool,
     /// Most bytes of rows one client portal of a sharded table may hold
     /// between Executes with a row limit (pgjdbc fetch size, asyncpg
     /// cursors): the answer is read whole and handed out in parts; above it
@@ -144,6 +151,9 @@ impl Default for ServerConfig {
             worker_threads: 0,
             max_merge_rows: 1_000_000,
             max_portal_bytes: 64 * 1024 * 1024,
+            tls_cert_file: None,
+            tls_key_file: None,
+            require_tls: false,
         }
     }
 }
@@ -405,13 +415,17 @@ impl Default for FallbackConfig {
 #[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]`.
+    /// `redis://host:port[/db]`, or `rediss://…` for TLS (the server's
+    /// certificate is verified against `tls_ca_file`, else the system roots).
     pub url: String,
+    /// PEM file of the CA that signed Redis's certificate (`rediss://` only).
+    #[serde(default)]
+    pub tls_ca_file: Option<String>,
 }
 
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfig").field("url", &crate::redact_url(&self.url)).finish()
+        f.debug_struct("RedisConfig").field("url", &crate::redact_url(&self.url)).field("tls_ca_file", &self.tls_ca_file).finish()
     }
 }
 

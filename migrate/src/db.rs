@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context as _};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use jiff::tz::TimeZone;
-use shardgate_config::{Config, Dsn};
+use shardgate_config::{Config, Dsn, SslMode};
 use shardgate_router::month::MonthKey;
 use shardgate_router::{TableRule, Topology};
 use tokio_postgres::{Client, NoTls};
@@ -14,20 +14,36 @@ use tokio_postgres::{Client, NoTls};
 /// Opens one connection with the settings every comparison relies on
 /// (UTC text timestamps, ISO dates, shortest exact floats).
 pub async fn connect(dsn: &Dsn, what: &str) -> anyhow::Result<Client> {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&dsn.host).port(dsn.port).user(&dsn.user).dbname(&dsn.dbname).application_name("shardgate-migrate");
-    cfg.connect_timeout(std::time::Duration::from_secs(5));
-    if let Some(p) = &dsn.password {
-        cfg.password(p);
-    }
-    let (client, conn) = cfg.connect(NoTls).await.with_context(|| format!("connecting to {what} ({dsn:?})"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let client = open(dsn, "shardgate-migrate").await.with_context(|| format!("connecting to {what} ({dsn:?})"))?;
     client
         .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 1; SET statement_timeout = 0")
         .await
         .with_context(|| format!("setting up the session on {what}"))?;
+    Ok(client)
+}
+
+/// Opens a tokio-postgres connection (TLS as the DSN's `sslmode` says, with
+/// rustls) and drives it in the background.
+pub async fn open(dsn: &Dsn, application_name: &str) -> anyhow::Result<Client> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&dsn.host).port(dsn.port).user(&dsn.user).dbname(&dsn.dbname).application_name(application_name);
+    cfg.connect_timeout(std::time::Duration::from_secs(5));
+    if let Some(p) = &dsn.password {
+        cfg.password(p);
+    }
+    if dsn.sslmode == SslMode::Disable {
+        let (client, conn) = cfg.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(client);
+    }
+    cfg.ssl_mode(if dsn.sslmode == SslMode::Prefer { tokio_postgres::config::SslMode::Prefer } else { tokio_postgres::config::SslMode::Require });
+    let tls = shardgate_config::tls::client_config(dsn.sslmode, dsn.sslrootcert.as_deref()).map_err(|e| anyhow!(e))?;
+    let (client, conn) = cfg.connect(tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone())).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
     Ok(client)
 }
 

@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod routed;
 pub mod server;
 pub mod session;
+pub mod stream;
 
 use std::sync::Arc;
 

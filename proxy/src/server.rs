@@ -38,6 +38,8 @@ pub struct Shared {
     pub engine: Arc<crate::routed::Engine>,
     /// The merchant-info cache.
     pub cache: Arc<crate::cache::Cache>,
+    /// TLS for clients (`server.tls_cert_file`), if configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Logged-in clients, for `SHOW CLIENTS`.
     pub sessions: std::sync::Mutex<HashMap<u64, ClientInfo>>,
     next_session: std::sync::atomic::AtomicU64,
@@ -78,8 +80,13 @@ impl Shared {
         // has a pool of its own: client sessions holding every session connection cannot starve it
         let internal = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
         let engine = Arc::new(crate::routed::Engine::new(&config, internal)?);
-        let cache = crate::cache::Cache::new(&config.cache, config.redis.as_ref().map(|r| r.url.as_str()), engine.clone())?;
+        let cache = crate::cache::Cache::new(&config.cache, config.redis.as_ref(), engine.clone())?;
+        let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+            (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(shardgate_config::tls::server_config(cert, key).map_err(anyhow::Error::msg)?)),
+            _ => None,
+        };
         Ok(Shared {
+            tls,
             config,
             users,
             mock_key: rand::random(),
@@ -143,6 +150,7 @@ impl Shared {
 async fn refuse_login(stream: tokio::net::TcpStream) {
     let mut out = bytes::BytesMut::new();
     crate::protocol::backend::error_response(&mut out, crate::protocol::backend::Severity::Fatal, "53300", "sorry, too many connections are logging in");
+    let stream = crate::stream::Stream::Tcp(stream);
     let _ = tokio::time::timeout(Duration::from_secs(1), crate::session::write_all(&stream, &out)).await;
 }
 

@@ -20,6 +20,8 @@ use deadpool::managed::{Object, PoolError, TimeoutType};
 use shardgate_config::{AuthMethod, PoolMode};
 use shardgate_router::{SettingChange, session_effect, SessionEffect};
 use tokio::net::TcpStream;
+
+use crate::stream::Stream;
 use tracing::{debug, info, warn};
 
 use crate::auth::{verify_md5, ScramSecret, ScramServer};
@@ -31,7 +33,7 @@ use crate::error::ProxyError;
 use crate::metrics as m;
 use crate::protocol::backend::{self as msg, parse_error_fields, parse_parameter_status, Severity};
 use crate::protocol::codec::{frame_total, put_message, split_frame, split_startup, Frame, FrameError, FrameRef};
-use crate::protocol::frontend::{parse_startup, Bind, Parse, SaslInitial, StartupPacket, Target};
+use crate::protocol::frontend::{parse_startup, Bind, Parse, SaslInitial, StartupPacket, Target, GSSENC_REQUEST, SSL_REQUEST};
 use crate::server::Shared;
 
 mod admin_sql;
@@ -147,9 +149,45 @@ pub async fn run(
     state: Arc<std::sync::atomic::AtomicU8>,
 ) {
     let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut cin = BytesMut::with_capacity(8 * 1024);
-    let login_timeout = Duration::from_millis(shared.config.server.login_timeout_ms);
-    let start = tokio::time::timeout(login_timeout, startup(&shared, &stream, &mut cin, &limit)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(shared.config.server.login_timeout_ms);
+    // encryption first (a client too slow to finish its TLS handshake is simply closed)
+    let plain = Stream::Tcp(stream);
+    let start = match tokio::time::timeout_at(deadline, encryption_request(&shared, &plain, &mut cin)).await {
+        Ok(Ok(Encryption::Plain)) => Ok(plain),
+        Ok(Ok(Encryption::Tls(acceptor))) => {
+            let Stream::Tcp(tcp) = plain else { unreachable!("built plain above") };
+            match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => match crate::stream::relay(tls) {
+                    Ok(s) => Ok(s),
+                    Err(e) => {
+                        warn!(error = %e, "cannot relay a TLS session");
+                        return;
+                    }
+                },
+                Ok(Err(e)) => {
+                    debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        Ok(Ok(Encryption::Close)) => return,
+        Ok(Err(e)) => {
+            debug!(error = %e, "startup failed");
+            return;
+        }
+        Err(_) => Err(plain),
+    };
+    let stream = match start {
+        Ok(s) => s,
+        Err(plain) => {
+            let _ = write_fatal(&plain, "08006", "timeout during startup or authentication").await;
+            return;
+        }
+    };
+    let start = tokio::time::timeout_at(deadline, startup(&shared, &stream, &mut cin, &limit)).await;
     if state.compare_exchange(LOGGING_IN, LOGGED_IN, std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire).is_err() {
         // evicted to make room for a newer login: the task is being aborted
         return;
@@ -171,12 +209,51 @@ pub async fn run(
     let _place = login.permit.take();
     info!(user = %login.user, "client connected");
     metrics::gauge!(m::CLIENT_CONNECTIONS).increment(1.0);
-    let id = shared.register_session(&login.user, stream.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+    let id = shared.register_session(&login.user, peer);
     let mut s = Session::new(shared.clone(), stream, cin, login);
     let end = s.run_loop().await;
     s.finish(end).await;
     shared.unregister_session(id);
     metrics::gauge!(m::CLIENT_CONNECTIONS).decrement(1.0);
+}
+
+/// What the client asked for before its startup packet.
+enum Encryption {
+    /// Nothing (or encryption we declined): the startup packet is in `cin`.
+    Plain,
+    /// TLS, answered `S`: the handshake comes next.
+    Tls(tokio_rustls::TlsAcceptor),
+    /// The connection is to close (told why).
+    Close,
+}
+
+/// Answers the encryption requests that may open a connection: GSSENCRequest
+/// gets `N`; SSLRequest gets `S` when `server.tls_cert_file` is set, else `N`.
+/// Any other first packet is left in `cin`.
+async fn encryption_request(shared: &Shared, stream: &Stream, cin: &mut BytesMut) -> std::io::Result<Encryption> {
+    loop {
+        while cin.len() < 8 {
+            read_more(stream, cin).await?;
+        }
+        let len = i32::from_be_bytes([cin[0], cin[1], cin[2], cin[3]]);
+        let code = i32::from_be_bytes([cin[4], cin[5], cin[6], cin[7]]);
+        if len != 8 || (code != SSL_REQUEST && code != GSSENC_REQUEST) {
+            return Ok(Encryption::Plain);
+        }
+        let _ = cin.split_to(8);
+        if !cin.is_empty() {
+            // bytes sent before our answer could be injected by a man in the middle
+            write_fatal(stream, "08P01", "received unencrypted data after SSL request").await?;
+            return Ok(Encryption::Close);
+        }
+        match (&shared.tls, code == SSL_REQUEST) {
+            (Some(acceptor), true) => {
+                write_all(stream, b"S").await?;
+                return Ok(Encryption::Tls(acceptor.clone()));
+            }
+            _ => write_all(stream, b"N").await?,
+        }
+    }
 }
 
 /// What startup established.
@@ -193,11 +270,11 @@ struct Login {
 /// extra `recv` that would only return EAGAIN. Safe against lost wakeups:
 /// tokio clears only the readiness event observed before this call; data that
 /// arrives later raises a new one.
-fn clear_read_readiness(stream: &TcpStream) {
+fn clear_read_readiness(stream: &Stream) {
     let _ = stream.try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
 }
 
-async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+async fn read_more(stream: &Stream, buf: &mut BytesMut) -> std::io::Result<()> {
     loop {
         stream.readable().await?;
         match stream.try_read_buf(buf) {
@@ -209,14 +286,14 @@ async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()
     }
 }
 
-async fn write_fatal(stream: &TcpStream, code: &str, message: &str) -> std::io::Result<()> {
+async fn write_fatal(stream: &Stream, code: &str, message: &str) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     msg::error_response(&mut out, Severity::Fatal, code, message);
     write_all(stream, &out).await
 }
 
 /// Reads one startup packet; `None` on a malformed one (after telling the client).
-async fn read_startup_packet(stream: &TcpStream, cin: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
+async fn read_startup_packet(stream: &Stream, cin: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
     loop {
         match split_startup(cin, MAX_STARTUP) {
             Ok(Some(p)) => return Ok(Some(p)),
@@ -230,7 +307,7 @@ async fn read_startup_packet(stream: &TcpStream, cin: &mut BytesMut) -> std::io:
 }
 
 /// Reads one tagged message during authentication.
-async fn read_auth_message(stream: &TcpStream, cin: &mut BytesMut) -> std::io::Result<Option<Frame>> {
+async fn read_auth_message(stream: &Stream, cin: &mut BytesMut) -> std::io::Result<Option<Frame>> {
     loop {
         match split_frame(cin, MAX_STARTUP) {
             Ok(Some(f)) if f.tag == b'p' => return Ok(Some(f)),
@@ -247,39 +324,40 @@ async fn read_auth_message(stream: &TcpStream, cin: &mut BytesMut) -> std::io::R
     }
 }
 
-async fn startup(shared: &Arc<Shared>, stream: &TcpStream, cin: &mut BytesMut, limit: &Arc<tokio::sync::Semaphore>) -> std::io::Result<Option<Login>> {
-    let (version, params) = loop {
-        let Some(pkt) = read_startup_packet(stream, cin).await? else {
+async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut BytesMut, limit: &Arc<tokio::sync::Semaphore>) -> std::io::Result<Option<Login>> {
+    let Some(pkt) = read_startup_packet(stream, cin).await? else {
+        return Ok(None);
+    };
+    let (version, params) = match parse_startup(&pkt) {
+        Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+            // encryption_request answered the ones that open a connection; PostgreSQL
+            // refuses one after that (inside TLS)
+            write_fatal(stream, "08P01", "unsupported frontend protocol: encryption is negotiated only before the startup packet").await?;
             return Ok(None);
-        };
-        match parse_startup(&pkt) {
-            Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
-                if !cin.is_empty() {
-                    // bytes sent before our answer could be injected by a man in the middle
-                    write_fatal(stream, "08P01", "received unencrypted data after SSL request").await?;
-                    return Ok(None);
-                }
-                write_all(stream, b"N").await?;
+        }
+        Ok(StartupPacket::Cancel { pid, secret }) => {
+            let keys = shared.cancels.lookup(pid, secret);
+            if !keys.is_empty() {
+                debug!(pid, servers = keys.len(), "forwarding cancel request");
             }
-            Ok(StartupPacket::Cancel { pid, secret }) => {
-                let keys = shared.cancels.lookup(pid, secret);
-                if !keys.is_empty() {
-                    debug!(pid, servers = keys.len(), "forwarding cancel request");
+            for key in keys {
+                if let Err(e) = key.cancel().await {
+                    warn!(error = %e, "cancel request to server failed");
                 }
-                for key in keys {
-                    if let Err(e) = key.cancel().await {
-                        warn!(error = %e, "cancel request to server failed");
-                    }
-                }
-                return Ok(None);
             }
-            Ok(StartupPacket::Startup { version, params }) => break (version, params),
-            Err(e) => {
-                write_fatal(stream, "08P01", &format!("invalid startup packet: {e}")).await?;
-                return Ok(None);
-            }
+            return Ok(None);
+        }
+        Ok(StartupPacket::Startup { version, params }) => (version, params),
+        Err(e) => {
+            write_fatal(stream, "08P01", &format!("invalid startup packet: {e}")).await?;
+            return Ok(None);
         }
     };
+    if shared.config.server.require_tls && !stream.is_tls() {
+        metrics::counter!(m::CLIENT_REFUSED_TOTAL).increment(1);
+        write_fatal(stream, "28000", "this server accepts only TLS connections (server.require_tls): connect with sslmode=require or stronger").await?;
+        return Ok(None);
+    }
     if version >> 16 != 3 {
         write_fatal(stream, "0A000", &format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", version >> 16, version & 0xffff)).await?;
         return Ok(None);
@@ -359,7 +437,7 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
 }
 
 /// Runs the configured exchange; false when the password is wrong or the user unknown.
-async fn authenticate(shared: &Shared, stream: &TcpStream, cin: &mut BytesMut, user: &str) -> std::io::Result<bool> {
+async fn authenticate(shared: &Shared, stream: &Stream, cin: &mut BytesMut, user: &str) -> std::io::Result<bool> {
     let secret = shared.users.get(user);
     let method = secret.map_or(shared.config.server.auth_method, |s| s.method);
     let mut out = BytesMut::new();
@@ -415,7 +493,7 @@ type Server = Object<ServerManager>;
 
 struct Session {
     shared: Arc<Shared>,
-    client: TcpStream,
+    client: Stream,
     /// Bytes from the client not yet handled.
     cin: BytesMut,
     /// Bytes queued for the client.
@@ -489,7 +567,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, client: TcpStream, cin: BytesMut, login: Login) -> Self {
+    fn new(shared: Arc<Shared>, client: Stream, cin: BytesMut, login: Login) -> Self {
         let max_message = shared.config.server.max_message_size;
         // values equal to what every server connection starts with need no SET
         let desired = login
@@ -1472,7 +1550,7 @@ fn normalize_param(v: &str) -> String {
 }
 
 /// Writes all of `buf` through a shared reference to the socket.
-pub(crate) async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_all(stream: &Stream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
         stream.writable().await?;
         match stream.try_write(buf) {
@@ -1485,7 +1563,7 @@ pub(crate) async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Re
     Ok(())
 }
 
-fn flush_now(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+fn flush_now(stream: &Stream, buf: &mut BytesMut) -> std::io::Result<()> {
     while !buf.is_empty() {
         match stream.try_write(buf) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -1499,14 +1577,14 @@ fn flush_now(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn readable(s: Option<&TcpStream>) -> std::io::Result<()> {
+async fn readable(s: Option<&Stream>) -> std::io::Result<()> {
     match s {
         Some(s) => s.readable().await,
         None => std::future::pending().await,
     }
 }
 
-async fn writable(s: Option<&TcpStream>) -> std::io::Result<()> {
+async fn writable(s: Option<&Stream>) -> std::io::Result<()> {
     match s {
         Some(s) => s.writable().await,
         None => std::future::pending().await,

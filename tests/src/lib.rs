@@ -227,6 +227,44 @@ impl PgCluster {
     pub fn dsn(&self, db: &str) -> String {
         format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/{db}", self.port)
     }
+
+    /// DSN of one of its databases over TLS, verifying the server against `ca`.
+    pub fn dsn_tls(&self, db: &str, ca: &Path) -> String {
+        format!("{}?sslmode=verify-full&sslrootcert={}", self.dsn(db), ca.display())
+    }
+
+    /// Turns TLS on with the certificates in `certs` (see `scripts/gen_certs.sh`)
+    /// and refuses every TCP connection without it; restarts the postmaster.
+    pub fn require_tls(&self, certs: &Path) -> Result<()> {
+        for f in ["server.crt", "server.key"] {
+            fs::copy(certs.join(f), self.data_dir.join(f))?;
+        }
+        chown_postgres(&self.data_dir)?;
+        let mut conf = fs::OpenOptions::new().append(true).open(self.data_dir.join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut conf, b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")?;
+        let hba = self.data_dir.join("pg_hba.conf");
+        let rules = fs::read_to_string(&hba)?;
+        fs::write(&hba, format!("hostnossl all all 0.0.0.0/0 reject\nhostnossl all all ::/0 reject\n{rules}"))?;
+        let mut c = pg_command(&pg_bin().join("pg_ctl"));
+        c.arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.data_dir.parent().unwrap_or(Path::new("/tmp")).join("postgres.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!("-p {} -k {}", self.port, self.sock_dir().display()))
+            .arg("restart");
+        run(c, &format!("pg_ctl restart ({})", self.name))?;
+        wait_for_port(self.port, Duration::from_secs(30))
+    }
+}
+
+/// Makes a throwaway CA and a server certificate for 127.0.0.1 in `dir`
+/// (`ca.crt`, `server.crt`, `server.key`) with `scripts/gen_certs.sh`.
+pub fn make_certs(dir: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen_certs.sh");
+    let mut c = Command::new("bash");
+    c.arg(script).arg(dir);
+    run(c, "scripts/gen_certs.sh (needs openssl)")
 }
 
 /// What `cluster.json` holds: everything a client, test or benchmark needs.
@@ -256,6 +294,9 @@ pub struct ClusterInfo {
     pub redis_pid: Option<u32>,
     /// Where the config, logs and data live.
     pub root: PathBuf,
+    /// CA of every TLS leg, when the system was started with TLS.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl ClusterInfo {
@@ -267,7 +308,10 @@ impl ClusterInfo {
 
     /// DSN for a proxy user.
     pub fn proxy_dsn_for(&self, user: &str, password: &str) -> String {
-        format!("postgres://{user}:{password}@127.0.0.1:{}/shardgate?sslmode=disable", self.proxy_port)
+        match &self.tls_ca {
+            Some(ca) => format!("postgres://{user}:{password}@127.0.0.1:{}/shardgate?sslmode=verify-full&sslrootcert={}", self.proxy_port, ca.display()),
+            None => format!("postgres://{user}:{password}@127.0.0.1:{}/shardgate?sslmode=disable", self.proxy_port),
+        }
     }
 }
 
@@ -289,11 +333,15 @@ pub struct Options {
     pub extra_toml: String,
     /// Configure `[legacy_db]` (the proxy then follows a migration from it).
     pub legacy: bool,
+    /// TLS on every leg: a throwaway CA; the PostgreSQL clusters refuse
+    /// plaintext; Redis listens with TLS only; the proxy presents a
+    /// certificate and requires TLS from clients; every DSN verifies.
+    pub tls: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { all_clusters: true, redis: true, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: String::new(), legacy: false }
+        Options { all_clusters: true, redis: true, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: String::new(), legacy: false, tls: false }
     }
 }
 
@@ -348,13 +396,22 @@ impl Cluster {
     /// Starts a system with its files under `root`.
     pub fn start_in(root: &Path, opts: Options) -> Result<Cluster> {
         fs::create_dir_all(root)?;
+        let certs = root.join("tls");
+        if opts.tls {
+            make_certs(&certs)?;
+        }
+        let ca = opts.tls.then(|| certs.join("ca.crt"));
+        let dsn = |c: &PgCluster, db: &str| match &ca {
+            Some(ca) => c.dsn_tls(db, ca),
+            None => c.dsn(db),
+        };
         let mut clusters = Vec::new();
         let main = PgCluster::create(root, "main", &["db_default", "legacy"])?;
         let shard_dsns: Vec<String>;
         if opts.all_clusters {
             let s0 = PgCluster::create(root, "shard0", &["db_0"])?;
             let rest = PgCluster::create(root, "shards", &["db_1", "db_2", "db_3", "db_4", "db_5", "db_6", "db_7"])?;
-            shard_dsns = std::iter::once(s0.dsn("db_0")).chain((1..8).map(|i| rest.dsn(&format!("db_{i}")))).collect();
+            shard_dsns = std::iter::once(dsn(&s0, "db_0")).chain((1..8).map(|i| dsn(&rest, &format!("db_{i}")))).collect();
             // the order schema: every shard holds the template its month tables are made from;
             // db_default holds it too, empty, so catalog lookups (psql \d t_order) describe it
             main.psql("db_default", schema::T_ORDER_TEMPLATE)?;
@@ -367,12 +424,17 @@ impl Cluster {
             clusters.push(s0);
             clusters.push(rest);
         } else {
-            shard_dsns = (0..8).map(|_| main.dsn("db_default")).collect();
+            shard_dsns = (0..8).map(|_| dsn(&main, "db_default")).collect();
         }
         main.psql("db_default", schema::T_MERCHANT)?;
-        let default_dsn = main.dsn("db_default");
-        let legacy_dsn = main.dsn("legacy");
+        let default_dsn = dsn(&main, "db_default");
+        let legacy_dsn = dsn(&main, "legacy");
         clusters.push(main);
+        if opts.tls {
+            for c in &clusters {
+                c.require_tls(&certs)?;
+            }
+        }
         let mut cluster = Cluster {
             info: ClusterInfo {
                 proxy_dsn: String::new(),
@@ -387,6 +449,7 @@ impl Cluster {
                 admin_port: free_port(),
                 redis_pid: None,
                 root: root.to_path_buf(),
+                tls_ca: ca.clone(),
             },
             _tmp: None,
             detached: false,
@@ -462,7 +525,20 @@ impl Cluster {
         fs::create_dir_all(&dir)?;
         let pidfile = dir.join("redis.pid");
         let mut c = Command::new("redis-server");
-        c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--daemonize", "yes", "--save", "", "--appendonly", "no"])
+        if self.info.tls_ca.is_some() {
+            // TLS only: the plain port is closed
+            let certs = self.info.root.join("tls");
+            c.args(["--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(certs.join("server.crt"))
+                .arg("--tls-key-file")
+                .arg(certs.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(certs.join("ca.crt"));
+        } else {
+            c.args(["--port", &port.to_string()]);
+        }
+        c.args(["--bind", "127.0.0.1", "--daemonize", "yes", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&dir)
             .arg("--pidfile")
@@ -483,7 +559,8 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.info.redis_pid = Some(pid);
-        self.info.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+        let scheme = if self.info.tls_ca.is_some() { "rediss" } else { "redis" };
+        self.info.redis_url = Some(format!("{scheme}://127.0.0.1:{port}"));
         Ok(())
     }
 
@@ -528,6 +605,14 @@ impl Cluster {
         let i = &self.info;
         let mut t = String::new();
         t.push_str(&format!("[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\n{}\n", i.proxy_port, i.admin_port, opts.server_toml));
+        if i.tls_ca.is_some() {
+            let certs = i.root.join("tls");
+            t.push_str(&format!(
+                "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nrequire_tls = true\n",
+                certs.join("server.crt").display(),
+                certs.join("server.key").display()
+            ));
+        }
         for (name, pw, extra) in
             [(APP_USER.0, APP_USER.1, ""), (MD5_USER.0, MD5_USER.1, "auth_method = \"md5\"\n"), (ADMIN_USER.0, ADMIN_USER.1, "admin = true\n")]
         {
@@ -543,6 +628,9 @@ impl Cluster {
         }
         if let Some(r) = &i.redis_url {
             t.push_str(&format!("[redis]\nurl = \"{r}\"\n"));
+            if let Some(ca) = &i.tls_ca {
+                t.push_str(&format!("tls_ca_file = \"{}\"\n", ca.display()));
+            }
         }
         t.push_str(&opts.extra_toml);
         fs::write(self.config_path(), t)?;
@@ -720,7 +808,6 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool
     }
 }
 
-/// Connects with tokio-postgres (no TLS) and drives the connection in the background.
 /// The month tables (`t_order_yyyyMM`) on a shard, by name.
 pub async fn month_tables(shard: &tokio_postgres::Client) -> Vec<String> {
     shard
@@ -732,7 +819,19 @@ pub async fn month_tables(shard: &tokio_postgres::Client) -> Vec<String> {
         .collect()
 }
 
+/// Connects with tokio-postgres and drives the connection in the background;
+/// a DSN with `sslrootcert=` (a TLS system) connects with rustls, verifying
+/// the server against that CA.
 pub async fn connect(dsn: &str) -> std::result::Result<tokio_postgres::Client, tokio_postgres::Error> {
+    if let Some((base, params)) = dsn.split_once('?').filter(|(_, p)| p.contains("sslrootcert=")) {
+        let ca = params.split('&').find_map(|kv| kv.strip_prefix("sslrootcert=")).unwrap_or_default();
+        let tls = shardgate_config::tls::client_config(shardgate_config::SslMode::VerifyFull, Some(ca)).expect("TLS client settings from the test CA");
+        let (client, conn) = tokio_postgres::connect(&format!("{base}?sslmode=require"), tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone())).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(client);
+    }
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;

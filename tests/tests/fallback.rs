@@ -12,7 +12,7 @@ use tokio_postgres::SimpleQueryMessage;
 const FAST: &str = "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 2000\nfailure_threshold = 2\nrecovery_threshold = 2\n[fallback]\nsync_interval_ms = 300\n";
 
 fn start(extra: &str) -> Cluster {
-    Cluster::start_temp(Options { all_clusters: true, redis: false, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: extra.into(), legacy: false }).expect("start cluster")
+    Cluster::start_temp(Options { all_clusters: true, redis: false, proxy: true, server_toml: String::new(), pool_toml: String::new(), extra_toml: extra.into(), legacy: false, tls: false }).expect("start cluster")
 }
 
 fn health(c: &Cluster) -> (u16, serde_json::Value) {

@@ -22,6 +22,7 @@ fn core(server_toml: &str, pool_toml: &str) -> Cluster {
         pool_toml: pool_toml.into(),
         extra_toml: String::new(),
         legacy: false,
+        tls: false,
     })
     .expect("start cluster")
 }

@@ -17,6 +17,7 @@ fn start(server_toml: &str, extra_toml: &str) -> Cluster {
         pool_toml: String::new(),
         extra_toml: extra_toml.into(),
         legacy: false,
+        tls: false,
     })
     .expect("start cluster")
 }
@@ -265,6 +266,7 @@ async fn more_distinct_statements_than_a_shard_connection_keeps_prepared_all_kee
         pool_toml: "size = 1".into(),
         extra_toml: String::new(),
         legacy: false,
+        tls: false,
     })
     .expect("start cluster");
     let client = connect(&c.info.proxy_dsn).await.expect("connect");

@@ -9,13 +9,15 @@ use std::time::Duration;
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
-use shardgate_config::Dsn;
+use shardgate_config::{Dsn, SslMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::stream::Stream;
+
 use crate::protocol::backend::{parse_error_fields, parse_parameter_status};
 use crate::protocol::codec::{split_frame, Frame};
-use crate::protocol::frontend::{Reader, CANCEL_REQUEST};
+use crate::protocol::frontend::{Reader, CANCEL_REQUEST, SSL_REQUEST};
 
 /// Largest message accepted from a server (PostgreSQL's own limit is 1 GiB).
 pub const MAX_SERVER_MESSAGE: usize = 1 << 30;
@@ -37,6 +39,9 @@ pub enum BackendError {
         /// Server's message.
         message: String,
     },
+    /// TLS could not be set up as the DSN's sslmode demands.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The server said something we did not expect.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -83,10 +88,52 @@ impl CancelKey {
 /// with a SET at checkout (see `session`).
 pub const STARTUP_PARAMS: &[(&str, &str)] = &[("client_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("application_name", "shardgate")];
 
+/// Negotiates TLS as `dsn.sslmode` asks (SSLRequest, then a rustls
+/// handshake); `disable` and a `prefer` the server declines stay plain.
+async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<Stream, BackendError> {
+    if dsn.sslmode == SslMode::Disable {
+        return Ok(Stream::Tcp(tcp));
+    }
+    let mut req = Vec::with_capacity(8);
+    req.extend_from_slice(&8i32.to_be_bytes());
+    req.extend_from_slice(&SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&req).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if dsn.sslmode == SslMode::Prefer => return Ok(Stream::Tcp(tcp)),
+        b'N' => return Err(BackendError::Tls(format!("{}:{} does not offer TLS (sslmode {:?})", dsn.host, dsn.port, dsn.sslmode))),
+        b'E' => return Err(BackendError::Tls(format!("{}:{} refused the SSL request", dsn.host, dsn.port))),
+        other => return Err(BackendError::Protocol(format!("unexpected answer {:?} to SSLRequest", other as char))),
+    }
+    let config = tls_config(dsn).map_err(BackendError::Tls)?;
+    let name = shardgate_config::tls::server_name(&dsn.host).map_err(BackendError::Tls)?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| BackendError::Tls(format!("TLS handshake with {}:{}: {e}", dsn.host, dsn.port)))?;
+    Ok(crate::stream::relay(tls)?)
+}
+
+/// The rustls client settings of a DSN, built once per (mode, CA file).
+fn tls_config(dsn: &Dsn) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    type Key = (SslMode, Option<String>);
+    static CONFIGS: std::sync::Mutex<Vec<(Key, std::sync::Arc<rustls::ClientConfig>)>> = std::sync::Mutex::new(Vec::new());
+    let key = (dsn.sslmode, dsn.sslrootcert.clone());
+    let mut configs = CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = configs.iter().find(|(k, _)| *k == key) {
+        return Ok(c.clone());
+    }
+    let c = shardgate_config::tls::client_config(dsn.sslmode, dsn.sslrootcert.as_deref())?;
+    configs.push((key, c.clone()));
+    Ok(c)
+}
+
 /// A connected, authenticated, idle server connection.
 pub struct ServerConn {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The socket (TCP, or the relay of a TLS session).
+    pub stream: Stream,
     /// Bytes read from the server and not yet handled.
     pub rbuf: BytesMut,
     /// Last reported value of each ParameterStatus.
@@ -110,9 +157,10 @@ impl ServerConn {
     }
 
     async fn connect_inner(dsn: &Dsn) -> Result<ServerConn, BackendError> {
-        let stream = TcpStream::connect((dsn.host.as_str(), dsn.port)).await?;
-        stream.set_nodelay(true)?;
-        let addr = stream.peer_addr()?;
+        let tcp = TcpStream::connect((dsn.host.as_str(), dsn.port)).await?;
+        tcp.set_nodelay(true)?;
+        let addr = tcp.peer_addr()?;
+        let stream = start_tls(tcp, dsn).await?;
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
@@ -244,7 +292,7 @@ impl ServerConn {
             }
             Probe::Kernel => {
                 let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-                matches!(socket2::SockRef::from(&self.stream).peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                matches!(self.stream.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
         }
     }

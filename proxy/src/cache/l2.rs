@@ -1,4 +1,4 @@
-//! Redis: the shared cache level (bb8-redis for commands) and the
+//! Redis: the shared cache level (a bb8 pool of multiplexed connections for commands) and the
 //! invalidation channel (a RESP3 `ConnectionManager` that resubscribes by
 //! itself). Every Redis call is bounded by `cache.redis_timeout_ms`; after a
 //! failure Redis is skipped for a second, so a dead Redis costs one timeout,
@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bb8_redis::RedisConnectionManager;
+use redis::aio::MultiplexedConnection;
 use bytes::{BufMut, Bytes, BytesMut};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushKind, Value};
@@ -65,9 +65,46 @@ pub(super) enum Remote {
     Generation(u64),
 }
 
+/// bb8 manager for multiplexed Redis connections made by one configured
+/// client (plain, or TLS with the configured CA, which bb8-redis cannot take).
+#[derive(Clone)]
+pub(super) struct Manager(redis::Client);
+
+impl bb8::ManageConnection for Manager {
+    type Connection = MultiplexedConnection;
+    type Error = redis::RedisError;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        self.0.get_multiplexed_async_connection().await
+    }
+
+    async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        let pong: String = redis::cmd("PING").query_async(conn).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err((redis::ErrorKind::Extension, "unexpected answer to PING").into())
+        }
+    }
+
+    fn has_broken(&self, _: &mut Self::Connection) -> bool {
+        false
+    }
+}
+
+/// A Redis client for `url`: `rediss://` verifies the server against
+/// `tls_ca` (PEM) when given, else against the system's roots.
+fn client(url: &str, tls_ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    match tls_ca {
+        Some(ca) => redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(ca.to_vec()) }),
+        None => redis::Client::open(url),
+    }
+}
+
 pub(super) struct L2 {
     url: String,
-    pool: bb8::Pool<RedisConnectionManager>,
+    tls_ca: Option<Vec<u8>>,
+    pool: bb8::Pool<Manager>,
     timeout: Duration,
     down_until: Mutex<Option<Instant>>,
     /// Invalidations made locally and not yet delivered to Redis (in flight included).
@@ -92,12 +129,17 @@ fn gkey(table: &str) -> String {
 }
 
 impl L2 {
-    pub(super) fn new(url: &str, cfg: &CacheConfig) -> anyhow::Result<L2> {
+    pub(super) fn new(redis: &shardgate_config::RedisConfig, cfg: &CacheConfig) -> anyhow::Result<L2> {
         let timeout = Duration::from_millis(cfg.redis_timeout_ms);
-        let manager = RedisConnectionManager::new(url)?;
+        let tls_ca = match &redis.tls_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("redis.tls_ca_file `{path}`: {e}"))?),
+            None => None,
+        };
+        let manager = Manager(client(&redis.url, tls_ca.as_deref())?);
         let pool = bb8::Pool::builder().max_size(cfg.redis_pool_size).connection_timeout(timeout).retry_connection(false).build_unchecked(manager);
         Ok(L2 {
-            url: url.to_string(),
+            url: redis.url.clone(),
+            tls_ca,
             pool,
             timeout,
             down_until: Mutex::new(None),
@@ -107,10 +149,6 @@ impl L2 {
             // versions must outlive any load in flight and any stored reply
             version_ttl_ms: cfg.l2_ttl_ms.saturating_mul(2).max(3_600_000),
         })
-    }
-
-    pub(super) fn url(&self) -> &str {
-        &self.url
     }
 
     fn available(&self) -> bool {
@@ -140,7 +178,7 @@ impl L2 {
     }
 
     /// A pooled connection, unless Redis is known to be down.
-    async fn conn(&self) -> Result<bb8::PooledConnection<'_, RedisConnectionManager>, String> {
+    async fn conn(&self) -> Result<bb8::PooledConnection<'_, Manager>, String> {
         if !self.available() {
             return Err("down".into());
         }
@@ -364,8 +402,9 @@ async fn resync(cache: &Cache, conn: &mut ConnectionManager) {
 }
 
 /// Keeps a subscription to [`CHANNEL`] and applies what other proxies invalidate.
-pub(super) async fn listen(cache: Arc<Cache>, url: String, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub(super) async fn listen(cache: Arc<Cache>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let Some(l2) = &cache.l2 else { return };
+    let url = l2.url.clone();
     let mut warned = false;
     loop {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -375,7 +414,7 @@ pub(super) async fn listen(cache: Arc<Cache>, url: String, mut shutdown: tokio::
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_max_delay(Duration::from_secs(1));
-        let made = match redis::Client::open(resp3(&url)) {
+        let made = match client(&resp3(&url), l2.tls_ca.as_deref()) {
             Ok(client) => match ConnectionManager::new_with_config(client, cfg).await {
                 Ok(mut conn) => match conn.subscribe(CHANNEL).await {
                     Ok(()) => Ok(conn),

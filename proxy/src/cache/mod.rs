@@ -206,7 +206,7 @@ impl Meters {
 }
 
 impl Cache {
-    pub fn new(cfg: &CacheConfig, redis_url: Option<&str>, engine: Arc<Engine>) -> anyhow::Result<Arc<Cache>> {
+    pub fn new(cfg: &CacheConfig, redis: Option<&shardgate_config::RedisConfig>, engine: Arc<Engine>) -> anyhow::Result<Arc<Cache>> {
         let specs: Vec<CachedTable> = cfg.tables.iter().map(|t| CachedTable { name: t.name.clone(), key: t.key.clone() }).collect();
         let tables = specs
             .iter()
@@ -228,8 +228,8 @@ impl Cache {
                 jitter: cfg.ttl_jitter_percent,
             })
             .build();
-        let l2 = match redis_url {
-            Some(u) => Some(l2::L2::new(u, cfg)?),
+        let l2 = match redis {
+            Some(r) => Some(l2::L2::new(r, cfg)?),
             None => None,
         };
         Ok(Arc::new(Cache {
@@ -542,8 +542,8 @@ impl Cache {
     /// Background work: the pub/sub listener, the retry of Redis
     /// invalidations, and each table's bloom filter.
     pub fn start(self: &Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
-        if let Some(l2) = &self.l2 {
-            tokio::spawn(l2::listen(self.clone(), l2.url().to_string(), shutdown.clone()));
+        if self.l2.is_some() {
+            tokio::spawn(l2::listen(self.clone(), shutdown.clone()));
             tokio::spawn(l2::retry_pending(self.clone(), shutdown.clone()));
         }
         for i in 0..self.tables.len() {

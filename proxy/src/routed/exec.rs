@@ -17,7 +17,6 @@ use bytes::{Bytes, BytesMut};
 use deadpool::managed::{Object, PoolError, TimeoutType};
 use shardgate_router::{Agg, MergeSpec, Routed, RoutedKind};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::merge::{self, Collector, Column, Row};
 use super::value::{Key, ValueError};
@@ -130,7 +129,7 @@ pub struct Out<'a> {
     /// Bytes queued for the client.
     pub buf: &'a mut BytesMut,
     /// The client socket; `None` discards the answer (a secondary write).
-    pub client: Option<&'a TcpStream>,
+    pub client: Option<&'a crate::stream::Stream>,
     /// Keep the whole answer in `buf`, up to this many bytes (a portal read
     /// in parts); over it `buf` is emptied and `overflow` set, while the
     /// shards' answers are still read to their end.

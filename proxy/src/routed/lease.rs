@@ -55,17 +55,7 @@ fn now_ms() -> u64 {
 }
 
 async fn client(dsn: &Dsn) -> anyhow::Result<tokio_postgres::Client> {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&dsn.host).port(dsn.port).user(&dsn.user).dbname(&dsn.dbname).application_name("shardgate-lease");
-    cfg.connect_timeout(Duration::from_secs(5));
-    if let Some(p) = &dsn.password {
-        cfg.password(p);
-    }
-    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.context("connecting to db_default")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    shardgate_migrate::db::open(dsn, "shardgate-lease").await.context("connecting to db_default")
 }
 
 /// Takes a lease (one attempt); `Ok(None)` when all 64 worker ids are held.

@@ -270,19 +270,19 @@ impl Engine {
     /// Live traffic could not reach a shard.
     pub fn shard_unreachable(&self, shard: usize, error: &str) {
         if let Some((from, to)) = self.health.get(shard).and_then(|h| h.unreachable(error)) {
-            self.state_changed(shard, from, to);
+            self.state_changed(shard, from, to, Some(error));
         }
     }
 
     /// A statement on a shard was answered.
     pub fn shard_answered(&self, shard: usize) {
         if let Some((from, to)) = self.health.get(shard).and_then(|h| h.traffic_ok()) {
-            self.state_changed(shard, from, to);
+            self.state_changed(shard, from, to, None);
         }
     }
 
-    fn state_changed(&self, shard: usize, from: health::State, to: health::State) {
-        tracing::warn!(shard = exec::shard_label(shard), from = from.name(), to = to.name(), "shard state changed");
+    fn state_changed(&self, shard: usize, from: health::State, to: health::State, error: Option<&str>) {
+        tracing::warn!(shard = exec::shard_label(shard), from = from.name(), to = to.name(), error = error.unwrap_or(""), "shard state changed");
         metrics::gauge!(crate::metrics::SHARD_UP, "shard" => exec::shard_label(shard)).set(if to == health::State::Down { 0.0 } else { 1.0 });
         metrics::gauge!(crate::metrics::SHARD_STATE, "shard" => exec::shard_label(shard)).set(to as u8 as f64);
     }
@@ -295,12 +295,12 @@ impl Engine {
         let (results, default) = tokio::join!(futures_join_all(shard_probes), health::probe(&self.default_dsn, default_conn, timeout));
         for (shard, r) in results.into_iter().enumerate() {
             let t = &self.health[shard];
-            let change = match r {
-                Ok(latency) => t.success(latency, &self.health_cfg),
-                Err(e) => t.failure(&e, &self.health_cfg),
+            let change = match &r {
+                Ok(latency) => t.success(*latency, &self.health_cfg),
+                Err(e) => t.failure(e, &self.health_cfg),
             };
             if let Some((from, to)) = change {
-                self.state_changed(shard, from, to);
+                self.state_changed(shard, from, to, r.as_ref().err().map(String::as_str));
                 if from == health::State::Down {
                     // back from down: it may lack month tables made meanwhile
                     if !months::fill_in(self, shard).await {
@@ -309,12 +309,12 @@ impl Engine {
                 }
             }
         }
-        let change = match default {
-            Ok(latency) => self.default_health.success(latency, &self.health_cfg),
-            Err(e) => self.default_health.failure(&e, &self.health_cfg),
+        let change = match &default {
+            Ok(latency) => self.default_health.success(*latency, &self.health_cfg),
+            Err(e) => self.default_health.failure(e, &self.health_cfg),
         };
         if let Some((from, to)) = change {
-            tracing::warn!(from = from.name(), to = to.name(), "db_default state changed");
+            tracing::warn!(from = from.name(), to = to.name(), error = default.as_ref().err().map_or("", String::as_str), "db_default state changed");
         }
     }
 

@@ -22,6 +22,10 @@ struct Args {
     /// Configure [legacy_db] (the proxy follows a migration from it).
     #[arg(long)]
     legacy: bool,
+    /// TLS on every leg: a throwaway CA in <dir>/tls, PostgreSQL and Redis
+    /// accept only TLS, the proxy requires it from clients (`make up` does this).
+    #[arg(long)]
+    tls: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -69,7 +73,7 @@ fn main() -> Result<()> {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)?;
             }
-            let opts = Options { server_toml: args.server_toml.replace("\\n", "\n"), extra_toml: args.extra_toml.replace("\\n", "\n"), legacy: args.legacy, ..Options::default() };
+            let opts = Options { server_toml: args.server_toml.replace("\\n", "\n"), extra_toml: args.extra_toml.replace("\\n", "\n"), legacy: args.legacy, tls: args.tls, ..Options::default() };
             let info = Cluster::start_in(&dir, opts)?.detach();
             std::fs::write(dir.join("cluster.json"), serde_json::to_string_pretty(&info)?)?;
             print_usage(&dir, &info);
@@ -110,6 +114,9 @@ fn main() -> Result<()> {
 fn print_usage(dir: &Path, info: &ClusterInfo) {
     println!("shardgate is up.");
     println!("  connect:  psql \"{}\"", info.proxy_dsn);
+    if let Some(ca) = &info.tls_ca {
+        println!("  TLS:      every leg; throwaway CA {} (clients: sslmode=verify-full sslrootcert=<it>)", ca.display());
+    }
     println!("  admin:    curl {}/metrics", info.admin_url);
     println!("  state:    {}/cluster.json   logs: {}/shardgate.log", dir.display(), dir.display());
     println!("  stop:     make down");

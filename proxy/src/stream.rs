@@ -1,0 +1,115 @@
+//! The byte stream of a client or server connection: a TCP socket, or — for
+//! TLS — one end of an in-process socket pair whose other end a relay task
+//! copies to and from the TLS session (tokio-rustls). The session code works
+//! on readiness (`readable`, `try_read_buf`, `try_write`) the same way for
+//! both; plaintext connections pay nothing for TLS support, TLS ones pay one
+//! extra copy through the socket pair. Back-pressure is kept: a peer that
+//! stops reading fills the TLS socket, then the relay stops, then the pair.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BufMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+/// A connection's bytes, plain or through a TLS relay.
+#[derive(Debug)]
+pub enum Stream {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// Our end of the socket pair a TLS relay serves.
+    Tls(UnixStream),
+}
+
+macro_rules! each {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            Stream::Tcp($s) => $e,
+            Stream::Tls($s) => $e,
+        }
+    };
+}
+
+impl Stream {
+    /// True when the bytes cross the network encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+    /// Waits until a read may make progress.
+    pub async fn readable(&self) -> io::Result<()> {
+        each!(self, s => s.readable().await)
+    }
+    /// Waits until a write may make progress.
+    pub async fn writable(&self) -> io::Result<()> {
+        each!(self, s => s.writable().await)
+    }
+    /// Reads what is there without waiting (`WouldBlock` when nothing is).
+    pub fn try_read_buf<B: BufMut>(&self, buf: &mut B) -> io::Result<usize> {
+        each!(self, s => s.try_read_buf(buf))
+    }
+    /// Reads into `buf` without waiting.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        each!(self, s => s.try_read(buf))
+    }
+    /// Writes what fits without waiting.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        each!(self, s => s.try_write(buf))
+    }
+    /// Peeks with a non-blocking `MSG_PEEK` syscall (sees a FIN or RST the runtime has not polled).
+    pub fn peek(&self, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+        each!(self, s => socket2::SockRef::from(s).peek(buf))
+    }
+    /// Runs `f` under the socket's readiness tracking (see tokio's `try_io`).
+    pub fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        each!(self, s => s.try_io(interest, f))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// Serves an established TLS session through a socket pair and returns our
+/// end. The relay ends when our end is closed (it then sends close_notify);
+/// the peer closing its side only half-closes ours, as TCP would.
+pub fn relay<S>(tls: S) -> io::Result<Stream>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (ours, theirs) = UnixStream::pair()?;
+    tokio::spawn(async move {
+        let (mut tls_r, mut tls_w) = tokio::io::split(tls);
+        let (mut pair_r, mut pair_w) = theirs.into_split();
+        let inbound = async {
+            let _ = tokio::io::copy(&mut tls_r, &mut pair_w).await;
+            let _ = pair_w.shutdown().await;
+            // keep the relay until our end closes
+            std::future::pending::<()>().await
+        };
+        let outbound = async {
+            let _ = tokio::io::copy(&mut pair_r, &mut tls_w).await;
+            let _ = tls_w.shutdown().await;
+        };
+        tokio::select! {
+            () = inbound => {}
+            () = outbound => {}
+        }
+    });
+    Ok(Stream::Tls(ours))
+}
