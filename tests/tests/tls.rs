@@ -26,7 +26,8 @@ fn conninfo(cluster: &Cluster, sslmode: &str, ca: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_leg_uses_tls() {
-    let mut cluster = Cluster::start_temp(Options { tls: true, ..Default::default() }).expect("start a system with TLS on every leg");
+    let mut cluster =
+        Cluster::start_temp(Options { tls: true, server_toml: "login_timeout_ms = 2000\n".into(), ..Default::default() }).expect("start a system with TLS on every leg");
     let ca = cluster.info.tls_ca.clone().expect("a TLS system has a CA");
 
     // 1. a rustls client that verifies the proxy: writes and reads through TLS shards
@@ -104,6 +105,39 @@ async fn every_leg_uses_tls() {
     shardgate_tests::make_certs(&other).expect("a second CA");
     let out = psql(&conninfo(&cluster, "verify-full", &other.join("ca.crt")), "SELECT 1");
     assert!(!out.status.success(), "psql trusted a certificate from another CA");
+
+    // hostile handshakes: one that never finishes is closed by the login timeout; garbage
+    // instead of a ClientHello is closed at once; bytes sent after SSLRequest before our
+    // answer are refused (they could be a man in the middle's)
+    let addr = format!("127.0.0.1:{}", cluster.info.proxy_port);
+    let ssl_request = [0u8, 0, 0, 8, 4, 210, 22, 47];
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        s.write_all(&ssl_request).await.expect("SSLRequest");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("answer");
+        assert_eq!(&b, b"S");
+        let t0 = std::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest)).await.expect("closed within the login timeout").ok();
+        assert!(t0.elapsed() >= Duration::from_millis(1500), "closed too early: {:?}", t0.elapsed());
+
+        let mut s = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        s.write_all(&ssl_request).await.expect("SSLRequest");
+        s.read_exact(&mut b).await.expect("answer");
+        s.write_all(&[0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5, 0, 0, 0, 0]).await.expect("garbage hello");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest)).await.expect("garbage handshake closed at once").ok();
+
+        let mut s = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        let mut early = ssl_request.to_vec();
+        early.extend_from_slice(b"\x16\x03\x01");
+        s.write_all(&early).await.expect("SSLRequest with bytes behind it");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest)).await.expect("refused at once").ok();
+        assert!(String::from_utf8_lossy(&rest).contains("unencrypted data after SSL request"), "{:?}", String::from_utf8_lossy(&rest));
+    }
 
     // 5. psycopg 3
     let script = "import sys, psycopg\n\
