@@ -290,6 +290,9 @@ impl Config {
             (None, None) => {}
             _ => return Err(ConfigError::invalid("server.tls_cert_file", "give both tls_cert_file and tls_key_file, or neither")),
         }
+        if self.server.max_client_statements == 0 || self.server.max_client_portals == 0 {
+            return Err(ConfigError::invalid("server", "max_client_statements and max_client_portals must be at least 1"));
+        }
         if self.server.max_unauthenticated == 0 || self.server.login_timeout_ms < 100 {
             return Err(ConfigError::invalid("server", "max_unauthenticated must be at least 1 and login_timeout_ms at least 100"));
         }

@@ -118,6 +118,12 @@ pub struct ServerConfig {
     /// fails with 54000 and a hint. Streams (single shard, plain and ordered
     /// concatenations) are not limited.
     pub max_merge_rows: usize,
+    /// Named prepared statements one client may hold at once (Parse of one
+    /// more fails with 53400 until it closes some); the unnamed one is free.
+    pub max_client_statements: usize,
+    /// Named portals of sharded-table statements one client may hold open at
+    /// once (Bind of one more fails with 53400).
+    pub max_client_portals: usize,
     /// PEM file with the certificate chain the proxy presents to TLS clients
     /// (with `tls_key_file`; both unset: SSLRequest is answered `N`).
     pub tls_cert_file: Option<String>,
@@ -151,6 +157,8 @@ impl Default for ServerConfig {
             worker_threads: 0,
             max_merge_rows: 1_000_000,
             max_portal_bytes: 64 * 1024 * 1024,
+            max_client_statements: 10_000,
+            max_client_portals: 1_000,
             tls_cert_file: None,
             tls_key_file: None,
             require_tls: false,

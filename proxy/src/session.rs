@@ -988,6 +988,16 @@ impl Session {
                     self.refuse_extended("42501", CONTROL_TABLES.into()).await?;
                     return Ok(Flow::Continue);
                 }
+                let cap = self.shared.config.server.max_client_statements;
+                if !p.name.is_empty()
+                    && !self.statements.contains_key(p.name)
+                    && !self.routed_stmts.contains_key(p.name)
+                    && self.statements.len() + self.routed_stmts.len() >= cap
+                {
+                    let m = format!("too many prepared statements on this connection (server.max_client_statements = {cap}); close some with Close or DEALLOCATE");
+                    self.refuse_extended("53400", m).await?;
+                    return Ok(Flow::Continue);
+                }
                 if let Some(flow) = self.routed_parse(p.name, p.query, p.param_types).await? {
                     return Ok(flow);
                 }

@@ -384,3 +384,66 @@ async fn names_that_merely_contain_shardgate_are_not_refused() {
     client.batch_execute("/* shardgate_trace=1 */ SELECT 1").await.expect("a comment");
     client.batch_execute("CREATE TABLE shardgate_notes (x int); DROP TABLE shardgate_notes").await.expect("an application's own table");
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_hold_a_hundred_thousand_prepared_statements() {
+    use shardgate_tests::raw::{frame, md5_login, read_until_ready};
+    use std::io::Write;
+    let c = start();
+    let pid = c.info.proxy_pid.expect("proxy pid");
+    let before = rss_kib(pid);
+    let mut s = md5_login(&c);
+    let mut w = s.try_clone().expect("clone");
+    // 100,000 distinct named statements, half on t_order (answered by the proxy), half passed
+    // through to db_default, in one pipeline; a writer thread, so neither side waits on the other
+    let writer = std::thread::spawn(move || {
+        let mut batch = Vec::with_capacity(1 << 20);
+        for i in 0..100_000u32 {
+            let sql = if i % 2 == 0 { format!("SELECT id FROM t_order WHERE merchant_id = {i}") } else { format!("SELECT {i}") };
+            let mut body = format!("s{i}\0{sql}\0").into_bytes();
+            body.extend_from_slice(&0i16.to_be_bytes());
+            batch.extend_from_slice(&frame(b'P', &body));
+            if batch.len() > 1 << 19 {
+                w.write_all(&batch).expect("parses");
+                batch.clear();
+            }
+        }
+        batch.extend_from_slice(&frame(b'S', &[]));
+        w.write_all(&batch).expect("sync");
+    });
+    let msgs = read_until_ready(&mut s);
+    writer.join().expect("writer");
+    let complete = msgs.iter().filter(|(t, _)| *t == b'1').count();
+    assert_eq!(complete, 10_000, "server.max_client_statements (10,000 by default) statements are prepared");
+    assert_eq!(shardgate_tests::raw::error_code(&msgs).as_deref(), Some("53400"), "then 53400: configuration limit exceeded");
+    // closing one makes room for one more; the session is still usable
+    let mut again = frame(b'C', b"Ss0\0");
+    again.extend_from_slice(&frame(b'P', b"fresh\0SELECT 1\0\0\0"));
+    again.extend_from_slice(&frame(b'S', &[]));
+    s.write_all(&again).expect("close and parse");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(msgs.iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![b'3', b'1', b'Z'], "CloseComplete, ParseComplete, ReadyForQuery");
+    // named portals of t_order statements (the proxy holds them) are capped too
+    let mut binds = frame(b'C', b"Ss2\0");
+    binds.extend_from_slice(&frame(b'P', b"portal_stmt\0SELECT id FROM t_order WHERE merchant_id = 1\0\0\0"));
+    for i in 0..1_001 {
+        let mut body = format!("c{i}\0portal_stmt\0").into_bytes();
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        binds.extend_from_slice(&frame(b'B', &body));
+    }
+    binds.extend_from_slice(&frame(b'S', &[]));
+    s.write_all(&binds).expect("binds");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(msgs.iter().filter(|(t, _)| *t == b'2').count(), 1_000, "server.max_client_portals (1,000 by default) portals are bound");
+    assert_eq!(shardgate_tests::raw::error_code(&msgs).as_deref(), Some("53400"));
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(grown < 200 * 1024, "the proxy grew by {grown} KiB for one client's statements");
+}

@@ -680,6 +680,12 @@ impl Session {
             self.fail_extended(ExecError::Proxy("08P01", m)).await?;
             return Ok(Some(Flow::Continue));
         }
+        let cap = self.shared.config.server.max_client_portals;
+        if !portal.is_empty() && !self.routed_portals.contains_key(&portal) && self.routed_portals.len() >= cap {
+            let m = format!("too many open portals on this connection (server.max_client_portals = {cap}); close some with Close or end the transaction");
+            self.fail_extended(ExecError::Proxy("53400", m)).await?;
+            return Ok(Some(Flow::Continue));
+        }
         self.suspended.remove(&portal);
         self.routed_portals.insert(portal, RoutedPortal { stmt, bound: Arc::new(bound) });
         put_message(&mut self.cout, b'2', |_| {});
