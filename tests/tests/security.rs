@@ -447,3 +447,62 @@ async fn one_client_cannot_hold_a_hundred_thousand_prepared_statements() {
     let grown = rss_kib(pid).saturating_sub(before);
     assert!(grown < 200 * 1024, "the proxy grew by {grown} KiB for one client's statements");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_a_large_answer_costs_bounded_memory() {
+    use std::io::Write;
+    let c = start();
+    let pid = c.info.proxy_pid.expect("proxy pid");
+    let app = connect(&c.info.proxy_dsn).await.expect("connect");
+    // one order per shard through the proxy makes the month table; then 20,000 wide rows per
+    // shard straight into it: the whole answer is about 8 × 20,000 × 1 KB = 160 MB
+    for m in 0..8i64 {
+        app.execute(
+            "INSERT INTO t_order (id, merchant_id, order_no, order_amount, pay_status, create_time) VALUES ($1, $2, $3, 1, 'PAID', '2026-11-02 00:00:00+00')",
+            &[&(900_000 + m), &m, &format!("wide-seed-{m}")],
+        )
+        .await
+        .expect("seed");
+        let shard = connect(&c.info.shards[m as usize]).await.expect("shard");
+        shard
+            .batch_execute(&format!(
+                "INSERT INTO t_order_202611 (id, merchant_id, order_no, order_amount, pay_status, create_time) \
+                 SELECT 1000000 * ({m} + 1) + g, {m}, 'wide-{m}-' || g || '-' || repeat('x', 1000), 1, 'PAID', '2026-11-03 00:00:00+00' FROM generate_series(1, 20000) g"
+            ))
+            .await
+            .expect("wide rows");
+    }
+    let before = rss_kib(pid);
+    let mut s = shardgate_tests::raw::md5_login(&c);
+    s.write_all(&shardgate_tests::raw::frame(b'Q', b"SELECT * FROM t_order\0")).expect("query");
+    // it never reads; meanwhile the proxy's memory stays bounded and other clients are served
+    let mut peak = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        peak = peak.max(rss_kib(pid).saturating_sub(before));
+        let n: i64 = app.query_one("SELECT count(*) FROM t_order WHERE merchant_id = 1", &[]).await.expect("another client is served").get(0);
+        assert_eq!(n, 20_001);
+    }
+    assert!(peak < 48 * 1024, "the proxy grew by {peak} KiB while one client did not read a 160 MB answer");
+    // the shards are paused too, not buffering into the proxy: their statements are still there
+    let running = async || {
+        let mut n = 0i64;
+        for dsn in &c.info.shards {
+            let db = connect(dsn).await.expect("shard");
+            n += db
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT%t_order_202611%' AND state = 'active' AND pid <> pg_backend_pid()", &[])
+                .await
+                .expect("activity")
+                .get::<_, i64>(0);
+        }
+        n
+    };
+    assert!(running().await >= 1, "the answer is being produced while the client does not read");
+    // the client goes away: the shard statements end
+    drop(s);
+    let t0 = std::time::Instant::now();
+    while running().await > 0 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "shard statements outlived their client");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
