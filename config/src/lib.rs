@@ -117,11 +117,6 @@ impl Dsn {
         if matches!(sslmode, SslMode::VerifyCa | SslMode::VerifyFull) && sslrootcert.is_none() {
             return Err(format!("sslmode {} needs sslrootcert=<CA file>", if sslmode == SslMode::VerifyCa { "verify-ca" } else { "verify-full" }));
         }
-        if let Some(path) = &sslrootcert {
-            if !Path::new(path).is_file() {
-                return Err(format!("sslrootcert `{path}` is not a readable file"));
-            }
-        }
         Ok(Dsn {
             host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
             port: url.port().unwrap_or(5432),
@@ -236,12 +231,17 @@ impl Config {
                 format!("{} shard(s) listed but sharding.shard_count = {}; list exactly one [[shards]] entry per shard", self.shards.len(), self.sharding.shard_count),
             ));
         }
-        for (i, b) in self.shards.iter().enumerate() {
-            Dsn::parse(&b.dsn).map_err(|m| ConfigError::invalid(format!("shards[{i}].dsn"), m))?;
-        }
-        Dsn::parse(&self.default_db.dsn).map_err(|m| ConfigError::invalid("default_db.dsn", m))?;
+        let mut dsns: Vec<(String, &str)> = self.shards.iter().enumerate().map(|(i, b)| (format!("shards[{i}].dsn"), b.dsn.as_str())).collect();
+        dsns.push(("default_db.dsn".into(), &self.default_db.dsn));
         if let Some(l) = &self.legacy_db {
-            Dsn::parse(&l.dsn).map_err(|m| ConfigError::invalid("legacy_db.dsn", m))?;
+            dsns.push(("legacy_db.dsn".into(), &l.dsn));
+        }
+        for (key, text) in dsns {
+            let d = Dsn::parse(text).map_err(|m| ConfigError::invalid(key.clone(), m))?;
+            // the CA file is read and its certificates parsed now, not at the first connection
+            if d.sslmode != SslMode::Disable {
+                tls::client_config(d.sslmode, d.sslrootcert.as_deref()).map_err(|m| ConfigError::invalid(key, m))?;
+            }
         }
         if self.sharding.time_zone.trim().is_empty() {
             return Err(ConfigError::invalid("sharding.time_zone", "must name an IANA time zone such as UTC"));
@@ -278,11 +278,7 @@ impl Config {
         }
         match (&self.server.tls_cert_file, &self.server.tls_key_file) {
             (Some(c), Some(k)) => {
-                for (key, path) in [("server.tls_cert_file", c), ("server.tls_key_file", k)] {
-                    if !Path::new(path).is_file() {
-                        return Err(ConfigError::invalid(key, format!("`{path}` is not a readable file")));
-                    }
-                }
+                tls::server_config(c, k).map_err(|m| ConfigError::invalid("server.tls_cert_file", m))?;
             }
             (None, None) if self.server.require_tls => {
                 return Err(ConfigError::invalid("server.require_tls", "needs server.tls_cert_file and server.tls_key_file"));
@@ -507,13 +503,19 @@ mod tests {
         assert_eq!(Dsn::parse("postgres://u@h/db").expect("dsn").sslmode, SslMode::Disable);
         assert_eq!(Dsn::parse("postgres://u@h/db?sslmode=require").expect("dsn").sslmode, SslMode::Require);
         assert_eq!(Dsn::parse("postgres://u@h/db?sslmode=prefer").expect("dsn").sslmode, SslMode::Prefer);
-        let ca = tempfile_path("ca.crt");
-        let d = Dsn::parse(&format!("postgres://u@h/db?sslmode=verify-full&sslrootcert={ca}")).expect("dsn");
-        assert_eq!((d.sslmode, d.sslrootcert.as_deref()), (SslMode::VerifyFull, Some(ca.as_str())));
+        let d = Dsn::parse("postgres://u@h/db?sslmode=verify-full&sslrootcert=/etc/ca.crt").expect("dsn");
+        assert_eq!((d.sslmode, d.sslrootcert.as_deref()), (SslMode::VerifyFull, Some("/etc/ca.crt")));
+        // the file is read when the config is validated (not by every parse, which runs at run time too)
+        let e = Config::from_toml(&EXAMPLE.replace("127.0.0.1:5433/db_0\"", "127.0.0.1:5433/db_0?sslmode=verify-ca&sslrootcert=/nonexistent/ca.crt\""), "t")
+            .expect_err("a missing CA file");
+        assert!(e.to_string().contains("shards[0].dsn") && e.to_string().contains("/nonexistent/ca.crt"), "{e}");
+        let garbage = tempfile_path("garbage-ca.crt");
+        let e = Config::from_toml(&EXAMPLE.replace("127.0.0.1:5433/db_0\"", &format!("127.0.0.1:5433/db_0?sslmode=verify-full&sslrootcert={garbage}\"")), "t")
+            .expect_err("a CA file without certificates");
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
         for (bad, why) in [
             ("postgres://u@h/db?sslmode=allow", "not one of"),
             ("postgres://u@h/db?sslmode=verify-full", "needs sslrootcert"),
-            ("postgres://u@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.crt", "not a readable file"),
             ("postgres://u@h/db?connect_timeout=3", "unknown DSN parameter"),
         ] {
             let e = Dsn::parse(bad).expect_err(bad);
@@ -536,8 +538,10 @@ mod tests {
         let cert = tempfile_path("cert.pem");
         let e = Config::from_toml(&with(&format!("tls_cert_file = \"{cert}\"")), "t").expect_err("cert without key");
         assert!(e.to_string().contains("both"), "{e}");
-        let e = Config::from_toml(&base.replace("url = \"redis://127.0.0.1:6379\"", "url = \"redis://127.0.0.1:6379\"\ntls_ca_file = \"/nonexistent\""), "t").expect_err("CA for plain redis");
-        assert!(e.to_string().contains("redis.tls_ca_file"), "{e}");
+        let e = Config::from_toml(&with(&format!("tls_cert_file = \"{cert}\"\ntls_key_file = \"{cert}\"")), "t").expect_err("files without PEM");
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+        let e = Config::from_toml(&base.replace("url = \"redis://127.0.0.1:6379\"", &format!("url = \"redis://127.0.0.1:6379\"\ntls_ca_file = \"{cert}\"")), "t").expect_err("CA for plain redis");
+        assert!(e.to_string().contains("is set but redis.url is not rediss://"), "{e}");
     }
 
     #[test]

@@ -52,13 +52,13 @@ pub fn root_store(path: &str) -> Result<RootCertStore, String> {
 
 /// Client side of a connection to PostgreSQL for `mode` (not `Disable`):
 /// `Prefer` and `Require` without a root certificate accept any certificate
-/// (encryption only, as libpq); `Require` with one and `VerifyCa` check the
-/// chain; `VerifyFull` checks the chain and the host name.
+/// (encryption only, as libpq); with one, and `VerifyCa`, the chain is
+/// checked; `VerifyFull` checks the chain and the host name.
 pub fn client_config(mode: SslMode, rootcert: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|e| e.to_string())?;
     let verifier: Arc<dyn ServerCertVerifier> = match (mode, rootcert) {
         (SslMode::Disable, _) => return Err("sslmode=disable has no TLS settings".into()),
-        (SslMode::Prefer, _) | (SslMode::Require, None) => Arc::new(EncryptOnly(provider())),
+        (SslMode::Prefer | SslMode::Require, None) => Arc::new(EncryptOnly(provider())),
         (SslMode::VerifyCa | SslMode::VerifyFull, None) => return Err("sslmode verify-ca and verify-full need sslrootcert".into()),
         (mode, Some(path)) => {
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(path)?), provider()).build().map_err(|e| e.to_string())?;
@@ -124,5 +124,71 @@ impl ServerCertVerifier for ChainOnly {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and a server certificate for `san` (scripts/gen_certs.sh, openssl).
+    fn certs(dir: &std::path::Path, san: &str) -> (String, String, String) {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen_certs.sh");
+        let ok = std::process::Command::new("bash").arg(script).arg(dir).args(["2", san]).status().expect("bash").success();
+        assert!(ok, "gen_certs.sh");
+        let p = |f: &str| dir.join(f).display().to_string();
+        (p("ca.crt"), p("server.crt"), p("server.key"))
+    }
+
+    /// A whole handshake in memory; the client's error if it refuses.
+    fn handshake(client: Arc<rustls::ClientConfig>, server: Arc<rustls::ServerConfig>, host: &str) -> Result<(), rustls::Error> {
+        let mut c = rustls::ClientConnection::new(client, server_name(host).expect("name"))?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).expect("write");
+            }
+            s.read_tls(&mut &buf[..]).expect("read");
+            if s.process_new_packets().is_err() {
+                break;
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).expect("write");
+            }
+            c.read_tls(&mut &buf[..]).expect("read");
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("handshake did not finish".into()))
+    }
+
+    #[test]
+    fn sslmodes_verify_as_libpq_does() {
+        let tmp = std::env::temp_dir().join(format!("shardgate-tls-test-{}", std::process::id()));
+        let (ca, crt, key) = certs(&tmp.join("a"), "DNS:db.internal");
+        let (other_ca, _, _) = certs(&tmp.join("b"), "DNS:db.internal");
+        let server = server_config(&crt, &key).expect("server config");
+        let cfg = |mode, root: Option<&str>| client_config(mode, root).expect("client config");
+        // verify-full: chain and name
+        assert!(handshake(cfg(SslMode::VerifyFull, Some(&ca)), server.clone(), "db.internal").is_ok());
+        let e = handshake(cfg(SslMode::VerifyFull, Some(&ca)), server.clone(), "127.0.0.1").expect_err("name mismatch");
+        assert!(matches!(e, rustls::Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. })), "{e:?}");
+        assert!(handshake(cfg(SslMode::VerifyFull, Some(&other_ca)), server.clone(), "db.internal").is_err(), "another CA");
+        // verify-ca, and require/prefer with a CA: the chain, not the name
+        for mode in [SslMode::VerifyCa, SslMode::Require, SslMode::Prefer] {
+            assert!(handshake(cfg(mode, Some(&ca)), server.clone(), "127.0.0.1").is_ok(), "{mode:?}: the name is not checked");
+            assert!(handshake(cfg(mode, Some(&other_ca)), server.clone(), "127.0.0.1").is_err(), "{mode:?}: the chain is");
+        }
+        // require/prefer without a CA: encryption only
+        for mode in [SslMode::Require, SslMode::Prefer] {
+            assert!(handshake(cfg(mode, None), server.clone(), "127.0.0.1").is_ok(), "{mode:?}");
+        }
+        assert!(client_config(SslMode::VerifyCa, None).is_err());
+        assert!(client_config(SslMode::Disable, None).is_err());
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 }

@@ -23,8 +23,15 @@ pub async fn connect(dsn: &Dsn, what: &str) -> anyhow::Result<Client> {
 }
 
 /// Opens a tokio-postgres connection (TLS as the DSN's `sslmode` says, with
-/// rustls) and drives it in the background.
+/// rustls) and drives it in the background. Connect, TLS handshake and
+/// startup together are bounded by 10 s (`connect_timeout` covers only TCP).
 pub async fn open(dsn: &Dsn, application_name: &str) -> anyhow::Result<Client> {
+    tokio::time::timeout(std::time::Duration::from_secs(10), open_inner(dsn, application_name))
+        .await
+        .map_err(|_| anyhow!("timed out connecting (TCP, TLS and startup took over 10 s)"))?
+}
+
+async fn open_inner(dsn: &Dsn, application_name: &str) -> anyhow::Result<Client> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&dsn.host).port(dsn.port).user(&dsn.user).dbname(&dsn.dbname).application_name(application_name);
     cfg.connect_timeout(std::time::Duration::from_secs(5));

@@ -23,7 +23,7 @@ impl CancelSlot {
         }
     }
     fn get(&self) -> Option<CancelKey> {
-        self.current.lock().ok().and_then(|c| *c)
+        self.current.lock().ok().and_then(|c| c.clone())
     }
 
     /// Records the shard connections a routed statement runs on (empty once it is answered).
@@ -101,14 +101,15 @@ mod tests {
         let reg = Arc::new(CancelRegistry::default());
         let a = reg.register();
         let b = reg.register();
-        let key = CancelKey { addr: "127.0.0.1:5432".parse().expect("addr"), pid: 42, secret: 7 };
+        let key = CancelKey { addr: "127.0.0.1:5432".parse().expect("addr"), pid: 42, secret: 7, tls: None };
         a.slot.set(Some(key));
-        assert_eq!(reg.lookup(a.pid, a.secret), vec![key]);
-        assert_eq!(reg.lookup(a.pid, a.secret.wrapping_add(1)), vec![]);
-        assert_eq!(reg.lookup(b.pid, b.secret), vec![], "b holds no server");
+        let found = |pid, secret| reg.lookup(pid, secret).iter().map(|k| (k.pid, k.secret)).collect::<Vec<_>>();
+        assert_eq!(found(a.pid, a.secret), vec![(42, 7)]);
+        assert_eq!(found(a.pid, a.secret.wrapping_add(1)), vec![]);
+        assert_eq!(found(b.pid, b.secret), vec![], "b holds no server");
         let pid = a.pid;
         let secret = a.secret;
         drop(a);
-        assert_eq!(reg.lookup(pid, secret), vec![]);
+        assert_eq!(found(pid, secret), vec![]);
     }
 }

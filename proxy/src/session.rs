@@ -231,7 +231,8 @@ enum Encryption {
 /// gets `N`; SSLRequest gets `S` when `server.tls_cert_file` is set, else `N`.
 /// Any other first packet is left in `cin`.
 async fn encryption_request(shared: &Shared, stream: &Stream, cin: &mut BytesMut) -> std::io::Result<Encryption> {
-    loop {
+    // one SSLRequest and one GSSENCRequest at most, as PostgreSQL allows
+    for _ in 0..2 {
         while cin.len() < 8 {
             read_more(stream, cin).await?;
         }
@@ -254,6 +255,7 @@ async fn encryption_request(shared: &Shared, stream: &Stream, cin: &mut BytesMut
             _ => write_all(stream, b"N").await?,
         }
     }
+    Ok(Encryption::Plain)
 }
 
 /// What startup established.
@@ -784,7 +786,7 @@ impl Session {
                 if let Some(server) = &self.server {
                     metrics::counter!(m::QUERY_TIMEOUTS_TOTAL).increment(1);
                     warn!(timeout_ms = self.shared.config.server.query_timeout_ms, "query timeout, cancelling");
-                    let key = server.cancel_key;
+                    let key = server.cancel_key.clone();
                     tokio::spawn(async move {
                         let _ = key.cancel().await;
                     });
@@ -829,7 +831,7 @@ impl Session {
             self.sout.extend_from_slice(&sets);
             self.expect.push_back(Expect::SwallowUntilReady);
         }
-        self.registration.slot.set(Some(server.cancel_key));
+        self.registration.slot.set(Some(server.cancel_key.clone()));
         self.tx_status = b'I';
         self.server = Some(server);
         Ok(true)

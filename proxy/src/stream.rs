@@ -20,14 +20,23 @@ pub enum Stream {
     /// Plain TCP.
     Tcp(TcpStream),
     /// Our end of the socket pair a TLS relay serves.
-    Tls(UnixStream),
+    Tls {
+        /// The socket.
+        sock: UnixStream,
+        /// Dropped with this end: tells the relay to finish within [`RELAY_GRACE`].
+        _closed: tokio::sync::oneshot::Sender<()>,
+    },
 }
+
+/// How long a relay may keep flushing to its peer after our end closed
+/// (a peer that does not read would otherwise hold it, and its socket, forever).
+pub const RELAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 macro_rules! each {
     ($self:expr, $s:ident => $e:expr) => {
         match $self {
             Stream::Tcp($s) => $e,
-            Stream::Tls($s) => $e,
+            Stream::Tls { sock: $s, .. } => $e,
         }
     };
 }
@@ -35,7 +44,7 @@ macro_rules! each {
 impl Stream {
     /// True when the bytes cross the network encrypted.
     pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
+        matches!(self, Stream::Tls { .. })
     }
     /// Waits until a read may make progress.
     pub async fn readable(&self) -> io::Result<()> {
@@ -60,6 +69,22 @@ impl Stream {
     /// Peeks with a non-blocking `MSG_PEEK` syscall (sees a FIN or RST the runtime has not polled).
     pub fn peek(&self, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
         each!(self, s => socket2::SockRef::from(s).peek(buf))
+    }
+    /// Closes the socket now, leaving in its place one whose peer is gone (every
+    /// read sees EOF): the peer sees the close at once, even while this value
+    /// lives on (say, idle in a pool until it is recycled). Closing, not a
+    /// `shutdown`, is what makes a server blocked writing to us give up.
+    pub fn close_now(&mut self) {
+        let placeholder = UnixStream::pair().map(|(ours, _theirs)| {
+            let (closed, _) = tokio::sync::oneshot::channel();
+            Stream::Tls { sock: ours, _closed: closed }
+        });
+        match placeholder {
+            Ok(p) => drop(std::mem::replace(self, p)),
+            Err(_) => {
+                let _ = each!(&*self, s => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Both));
+            }
+        }
     }
     /// Runs `f` under the socket's readiness tracking (see tokio's `try_io`).
     pub fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
@@ -86,13 +111,16 @@ impl AsyncWrite for Stream {
 }
 
 /// Serves an established TLS session through a socket pair and returns our
-/// end. The relay ends when our end is closed (it then sends close_notify);
-/// the peer closing its side only half-closes ours, as TCP would.
+/// end. When our end is dropped the relay flushes what is left and sends
+/// close_notify, for at most [`RELAY_GRACE`]; then it drops the connection
+/// whatever the peer does. The peer closing its side only half-closes ours,
+/// as TCP would.
 pub fn relay<S>(tls: S) -> io::Result<Stream>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (ours, theirs) = UnixStream::pair()?;
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let (mut tls_r, mut tls_w) = tokio::io::split(tls);
         let (mut pair_r, mut pair_w) = theirs.into_split();
@@ -106,10 +134,16 @@ where
             let _ = tokio::io::copy(&mut pair_r, &mut tls_w).await;
             let _ = tls_w.shutdown().await;
         };
+        let deadline = async {
+            // the sender is never used: it resolves (with an error) when our end is dropped
+            let _ = closed_rx.await;
+            tokio::time::sleep(RELAY_GRACE).await;
+        };
         tokio::select! {
             () = inbound => {}
             () = outbound => {}
+            () = deadline => {}
         }
     });
-    Ok(Stream::Tls(ours))
+    Ok(Stream::Tls { sock: ours, _closed: closed_tx })
 }

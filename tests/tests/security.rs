@@ -502,7 +502,7 @@ async fn a_client_that_never_reads_a_large_answer_costs_bounded_memory() {
     drop(s);
     let t0 = std::time::Instant::now();
     while running().await > 0 {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "shard statements outlived their client");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2), "shard statements outlived their client by {:?}", t0.elapsed());
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

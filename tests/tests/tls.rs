@@ -43,6 +43,20 @@ async fn every_leg_uses_tls() {
     let n: i64 = app.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count over every shard").get(0);
     assert_eq!(n, 2);
 
+    // a cancel travels inside TLS to the proxy and inside TLS on to the shard (with sslmode
+    // verify-full the proxy never falls back to plain text, so a broken path leaves the sleep running)
+    let token = app.cancel_token();
+    let tls = shardgate_config::tls::client_config(shardgate_config::SslMode::VerifyFull, Some(&ca.display().to_string())).expect("client TLS");
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone())).await
+    });
+    let t0 = std::time::Instant::now();
+    let e = app.query("SELECT pg_sleep(20), id FROM t_order WHERE merchant_id = 3", &[]).await.expect_err("cancelled");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "cancel took {:?}", t0.elapsed());
+    canceller.await.expect("join").expect("cancel request sent over TLS");
+
     // 2. the proxy's connections to the shards are encrypted (and plaintext would be refused)
     let shard = connect(&cluster.info.shards[3]).await.expect("TLS connection to shard db_3");
     let (tls, plain): (i64, i64) = {
@@ -56,6 +70,8 @@ async fn every_leg_uses_tls() {
             .expect("pg_stat_ssl");
         (r.get(0), r.get(1))
     };
+    // (the harness's pg_hba refuses plain TCP, so `plain` is 0 by construction; `tls` counts
+    // the proxy's pooled and probe connections that negotiated TLS)
     assert!(tls >= 1 && plain == 0, "shardgate's connections to db_3: {tls} with TLS, {plain} without");
     let refused = tokio_postgres::connect(cluster.info.shards[3].split('?').next().unwrap_or_default(), tokio_postgres::NoTls)
         .await
@@ -105,6 +121,7 @@ async fn every_leg_uses_tls() {
     shardgate_tests::make_certs(&other).expect("a second CA");
     let out = psql(&conninfo(&cluster, "verify-full", &other.join("ca.crt")), "SELECT 1");
     assert!(!out.status.success(), "psql trusted a certificate from another CA");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("certificate verify failed"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // hostile handshakes: one that never finishes is closed by the login timeout; garbage
     // instead of a ClientHello is closed at once; bytes sent after SSLRequest before our
@@ -146,6 +163,19 @@ async fn every_leg_uses_tls() {
         \x20   print(c.execute('SELECT count(*) FROM t_order WHERE merchant_id = %s', (4,)).fetchone()[0])\n";
     let out = Command::new("python3").args(["-c", script, &conninfo(&cluster, "verify-full", &ca)]).output().expect("python3 runs");
     assert!(out.status.success(), "psycopg over TLS: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+
+    // asyncpg (ssl context with the CA; it verifies the host name)
+    let script = "import asyncio, ssl, sys, asyncpg\n\
+        async def main():\n\
+        \x20   ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+        \x20   c = await asyncpg.connect(sys.argv[1], ssl=ctx)\n\
+        \x20   print(await c.fetchval('SELECT count(*) FROM t_order WHERE merchant_id = $1', 3))\n\
+        \x20   await c.close()\n\
+        asyncio.run(main())\n";
+    let dsn = format!("postgres://{}:{}@127.0.0.1:{}/shardgate", APP_USER.0, APP_USER.1, cluster.info.proxy_port);
+    let out = Command::new("python3").args(["-c", script, &dsn]).arg(&ca).output().expect("python3 runs");
+    assert!(out.status.success(), "asyncpg over TLS: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
 
     // 6. pgjdbc (ssl=true, verify-full against the CA file)

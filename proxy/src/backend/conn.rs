@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -56,7 +57,7 @@ impl BackendError {
 }
 
 /// What it takes to cancel the query running on a server connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CancelKey {
     /// Server address.
     pub addr: SocketAddr,
@@ -64,19 +65,56 @@ pub struct CancelKey {
     pub pid: i32,
     /// Server secret.
     pub secret: i32,
+    /// The connection's TLS settings: a cancel goes encrypted too, so the key
+    /// never crosses the network in clear text (PostgreSQL 17's libpq does the same).
+    pub tls: Option<Arc<CancelTls>>,
+}
+
+/// How a cancel reaches a server that was connected with TLS.
+#[derive(Debug)]
+pub struct CancelTls {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+    /// `prefer`: a server that declines TLS gets the cancel in plain text.
+    fallback_plain: bool,
 }
 
 impl CancelKey {
     /// Sends a CancelRequest to the server (new connection, as the protocol demands).
     pub async fn cancel(&self) -> std::io::Result<()> {
-        let mut s = TcpStream::connect(self.addr).await?;
+        tokio::time::timeout(Duration::from_secs(5), self.cancel_inner())
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out"))?
+    }
+
+    async fn cancel_inner(&self) -> std::io::Result<()> {
         let mut msg = Vec::with_capacity(16);
         msg.extend_from_slice(&16i32.to_be_bytes());
         msg.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
         msg.extend_from_slice(&self.pid.to_be_bytes());
         msg.extend_from_slice(&self.secret.to_be_bytes());
+        let mut s = TcpStream::connect(self.addr).await?;
+        if let Some(tls) = &self.tls {
+            let mut req = Vec::with_capacity(8);
+            req.extend_from_slice(&8i32.to_be_bytes());
+            req.extend_from_slice(&SSL_REQUEST.to_be_bytes());
+            s.write_all(&req).await?;
+            let mut answer = [0u8; 1];
+            s.read_exact(&mut answer).await?;
+            if answer[0] == b'S' {
+                let mut t = tokio_rustls::TlsConnector::from(tls.config.clone()).connect(tls.name.clone(), s).await?;
+                t.write_all(&msg).await?;
+                t.flush().await?;
+                // wait for the server to close, so the cancel has been delivered
+                let mut sink = [0u8; 1];
+                let _ = tokio::time::timeout(Duration::from_secs(1), t.read(&mut sink)).await;
+                return Ok(());
+            }
+            if !tls.fallback_plain {
+                return Err(std::io::Error::other("the server declined TLS for a cancel request"));
+            }
+        }
         s.write_all(&msg).await?;
-        // wait for the server to close, so the cancel has been delivered
         let mut sink = [0u8; 1];
         let _ = tokio::time::timeout(Duration::from_secs(1), s.read(&mut sink)).await;
         Ok(())
@@ -117,7 +155,7 @@ async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<Stream, BackendError
 }
 
 /// The rustls client settings of a DSN, built once per (mode, CA file).
-fn tls_config(dsn: &Dsn) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+fn tls_config(dsn: &Dsn) -> Result<Arc<rustls::ClientConfig>, String> {
     type Key = (SslMode, Option<String>);
     static CONFIGS: std::sync::Mutex<Vec<(Key, std::sync::Arc<rustls::ClientConfig>)>> = std::sync::Mutex::new(Vec::new());
     let key = (dsn.sslmode, dsn.sslrootcert.clone());
@@ -161,12 +199,20 @@ impl ServerConn {
         tcp.set_nodelay(true)?;
         let addr = tcp.peer_addr()?;
         let stream = start_tls(tcp, dsn).await?;
+        let tls = match stream.is_tls() {
+            true => Some(Arc::new(CancelTls {
+                config: tls_config(dsn).map_err(BackendError::Tls)?,
+                name: shardgate_config::tls::server_name(&dsn.host).map_err(BackendError::Tls)?,
+                fallback_plain: dsn.sslmode == SslMode::Prefer,
+            })),
+            false => None,
+        };
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
             reported: HashMap::new(),
             applied: HashMap::new(),
-            cancel_key: CancelKey { addr, pid: 0, secret: 0 },
+            cancel_key: CancelKey { addr, pid: 0, secret: 0, tls },
             prepared: Prepared::default(),
             broken: false,
         };
@@ -243,6 +289,13 @@ impl ServerConn {
             }
             self.stream.write_all(&out).await?;
         }
+    }
+
+    /// Marks the connection unusable and closes its socket now: the server
+    /// stops the statement it is running (at its next write) and rolls back.
+    pub fn discard(&mut self) {
+        self.broken = true;
+        self.stream.close_now();
     }
 
     /// Reads one whole message from the server.
@@ -373,7 +426,7 @@ impl Prepared {
 
 #[cfg(test)]
 mod prepared_tests {
-    use super::Prepared;
+    use super::*;
 
     #[test]
     fn the_least_recently_used_name_gives_way() {
@@ -400,5 +453,42 @@ mod prepared_tests {
         p.clear();
         assert!(!p.contains("e"));
         assert_eq!(p.evict_for_one_more(1), None);
+    }
+
+    /// A server that answers an SSLRequest with `answer` and records what it received.
+    async fn fake_server(answer: u8) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut got = vec![0u8; 8];
+            s.read_exact(&mut got).await.expect("first packet");
+            s.write_all(&[answer]).await.expect("answer");
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+            got.extend_from_slice(&rest);
+            got
+        });
+        (addr, h)
+    }
+
+    fn key(addr: SocketAddr, fallback_plain: bool) -> CancelKey {
+        let config = shardgate_config::tls::client_config(SslMode::Require, None).expect("config");
+        let name = shardgate_config::tls::server_name("127.0.0.1").expect("name");
+        CancelKey { addr, pid: 42, secret: 7, tls: Some(Arc::new(CancelTls { config, name, fallback_plain })) }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_to_a_tls_server_never_sends_the_key_in_clear_text() {
+        let (addr, server) = fake_server(b'N').await;
+        assert!(key(addr, false).cancel().await.is_err(), "a server that declines TLS gets no cancel");
+        let got = server.await.expect("server");
+        assert_eq!(got, [0, 0, 0, 8, 4, 210, 22, 47], "only the SSLRequest crossed the network");
+        // sslmode=prefer: the connection itself fell back to plain text, so may the cancel
+        let (addr, server) = fake_server(b'N').await;
+        key(addr, true).cancel().await.expect("plain cancel");
+        let got = server.await.expect("server");
+        assert_eq!(&got[8..12], &16i32.to_be_bytes());
+        assert_eq!(&got[12..16], &CANCEL_REQUEST.to_be_bytes());
     }
 }

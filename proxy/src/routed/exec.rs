@@ -404,6 +404,14 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
             Err(_) => meters.errors.increment(1),
         }
     }
+    if matches!(result, Err(ExecError::ClientIo(_))) {
+        // the client went away mid-answer: close the shard connections (and db_default's,
+        // which may hold this statement's lookup entries) rather than read the rest of the
+        // answer; each server then stops its statement and rolls back its transaction
+        for slot in slots.iter_mut().flatten() {
+            slot.conn.discard();
+        }
+    }
     if req.tx.is_some() {
         if write {
             for &s in &shard_list {
@@ -478,7 +486,7 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         hold(engine, slots, s, tx, req.param_sets).await?;
     }
     if let Some(c) = req.cancel {
-        c.set_shards(shards.iter().filter_map(|&s| slots.get(s).and_then(Option::as_ref).map(|x| x.conn.cancel_key)).collect());
+        c.set_shards(shards.iter().filter_map(|&s| slots.get(s).and_then(Option::as_ref).map(|x| x.conn.cancel_key.clone())).collect());
     }
     let spec = if routed.targets.len() > 1 { routed.merge.as_ref() } else { None };
     let formats = target_formats(req, spec);

@@ -217,6 +217,12 @@ pub async fn rollback(slots: &mut Slots, shards: &[usize]) {
         if !slot.in_tx {
             continue;
         }
+        if slot.conn.broken {
+            // closing the connection rolls it back; its pending answer is not read
+            slot.in_tx = false;
+            slot.wrote = false;
+            continue;
+        }
         match wire::control(&mut slot.conn, "ROLLBACK").await {
             Ok(_) => {}
             Err(_) => slot.conn.broken = true,
