@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes a target for N seconds (default 600):
-#   make fuzz SECONDS_TO_RUN=600 [FUZZ_TARGET=frames|plan]
+#   make fuzz SECONDS_TO_RUN=600 [FUZZ_TARGET=frames|plan|sqlbuild]
 #   scripts/fuzz.sh 600 plan
-# frames: the client frame decoder; plan: router::plan with any bytes as SQL and bind values.
+# frames: the client frame decoder; plan: router::plan with any bytes as SQL and bind values;
+# sqlbuild: the SQL shardgate builds (quoting helper, rewritten statements) stays one statement.
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
 set -euo pipefail
 cd "$(dirname "$0")/.."

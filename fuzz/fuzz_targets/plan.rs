@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     let chunks: Vec<&[u8]> = rest.split(|b| *b == 0).take(16).collect();
     let texts: Vec<String> = chunks.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
     let now = jiff::Timestamp::from_second(1_795_341_600).expect("now");
-    let ctx = Context { now, months: &w.months, ids: Some(&w.ids), zone: Default::default() };
+    let ctx = Context { now, months: &w.months, ids: Some(&w.ids), zone: Default::default(), lookups: &[] };
     let text_params: Vec<Param<'_>> = texts.iter().map(|t| Param::Text(t)).collect();
     let _ = shardgate_router::plan(sql, &text_params, &w.topo, &ctx);
     let bin_params: Vec<Param<'_>> = chunks

@@ -271,6 +271,8 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
     if named.len() > 1 {
         return Err(RouteError::unsupported("a statement may use only one sharded table"));
     }
+    // from here on the statement is printed for the shards
+    make_printable(&mut stmt)?;
     let rule_idx = named[0];
     let rule = &topo.tables[rule_idx];
     match stmt {
@@ -299,6 +301,55 @@ fn protect_unary_signs(stmt: &mut Statement) {
         }
         ControlFlow::<()>::Continue(())
     });
+}
+
+/// sqlparser prints string literals and quoted names lossily: a value holding
+/// `''` or `\'` is printed as it is, so `'a''''b'` came out as `'a''b'` and
+/// the value `\' OR true --` as `'\' OR true --'` — a literal a shard reads
+/// as SQL. Before a statement is printed for the shards, a literal holding a
+/// quote or backslash becomes an `E'…'` literal (printed with every quote and
+/// backslash escaped: the same value, the same unknown-type constant), and a
+/// statement with a quoted name or N'…' literal holding its own quote
+/// character is refused.
+struct Printable {
+    refused: Option<String>,
+}
+
+impl VisitorMut for Printable {
+    type Break = ();
+
+    fn pre_visit_value(&mut self, value: &mut sqlparser::ast::ValueWithSpan) -> ControlFlow<()> {
+        match &mut value.value {
+            Value::SingleQuotedString(s) if s.contains(['\'', '\\']) => {
+                value.value = Value::EscapedStringLiteral(std::mem::take(s));
+            }
+            Value::NationalStringLiteral(s) if s.contains(['\'', '\\']) => {
+                self.refused = Some("an N'…' literal holding a quote or backslash cannot be passed to the shards exactly; write it as E'…'".into());
+                return ControlFlow::Break(());
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_ident(&mut self, ident: &mut Ident) -> ControlFlow<()> {
+        if let Some(q) = ident.quote_style {
+            if ident.value.contains(q) {
+                self.refused = Some(format!("the quoted name {:?} holds its own quote character, which shardgate cannot pass to the shards exactly; rename it", ident.value));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn make_printable(stmt: &mut Statement) -> Result<()> {
+    let mut p = Printable { refused: None };
+    let _ = stmt.visit(&mut p);
+    match p.refused {
+        Some(m) => Err(RouteError::unsupported(m)),
+        None => Ok(()),
+    }
 }
 
 /// The command words of a statement (`ALTER TABLE`, `COPY`), for messages.

@@ -386,7 +386,7 @@ pub(crate) fn src_of(e: &Expr) -> Option<Src> {
             _ => None,
         },
         Expr::TypedString(ts) if transparent_type(&ts.data_type) => match &ts.value.value {
-            Value::SingleQuotedString(s) => Some(Src::Text(s.clone())),
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Some(Src::Text(s.clone())),
             _ => None,
         },
         Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match src_of(expr)? {

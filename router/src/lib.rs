@@ -22,6 +22,7 @@ mod lexer;
 mod merge;
 pub mod month;
 mod plan;
+pub mod quote;
 mod rewrite;
 mod session;
 mod setting;

@@ -253,7 +253,7 @@ impl Builder {
             Expr::Value(v) => match &v.value {
                 Value::Null => Ok(Operand::Null),
                 Value::Number(n, _) => Ok(Operand::Number(n.clone())),
-                Value::SingleQuotedString(s) => Ok(Operand::Literal(s.clone())),
+                Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Ok(Operand::Literal(s.clone())),
                 _ => Err(having_err()),
             },
             Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match self.operand(expr)? {

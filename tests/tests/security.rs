@@ -506,3 +506,51 @@ async fn a_client_that_never_reads_a_large_answer_costs_bounded_memory() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_string_literal_reaches_the_shards_as_the_same_literal() {
+    let c = start();
+    let app = connect(&c.info.proxy_dsn).await.expect("connect");
+    // merchants 1 and 9 live on db_1
+    app.batch_execute(
+        "INSERT INTO t_order (id, merchant_id, order_no, order_amount, pay_status, create_time) VALUES \
+         (5001, 1, 'q-1', 1, 'PAID', '2026-11-02 00:00:00+00'), (5002, 9, 'q-9', 1, 'PAID', '2026-11-03 00:00:00+00'), \
+         (5003, 1, 'a''''b', 1, 'it''s', '2026-11-04 00:00:00+00'), (5004, 1, 'back\\slash', 1, '\\''', '2026-11-05 00:00:00+00')",
+    )
+    .await
+    .expect("insert");
+    // sqlparser printed the value \' OR true -- as '\' OR true --': on the shard that is
+    // `pay_status = '\'` OR true, and this DELETE removed every row of db_1's month tables
+    let r = app
+        .simple_query("DELETE FROM t_order WHERE merchant_id = 1 AND create_time >= '2026-11-01' AND pay_status = '\\'' OR true --'")
+        .await
+        .expect("delete");
+    let tag = r.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert_eq!(tag, Some(0), "no row has that pay_status");
+    let n: i64 = app.query_one("SELECT count(*) FROM t_order WHERE merchant_id IN (1, 9)", &[]).await.expect("count").get(0);
+    assert_eq!(n, 4, "every row is still there");
+    // and values with doubled quotes and backslashes round-trip exactly, in WHERE and in results
+    for (sql, want) in [
+        ("SELECT order_no FROM t_order WHERE merchant_id = 1 AND order_no = 'a''''b'", "a''b"),
+        ("SELECT pay_status FROM t_order WHERE merchant_id = 1 AND pay_status = 'it''s'", "it's"),
+        ("SELECT pay_status FROM t_order WHERE merchant_id = 1 AND pay_status = '\\'''", "\\'"),
+        ("SELECT order_no FROM t_order WHERE order_no = 'back\\slash'", "back\\slash"),
+        ("SELECT 'x''''y' || order_no FROM t_order WHERE id = 5001 AND merchant_id = 1", "x''yq-1"),
+    ] {
+        let rows = app.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let got: Vec<String> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![want.to_string()], "{sql}");
+    }
+    // a quoted name holding its own quote cannot be printed exactly: refused, not altered
+    let e = app.simple_query("SELECT id AS \"a\"\"b\" FROM t_order WHERE merchant_id = 1").await.expect_err("refused");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+}

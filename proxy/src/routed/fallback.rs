@@ -302,13 +302,6 @@ fn month_table_of(rule: &TableRule, name: &str) -> Option<MonthKey> {
     (rule.physical(m) == name).then_some(m)
 }
 
-fn quote(v: &Option<String>) -> String {
-    match v {
-        None => "NULL".into(),
-        Some(s) => format!("'{}'", s.replace('\'', "''")),
-    }
-}
-
 /// One sync-back batch for one shard, of rows with ids above `*after` (moved
 /// past the batch, so a round walks the index forward instead of re-skipping
 /// the entries of rows it already synced); returns rows handled (0 = done).
@@ -433,7 +426,7 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
             mark.push_str(&format!(
                 "UPDATE {t} SET sync_status = 'FAILED', sync_attempts = sync_attempts + 1, last_error = {}, \
                  next_attempt_at = now() + least(power(2, sync_attempts + 1), 300) * {jitter:.3} * interval '1 second' WHERE {id} = {rid}; ",
-                quote(&Some(err.clone()))
+                shardgate_router::quote::literal(&err)
             ));
             tracing::warn!(shard, id = rid, error = %err, "a fallback row could not be synced back; will retry");
         }

@@ -433,7 +433,7 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
             if old != "true" {
                 let decided = wire::query(&mut def, "SELECT 1 FROM shardgate_2pc_decisions WHERE gid = $1 AND outcome = 'commit'", &[Some(base)]).await;
                 if matches!(decided, Ok(Ok(ref r)) if !r.is_empty()) {
-                    match wire::control(&mut conn, &format!("COMMIT PREPARED '{}'", g.replace('\'', "''"))).await {
+                    match wire::control(&mut conn, &format!("COMMIT PREPARED {}", shardgate_router::quote::literal(&g))).await {
                         Ok(Ok(_)) => {
                             tracing::info!(shard = s, gid = %g, "committed a decided prepared transaction");
                             resolved += 1;
