@@ -426,7 +426,7 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
             mark.push_str(&format!(
                 "UPDATE {t} SET sync_status = 'FAILED', sync_attempts = sync_attempts + 1, last_error = {}, \
                  next_attempt_at = now() + least(power(2, sync_attempts + 1), 300) * {jitter:.3} * interval '1 second' WHERE {id} = {rid}; ",
-                shardgate_router::quote::literal(&err)
+                shardgate_router::quote::literal(err)
             ));
             tracing::warn!(shard, id = rid, error = %err, "a fallback row could not be synced back; will retry");
         }
