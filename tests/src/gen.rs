@@ -22,7 +22,8 @@ use rand::{Rng, SeedableRng};
 /// Merchants used most of the time are `1..=MERCHANT_MAX`.
 pub const MERCHANT_MAX: i64 = 40;
 /// `pay_status` values (plus NULL).
-pub const STATUSES: [&str; 5] = ["NEW", "PAID", "REFUND", "CLOSED", "PENDING"];
+/// (with values that hold quotes and backslashes: they must reach the shards as the same literal)
+pub const STATUSES: [&str; 7] = ["NEW", "PAID", "REFUND", "CLOSED", "PENDING", "it's", "x\\''y"];
 /// The months rows are written to (month tables `t_order_202511` .. `t_order_202702`).
 pub const MONTHS: [(i32, u32); 16] = [
     (2025, 11),
