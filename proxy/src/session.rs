@@ -551,6 +551,9 @@ struct Session {
     batch_tx: bool,
     /// The client's BEGIN text, repeated on shards that join the transaction.
     begin_sql: Option<String>,
+    /// The open block's `SET LOCAL`s of tracked parameters, for the shards that
+    /// join it (cleared when the block ends).
+    local_sets: Vec<(String, Option<String>)>,
     /// The user may run admin commands.
     admin: bool,
     /// A two-phase commit whose decision row rides on the client's COMMIT (extended protocol).
@@ -609,6 +612,7 @@ impl Session {
             capture_limit: None,
             routed_portals: HashMap::new(),
             begin_sql: None,
+            local_sets: Vec::new(),
             admin: login.admin,
             pending_2pc: None,
             resolve_2pc: None,
@@ -855,6 +859,14 @@ impl Session {
         }
     }
 
+    /// Records `db_default`'s transaction status; a block's `SET LOCAL`s end with it.
+    fn set_tx_status(&mut self, status: u8) {
+        self.tx_status = status;
+        if status == b'I' {
+            self.local_sets.clear();
+        }
+    }
+
     /// Notes what a statement sent on to `db_default` does to the session: a
     /// tracked parameter the shards must follow, or pinning. `Err` is a SET the
     /// shards cannot follow: the statement is refused with this message.
@@ -869,6 +881,12 @@ impl Session {
                 Some(SettingChange::Set(name, v)) => {
                     self.desired.retain(|(k, _)| *k != name);
                     self.desired.push((name, normalize_param(&v)));
+                }
+                Some(SettingChange::Local(name, v)) => {
+                    // outside a block PostgreSQL ignores it (with a warning): so do the shards
+                    if self.in_tx_block() {
+                        self.local_sets.push((name, v.map(|v| normalize_param(&v))));
+                    }
                 }
                 Some(SettingChange::Refused(m)) => return Err(m),
                 None => {}
@@ -1365,10 +1383,10 @@ impl Session {
                 }
                 self.copy_in = None;
                 match self.expect.pop_front() {
-                    Some(Expect::SwallowUntilReady) => self.tx_status = status,
+                    Some(Expect::SwallowUntilReady) => self.set_tx_status(status),
                     Some(Expect::Ready { .. }) => {
                         self.pending_ready = self.pending_ready.saturating_sub(1);
-                        self.tx_status = status;
+                        self.set_tx_status(status);
                         self.cache_on_ready(status);
                         if status == b'I' && self.pending_2pc.is_some() {
                             self.resolve_2pc = self.pending_2pc.take();

@@ -15,15 +15,28 @@ pub enum SettingChange {
     Reset(String),
     /// `RESET ALL`.
     ResetAll,
+    /// `SET LOCAL name = value` (`None`: `SET LOCAL name TO DEFAULT`): for the
+    /// rest of the transaction block only.
+    Local(String, Option<String>),
     /// A change the shards cannot follow: refused with 0A000 and this message.
     Refused(String),
 }
 
 /// The change `sql` makes to a parameter in `tracked` (lower-case names), if any.
-/// `SET LOCAL` and statements on other parameters give `None`.
+/// Statements on other parameters give `None`.
 pub fn setting_change(sql: &str, tracked: &[&str]) -> Option<SettingChange> {
     let stmts = crate::analyze::parse(sql).ok()?;
     let [stmt] = stmts.as_slice() else { return None };
+    let local = matches!(stmt, Statement::Set(Set::SingleAssignment { scope: Some(ContextModifier::Local), .. }) | Statement::Set(Set::SetTimeZone { local: true, .. }));
+    let change = session_change(stmt, tracked)?;
+    Some(match (local, change) {
+        (true, SettingChange::Set(name, v)) => SettingChange::Local(name, Some(v)),
+        (true, SettingChange::Reset(name)) => SettingChange::Local(name, None),
+        (_, c) => c,
+    })
+}
+
+fn session_change(stmt: &Statement, tracked: &[&str]) -> Option<SettingChange> {
     let (name, values) = match stmt {
         Statement::Reset(r) => {
             return match &r.reset {
@@ -35,13 +48,8 @@ pub fn setting_change(sql: &str, tracked: &[&str]) -> Option<SettingChange> {
                 Reset::SessionAuthorization => None,
             };
         }
-        Statement::Set(Set::SingleAssignment { scope, variable, values, .. }) => {
-            if matches!(scope, Some(ContextModifier::Local)) {
-                return None;
-            }
-            (variable.to_string().to_ascii_lowercase(), values.as_slice())
-        }
-        Statement::Set(Set::SetTimeZone { local: false, value }) => ("timezone".to_string(), std::slice::from_ref(value)),
+        Statement::Set(Set::SingleAssignment { variable, values, .. }) => (variable.to_string().to_ascii_lowercase(), values.as_slice()),
+        Statement::Set(Set::SetTimeZone { value, .. }) => ("timezone".to_string(), std::slice::from_ref(value)),
         _ => return None,
     };
     let name = match name.as_str() {
@@ -132,7 +140,9 @@ mod tests {
         assert_eq!(sc("reset all", T), Some(C::ResetAll));
         assert_eq!(sc("SET timezone TO DEFAULT", T), Some(C::Reset("timezone".into())));
         assert_eq!(sc("SET TIME ZONE LOCAL", T), Some(C::Reset("timezone".into())));
-        assert_eq!(sc("SET LOCAL timezone = 'UTC'", T), None);
+        assert_eq!(sc("SET LOCAL timezone = 'UTC'", T), Some(C::Local("timezone".into(), Some("UTC".into()))));
+        assert_eq!(sc("SET LOCAL timezone TO DEFAULT", T), Some(C::Local("timezone".into(), None)));
+        assert_eq!(sc("SET LOCAL TIME ZONE 'UTC'", T), Some(C::Local("timezone".into(), Some("UTC".into()))));
         assert_eq!(sc("SET work_mem = '1MB'", T), None);
         assert_eq!(sc("select 1", T), None);
         assert_eq!(sc("SET timezone = 'UTC'; SET search_path = x", T), None);

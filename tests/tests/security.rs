@@ -232,6 +232,45 @@ async fn statement_timeout_and_query_timeout_reach_the_shards() {
 }
 
 #[tokio::test]
+async fn set_local_timeouts_apply_on_the_shards_for_the_block_only() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    seed_two_shards(&client).await;
+    // SET LOCAL before any shard joined the block, and after one had
+    for (prelude, sql) in [
+        ("", "SELECT pg_sleep(4), 'sg_sl_one' FROM t_order WHERE merchant_id = 1"),
+        ("SELECT id FROM t_order WHERE merchant_id = 2", "SELECT pg_sleep(4), 'sg_sl_two' FROM t_order"),
+    ] {
+        client.batch_execute("BEGIN").await.expect("begin");
+        if !prelude.is_empty() {
+            client.batch_execute(prelude).await.expect("a shard joins the block");
+        }
+        client.batch_execute("SET LOCAL statement_timeout = '500ms'").await.expect("set local");
+        let t0 = std::time::Instant::now();
+        let e = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{sql}: {e}");
+        assert!(t0.elapsed() < std::time::Duration::from_millis(1400), "{sql}: took {:?}", t0.elapsed());
+        client.batch_execute("ROLLBACK").await.expect("rollback");
+        assert_eq!(running_on_shards(&c, "sg_sl_").await, 0);
+    }
+    // SET LOCAL lock_timeout: a row another transaction holds is given up after it
+    let other = connect(&c.info.proxy_dsn).await.expect("connect");
+    other.batch_execute("BEGIN").await.expect("begin");
+    other.batch_execute("UPDATE t_order SET pay_status = 'LOCKED' WHERE merchant_id = 1").await.expect("lock the row");
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute("SET LOCAL lock_timeout = '300ms'").await.expect("set local");
+    let t0 = std::time::Instant::now();
+    let e = client.batch_execute("UPDATE t_order SET pay_status = 'X' WHERE merchant_id = 1").await.expect_err("lock timeout");
+    assert_eq!(sqlstate(&e).as_deref(), Some("55P03"), "{e}");
+    assert!(t0.elapsed() < std::time::Duration::from_millis(1500), "took {:?}", t0.elapsed());
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    other.batch_execute("ROLLBACK").await.expect("rollback");
+    // after the block the setting is gone, on every shard connection
+    let r = client.query("SELECT pg_sleep(1), id FROM t_order", &[]).await.expect("no timeout after the block");
+    assert_eq!(r.len(), 2);
+}
+
+#[tokio::test]
 async fn an_insert_cannot_make_month_tables_outside_the_window() {
     let c = start();
     let client = connect(&c.info.proxy_dsn).await.expect("connect");

@@ -261,13 +261,27 @@ pub const SET_CONFIG_SQL: &str = "SELECT pg_catalog.set_config($1, coalesce($2, 
 /// Sync: session parameters applied without any client text in SQL. Empty for
 /// no changes.
 pub fn set_config_pipeline(changes: &[(&str, Option<&str>)]) -> Bytes {
+    config_pipeline(SET_CONFIG_SQL, changes)
+}
+
+/// [`SET_CONFIG_SQL`] for the current transaction only (`SET LOCAL`).
+pub const SET_LOCAL_CONFIG_SQL: &str = "SELECT pg_catalog.set_config($1, coalesce($2, \
+     (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE lower(s.name) = lower($1))), true)";
+
+/// Like [`set_config_pipeline`], for the open transaction block only (a
+/// client's `SET LOCAL`, repeated on each shard of the block).
+pub fn set_local_config_pipeline(changes: &[(&str, Option<&str>)]) -> Bytes {
+    config_pipeline(SET_LOCAL_CONFIG_SQL, changes)
+}
+
+fn config_pipeline(sql: &str, changes: &[(&str, Option<&str>)]) -> Bytes {
     let mut out = BytesMut::new();
     if changes.is_empty() {
         return out.freeze();
     }
     put_message(&mut out, b'P', |o| {
         put_cstr(o, b"");
-        put_cstr(o, SET_CONFIG_SQL.as_bytes());
+        put_cstr(o, sql.as_bytes());
         o.put_i16(2);
         o.put_u32(25);
         o.put_u32(25);

@@ -33,6 +33,8 @@ pub struct ShardSlot {
     pub in_tx: bool,
     /// The open transaction wrote on it.
     pub wrote: bool,
+    /// How many of the block's `SET LOCAL` settings it has applied.
+    pub locals: usize,
 }
 
 /// A session's shard connections, by shard number.
@@ -115,6 +117,9 @@ pub struct Request<'a> {
     pub tx: Option<&'a str>,
     /// SET statements that bring a fresh shard connection in line with the client's parameters.
     pub param_sets: &'a (dyn Fn(&mut crate::backend::ServerConn) -> bytes::Bytes + Sync),
+    /// The block's `SET LOCAL` settings (name, value; `None` = default), applied
+    /// on each shard of the block before its statements.
+    pub local_sets: &'a [(String, Option<String>)],
     /// Targets standing in for a down shard, with that shard (UPDATE/DELETE must match there).
     pub down_targets: &'a [(usize, usize)],
     /// Run the targets one after another, in order (not all at once).
@@ -171,6 +176,7 @@ pub async fn hold(
     shard: usize,
     tx: Option<&str>,
     param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> bytes::Bytes + Sync),
+    local_sets: &[(String, Option<String>)],
 ) -> Result<(), ExecError> {
     // one slot per shard, then one for db_default (fallback rows), then legacy
     if slots.len() < engine.shards.len() + 2 {
@@ -213,12 +219,27 @@ pub async fn hold(
                 }
             }
         }
-        slots[shard] = Some(ShardSlot { conn, in_tx: false, wrote: false });
+        slots[shard] = Some(ShardSlot { conn, in_tx: false, wrote: false, locals: 0 });
     }
     let slot = slots[shard].as_mut().expect("just filled");
     if let (Some(begin), false) = (tx, slot.in_tx) {
         match wire::control(&mut slot.conn, begin).await {
-            Ok(Ok(_)) => slot.in_tx = true,
+            Ok(Ok(_)) => {
+                slot.in_tx = true;
+                slot.locals = 0;
+            }
+            Ok(Err(e)) => return Err(ExecError::Server(e)),
+            Err(e) => {
+                slot.conn.broken = true;
+                return Err(lost(shard, &e));
+            }
+        }
+    }
+    if slot.in_tx && slot.locals < local_sets.len() {
+        // the client's SET LOCAL reaches every shard of its block, as bind values
+        let changes: Vec<(&str, Option<&str>)> = local_sets[slot.locals..].iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        match wire::pipeline(&mut slot.conn, &crate::protocol::frontend::set_local_config_pipeline(&changes)).await {
+            Ok(Ok(_)) => slot.locals = local_sets.len(),
             Ok(Err(e)) => return Err(ExecError::Server(e)),
             Err(e) => {
                 slot.conn.broken = true;
@@ -455,7 +476,7 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
 async fn record_lookups(engine: &Engine, slots: &mut Slots, req: &Request<'_>, tx: &str) -> Result<(), ExecError> {
     // the tables first: preparing them takes a db_default connection of its own
     engine.lookups.meta(engine).await?;
-    hold(engine, slots, engine.shards.len(), Some(tx), req.param_sets).await?;
+    hold(engine, slots, engine.shards.len(), Some(tx), req.param_sets, req.local_sets).await?;
     super::lookup::record(engine, slots, &req.routed.lookup_rows, &req.routed.table).await
 }
 
@@ -483,7 +504,7 @@ async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Ou
 async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>) -> Result<(), ExecError> {
     let routed = req.routed;
     for &s in shards {
-        hold(engine, slots, s, tx, req.param_sets).await?;
+        hold(engine, slots, s, tx, req.param_sets, req.local_sets).await?;
     }
     if let Some(c) = req.cancel {
         c.set_shards(shards.iter().filter_map(|&s| slots.get(s).and_then(Option::as_ref).map(|x| x.conn.cancel_key.clone())).collect());

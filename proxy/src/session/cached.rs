@@ -291,7 +291,7 @@ impl Session {
         let server = self.server.as_mut().expect("server_for succeeded");
         match crate::cache::exchange(server, &fetch).await {
             Ok(x) => {
-                self.tx_status = x.status;
+                self.set_tx_status(x.status);
                 self.cout.extend_from_slice(&x.bytes);
                 if x.error.is_some() {
                     self.discard_until_sync = true;

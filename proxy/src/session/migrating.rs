@@ -83,7 +83,8 @@ impl Session {
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let cancel = self.registration.slot.clone();
-        let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, down_targets: &[], serial: false, cancel: Some(&cancel) };
+        let locals = self.local_sets.clone();
+        let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, local_sets: &locals, down_targets: &[], serial: false, cancel: Some(&cancel) };
         let mut scratch = BytesMut::new();
         let keep = self.capture_limit;
         let mut out = if to_client {

@@ -319,6 +319,7 @@ impl Session {
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let cancel = self.registration.slot.clone();
+        let locals = self.local_sets.clone();
         let req = Request {
             routed: &plan,
             bound,
@@ -326,6 +327,7 @@ impl Session {
             visible,
             tx: in_tx.then_some(begin.as_str()),
             param_sets: &sets,
+            local_sets: &locals,
             down_targets: &[],
             serial: false,
             cancel: Some(&cancel),
