@@ -882,12 +882,11 @@ impl Session {
                     self.desired.retain(|(k, _)| *k != name);
                     self.desired.push((name, normalize_param(&v)));
                 }
-                Some(SettingChange::Local(name, v)) => {
-                    // outside a block PostgreSQL ignores it (with a warning): so do the shards
-                    if self.in_tx_block() {
-                        self.local_sets.push((name, v.map(|v| normalize_param(&v))));
-                    }
+                // outside a block PostgreSQL ignores it (with a warning): so do the shards
+                Some(SettingChange::Local(name, v)) if self.in_tx_block() => {
+                    self.local_sets.push((name, v.map(|v| normalize_param(&v))));
                 }
+                Some(SettingChange::Local(..)) => {}
                 Some(SettingChange::Refused(m)) => return Err(m),
                 None => {}
             }
