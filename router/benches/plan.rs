@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
 
-    let router = Router::new(topo.clone(), 10_000);
+    let router = Router::new(topo.clone(), shardgate_router::CACHE_BYTES);
     let mut g = c.benchmark_group("plan_cached_new_binds");
     for (name, sql) in STATEMENTS {
         let mut i = 0u64;

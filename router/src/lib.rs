@@ -81,14 +81,27 @@ impl std::fmt::Debug for Router {
     }
 }
 
+/// Bytes the router's cache of analysed statements may take, by default.
+pub const CACHE_BYTES: u64 = 64 << 20;
+/// Statement texts longer than this are analysed each time, never cached.
+pub const MAX_CACHED_TEXT: usize = 64 << 10;
+
+/// What one cached statement is counted as: its text and an analysis (the
+/// syntax tree and the printed templates) estimated at 32 bytes per byte of
+/// text, since clients choose the texts.
+fn cache_weight(text: &str) -> u32 {
+    u32::try_from(text.len().saturating_mul(33).saturating_add(512)).unwrap_or(u32::MAX)
+}
+
 impl Router {
-    /// A router holding up to `capacity` analysed statement texts.
-    pub fn new(topo: Topology, capacity: u64) -> Router {
+    /// A router whose cache of analysed statement texts holds about `max_bytes`.
+    pub fn new(topo: Topology, max_bytes: u64) -> Router {
         let control = aho_corasick::AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .build(control_table_words(&topo))
             .expect("ASCII table names build");
-        Router { topo, cache: moka::sync::Cache::new(capacity), control }
+        let cache = moka::sync::Cache::builder().max_capacity(max_bytes).weigher(|k: &Arc<str>, _: &Arc<Analysis>| cache_weight(k)).build();
+        Router { topo, cache, control }
     }
 
     /// True when a client text mentions one of the proxy's own tables in
@@ -107,6 +120,9 @@ impl Router {
 
     /// The cached analysis of `sql`.
     pub fn analysis(&self, sql: &str) -> Arc<Analysis> {
+        if sql.len() > MAX_CACHED_TEXT {
+            return Arc::new(analyze(sql, &self.topo));
+        }
         if let Some(a) = self.cache.get(sql) {
             return a;
         }

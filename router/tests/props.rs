@@ -188,7 +188,7 @@ fn binary_bind_values_route_like_text() {
 #[test]
 fn cached_router_applies_new_bind_values() {
     let world = golden_cases::World::new();
-    let router = shardgate_router::Router::new(world.topo.clone(), 1000);
+    let router = shardgate_router::Router::new(world.topo.clone(), shardgate_router::CACHE_BYTES);
     let sql = "SELECT * FROM t_order WHERE merchant_id = $1 AND create_time >= $2 AND create_time < $3";
     for (m, shard) in [("1", 1u8), ("10", 2), ("-1", 7)] {
         let Plan::Routed(r) = router.plan(sql, &[Param::Text(m), Param::Text("2026-10-01"), Param::Text("2026-11-01")], &world.ctx()).expect("plan") else { panic!() };

@@ -593,3 +593,43 @@ async fn a_string_literal_reaches_the_shards_as_the_same_literal() {
     let e = app.simple_query("SELECT id AS \"a\"\"b\" FROM t_order WHERE merchant_id = 1").await.expect_err("refused");
     assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_caches_are_bounded_in_bytes() {
+    use shardgate_tests::raw::{frame, md5_login, read_until_ready};
+    use std::io::Write;
+    let c = start();
+    let pid = c.info.proxy_pid.expect("proxy pid");
+    let mut s = md5_login(&c);
+    // warm up, then measure: 600 distinct statements on t_order of about 60 KB each,
+    // prepared (the router analyses and caches each text): 36 MB of text, which the router
+    // cache (64 MiB, each text weighed at 33 times its length) does not keep all of; before
+    // it was bounded in bytes the proxy grew by 1.6 GB here (4 GB for 1,500 texts)
+    let statement = |i: usize| {
+        let values: Vec<String> = (0..6_000).map(|j| format!("'v{i}-{j}'")).collect();
+        format!("SELECT id FROM t_order WHERE merchant_id = $1 AND order_no IN ({})", values.join(","))
+    };
+    let parse = |i: usize| {
+        let mut body = format!("\0{}\0", statement(i)).into_bytes();
+        body.extend_from_slice(&0i16.to_be_bytes());
+        let mut m = frame(b'P', &body);
+        m.extend_from_slice(&frame(b'S', &[]));
+        m
+    };
+    for i in 0..20 {
+        s.write_all(&parse(i)).expect("parse");
+        read_until_ready(&mut s);
+    }
+    let before = rss_kib(pid);
+    let mut peak = 0;
+    for i in 20..620 {
+        s.write_all(&parse(i)).expect("parse");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(msgs.first().map(|m| m.0), Some(b'1'), "ParseComplete");
+        if i % 100 == 0 {
+            peak = peak.max(rss_kib(pid).saturating_sub(before));
+        }
+    }
+    peak = peak.max(rss_kib(pid).saturating_sub(before));
+    assert!(peak < 160 * 1024, "the proxy grew by {peak} KiB caching one client's statement texts");
+}

@@ -205,6 +205,14 @@ impl Meters {
     }
 }
 
+/// Bytes each of the caches keyed by statement text may hold.
+const TEXT_CACHE_BYTES: u64 = 16 << 20;
+
+/// A cache entry's weight: its bytes plus a fixed overhead.
+fn weight(bytes: usize) -> u32 {
+    u32::try_from(bytes.saturating_add(128)).unwrap_or(u32::MAX)
+}
+
 impl Cache {
     pub fn new(cfg: &CacheConfig, redis: Option<&shardgate_config::RedisConfig>, engine: Arc<Engine>) -> anyhow::Result<Arc<Cache>> {
         let specs: Vec<CachedTable> = cfg.tables.iter().map(|t| CachedTable { name: t.name.clone(), key: t.key.clone() }).collect();
@@ -237,14 +245,18 @@ impl Cache {
             specs,
             cfg: cfg.clone(),
             l1,
-            shapes: moka::sync::Cache::new(10_000),
-            describes: moka::sync::Cache::new(10_000),
+            // bounded in bytes: keys are client statement texts
+            shapes: moka::sync::Cache::builder().max_capacity(TEXT_CACHE_BYTES).weigher(|_: &u64, v: &Bytes| weight(v.len() + 8)).build(),
+            describes: moka::sync::Cache::builder()
+                .max_capacity(TEXT_CACHE_BYTES)
+                .weigher(|k: &(String, Vec<u32>), v: &(Bytes, Bytes)| weight(k.0.len() + 4 * k.1.len() + v.0.len() + v.1.len()))
+                .build(),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             global: AtomicU64::new(0),
             l2,
             engine,
             subscribed: AtomicBool::new(false),
-            normalized: moka::sync::Cache::new(10_000),
+            normalized: moka::sync::Cache::builder().max_capacity(TEXT_CACHE_BYTES).weigher(|k: &String, _: &Arc<CacheAnalysis>| weight(2 * k.len())).build(),
             meters: Meters::new(),
         }))
     }

@@ -161,7 +161,7 @@ impl Engine {
             let _ = ids.set(g);
         }
         Ok(Engine {
-            router: Router::new(topo, 10_000),
+            router: Router::new(topo, shardgate_router::CACHE_BYTES),
             shards,
             months: RwLock::new(Arc::new(Vec::new())),
             ids,
