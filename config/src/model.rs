@@ -121,6 +121,10 @@ pub struct ServerConfig {
     /// Named prepared statements one client may hold at once (Parse of one
     /// more fails with 53400 until it closes some); the unnamed one is free.
     pub max_client_statements: usize,
+    /// Bytes one client's named prepared statements may take in the proxy
+    /// (text, and 32 bytes per byte of text for the analysis of one on a
+    /// sharded table); Parse of one more fails with 53400.
+    pub max_client_statement_bytes: usize,
     /// Named portals of sharded-table statements one client may hold open at
     /// once (Bind of one more fails with 53400).
     pub max_client_portals: usize,
@@ -159,6 +163,7 @@ impl Default for ServerConfig {
             max_portal_bytes: 64 * 1024 * 1024,
             max_client_statements: 10_000,
             max_client_portals: 1_000,
+            max_client_statement_bytes: 64 << 20,
             tls_cert_file: None,
             tls_key_file: None,
             require_tls: false,

@@ -632,4 +632,23 @@ async fn the_statement_caches_are_bounded_in_bytes() {
     }
     peak = peak.max(rss_kib(pid).saturating_sub(before));
     assert!(peak < 160 * 1024, "the proxy grew by {peak} KiB caching one client's statement texts");
+    // named statements stay with the client (and keep their analyses): bounded per client
+    // in bytes too (server.max_client_statement_bytes, 64 MiB; an 84 KB t_order statement
+    // counts about 2.8 MB with its analysis)
+    let mut prepared = 0;
+    let refused = loop {
+        let mut body = format!("big{prepared}\0{}\0", statement(100_000 + prepared)).into_bytes();
+        body.extend_from_slice(&0i16.to_be_bytes());
+        let mut m = frame(b'P', &body);
+        m.extend_from_slice(&frame(b'S', &[]));
+        s.write_all(&m).expect("parse");
+        let msgs = read_until_ready(&mut s);
+        if let Some(code) = shardgate_tests::raw::error_code(&msgs) {
+            break code;
+        }
+        prepared += 1;
+        assert!(prepared < 100, "100 named 60 KB statements held by one client");
+    };
+    assert_eq!(refused, "53400");
+    assert!((15..40).contains(&prepared), "{prepared} named statements before the byte cap");
 }
