@@ -224,8 +224,19 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
                 return Err(RouteError::unsupported("TABLE on a sharded table is not supported through shardgate; write SELECT * FROM it"));
             }
             if mentions_sharded_word(sql, topo) {
-                return Err(RouteError::Syntax(format!(
-                    "shardgate could not parse this statement on a sharded table: {}",
+                let text = e.to_string();
+                if text.contains("Expected: an SQL statement") {
+                    // not even a statement keyword (`SELEC * FROM t_order`): PostgreSQL says 42601 too
+                    return Err(RouteError::Syntax(format!(
+                        "shardgate could not parse this statement on a sharded table: {}",
+                        text.trim_start_matches("sql parser error: ")
+                    )));
+                }
+                // PostgreSQL may well accept it (BETWEEN SYMMETRIC, rarer syntax): refused,
+                // not answered with a syntax error one table would not give
+                return Err(RouteError::unsupported(format!(
+                    "shardgate could not parse this statement on a sharded table ({}); if PostgreSQL accepts it, write it in a more common form \
+                     (for example BETWEEN SYMMETRIC as two comparisons)",
                     e.to_string().trim_start_matches("sql parser error: ")
                 )));
             }
@@ -272,7 +283,7 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
         return Err(RouteError::unsupported("a statement may use only one sharded table"));
     }
     // from here on the statement is printed for the shards
-    make_printable(&mut stmt)?;
+    make_printable(&mut stmt, &topo.tables[named[0]].name)?;
     let rule_idx = named[0];
     let rule = &topo.tables[rule_idx];
     match stmt {
@@ -311,8 +322,14 @@ fn protect_unary_signs(stmt: &mut Statement) {
 /// backslash escaped: the same value, the same unknown-type constant), and a
 /// statement with a quoted name or N'…' literal holding its own quote
 /// character is refused.
+/// PostgreSQL's system columns: the month tables have them, the statement the
+/// shards run (over a UNION ALL of month tables) does not.
+const SYSTEM_COLUMNS: [&str; 6] = ["ctid", "tableoid", "xmin", "xmax", "cmin", "cmax"];
+
 struct Printable {
     refused: Option<String>,
+    /// The sharded table's name.
+    table: String,
 }
 
 impl VisitorMut for Printable {
@@ -332,6 +349,31 @@ impl VisitorMut for Printable {
         ControlFlow::Continue(())
     }
 
+    fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        // public.t_order.col: the shards read t_order as a derived table, which has no schema
+        if let Expr::CompoundIdentifier(parts) = expr {
+            let norm = |i: &Ident| if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };
+            if parts.len() == 3 && norm(&parts[0]) == "public" && norm(&parts[1]) == self.table {
+                parts.remove(0);
+            }
+        }
+        let last = match &*expr {
+            Expr::Identifier(i) => Some(i),
+            Expr::CompoundIdentifier(parts) => parts.last(),
+            _ => None,
+        };
+        if let Some(i) = last {
+            let name = if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };
+            if SYSTEM_COLUMNS.contains(&name.as_str()) {
+                self.refused = Some(format!(
+                    "the system column {name} is not available on a sharded table through shardgate (its rows live in month tables on several shards); use the id column"
+                ));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_ident(&mut self, ident: &mut Ident) -> ControlFlow<()> {
         if let Some(q) = ident.quote_style {
             if ident.value.contains(q) {
@@ -343,8 +385,8 @@ impl VisitorMut for Printable {
     }
 }
 
-fn make_printable(stmt: &mut Statement) -> Result<()> {
-    let mut p = Printable { refused: None };
+fn make_printable(stmt: &mut Statement, table: &str) -> Result<()> {
+    let mut p = Printable { refused: None, table: table.to_string() };
     let _ = stmt.visit(&mut p);
     match p.refused {
         Some(m) => Err(RouteError::unsupported(m)),

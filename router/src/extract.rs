@@ -356,6 +356,13 @@ pub(crate) fn src_of(e: &Expr) -> Option<Src> {
         match cur {
             Expr::Nested(inner) => cur = inner,
             Expr::Cast { kind: CastKind::Cast | CastKind::DoubleColon, expr, data_type, format: None } if transparent_type(data_type) => {
+                if matches!(data_type, DataType::Numeric(_) | DataType::Decimal(_)) || matches!(data_type.to_string().to_ascii_lowercase().as_str(), "numeric" | "decimal") {
+                    // '9.0'::numeric compares as a number: 9 when whole, else no bigint equals it
+                    return src_of(expr).map(|s| match s {
+                        Src::Text(t) => t.trim().parse::<i64>().map_or(Src::Number(t), Src::Int),
+                        other => other,
+                    });
+                }
                 if drops_offset(data_type) {
                     let date = matches!(data_type, DataType::Date) || data_type.to_string().eq_ignore_ascii_case("date");
                     return src_of(expr).map(|s| match s {
@@ -525,6 +532,9 @@ fn array_values(src: &Src, params: &[Param<'_>]) -> Result<Option<Vec<IntValue>>
         _ => return Ok(None),
     };
     let t = text.trim();
+    if t.starts_with('[') {
+        return Ok(None); // explicit bounds ('[0:1]={1,9}'): valid, left to the shards
+    }
     let Some(inner) = t.strip_prefix('{').and_then(|r| r.strip_suffix('}')) else {
         return Err(RouteError::InvalidValue(format!("malformed array literal: \"{t}\"")));
     };

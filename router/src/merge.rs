@@ -80,7 +80,9 @@ fn scan(e: &Expr) -> Result<bool> {
                 )));
                 return ControlFlow::Break(());
             }
-            if OTHER_AGGREGATES.contains(&name.as_str()) {
+            // rank(…) WITHIN GROUP, percentile_cont(…) WITHIN GROUP, …: ordered-set and
+            // hypothetical-set aggregates, whatever their name
+            if OTHER_AGGREGATES.contains(&name.as_str()) || !f.within_group.is_empty() {
                 err = Some(RouteError::unsupported(format!(
                     "aggregate {name}() cannot be merged across shards (only count, sum, min, max, avg); add a {{shard key}} condition so the query runs on one shard"
                 )));
@@ -151,6 +153,13 @@ fn with_name(f: &Function, name: &str) -> Expr {
     let mut g = f.clone();
     g.name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(name))]);
     Expr::Function(g)
+}
+
+/// True when `e` is a bare name that one of the projection's aliases gives.
+fn names_alias(b: &Builder, e: &Expr) -> bool {
+    let Expr::Identifier(id) = e else { return false };
+    let name = if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() };
+    b.items.iter().any(|it| matches!(it, Some((_, Some(a))) if *a == name))
 }
 
 struct Builder {
@@ -543,6 +552,14 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
                             o.expr
                         )));
                     }
+                }
+                None if b.wildcard && names_alias(&b, &o.expr) => {
+                    // the targets cannot sort by an output name in a hidden column, and next
+                    // to * the name may also be one of the table's columns (ambiguous there)
+                    return Err(RouteError::unsupported(format!(
+                        "ORDER BY the output name `{}` together with * cannot be merged across shards; order by its expression",
+                        o.expr
+                    )));
                 }
                 None => b.add_hidden(o.expr.clone()),
             };

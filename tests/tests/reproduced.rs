@@ -62,6 +62,20 @@ const CASES: &[(&str, bool)] = &[
     // values each shard computes for itself
     ("SELECT DISTINCT current_database() FROM t_order", false),
     ("SELECT id, now() = now() AS same FROM t_order ORDER BY id", false),
+    // review leads (wrong-answers reading) found real in this session: each was a wrong
+    // answer or a wrong error before
+    ("SELECT min(order_amount::money), max(order_amount::money) FROM t_order", false), // "$20.00" < "$5.25" as bytes
+    ("SELECT min(interval '1 day' * id), max(interval '1 hour' * id) FROM t_order", false),
+    ("SELECT rank(5) WITHIN GROUP (ORDER BY id) FROM t_order", false), // one row per shard
+    ("SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY order_amount) FROM t_order", false),
+    ("SELECT interval '1 day' * (id % 2) + interval '24 hours' * (1 - id % 2) AS iv, count(*) FROM t_order GROUP BY 1", false), // two groups
+    ("SELECT *, id AS a FROM t_order ORDER BY a", false), // 42703
+    ("SELECT id FROM t_order WHERE merchant_id = '9.0'::numeric ORDER BY id", true), // 22P02
+    ("SELECT public.t_order.id FROM public.t_order WHERE merchant_id = 1 ORDER BY 1", true), // 42P01
+    ("SELECT count(*) FROM t_order WHERE merchant_id = ANY('[0:1]={1,9}'::int[])", true), // 22P02
+    ("SELECT count(*) FROM t_order WHERE merchant_id BETWEEN SYMMETRIC 9 AND 1", false), // 42601
+    ("SELECT tableoid::regclass::text, id FROM t_order WHERE merchant_id = 1 ORDER BY id", false), // 42703
+    ("SELECT ctid, id FROM t_order WHERE merchant_id = 1 ORDER BY id", false),
 ];
 
 #[derive(Debug, PartialEq)]

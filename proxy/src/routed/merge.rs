@@ -199,7 +199,7 @@ impl<'a> Collector<'a> {
         for (k, (of, _, _)) in self.distincts().into_iter().enumerate() {
             let Some(v) = row.get(of).cloned().flatten() else { continue };
             let col = self.cols[of];
-            let key = decode(col.type_oid, col.binary, &v)?;
+            let key = value::group_key(col.type_oid, col.binary, &v)?;
             let d = &mut self.groups[g].distinct[k];
             if d.seen.insert(key) {
                 d.count += 1;
@@ -247,7 +247,7 @@ impl<'a> Collector<'a> {
         cols.into_iter()
             .map(|i| {
                 let c = self.cols.get(i).ok_or(ValueError::Malformed("group column"))?;
-                row.get(i).cloned().flatten().map(|v| decode(c.type_oid, c.binary, &v)).transpose()
+                row.get(i).cloned().flatten().map(|v| value::group_key(c.type_oid, c.binary, &v)).transpose()
             })
             .collect()
     }
@@ -293,6 +293,14 @@ impl<'a> Collector<'a> {
                     _ => continue,
                 };
                 let col = cols[i];
+                if !value::orderable(col.type_oid) {
+                    // compared as bytes, "$20.00" < "$5.25" and '1 day' < '2 hours'
+                    return Err(ValueError::Unsupported(format!(
+                        "min()/max() of type oid {} across shards is not supported (shardgate cannot order its values); \
+                         cast it to a number, text or time type, or add the shard key to WHERE",
+                        col.type_oid
+                    )));
+                }
                 let Some(new) = row.get(i).cloned().flatten() else { continue };
                 let replace = match &g.row[i] {
                     None => true,

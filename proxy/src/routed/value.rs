@@ -170,6 +170,29 @@ pub fn orderable(oid: u32) -> bool {
     matches!(oid, BOOL | NAME | INT8 | INT2 | INT4 | TEXT | OID | FLOAT4 | FLOAT8 | BPCHAR | VARCHAR | DATE | TIMESTAMP | TIMESTAMPTZ | NUMERIC)
 }
 
+/// True when two values of `oid` are equal exactly when their decoded keys
+/// are (the orderable types, and types whose text form is canonical). Others
+/// — interval ('1 day' = '24:00:00'), jsonb, numeric arrays, money, … — cannot
+/// be grouped or de-duplicated across shards.
+pub fn equatable(type_oid: u32) -> bool {
+    const UUID: u32 = 2950;
+    const CHAR: u32 = 18;
+    // bool[], int2[], int4[], text[], varchar[], int8[]
+    const ARRAYS: [u32; 6] = [1000, 1005, 1007, 1009, 1015, 1016];
+    orderable(type_oid) || matches!(type_oid, oid::BYTEA | UUID | CHAR) || ARRAYS.contains(&type_oid)
+}
+
+/// A key for grouping or de-duplicating values of `type_oid` across shards.
+pub fn group_key(type_oid: u32, binary: bool, v: &[u8]) -> Result<Key, ValueError> {
+    if !equatable(type_oid) {
+        return Err(ValueError::Unsupported(format!(
+            "GROUP BY, DISTINCT or count(DISTINCT …) on a value of type oid {type_oid} across shards is not supported \
+             (equal values of this type can print differently); cast it to text or a number, or add the shard key to WHERE"
+        )));
+    }
+    decode(type_oid, binary, v)
+}
+
 /// Decodes a value for ordering, grouping and comparison. Types without a
 /// known order become `Bytes` (equality only; callers check [`orderable`]).
 pub fn decode(type_oid: u32, binary: bool, v: &[u8]) -> Result<Key, ValueError> {
