@@ -84,6 +84,22 @@ async fn start_background(shared: &Arc<server::Shared>) {
         if let Ok(Err(e)) = routed::wire::control(&mut conn, routed::twopc::DECISIONS_DDL).await {
             tracing::warn!(sqlstate = %e.code, "creating the two-phase commit decision table failed");
         }
+        // the aggregates the databases have (user-defined ones too, from db_default and the
+        // first shard): refused across shards rather than answered once per shard
+        const AGGREGATES: &str = "SELECT DISTINCT proname::text FROM pg_catalog.pg_proc WHERE prokind = 'a'";
+        let mut names: Vec<String> = match routed::wire::control(&mut conn, AGGREGATES).await {
+            Ok(Ok(rows)) => rows.into_iter().flatten().collect(),
+            _ => Vec::new(),
+        };
+        if let Ok(mut shard) = backend::pool::checkout(engine.pool(0), None).await {
+            if let Ok(Ok(rows)) = routed::wire::control(&mut shard, AGGREGATES).await {
+                names.extend(rows.into_iter().flatten());
+            }
+        }
+        if names.is_empty() {
+            tracing::warn!("could not read the aggregate functions; user-defined aggregates are not recognised");
+        }
+        engine.router.learn_aggregates(names);
     } else {
         tracing::warn!("db_default unreachable at startup; two-phase commit needs it");
     }

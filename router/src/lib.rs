@@ -113,6 +113,14 @@ impl Router {
         self.control.is_match(sql)
     }
 
+    /// Learns the aggregate functions the database has (`pg_proc.prokind = 'a'`),
+    /// so a user-defined aggregate is refused across shards instead of being
+    /// answered once per shard; forgets every cached analysis.
+    pub fn learn_aggregates(&self, names: Vec<String>) {
+        merge::learn_aggregates(names.into_iter().map(|n| n.to_lowercase()).collect());
+        self.cache.invalidate_all();
+    }
+
     /// The topology.
     pub fn topology(&self) -> &Topology {
         &self.topo

@@ -41,6 +41,21 @@ const OTHER_AGGREGATES: [&str; 36] = [
     "regr_r2", "regr_slope", "regr_sxx", "regr_sxy", "regr_syy", "xmlagg", "range_agg", "any_value",
 ];
 
+/// Aggregates the database knows beyond the lists above (user-defined ones,
+/// newer built-ins), learned from `pg_proc` by the proxy at startup.
+static CATALOG_AGGREGATES: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Records the aggregate function names of the database (lower case).
+pub(crate) fn learn_aggregates(names: Vec<String>) {
+    if let Ok(mut a) = CATALOG_AGGREGATES.write() {
+        *a = names;
+    }
+}
+
+fn catalog_aggregate(name: &str) -> bool {
+    CATALOG_AGGREGATES.read().is_ok_and(|a| a.iter().any(|n| n == name))
+}
+
 /// Functions whose value belongs to one server, connection or transaction.
 const PER_SERVER: &[&str] = &[
     "current_database",
@@ -82,7 +97,8 @@ fn scan(e: &Expr) -> Result<bool> {
             }
             // rank(…) WITHIN GROUP, percentile_cont(…) WITHIN GROUP, …: ordered-set and
             // hypothetical-set aggregates, whatever their name
-            if OTHER_AGGREGATES.contains(&name.as_str()) || !f.within_group.is_empty() {
+            let other = OTHER_AGGREGATES.contains(&name.as_str()) || (!MERGEABLE.contains(&name.as_str()) && catalog_aggregate(&name));
+            if other || !f.within_group.is_empty() {
                 err = Some(RouteError::unsupported(format!(
                     "aggregate {name}() cannot be merged across shards (only count, sum, min, max, avg); add a {{shard key}} condition so the query runs on one shard"
                 )));

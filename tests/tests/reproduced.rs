@@ -203,3 +203,27 @@ async fn times_without_an_offset_are_read_in_the_session_time_zone() {
     assert_eq!(n, 1, "2026-12-01 05:00 in Asia/Shanghai is November 30 in UTC: t_order_202611");
     assert!(wrong.is_empty(), "{} answers differ:\n{}", wrong.len(), wrong.join("\n"));
 }
+
+#[tokio::test]
+async fn a_user_defined_aggregate_is_refused_across_shards_not_answered_per_shard() {
+    let (mut cluster, reference, _) = loaded().await;
+    // an aggregate the router's lists do not name, on every database (as an application would
+    // deploy it); the proxy learns the database's aggregates when it starts
+    let ddl = "CREATE AGGREGATE my_total(numeric) (SFUNC = numeric_add, STYPE = numeric, INITCOND = '0')";
+    reference.batch_execute(ddl).await.expect("on the reference");
+    for dsn in cluster.info.shards.iter().chain(std::iter::once(&cluster.info.default_dsn)) {
+        let db = connect(dsn).await.expect("direct");
+        db.batch_execute(ddl).await.expect("create the aggregate");
+    }
+    cluster.stop_proxy(std::time::Duration::from_secs(10)).expect("stop");
+    cluster.start_proxy().expect("restart");
+    let proxy = connect(&cluster.info.proxy_dsn).await.expect("proxy");
+    for sql in ["SELECT my_total(order_amount) FROM t_order", "SELECT pay_status, my_total(order_amount) FROM t_order GROUP BY 1 ORDER BY 1"] {
+        let want = simple(&reference, sql).await;
+        assert!(matches!(want, Answer::Rows(..)), "{sql}: one table answers");
+        assert_eq!(simple(&proxy, sql).await, Answer::Error("0A000".into()), "{sql}: refused, not one answer per shard");
+    }
+    // on one merchant it runs where the rows are
+    let sql = "SELECT my_total(order_amount) FROM t_order WHERE merchant_id = 1";
+    assert_eq!(simple(&proxy, sql).await, simple(&reference, sql).await);
+}
