@@ -178,3 +178,47 @@ async fn a_begin_later_in_a_batch_makes_the_whole_batch_one_block_that_rollback_
     read_until_ready(&mut s);
     assert_eq!(on_shard(&c, "BATCH3").await + on_shard(&c, "BATCH4").await, 2);
 }
+
+#[tokio::test]
+async fn an_extended_batch_that_writes_a_shard_and_db_default_commits_both_or_neither() {
+    use std::io::Write;
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute(&insert("OUTBOX1")).await.expect("seed");
+    // an outbox table in db_default whose uniqueness is checked at commit
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    def.batch_execute("CREATE TABLE app_outbox (k int UNIQUE DEFERRABLE INITIALLY DEFERRED); INSERT INTO app_outbox VALUES (1)").await.expect("outbox");
+    let status = || async {
+        let shard = connect(&c.info.shards[1]).await.expect("shard");
+        let mut out = Vec::new();
+        for t in shardgate_tests::month_tables(&shard).await {
+            for r in shard.query(&format!("SELECT coalesce(pay_status, 'NULL') FROM {t} WHERE order_no = 'OUTBOX1'"), &[]).await.expect("read") {
+                out.push(r.get::<_, String>(0));
+            }
+        }
+        out
+    };
+    let before = status().await;
+    // one batch, no BEGIN (one implicit transaction in PostgreSQL): the order's update on db_1
+    // and an outbox row on db_default that fails its deferred check when the batch commits
+    let mut s = md5_login(&c);
+    let mut batch = pbe("UPDATE t_order SET pay_status = 'SHIPPED' WHERE merchant_id = 1 AND order_no = 'OUTBOX1'");
+    batch.extend(pbe("INSERT INTO app_outbox VALUES (1)"));
+    batch.extend(frame(b'S', b""));
+    s.write_all(&batch).expect("batch");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(shardgate_tests::raw::error_code(&msgs).as_deref(), Some("23505"), "the batch fails at its commit: {msgs:?}");
+    assert_eq!(status().await, before, "the shard's update must not outlive db_default's rollback");
+    let n: i64 = def.query_one("SELECT count(*) FROM app_outbox", &[]).await.expect("outbox").get(0);
+    assert_eq!(n, 1);
+    // the same batch without the violation commits both
+    let mut batch = pbe("UPDATE t_order SET pay_status = 'SHIPPED' WHERE merchant_id = 1 AND order_no = 'OUTBOX1'");
+    batch.extend(pbe("INSERT INTO app_outbox VALUES (2)"));
+    batch.extend(frame(b'S', b""));
+    s.write_all(&batch).expect("batch");
+    let msgs = read_until_ready(&mut s);
+    assert!(!msgs.iter().any(|(t, _)| *t == b'E'), "{msgs:?}");
+    assert_eq!(status().await, vec!["SHIPPED".to_string()]);
+    let n: i64 = def.query_one("SELECT count(*) FROM app_outbox", &[]).await.expect("outbox").get(0);
+    assert_eq!(n, 2);
+}

@@ -348,7 +348,12 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
 /// too slow): the transaction was rolled back, which the client must not read
 /// as a taken key.
 pub fn decision_failed(e: wire::ServerError) -> ExecError {
-    if e.code == "23505" {
+    // a conflict on the decision log itself (recovery's abort marker), not on the
+    // client's own tables (a deferred constraint checked by the same commit)
+    let on_log = e.raw.get(5..).is_some_and(|body| {
+        body.split(|b| *b == 0).any(|field| field.strip_prefix(b"t").is_some_and(|t| t == b"shardgate_2pc_decisions"))
+    });
+    if e.code == "23505" && on_log {
         ExecError::Proxy("40001", "could not serialize access: recovery rolled the transaction back while it was committing; retry it".into())
     } else {
         ExecError::Server(e)

@@ -227,6 +227,12 @@ impl Session {
         self.suspended.clear();
         let in_tx = self.shards_in_block();
         let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+        if !written.is_empty() && self.server.is_some() {
+            // the batch also ran statements on db_default (an outbox row, say), whose implicit
+            // transaction commits at this Sync: it carries the decision of a two-phase commit
+            // of the written shards, so the shards and db_default end the same way
+            return self.commit_batch_carried(&in_tx, &written).await;
+        }
         let r = if written.len() <= 1 {
             twopc::commit_each(&mut self.slots, &in_tx).await
         } else {
@@ -239,6 +245,40 @@ impl Session {
             self.fail_extended(e).await?;
         }
         Ok(())
+    }
+
+    /// Ends an extended batch's implicit transaction that wrote shards and used
+    /// `db_default`: the written shards are prepared, then the decision row is
+    /// written by a simple Query in `db_default`'s implicit transaction, which
+    /// PostgreSQL commits at the end of that Query together with everything the
+    /// batch did there. A failure there (a deferred constraint, say) rolls all
+    /// of it back and the prepared shards with it.
+    async fn commit_batch_carried(&mut self, in_tx: &[usize], written: &[usize]) -> Result<(), End> {
+        let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+        let _ = twopc::commit_each(&mut self.slots, &readers).await;
+        let engine = self.shared.engine.clone();
+        let gid = twopc::new_gid(engine.worker());
+        let prepared = twopc::prepare(&engine, &mut self.slots, written, &gid).await;
+        exec::release(&mut self.slots);
+        if let Err(e) = prepared {
+            return self.fail_extended(e).await;
+        }
+        let server = self.server.as_mut().expect("checked by the caller");
+        match wire::control(server, &twopc::decision_sql(&gid, written)).await {
+            Ok(Ok(_)) => {
+                twopc::crash_point("after_decision");
+                twopc::resolve(&engine, &gid, written, true).await;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                twopc::resolve(&engine, &gid, written, false).await;
+                self.fail_extended(twopc::decision_failed(e)).await
+            }
+            Err(_) => {
+                // the decision's fate is unknown: recovery resolves it from the log
+                self.server_lost().map(|_| ())
+            }
+        }
     }
 
     /// Transaction status as the client must see it.
@@ -487,7 +527,9 @@ impl Session {
                         Err(twopc::decision_failed(e))
                     }
                     Err(_) => {
-                        twopc::resolve(&engine, &gid, &written, false).await;
+                        // the decision may have committed before the connection broke (or may
+                        // still): never roll back here; recovery resolves it from the log,
+                        // racing the decision with its abort marker
                         return self.server_lost().map(|_| None);
                     }
                 };
