@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use postgres_protocol::message::frontend;
 use shardgate_config::{Dsn, SslMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -128,9 +128,9 @@ pub const STARTUP_PARAMS: &[(&str, &str)] = &[("client_encoding", "UTF8"), ("Dat
 
 /// Negotiates TLS as `dsn.sslmode` asks (SSLRequest, then a rustls
 /// handshake); `disable` and a `prefer` the server declines stay plain.
-async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<Stream, BackendError> {
+async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<(Stream, Option<Vec<u8>>), BackendError> {
     if dsn.sslmode == SslMode::Disable {
-        return Ok(Stream::Tcp(tcp));
+        return Ok((Stream::Tcp(tcp), None));
     }
     let mut req = Vec::with_capacity(8);
     req.extend_from_slice(&8i32.to_be_bytes());
@@ -140,7 +140,7 @@ async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<Stream, BackendError
     tcp.read_exact(&mut answer).await?;
     match answer[0] {
         b'S' => {}
-        b'N' if dsn.sslmode == SslMode::Prefer => return Ok(Stream::Tcp(tcp)),
+        b'N' if dsn.sslmode == SslMode::Prefer => return Ok((Stream::Tcp(tcp), None)),
         b'N' => return Err(BackendError::Tls(format!("{}:{} does not offer TLS (sslmode {:?})", dsn.host, dsn.port, dsn.sslmode))),
         b'E' => return Err(BackendError::Tls(format!("{}:{} refused the SSL request", dsn.host, dsn.port))),
         other => return Err(BackendError::Protocol(format!("unexpected answer {:?} to SSLRequest", other as char))),
@@ -151,7 +151,42 @@ async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<Stream, BackendError
         .connect(name, tcp)
         .await
         .map_err(|e| BackendError::Tls(format!("TLS handshake with {}:{}: {e}", dsn.host, dsn.port)))?;
-    Ok(crate::stream::relay(tls)?)
+    let end_point = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| server_end_point(c.as_ref()));
+    Ok((crate::stream::relay(tls)?, end_point))
+}
+
+/// The `tls-server-end-point` channel binding of a server certificate (RFC
+/// 5929): its hash with the hash of its signature algorithm (SHA-256 for
+/// SHA-1 and SHA-256 signatures). `None` for algorithms without one
+/// (Ed25519): SCRAM then runs without channel binding.
+fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    // signatureAlgorithm OIDs, DER-encoded (the first one in the certificate is
+    // the TBSCertificate's `signature`, which must equal the outer one)
+    const ALGORITHMS: [(&[u8], u16); 8] = [
+        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02], 256), // ecdsa-with-SHA256
+        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03], 384), // ecdsa-with-SHA384
+        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04], 512), // ecdsa-with-SHA512
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b], 256), // sha256WithRSAEncryption
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c], 384), // sha384WithRSAEncryption
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d], 512), // sha512WithRSAEncryption
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05], 256), // sha1WithRSAEncryption
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a], 0),   // RSASSA-PSS: hash in parameters, not handled
+    ];
+    let first = ALGORITHMS
+        .iter()
+        .filter_map(|(oid, bits)| {
+            let mut tagged = vec![0x06, oid.len() as u8];
+            tagged.extend_from_slice(oid);
+            cert_der.windows(tagged.len()).position(|w| w == tagged.as_slice()).map(|at| (at, *bits))
+        })
+        .min_by_key(|(at, _)| *at)?;
+    match first.1 {
+        256 => Some(sha2::Sha256::digest(cert_der).to_vec()),
+        384 => Some(sha2::Sha384::digest(cert_der).to_vec()),
+        512 => Some(sha2::Sha512::digest(cert_der).to_vec()),
+        _ => None,
+    }
 }
 
 /// The rustls client settings of a DSN, built once per (mode, CA file).
@@ -198,7 +233,7 @@ impl ServerConn {
         let tcp = TcpStream::connect((dsn.host.as_str(), dsn.port)).await?;
         tcp.set_nodelay(true)?;
         let addr = tcp.peer_addr()?;
-        let stream = start_tls(tcp, dsn).await?;
+        let (stream, end_point) = start_tls(tcp, dsn).await?;
         let tls = match stream.is_tls() {
             true => Some(Arc::new(CancelTls {
                 config: tls_config(dsn).map_err(BackendError::Tls)?,
@@ -221,7 +256,7 @@ impl ServerConn {
         params.extend_from_slice(STARTUP_PARAMS);
         frontend::startup_message(params, &mut out)?;
         conn.stream.write_all(&out).await?;
-        conn.authenticate(dsn).await?;
+        conn.authenticate(dsn, end_point).await?;
         // until ReadyForQuery: ParameterStatus, BackendKeyData, notices
         loop {
             let f = conn.read_frame().await?;
@@ -244,7 +279,7 @@ impl ServerConn {
         }
     }
 
-    async fn authenticate(&mut self, dsn: &Dsn) -> Result<(), BackendError> {
+    async fn authenticate(&mut self, dsn: &Dsn, end_point: Option<Vec<u8>>) -> Result<(), BackendError> {
         let password = dsn.password.as_deref().unwrap_or("");
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -267,12 +302,21 @@ impl ServerConn {
                     frontend::password_message(hash.as_bytes(), &mut out)?;
                 }
                 10 => {
-                    let mechs = r.rest();
-                    if !mechs.split(|&b| b == 0).any(|m| m == SCRAM_SHA_256.as_bytes()) {
-                        return Err(BackendError::Protocol("server offers no SCRAM-SHA-256".into()));
+                    let mechs: Vec<&[u8]> = r.rest().split(|&b| b == 0).collect();
+                    let plus = mechs.contains(&SCRAM_SHA_256_PLUS.as_bytes());
+                    // over TLS, bind the exchange to the server's certificate when the server
+                    // offers it (a man in the middle relaying SCRAM then fails); else say we
+                    // could have ("y"), so a server stripped of PLUS notices
+                    let (mech, binding) = match (&end_point, plus) {
+                        (Some(h), true) => (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(h.clone())),
+                        (Some(_), false) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        (None, _) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    };
+                    if !mechs.contains(&mech.as_bytes()) {
+                        return Err(BackendError::Protocol(format!("server offers no {mech}")));
                     }
-                    let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    let s = ScramSha256::new(password.as_bytes(), binding);
+                    frontend::sasl_initial_response(mech, s.message(), &mut out)?;
                     scram = Some(s);
                 }
                 11 => {
