@@ -36,6 +36,17 @@ pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::Serv
     Ok(Arc::new(config))
 }
 
+/// The first certificate of a PEM file, DER-encoded (the proxy's own, for
+/// channel binding).
+pub fn first_certificate(path: &str) -> Result<Vec<u8>, String> {
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("reading certificates from `{path}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{path}` holds no PEM certificate"))?
+        .map(|c| c.as_ref().to_vec())
+        .map_err(|e| format!("reading certificates from `{path}`: {e}"))
+}
+
 /// The CA certificates in a PEM file.
 pub fn root_store(path: &str) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();

@@ -18,9 +18,43 @@ pub enum AuthError {
     /// Proof or password did not match.
     #[error("password does not match")]
     Mismatch,
-    /// Client asked for channel binding, which is not offered.
-    #[error("channel binding is not supported")]
+    /// Channel binding asked for where it is not offered, refused where it
+    /// is, or of another type than `tls-server-end-point`.
+    #[error("SCRAM channel binding negotiation error")]
     ChannelBinding,
+}
+
+/// The `tls-server-end-point` channel binding data of a certificate (RFC
+/// 5929): its hash with the hash of its signature algorithm (SHA-256 for
+/// SHA-1 and SHA-256 signatures), as PostgreSQL computes it. `None` for
+/// algorithms without one (Ed25519, RSASSA-PSS).
+pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    // signatureAlgorithm OIDs, DER-encoded; the first one in the certificate is
+    // the TBSCertificate's `signature`, which must equal the outer one
+    const ALGORITHMS: [(&[u8], u16); 8] = [
+        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02], 256), // ecdsa-with-SHA256
+        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03], 384), // ecdsa-with-SHA384
+        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04], 512), // ecdsa-with-SHA512
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b], 256), // sha256WithRSAEncryption
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c], 384), // sha384WithRSAEncryption
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d], 512), // sha512WithRSAEncryption
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05], 256), // sha1WithRSAEncryption
+        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a], 0),   // RSASSA-PSS: hash in its parameters
+    ];
+    let first = ALGORITHMS
+        .iter()
+        .filter_map(|(oid, bits)| {
+            let mut tagged = vec![0x06, oid.len() as u8];
+            tagged.extend_from_slice(oid);
+            cert_der.windows(tagged.len()).position(|w| w == tagged.as_slice()).map(|at| (at, *bits))
+        })
+        .min_by_key(|(at, _)| *at)?;
+    match first.1 {
+        256 => Some(Sha256::digest(cert_der).to_vec()),
+        384 => Some(sha2::Sha384::digest(cert_der).to_vec()),
+        512 => Some(sha2::Sha512::digest(cert_der).to_vec()),
+        _ => None,
+    }
 }
 
 /// A stored SCRAM-SHA-256 secret (as in `pg_authid.rolpassword`).
@@ -140,25 +174,34 @@ pub struct ScramServer {
     client_first_bare: String,
     server_first: String,
     nonce: String,
-    gs2_header: String,
+    /// The expected c= attribute: the gs2 header, and the binding data with PLUS.
+    channel: Vec<u8>,
 }
 
 impl ScramServer {
-    /// Takes the client-first message; returns the exchange and the server-first message.
-    pub fn start(secret: ScramSecret, client_first: &[u8]) -> Result<(ScramServer, String), AuthError> {
+    /// Takes the client-first message; returns the exchange and the server-first
+    /// message. `plus` is the channel binding data when the client chose
+    /// SCRAM-SHA-256-PLUS; `offered` says whether PLUS was offered (over TLS).
+    pub fn start(secret: ScramSecret, client_first: &[u8], plus: Option<&[u8]>, offered: bool) -> Result<(ScramServer, String), AuthError> {
         let msg = std::str::from_utf8(client_first).map_err(|_| AuthError::Malformed("not UTF-8"))?;
-        let gs2_flag = msg.get(..1).ok_or(AuthError::Malformed("empty"))?;
-        match gs2_flag {
-            "n" | "y" => {}
-            "p" => return Err(AuthError::ChannelBinding),
-            _ => return Err(AuthError::Malformed("bad gs2 flag")),
-        }
         // gs2-header = flag "," [authzid] ","
         let mut parts = msg.splitn(3, ',');
         let flag = parts.next().ok_or(AuthError::Malformed("no gs2 header"))?;
         let authzid = parts.next().ok_or(AuthError::Malformed("no gs2 header"))?;
         let bare = parts.next().ok_or(AuthError::Malformed("no client-first-bare"))?;
         let gs2_header = format!("{flag},{authzid},");
+        // what the client-final message's c= must hold
+        let channel = match (flag, plus) {
+            ("p=tls-server-end-point", Some(data)) => [gs2_header.as_bytes(), data].concat(),
+            // PLUS chosen without binding, or binding without PLUS, or another type
+            (f, _) if f.starts_with("p=") => return Err(AuthError::ChannelBinding),
+            (_, Some(_)) => return Err(AuthError::ChannelBinding),
+            // "y": the client could bind but thinks we cannot; we offered it, so
+            // someone removed it on the way (RFC 5802 downgrade protection)
+            ("y", None) if offered => return Err(AuthError::ChannelBinding),
+            ("n" | "y", None) => gs2_header.as_bytes().to_vec(),
+            _ => return Err(AuthError::Malformed("bad gs2 flag")),
+        };
         let client_nonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -168,7 +211,7 @@ impl ScramServer {
         rand::Rng::fill(&mut rand::thread_rng(), &mut raw[..]);
         let nonce = format!("{client_nonce}{}", B64.encode(raw));
         let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
-        Ok((ScramServer { secret, client_first_bare: bare.to_string(), server_first: server_first.clone(), nonce, gs2_header }, server_first))
+        Ok((ScramServer { secret, client_first_bare: bare.to_string(), server_first: server_first.clone(), nonce, channel }, server_first))
     }
 
     /// Takes the client-final message; on success returns the server-final message.
@@ -185,7 +228,7 @@ impl ScramServer {
             }
         }
         let channel = B64.decode(channel.ok_or(AuthError::Malformed("no channel binding attribute"))?).map_err(|_| AuthError::Malformed("bad c="))?;
-        if channel != self.gs2_header.as_bytes() {
+        if !constant_time_eq(&channel, &self.channel) {
             return Err(AuthError::Malformed("channel binding does not match"));
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -213,9 +256,13 @@ mod tests {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     fn exchange(stored_password: &str, client_password: &str) -> Result<(), AuthError> {
-        let secret = ScramSecret::from_password(stored_password);
-        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
-        let (server, server_first) = ScramServer::start(secret, client.message())?;
+        exchange_bound(stored_password, client_password, ChannelBinding::unsupported(), None, false)
+    }
+
+    fn exchange_bound(stored: &str, password: &str, binding: ChannelBinding, plus: Option<&[u8]>, offered: bool) -> Result<(), AuthError> {
+        let secret = ScramSecret::from_password(stored);
+        let mut client = ScramSha256::new(password.as_bytes(), binding);
+        let (server, server_first) = ScramServer::start(secret, client.message(), plus, offered)?;
         client.update(server_first.as_bytes()).map_err(|_| AuthError::Malformed("client rejected server-first"))?;
         let server_final = server.finish(client.message())?;
         client.finish(server_final.as_bytes()).map_err(|_| AuthError::Malformed("client rejected server signature"))
@@ -232,13 +279,27 @@ mod tests {
     }
 
     #[test]
-    fn scram_rejects_channel_binding_and_garbage() {
+    fn scram_rejects_channel_binding_where_not_offered_and_garbage() {
         let s = ScramSecret::mock("nobody", &[7; 32]);
-        assert!(matches!(ScramServer::start(s.clone(), b"p=tls-server-end-point,,n=,r=abc"), Err(AuthError::ChannelBinding)));
-        assert!(ScramServer::start(s.clone(), b"").is_err());
-        assert!(ScramServer::start(s.clone(), b"n,,n=").is_err());
-        let (srv, _) = ScramServer::start(s, b"n,,n=,r=abc").expect("start");
+        assert!(matches!(ScramServer::start(s.clone(), b"p=tls-server-end-point,,n=,r=abc", None, false), Err(AuthError::ChannelBinding)));
+        assert!(ScramServer::start(s.clone(), b"", None, false).is_err());
+        assert!(ScramServer::start(s.clone(), b"n,,n=", None, false).is_err());
+        let (srv, _) = ScramServer::start(s, b"n,,n=,r=abc", None, false).expect("start");
         assert!(srv.finish(b"c=biws,r=wrong,p=AAAA").is_err());
+    }
+
+    #[test]
+    fn scram_plus_checks_the_binding_and_refuses_a_downgrade() {
+        let ours = [9u8; 32];
+        let bound = |data: &[u8]| ChannelBinding::tls_server_end_point(data.to_vec());
+        // the client saw our certificate: accepted
+        assert_eq!(exchange_bound("pw", "pw", bound(&ours), Some(&ours), true), Ok(()));
+        // a man in the middle's certificate: the binding differs
+        assert!(exchange_bound("pw", "pw", bound(&[1u8; 32]), Some(&ours), true).is_err());
+        // "y" (could bind, thinks we cannot) although we offered PLUS: stripped on the way
+        assert_eq!(exchange_bound("pw", "pw", ChannelBinding::unrequested(), None, true), Err(AuthError::ChannelBinding));
+        // "n" (no binding at all) stays allowed, as in PostgreSQL
+        assert_eq!(exchange_bound("pw", "pw", ChannelBinding::unsupported(), None, true), Ok(()));
     }
 
     #[test]

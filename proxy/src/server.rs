@@ -40,6 +40,8 @@ pub struct Shared {
     pub cache: Arc<crate::cache::Cache>,
     /// TLS for clients (`server.tls_cert_file`), if configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Channel binding data of the proxy's certificate (SCRAM-SHA-256-PLUS), if any.
+    pub tls_end_point: Option<Vec<u8>>,
     /// Logged-in clients, for `SHOW CLIENTS`.
     pub sessions: std::sync::Mutex<HashMap<u64, ClientInfo>>,
     next_session: std::sync::atomic::AtomicU64,
@@ -85,8 +87,10 @@ impl Shared {
             (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(shardgate_config::tls::server_config(cert, key).map_err(anyhow::Error::msg)?)),
             _ => None,
         };
+        let tls_end_point = config.server.tls_cert_file.as_deref().and_then(|f| shardgate_config::tls::first_certificate(f).ok()).and_then(|der| crate::auth::tls_server_end_point(&der));
         Ok(Shared {
             tls,
+            tls_end_point,
             config,
             users,
             mock_key: rand::random(),

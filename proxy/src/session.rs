@@ -457,7 +457,11 @@ async fn authenticate(shared: &Shared, stream: &Stream, cin: &mut BytesMut, user
         AuthMethod::ScramSha256 => {
             // unknown users run the same exchange against a secret nothing matches
             let scram = secret.and_then(|s| s.scram.clone()).unwrap_or_else(|| ScramSecret::mock(user, &shared.mock_key));
-            msg::authentication(&mut out, 10, b"SCRAM-SHA-256\0\0");
+            // over TLS, SCRAM-SHA-256-PLUS too: bound to the proxy's certificate, a
+            // man in the middle cannot relay the exchange
+            let binding = shared.tls_end_point.as_deref().filter(|_| stream.is_tls());
+            let mechanisms: &[u8] = if binding.is_some() { b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0" } else { b"SCRAM-SHA-256\0\0" };
+            msg::authentication(&mut out, 10, mechanisms);
             write_all(stream, &out).await?;
             let Some(f) = read_auth_message(stream, cin).await? else {
                 return Ok(false);
@@ -465,12 +469,21 @@ async fn authenticate(shared: &Shared, stream: &Stream, cin: &mut BytesMut, user
             let Ok(init) = SaslInitial::parse(f.body()) else {
                 return Ok(false);
             };
-            if init.mechanism != b"SCRAM-SHA-256" {
-                write_fatal(stream, "28000", "client selected an invalid SASL authentication mechanism").await?;
-                return Ok(false);
-            }
-            let Ok((server, server_first)) = ScramServer::start(scram, init.data) else {
-                return Ok(false);
+            let plus = match (init.mechanism, binding) {
+                (b"SCRAM-SHA-256", _) => None,
+                (b"SCRAM-SHA-256-PLUS", Some(b)) => Some(b),
+                _ => {
+                    write_fatal(stream, "28000", "client selected an invalid SASL authentication mechanism").await?;
+                    return Ok(false);
+                }
+            };
+            let (server, server_first) = match ScramServer::start(scram, init.data, plus, binding.is_some()) {
+                Ok(x) => x,
+                Err(crate::auth::AuthError::ChannelBinding) => {
+                    write_fatal(stream, "08P01", "SCRAM channel binding negotiation error").await?;
+                    return Ok(false);
+                }
+                Err(_) => return Ok(false),
             };
             out.clear();
             msg::authentication(&mut out, 11, server_first.as_bytes());

@@ -108,6 +108,10 @@ async fn every_leg_uses_tls() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("SSL connection"), "psql: {}", String::from_utf8_lossy(&out.stdout));
     let out = psql(&conninfo(&cluster, "verify-full", &ca), "SELECT order_no FROM t_order WHERE merchant_id = 3");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "tls-1");
+    // SCRAM bound to the proxy's certificate (SCRAM-SHA-256-PLUS), as libpq can demand
+    let out = psql(&format!("{} channel_binding=require", conninfo(&cluster, "verify-full", &ca)), "SELECT count(*) FROM t_order WHERE merchant_id = 3");
+    assert!(out.status.success(), "psql channel_binding=require: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
     let out = psql(&conninfo(&cluster, "disable", &ca), "SELECT 1");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("accepts only TLS"), "psql sslmode=disable: {}", String::from_utf8_lossy(&out.stderr));

@@ -151,42 +151,8 @@ async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<(Stream, Option<Vec<
         .connect(name, tcp)
         .await
         .map_err(|e| BackendError::Tls(format!("TLS handshake with {}:{}: {e}", dsn.host, dsn.port)))?;
-    let end_point = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| server_end_point(c.as_ref()));
+    let end_point = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::auth::tls_server_end_point(c.as_ref()));
     Ok((crate::stream::relay(tls)?, end_point))
-}
-
-/// The `tls-server-end-point` channel binding of a server certificate (RFC
-/// 5929): its hash with the hash of its signature algorithm (SHA-256 for
-/// SHA-1 and SHA-256 signatures). `None` for algorithms without one
-/// (Ed25519): SCRAM then runs without channel binding.
-fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
-    use sha2::Digest;
-    // signatureAlgorithm OIDs, DER-encoded (the first one in the certificate is
-    // the TBSCertificate's `signature`, which must equal the outer one)
-    const ALGORITHMS: [(&[u8], u16); 8] = [
-        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02], 256), // ecdsa-with-SHA256
-        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03], 384), // ecdsa-with-SHA384
-        (&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04], 512), // ecdsa-with-SHA512
-        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b], 256), // sha256WithRSAEncryption
-        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c], 384), // sha384WithRSAEncryption
-        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d], 512), // sha512WithRSAEncryption
-        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05], 256), // sha1WithRSAEncryption
-        (&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a], 0),   // RSASSA-PSS: hash in parameters, not handled
-    ];
-    let first = ALGORITHMS
-        .iter()
-        .filter_map(|(oid, bits)| {
-            let mut tagged = vec![0x06, oid.len() as u8];
-            tagged.extend_from_slice(oid);
-            cert_der.windows(tagged.len()).position(|w| w == tagged.as_slice()).map(|at| (at, *bits))
-        })
-        .min_by_key(|(at, _)| *at)?;
-    match first.1 {
-        256 => Some(sha2::Sha256::digest(cert_der).to_vec()),
-        384 => Some(sha2::Sha384::digest(cert_der).to_vec()),
-        512 => Some(sha2::Sha512::digest(cert_der).to_vec()),
-        _ => None,
-    }
 }
 
 /// The rustls client settings of a DSN, built once per (mode, CA file).
