@@ -41,8 +41,10 @@ fn string_literals(stmt: &Statement) -> Vec<String> {
     let mut out = Vec::new();
     let _ = visit_expressions(stmt, |e: &Expr| {
         if let Expr::Value(v) = e {
-            if let Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) = &v.value {
-                out.push(s.clone());
+            match &v.value {
+                Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => out.push(s.clone()),
+                Value::DollarQuotedString(d) => out.push(d.value.clone()),
+                _ => {}
             }
         }
         ControlFlow::<()>::Continue(())

@@ -849,7 +849,7 @@ impl Session {
             self.expect.push_back(Expect::SwallowUntilReady);
         }
         self.registration.slot.set(Some(server.cancel_key.clone()));
-        self.tx_status = b'I';
+        self.set_tx_status(b'I');
         self.server = Some(server);
         Ok(true)
     }
@@ -902,11 +902,12 @@ impl Session {
                     self.desired.retain(|(k, _)| *k != name);
                     self.desired.push((name, normalize_param(&v)));
                 }
-                // outside a block PostgreSQL ignores it (with a warning): so do the shards
-                Some(SettingChange::Local(name, v)) if self.in_tx_block() => {
+                // recorded even before db_default reports the block (BEGIN and SET LOCAL in one
+                // extended batch, or an implicit batch transaction); outside a transaction it
+                // is dropped at the next ReadyForQuery, as PostgreSQL drops it
+                Some(SettingChange::Local(name, v)) => {
                     self.local_sets.push((name, v.map(|v| normalize_param(&v))));
                 }
-                Some(SettingChange::Local(..)) => {}
                 Some(SettingChange::Refused(m)) => return Err(m),
                 None => {}
             }

@@ -394,6 +394,7 @@ pub(crate) fn src_of(e: &Expr) -> Option<Src> {
         },
         Expr::TypedString(ts) if transparent_type(&ts.data_type) => match &ts.value.value {
             Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Some(Src::Text(s.clone())),
+            Value::DollarQuotedString(d) => Some(Src::Text(d.value.clone())),
             _ => None,
         },
         Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match src_of(expr)? {

@@ -279,6 +279,7 @@ impl Builder {
                 Value::Null => Ok(Operand::Null),
                 Value::Number(n, _) => Ok(Operand::Number(n.clone())),
                 Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Ok(Operand::Literal(s.clone())),
+                Value::DollarQuotedString(d) => Ok(Operand::Literal(d.value.clone())),
                 _ => Err(having_err()),
             },
             Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match self.operand(expr)? {

@@ -221,4 +221,12 @@ async fn an_extended_batch_that_writes_a_shard_and_db_default_commits_both_or_ne
     assert_eq!(status().await, vec!["SHIPPED".to_string()]);
     let n: i64 = def.query_one("SELECT count(*) FROM app_outbox", &[]).await.expect("outbox").get(0);
     assert_eq!(n, 2);
+    // the outbox row first and the order's write last (pgjdbc executeBatch order): the same
+    let mut batch = pbe("INSERT INTO app_outbox VALUES (1)");
+    batch.extend(pbe("UPDATE t_order SET pay_status = 'RETURNED' WHERE merchant_id = 1 AND order_no = 'OUTBOX1'"));
+    batch.extend(frame(b'S', b""));
+    s.write_all(&batch).expect("batch");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(shardgate_tests::raw::error_code(&msgs).as_deref(), Some("23505"), "{msgs:?}");
+    assert_eq!(status().await, vec!["SHIPPED".to_string()], "the shard's update must not outlive db_default's rollback");
 }

@@ -268,6 +268,46 @@ async fn set_local_timeouts_apply_on_the_shards_for_the_block_only() {
     // after the block the setting is gone, on every shard connection
     let r = client.query("SELECT pg_sleep(1), id FROM t_order", &[]).await.expect("no timeout after the block");
     assert_eq!(r.len(), 2);
+    // a block that wrote two shards (two-phase commit) ends its SET LOCAL too: the next
+    // block's shard statements run without it
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute("SET LOCAL statement_timeout = '300ms'").await.expect("set local");
+    client.batch_execute("UPDATE t_order SET pay_status = 'A' WHERE merchant_id = 1").await.expect("db_1");
+    client.batch_execute("UPDATE t_order SET pay_status = 'A' WHERE merchant_id = 2").await.expect("db_2");
+    client.batch_execute("COMMIT").await.expect("commit");
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.query("SELECT pg_sleep(1), id FROM t_order WHERE merchant_id = 1", &[]).await.expect("the last block's SET LOCAL is gone");
+    client.batch_execute("COMMIT").await.expect("commit");
+    // BEGIN and SET LOCAL in one extended batch (as pgjdbc sends them) apply too
+    {
+        use shardgate_tests::raw::{frame, md5_login, pbe, read_until_ready};
+        use std::io::Write;
+        let mut s = md5_login(&c);
+        let mut batch = pbe("BEGIN");
+        batch.extend(pbe("SET LOCAL statement_timeout = '500ms'"));
+        batch.extend(pbe("SELECT pg_sleep(4), 'sg_sl_batch' FROM t_order WHERE merchant_id = 1"));
+        batch.extend(frame(b'S', b""));
+        let t0 = std::time::Instant::now();
+        s.write_all(&batch).expect("batch");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(shardgate_tests::raw::error_code(&msgs).as_deref(), Some("57014"), "{msgs:?}");
+        assert!(t0.elapsed() < std::time::Duration::from_millis(1400), "took {:?}", t0.elapsed());
+    }
+    // SET LOCAL TimeZone: the router reads offset-free times in it, as the shards do
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute("SET LOCAL TIME ZONE 'Asia/Tokyo'").await.expect("set local");
+    client
+        .batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (77, 'TZ1', 1, '2026-12-01 03:00')")
+        .await
+        .expect("insert");
+    client.batch_execute("COMMIT").await.expect("commit");
+    // 2026-12-01 03:00 in Tokyo is 2026-11-30 18:00 UTC: November's table, found by a November range
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM t_order WHERE merchant_id = 1 AND create_time >= '2026-11-30 00:00+00' AND create_time < '2026-12-01 00:00+00' AND id = 77", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1, "the row went to the month of its instant");
 }
 
 #[tokio::test]
@@ -569,6 +609,14 @@ async fn a_string_literal_reaches_the_shards_as_the_same_literal() {
         _ => None,
     });
     assert_eq!(tag, Some(0), "no row has that pay_status");
+    // the same through a type modifier and a bit string, which sqlparser prints unquoted
+    for sql in [
+        "DELETE FROM t_order WHERE merchant_id = 1 AND create_time >= '2026-11-01' AND pay_status = ''::bpchar('1) OR (true')",
+        "DELETE FROM t_order WHERE merchant_id = 1 AND create_time >= '2026-11-01' AND B'1'' = B''1'' OR true --'",
+    ] {
+        let e = app.simple_query(sql).await.expect_err("refused");
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{sql}: {e}");
+    }
     let n: i64 = app.query_one("SELECT count(*) FROM t_order WHERE merchant_id IN (1, 9)", &[]).await.expect("count").get(0);
     assert_eq!(n, 4, "every row is still there");
     // and values with doubled quotes and backslashes round-trip exactly, in WHERE and in results

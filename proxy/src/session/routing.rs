@@ -227,7 +227,7 @@ impl Session {
         self.suspended.clear();
         let in_tx = self.shards_in_block();
         let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
-        if !written.is_empty() && self.server.is_some() {
+        if !written.is_empty() && self.server.is_some() && self.sent_since_sync {
             // the batch also ran statements on db_default (an outbox row, say), whose implicit
             // transaction commits at this Sync: it carries the decision of a two-phase commit
             // of the written shards, so the shards and db_default end the same way
@@ -302,7 +302,12 @@ impl Session {
         let engine = self.shared.engine.clone();
         let params = bound.params();
         // the session's TimeZone, if the client set one: offset-free times are read in it
-        let session_tz = self.desired.iter().find(|(k, _)| k == "timezone").map(|(_, v)| jiff::tz::TimeZone::get(v).ok());
+        // (a SET LOCAL TimeZone of the block wins: the shards read times in it too)
+        let session_tz = match self.local_sets.iter().rev().find(|(k, _)| k == "timezone") {
+            Some((_, Some(v))) => Some(jiff::tz::TimeZone::get(v).ok()),
+            Some((_, None)) => Some(None),
+            None => self.desired.iter().find(|(k, _)| k == "timezone").map(|(_, v)| jiff::tz::TimeZone::get(v).ok()),
+        };
         let zone = match &session_tz {
             None => shardgate_router::SessionZone::Sharding,
             Some(Some(z)) => shardgate_router::SessionZone::Zone(z),
@@ -349,7 +354,9 @@ impl Session {
         }
         let mut begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
         let mut in_tx = self.in_tx_block();
-        if !simple && !in_tx && (self.batch_tx || (plan.kind != shardgate_router::RoutedKind::Select && self.cin.first() != Some(&b'S'))) {
+        // (or one whose batch already ran statements on db_default, whose implicit transaction
+        // ends at the Sync: the write commits with it)
+        if !simple && !in_tx && (self.batch_tx || (plan.kind != shardgate_router::RoutedKind::Select && (self.cin.first() != Some(&b'S') || self.sent_since_sync))) {
             // a write in an extended batch that goes on after it: the batch is one implicit
             // transaction in PostgreSQL, so the shards hold theirs until its Sync
             self.batch_tx = true;
@@ -497,9 +504,13 @@ impl Session {
             }
             TxVerb::Rollback => {
                 self.rollback_shard_part().await;
+                // the block's SET LOCALs end with it (also with AND CHAIN)
+                self.local_sets.clear();
                 Ok(None)
             }
             TxVerb::Commit => {
+                // the block's SET LOCALs end with it (also with AND CHAIN)
+                self.local_sets.clear();
                 // the shards first, then db_default
                 let (gid, written) = match self.commit_shard_part().await {
                     Ok(None) => return Ok(None),
@@ -533,7 +544,7 @@ impl Session {
                         return self.server_lost().map(|_| None);
                     }
                 };
-                self.tx_status = b'I';
+                self.set_tx_status(b'I');
                 match decided {
                     Ok(_) => {
                         twopc::crash_point("after_decision");
@@ -581,9 +592,13 @@ impl Session {
             }
             TxVerb::Rollback => {
                 self.rollback_shard_part().await;
+                // the block's SET LOCALs end with it (also with AND CHAIN)
+                self.local_sets.clear();
                 Ok(None)
             }
             TxVerb::Commit => {
+                // the block's SET LOCALs end with it (also with AND CHAIN)
+                self.local_sets.clear();
                 let (gid, written) = match self.commit_shard_part().await {
                     Ok(None) => return Ok(None),
                     Ok(Some(p)) => p,
@@ -633,7 +648,7 @@ impl Session {
             if wire::control(server, "ROLLBACK").await.is_err() {
                 return self.server_lost();
             }
-            self.tx_status = b'I';
+            self.set_tx_status(b'I');
         }
         Ok(())
     }
