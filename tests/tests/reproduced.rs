@@ -76,6 +76,8 @@ const CASES: &[(&str, bool)] = &[
     ("SELECT count(*) FROM t_order WHERE merchant_id BETWEEN SYMMETRIC 9 AND 1", false), // 42601
     ("SELECT tableoid::regclass::text, id FROM t_order WHERE merchant_id = 1 ORDER BY id", false), // 42703
     ("SELECT ctid, id FROM t_order WHERE merchant_id = 1 ORDER BY id", false),
+    // SELECT DISTINCT over groups of a type whose equal values print differently (two rows)
+    ("SELECT DISTINCT CASE WHEN merchant_id = 1 THEN interval '1 day' ELSE interval '24 hours' END FROM t_order GROUP BY merchant_id", false),
 ];
 
 #[derive(Debug, PartialEq)]
@@ -226,4 +228,19 @@ async fn a_user_defined_aggregate_is_refused_across_shards_not_answered_per_shar
     // on one merchant it runs where the rows are
     let sql = "SELECT my_total(order_amount) FROM t_order WHERE merchant_id = 1";
     assert_eq!(simple(&proxy, sql).await, simple(&reference, sql).await);
+}
+
+#[tokio::test]
+async fn a_statement_on_t_order_in_another_encoding_is_refused_not_answered_by_db_default() {
+    use shardgate_tests::raw::{frame, md5_login, read_until_ready};
+    use std::io::Write;
+    let (cluster, _reference, _proxy) = loaded().await;
+    let mut s = md5_login(&cluster);
+    // a LATIN1 client's non-ASCII text is not UTF-8: shardgate cannot route it, and the empty
+    // template table in db_default answered it (0 rows) before
+    s.write_all(&frame(b'Q', b"SET client_encoding = 'LATIN1'\0")).expect("set");
+    read_until_ready(&mut s);
+    s.write_all(&frame(b'Q', b"SELECT count(*) FROM t_order WHERE pay_status <> 'caf\xe9'\0")).expect("query");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(shardgate_tests::raw::error_code(&msgs).as_deref(), Some("0A000"), "{msgs:?}");
 }

@@ -389,7 +389,7 @@ impl<'a> Collector<'a> {
             let mut seen = std::collections::HashSet::new();
             let mut kept = Vec::with_capacity(rows.len());
             for r in rows {
-                let key: Vec<Option<Key>> = (0..visible).map(|i| r[i].as_ref().map(|v| decode(cols[i].type_oid, cols[i].binary, v)).transpose()).collect::<Result<_, _>>()?;
+                let key: Vec<Option<Key>> = (0..visible).map(|i| r[i].as_ref().map(|v| value::group_key(cols[i].type_oid, cols[i].binary, v)).transpose()).collect::<Result<_, _>>()?;
                 if seen.insert(key) {
                     kept.push(r);
                 }

@@ -97,6 +97,9 @@ const NO_MIXED: &str = "COMMIT/ROLLBACK inside a string of several statements is
 /// its transaction into the aborted state when a shard statement failed.
 const FAIL_SQL: &str = "SELECT 'shardgate: a statement on a shard failed'::int";
 
+/// The refusal of a statement on a sharded table whose text is not UTF-8.
+const NOT_UTF8: &str = "a statement on a sharded table must be valid UTF-8 text: shardgate reads it to route it; use client_encoding UTF8 for non-ASCII text";
+
 impl Session {
     pub(super) fn shards_in_tx(&self) -> bool {
         self.slots.iter().flatten().any(|s| s.in_tx)
@@ -172,7 +175,16 @@ impl Session {
         if !self.wants_router(sql) {
             return Ok(None);
         }
-        let Ok(text) = std::str::from_utf8(sql) else { return Ok(None) };
+        let Ok(text) = std::str::from_utf8(sql) else {
+            if !self.shared.engine.may_route(sql) {
+                return Ok(None);
+            }
+            // not UTF-8 (a client_encoding other than UTF8 with non-ASCII text): shardgate
+            // cannot read it, and db_default's empty t_order must not answer it
+            self.barrier().await?;
+            self.fail_simple(ExecError::Proxy("0A000", NOT_UTF8.into())).await?;
+            return Ok(Some(Flow::Continue));
+        };
         if self.shards_in_tx() && !matches!(tx_verb(text), TxVerb::Other) {
             // read by the lexer, whatever sqlparser makes of it: the shards' part ends here too
             // (or the statement is refused before anything of it runs)
@@ -570,7 +582,10 @@ impl Session {
     /// transactions are resolved as soon as `db_default` reports the end of it.
     /// `Some` when the Parse was answered here (an error).
     pub(super) async fn extended_tx_end(&mut self, query: &[u8]) -> Result<Option<Flow>, End> {
-        let Ok(text) = std::str::from_utf8(query) else { return Ok(None) };
+        let Ok(text) = std::str::from_utf8(query) else {
+            self.refuse_extended("0A000", NOT_UTF8.into()).await?;
+            return Ok(Some(Flow::Continue));
+        };
         let verb = self.effective_verb(tx_verb(text));
         if matches!(verb, TxVerb::Other) {
             return Ok(None);
