@@ -2,28 +2,12 @@
 //! a plan or an error, never panic.
 #![no_main]
 
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
-use shardgate_router::id::{IdGenerator, SystemClock};
-use shardgate_router::month::MonthKey;
-use shardgate_router::{Context, Param, Topology};
 
-struct World {
-    topo: Topology,
-    months: Vec<MonthKey>,
-    ids: IdGenerator,
-}
-
-fn world() -> &'static World {
-    static W: OnceLock<World> = OnceLock::new();
-    W.get_or_init(|| {
-        let topo = Topology::example();
-        let months = (1..=12).filter_map(|m| MonthKey::new(2026, m)).collect();
-        let ids = IdGenerator::new(topo.ids.clone(), 1, 50, Box::new(SystemClock), 0).expect("ids");
-        World { topo, months, ids }
-    })
-}
+#[path = "world.rs"]
+mod world;
+use world::world;
+use shardgate_router::Param;
 
 fuzz_target!(|data: &[u8]| {
     let w = world();
@@ -35,8 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(sql) = std::str::from_utf8(sql) else { return };
     let chunks: Vec<&[u8]> = rest.split(|b| *b == 0).take(16).collect();
     let texts: Vec<String> = chunks.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
-    let now = jiff::Timestamp::from_second(1_795_341_600).expect("now");
-    let ctx = Context { now, months: &w.months, ids: Some(&w.ids), zone: Default::default(), lookups: &[] };
+    let ctx = w.ctx();
     let text_params: Vec<Param<'_>> = texts.iter().map(|t| Param::Text(t)).collect();
     let _ = shardgate_router::plan(sql, &text_params, &w.topo, &ctx);
     let bin_params: Vec<Param<'_>> = chunks

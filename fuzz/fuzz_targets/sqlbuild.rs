@@ -6,32 +6,17 @@
 #![no_main]
 
 use std::ops::ControlFlow;
-use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use shardgate_router::id::{IdGenerator, SystemClock};
-use shardgate_router::month::MonthKey;
 use shardgate_router::quote::{ident, literal};
-use shardgate_router::{Context, Plan, Topology};
+use shardgate_router::Plan;
 use sqlparser::ast::{visit_expressions, Expr, Statement, Value};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-struct World {
-    topo: Topology,
-    months: Vec<MonthKey>,
-    ids: IdGenerator,
-}
-
-fn world() -> &'static World {
-    static W: OnceLock<World> = OnceLock::new();
-    W.get_or_init(|| {
-        let topo = Topology::example();
-        let months = (1..=12).filter_map(|m| MonthKey::new(2026, m)).collect();
-        let ids = IdGenerator::new(topo.ids.clone(), 1, 50, Box::new(SystemClock), 0).expect("ids");
-        World { topo, months, ids }
-    })
-}
+#[path = "world.rs"]
+mod world;
+use world::world;
 
 fn parse(sql: &str) -> Vec<Statement> {
     Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap_or_else(|e| panic!("{sql:?} does not parse: {e}"))
@@ -63,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // 2. a client literal inside a routed statement
     let w = world();
-    let ctx = Context { now: jiff::Timestamp::from_second(1_795_341_600).expect("now"), months: &w.months, ids: Some(&w.ids), zone: Default::default(), lookups: &[] };
+    let ctx = w.ctx();
     let sql = format!("DELETE FROM t_order WHERE merchant_id = 3 AND pay_status = {}", literal(text));
     if let Ok(Plan::Routed(r)) = shardgate_router::plan(&sql, &[], &w.topo, &ctx) {
         for t in &r.targets {

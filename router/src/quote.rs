@@ -8,29 +8,25 @@
 /// `'…'` with every `'` doubled. A NUL byte cannot be part of PostgreSQL text:
 /// it is kept, and the server refuses the literal (no statement runs).
 pub fn literal(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('\'');
-    for c in value.chars() {
-        if c == '\'' {
-            out.push('\'');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
+    quoted(value, '\'')
 }
 
 /// `"…"` with every `"` doubled (the name keeps its case).
 pub fn ident(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('"');
-    for c in name.chars() {
-        if c == '"' {
-            out.push('"');
+    quoted(name, '"')
+}
+
+/// `text` between two `q`, every `q` inside doubled.
+fn quoted(text: &str, q: char) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push(q);
+    for c in text.chars() {
+        if c == q {
+            out.push(q);
         }
         out.push(c);
     }
-    out.push('"');
+    out.push(q);
     out
 }
 

@@ -197,6 +197,12 @@ impl PgCluster {
 
     /// Starts the postmaster and waits until it accepts connections.
     pub fn start(&self) -> Result<()> {
+        self.pg_ctl_up("start")
+    }
+
+    /// `pg_ctl start` or `restart` with this cluster's port and socket directory;
+    /// waits until it accepts connections.
+    fn pg_ctl_up(&self, action: &str) -> Result<()> {
         let mut c = pg_command(&pg_bin().join("pg_ctl"));
         c.arg("-D")
             .arg(&self.data_dir)
@@ -204,8 +210,8 @@ impl PgCluster {
             .arg(self.data_dir.parent().unwrap_or(Path::new("/tmp")).join("postgres.log"))
             .args(["-w", "-t", "60", "-o"])
             .arg(format!("-p {} -k {}", self.port, self.sock_dir().display()))
-            .arg("start");
-        run(c, &format!("pg_ctl start ({})", self.name))?;
+            .arg(action);
+        run(c, &format!("pg_ctl {action} ({})", self.name))?;
         wait_for_port(self.port, Duration::from_secs(30))
     }
 
@@ -245,16 +251,7 @@ impl PgCluster {
         let hba = self.data_dir.join("pg_hba.conf");
         let rules = fs::read_to_string(&hba)?;
         fs::write(&hba, format!("hostnossl all all 0.0.0.0/0 reject\nhostnossl all all ::/0 reject\n{rules}"))?;
-        let mut c = pg_command(&pg_bin().join("pg_ctl"));
-        c.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-l")
-            .arg(self.data_dir.parent().unwrap_or(Path::new("/tmp")).join("postgres.log"))
-            .args(["-w", "-t", "60", "-o"])
-            .arg(format!("-p {} -k {}", self.port, self.sock_dir().display()))
-            .arg("restart");
-        run(c, &format!("pg_ctl restart ({})", self.name))?;
-        wait_for_port(self.port, Duration::from_secs(30))
+        self.pg_ctl_up("restart")
     }
 }
 
