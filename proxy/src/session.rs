@@ -875,7 +875,7 @@ impl Session {
     /// What the client's prepared statements take in the proxy (see [`statement_weight`]).
     fn statement_bytes(&self) -> usize {
         let plain: usize = self.statements.values().map(|s| s.parse.len()).sum();
-        let routed: usize = self.routed_stmts.values().map(|r| statement_weight(r.sql.len())).sum();
+        let routed: usize = self.routed_stmts.values().map(|r| shardgate_router::analysis_weight(r.sql.len())).sum();
         plain + routed
     }
 
@@ -1039,7 +1039,7 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 let bytes_cap = self.shared.config.server.max_client_statement_bytes;
-                if !p.name.is_empty() && self.statement_bytes() + statement_weight(p.query.len()) > bytes_cap {
+                if !p.name.is_empty() && self.statement_bytes() + shardgate_router::analysis_weight(p.query.len()) > bytes_cap {
                     let m = format!(
                         "the prepared statements on this connection would take more than server.max_client_statement_bytes = {bytes_cap} bytes; close some with Close or DEALLOCATE"
                     );
@@ -1583,14 +1583,6 @@ enum Timer {
     Query,
     ClientIdle,
     IdleInTransaction,
-}
-
-/// What a prepared statement of `len` bytes of text is counted as against
-/// `server.max_client_statement_bytes`: its text and, for one on a sharded
-/// table, its analysis (syntax tree and printed templates), estimated at 32
-/// bytes per byte of text.
-fn statement_weight(len: usize) -> usize {
-    len.saturating_mul(33).saturating_add(256)
 }
 
 /// A server statement name that depends only on the statement's text and

@@ -86,11 +86,16 @@ pub const CACHE_BYTES: u64 = 64 << 20;
 /// Statement texts longer than this are analysed each time, never cached.
 pub const MAX_CACHED_TEXT: usize = 64 << 10;
 
-/// What one cached statement is counted as: its text and an analysis (the
-/// syntax tree and the printed templates) estimated at 32 bytes per byte of
-/// text, since clients choose the texts.
+/// What an analysed statement of `text_len` bytes takes: its text and an
+/// analysis (the syntax tree and the printed templates) estimated at 32
+/// bytes per byte of text, since clients choose the texts. The router's cache
+/// and the proxy's per-client statement bound both count with it.
+pub fn analysis_weight(text_len: usize) -> usize {
+    text_len.saturating_mul(33).saturating_add(512)
+}
+
 fn cache_weight(text: &str) -> u32 {
-    u32::try_from(text.len().saturating_mul(33).saturating_add(512)).unwrap_or(u32::MAX)
+    u32::try_from(analysis_weight(text.len())).unwrap_or(u32::MAX)
 }
 
 impl Router {

@@ -88,6 +88,8 @@ pub struct ErrorFields {
     pub code: String,
     /// `M` field.
     pub message: String,
+    /// `t` field (the table of a constraint violation).
+    pub table: String,
 }
 
 /// Parses ErrorResponse/NoticeResponse fields (unknown fields are skipped).
@@ -104,6 +106,7 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields {
             b'S' => f.severity = v,
             b'C' => f.code = v,
             b'M' => f.message = v,
+            b't' => f.table = v,
             _ => {}
         }
     }

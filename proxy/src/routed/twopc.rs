@@ -350,9 +350,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
 pub fn decision_failed(e: wire::ServerError) -> ExecError {
     // a conflict on the decision log itself (recovery's abort marker), not on the
     // client's own tables (a deferred constraint checked by the same commit)
-    let on_log = e.raw.get(5..).is_some_and(|body| {
-        body.split(|b| *b == 0).any(|field| field.strip_prefix(b"t").is_some_and(|t| t == b"shardgate_2pc_decisions"))
-    });
+    let on_log = e.raw.get(5..).is_some_and(|body| crate::protocol::backend::parse_error_fields(body).table == "shardgate_2pc_decisions");
     if e.code == "23505" && on_log {
         ExecError::Proxy("40001", "could not serialize access: recovery rolled the transaction back while it was committing; retry it".into())
     } else {
