@@ -128,7 +128,9 @@ pub const STARTUP_PARAMS: &[(&str, &str)] = &[("client_encoding", "UTF8"), ("Dat
 
 /// Negotiates TLS as `dsn.sslmode` asks (SSLRequest, then a rustls
 /// handshake); `disable` and a `prefer` the server declines stay plain.
-async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<(Stream, Option<Vec<u8>>), BackendError> {
+/// With TLS, also the channel binding data of the server's certificate and
+/// what a cancel to this server needs.
+async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<(Stream, Option<(Option<Vec<u8>>, Arc<CancelTls>)>), BackendError> {
     if dsn.sslmode == SslMode::Disable {
         return Ok((Stream::Tcp(tcp), None));
     }
@@ -147,12 +149,13 @@ async fn start_tls(mut tcp: TcpStream, dsn: &Dsn) -> Result<(Stream, Option<Vec<
     }
     let config = tls_config(dsn).map_err(BackendError::Tls)?;
     let name = shardgate_config::tls::server_name(&dsn.host).map_err(BackendError::Tls)?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name.clone(), tcp)
         .await
         .map_err(|e| BackendError::Tls(format!("TLS handshake with {}:{}: {e}", dsn.host, dsn.port)))?;
     let end_point = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::auth::tls_server_end_point(c.as_ref()));
-    Ok((crate::stream::relay(tls)?, end_point))
+    let cancel = Arc::new(CancelTls { config, name, fallback_plain: dsn.sslmode == SslMode::Prefer });
+    Ok((crate::stream::relay(tls)?, Some((end_point, cancel))))
 }
 
 /// The rustls client settings of a DSN, built once per (mode, CA file).
@@ -199,15 +202,8 @@ impl ServerConn {
         let tcp = TcpStream::connect((dsn.host.as_str(), dsn.port)).await?;
         tcp.set_nodelay(true)?;
         let addr = tcp.peer_addr()?;
-        let (stream, end_point) = start_tls(tcp, dsn).await?;
-        let tls = match stream.is_tls() {
-            true => Some(Arc::new(CancelTls {
-                config: tls_config(dsn).map_err(BackendError::Tls)?,
-                name: shardgate_config::tls::server_name(&dsn.host).map_err(BackendError::Tls)?,
-                fallback_plain: dsn.sslmode == SslMode::Prefer,
-            })),
-            false => None,
-        };
+        let (stream, session) = start_tls(tcp, dsn).await?;
+        let (end_point, tls) = session.map_or((None, None), |(e, c)| (e, Some(c)));
         let mut conn = ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),

@@ -293,6 +293,14 @@ impl Session {
         }
     }
 
+    /// A COMMIT or ROLLBACK ends the block's SET LOCALs (also with AND CHAIN,
+    /// where db_default stays in a block).
+    fn end_local_sets(&mut self, verb: &TxVerb) {
+        if matches!(verb, TxVerb::Commit | TxVerb::Rollback) {
+            self.local_sets.clear();
+        }
+    }
+
     /// Transaction status as the client must see it.
     pub(super) fn logical_status(&self) -> u8 {
         if self.server.is_some() {
@@ -504,7 +512,9 @@ impl Session {
 
     /// COMMIT / ROLLBACK / savepoints while shards take part (simple protocol).
     async fn end_transaction(&mut self, sql: &str) -> Result<Option<Flow>, End> {
-        match self.effective_verb(tx_verb(sql)) {
+        let verb = self.effective_verb(tx_verb(sql));
+        self.end_local_sets(&verb);
+        match verb {
             TxVerb::Other => Ok(None),
             TxVerb::Unsupported => {
                 self.fail_simple(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
@@ -516,13 +526,9 @@ impl Session {
             }
             TxVerb::Rollback => {
                 self.rollback_shard_part().await;
-                // the block's SET LOCALs end with it (also with AND CHAIN)
-                self.local_sets.clear();
                 Ok(None)
             }
             TxVerb::Commit => {
-                // the block's SET LOCALs end with it (also with AND CHAIN)
-                self.local_sets.clear();
                 // the shards first, then db_default
                 let (gid, written) = match self.commit_shard_part().await {
                     Ok(None) => return Ok(None),
@@ -595,6 +601,7 @@ impl Session {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
+        self.end_local_sets(&verb);
         match verb {
             TxVerb::Other => Ok(None),
             TxVerb::Unsupported => {
@@ -607,13 +614,9 @@ impl Session {
             }
             TxVerb::Rollback => {
                 self.rollback_shard_part().await;
-                // the block's SET LOCALs end with it (also with AND CHAIN)
-                self.local_sets.clear();
                 Ok(None)
             }
             TxVerb::Commit => {
-                // the block's SET LOCALs end with it (also with AND CHAIN)
-                self.local_sets.clear();
                 let (gid, written) = match self.commit_shard_part().await {
                     Ok(None) => return Ok(None),
                     Ok(Some(p)) => p,
