@@ -35,6 +35,9 @@ pub const SHARD_POOL_WAIT_SECONDS: &str = "shardgate_shard_pool_wait_seconds";
 pub const FANOUT: &str = "shardgate_fanout_targets";
 /// Statements refused by the router, label `sqlstate` (counter).
 pub const ROUTE_REFUSED_TOTAL: &str = "shardgate_route_refused_total";
+/// Reads routed by a remembered unique-lookup place, label `result` =
+/// confirmed (the answer had a row) | unconfirmed (asked the lookup table and ran again) (counter).
+pub const LOOKUP_HINTS_TOTAL: &str = "shardgate_lookup_hints_total";
 /// Transactions committed on several shards with two-phase commit (counter).
 pub const TWO_PHASE_COMMITS: &str = "shardgate_two_phase_commits_total";
 

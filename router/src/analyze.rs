@@ -818,6 +818,56 @@ impl Analysis {
         out
     }
 
+    /// The one unique-lookup value a cached location may route this
+    /// statement by, checked by its answer: `Some` only for a plain SELECT of
+    /// rows of the sharded table (one FROM item, no join, WITH, GROUP BY,
+    /// HAVING, aggregate or function call in its WHERE) whose WHERE has
+    /// `unique_col = v` as a conjunct. Every row of its answer then holds that
+    /// value, which is unique across shards: if the answer at the cached place
+    /// has a row, that place was right; an empty answer says nothing (the
+    /// caller asks the lookup table and runs it again), and running it
+    /// somewhere without rows changed nothing.
+    pub fn lookup_hint(&self, params: &[Param<'_>]) -> Option<crate::extract::Probe> {
+        let Analysis::Select(a) = self else { return None };
+        if a.references != 1 || a.query.with.is_some() {
+            return None;
+        }
+        let SetExpr::Select(s) = a.query.body.as_ref() else { return None };
+        let plain_from = matches!(s.from.as_slice(), [t] if t.joins.is_empty()
+            && matches!(&t.relation, sqlparser::ast::TableFactor::Table { name, .. } if crate::rewrite::object_base(name).as_deref() == Some(crate::rewrite::HOLE_TABLE)));
+        let no_groups = matches!(&s.group_by, sqlparser::ast::GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty());
+        if !plain_from || !no_groups || s.having.is_some() || s.into.is_some() || s.qualify.is_some() {
+            return None;
+        }
+        let mut aggregate = false;
+        let _ = sqlparser::ast::visit_expressions(&a.query, |e| {
+            if let Expr::Function(f) = e {
+                aggregate |= crate::merge::is_aggregate_call(f);
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        let mut called = false;
+        if let Some(w) = &s.selection {
+            let _ = sqlparser::ast::visit_expressions(w, |e| {
+                called |= matches!(e, Expr::Function(_) | Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. });
+                ControlFlow::<()>::Continue(())
+            });
+        }
+        if aggregate || called {
+            return None;
+        }
+        let lookups: Vec<&crate::extract::Cond> = match &a.cond {
+            c @ crate::extract::Cond::Lookup { .. } => vec![c],
+            crate::extract::Cond::And(parts) => parts.iter().filter(|p| matches!(p, crate::extract::Cond::Lookup { .. })).collect(),
+            _ => return None,
+        };
+        let [crate::extract::Cond::Lookup { table, column, vals }] = lookups.as_slice() else { return None };
+        let [v] = vals.as_slice() else { return None };
+        let crate::extract::LookupText::Text(value) = crate::extract::lookup_text(v, params).ok()? else { return None };
+        let param = if let crate::extract::Src::Param(i) = v { Some(*i) } else { None };
+        Some(crate::extract::Probe { table: table.clone(), column: column.clone(), value, param })
+    }
+
     /// Applies bind values and context.
     pub fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
         match self {

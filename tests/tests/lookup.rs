@@ -134,6 +134,69 @@ async fn a_read_by_order_no_goes_to_one_shard_and_month() {
     assert_eq!(n, 1);
 }
 
+/// `shardgate_lookup_hints_total{result=…}` of one proxy.
+fn hints(admin: &str, result: &str) -> f64 {
+    let (_, body) = http_get(&format!("{admin}/metrics")).expect("metrics");
+    let key = format!("shardgate_lookup_hints_total{{result=\"{result}\"}}");
+    body.lines().find(|l| l.starts_with(&key)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+/// A proxy remembers where it last found an order_no and reads there without
+/// asking the lookup table, but only trusts the place when the answer has a
+/// row: another proxy moving the value (DELETE, then INSERT of the same
+/// order_no for another merchant) never makes it answer wrong.
+#[tokio::test]
+async fn a_remembered_order_no_place_is_used_only_when_the_answer_proves_it() {
+    let c = start();
+    let b = c.start_extra_proxy().expect("second proxy");
+    let pa = connect(&c.info.proxy_dsn).await.expect("proxy A");
+    let pb = connect(&b.dsn).await.expect("proxy B");
+    let read = "SELECT merchant_id, order_no FROM t_order WHERE order_no = $1";
+    let merchants = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>();
+    pa.batch_execute(&insert("H1", 3, "2026-11-02 10:00+00")).await.expect("insert");
+    assert_eq!(merchants(pa.query(read, &[&"H1"]).await.expect("first read")), vec![3]);
+    let confirmed = hints(&c.info.admin_url, "confirmed");
+    let before = shard_queries(&c.info.admin_url);
+    assert_eq!(merchants(pa.query(read, &[&"H1"]).await.expect("second read")), vec![3]);
+    assert_eq!(hints(&c.info.admin_url, "confirmed"), confirmed + 1.0, "the second read used the remembered place");
+    let after = shard_queries(&c.info.admin_url);
+    let touched: Vec<&String> = after.keys().filter(|k| after[*k] != before.get(*k).copied().unwrap_or(0.0)).collect();
+    assert_eq!(touched, vec!["db_3"]);
+
+    // B moves H1 to merchant 6 (another shard) and month; A still remembers db_3
+    pb.batch_execute("DELETE FROM t_order WHERE order_no = 'H1'").await.expect("delete");
+    pb.batch_execute(&insert("H1", 6, "2026-12-02 10:00+00")).await.expect("take over");
+    let unconfirmed = hints(&c.info.admin_url, "unconfirmed");
+    assert_eq!(merchants(pa.query(read, &[&"H1"]).await.expect("moved, extended")), vec![6]);
+    assert!(hints(&c.info.admin_url, "unconfirmed") > unconfirmed, "the empty answer at the old place was not trusted");
+    // the same in the simple protocol and inside a block, after another move
+    pb.batch_execute("DELETE FROM t_order WHERE order_no = 'H1'").await.expect("delete");
+    pb.batch_execute(&insert("H1", 2, "2026-11-03 10:00+00")).await.expect("take over");
+    let rows = pa.simple_query("SELECT merchant_id FROM t_order WHERE order_no = 'H1'").await.expect("simple");
+    let got: Vec<String> = rows.iter().filter_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    }).collect();
+    assert_eq!(got, vec!["2"]);
+    pb.batch_execute("DELETE FROM t_order WHERE order_no = 'H1'").await.expect("delete");
+    pb.batch_execute(&insert("H1", 5, "2026-11-03 10:00+00")).await.expect("take over");
+    pa.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(merchants(pa.query("SELECT merchant_id, order_no FROM t_order WHERE order_no = $1 FOR UPDATE", &[&"H1"]).await.expect("in block")), vec![5]);
+    pa.batch_execute("COMMIT").await.expect("commit");
+    // statements whose answer has a row anyway never use the remembered place
+    pb.batch_execute("DELETE FROM t_order WHERE order_no = 'H1'").await.expect("delete");
+    pb.batch_execute(&insert("H1", 1, "2026-11-03 10:00+00")).await.expect("take over");
+    let n: i64 = pa.query_one("SELECT count(*) FROM t_order WHERE order_no = 'H1'", &[]).await.expect("count").get(0);
+    assert_eq!(n, 1);
+    let n: i64 = pa.query_one("SELECT count(*) FROM t_order WHERE order_no = 'H1' AND merchant_id = 1", &[]).await.expect("count").get(0);
+    assert_eq!(n, 1);
+    // a legitimately empty answer stays empty; a gone value reads nothing
+    assert!(pa.query("SELECT merchant_id, order_no FROM t_order WHERE order_no = $1 AND pay_status = 'NOPE'", &[&"H1"]).await.expect("empty").is_empty());
+    pb.batch_execute("DELETE FROM t_order WHERE order_no = 'H1'").await.expect("delete");
+    assert!(pa.query(read, &[&"H1"]).await.expect("gone").is_empty());
+    assert_eq!(copies(&c, "H1").await, 0);
+}
+
 /// Must show 4: writers race on a shared pool of order_nos (collisions on
 /// purpose) while a shard is stopped and started again. Every acknowledged
 /// order_no is there exactly once, and every refusal was a 23505 for a value

@@ -141,6 +141,9 @@ pub struct Out<'a> {
     pub keep: Option<usize>,
     /// The kept answer went over `keep`.
     pub overflow: bool,
+    /// Part of the answer left `buf` (sent, or dropped over `keep`); only
+    /// ever after a row was added.
+    pub flushed: bool,
 }
 
 impl Out<'_> {
@@ -148,6 +151,7 @@ impl Out<'_> {
         if let Some(limit) = self.keep {
             if self.overflow || self.buf.len() > limit {
                 self.overflow = true;
+                self.flushed = true;
                 self.buf.clear();
             }
             return Ok(());
@@ -156,6 +160,7 @@ impl Out<'_> {
             if let Some(c) = self.client {
                 crate::session::write_all(c, self.buf).await.map_err(ExecError::ClientIo)?;
             }
+            self.flushed = true;
             self.buf.clear();
         }
         Ok(())

@@ -56,9 +56,25 @@ pub const STATE_DDL: &str = "CREATE TABLE IF NOT EXISTS shardgate_lookup_state (
 const AMBIGUOUS: &str = "";
 
 /// The lookup tables, made on first need (`db_default` may be down at start).
-#[derive(Default)]
 pub struct Lookups {
     meta: tokio::sync::OnceCell<Vec<Meta>>,
+    /// Places entries were last read at, by (table, column, value): a hint
+    /// for reads whose answer proves it (see
+    /// [`shardgate_router::Analysis::lookup_hint`]); never trusted otherwise.
+    hints: moka::sync::Cache<(String, String, String), (i64, MonthKey)>,
+}
+
+/// Bytes of hints kept per proxy.
+const HINT_BYTES: u64 = 16 << 20;
+
+impl Default for Lookups {
+    fn default() -> Self {
+        let hints = moka::sync::Cache::builder()
+            .max_capacity(HINT_BYTES)
+            .weigher(|k: &(String, String, String), _v: &(i64, MonthKey)| u32::try_from(k.0.len() + k.1.len() + k.2.len() + 96).unwrap_or(u32::MAX))
+            .build();
+        Lookups { meta: Default::default(), hints }
+    }
 }
 
 fn not_ready(e: impl std::fmt::Display) -> ExecError {
@@ -70,6 +86,29 @@ impl Lookups {
     /// The prepared lookup columns (creates the tables on first call).
     pub async fn meta(&self, engine: &Engine) -> Result<&[Meta], ExecError> {
         self.meta.get_or_try_init(|| prepare(engine)).await.map(Vec::as_slice).map_err(not_ready)
+    }
+
+    /// The place `probe`'s entry was last read at, if this proxy remembers
+    /// one and the lookup is complete. Only a read whose answer has a row may
+    /// trust it; an empty answer must [`forget`](Self::forget) it and ask
+    /// the lookup table.
+    pub fn hint(&self, probe: &shardgate_router::Probe) -> Option<Resolved> {
+        let meta = self.meta.get()?;
+        let m = find(meta, &probe.table, &probe.column)?;
+        if !m.complete.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let at = self.hints.get(&(probe.table.clone(), probe.column.clone(), probe.value.clone()))?;
+        Some(Resolved { table: probe.table.clone(), column: probe.column.clone(), value: probe.value.clone(), at: Some(at) })
+    }
+
+    fn remember(&self, table: &str, column: &str, value: &str, at: (i64, MonthKey)) {
+        self.hints.insert((table.to_string(), column.to_string(), value.to_string()), at);
+    }
+
+    /// Drops a hint its read did not confirm.
+    pub fn forget(&self, probe: &shardgate_router::Probe) {
+        self.hints.invalidate(&(probe.table.clone(), probe.column.clone(), probe.value.clone()));
     }
 }
 
@@ -198,7 +237,12 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         // the tag says whether it was inserted: read it through a RETURNING row
         let sql = format!("{sql} RETURNING 1");
         match wire::query(conn, &sql, &vals).await {
-            Ok(Ok(r)) if !r.is_empty() => continue,
+            Ok(Ok(r)) if !r.is_empty() => {
+                // a read after the INSERT commits goes straight there (a rollback leaves
+                // a hint no answer will confirm)
+                engine.lookups.remember(table, &m.column, &row.value, (row.shard_key, row.month));
+                continue;
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(ExecError::Server(e)),
             Err(e) => {
@@ -241,7 +285,10 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         let conn = &mut slots[slot_no].as_mut().expect("held").conn;
         let u = format!("UPDATE {} SET shard_key = $2, month = $3 WHERE value = $1", m.lookup_table);
         match wire::query(conn, &u, &vals).await {
-            Ok(Ok(_)) => tracing::debug!(table, column = %m.column, "took over the lookup entry of a deleted row"),
+            Ok(Ok(_)) => {
+                tracing::debug!(table, column = %m.column, "took over the lookup entry of a deleted row");
+                engine.lookups.remember(table, &m.column, &row.value, (row.shard_key, row.month));
+            }
             Ok(Err(e)) => return Err(ExecError::Server(e)),
             Err(e) => {
                 conn.broken = true;
@@ -397,6 +444,9 @@ pub async fn resolve(engine: &Engine, slots: &mut Slots, probes: &[shardgate_rou
                 return out;
             }
         };
+        if let Some(at) = at {
+            engine.lookups.remember(table, column, value, at);
+        }
         out.push(Resolved { table: table.clone(), column: column.clone(), value: value.clone(), at });
     }
     out

@@ -333,6 +333,25 @@ impl Session {
             Some(Some(z)) => shardgate_router::SessionZone::Zone(z),
             Some(None) => shardgate_router::SessionZone::Unknown,
         };
+        // `order_no = …`: a place this proxy read before, proved by a row of the answer
+        let hint = if engine.migration.enabled { None } else { analysis.lookup_hint(&params).filter(|p| p.param.is_none_or(|i| text_like(bound, i))) };
+        if let Some(probe) = &hint {
+            if let Some(found) = engine.lookups.hint(probe) {
+                if let Ok(Plan::Routed(plan)) = engine.plan_with(analysis, &params, zone, std::slice::from_ref(&found)) {
+                    let mark = self.cout.len();
+                    let (r, rows) = self.execute_routed(&plan, sql, bound, simple, visible).await?;
+                    // an error inside a block has aborted it: it stands, as it would elsewhere
+                    if rows || (r.is_err() && self.in_tx_block()) {
+                        metrics::counter!(crate::metrics::LOOKUP_HINTS_TOTAL, "result" => "confirmed").increment(1);
+                        return Ok(r);
+                    }
+                    // no row there: the entry may have moved (a deleted row's value taken elsewhere)
+                    metrics::counter!(crate::metrics::LOOKUP_HINTS_TOTAL, "result" => "unconfirmed").increment(1);
+                    self.cout.truncate(mark);
+                    engine.lookups.forget(probe);
+                }
+            }
+        }
         let mut planned = engine.plan_analysis(analysis, &params, zone);
         if let Ok(Plan::Routed(r)) = &planned {
             // `order_no = …` and other unique-lookup values: their entries say where the rows are
@@ -369,9 +388,17 @@ impl Session {
             }
             months::ensure(&engine, &ms).await;
         }
+        Ok(self.execute_routed(&plan, sql, bound, simple, visible).await?.0)
+    }
+
+    /// Runs a planned routed statement; rows and tag go to the client buffer.
+    /// Also tells whether the answer had a row.
+    async fn execute_routed(&mut self, plan: &shardgate_router::Routed, sql: &str, bound: &Bound, simple: bool, visible: Option<usize>) -> Result<(Result<(), ExecError>, bool), End> {
+        let engine = self.shared.engine.clone();
         if engine.migration.enabled {
-            return self.run_migrating(&plan, sql, bound, simple, visible).await;
+            return Ok((self.run_migrating(plan, sql, bound, simple, visible).await?, true));
         }
+        let mark = self.cout.len();
         let mut begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
         let mut in_tx = self.in_tx_block();
         // (or one whose batch already ran statements on db_default, whose implicit transaction
@@ -388,7 +415,7 @@ impl Session {
         let cancel = self.registration.slot.clone();
         let locals = self.local_sets.clone();
         let req = Request {
-            routed: &plan,
+            routed: plan,
             bound,
             simple,
             visible,
@@ -400,16 +427,18 @@ impl Session {
             cancel: Some(&cancel),
         };
         let keep = self.capture_limit;
-        let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false };
+        let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false, flushed: false };
         let timeout = self.shared.config.server.query_timeout_ms;
         let r = with_query_timeout(timeout, &cancel, exec::execute(&engine, &mut self.slots, &req, &mut out)).await;
+        let (flushed, overflow) = (out.flushed, out.overflow);
+        let rows = flushed || has_data_row(self.cout.get(mark..).unwrap_or_default());
         let r = match r {
-            Ok(()) if out.overflow => Err(portal_too_large(keep.unwrap_or_default())),
+            Ok(()) if overflow => Err(portal_too_large(keep.unwrap_or_default())),
             other => other,
         };
         match r {
             Err(ExecError::ClientIo(e)) => Err(End::ClientIo(e)),
-            other => Ok(other),
+            other => Ok((other, rows)),
         }
     }
 
@@ -1215,6 +1244,19 @@ pub(super) fn error_frame(e: &ExecError) -> Bytes {
     }
 }
 
+/// Whether `buf` (whole protocol messages) holds a DataRow.
+fn has_data_row(mut buf: &[u8]) -> bool {
+    while buf.len() >= 5 {
+        if buf[0] == b'D' {
+            return true;
+        }
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        let Some(rest) = buf.get(1 + len..) else { return false };
+        buf = rest;
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1248,3 +1290,4 @@ mod tests {
         assert!(matches!(tx_verb("begin"), TxVerb::Other));
     }
 }
+
