@@ -73,6 +73,31 @@ async fn a_write_to_a_month_without_a_table_creates_it_on_every_shard() {
     assert!(months.contains(&this_month), "{this_month} in {months:?}");
 }
 
+/// A month table one proxy creates on demand is read by every other proxy as
+/// soon as the write that made it is acknowledged (they list month tables at
+/// each health probe; the writer waits until they have).
+#[tokio::test]
+async fn a_month_table_made_by_one_proxy_is_read_by_the_others() {
+    let c = start("", "[health]\nprobe_interval_ms = 300\nprobe_timeout_ms = 1000\n");
+    let b = c.start_extra_proxy().expect("second proxy");
+    let pa = connect(&c.info.proxy_dsn).await.expect("proxy A");
+    let pb = connect(&b.dsn).await.expect("proxy B");
+    // A has read everything once (its plans know the months that exist now)
+    let n: i64 = pa.query_one("SELECT count(*) FROM t_order", &[]).await.expect("count").get(0);
+    assert_eq!(n, 0);
+    for (i, month) in ["2025-03", "2024-07"].iter().enumerate() {
+        let t0 = Instant::now();
+        pb.batch_execute(&format!("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ('M{i}', 5, '{month}-10 10:00+00')")).await.expect("insert into a new month");
+        let took = t0.elapsed();
+        let n: i64 = pa.query_one("SELECT count(*) FROM t_order WHERE merchant_id = 5", &[]).await.expect("count by A").get(0);
+        assert_eq!(n, i as i64 + 1, "A reads the row B wrote into {month} (B's INSERT took {took:?})");
+        let rows = pa.query("SELECT order_no FROM t_order WHERE order_no = $1", &[&format!("M{i}")]).await.expect("by order_no");
+        assert_eq!(rows.len(), 1);
+        let n: i64 = pa.query_one(&format!("SELECT count(*) FROM t_order WHERE create_time >= '{month}-01 00:00+00' AND create_time < '{month}-01 00:00+00'::timestamptz + interval '1 month'"), &[]).await.expect("by month").get(0);
+        assert_eq!(n, 1);
+    }
+}
+
 #[tokio::test]
 async fn merges_over_the_row_cap_fail_clearly_and_streams_are_not_capped() {
     let c = start("max_merge_rows = 50", "");

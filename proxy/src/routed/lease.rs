@@ -116,3 +116,17 @@ pub async fn keep(dsn: Dsn, lease: Lease, ttl_ms: u64, mut shutdown: tokio::sync
         }
     }
 }
+
+/// Live worker-id leases other proxies hold, read in `db_default`; `None`
+/// when that cannot be told (fixed `ids.worker_id`, no lease held yet,
+/// `db_default` unreachable).
+pub async fn others_live(engine: &super::Engine) -> Option<i64> {
+    if !engine.leased_ids {
+        return None;
+    }
+    let me = engine.ids.get()?.worker().to_string();
+    let mut conn = tokio::time::timeout(Duration::from_secs(2), engine.default.get()).await.ok()?.ok()?;
+    let sql = "SELECT count(*) FROM shardgate_worker_leases WHERE expires_at > now() AND worker_id <> $1::int";
+    let rows = super::wire::query(&mut conn, sql, &[Some(me.as_str())]).await.ok()?.ok()?;
+    rows.first()?.first()?.as_deref()?.parse().ok()
+}

@@ -44,6 +44,9 @@ pub struct Engine {
     /// The id generator: set at start with a fixed `ids.worker_id`, else once a
     /// worker-id lease is held (see [`lease`]).
     pub ids: std::sync::OnceLock<IdGenerator>,
+    /// Worker ids are leased (no fixed `ids.worker_id`): live leases tell
+    /// which proxies run.
+    pub leased_ids: bool,
     /// Most rows or groups a merge holds in memory.
     pub max_merge_rows: usize,
     /// Most prepared statements a server connection keeps (`pool.max_prepared_statements`).
@@ -165,6 +168,7 @@ impl Engine {
             shards,
             months: RwLock::new(Arc::new(Vec::new())),
             ids,
+            leased_ids: config.ids.worker_id.is_none(),
             max_merge_rows: config.server.max_merge_rows,
             max_prepared: config.pool.max_prepared_statements,
             default,
@@ -293,7 +297,7 @@ impl Engine {
         let shard_probes = self.shard_dsns.iter().zip(&self.probe_conns).map(|(d, c)| health::probe(d, c, timeout));
         let default_conn = self.probe_conns.last().expect("one per shard and one for db_default");
         let (results, default) = tokio::join!(futures_join_all(shard_probes), health::probe(&self.default_dsn, default_conn, timeout));
-        for (shard, r) in results.into_iter().enumerate() {
+        for (shard, r) in results.iter().enumerate() {
             let t = &self.health[shard];
             let change = match &r {
                 Ok(latency) => t.success(*latency, &self.health_cfg),
@@ -307,6 +311,29 @@ impl Engine {
                         tracing::warn!(shard = exec::shard_label(shard), "could not create missing month tables on a returning shard");
                     }
                 }
+            }
+        }
+        // month tables other proxies made: listed on each answering shard's probe connection
+        let timeout_list = Duration::from_millis(self.health_cfg.probe_timeout_ms);
+        let mut found = Vec::new();
+        for (shard, r) in results.iter().enumerate() {
+            if r.is_err() {
+                continue;
+            }
+            let mut kept = self.probe_conns[shard].lock().await;
+            let Some(conn) = kept.as_mut() else { continue };
+            match tokio::time::timeout(timeout_list, months::list(self, conn)).await {
+                Ok(Ok(m)) => found.extend(m),
+                Ok(Err(e)) => tracing::debug!(shard, error = %e, "listing month tables failed"),
+                Err(_) => *kept = None,
+            }
+        }
+        if !found.is_empty() {
+            found.sort();
+            found.dedup();
+            let known = self.months();
+            if found.iter().any(|m| !known.contains(m)) {
+                self.add_months(&found);
             }
         }
         let change = match &default {

@@ -43,6 +43,11 @@ async fn existing_on(engine: &Engine, shard: usize) -> anyhow::Result<Vec<MonthK
         .await
         .map_err(|_| anyhow::anyhow!("timed out"))?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    list(engine, &mut conn).await
+}
+
+/// Month suffixes of the physical tables of every sharded table, read on `conn`.
+pub async fn list(engine: &Engine, conn: &mut crate::backend::ServerConn) -> anyhow::Result<Vec<MonthKey>> {
     let mut found = Vec::new();
     for rule in &engine.topology().tables {
         let (prefix, suffix) = rule.pattern.split_once("{yyyyMM}").unwrap_or((&rule.pattern, ""));
@@ -51,7 +56,7 @@ async fn existing_on(engine: &Engine, shard: usize) -> anyhow::Result<Vec<MonthK
             prefix.replace('_', "\\_"),
             suffix.replace('_', "\\_")
         );
-        let rows = wire::control(&mut conn, &q).await?.map_err(|e| anyhow::anyhow!("SQLSTATE {}", e.code))?;
+        let rows = wire::control(conn, &q).await?.map_err(|e| anyhow::anyhow!("SQLSTATE {}", e.code))?;
         for name in rows.into_iter().flatten() {
             let mid = &name[prefix.len().min(name.len())..name.len().saturating_sub(suffix.len())];
             if let Some(m) = MonthKey::parse_suffix(mid) {
@@ -129,13 +134,30 @@ pub async fn maintain(engine: &Engine, ahead: u32) {
 }
 
 /// Makes sure the months a write names exist (created from the template if not).
+///
+/// Other proxies learn of a new month table at their next health probe (each
+/// probe lists the month tables of its shard); until then their reads would
+/// not look in it. So when this creates a table and another proxy may be
+/// running (a live worker-id lease other than ours in `db_default`, or no way
+/// to tell), the write waits [`settle`] before its rows go in.
 pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
     let known = engine.months();
     let missing: Vec<MonthKey> = months.iter().copied().filter(|m| !known.contains(m)).collect();
     if !missing.is_empty() {
         tracing::info!(months = ?missing.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables on demand");
-        create(engine, &missing).await;
+        let failed = create(engine, &missing).await;
+        if failed.len() < engine.shards.len() && super::lease::others_live(engine).await != Some(0) {
+            let wait = settle(&engine.health_cfg);
+            tracing::info!(wait_ms = wait.as_millis() as u64, "waiting for other proxies to see the new month tables");
+            tokio::time::sleep(wait).await;
+        }
     }
+}
+
+/// How long after a month table is created every running proxy has listed
+/// it: two probe rounds (interval plus timeout each).
+pub fn settle(h: &shardgate_config::HealthConfig) -> Duration {
+    Duration::from_millis(2 * (h.probe_interval_ms.max(50) + h.probe_timeout_ms))
 }
 
 #[cfg(test)]
