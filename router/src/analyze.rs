@@ -821,7 +821,9 @@ impl Analysis {
     /// The one unique-lookup value a cached location may route this
     /// statement by, checked by its answer: `Some` only for a plain SELECT of
     /// rows of the sharded table (one FROM item, no join, WITH, GROUP BY,
-    /// HAVING, aggregate or function call in its WHERE) whose WHERE has
+    /// HAVING, subquery, or function call other than a window call anywhere:
+    /// an aggregate the router does not know would answer a row from nothing,
+    /// and a function in LIMIT runs before any row) whose WHERE has
     /// `unique_col = v` as a conjunct. Every row of its answer then holds that
     /// value, which is unique across shards: if the answer at the cached place
     /// has a row, that place was right; an empty answer says nothing (the
@@ -839,21 +841,17 @@ impl Analysis {
         if !plain_from || !no_groups || s.having.is_some() || s.into.is_some() || s.qualify.is_some() {
             return None;
         }
-        let mut aggregate = false;
+        let mut called = false;
         let _ = sqlparser::ast::visit_expressions(&a.query, |e| {
-            if let Expr::Function(f) = e {
-                aggregate |= crate::merge::is_aggregate_call(f);
-            }
+            called |= match e {
+                // a window call gives a value per row of the answer, in the projection only
+                Expr::Function(f) => f.over.is_none(),
+                Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => true,
+                _ => false,
+            };
             ControlFlow::<()>::Continue(())
         });
-        let mut called = false;
-        if let Some(w) = &s.selection {
-            let _ = sqlparser::ast::visit_expressions(w, |e| {
-                called |= matches!(e, Expr::Function(_) | Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. });
-                ControlFlow::<()>::Continue(())
-            });
-        }
-        if aggregate || called {
+        if called {
             return None;
         }
         let lookups: Vec<&crate::extract::Cond> = match &a.cond {

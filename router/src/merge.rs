@@ -56,16 +56,6 @@ fn catalog_aggregate(name: &str) -> bool {
     CATALOG_AGGREGATES.read().is_ok_and(|a| a.iter().any(|n| n == name))
 }
 
-/// Whether a call is an aggregate (not a window call): an answer with it may
-/// have a row though no row matched.
-pub(crate) fn is_aggregate_call(f: &Function) -> bool {
-    if f.over.is_some() {
-        return false;
-    }
-    let name = func_name(f);
-    MERGEABLE.contains(&name.as_str()) || OTHER_AGGREGATES.contains(&name.as_str()) || catalog_aggregate(&name) || !f.within_group.is_empty() || f.filter.is_some()
-}
-
 /// Functions whose value belongs to one server, connection or transaction.
 const PER_SERVER: &[&str] = &[
     "current_database",

@@ -18,6 +18,7 @@ fn plain_row_reads_by_the_unique_value_may_use_a_cached_place() {
         "SELECT *, row_number() OVER () FROM t_order WHERE order_no = 'A1'",
         "SELECT * FROM t_order WHERE order_no = 'A1' FOR UPDATE",
         "SELECT DISTINCT pay_status FROM t_order WHERE (order_no = 'A1') AND (merchant_id > 3 OR pay_status IS NULL)",
+        "SELECT id, order_amount * 2 AS twice, create_time::date FROM t_order WHERE order_no = 'A1' AND order_amount > 0.5",
     ] {
         assert_eq!(hint(sql, &[]).as_deref(), Some("t_order.order_no=A1"), "{sql}");
     }
@@ -33,6 +34,15 @@ fn answers_that_can_have_rows_without_a_match_or_do_work_elsewhere_may_not() {
         "SELECT max(id) FILTER (WHERE true) FROM t_order WHERE order_no = 'A1'",
         "SELECT pay_status FROM t_order WHERE order_no = 'A1' GROUP BY pay_status",
         "SELECT 1 FROM t_order WHERE order_no = 'A1' HAVING true",
+        // any function call outside a window: an aggregate the router does not know (a
+        // user-defined one, json_arrayagg) answers a row from nothing
+        "SELECT my_first(pay_status) FROM t_order WHERE order_no = 'A1'",
+        "SELECT lower(order_no) FROM t_order WHERE order_no = 'A1'",
+        "SELECT sum(count(*)) OVER () FROM t_order WHERE order_no = 'A1'",
+        // LIMIT/OFFSET are evaluated before any row
+        "SELECT * FROM t_order WHERE order_no = 'A1' LIMIT (SELECT nextval('s'))",
+        "SELECT * FROM t_order WHERE order_no = 'A1' LIMIT audit_fn()",
+        "SELECT (SELECT count(*) FROM t_order) FROM t_order WHERE order_no = 'A1'",
         // the value is not a conjunct of every row
         "SELECT * FROM t_order WHERE order_no = 'A1' OR merchant_id = 5",
         "SELECT * FROM t_order WHERE order_no IN ('A1', 'A2')",

@@ -102,8 +102,13 @@ impl Lookups {
         Some(Resolved { table: probe.table.clone(), column: probe.column.clone(), value: probe.value.clone(), at: Some(at) })
     }
 
+    /// Remembers where a value lives, once the lookup is complete (before,
+    /// filling may still find the value elsewhere and mark it ambiguous).
     fn remember(&self, table: &str, column: &str, value: &str, at: (i64, MonthKey)) {
-        self.hints.insert((table.to_string(), column.to_string(), value.to_string()), at);
+        let complete = self.meta.get().and_then(|meta| find(meta, table, column)).is_some_and(|m| m.complete.load(std::sync::atomic::Ordering::Relaxed));
+        if complete {
+            self.hints.insert((table.to_string(), column.to_string(), value.to_string()), at);
+        }
     }
 
     /// Drops a hint its read did not confirm.

@@ -333,15 +333,25 @@ impl Session {
             Some(Some(z)) => shardgate_router::SessionZone::Zone(z),
             Some(None) => shardgate_router::SessionZone::Unknown,
         };
-        // `order_no = …`: a place this proxy read before, proved by a row of the answer
-        let hint = if engine.migration.enabled { None } else { analysis.lookup_hint(&params).filter(|p| p.param.is_none_or(|i| text_like(bound, i))) };
+        // `order_no = …`: a place this proxy read before, proved by a row of the answer; only
+        // outside transactions (a block's snapshot per shard, locks and errors would stay)
+        let hint = if engine.migration.enabled || self.in_tx_block() || self.batch_tx {
+            None
+        } else {
+            analysis.lookup_hint(&params).filter(|p| p.param.is_none_or(|i| text_like(bound, i)))
+        };
         if let Some(probe) = &hint {
             if let Some(found) = engine.lookups.hint(probe) {
                 if let Ok(Plan::Routed(plan)) = engine.plan_with(analysis, &params, zone, std::slice::from_ref(&found)) {
                     let mark = self.cout.len();
                     let (r, rows) = self.execute_routed(&plan, sql, bound, simple, visible).await?;
-                    // an error inside a block has aborted it: it stands, as it would elsewhere
-                    if rows || (r.is_err() && self.in_tx_block()) {
+                    // a cancel or timeout stands; another error may belong to the place: ask the lookup
+                    let canceled = match &r {
+                        Err(ExecError::Server(e)) => e.code == "57014",
+                        Err(ExecError::Proxy(code, _)) => *code == "57014",
+                        _ => false,
+                    };
+                    if rows || canceled {
                         metrics::counter!(crate::metrics::LOOKUP_HINTS_TOTAL, "result" => "confirmed").increment(1);
                         return Ok(r);
                     }
