@@ -118,6 +118,9 @@ pub struct ServerConfig {
     /// fails with 54000 and a hint. Streams (single shard, plain and ordered
     /// concatenations) are not limited.
     pub max_merge_rows: usize,
+    /// Most bytes of rows, groups and distinct values one cross-shard merge
+    /// may hold (the same merges as `max_merge_rows`; 54000 above it).
+    pub max_merge_bytes: usize,
     /// Named prepared statements one client may hold at once (Parse of one
     /// more fails with 53400 until it closes some); the unnamed one is free.
     pub max_client_statements: usize,
@@ -160,6 +163,7 @@ impl Default for ServerConfig {
             auth_method: AuthMethod::ScramSha256,
             worker_threads: 0,
             max_merge_rows: 1_000_000,
+            max_merge_bytes: 256 << 20,
             max_portal_bytes: 64 * 1024 * 1024,
             max_client_statements: 10_000,
             max_client_portals: 1_000,
@@ -448,6 +452,9 @@ impl std::fmt::Debug for RedisConfig {
 pub struct CacheConfig {
     /// Entries kept in the local (L1) cache.
     pub l1_capacity: u64,
+    /// Bytes of answers kept in the local (L1) cache (with `l1_capacity`,
+    /// whichever is reached first).
+    pub l1_max_bytes: u64,
     /// L1 time to live.
     pub l1_ttl_ms: u64,
     /// Redis (L2) time to live.
@@ -474,6 +481,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             l1_capacity: 100_000,
+            l1_max_bytes: 64 << 20,
             l1_ttl_ms: 60_000,
             l2_ttl_ms: 600_000,
             negative_ttl_ms: 5_000,

@@ -116,6 +116,30 @@ async fn merges_over_the_row_cap_fail_clearly_and_streams_are_not_capped() {
     assert_eq!(client.query("SELECT merchant_id, count(*) FROM t_order GROUP BY 1", &[]).await.expect("groups").len(), 40);
 }
 
+/// `server.max_merge_bytes`: few rows of large values are refused by their
+/// bytes (GROUP BY, DISTINCT, DISTINCT aggregates), while the
+/// same rows stream, and small groups of them are fine.
+#[tokio::test]
+async fn merges_over_the_byte_cap_fail_clearly() {
+    let c = start("max_merge_bytes = 200000", "");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    // 40 rows of 20,000 characters, over 8 shards and two months
+    let values: Vec<String> = (1..=40).map(|i| format!("({i}, 'B{i}', {i}, '2026-1{}-05 00:00+00', repeat('x', 20000) || {i})", 1 + i % 2)).collect();
+    client.batch_execute(&format!("INSERT INTO t_order (id, order_no, merchant_id, create_time, pay_status) VALUES {}", values.join(","))).await.expect("load");
+    for sql in [
+        "SELECT DISTINCT pay_status FROM t_order",
+        "SELECT pay_status, count(*) FROM t_order GROUP BY pay_status",
+        "SELECT count(DISTINCT pay_status) FROM t_order",
+    ] {
+        let e = client.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("54000"), "{sql}: {e:?}");
+        assert!(e.as_db_error().is_some_and(|d| d.message().contains("max_merge_bytes")), "{sql}: {e:?}");
+    }
+    assert_eq!(client.query("SELECT pay_status FROM t_order", &[]).await.expect("stream").len(), 40);
+    assert_eq!(client.query("SELECT pay_status FROM t_order ORDER BY id", &[]).await.expect("k-way").len(), 40);
+    assert_eq!(client.query("SELECT length(pay_status), count(*) FROM t_order GROUP BY 1", &[]).await.expect("small groups").len(), 2);
+}
+
 /// A prepared transaction on a shard as a crashed proxy would leave it.
 async fn leave_prepared(dsn: &str, gid: &str, id: i64, merchant: i64) {
     let shard = connect(dsn).await.expect("shard");

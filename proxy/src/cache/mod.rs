@@ -213,6 +213,25 @@ fn weight(bytes: usize) -> u32 {
     u32::try_from(bytes.saturating_add(128)).unwrap_or(u32::MAX)
 }
 
+/// The L1 cache, bounded by `l1_max_bytes` and `l1_capacity` at once: each
+/// entry weighs its bytes, and at least `l1_max_bytes / l1_capacity`.
+fn l1_cache(cfg: &CacheConfig) -> moka::future::Cache<L1Key, Arc<Answer>> {
+    let bytes = cfg.l1_max_bytes.max(1);
+    let floor = bytes.div_ceil(cfg.l1_capacity.max(1));
+    moka::future::Cache::builder()
+        .max_capacity(bytes)
+        .weigher(move |k: &L1Key, v: &Arc<Answer>| {
+            let size = u64::from(weight(k.key.len() + v.bytes.len() + 64));
+            u32::try_from(size.max(floor)).unwrap_or(u32::MAX)
+        })
+        .expire_after(Expiry {
+            ttl: Duration::from_millis(cfg.l1_ttl_ms),
+            negative_ttl: Duration::from_millis(cfg.negative_ttl_ms),
+            jitter: cfg.ttl_jitter_percent,
+        })
+        .build()
+}
+
 impl Cache {
     pub fn new(cfg: &CacheConfig, redis: Option<&shardgate_config::RedisConfig>, engine: Arc<Engine>) -> anyhow::Result<Arc<Cache>> {
         let specs: Vec<CachedTable> = cfg.tables.iter().map(|t| CachedTable { name: t.name.clone(), key: t.key.clone() }).collect();
@@ -228,14 +247,7 @@ impl Cache {
                 reload: tokio::sync::Notify::new(),
             })
             .collect();
-        let l1 = moka::future::Cache::builder()
-            .max_capacity(cfg.l1_capacity)
-            .expire_after(Expiry {
-                ttl: Duration::from_millis(cfg.l1_ttl_ms),
-                negative_ttl: Duration::from_millis(cfg.negative_ttl_ms),
-                jitter: cfg.ttl_jitter_percent,
-            })
-            .build();
+        let l1 = l1_cache(cfg);
         let l2 = match redis {
             Some(r) => Some(l2::L2::new(r, cfg)?),
             None => None,
@@ -746,6 +758,32 @@ fn empty_answer(row_description: Option<&Bytes>) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(i: u64) -> L1Key {
+        L1Key { table: 0, epochs: [0; 3], key: Arc::from(i.to_string().as_str()), variant: 0 }
+    }
+
+    #[tokio::test]
+    async fn l1_is_bounded_in_bytes_and_in_entries() {
+        let cfg = CacheConfig { l1_capacity: 1000, l1_max_bytes: 1 << 20, ..CacheConfig::default() };
+        let l1 = l1_cache(&cfg);
+        // large answers: the bytes bound holds (about 100 of 10 KiB fit in 1 MiB)
+        for i in 0..1000 {
+            l1.insert(key(i), Arc::new(Answer { bytes: Bytes::from(vec![b'x'; 10 << 10]), rows: 1 })).await;
+        }
+        l1.run_pending_tasks().await;
+        let held: u64 = l1.iter().map(|(_, v)| v.bytes.len() as u64).sum();
+        assert!(held <= 1 << 20, "{held} bytes held");
+        assert!(l1.entry_count() <= 110, "{} entries", l1.entry_count());
+        // small answers: the entry bound holds
+        l1.invalidate_all();
+        for i in 0..5000 {
+            l1.insert(key(i), Arc::new(Answer { bytes: Bytes::from_static(b"small"), rows: 1 })).await;
+        }
+        l1.run_pending_tasks().await;
+        assert!(l1.entry_count() <= 1000, "{} entries", l1.entry_count());
+        assert!(l1.entry_count() >= 500, "{} entries: the bytes bound must not cut small entries short", l1.entry_count());
+    }
 
     #[test]
     fn integer_keys_are_canonical() {

@@ -664,6 +664,7 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     let mut shape = Shape { desc: None, cols: Vec::new(), visible: 0 };
     let mut collector: Option<Collector<'_>> = None;
     let mut buffered: Vec<Row> = Vec::new();
+    let mut buffered_bytes = 0usize;
     let mut first_err: Option<ExecError> = None;
     let mut sent_desc = false;
     let mut affected: u64 = 0;
@@ -726,14 +727,17 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
                         if folds {
                             // groups are folded as rows arrive: memory follows the number of groups
                             let row = merge::parse_data_row(f.body())?;
-                            let c = collector.get_or_insert_with(|| Collector::new(spec.expect("collect"), shape.cols.clone(), engine.max_merge_rows));
+                            let c = collector.get_or_insert_with(|| Collector::new(spec.expect("collect"), shape.cols.clone(), engine.merge_caps()));
                             if let Err(e) = c.push(row) {
                                 first_err = Some(e.into());
                             }
                         } else if collect {
                             let row = merge::parse_data_row(f.body())?;
+                            buffered_bytes += merge::row_bytes(&row);
                             buffered.push(row);
-                            if buffered.len() > engine.max_merge_rows {
+                            if buffered_bytes > engine.max_merge_bytes {
+                                first_err = Some(engine.merge_caps().over_bytes().into());
+                            } else if buffered.len() > engine.max_merge_rows {
                                 first_err = Some(
                                     ValueError::Limit(format!(
                                         "ORDER BY across shards holds more than {} rows (server.max_merge_rows); add a LIMIT or narrow the query",
@@ -811,7 +815,7 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
         let rows = match collector {
             Some(c) => c.finish(&client_binary)?,
             // no row at all reached the collector
-            None if folds => Collector::new(spec, shape.cols.clone(), engine.max_merge_rows).finish(&client_binary)?,
+            None if folds => Collector::new(spec, shape.cols.clone(), engine.merge_caps()).finish(&client_binary)?,
             // ORDER BY with several targets on one shard: sort what was buffered
             None => sort_rows(buffered, spec, &shape.cols, shape.visible)?,
         };

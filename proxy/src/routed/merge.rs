@@ -154,7 +154,9 @@ pub struct Collector<'a> {
     spec: &'a MergeSpec,
     cols: Vec<Column>,
     visible: usize,
-    cap: usize,
+    cap: Caps,
+    /// Bytes held (groups' rows and keys, distinct values), estimated.
+    held: usize,
     groups: Vec<Group>,
     index: HashMap<Vec<Option<Key>>, usize>,
     /// Distinct values kept over all groups (bounded by `cap` too).
@@ -175,11 +177,43 @@ struct Distinct {
     sum: Acc,
 }
 
+/// What one merge may hold in memory (`server.max_merge_rows`, `max_merge_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    /// Rows, groups or distinct values.
+    pub rows: usize,
+    /// Their bytes, estimated.
+    pub bytes: usize,
+}
+
+/// Estimated bytes a held row takes (values plus per-value overhead).
+pub fn row_bytes(row: &Row) -> usize {
+    64 + row.iter().map(|v| 32 + v.as_ref().map_or(0, Bytes::len)).sum::<usize>()
+}
+
+impl Caps {
+    /// The clear error of a merge over `server.max_merge_bytes`.
+    pub fn over_bytes(&self) -> ValueError {
+        ValueError::Limit(format!(
+            "the merge of this query holds more than {} bytes (server.max_merge_bytes); add a LIMIT, select fewer or smaller columns, narrow it to fewer merchants or months, or raise the limit",
+            self.bytes
+        ))
+    }
+}
+
 impl<'a> Collector<'a> {
     /// A collector for rows with columns `cols`.
-    pub fn new(spec: &'a MergeSpec, cols: Vec<Column>, cap: usize) -> Self {
+    pub fn new(spec: &'a MergeSpec, cols: Vec<Column>, cap: Caps) -> Self {
         let visible = cols.len().saturating_sub(spec.hidden);
-        Collector { spec, cols, visible, cap, groups: Vec::new(), index: HashMap::new(), distinct_values: 0 }
+        Collector { spec, cols, visible, cap, held: 0, groups: Vec::new(), index: HashMap::new(), distinct_values: 0 }
+    }
+
+    fn hold(&mut self, bytes: usize) -> Result<(), ValueError> {
+        self.held += bytes;
+        if self.held > self.cap.bytes {
+            return Err(self.cap.over_bytes());
+        }
+        Ok(())
     }
 
     /// The DISTINCT aggregates: (hidden value column, aggregate column, kind).
@@ -209,12 +243,13 @@ impl<'a> Collector<'a> {
                     e => Err(e),
                 })?;
                 self.distinct_values += 1;
-                if self.distinct_values > self.cap {
+                if self.distinct_values > self.cap.rows {
                     return Err(ValueError::Limit(format!(
                         "the merge of this query holds more than {} distinct values (server.max_merge_rows); narrow it to fewer merchants or months, or raise the limit",
-                        self.cap
+                        self.cap.rows
                     )));
                 }
+                self.hold(64 + v.len())?;
             }
         }
         Ok(())
@@ -259,12 +294,14 @@ impl<'a> Collector<'a> {
         let slot = match self.index.get(&key) {
             Some(&i) => i,
             None => {
-                if self.groups.len() >= self.cap {
+                if self.groups.len() >= self.cap.rows {
                     return Err(ValueError::Limit(format!(
                         "the merge of this query holds more than {} groups or rows (server.max_merge_rows); add a LIMIT, narrow it to fewer merchants or months, or raise the limit",
-                        self.cap
+                        self.cap.rows
                     )));
                 }
+                // the group's row, its key (about as large) and its accumulators
+                self.hold(2 * row_bytes(&row) + 48 * summed.len())?;
                 let accs = vec![Acc::Empty; summed.len()];
                 let distinct = (0..self.distincts().len()).map(|_| Distinct::default()).collect();
                 self.groups.push(Group { row: row.clone(), accs, distinct });
@@ -542,7 +579,7 @@ mod tests {
         };
         let text = |o| Column { type_oid: o, binary: false };
         let cols = [text(25), text(20), text(1700), text(1700), text(1700), text(20)];
-        let mut c = Collector::new(&spec, cols.to_vec(), 100);
+        let mut c = Collector::new(&spec, cols.to_vec(), Caps { rows: 100, bytes: 1 << 20 });
         c.push(vec![t("PAID"), t("2"), t("3.00"), t("1.50"), t("3.00"), t("2")]).expect("push");
         c.push(vec![t("NEW"), t("1"), t("1.00"), t("1.00"), t("1.00"), t("1")]).expect("push");
         c.push(vec![t("PAID"), t("1"), t("0.50"), t("0.50"), t("0.50"), t("1")]).expect("push");
@@ -555,11 +592,23 @@ mod tests {
     fn group_cap_is_a_clear_error() {
         let spec = MergeSpec { hidden: 0, grouping: None, distinct: true, order_by: vec![], offset: 0, limit: None };
         let cols = [Column { type_oid: 20, binary: false }];
-        let mut c = Collector::new(&spec, cols.to_vec(), 2);
+        let mut c = Collector::new(&spec, cols.to_vec(), Caps { rows: 2, bytes: 1 << 20 });
         c.push(vec![t("1")]).expect("1");
         c.push(vec![t("1")]).expect("dup");
         c.push(vec![t("2")]).expect("2");
         assert!(matches!(c.push(vec![t("3")]), Err(ValueError::Limit(m)) if m.contains("max_merge_rows")));
+    }
+
+    #[test]
+    fn byte_cap_is_a_clear_error() {
+        let spec = MergeSpec { hidden: 0, grouping: None, distinct: true, order_by: vec![], offset: 0, limit: None };
+        let cols = [Column { type_oid: 25, binary: false }];
+        let mut c = Collector::new(&spec, cols.to_vec(), Caps { rows: 1000, bytes: 10_000 });
+        let big = |i: usize| Some(Bytes::from(format!("{i:0>2000}")));
+        c.push(vec![big(1)]).expect("1");
+        c.push(vec![big(1)]).expect("a duplicate holds nothing more");
+        let e = (2..10).find_map(|i| c.push(vec![big(i)]).err()).expect("over 10,000 bytes within a few 2,000-byte groups");
+        assert!(matches!(e, ValueError::Limit(m) if m.contains("max_merge_bytes")));
     }
 
     #[test]

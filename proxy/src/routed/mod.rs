@@ -49,6 +49,8 @@ pub struct Engine {
     pub leased_ids: bool,
     /// Most rows or groups a merge holds in memory.
     pub max_merge_rows: usize,
+    /// Most bytes a merge holds in memory.
+    pub max_merge_bytes: usize,
     /// Most prepared statements a server connection keeps (`pool.max_prepared_statements`).
     pub max_prepared: usize,
     /// This proxy's id in two-phase commit names.
@@ -170,6 +172,7 @@ impl Engine {
             ids,
             leased_ids: config.ids.worker_id.is_none(),
             max_merge_rows: config.server.max_merge_rows,
+            max_merge_bytes: config.server.max_merge_bytes,
             max_prepared: config.pool.max_prepared_statements,
             default,
             orphan_age_ms: config.sharding.prepared_orphan_age_ms,
@@ -343,6 +346,11 @@ impl Engine {
         if let Some((from, to)) = change {
             tracing::warn!(from = from.name(), to = to.name(), error = default.as_ref().err().map_or("", String::as_str), "db_default state changed");
         }
+    }
+
+    /// What one merge may hold.
+    pub fn merge_caps(&self) -> merge::Caps {
+        merge::Caps { rows: self.max_merge_rows, bytes: self.max_merge_bytes }
     }
 
     /// Closes all shard pools.
