@@ -567,6 +567,9 @@ struct Session {
     /// The open block's `SET LOCAL`s of tracked parameters, for the shards that
     /// join it (cleared when the block ends).
     local_sets: Vec<(String, Option<String>)>,
+    /// Savepoints of the open block and how many `local_sets` were made
+    /// before each: `ROLLBACK TO` one undoes the `SET LOCAL`s after it.
+    local_marks: Vec<(String, usize)>,
     /// The user may run admin commands.
     admin: bool,
     /// A two-phase commit whose decision row rides on the client's COMMIT (extended protocol).
@@ -626,6 +629,7 @@ impl Session {
             routed_portals: HashMap::new(),
             begin_sql: None,
             local_sets: Vec::new(),
+            local_marks: Vec::new(),
             admin: login.admin,
             pending_2pc: None,
             resolve_2pc: None,
@@ -884,6 +888,7 @@ impl Session {
         self.tx_status = status;
         if status == b'I' {
             self.local_sets.clear();
+            self.local_marks.clear();
         }
     }
 
@@ -893,6 +898,9 @@ impl Session {
     fn note_statement_text(&mut self, sql: &[u8]) -> Result<(), String> {
         let text = std::str::from_utf8(sql).ok();
         let word = text.and_then(shardgate_router::first_word);
+        if let Some(t) = text.filter(|_| word.is_some_and(|w| ["savepoint", "rollback", "abort", "release", "commit", "end"].iter().any(|k| w.eq_ignore_ascii_case(k)))) {
+            self.note_block_step(t);
+        }
         if word.is_some_and(|w| w.eq_ignore_ascii_case("set") || w.eq_ignore_ascii_case("reset")) {
             // shard connections get the client's session parameters too (see param_sets)
             match text.and_then(|t| shardgate_router::setting_change(t, TRACKED_PARAMS)) {
@@ -914,6 +922,36 @@ impl Session {
         }
         self.note_pinning(sql);
         Ok(())
+    }
+
+    /// Savepoints and block ends on `db_default` (no shard takes part; with
+    /// shards they are handled, or refused, before this): `SET LOCAL`s made
+    /// after a savepoint end with `ROLLBACK TO` it, and all of them end with
+    /// the block, `COMMIT AND CHAIN` too (whose new block keeps the status).
+    fn note_block_step(&mut self, text: &str) {
+        use shardgate_router::{SavepointOp, TxControl};
+        match shardgate_router::savepoint_op(text) {
+            Some(SavepointOp::Define(name)) => self.local_marks.push((name, self.local_sets.len())),
+            Some(SavepointOp::RollbackTo(name)) => {
+                if let Some(i) = self.local_marks.iter().rposition(|(n, _)| *n == name) {
+                    // the savepoint stays; later ones are gone
+                    self.local_marks.truncate(i + 1);
+                    let keep = self.local_marks[i].1;
+                    self.local_sets.truncate(keep);
+                }
+            }
+            Some(SavepointOp::Release(name)) => {
+                if let Some(i) = self.local_marks.iter().rposition(|(n, _)| *n == name) {
+                    self.local_marks.truncate(i);
+                }
+            }
+            None => {
+                if matches!(shardgate_router::transaction_control(text), TxControl::Commit | TxControl::Rollback) {
+                    self.local_sets.clear();
+                    self.local_marks.clear();
+                }
+            }
+        }
     }
 
     fn note_pinning(&mut self, sql: &[u8]) {

@@ -39,7 +39,7 @@ pub use lexer::{contains_ignore_case, first_word};
 pub use setting::{setting_change, SettingChange};
 pub use session::{may_pin, session_effect, SessionEffect};
 pub use topology::{Context, Param, Resolved, SessionZone, TableRule, Topology};
-pub use txcontrol::{begin_statement, transaction_control, TxControl};
+pub use txcontrol::{begin_statement, savepoint_op, transaction_control, SavepointOp, TxControl};
 
 /// The stack a thread that plans statements should have. Statements are
 /// analysed up to a fixed nesting bound (longer operator chains are refused with

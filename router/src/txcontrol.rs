@@ -87,6 +87,33 @@ fn one(w: &[Option<&str>; 3], has_to: bool) -> TxControl {
     }
 }
 
+/// A savepoint statement, with the savepoint's name as PostgreSQL folds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SavepointOp {
+    /// `SAVEPOINT name`.
+    Define(String),
+    /// `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name`.
+    RollbackTo(String),
+    /// `RELEASE [SAVEPOINT] name`.
+    Release(String),
+}
+
+/// What `sql` (one statement) does to savepoints, if anything.
+pub fn savepoint_op(sql: &str) -> Option<SavepointOp> {
+    use sqlparser::ast::Statement;
+    let first = crate::lexer::first_word(sql)?.to_ascii_lowercase();
+    if !matches!(first.as_str(), "savepoint" | "rollback" | "abort" | "release") {
+        return None;
+    }
+    let fold = |i: &sqlparser::ast::Ident| if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };
+    match crate::analyze::parse(sql).ok()?.as_slice() {
+        [Statement::Savepoint { name }] => Some(SavepointOp::Define(fold(name))),
+        [Statement::Rollback { savepoint: Some(name), .. }] => Some(SavepointOp::RollbackTo(fold(name))),
+        [Statement::ReleaseSavepoint { name }] => Some(SavepointOp::Release(fold(name))),
+        _ => None,
+    }
+}
+
 /// The statement a shard joins the client's transaction with: the client's
 /// `BEGIN`/`START TRANSACTION` parsed and printed again (its isolation level and
 /// access mode), never the client's own text. Anything else gives `BEGIN`.
@@ -103,7 +130,19 @@ pub fn begin_statement(sql: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{begin_statement, transaction_control as tc, TxControl as T};
+    use super::{begin_statement, savepoint_op, transaction_control as tc, SavepointOp, TxControl as T};
+
+    #[test]
+    fn savepoint_names_fold_as_postgresql_folds_them() {
+        assert_eq!(savepoint_op("SAVEPOINT Sp1"), Some(SavepointOp::Define("sp1".into())));
+        assert_eq!(savepoint_op("savepoint \"Sp1\""), Some(SavepointOp::Define("Sp1".into())));
+        assert_eq!(savepoint_op("ROLLBACK TO SAVEPOINT sp1"), Some(SavepointOp::RollbackTo("sp1".into())));
+        assert_eq!(savepoint_op("rollback work to SP1"), Some(SavepointOp::RollbackTo("sp1".into())));
+        assert_eq!(savepoint_op("RELEASE SAVEPOINT sp1"), Some(SavepointOp::Release("sp1".into())));
+        assert_eq!(savepoint_op("release sp1"), Some(SavepointOp::Release("sp1".into())));
+        assert_eq!(savepoint_op("ROLLBACK"), None);
+        assert_eq!(savepoint_op("SELECT 1"), None);
+    }
 
     #[test]
     fn begin_is_printed_from_its_parse_not_copied() {

@@ -278,6 +278,26 @@ async fn set_local_timeouts_apply_on_the_shards_for_the_block_only() {
     client.batch_execute("BEGIN").await.expect("begin");
     client.query("SELECT pg_sleep(1), id FROM t_order WHERE merchant_id = 1", &[]).await.expect("the last block's SET LOCAL is gone");
     client.batch_execute("COMMIT").await.expect("commit");
+    // savepoints before any shard joined: ROLLBACK TO undoes the SET LOCALs after it,
+    // RELEASE keeps them; COMMIT AND CHAIN ends them (its new block has none)
+    for (steps, kept) in [
+        (&["SAVEPOINT a", "SET LOCAL statement_timeout = '300ms'", "ROLLBACK TO SAVEPOINT a"][..], false),
+        (&["SAVEPOINT a", "SET LOCAL statement_timeout = '300ms'", "SAVEPOINT b", "ROLLBACK TO a", "RELEASE a"][..], false),
+        (&["SET LOCAL statement_timeout = '300ms'", "SAVEPOINT \"A\"", "SET LOCAL lock_timeout = '1s'", "ROLLBACK TO \"A\""][..], true),
+        (&["SAVEPOINT a", "SET LOCAL statement_timeout = '300ms'", "RELEASE SAVEPOINT a"][..], true),
+        (&["SET LOCAL statement_timeout = '300ms'", "COMMIT AND CHAIN"][..], false),
+    ] {
+        client.batch_execute("BEGIN").await.expect("begin");
+        for step in steps {
+            client.batch_execute(step).await.expect(step);
+        }
+        let r = client.query("SELECT pg_sleep(1), id FROM t_order WHERE merchant_id = 1", &[]).await;
+        match kept {
+            true => assert_eq!(r.as_ref().err().and_then(sqlstate).as_deref(), Some("57014"), "{steps:?}: the SET LOCAL stands"),
+            false => assert!(r.is_ok(), "{steps:?}: the SET LOCAL is gone: {r:?}"),
+        }
+        client.batch_execute("ROLLBACK").await.expect("rollback");
+    }
     // BEGIN and SET LOCAL in one extended batch (as pgjdbc sends them) apply too
     {
         use shardgate_tests::raw::{frame, md5_login, pbe, read_until_ready};
