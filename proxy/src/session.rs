@@ -40,6 +40,7 @@ mod admin_sql;
 mod cached;
 mod migrating;
 mod routing;
+mod streaming;
 
 /// Largest startup packet accepted (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).
 const MAX_STARTUP: usize = 10_000;
@@ -557,6 +558,11 @@ struct Session {
     routed_portals: HashMap<Vec<u8>, routing::RoutedPortal>,
     /// Routed portals read in parts (Execute with a row limit): the rows not yet sent.
     suspended: HashMap<Vec<u8>, routing::Suspended>,
+    /// A portal read in parts inside a block, streaming from its own task
+    /// (which holds the shard connections meanwhile).
+    stream: Option<streaming::Streaming>,
+    /// The next routed SELECT is to start streaming instead of running inline.
+    stream_next: bool,
     /// While set, routed answers are kept whole in `cout` (up to this many bytes), not sent.
     capture_limit: Option<usize>,
     /// Shards joined the implicit transaction of the current extended batch
@@ -625,6 +631,8 @@ impl Session {
             routed_stmts: HashMap::new(),
             batch_tx: false,
             suspended: HashMap::new(),
+            stream: None,
+            stream_next: false,
             capture_limit: None,
             routed_portals: HashMap::new(),
             begin_sql: None,
@@ -954,6 +962,18 @@ impl Session {
         }
     }
 
+    /// Messages that leave a streaming portal running: its own Execute, Sync and Flush.
+    fn stream_goes_on(&self, f: &Frame) -> bool {
+        match f.tag {
+            b'S' | b'H' => true,
+            b'E' => {
+                let mut r = crate::protocol::frontend::Reader::new(f.body());
+                r.cstr().is_ok_and(|p| self.stream.as_ref().is_some_and(|s| s.portal == p))
+            }
+            _ => false,
+        }
+    }
+
     fn note_pinning(&mut self, sql: &[u8]) {
         if self.pinned.is_some() || !shardgate_router::may_pin(sql) {
             return;
@@ -1028,6 +1048,23 @@ impl Session {
         tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), server = self.server.is_some(), "client message");
         if self.discard_until_sync && f.tag != b'S' && f.tag != b'X' {
             return Ok(Flow::Continue);
+        }
+        if self.stream.is_some() && !self.stream_goes_on(&f) {
+            // another message needs the shard connections: the portal's answer is read now
+            let closes = f.tag == b'C' && Target::parse(f.body()).is_ok_and(|t| t.kind == b'P' && self.stream.as_ref().is_some_and(|s| s.portal == t.name));
+            if f.tag == b'X' {
+                self.abandon_stream().await;
+            } else if let Err(e) = self.settle_stream(!closes).await {
+                // the statement failed on its shard: the block is aborted, this message skipped
+                if f.tag == b'Q' {
+                    self.barrier().await?;
+                    self.fail_simple(e).await?;
+                } else {
+                    self.barrier().await?;
+                    self.fail_extended(e).await?;
+                }
+                return Ok(Flow::Continue);
+            }
         }
         match f.tag {
             b'Q' => {
@@ -1563,6 +1600,7 @@ impl Session {
     }
 
     async fn finish(&mut self, end: End) {
+        self.abandon_stream().await;
         self.cache_on_end().await;
         match &end {
             End::Fatal(code, message) => {

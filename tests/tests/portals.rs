@@ -105,17 +105,142 @@ async fn portals_read_in_parts_answer_like_one_table() {
     assert_eq!(n, 705);
 }
 
+/// Outside a block a portal ends at Sync, so its answer is read whole and
+/// kept (up to `server.max_portal_bytes`); inside a block it streams from
+/// the shards as the client reads it, whatever its size.
 #[tokio::test]
-async fn a_portal_too_large_to_keep_is_refused_with_a_hint() {
+async fn a_portal_too_large_to_keep_is_refused_outside_a_block_and_streams_inside_one() {
+    use shardgate_tests::raw::{error_code, frame, md5_login, read_until_ready};
+    use std::io::Write;
     let c = Cluster::start_temp(Options { redis: false, server_toml: "max_portal_bytes = 20000\n".into(), ..Options::default() }).expect("start cluster");
     let mut proxy = connect(&c.info.proxy_dsn).await.expect("proxy");
     load(&proxy).await;
-    let tx = proxy.transaction().await.expect("begin");
-    let stmt = tx.prepare("SELECT * FROM t_order ORDER BY id").await.expect("prepare");
-    let p = tx.bind(&stmt, &[]).await.expect("bind");
-    let e = tx.query_portal(&p, 10).await.expect_err("over max_portal_bytes");
-    assert_eq!(shardgate_tests::sqlstate(&e).as_deref(), Some("54000"), "{e}");
-    drop(tx);
+    // outside a block (asyncpg fetchrow): Parse, Bind, Execute with a row limit, Sync
+    let mut s = md5_login(&c);
+    let mut batch = frame(b'P', b"\0SELECT * FROM t_order ORDER BY id\0\0\0");
+    batch.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(frame(b'E', &[0, 0, 0, 0, 10]));
+    batch.extend(frame(b'S', b""));
+    s.write_all(&batch).expect("batch");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "{msgs:?}");
+    // inside a block: 700 rows of about 100 bytes, far over 20,000 bytes, 10 at a time
+    let (parts, rows) = in_parts(&mut proxy, "SELECT * FROM t_order ORDER BY id", 10).await;
+    assert_eq!(rows.len(), 700);
+    assert_eq!(parts.len(), 71, "70 full parts and an empty last one");
     // the whole answer without a row limit still streams
     assert_eq!(proxy.query("SELECT * FROM t_order ORDER BY id", &[]).await.expect("all").len(), 700);
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Inside a block, a multi-shard ORDER BY read 100 rows at a time streams:
+/// about 64 MB of rows pass through the proxy with its memory bounded far
+/// below that (`max_portal_bytes` is 1 MiB here: keeping it would fail).
+/// Other statements may run between parts (the rest is kept), a portal
+/// closed early lets the block go on, the block's own writes are seen, and
+/// a client that leaves mid-portal leaves no transaction behind on a shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portals_inside_a_block_stream_with_bounded_memory() {
+    let c = Cluster::start_temp(Options { redis: false, server_toml: "max_portal_bytes = 1048576\n".into(), ..Options::default() }).expect("start cluster");
+    let pid = c.info.proxy_pid.expect("proxy pid");
+    let mut proxy = connect(&c.info.proxy_dsn).await.expect("proxy");
+    // one row per shard through the proxy makes the month table; then 8,000 rows of 1 KB per shard
+    // straight into it (8 × 8,000 × 1 KB = 64 MB); ids interleave across shards
+    for m in 0..8i64 {
+        proxy
+            .execute("INSERT INTO t_order (id, merchant_id, order_no, create_time) VALUES ($1, $2, $3, '2026-11-02 00:00:00+00')", &[&(m + 1_000_000), &m, &format!("seed{m}")])
+            .await
+            .expect("seed");
+        let shard = connect(&c.info.shards[m as usize]).await.expect("shard");
+        shard
+            .batch_execute(&format!(
+                "INSERT INTO t_order_202611 (id, merchant_id, order_no, pay_status, create_time) \
+                 SELECT g * 8 + {m}, {m}, 'S' || (g * 8 + {m}), repeat('x', 1000), '2026-11-03 00:00:00+00' FROM generate_series(0, 7999) g"
+            ))
+            .await
+            .expect("load");
+    }
+    let before = rss_kib(pid);
+    let mut peak = before;
+    {
+        let tx = proxy.transaction().await.expect("begin");
+        // the block's own write is part of what it reads
+        tx.execute("INSERT INTO t_order (id, merchant_id, order_no, pay_status, create_time) VALUES (64000, 3, 'mine', 'y', '2026-11-04 00:00:00+00')", &[]).await.expect("write");
+        let stmt = tx.prepare("SELECT id, pay_status FROM t_order WHERE id < 1000000 ORDER BY id").await.expect("prepare");
+        let portal = tx.bind(&stmt, &[]).await.expect("bind");
+        let mut next = 0i64;
+        let mut parts = 0;
+        loop {
+            let part = tx.query_portal(&portal, 100).await.expect("part");
+            for r in &part {
+                assert_eq!(r.get::<_, i64>(0), next, "rows in id order across the shards");
+                next += 1;
+            }
+            parts += 1;
+            if parts % 50 == 0 {
+                peak = peak.max(rss_kib(pid));
+            }
+            if part.len() < 100 {
+                break;
+            }
+        }
+        assert_eq!(next, 64_001, "every row once, the block's own row last");
+        // another statement between parts: the rest of a small portal is kept and goes on after it
+        let small = tx.prepare("SELECT id FROM t_order WHERE merchant_id IN (1, 2) AND id < 200 ORDER BY id").await.expect("prepare");
+        let p2 = tx.bind(&small, &[]).await.expect("bind");
+        let first: Vec<i64> = tx.query_portal(&p2, 10).await.expect("part").iter().map(|r| r.get(0)).collect();
+        let n: i64 = tx.query_one("SELECT count(*) FROM t_order WHERE merchant_id = 3", &[]).await.expect("between parts").get(0);
+        assert_eq!(n, 8_002);
+        let rest: Vec<i64> = tx.query_portal(&p2, 1000).await.expect("rest").iter().map(|r| r.get(0)).collect();
+        let all: Vec<i64> = first.into_iter().chain(rest).collect();
+        let want: Vec<i64> = (0..200).filter(|i| i % 8 == 1 || i % 8 == 2).collect();
+        assert_eq!(all, want);
+        // a portal closed early (dropped) lets the block go on and commit
+        let p3 = tx.bind(&stmt, &[]).await.expect("bind");
+        assert_eq!(tx.query_portal(&p3, 100).await.expect("part").len(), 100);
+        drop(p3);
+        tx.execute("UPDATE t_order SET pay_status = 'z' WHERE id = 64000 AND merchant_id = 3", &[]).await.expect("after the close");
+        tx.commit().await.expect("commit");
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!("streaming portal: proxy RSS {before} KiB before, peak {peak} KiB while 64 MB passed in parts of 100 rows");
+    assert!(grown < 32 * 1024, "the proxy grew by {grown} KiB while streaming 64 MB");
+    let z: String = proxy.query_one("SELECT pay_status FROM t_order WHERE id = 64000 AND merchant_id = 3", &[]).await.expect("committed").get(0);
+    assert_eq!(z, "z");
+    // a client that leaves in the middle of a portal: nothing stays open on the shards
+    {
+        let mut gone = connect(&c.info.proxy_dsn).await.expect("connect");
+        let tx = gone.transaction().await.expect("begin");
+        let stmt = tx.prepare("SELECT id, pay_status FROM t_order ORDER BY id").await.expect("prepare");
+        let portal = tx.bind(&stmt, &[]).await.expect("bind");
+        assert_eq!(tx.query_portal(&portal, 100).await.expect("part").len(), 100);
+        std::mem::forget(tx);
+        drop(gone);
+    }
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut open = 0i64;
+        for dsn in &c.info.shards {
+            let shard = connect(dsn).await.expect("shard");
+            open += shard
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'", &[])
+                .await
+                .expect("activity")
+                .get::<_, i64>(0);
+        }
+        if open == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{open} shard transactions left open by a client that left");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let n: i64 = proxy.query_one("SELECT count(*) FROM t_order", &[]).await.expect("still serving").get(0);
+    assert_eq!(n, 64_009);
 }

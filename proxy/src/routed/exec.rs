@@ -144,6 +144,10 @@ pub struct Out<'a> {
     /// Part of the answer left `buf` (sent, or dropped over `keep`); only
     /// ever after a row was added.
     pub flushed: bool,
+    /// The answer goes here in chunks instead of to `client` (a portal
+    /// streaming in parts); waits while the channel is full. A closed channel
+    /// ends the statement as a gone client does.
+    pub sink: Option<&'a tokio::sync::mpsc::Sender<bytes::Bytes>>,
 }
 
 impl Out<'_> {
@@ -157,6 +161,13 @@ impl Out<'_> {
             return Ok(());
         }
         if self.buf.len() >= 64 * 1024 {
+            if let Some(sink) = self.sink {
+                self.flushed = true;
+                return sink
+                    .send(self.buf.split().freeze())
+                    .await
+                    .map_err(|_| ExecError::ClientIo(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the streaming portal was given up")));
+            }
             if let Some(c) = self.client {
                 crate::session::write_all(c, self.buf).await.map_err(ExecError::ClientIo)?;
             }

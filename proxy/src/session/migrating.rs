@@ -88,9 +88,9 @@ impl Session {
         let mut scratch = BytesMut::new();
         let keep = self.capture_limit;
         let mut out = if to_client {
-            Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false, flushed: false }
+            Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false, flushed: false, sink: None }
         } else {
-            Out { buf: &mut scratch, client: None, keep: None, overflow: false, flushed: false }
+            Out { buf: &mut scratch, client: None, keep: None, overflow: false, flushed: false, sink: None }
         };
         let r = if direct { exec::execute_direct(&engine, &mut self.slots, &req, &mut out).await } else { exec::execute(&engine, &mut self.slots, &req, &mut out).await };
         let r = match r {

@@ -55,10 +55,12 @@ impl RoutedStmt {
 /// `server.max_portal_bytes`) and is handed out `max_rows` at a time.
 pub(super) struct Suspended {
     /// DataRow frames not yet sent.
-    rows: std::collections::VecDeque<Bytes>,
+    pub(super) rows: std::collections::VecDeque<Bytes>,
     /// The command tag without its row count (`SELECT`, `INSERT 0`, `UPDATE`): each
     /// part's tag counts that part's rows, as PostgreSQL's does.
-    tag: String,
+    pub(super) tag: String,
+    /// The error the portal ends with once its rows are out.
+    pub(super) error: Option<(&'static str, String)>,
 }
 
 /// A bound portal of a [`RoutedStmt`].
@@ -436,8 +438,12 @@ impl Session {
             serial: false,
             cancel: Some(&cancel),
         };
+        if self.stream_next && plan.kind == shardgate_router::RoutedKind::Select {
+            self.start_stream(Vec::new(), super::streaming::StreamJob { plan: plan.clone(), bound: bound.clone(), visible, begin });
+            return Ok((Ok(()), true));
+        }
         let keep = self.capture_limit;
-        let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false, flushed: false };
+        let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false, flushed: false, sink: None };
         let timeout = self.shared.config.server.query_timeout_ms;
         let r = with_query_timeout(timeout, &cancel, exec::execute(&engine, &mut self.slots, &req, &mut out)).await;
         let (flushed, overflow) = (out.flushed, out.overflow);
@@ -470,7 +476,7 @@ impl Session {
 
     /// Writes the error of a simple Query and its ReadyForQuery; inside a
     /// transaction block `db_default` is made to fail too.
-    async fn fail_simple(&mut self, e: ExecError) -> Result<(), End> {
+    pub(super) async fn fail_simple(&mut self, e: ExecError) -> Result<(), End> {
         let frame = error_frame(&e);
         if self.in_tx_block() && self.tx_status != b'E' {
             self.abort_default().await?;
@@ -925,9 +931,21 @@ impl Session {
             self.cached_execute(&stmt, &bound, max_rows).await?;
             return Ok(Some(Flow::Continue));
         }
-        if self.suspended.contains_key(portal) {
+        let n = if max_rows > 0 { max_rows as usize } else { usize::MAX };
+        if self.stream.as_ref().is_some_and(|s| s.portal == portal) {
+            // the next part of a portal streaming from its own task
+            self.stream_part(n).await?;
+            return Ok(Some(Flow::Continue));
+        }
+        if let Some(s) = self.suspended.get_mut(portal) {
+            if s.rows.is_empty() {
+                if let Some((code, m)) = s.error.take() {
+                    self.fail_extended(ExecError::Proxy(code, m)).await?;
+                    return Ok(Some(Flow::Continue));
+                }
+            }
             // the next part of a portal read in parts
-            self.send_part(portal, if max_rows > 0 { max_rows as usize } else { usize::MAX });
+            self.send_part(portal, n);
             return Ok(Some(Flow::Continue));
         }
         if max_rows > 0 {
@@ -978,6 +996,22 @@ impl Session {
         } else {
             None
         };
+        if self.in_tx_block() && !self.shared.engine.migration.enabled && matches!(*stmt.analysis, Analysis::Select(_)) {
+            // inside a block the portal lives until the block ends: stream it
+            self.stream_next = true;
+            let r = self.run_routed(&stmt.analysis, &stmt.sql, bound, false, visible).await;
+            self.stream_next = false;
+            match r? {
+                Ok(()) => {
+                    if let Some(st) = self.stream.as_mut() {
+                        st.portal = portal;
+                        self.stream_part(max_rows).await?;
+                    }
+                }
+                Err(e) => self.fail_extended(e).await?,
+            }
+            return Ok(Flow::Continue);
+        }
         let limit = self.shared.config.server.max_portal_bytes;
         let before = std::mem::take(&mut self.cout);
         self.capture_limit = Some(limit);
@@ -1005,7 +1039,7 @@ impl Session {
                 _ => self.cout.extend_from_slice(&f.raw),
             }
         }
-        self.suspended.insert(portal.clone(), Suspended { rows, tag });
+        self.suspended.insert(portal.clone(), Suspended { rows, tag, error: None });
         self.send_part(&portal, max_rows);
         Ok(Flow::Continue)
     }
