@@ -197,6 +197,40 @@ async fn a_remembered_order_no_place_is_used_only_when_the_answer_proves_it() {
     assert_eq!(copies(&c, "H1").await, 0);
 }
 
+/// An INSERT of an order_no whose order another transaction is deleting
+/// waits for it, as one table's unique index makes it wait: it succeeds once
+/// the DELETE commits and gets 23505 if it rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_waits_for_a_transaction_deleting_the_order_that_holds_its_order_no() {
+    let c = start();
+    let a = connect(&c.info.proxy_dsn).await.expect("a");
+    a.batch_execute(&insert("D1", 1, "2026-11-02 10:00+00")).await.expect("insert");
+    for (end, moved) in [("COMMIT", true), ("ROLLBACK", false)] {
+        let holder: i64 = a.query_one("SELECT merchant_id FROM t_order WHERE order_no = 'D1'", &[]).await.expect("holder").get(0);
+        a.batch_execute("BEGIN").await.expect("begin");
+        assert_eq!(a.execute("DELETE FROM t_order WHERE order_no = 'D1'", &[]).await.expect("delete"), 1);
+        let dsn = c.info.proxy_dsn.clone();
+        let next = holder + 1;
+        let b = tokio::spawn(async move {
+            let b = connect(&dsn).await.expect("b");
+            b.batch_execute(&insert("D1", next, "2026-11-03 10:00+00")).await
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!b.is_finished(), "the INSERT waits for the deleting transaction ({end})");
+        a.batch_execute(end).await.expect("end");
+        let r = tokio::time::timeout(Duration::from_secs(10), b).await.expect("the INSERT finishes").expect("task");
+        if moved {
+            r.expect("the order_no is free once the DELETE commits");
+            let now: i64 = a.query_one("SELECT merchant_id FROM t_order WHERE order_no = 'D1'", &[]).await.expect("moved").get(0);
+            assert_eq!(now, next);
+        } else {
+            let e = r.expect_err("the order still holds it after the rollback");
+            assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+        }
+        assert_eq!(copies(&c, "D1").await, 1);
+    }
+}
+
 /// Must show 4: writers race on a shared pool of order_nos (collisions on
 /// purpose) while a shard is stopped and started again. Every acknowledged
 /// order_no is there exactly once, and every refusal was a 23505 for a value

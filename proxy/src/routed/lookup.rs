@@ -398,11 +398,27 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    let q = format!("SELECT 1 FROM {} WHERE {} = $1", rule.physical(month), m.column);
-    match wire::query(&mut conn, &q, &[Some(value)]).await {
+    // FOR KEY SHARE waits, as one table's unique index would, for a transaction
+    // deleting (or updating) the row: gone once it commits, still there if it rolls
+    // back. The wait is bounded: the deleter may itself wait for this entry.
+    let q = format!("SELECT 1 FROM {} WHERE {} = $1 FOR KEY SHARE", rule.physical(month), m.column);
+    if !matches!(wire::control(&mut conn, LOCK_WAIT_BEGIN).await, Ok(Ok(_))) {
+        conn.broken = true;
+        return Err(unknown());
+    }
+    let r = wire::query(&mut conn, &q, &[Some(value)]).await;
+    let end = wire::control(&mut conn, "ROLLBACK").await;
+    if !matches!(end, Ok(Ok(_))) {
+        conn.broken = true;
+    }
+    match r {
         Ok(Ok(r)) => Ok(!r.is_empty()),
         // the month table is not there: neither is the row
         Ok(Err(e)) if e.code == "42P01" => Ok(false),
+        Ok(Err(e)) if e.code == "55P03" => Err(ExecError::Proxy(
+            "55P03",
+            format!("{} {value}: the order that held it is locked by another transaction (deleting it?) for longer than {LOCK_WAIT_MS} ms; retry", m.column),
+        )),
         Ok(Err(e)) => Err(ExecError::Server(e)),
         Err(_) => {
             conn.broken = true;
@@ -410,6 +426,10 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
         }
     }
 }
+
+/// How long an INSERT waits for a transaction that holds the row of a taken value.
+const LOCK_WAIT_MS: u64 = 5000;
+const LOCK_WAIT_BEGIN: &str = "BEGIN; SET LOCAL lock_timeout = 5000";
 
 /// Looks up `probes` (from
 /// [`shardgate_router::Analysis::lookup_probes`]) for routing a read or write.
