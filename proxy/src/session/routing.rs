@@ -1121,16 +1121,21 @@ pub(super) async fn with_query_timeout<T>(timeout_ms: u64, cancel: &crate::cance
         tokio::time::sleep(std::time::Duration::from_millis(timeout_ms)).await;
         metrics::counter!(crate::metrics::QUERY_TIMEOUTS_TOTAL).increment(1);
         tracing::warn!(timeout_ms, "routed statement timed out, cancelling it on its shards");
-        for key in cancel.shards() {
-            let _ = key.cancel().await;
+        // again every 100 ms while the statement runs: a shard statement that had not
+        // started when a cancel came (PostgreSQL drops it) or that starts later is
+        // stopped too
+        loop {
+            for key in cancel.shards() {
+                let _ = key.cancel().await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        std::future::pending::<()>().await
     };
     tokio::pin!(run);
     tokio::select! {
         biased;
         r = &mut run => r,
-        () = fire => unreachable!("pending never completes"),
+        () = fire => unreachable!("the cancel loop never completes"),
     }
 }
 
