@@ -701,6 +701,12 @@ impl Session {
             }
             // 2. server messages, while the client side is not backed up
             self.drain_server(|s| s.cout.len() >= HIGH_WATER)?;
+            if self.stream.is_some() && self.tx_status == b'I' && !self.batch_tx {
+                // db_default's block ended under a streaming portal (a COMMIT pipelined
+                // ahead of its Execute): the shard part cannot follow, it is closed
+                self.abandon_stream().await;
+                self.drop_orphaned_shard_tx();
+            }
             // a COMMIT that carried a two-phase decision has ended: the shards commit before
             // the client hears of it (it may read its rows right after)
             if self.resolve_2pc.is_some() {
@@ -1052,9 +1058,19 @@ impl Session {
         if self.stream.is_some() && !self.stream_goes_on(&f) {
             // another message needs the shard connections: the portal's answer is read now
             let closes = f.tag == b'C' && Target::parse(f.body()).is_ok_and(|t| t.kind == b'P' && self.stream.as_ref().is_some_and(|s| s.portal == t.name));
-            if f.tag == b'X' {
+            let text = match f.tag {
+                b'Q' => f.body().strip_suffix(&[0]),
+                b'P' => {
+                    let mut r = crate::protocol::frontend::Reader::new(f.body());
+                    r.cstr().ok().and_then(|_| r.cstr().ok())
+                }
+                _ => None,
+            };
+            let control = text.and_then(|t| std::str::from_utf8(t).ok()).map(shardgate_router::transaction_control);
+            if f.tag == b'X' || control == Some(shardgate_router::TxControl::Rollback) {
+                // the block rolls back anyway: its shard part goes with the closed connections
                 self.abandon_stream().await;
-            } else if let Err(e) = self.settle_stream(!closes).await {
+            } else if let Err(e) = self.settle_stream(!closes && control != Some(shardgate_router::TxControl::Commit)).await {
                 // the statement failed on its shard: the block is aborted, this message skipped
                 if f.tag == b'Q' {
                     self.barrier().await?;

@@ -168,6 +168,19 @@ async fn portals_inside_a_block_stream_with_bounded_memory() {
             .expect("load");
     }
     let before = rss_kib(pid);
+    // sampled every 5 ms while the portals are read (a buffer may come and go between reads)
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        })
+    };
     let mut peak = before;
     {
         let tx = proxy.transaction().await.expect("begin");
@@ -202,13 +215,33 @@ async fn portals_inside_a_block_stream_with_bounded_memory() {
         let all: Vec<i64> = first.into_iter().chain(rest).collect();
         let want: Vec<i64> = (0..200).filter(|i| i % 8 == 1 || i % 8 == 2).collect();
         assert_eq!(all, want);
-        // a portal closed early (dropped) lets the block go on and commit
+        // a part without a row limit (the rest at once) streams out as well
+        let p4 = tx.bind(&stmt, &[]).await.expect("bind");
+        assert_eq!(tx.query_portal(&p4, 100).await.expect("part").len(), 100);
+        assert_eq!(tx.query_portal(&p4, 0).await.expect("the rest").len(), 63_901);
+        peak = peak.max(rss_kib(pid));
+        // a portal closed early (dropped) lets the block go on; COMMIT with one still open
         let p3 = tx.bind(&stmt, &[]).await.expect("bind");
         assert_eq!(tx.query_portal(&p3, 100).await.expect("part").len(), 100);
         drop(p3);
         tx.execute("UPDATE t_order SET pay_status = 'z' WHERE id = 64000 AND merchant_id = 3", &[]).await.expect("after the close");
-        tx.commit().await.expect("commit");
+        let p5 = tx.bind(&stmt, &[]).await.expect("bind");
+        assert_eq!(tx.query_portal(&p5, 100).await.expect("part").len(), 100);
+        tx.commit().await.expect("commit with a portal open");
     }
+    // ROLLBACK with a portal open: the block's write is gone, the session goes on
+    {
+        let tx = proxy.transaction().await.expect("begin");
+        tx.execute("INSERT INTO t_order (id, merchant_id, order_no, create_time) VALUES (64001, 5, 'gone', '2026-11-04 00:00:00+00')", &[]).await.expect("write");
+        let stmt = tx.prepare("SELECT id, pay_status FROM t_order ORDER BY id").await.expect("prepare");
+        let portal = tx.bind(&stmt, &[]).await.expect("bind");
+        assert_eq!(tx.query_portal(&portal, 100).await.expect("part").len(), 100);
+        tx.rollback().await.expect("rollback with a portal open");
+    }
+    let gone: i64 = proxy.query_one("SELECT count(*) FROM t_order WHERE id = 64001 AND merchant_id = 5", &[]).await.expect("rolled back").get(0);
+    assert_eq!(gone, 0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    peak = peak.max(sampler.join().expect("sampler"));
     let grown = peak.saturating_sub(before);
     eprintln!("streaming portal: proxy RSS {before} KiB before, peak {peak} KiB while 64 MB passed in parts of 100 rows");
     assert!(grown < 32 * 1024, "the proxy grew by {grown} KiB while streaming 64 MB");

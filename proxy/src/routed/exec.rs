@@ -37,6 +37,16 @@ pub struct ShardSlot {
     pub locals: usize,
 }
 
+impl Drop for ShardSlot {
+    /// A slot dropped with its transaction block open (a panic, a path that
+    /// forgot it) must not hand that block to the pool's next user.
+    fn drop(&mut self) {
+        if self.in_tx {
+            self.conn.broken = true;
+        }
+    }
+}
+
 /// A session's shard connections, by shard number.
 pub type Slots = Vec<Option<ShardSlot>>;
 

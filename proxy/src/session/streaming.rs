@@ -9,8 +9,16 @@
 //! of the client (another statement, COMMIT, a Describe) first settles the
 //! portal: the rest of the answer is kept (up to `server.max_portal_bytes`,
 //! as a portal read whole is) and the connections come back. Closing the
-//! portal reads the rest without keeping it. Outside a block a portal ends
-//! at Sync, so it is read whole as before (see `execute_in_parts`).
+//! portal or COMMIT reads the rest without keeping it; ROLLBACK gives it up
+//! (the shard connections are closed: their part of the block rolls back).
+//! Outside a block a portal ends at Sync, so it is read whole as before (see
+//! `execute_in_parts`).
+//!
+//! Not as PostgreSQL: `query_timeout_ms` and CancelRequest do not reach a
+//! streaming portal's shard statement (it runs while the client is between
+//! parts, when PostgreSQL would ignore them); `statement_timeout` on a shard
+//! counts from the portal's first Execute; an error in rows the client never
+//! read still ends the block.
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
@@ -49,8 +57,6 @@ impl Session {
         let slots = std::mem::replace(&mut self.slots, (0..len).map(|_| None).collect());
         let desired = self.desired.clone();
         let locals = self.local_sets.clone();
-        let cancel = self.registration.slot.clone();
-        let timeout = self.shared.config.server.query_timeout_ms;
         let (tx, rx) = mpsc::channel::<Bytes>(AHEAD);
         let task = tokio::spawn(async move {
             let mut slots = slots;
@@ -65,11 +71,14 @@ impl Session {
                 local_sets: &locals,
                 down_targets: &[],
                 serial: false,
-                cancel: Some(&cancel),
+                // the shard statement lasts as long as the client takes to read the portal:
+                // a CancelRequest or query_timeout_ms while the client is between parts
+                // must not end it (PostgreSQL ignores a cancel while it waits for input)
+                cancel: None,
             };
             let mut buf = BytesMut::new();
             let mut out = Out { buf: &mut buf, client: None, keep: None, overflow: false, flushed: false, sink: Some(&tx) };
-            let r = super::routing::with_query_timeout(timeout, &cancel, exec::execute(&engine, &mut slots, &req, &mut out)).await;
+            let r = exec::execute(&engine, &mut slots, &req, &mut out).await;
             // what the statement wrote before it ended (or failed) goes out first
             if !buf.is_empty() {
                 let _ = tx.send(buf.split().freeze()).await;
@@ -97,6 +106,11 @@ impl Session {
                     b'D' => {
                         self.cout.extend_from_slice(&f.raw);
                         sent += 1;
+                        // a large part goes out as it comes (the proxy never holds a whole part)
+                        if self.cout.len() >= 64 * 1024 {
+                            super::write_all(&self.client, &self.cout).await.map_err(End::ClientIo)?;
+                            self.cout.clear();
+                        }
                     }
                     b'C' => {
                         tag = Some(tag_verb(f.body()));
