@@ -100,6 +100,15 @@ async fn start_background(shared: &Arc<server::Shared>) {
             tracing::warn!("could not read the aggregate functions; user-defined aggregates are not recognised");
         }
         engine.router.learn_aggregates(names);
+        // the template's columns: GROUP BY a column name means the column, as one table reads it
+        let mut columns = Vec::new();
+        for rule in &engine.topology().tables {
+            const COLUMNS: &str = "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped";
+            if let Ok(Ok(rows)) = routed::wire::query(&mut conn, COLUMNS, &[Some(rule.name.as_str())]).await {
+                columns.extend(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()));
+            }
+        }
+        engine.router.learn_columns(columns);
     } else {
         tracing::warn!("db_default unreachable at startup; two-phase commit needs it");
     }

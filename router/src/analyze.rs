@@ -206,6 +206,10 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
     if sql.as_bytes().windows(HOLE_PREFIX.len()).any(|w| w.eq_ignore_ascii_case(HOLE_PREFIX.as_bytes())) {
         return Err(RouteError::unsupported(format!("identifiers starting with {HOLE_PREFIX} are reserved by shardgate")));
     }
+    if crate::lexer::contains_ignore_case(sql.as_bytes(), b"u&\"") {
+        // U&"t\005Forder" names t_order where neither the router nor its table check can see it
+        return Err(RouteError::unsupported("Unicode-escaped identifiers (U&\"…\") are not supported through shardgate; write the name plainly"));
+    }
     let stmts = match parse(sql) {
         Ok(s) => s,
         Err(Unparsed::TooDeep) => {
@@ -447,6 +451,13 @@ fn rename<'r, T: VisitMut>(node: &mut T, rule: &'r TableRule, ctes: &[String]) -
 
 fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {
     let locking = !q.locks.is_empty();
+    if matches!(q.body.as_ref(), SetExpr::Select(s) if s.into.is_some()) {
+        // it would create the table on each shard it runs on
+        return Err(RouteError::unsupported(format!(
+            "SELECT … INTO from {} is not supported; read the rows and insert them into the new table from the application",
+            rule.name
+        )));
+    }
     let ctes: Vec<String> = q.with.as_ref().map_or_else(Vec::new, |w| w.cte_tables.iter().map(|c| c.alias.name.value.to_lowercase()).collect());
     if ctes.contains(&rule.name) {
         return Err(RouteError::unsupported(format!("a WITH query named {} hides the sharded table; give the WITH query another name", rule.name)));

@@ -34,6 +34,9 @@ pub enum RouteError {
     /// The statement nests too deeply to analyse safely.
     #[error("{0}")]
     TooComplex(String),
+    /// A name that means several columns (`ORDER BY x` with two output columns named x).
+    #[error("{0}")]
+    Ambiguous(String),
 }
 
 impl RouteError {
@@ -50,6 +53,7 @@ impl RouteError {
             RouteError::Protocol(_) => "08P01",
             RouteError::IdGeneration(_) => "55000",
             RouteError::TooComplex(_) => "54001",
+            RouteError::Ambiguous(_) => "42702",
         }
     }
 

@@ -795,6 +795,11 @@ pub(crate) fn row_shard(src: &Src, params: &[Param<'_>], topo: &Topology, rule: 
             Src::Number(n) if n.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) => {
                 Err(RouteError::OutOfRange("bigint out of range".into()))
             }
+            // one table would round it into the bigint column: the row's shard is unsure
+            Src::Number(n) => Err(RouteError::unsupported(format!(
+                "{} = {n} is not an integer; write the shard key as an integer literal or bind it as bigint",
+                rule.shard_key
+            ))),
             _ => Err(RouteError::InvalidValue(format!(
                 "{} must be a bigint value to route the row; got a non-integer number",
                 rule.shard_key

@@ -126,6 +126,14 @@ impl Router {
         self.cache.invalidate_all();
     }
 
+    /// Learns the columns of the sharded tables' template, so a GROUP BY
+    /// name that is a column is read as the column (as PostgreSQL reads it),
+    /// not as an output alias of that name; forgets every cached analysis.
+    pub fn learn_columns(&self, names: Vec<String>) {
+        merge::learn_columns(names.into_iter().map(|n| n.to_lowercase()).collect());
+        self.cache.invalidate_all();
+    }
+
     /// The topology.
     pub fn topology(&self) -> &Topology {
         &self.topo

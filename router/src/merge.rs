@@ -52,6 +52,44 @@ pub(crate) fn learn_aggregates(names: Vec<String>) {
     }
 }
 
+/// Columns of the sharded tables (lower case), learned from the template
+/// table at startup: a GROUP BY name that is a column means the column, not
+/// an output alias of that name.
+static CATALOG_COLUMNS: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Records the sharded tables' column names.
+pub(crate) fn learn_columns(names: Vec<String>) {
+    if let Ok(mut c) = CATALOG_COLUMNS.write() {
+        *c = names;
+    }
+}
+
+fn catalog_column(name: &str) -> bool {
+    CATALOG_COLUMNS.read().is_ok_and(|c| c.iter().any(|n| n == name))
+}
+
+fn fold(i: &Ident) -> String {
+    if i.quote_style.is_some() {
+        i.value.clone()
+    } else {
+        i.value.to_lowercase()
+    }
+}
+
+/// The name PostgreSQL gives an output column written without an alias
+/// (FigureColname), where it is a name ORDER BY could use.
+fn implicit_name(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Identifier(i) => Some(fold(i)),
+        Expr::CompoundIdentifier(p) => p.last().map(fold),
+        Expr::Nested(x) => implicit_name(x),
+        Expr::Cast { expr, .. } => implicit_name(expr),
+        Expr::Function(f) => Some(func_name(f)),
+        Expr::Case { .. } => Some("case".into()),
+        _ => None,
+    }
+}
+
 fn catalog_aggregate(name: &str) -> bool {
     CATALOG_AGGREGATES.read().is_ok_and(|a| a.iter().any(|n| n == name))
 }
@@ -171,17 +209,29 @@ fn with_name(f: &Function, name: &str) -> Expr {
     Expr::Function(g)
 }
 
-/// True when `e` is a bare name that one of the projection's aliases gives.
+/// True when `e` is a bare name that one of the projection's output columns
+/// has (an alias, or the name PostgreSQL gives an unaliased item).
 fn names_alias(b: &Builder, e: &Expr) -> bool {
     let Expr::Identifier(id) = e else { return false };
-    let name = if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() };
-    b.items.iter().any(|it| matches!(it, Some((_, Some(a))) if *a == name))
+    let name = fold(id);
+    b.items.iter().flatten().any(|(x, a)| a.clone().or_else(|| implicit_name(x)).as_deref() == Some(name.as_str()))
+}
+
+/// How a bare name in a clause is looked up, as PostgreSQL does.
+#[derive(Clone, Copy, PartialEq)]
+enum Names {
+    /// ORDER BY: output column names first (an error when several differ).
+    OutputFirst,
+    /// GROUP BY: an input column of that name first, then output aliases.
+    InputFirst,
 }
 
 struct Builder {
     /// Projection items: (expr, alias) for plain items; `None` for wildcards.
     items: Vec<Option<(Expr, Option<String>)>>,
     wildcard: bool,
+    /// Input columns known by name (the shard key and the learned ones).
+    columns: Vec<String>,
     hidden: Vec<Expr>,
     aggregates: Vec<(ColRef, Agg)>,
     keys: Vec<ColRef>,
@@ -201,6 +251,10 @@ impl Builder {
 
     /// A visible column the expression names: position, alias, or equal expression.
     fn find_visible(&self, e: &Expr) -> Result<Option<ColRef>> {
+        self.find_visible_as(e, Names::OutputFirst)
+    }
+
+    fn find_visible_as(&self, e: &Expr, names: Names) -> Result<Option<ColRef>> {
         if let Expr::Value(v) = e {
             if let Value::Number(n, _) = &v.value {
                 let pos: usize = n.parse().map_err(|_| RouteError::unsupported("ORDER BY/GROUP BY position must be an integer"))?;
@@ -219,9 +273,24 @@ impl Builder {
             return Ok(None);
         }
         if let Expr::Identifier(id) = e {
-            let name = if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() };
-            if let Some(i) = self.items.iter().position(|it| matches!(it, Some((_, Some(a))) if *a == name)) {
-                return Ok(Some(ColRef::Visible(i)));
+            let name = fold(id);
+            let input = names == Names::InputFirst && (self.columns.contains(&name) || catalog_column(&name));
+            if !input {
+                // output columns by name: an alias, or the name an unaliased item gets
+                let hits: Vec<usize> = (0..self.items.len())
+                    .filter(|i| match &self.items[*i] {
+                        Some((_, Some(a))) => *a == name,
+                        Some((x, None)) => names == Names::OutputFirst && implicit_name(x).as_deref() == Some(name.as_str()),
+                        None => false,
+                    })
+                    .collect();
+                if let Some(&first) = hits.first() {
+                    let first_expr = self.items[first].as_ref().map(|(x, _)| x);
+                    if hits.iter().any(|i| self.items[*i].as_ref().map(|(x, _)| x) != first_expr) {
+                        return Err(RouteError::Ambiguous(format!("ORDER BY \"{name}\" is ambiguous")));
+                    }
+                    return Ok(Some(ColRef::Visible(first)));
+                }
             }
         }
         Ok(self.items.iter().position(|it| matches!(it, Some((x, _)) if x == e)).map(ColRef::Visible))
@@ -375,10 +444,10 @@ pub(crate) fn scatter(q: &Query, shard_key: &str) -> Result<Scatter> {
         RouteError::Unsupported(m) => RouteError::Unsupported(m.replace("{shard key}", &format!("{shard_key} = …"))),
         other => other,
     };
-    scatter_inner(q).map_err(fill)
+    scatter_inner(q, shard_key).map_err(fill)
 }
 
-fn scatter_inner(q: &Query) -> Result<Scatter> {
+fn scatter_inner(q: &Query, shard_key: &str) -> Result<Scatter> {
     let one_shard = "add a {shard key} condition to the WHERE of every query block that reads the table (a derived table, CTE or subquery is routed by its own WHERE, never by an outer one) so the query runs on one shard";
     if q.with.is_some() {
         return Err(RouteError::unsupported(format!("WITH queries on a sharded table that spans shards are not supported; {one_shard}")));
@@ -412,6 +481,28 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
             )));
         }
     }
+    // the merge compares values in the database's default collation only
+    let collated = |e: &Expr| {
+        let mut found = false;
+        let _ = sqlparser::ast::visit_expressions(e, |x: &Expr| {
+            found |= matches!(x, Expr::Collate { .. });
+            ControlFlow::<()>::Continue(())
+        });
+        found
+    };
+    let sorted_or_grouped = sel.projection.iter().filter_map(|i| match i {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
+        _ => None,
+    });
+    let order_exprs = q.order_by.iter().flat_map(|ob| match &ob.kind {
+        OrderByKind::Expressions(v) => v.iter().map(|o| &o.expr).collect::<Vec<_>>(),
+        _ => Vec::new(),
+    });
+    if sorted_or_grouped.chain(order_exprs).any(collated) {
+        return Err(RouteError::unsupported(format!(
+            "COLLATE in the select list or ORDER BY of a query that spans shards is not supported (the merge compares in the database's collation); {one_shard}"
+        )));
+    }
     let distinct = match &sel.distinct {
         None | Some(Distinct::All) => false,
         Some(Distinct::Distinct) => true,
@@ -432,6 +523,7 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
     let mut b = Builder {
         items: Vec::new(),
         wildcard: false,
+        columns: vec![shard_key.to_string()],
         hidden: Vec::new(),
         aggregates: Vec::new(),
         keys: Vec::new(),
@@ -490,7 +582,7 @@ fn scatter_inner(q: &Query) -> Result<Scatter> {
     }
     if grouping {
         for g in &group_exprs {
-            let col = match b.find_visible(g)? {
+            let col = match b.find_visible_as(g, Names::InputFirst)? {
                 Some(c) => c,
                 None => b.add_hidden(g.clone()),
             };

@@ -78,6 +78,16 @@ const CASES: &[(&str, bool)] = &[
     ("SELECT ctid, id FROM t_order WHERE merchant_id = 1 ORDER BY id", false),
     // SELECT DISTINCT over groups of a type whose equal values print differently (two rows)
     ("SELECT DISTINCT CASE WHEN merchant_id = 1 THEN interval '1 day' ELSE interval '24 hours' END FROM t_order GROUP BY merchant_id", false),
+    // review leads swept against a running system (each statement of the reading on one plain
+    // table and through shardgate) and found still real: wrong answers or wrong errors before
+    ("SELECT merchant_id % 2 AS merchant_id, count(*) AS n FROM t_order GROUP BY merchant_id ORDER BY 1, 2", false), // grouped by the alias
+    ("SELECT order_amount::text FROM t_order ORDER BY order_amount", true), // sorted by the input column
+    ("SELECT pay_status AS count, count(*) FROM t_order GROUP BY 1 ORDER BY count", false), // 42702 in PostgreSQL
+    ("SELECT lower(order_no), order_no AS lower FROM t_order ORDER BY lower", false), // 42702 in PostgreSQL
+    ("SELECT id FROM t_order ORDER BY (CASE WHEN merchant_id = 2 THEN 'b' ELSE 'B' END) COLLATE \"und-x-icu\", id", false),
+    ("SELECT avg(order_amount::real) FROM t_order", false), // float4 partial sums
+    ("SELECT sum(order_amount::float8) FROM t_order", false), // addition order changes the last digits
+    ("SELECT count(*) FROM U&\"t\\005Forder\"", false), // db_default's empty template
 ];
 
 #[derive(Debug, PartialEq)]
@@ -155,6 +165,19 @@ async fn every_reproduced_statement_answers_like_one_table_or_is_refused() {
         if got != want {
             wrong.push(format!("{sql}\n  one table: {want:?}\n  shardgate: {got:?}"));
         }
+    }
+    // SELECT … INTO created the table on the shards it ran on: refused now
+    let into = "SELECT id INTO TEMP t_copy FROM t_order WHERE merchant_id = 1";
+    assert!(matches!(simple(&reference, into).await, Answer::Rows(..)), "one table answers it");
+    let got = simple(&proxy, into).await;
+    if got != Answer::Error("0A000".into()) {
+        wrong.push(format!("{into}\n  shardgate: {got:?} (refused with 0A000 expected)"));
+    }
+    // a non-integer shard key in VALUES: one table rounds it into the bigint column (22P02 before)
+    let dec = "INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (7601, 'DEC1', 5.0, '2026-11-10 00:00+00')";
+    let got = simple(&proxy, dec).await;
+    if got != Answer::Error("0A000".into()) {
+        wrong.push(format!("{dec}\n  shardgate: {got:?} (refused with 0A000 expected)"));
     }
     let all = "SELECT * FROM t_order ORDER BY id";
     let (want, got) = (simple(&reference, all).await, simple(&proxy, all).await);

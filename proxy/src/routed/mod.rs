@@ -251,7 +251,8 @@ impl Engine {
 
     /// True when `sql` may name a sharded table (a cheap scan before the router).
     pub fn may_route(&self, sql: &[u8]) -> bool {
-        self.topology().tables.iter().any(|t| contains_ignore_case(sql, t.name.as_bytes()))
+        // a Unicode-escaped identifier may spell a sharded table's name (the router refuses it)
+        self.topology().tables.iter().any(|t| contains_ignore_case(sql, t.name.as_bytes())) || contains_ignore_case(sql, b"u&\"")
     }
 
     /// The pool of a slot: shards by number, then `db_default` (fallback rows),
