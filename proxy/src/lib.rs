@@ -108,6 +108,9 @@ async fn start_background(shared: &Arc<server::Shared>) {
                 columns.extend(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()));
             }
         }
+        if columns.is_empty() {
+            tracing::warn!("could not read the sharded tables' columns; GROUP BY names are matched to output aliases except the routing columns");
+        }
         engine.router.learn_columns(columns);
     } else {
         tracing::warn!("db_default unreachable at startup; two-phase commit needs it");

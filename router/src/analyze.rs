@@ -206,9 +206,9 @@ fn analyze_inner(sql: &str, topo: &Topology) -> Result<Analysis> {
     if sql.as_bytes().windows(HOLE_PREFIX.len()).any(|w| w.eq_ignore_ascii_case(HOLE_PREFIX.as_bytes())) {
         return Err(RouteError::unsupported(format!("identifiers starting with {HOLE_PREFIX} are reserved by shardgate")));
     }
-    if crate::lexer::contains_ignore_case(sql.as_bytes(), b"u&\"") {
+    if unicode_names_sharded(sql, topo) {
         // U&"t\005Forder" names t_order where neither the router nor its table check can see it
-        return Err(RouteError::unsupported("Unicode-escaped identifiers (U&\"…\") are not supported through shardgate; write the name plainly"));
+        return Err(RouteError::unsupported("Unicode-escaped identifiers (U&\"…\") naming a sharded table are not supported through shardgate; write the name plainly"));
     }
     let stmts = match parse(sql) {
         Ok(s) => s,
@@ -451,7 +451,15 @@ fn rename<'r, T: VisitMut>(node: &mut T, rule: &'r TableRule, ctes: &[String]) -
 
 fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRule) -> Result<Analysis> {
     let locking = !q.locks.is_empty();
-    if matches!(q.body.as_ref(), SetExpr::Select(s) if s.into.is_some()) {
+    fn has_into(e: &SetExpr) -> bool {
+        match e {
+            SetExpr::Select(s) => s.into.is_some(),
+            SetExpr::Query(q) => has_into(&q.body),
+            SetExpr::SetOperation { left, right, .. } => has_into(left) || has_into(right),
+            _ => false,
+        }
+    }
+    if has_into(&q.body) {
         // it would create the table on each shard it runs on
         return Err(RouteError::unsupported(format!(
             "SELECT … INTO from {} is not supported; read the rows and insert them into the new table from the application",
@@ -915,7 +923,7 @@ impl SelectAnalysis {
                         rule.name, rule.shard_key
                     )));
                 }
-                let mut sc = scatter(&self.query, &rule.shard_key)?;
+                let mut sc = scatter(&self.query, rule)?;
                 let mut ren = Renumber { map: Vec::new() };
                 let _ = sc.query.visit(&mut ren);
                 let params = (ren.map != placeholders(&self.query)).then_some(ren.map);
@@ -1141,4 +1149,73 @@ impl InsertAnalysis {
         let logical = Some(self.template.render(&rule.name, None, &id_text, &time_text));
         Ok(Plan::Routed(Box::new(Routed { kind: RoutedKind::Insert, table: rule.name.clone(), targets, merge: None, generated_ids: ids, row_targets, logical, lookup_rows })))
     }
+}
+
+/// Whether a `U&"…"` identifier in `sql` may spell a sharded table's name
+/// (its escapes decoded, as PostgreSQL decodes them); a `UESCAPE` clause is
+/// not decoded and counts as may.
+fn unicode_names_sharded(sql: &str, topo: &Topology) -> bool {
+    let b = sql.as_bytes();
+    if !crate::lexer::contains_ignore_case(b, b"u&\"") {
+        return false;
+    }
+    if crate::lexer::contains_ignore_case(b, b"uescape") {
+        return true;
+    }
+    let mut i = 0;
+    while i + 3 <= b.len() {
+        if !(b[i].eq_ignore_ascii_case(&b'u') && b[i + 1] == b'&' && b[i + 2] == b'"') {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 3;
+        let mut raw = String::new();
+        while j < b.len() {
+            if b[j] == b'"' {
+                if b.get(j + 1) == Some(&b'"') {
+                    raw.push('"');
+                    j += 2;
+                    continue;
+                }
+                break;
+            }
+            let ch = sql[j..].chars().next().unwrap_or('\0');
+            raw.push(ch);
+            j += ch.len_utf8().max(1);
+        }
+        let name = decode_unicode_escapes(&raw);
+        if name.as_deref().is_none_or(|n| topo.tables.iter().any(|t| t.name == n)) {
+            return true;
+        }
+        i = j + 1;
+    }
+    false
+}
+
+/// `\XXXX`, `\+XXXXXX` and `\\` of a `U&` literal; `None` when malformed.
+fn decode_unicode_escapes(raw: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut it = raw.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let digits = match it.peek() {
+            Some('\\') => {
+                it.next();
+                out.push('\\');
+                continue;
+            }
+            Some('+') => {
+                it.next();
+                6
+            }
+            _ => 4,
+        };
+        let hex: String = (0..digits).filter_map(|_| it.next()).collect();
+        let v = u32::from_str_radix(&hex, 16).ok().filter(|_| hex.len() == digits)?;
+        out.push(char::from_u32(v)?);
+    }
+    Some(out)
 }

@@ -130,7 +130,8 @@ impl Router {
     /// name that is a column is read as the column (as PostgreSQL reads it),
     /// not as an output alias of that name; forgets every cached analysis.
     pub fn learn_columns(&self, names: Vec<String>) {
-        merge::learn_columns(names.into_iter().map(|n| n.to_lowercase()).collect());
+        // attnames as stored: unquoted names are lower case there already
+        merge::learn_columns(names);
         self.cache.invalidate_all();
     }
 

@@ -90,6 +90,24 @@ fn implicit_name(e: &Expr) -> Option<String> {
     }
 }
 
+/// An expression as PostgreSQL sees it for equality of select-list items:
+/// unquoted names folded to lower case, parentheses dropped.
+fn normalized(e: &Expr) -> String {
+    let mut e = e.clone();
+    let _ = sqlparser::ast::visit_expressions_mut(&mut e, |x: &mut Expr| {
+        match x {
+            Expr::Identifier(i) if i.quote_style.is_none() => i.value = i.value.to_lowercase(),
+            Expr::CompoundIdentifier(p) => p.iter_mut().filter(|i| i.quote_style.is_none()).for_each(|i| i.value = i.value.to_lowercase()),
+            _ => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    while let Expr::Nested(inner) = e {
+        e = *inner;
+    }
+    e.to_string()
+}
+
 fn catalog_aggregate(name: &str) -> bool {
     CATALOG_AGGREGATES.read().is_ok_and(|a| a.iter().any(|n| n == name))
 }
@@ -255,6 +273,11 @@ impl Builder {
     }
 
     fn find_visible_as(&self, e: &Expr, names: Names) -> Result<Option<ColRef>> {
+        // `ORDER BY (1)` is a position too: PostgreSQL drops the parentheses first
+        let mut e = e;
+        while let Expr::Nested(inner) = e {
+            e = inner;
+        }
         if let Expr::Value(v) = e {
             if let Value::Number(n, _) = &v.value {
                 let pos: usize = n.parse().map_err(|_| RouteError::unsupported("ORDER BY/GROUP BY position must be an integer"))?;
@@ -285,15 +308,17 @@ impl Builder {
                     })
                     .collect();
                 if let Some(&first) = hits.first() {
-                    let first_expr = self.items[first].as_ref().map(|(x, _)| x);
-                    if hits.iter().any(|i| self.items[*i].as_ref().map(|(x, _)| x) != first_expr) {
-                        return Err(RouteError::Ambiguous(format!("ORDER BY \"{name}\" is ambiguous")));
+                    let same = |i: usize| self.items[i].as_ref().map(|(x, _)| normalized(x));
+                    if hits.iter().any(|i| same(*i) != same(first)) {
+                        let clause = if names == Names::OutputFirst { "ORDER BY" } else { "GROUP BY" };
+                        return Err(RouteError::Ambiguous(format!("{clause} \"{name}\" is ambiguous")));
                     }
                     return Ok(Some(ColRef::Visible(first)));
                 }
             }
         }
-        Ok(self.items.iter().position(|it| matches!(it, Some((x, _)) if x == e)).map(ColRef::Visible))
+        let want = normalized(e);
+        Ok(self.items.iter().position(|it| matches!(it, Some((x, _)) if x == e || normalized(x) == want)).map(ColRef::Visible))
     }
 
     /// The merged column for an aggregate call, adding hidden columns as needed.
@@ -439,15 +464,19 @@ fn is_constant(e: &Expr) -> bool {
 }
 
 /// Plans the scatter form of `q` (its sharded table already renamed to the hole).
-pub(crate) fn scatter(q: &Query, shard_key: &str) -> Result<Scatter> {
+pub(crate) fn scatter(q: &Query, rule: &crate::topology::TableRule) -> Result<Scatter> {
+    let shard_key = &rule.shard_key;
     let fill = |e: RouteError| match e {
         RouteError::Unsupported(m) => RouteError::Unsupported(m.replace("{shard key}", &format!("{shard_key} = …"))),
         other => other,
     };
-    scatter_inner(q, shard_key).map_err(fill)
+    // columns known by name even when the template's could not be learned
+    let mut columns = vec![rule.shard_key.clone(), rule.month_column.clone(), rule.id_column.clone()];
+    columns.extend(rule.unique_lookups.iter().cloned());
+    scatter_inner(q, columns).map_err(fill)
 }
 
-fn scatter_inner(q: &Query, shard_key: &str) -> Result<Scatter> {
+fn scatter_inner(q: &Query, columns: Vec<String>) -> Result<Scatter> {
     let one_shard = "add a {shard key} condition to the WHERE of every query block that reads the table (a derived table, CTE or subquery is routed by its own WHERE, never by an outer one) so the query runs on one shard";
     if q.with.is_some() {
         return Err(RouteError::unsupported(format!("WITH queries on a sharded table that spans shards are not supported; {one_shard}")));
@@ -498,9 +527,9 @@ fn scatter_inner(q: &Query, shard_key: &str) -> Result<Scatter> {
         OrderByKind::Expressions(v) => v.iter().map(|o| &o.expr).collect::<Vec<_>>(),
         _ => Vec::new(),
     });
-    if sorted_or_grouped.chain(order_exprs).any(collated) {
+    if sorted_or_grouped.chain(order_exprs).chain(sel.having.as_ref()).any(collated) {
         return Err(RouteError::unsupported(format!(
-            "COLLATE in the select list or ORDER BY of a query that spans shards is not supported (the merge compares in the database's collation); {one_shard}"
+            "COLLATE in the select list, HAVING or ORDER BY of a query that spans shards is not supported (the merge compares in the database's collation); {one_shard}"
         )));
     }
     let distinct = match &sel.distinct {
@@ -523,7 +552,7 @@ fn scatter_inner(q: &Query, shard_key: &str) -> Result<Scatter> {
     let mut b = Builder {
         items: Vec::new(),
         wildcard: false,
-        columns: vec![shard_key.to_string()],
+        columns,
         hidden: Vec::new(),
         aggregates: Vec::new(),
         keys: Vec::new(),

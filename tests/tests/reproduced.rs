@@ -88,6 +88,13 @@ const CASES: &[(&str, bool)] = &[
     ("SELECT avg(order_amount::real) FROM t_order", false), // float4 partial sums
     ("SELECT sum(order_amount::float8) FROM t_order", false), // addition order changes the last digits
     ("SELECT count(*) FROM U&\"t\\005Forder\"", false), // db_default's empty template
+    // a second reading of those fixes
+    ("SELECT sum(DISTINCT order_amount::float8), avg(DISTINCT order_amount::float8) FROM t_order", false),
+    ("SELECT merchant_id, avg(order_amount::real) FROM t_order GROUP BY merchant_id ORDER BY 1", false), // real partial sums
+    ("SELECT id, order_amount FROM t_order ORDER BY (2) DESC, id LIMIT 3", true), // (2) is a position
+    ("SELECT order_amount, ORDER_AMOUNT FROM t_order ORDER BY order_amount, 1", true), // not ambiguous
+    ("SELECT merchant_id FROM t_order GROUP BY merchant_id HAVING min(pay_status COLLATE \"und-x-icu\") < 'b' ORDER BY 1", false),
+    ("SELECT U&\"caf\\00e9\" FROM (SELECT 1 AS \"café\") s", true), // not about t_order: db_default answers
 ];
 
 #[derive(Debug, PartialEq)]
@@ -172,6 +179,15 @@ async fn every_reproduced_statement_answers_like_one_table_or_is_refused() {
     let got = simple(&proxy, into).await;
     if got != Answer::Error("0A000".into()) {
         wrong.push(format!("{into}\n  shardgate: {got:?} (refused with 0A000 expected)"));
+    }
+    for into in [
+        "SELECT id INTO TEMP t_u FROM t_order WHERE merchant_id = 1 UNION ALL SELECT id FROM t_order WHERE merchant_id = 1",
+        "(SELECT id INTO TEMP t_n FROM t_order WHERE merchant_id = 1)",
+    ] {
+        let got = simple(&proxy, into).await;
+        if got != Answer::Error("0A000".into()) {
+            wrong.push(format!("{into}\n  shardgate: {got:?} (refused with 0A000 expected)"));
+        }
     }
     // a non-integer shard key in VALUES: one table rounds it into the bigint column (22P02 before)
     let dec = "INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (7601, 'DEC1', 5.0, '2026-11-10 00:00+00')";

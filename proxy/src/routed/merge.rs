@@ -230,7 +230,7 @@ impl<'a> Collector<'a> {
 
     /// Adds a row's values to its group's distinct sets.
     fn add_distinct(&mut self, g: usize, row: &Row) -> Result<(), ValueError> {
-        for (k, (of, _, _)) in self.distincts().into_iter().enumerate() {
+        for (k, (of, _, kind)) in self.distincts().into_iter().enumerate() {
             let Some(v) = row.get(of).cloned().flatten() else { continue };
             let col = self.cols[of];
             let key = value::group_key(col.type_oid, col.binary, &v)?;
@@ -239,7 +239,7 @@ impl<'a> Collector<'a> {
                 d.count += 1;
                 d.sum.add(col.type_oid, Some(&v)).or_else(|e| match e {
                     // a type that cannot be summed is fine for count(DISTINCT …)
-                    ValueError::Unsupported(_) => Ok(()),
+                    ValueError::Unsupported(_) if kind == shardgate_router::DistinctKind::Count => Ok(()),
                     e => Err(e),
                 })?;
                 self.distinct_values += 1;

@@ -625,9 +625,10 @@ impl Acc {
             }
             (Acc::Empty, oid::NUMERIC) => Acc::Num(s.to_string()),
             (Acc::Num(a), oid::NUMERIC) => Acc::Num(numeric_add(&a, s)?),
-            (Acc::Empty, oid::FLOAT8 | oid::FLOAT4) => Acc::Float(parse_float(s)?),
+            (Acc::Empty, oid::FLOAT8) => Acc::Float(parse_float(s)?),
             // one table adds every value in one order; parts added here give other last digits
-            (Acc::Float(_), oid::FLOAT8 | oid::FLOAT4) => {
+            // (and a real's partial sum is rounded to real, where avg(real) adds in double)
+            (Acc::Float(_), oid::FLOAT8) | (_, oid::FLOAT4) => {
                 return Err(ValueError::Unsupported(
                     "sum/avg of real or double precision values from several shards can differ from one table's in the last digits \
                      (floating-point addition depends on its order); cast to numeric (sum(x::numeric)) or narrow the query to one merchant"
