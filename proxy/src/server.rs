@@ -155,7 +155,7 @@ async fn refuse_login(stream: tokio::net::TcpStream) {
     let mut out = bytes::BytesMut::new();
     crate::protocol::backend::error_response(&mut out, crate::protocol::backend::Severity::Fatal, "53300", "sorry, too many connections are logging in");
     let stream = crate::stream::Stream::Tcp(stream);
-    let _ = tokio::time::timeout(Duration::from_secs(1), crate::session::write_all(&stream, &out)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), crate::stream::write_all(&stream, &out)).await;
 }
 
 /// Ends the connection that has waited longest to log in; false if none is left.

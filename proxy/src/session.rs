@@ -21,6 +21,7 @@ use shardgate_config::{AuthMethod, PoolMode};
 use shardgate_router::{SettingChange, session_effect, SessionEffect};
 use tokio::net::TcpStream;
 
+pub(crate) use crate::stream::write_all;
 use crate::stream::Stream;
 use tracing::{debug, info, warn};
 
@@ -1699,19 +1700,6 @@ fn normalize_param(v: &str) -> String {
     }
 }
 
-/// Writes all of `buf` through a shared reference to the socket.
-pub(crate) async fn write_all(stream: &Stream, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
 
 fn flush_now(stream: &Stream, buf: &mut BytesMut) -> std::io::Result<()> {
     while !buf.is_empty() {

@@ -147,3 +147,17 @@ where
     });
     Ok(Stream::Tls { sock: ours, _closed: closed_tx })
 }
+
+/// Writes all of `buf` through a shared reference to the socket.
+pub(crate) async fn write_all(stream: &Stream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

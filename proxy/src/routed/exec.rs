@@ -179,7 +179,7 @@ impl Out<'_> {
                     .map_err(|_| ExecError::ClientIo(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the streaming portal was given up")));
             }
             if let Some(c) = self.client {
-                crate::session::write_all(c, self.buf).await.map_err(ExecError::ClientIo)?;
+                crate::stream::write_all(c, self.buf).await.map_err(ExecError::ClientIo)?;
             }
             self.flushed = true;
             self.buf.clear();
