@@ -229,6 +229,18 @@ async fn an_insert_waits_for_a_transaction_deleting_the_order_that_holds_its_ord
         }
         assert_eq!(copies(&c, "D1").await, 1);
     }
+    // the transaction's own DELETE frees the value for its own INSERT at once, on the same
+    // shard or another one (it waited on itself for 5 s, then 55P03)
+    let holder: i64 = a.query_one("SELECT merchant_id FROM t_order WHERE order_no = 'D1'", &[]).await.expect("holder").get(0);
+    for next in [holder, holder + 1] {
+        let t0 = std::time::Instant::now();
+        a.batch_execute("BEGIN").await.expect("begin");
+        a.batch_execute("DELETE FROM t_order WHERE order_no = 'D1'").await.expect("delete");
+        a.batch_execute(&insert("D1", next, "2026-11-04 10:00+00")).await.expect("its own DELETE freed the value");
+        a.batch_execute("COMMIT").await.expect("commit");
+        assert!(t0.elapsed() < Duration::from_secs(3), "took {:?}", t0.elapsed());
+        assert_eq!(copies(&c, "D1").await, 1);
+    }
 }
 
 /// Must show 4: writers race on a shared pool of order_nos (collisions on

@@ -279,6 +279,8 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
             // written earlier in this transaction: its row, if still there, is on a
             // connection this transaction holds (the shard's, or db_default's fallback rows)
             own_row_exists(engine, slots, m, &row.value, k, mo).await?
+        } else if let Some(exists) = held_row_exists(engine, slots, m, &row.value, k, mo).await? {
+            exists
         } else {
             let conn = &mut slots[slot_no].as_mut().expect("held").conn;
             row_exists(engine, conn, m, &row.value, k, mo).await?
@@ -344,6 +346,42 @@ async fn own_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &st
         }
     }
     Ok(false)
+}
+
+/// Whether the entry's row exists, read on the connections this transaction
+/// holds when it holds the entry's shard (`None` when it does not): its own
+/// DELETE of the row counts (a pooled connection would wait for it), and
+/// FOR KEY SHARE waits for another transaction deleting it, within this
+/// transaction and its own lock settings.
+async fn held_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &str, shard_key: i64, month: MonthKey) -> Result<Option<bool>, ExecError> {
+    let Some((rule, shard)) = place(engine, m, shard_key) else { return Ok(None) };
+    if !slots.get(shard).and_then(Option::as_ref).is_some_and(|s| s.in_tx && !s.conn.broken) {
+        return Ok(None);
+    }
+    let fb = fallback_query(rule, m);
+    let target_db = format!("db_{shard}");
+    let table = rule.physical(month);
+    let def = &mut slots[engine.shards.len()].as_mut().expect("the caller holds the db_default slot").conn;
+    match wire::query(def, &fb, &[Some(value), Some(&target_db), Some(&table)]).await {
+        Ok(Ok(r)) if !r.is_empty() => return Ok(Some(true)),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(ExecError::Server(e)),
+        Err(e) => {
+            def.broken = true;
+            return Err(lost_default(e));
+        }
+    }
+    let held = &mut slots[shard].as_mut().expect("checked above").conn;
+    let q = format!("SELECT 1 FROM {table} WHERE {} = $1 FOR KEY SHARE", m.column);
+    match wire::query(held, &q, &[Some(value)]).await {
+        Ok(Ok(r)) => Ok(Some(!r.is_empty())),
+        Ok(Err(e)) => Err(ExecError::Server(e)),
+        Err(e) => {
+            held.broken = true;
+            tracing::warn!(shard, error = %e, "shard connection failed checking a unique value");
+            Err(ExecError::Proxy("08006", format!("lost the connection to shard db_{shard}")))
+        }
+    }
 }
 
 /// Whether a row with `value` exists in the shard and month an entry names
