@@ -96,6 +96,22 @@ async fn a_month_table_made_by_one_proxy_is_read_by_the_others() {
         let n: i64 = pa.query_one(&format!("SELECT count(*) FROM t_order WHERE create_time >= '{month}-01 00:00+00' AND create_time < '{month}-01 00:00+00'::timestamptz + interval '1 month'"), &[]).await.expect("by month").get(0);
         assert_eq!(n, 1);
     }
+    // another session of B writing into the month B's first session is still making known
+    // waits as well (it used to see the month as known and go ahead at once)
+    let dsn = b.dsn.clone();
+    let first = tokio::spawn(async move {
+        let s = connect(&dsn).await.expect("B, session 1");
+        s.batch_execute("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ('W1', 5, '2023-02-10 10:00+00')").await.expect("first");
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = connect(&b.dsn).await.expect("B, session 2");
+    let t0 = Instant::now();
+    second.batch_execute("INSERT INTO t_order (order_no, merchant_id, create_time) VALUES ('W2', 13, '2023-02-11 10:00+00')").await.expect("second");
+    let took = t0.elapsed();
+    let n: i64 = pa.query_one("SELECT count(*) FROM t_order WHERE merchant_id = 13", &[]).await.expect("A reads W2").get(0);
+    assert_eq!(n, 1, "A reads the second session's row (it waited {took:?})");
+    assert!(took >= Duration::from_millis(1500), "the second session waited for the month to settle too: {took:?}");
+    first.await.expect("first session");
 }
 
 #[tokio::test]

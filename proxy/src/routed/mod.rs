@@ -47,6 +47,9 @@ pub struct Engine {
     /// Worker ids are leased (no fixed `ids.worker_id`): live leases tell
     /// which proxies run.
     pub leased_ids: bool,
+    /// Month tables this proxy created and until when other proxies may not
+    /// have listed them yet (see [`months::ensure`]).
+    pub settling: std::sync::Mutex<Vec<(MonthKey, std::time::Instant)>>,
     /// Most rows or groups a merge holds in memory.
     pub max_merge_rows: usize,
     /// Most bytes a merge holds in memory.
@@ -171,6 +174,7 @@ impl Engine {
             months: RwLock::new(Arc::new(Vec::new())),
             ids,
             leased_ids: config.ids.worker_id.is_none(),
+            settling: std::sync::Mutex::new(Vec::new()),
             max_merge_rows: config.server.max_merge_rows,
             max_merge_bytes: config.server.max_merge_bytes,
             max_prepared: config.pool.max_prepared_statements,
@@ -298,9 +302,31 @@ impl Engine {
     /// One round of probes: every shard and `db_default`, concurrently.
     pub async fn probe_all(&self) {
         let timeout = Duration::from_millis(self.health_cfg.probe_timeout_ms);
-        let shard_probes = self.shard_dsns.iter().zip(&self.probe_conns).map(|(d, c)| health::probe(d, c, timeout));
+        // each shard: the probe, then (on the same kept connection) its month tables, all
+        // shards at once, so a round lasts at most two timeouts
+        let shard_probes = self.shard_dsns.iter().zip(&self.probe_conns).map(|(d, c)| async move {
+            let r = health::probe(d, c, timeout).await;
+            let mut listed = None;
+            if r.is_ok() {
+                let mut kept = c.lock().await;
+                if let Some(conn) = kept.as_mut() {
+                    match tokio::time::timeout(timeout, months::list(self, conn)).await {
+                        Ok(Ok(m)) => listed = Some(m),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "listing month tables failed"),
+                        Err(_) => *kept = None,
+                    }
+                }
+            }
+            (r, listed)
+        });
         let default_conn = self.probe_conns.last().expect("one per shard and one for db_default");
-        let (results, default) = tokio::join!(futures_join_all(shard_probes), health::probe(&self.default_dsn, default_conn, timeout));
+        let (rounds, default) = tokio::join!(futures_join_all(shard_probes), health::probe(&self.default_dsn, default_conn, timeout));
+        let mut found = Vec::new();
+        let mut results = Vec::with_capacity(rounds.len());
+        for (r, listed) in rounds {
+            found.extend(listed.into_iter().flatten());
+            results.push(r);
+        }
         for (shard, r) in results.iter().enumerate() {
             let t = &self.health[shard];
             let change = match &r {
@@ -317,21 +343,7 @@ impl Engine {
                 }
             }
         }
-        // month tables other proxies made: listed on each answering shard's probe connection
-        let timeout_list = Duration::from_millis(self.health_cfg.probe_timeout_ms);
-        let mut found = Vec::new();
-        for (shard, r) in results.iter().enumerate() {
-            if r.is_err() {
-                continue;
-            }
-            let mut kept = self.probe_conns[shard].lock().await;
-            let Some(conn) = kept.as_mut() else { continue };
-            match tokio::time::timeout(timeout_list, months::list(self, conn)).await {
-                Ok(Ok(m)) => found.extend(m),
-                Ok(Err(e)) => tracing::debug!(shard, error = %e, "listing month tables failed"),
-                Err(_) => *kept = None,
-            }
-        }
+        // month tables other proxies made
         if !found.is_empty() {
             found.sort();
             found.dedup();

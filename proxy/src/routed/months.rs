@@ -74,7 +74,11 @@ pub async fn fill_in(engine: &Engine, shard: usize) -> bool {
 }
 
 /// Creates `months` on every shard (idempotent); returns the shards that failed.
+/// Months new to this proxy are noted as settling until every proxy has
+/// listed them.
 pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
+    let known = engine.months();
+    let new: Vec<MonthKey> = months.iter().copied().filter(|m| !known.contains(m)).collect();
     let mut failed = Vec::new();
     for shard in 0..engine.shards.len() {
         if !create_on(engine, shard, months).await {
@@ -82,6 +86,13 @@ pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
         }
     }
     if failed.len() < engine.shards.len() {
+        if !new.is_empty() {
+            let until = std::time::Instant::now() + settle(&engine.health_cfg);
+            if let Ok(mut s) = engine.settling.lock() {
+                s.retain(|(_, t)| *t > std::time::Instant::now());
+                s.extend(new.iter().map(|m| (*m, until)));
+            }
+        }
         engine.add_months(months);
     }
     failed
@@ -145,19 +156,25 @@ pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
     let missing: Vec<MonthKey> = months.iter().copied().filter(|m| !known.contains(m)).collect();
     if !missing.is_empty() {
         tracing::info!(months = ?missing.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables on demand");
-        let failed = create(engine, &missing).await;
-        if failed.len() < engine.shards.len() && super::lease::others_live(engine).await != Some(0) {
-            let wait = settle(&engine.health_cfg);
-            tracing::info!(wait_ms = wait.as_millis() as u64, "waiting for other proxies to see the new month tables");
-            tokio::time::sleep(wait).await;
+        create(engine, &missing).await;
+    }
+    // a month made moments ago (by this write, another session or the maintainer) waits
+    // until every proxy has listed it, when another proxy may be reading
+    let now = std::time::Instant::now();
+    let until = engine.settling.lock().ok().and_then(|s| s.iter().filter(|(m, t)| months.contains(m) && *t > now).map(|(_, t)| *t).max());
+    if let Some(until) = until {
+        if super::lease::others_live(engine).await != Some(0) {
+            tracing::info!(wait_ms = until.saturating_duration_since(now).as_millis() as u64, "waiting for other proxies to see new month tables");
+            tokio::time::sleep_until(until.into()).await;
         }
     }
 }
 
 /// How long after a month table is created every running proxy has listed
-/// it: two probe rounds (interval plus timeout each).
+/// it: two probe rounds (each the interval, then a probe and a listing of at
+/// most a timeout each).
 pub fn settle(h: &shardgate_config::HealthConfig) -> Duration {
-    Duration::from_millis(2 * (h.probe_interval_ms.max(50) + h.probe_timeout_ms))
+    Duration::from_millis(2 * (h.probe_interval_ms.max(50) + 2 * h.probe_timeout_ms))
 }
 
 #[cfg(test)]
