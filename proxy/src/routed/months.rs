@@ -74,11 +74,7 @@ pub async fn fill_in(engine: &Engine, shard: usize) -> bool {
 }
 
 /// Creates `months` on every shard (idempotent); returns the shards that failed.
-/// Months new to this proxy are noted as settling until every proxy has
-/// listed them.
 pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
-    let known = engine.months();
-    let new: Vec<MonthKey> = months.iter().copied().filter(|m| !known.contains(m)).collect();
     let mut failed = Vec::new();
     for shard in 0..engine.shards.len() {
         if !create_on(engine, shard, months).await {
@@ -86,13 +82,6 @@ pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
         }
     }
     if failed.len() < engine.shards.len() {
-        if !new.is_empty() {
-            let until = std::time::Instant::now() + settle(&engine.health_cfg);
-            if let Ok(mut s) = engine.settling.lock() {
-                s.retain(|(_, t)| *t > std::time::Instant::now());
-                s.extend(new.iter().map(|m| (*m, until)));
-            }
-        }
         engine.add_months(months);
     }
     failed
@@ -156,9 +145,17 @@ pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
     let missing: Vec<MonthKey> = months.iter().copied().filter(|m| !known.contains(m)).collect();
     if !missing.is_empty() {
         tracing::info!(months = ?missing.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables on demand");
-        create(engine, &missing).await;
+        if create(engine, &missing).await.len() < engine.shards.len() {
+            // settling until every proxy has listed them (the maintainer's months ahead are
+            // made months before any order is dated in them, and at startup no one waits)
+            let until = std::time::Instant::now() + settle(&engine.health_cfg);
+            if let Ok(mut s) = engine.settling.lock() {
+                s.retain(|(_, t)| *t > std::time::Instant::now());
+                s.extend(missing.iter().map(|m| (*m, until)));
+            }
+        }
     }
-    // a month made moments ago (by this write, another session or the maintainer) waits
+    // a month made moments ago on demand (by this write or another session) waits
     // until every proxy has listed it, when another proxy may be reading
     let now = std::time::Instant::now();
     let until = engine.settling.lock().ok().and_then(|s| s.iter().filter(|(m, t)| months.contains(m) && *t > now).map(|(_, t)| *t).max());
