@@ -145,7 +145,8 @@ pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
     let missing: Vec<MonthKey> = months.iter().copied().filter(|m| !known.contains(m)).collect();
     if !missing.is_empty() {
         tracing::info!(months = ?missing.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables on demand");
-        if create(engine, &missing).await.len() < engine.shards.len() {
+        // asked once, at creation: later writes into the month only read the note
+        if create(engine, &missing).await.len() < engine.shards.len() && super::lease::others_live(engine).await != Some(0) {
             // settling until every proxy has listed them (the maintainer's months ahead are
             // made months before any order is dated in them, and at startup no one waits)
             let until = std::time::Instant::now() + settle(&engine.health_cfg);
@@ -160,10 +161,8 @@ pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
     let now = std::time::Instant::now();
     let until = engine.settling.lock().ok().and_then(|s| s.iter().filter(|(m, t)| months.contains(m) && *t > now).map(|(_, t)| *t).max());
     if let Some(until) = until {
-        if super::lease::others_live(engine).await != Some(0) {
-            tracing::info!(wait_ms = until.saturating_duration_since(now).as_millis() as u64, "waiting for other proxies to see new month tables");
-            tokio::time::sleep_until(until.into()).await;
-        }
+        tracing::info!(wait_ms = until.saturating_duration_since(now).as_millis() as u64, "waiting for other proxies to see new month tables");
+        tokio::time::sleep_until(until.into()).await;
     }
 }
 
