@@ -132,13 +132,6 @@ async fn a_portal_too_large_to_keep_is_refused_outside_a_block_and_streams_insid
     assert_eq!(proxy.query("SELECT * FROM t_order ORDER BY id", &[]).await.expect("all").len(), 700);
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
 
 /// Inside a block, a multi-shard ORDER BY read 100 rows at a time streams:
 /// about 64 MB of rows pass through the proxy with its memory bounded far
@@ -167,7 +160,7 @@ async fn portals_inside_a_block_stream_with_bounded_memory() {
             .await
             .expect("load");
     }
-    let before = rss_kib(pid);
+    let before = shardgate_tests::rss_kib(pid);
     // sampled every 5 ms while the portals are read (a buffer may come and go between reads)
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
@@ -175,7 +168,7 @@ async fn portals_inside_a_block_stream_with_bounded_memory() {
         std::thread::spawn(move || {
             let mut peak = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid));
+                peak = peak.max(shardgate_tests::rss_kib(pid));
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
             peak
@@ -198,7 +191,7 @@ async fn portals_inside_a_block_stream_with_bounded_memory() {
             }
             parts += 1;
             if parts % 50 == 0 {
-                peak = peak.max(rss_kib(pid));
+                peak = peak.max(shardgate_tests::rss_kib(pid));
             }
             if part.len() < 100 {
                 break;
@@ -219,7 +212,7 @@ async fn portals_inside_a_block_stream_with_bounded_memory() {
         let p4 = tx.bind(&stmt, &[]).await.expect("bind");
         assert_eq!(tx.query_portal(&p4, 100).await.expect("part").len(), 100);
         assert_eq!(tx.query_portal(&p4, 0).await.expect("the rest").len(), 63_901);
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(shardgate_tests::rss_kib(pid));
         // a portal closed early (dropped) lets the block go on; COMMIT with one still open
         let p3 = tx.bind(&stmt, &[]).await.expect("bind");
         assert_eq!(tx.query_portal(&p3, 100).await.expect("part").len(), 100);

@@ -484,13 +484,6 @@ async fn names_that_merely_contain_shardgate_are_not_refused() {
     client.batch_execute("CREATE TABLE shardgate_notes (x int); DROP TABLE shardgate_notes").await.expect("an application's own table");
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_hold_a_hundred_thousand_prepared_statements() {
@@ -498,7 +491,7 @@ async fn one_client_cannot_hold_a_hundred_thousand_prepared_statements() {
     use std::io::Write;
     let c = start();
     let pid = c.info.proxy_pid.expect("proxy pid");
-    let before = rss_kib(pid);
+    let before = shardgate_tests::rss_kib(pid);
     let mut s = md5_login(&c);
     let mut w = s.try_clone().expect("clone");
     // 100,000 distinct named statements, half on t_order (answered by the proxy), half passed
@@ -543,7 +536,7 @@ async fn one_client_cannot_hold_a_hundred_thousand_prepared_statements() {
     let msgs = read_until_ready(&mut s);
     assert_eq!(msgs.iter().filter(|(t, _)| *t == b'2').count(), 1_000, "server.max_client_portals (1,000 by default) portals are bound");
     assert_eq!(shardgate_tests::raw::error_code(&msgs).as_deref(), Some("53400"));
-    let grown = rss_kib(pid).saturating_sub(before);
+    let grown = shardgate_tests::rss_kib(pid).saturating_sub(before);
     assert!(grown < 200 * 1024, "the proxy grew by {grown} KiB for one client's statements");
 }
 
@@ -571,14 +564,14 @@ async fn a_client_that_never_reads_a_large_answer_costs_bounded_memory() {
             .await
             .expect("wide rows");
     }
-    let before = rss_kib(pid);
+    let before = shardgate_tests::rss_kib(pid);
     let mut s = shardgate_tests::raw::md5_login(&c);
     s.write_all(&shardgate_tests::raw::frame(b'Q', b"SELECT * FROM t_order\0")).expect("query");
     // it never reads; meanwhile the proxy's memory stays bounded and other clients are served
     let mut peak = 0;
     for _ in 0..20 {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        peak = peak.max(rss_kib(pid).saturating_sub(before));
+        peak = peak.max(shardgate_tests::rss_kib(pid).saturating_sub(before));
         let n: i64 = app.query_one("SELECT count(*) FROM t_order WHERE merchant_id = 1", &[]).await.expect("another client is served").get(0);
         assert_eq!(n, 20_001);
     }
@@ -688,17 +681,17 @@ async fn the_statement_caches_are_bounded_in_bytes() {
         s.write_all(&parse(i)).expect("parse");
         read_until_ready(&mut s);
     }
-    let before = rss_kib(pid);
+    let before = shardgate_tests::rss_kib(pid);
     let mut peak = 0;
     for i in 20..620 {
         s.write_all(&parse(i)).expect("parse");
         let msgs = read_until_ready(&mut s);
         assert_eq!(msgs.first().map(|m| m.0), Some(b'1'), "ParseComplete");
         if i % 100 == 0 {
-            peak = peak.max(rss_kib(pid).saturating_sub(before));
+            peak = peak.max(shardgate_tests::rss_kib(pid).saturating_sub(before));
         }
     }
-    peak = peak.max(rss_kib(pid).saturating_sub(before));
+    peak = peak.max(shardgate_tests::rss_kib(pid).saturating_sub(before));
     assert!(peak < 160 * 1024, "the proxy grew by {peak} KiB caching one client's statement texts");
     // named statements stay with the client (and keep their analyses): bounded per client
     // in bytes too (server.max_client_statement_bytes, 64 MiB; an 84 KB t_order statement
