@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use shardgate_router::cache::{KeyArg, WriteEffect};
 
-use super::routing::{parse_bind, type_oids, RoutedStmt};
+use super::extended::{parse_bind, type_oids};
+use super::routing::RoutedStmt;
 use super::{End, Flow, Session};
 use crate::cache::{Cache, Fetch, Invalidation, LoadError};
 use crate::metrics as m;

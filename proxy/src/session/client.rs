@@ -1,0 +1,443 @@
+//! Messages from the client: each frame is decided (admin, sharded, cached or
+//! forwarded) and acted on; what the session notes about the statements it
+//! forwards (transaction status, pinning, SET LOCAL marks, statement texts).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use shardgate_router::{SettingChange, session_effect, SessionEffect};
+
+use tracing::debug;
+
+use crate::metrics as m;
+use crate::protocol::backend::{self as msg, Severity};
+use crate::protocol::codec::Frame;
+use crate::protocol::frontend::{Bind, Parse, Target};
+use super::*;
+
+impl Session {
+    /// What the client's prepared statements take in the proxy (see [`statement_weight`]).
+    pub(super) fn statement_bytes(&self) -> usize {
+        let plain: usize = self.statements.values().map(|s| s.parse.len()).sum();
+        let routed: usize = self.routed_stmts.values().map(|r| shardgate_router::analysis_weight(r.sql.len())).sum();
+        plain + routed
+    }
+
+    /// Records `db_default`'s transaction status; a block's `SET LOCAL`s end with it.
+    pub(super) fn set_tx_status(&mut self, status: u8) {
+        self.tx_status = status;
+        if status == b'I' {
+            self.local_sets.clear();
+            self.local_marks.clear();
+        }
+    }
+
+    /// Notes what a statement sent on to `db_default` does to the session: a
+    /// tracked parameter the shards must follow, or pinning. `Err` is a SET the
+    /// shards cannot follow: the statement is refused with this message.
+    pub(super) fn note_statement_text(&mut self, sql: &[u8]) -> Result<(), String> {
+        let text = std::str::from_utf8(sql).ok();
+        let word = text.and_then(shardgate_router::first_word);
+        if let Some(t) = text.filter(|_| word.is_some_and(|w| ["savepoint", "rollback", "abort", "release", "commit", "end"].iter().any(|k| w.eq_ignore_ascii_case(k)))) {
+            self.note_block_step(t);
+        }
+        if word.is_some_and(|w| w.eq_ignore_ascii_case("set") || w.eq_ignore_ascii_case("reset")) {
+            // shard connections get the client's session parameters too (see param_sets)
+            match text.and_then(|t| shardgate_router::setting_change(t, TRACKED_PARAMS)) {
+                Some(SettingChange::ResetAll) => self.desired.clear(),
+                Some(SettingChange::Reset(name)) => self.desired.retain(|(k, _)| *k != name),
+                Some(SettingChange::Set(name, v)) => {
+                    self.desired.retain(|(k, _)| *k != name);
+                    self.desired.push((name, normalize_param(&v)));
+                }
+                // recorded even before db_default reports the block (BEGIN and SET LOCAL in one
+                // extended batch, or an implicit batch transaction); outside a transaction it
+                // is dropped at the next ReadyForQuery, as PostgreSQL drops it
+                Some(SettingChange::Local(name, v)) => {
+                    self.local_sets.push((name, v.map(|v| normalize_param(&v))));
+                }
+                Some(SettingChange::Refused(m)) => return Err(m),
+                None => {}
+            }
+        }
+        self.note_pinning(sql);
+        Ok(())
+    }
+
+    /// Savepoints and block ends on `db_default` (no shard takes part; with
+    /// shards they are handled, or refused, before this): `SET LOCAL`s made
+    /// after a savepoint end with `ROLLBACK TO` it, and all of them end with
+    /// the block, `COMMIT AND CHAIN` too (whose new block keeps the status).
+    pub(super) fn note_block_step(&mut self, text: &str) {
+        use shardgate_router::{SavepointOp, TxControl};
+        match shardgate_router::savepoint_op(text) {
+            Some(SavepointOp::Define(name)) => self.local_marks.push((name, self.local_sets.len())),
+            Some(SavepointOp::RollbackTo(name)) => {
+                if let Some(i) = self.local_marks.iter().rposition(|(n, _)| *n == name) {
+                    // the savepoint stays; later ones are gone
+                    self.local_marks.truncate(i + 1);
+                    let keep = self.local_marks[i].1;
+                    self.local_sets.truncate(keep);
+                }
+            }
+            Some(SavepointOp::Release(name)) => {
+                if let Some(i) = self.local_marks.iter().rposition(|(n, _)| *n == name) {
+                    self.local_marks.truncate(i);
+                }
+            }
+            None => {
+                if matches!(shardgate_router::transaction_control(text), TxControl::Commit | TxControl::Rollback) {
+                    self.local_sets.clear();
+                    self.local_marks.clear();
+                }
+            }
+        }
+    }
+
+    /// Messages that leave a streaming portal running: its own Execute, Sync and Flush.
+    pub(super) fn stream_goes_on(&self, f: &Frame) -> bool {
+        match f.tag {
+            b'S' | b'H' => true,
+            b'E' => {
+                let mut r = crate::protocol::frontend::Reader::new(f.body());
+                r.cstr().is_ok_and(|p| self.stream.as_ref().is_some_and(|s| s.portal == p))
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn note_pinning(&mut self, sql: &[u8]) {
+        if self.pinned.is_some() || !shardgate_router::may_pin(sql) {
+            return;
+        }
+        let text = String::from_utf8_lossy(sql);
+        if let SessionEffect::Pins(reason) = session_effect(&text) {
+            debug!(reason, "client pinned to its server connection");
+            metrics::counter!(m::PINNED_TOTAL, "reason" => reason).increment(1);
+            self.pinned = Some(reason);
+        }
+    }
+
+    /// Remembers the client's BEGIN text so shards joining the block start it the same way.
+    pub(super) fn note_begin(&mut self, sql: &[u8]) {
+        // cheap first: the first word must be BEGIN or START (reading past comments)
+        let head = sql.iter().find(|b| !b.is_ascii_whitespace()).map(u8::to_ascii_lowercase);
+        if !matches!(head, Some(b'b' | b's' | b'/' | b'-')) {
+            return;
+        }
+        let text = String::from_utf8_lossy(sql);
+        if !shardgate_router::first_word(&text).is_some_and(|w| w.eq_ignore_ascii_case("begin") || w.eq_ignore_ascii_case("start")) {
+            return;
+        }
+        if shardgate_router::transaction_control(&text) == shardgate_router::TxControl::Begin {
+            // the shards join with the BEGIN as the router reads it, never the client's text
+            self.begin_sql = Some(shardgate_router::begin_statement(&text));
+        }
+    }
+
+    pub(super) fn arm_query_timeout(&mut self) {
+        let t = self.shared.config.server.query_timeout_ms;
+        if t > 0 && self.query_deadline.is_none() {
+            self.query_deadline = Some(Instant::now() + Duration::from_millis(t));
+        }
+    }
+
+    pub(super) async fn on_client(&mut self, f: Frame) -> Result<Flow, End> {
+        tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), server = self.server.is_some(), "client message");
+        if self.discard_until_sync && f.tag != b'S' && f.tag != b'X' {
+            return Ok(Flow::Continue);
+        }
+        if self.stream.is_some() && !self.stream_goes_on(&f) {
+            // another message needs the shard connections: the portal's answer is read now
+            let closes = f.tag == b'C' && Target::parse(f.body()).is_ok_and(|t| t.kind == b'P' && self.stream.as_ref().is_some_and(|s| s.portal == t.name));
+            let text = match f.tag {
+                b'Q' => f.body().strip_suffix(&[0]),
+                b'P' => {
+                    let mut r = crate::protocol::frontend::Reader::new(f.body());
+                    r.cstr().ok().and_then(|_| r.cstr().ok())
+                }
+                _ => None,
+            };
+            let control = text.and_then(|t| std::str::from_utf8(t).ok()).map(shardgate_router::transaction_control);
+            if f.tag == b'X' || control == Some(shardgate_router::TxControl::Rollback) {
+                // the block rolls back anyway: its shard part goes with the closed connections
+                self.abandon_stream().await;
+            } else if let Err(e) = self.settle_stream(!closes && control != Some(shardgate_router::TxControl::Commit)).await {
+                // the statement failed on its shard: the block is aborted, this message skipped
+                if f.tag == b'Q' {
+                    self.barrier().await?;
+                    self.fail_simple(e).await?;
+                } else {
+                    self.barrier().await?;
+                    self.fail_extended(e).await?;
+                }
+                return Ok(Flow::Continue);
+            }
+        }
+        match f.tag {
+            b'Q' => {
+                let sql = f.body().strip_suffix(&[0]).unwrap_or(f.body());
+                self.shared.meters.queries_simple.increment(1);
+                if self.admin && self.admin_command(sql).await? {
+                    return Ok(Flow::Continue);
+                }
+                if !self.admin && self.shared.engine.router.names_control_table(sql) {
+                    self.refuse_simple("42501", CONTROL_TABLES.into()).await?;
+                    return Ok(Flow::Continue);
+                }
+                if let Some(flow) = self.routed_query(sql).await? {
+                    return Ok(flow);
+                }
+                if let Some(flow) = self.cached_query(sql).await? {
+                    return Ok(flow);
+                }
+                self.note_begin(sql);
+                if let Err(m) = self.note_statement_text(sql) {
+                    self.refuse_simple("0A000", m).await?;
+                    return Ok(Flow::Continue);
+                }
+                if !self.server_for(false).await {
+                    return Ok(Flow::Continue);
+                }
+                self.forget_statements_if_discarded(sql);
+                self.sout.extend_from_slice(&f.raw);
+                self.expect.push_back(Expect::Ready { sync: false });
+                self.pending_ready += 1;
+                self.arm_query_timeout();
+            }
+            b'P' => {
+                let p = Parse::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                if !self.admin && self.shared.engine.router.names_control_table(p.query) {
+                    self.refuse_extended("42501", CONTROL_TABLES.into()).await?;
+                    return Ok(Flow::Continue);
+                }
+                let cap = self.shared.config.server.max_client_statements;
+                if !p.name.is_empty()
+                    && !self.statements.contains_key(p.name)
+                    && !self.routed_stmts.contains_key(p.name)
+                    && self.statements.len() + self.routed_stmts.len() >= cap
+                {
+                    let m = format!("too many prepared statements on this connection (server.max_client_statements = {cap}); close some with Close or DEALLOCATE");
+                    self.refuse_extended("53400", m).await?;
+                    return Ok(Flow::Continue);
+                }
+                let bytes_cap = self.shared.config.server.max_client_statement_bytes;
+                if !p.name.is_empty() && self.statement_bytes() + shardgate_router::analysis_weight(p.query.len()) > bytes_cap {
+                    let m = format!(
+                        "the prepared statements on this connection would take more than server.max_client_statement_bytes = {bytes_cap} bytes; close some with Close or DEALLOCATE"
+                    );
+                    self.refuse_extended("53400", m).await?;
+                    return Ok(Flow::Continue);
+                }
+                if let Some(flow) = self.routed_parse(p.name, p.query, p.param_types).await? {
+                    return Ok(flow);
+                }
+                if let Some(flow) = self.cached_parse(p.name, p.query, p.param_types).await? {
+                    return Ok(flow);
+                }
+                if !p.name.is_empty() && self.routed_stmts.contains_key(p.name) {
+                    self.fail_duplicate(p.name);
+                    return Ok(Flow::Continue);
+                }
+                self.note_begin(p.query);
+                if let Err(m) = self.note_statement_text(p.query) {
+                    self.refuse_extended("0A000", m).await?;
+                    return Ok(Flow::Continue);
+                }
+                if !self.server_for(true).await {
+                    return Ok(Flow::Continue);
+                }
+                if p.name.is_empty() {
+                    self.sout.extend_from_slice(&f.raw);
+                    self.expect_reply(Expect::ParseComplete { forward: true, name: None });
+                } else if self.statements.contains_key(p.name) {
+                    // PostgreSQL: 42P05, the existing statement stays. The server
+                    // never saw the client's name, so have it fail a Parse in the
+                    // same position (a syntax error, no side effects) and answer
+                    // with the right error instead.
+                    if !self.server_skipping {
+                        let mut err = BytesMut::new();
+                        msg::error_response(
+                            &mut err,
+                            Severity::Error,
+                            "42P05",
+                            &format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(p.name)),
+                        );
+                        let mut parse = BytesMut::new();
+                        crate::protocol::codec::put_message(&mut parse, b'P', |b| {
+                            b.extend_from_slice(b"\0!\0\0\0");
+                        });
+                        self.sout.extend_from_slice(&parse);
+                        self.expect.push_back(Expect::ReplaceError(err.freeze()));
+                    }
+                } else {
+                    let server_name: Arc<str> = statement_name(p.query, p.param_types).into();
+                    let mut parse = BytesMut::new();
+                    p.write_renamed(&mut parse, server_name.as_bytes());
+                    let parse = parse.freeze();
+                    let server = self.server.as_mut().expect("server_for succeeded");
+                    if self.server_skipping {
+                        // the server skips this Parse: nothing is created, nothing is answered
+                        self.sout.extend_from_slice(&parse);
+                    } else {
+                        if server.prepared.contains(&server_name) {
+                            // re-prepare in place so the reply stays in order
+                            crate::protocol::frontend::close_statement(&mut self.sout, server_name.as_bytes());
+                            self.expect.push_back(Expect::CloseComplete { forward: false, evicted: None });
+                        } else {
+                            make_room(server, self.shared.config.pool.max_prepared_statements, &mut self.sout, &mut self.expect);
+                        }
+                        self.sout.extend_from_slice(&parse);
+                        server.prepared.insert(&server_name);
+                        self.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });
+                    }
+                    self.statements.insert(p.name.to_vec(), Statement { server_name, parse });
+                }
+                self.sent_since_sync = true;
+            }
+            b'B' => {
+                let b = Bind::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                self.shared.meters.queries_extended.increment(1);
+                if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
+                    if let Some(flow) = self.routed_bind(f.body()).await? {
+                        return Ok(flow);
+                    }
+                }
+                if self.shards_in_tx() {
+                    // a named statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps
+                    // them prepared): the shards' part ends with it, as at a Parse
+                    let text = self.statements.get(b.statement).map(|s| s.parse.clone());
+                    if let Some(parse) = text {
+                        if let Ok(p) = Parse::parse(parse.get(5..).unwrap_or_default()) {
+                            if let Some(flow) = self.extended_tx_end(p.query).await? {
+                                return Ok(flow);
+                            }
+                        }
+                    }
+                }
+                if !self.server_for(true).await {
+                    return Ok(Flow::Continue);
+                }
+                if !self.cache_write_stmts.is_empty() {
+                    self.cached_bind_write(b.statement, b.rest);
+                }
+                match self.statements.get(b.statement).map(|s| s.server_name.clone()) {
+                    Some(server_name) => {
+                        self.ensure_prepared(b.statement);
+                        b.write_renamed(&mut self.sout, server_name.as_bytes());
+                    }
+                    None => self.sout.extend_from_slice(&f.raw),
+                }
+                self.expect_reply(Expect::BindComplete);
+                self.sent_since_sync = true;
+            }
+            b'D' | b'C' => {
+                let t = Target::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
+                    let handled = if f.tag == b'D' { self.routed_describe(&t).await? } else { self.routed_close(&t).await? };
+                    if let Some(flow) = handled {
+                        return Ok(flow);
+                    }
+                }
+                if !self.server_for(true).await {
+                    return Ok(Flow::Continue);
+                }
+                let known = t.kind == b'S' && !t.name.is_empty() && self.statements.contains_key(t.name);
+                if f.tag == b'D' && known {
+                    let server_name = self.statements.get(t.name).map(|s| s.server_name.clone()).expect("known");
+                    self.ensure_prepared(t.name);
+                    t.write_renamed(&mut self.sout, b'D', server_name.as_bytes());
+                } else if f.tag == b'C' && known {
+                    // the server keeps its copy for other clients; close a name that does not exist
+                    self.statements.remove(t.name);
+                    self.cache_write_stmts.remove(t.name);
+                    t.write_renamed(&mut self.sout, b'C', CLOSED_STATEMENT);
+                } else {
+                    self.sout.extend_from_slice(&f.raw);
+                }
+                if f.tag == b'C' {
+                    self.expect_reply(Expect::CloseComplete { forward: true, evicted: None });
+                } else {
+                    self.expect_reply(Expect::Describe);
+                }
+                self.sent_since_sync = true;
+            }
+            b'E' | b'H' => {
+                if f.tag == b'E' && !self.routed_portals.is_empty() {
+                    if let Some(flow) = self.routed_execute(f.body()).await? {
+                        return Ok(flow);
+                    }
+                }
+                if f.tag == b'H' && self.server.is_none() {
+                    // Flush with nothing in flight: answers the proxy made are flushed anyway
+                    return Ok(Flow::Continue);
+                }
+                if !self.server_for(true).await {
+                    return Ok(Flow::Continue);
+                }
+                self.sout.extend_from_slice(&f.raw);
+                self.sent_since_sync = true;
+                if f.tag == b'E' {
+                    self.expect_reply(Expect::Execute);
+                    self.arm_query_timeout();
+                }
+            }
+            b'S' => {
+                if self.batch_tx {
+                    self.end_batch_tx().await?;
+                }
+                if self.server.is_none() {
+                    self.suspended.clear();
+                }
+                if self.discard_until_sync && self.server.is_none() {
+                    self.discard_until_sync = false;
+                    msg::ready_for_query(&mut self.cout, b'I');
+                } else if self.server.is_none() {
+                    msg::ready_for_query(&mut self.cout, b'I');
+                } else if self.copy_in.is_some() {
+                    // the server ignores Sync in COPY FROM STDIN mode; no reply comes
+                    self.sout.extend_from_slice(&f.raw);
+                } else {
+                    if !self.suspended.is_empty() && !self.in_tx_block() {
+                        // portals end with their (implicit) transaction, as in PostgreSQL
+                        self.suspended.clear();
+                    }
+                    self.discard_until_sync = false;
+                    self.sout.extend_from_slice(&f.raw);
+                    self.expect.push_back(Expect::Ready { sync: true });
+                    self.pending_ready += 1;
+                    self.sent_since_sync = false;
+                    self.server_skipping = false;
+                }
+            }
+            b'F' => {
+                if !self.server_for(false).await {
+                    return Ok(Flow::Continue);
+                }
+                self.sout.extend_from_slice(&f.raw);
+                self.expect.push_back(Expect::Ready { sync: false });
+                self.pending_ready += 1;
+            }
+            b'd' | b'c' | b'f' => {
+                // COPY data goes to the server running the COPY; outside COPY it is ignored, as PostgreSQL does
+                if self.server.is_some() {
+                    self.sout.extend_from_slice(&f.raw);
+                    if f.tag != b'd' {
+                        match self.copy_in.take() {
+                            Some(extended) => self.sent_since_sync |= extended,
+                            None => self.expect.push_back(Expect::CopyEnd),
+                        }
+                    }
+                }
+            }
+            b'X' => return Ok(Flow::Close),
+            b'p' => return Err(End::Fatal("08P01", "unexpected password message".into())),
+            t => {
+                let shown = if t.is_ascii_graphic() { format!("\"{}\"", t as char) } else { format!("0x{t:02x}") };
+                return Err(End::Fatal("08P01", format!("invalid frontend message type {shown}")));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+}

@@ -1,0 +1,431 @@
+//! The session's link to db_default: the pooled server connection held for a
+//! transaction, the replies the proxy expects from it ([`Expect`]), the
+//! server-side prepared statements it keeps, and what comes back from it.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
+use deadpool::managed::{Object, PoolError, TimeoutType};
+use shardgate_config::PoolMode;
+
+use tracing::warn;
+
+use crate::backend::conn::MAX_SERVER_MESSAGE;
+use crate::error::ProxyError;
+use crate::metrics as m;
+use crate::protocol::backend::{self as msg, parse_error_fields, parse_parameter_status, Severity};
+use crate::protocol::codec::{frame_total, FrameRef};
+use super::*;
+
+/// The messages that bring a server's session parameters in line with what a
+/// client asked for (set what it wants, reset what an earlier client changed
+/// and this one did not ask for), recorded as applied. Values travel as bind
+/// parameters of one fixed statement (`set_config`), never as SQL text; a
+/// server that rejects them is not reused (see the swallow path). Empty when
+/// nothing differs.
+pub(super) fn param_sets(desired: &[(String, String)], server: &mut crate::backend::ServerConn) -> Bytes {
+    let mut changes: Vec<(&str, Option<&str>)> = Vec::new();
+    for name in TRACKED_PARAMS {
+        let want = desired.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        if server.applied.get(*name) == want {
+            continue;
+        }
+        changes.push((name, want.map(String::as_str)));
+        match want {
+            Some(v) => server.applied.insert(name.to_string(), v.clone()),
+            None => server.applied.remove(*name),
+        };
+    }
+    crate::protocol::frontend::set_config_pipeline(&changes)
+}
+
+/// A server statement name that depends only on the statement's text and
+/// parameter types, so every client preparing the same statement shares it.
+pub(super) fn statement_name(query: &[u8], param_types: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut h);
+    param_types.hash(&mut h);
+    let mut h2 = std::collections::hash_map::DefaultHasher::new();
+    param_types.hash(&mut h2);
+    query.hash(&mut h2);
+    query.len().hash(&mut h2);
+    format!("sg_{:016x}{:016x}", h.finish(), h2.finish())
+}
+
+/// Canonical spelling of a parameter value for comparison.
+pub(super) fn normalize_param(v: &str) -> String {
+    match v.to_ascii_lowercase().as_str() {
+        "utf8" | "utf-8" | "unicode" => "UTF8".into(),
+        _ => v.to_string(),
+    }
+}
+
+/// Closes the least recently used statement of `server` when it holds
+/// `cap` already, ahead of a Parse in the same pipeline.
+pub(super) fn make_room(server: &mut crate::backend::ServerConn, cap: usize, sout: &mut BytesMut, expect: &mut VecDeque<Expect>) {
+    if let Some(old) = server.prepared.evict_for_one_more(cap) {
+        crate::protocol::frontend::close_statement(sout, old.as_bytes());
+        expect.push_back(Expect::CloseComplete { forward: false, evicted: Some(old.into()) });
+    }
+}
+
+impl Session {
+    /// Returns the server to the pool when the client is at a clean point.
+    pub(super) fn maybe_release(&mut self) {
+        if !self.slots.is_empty() {
+            self.drop_orphaned_shard_tx();
+        }
+        if self.server.is_none() || !self.at_clean_point() || self.pinned.is_some() || self.shared.config.pool.mode == PoolMode::Session {
+            return;
+        }
+        debug_assert!(self.sout.is_empty());
+        tracing::trace!("server returned to pool");
+        self.server = None;
+        self.registration.slot.set(None);
+    }
+
+    /// Makes sure a server is held; on failure queues the error for the client.
+    pub(super) async fn ensure_server(&mut self) -> Result<bool, ProxyError> {
+        if self.server.is_some() {
+            return Ok(true);
+        }
+        let got = crate::backend::pool::checkout(&self.shared.pool, Some(&self.shared.meters.pool_wait)).await;
+        let mut server = match got {
+            Ok(s) => s,
+            Err(PoolError::Timeout(TimeoutType::Wait)) => return Err(ProxyError::PoolTimeout),
+            Err(PoolError::Backend(e)) => return Err(ProxyError::BackendUnavailable(e)),
+            Err(PoolError::Timeout(_)) => return Err(ProxyError::BackendUnavailable(crate::backend::BackendError::Timeout)),
+            // pool closed (shutdown) or misbuilt: the backend is unavailable to us, not a client protocol error
+            Err(e) => return Err(ProxyError::BackendUnavailable(crate::backend::BackendError::Protocol(format!("pool: {e}")))),
+        };
+        let sets = param_sets(&self.desired, &mut server);
+        if !sets.is_empty() {
+            self.sout.extend_from_slice(&sets);
+            self.expect.push_back(Expect::SwallowUntilReady);
+        }
+        self.registration.slot.set(Some(server.cancel_key.clone()));
+        self.set_tx_status(b'I');
+        self.server = Some(server);
+        Ok(true)
+    }
+
+    /// Gets a server for a request, or answers the client with the error.
+    pub(super) async fn server_for(&mut self, extended: bool) -> bool {
+        match self.ensure_server().await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, sqlstate = e.sqlstate(), "no server connection for request");
+                metrics::counter!(m::ERRORS_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
+                msg::error_response(&mut self.cout, Severity::Error, e.sqlstate(), &e.client_message());
+                if extended {
+                    self.discard_until_sync = true;
+                } else {
+                    msg::ready_for_query(&mut self.cout, b'I');
+                }
+                false
+            }
+        }
+    }
+
+    /// 42P05 for a Parse that reuses a name, in order with the server's replies.
+    pub(super) fn fail_duplicate(&mut self, name: &[u8]) {
+        let mut err = BytesMut::new();
+        msg::error_response(&mut err, Severity::Error, "42P05", &format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name)));
+        if self.server.is_some() && !self.server_skipping {
+            crate::protocol::codec::put_message(&mut self.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
+            self.expect.push_back(Expect::ReplaceError(err.freeze()));
+            self.sent_since_sync = true;
+        } else if self.server.is_none() {
+            self.cout.extend_from_slice(&err);
+        }
+        self.discard_until_sync = true;
+    }
+
+    /// Makes sure the held server has `stmt` prepared, injecting its Parse if not.
+    pub(super) fn ensure_prepared(&mut self, name: &[u8]) {
+        let cap = self.shared.config.pool.max_prepared_statements;
+        let (Some(stmt), Some(server)) = (self.statements.get(name), self.server.as_mut()) else {
+            return;
+        };
+        if server.prepared.contains(&stmt.server_name) {
+            server.prepared.touch(&stmt.server_name);
+            return;
+        }
+        if !self.server_skipping {
+            make_room(server, cap, &mut self.sout, &mut self.expect);
+        }
+        self.sout.extend_from_slice(&stmt.parse);
+        if !self.server_skipping {
+            server.prepared.insert(&stmt.server_name);
+            self.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
+        }
+    }
+
+    /// Expects a reply to a message just forwarded, unless the server skips it.
+    pub(super) fn expect_reply(&mut self, e: Expect) {
+        if !self.server_skipping {
+            self.expect.push_back(e);
+        }
+    }
+
+    /// DISCARD ALL / DEALLOCATE ALL drop server-side statements: forget ours.
+    pub(super) fn forget_statements_if_discarded(&mut self, sql: &[u8]) {
+        if !sql.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| b.eq_ignore_ascii_case(&b'd')) {
+            return;
+        }
+        let head: String = String::from_utf8_lossy(&sql[..sql.len().min(64)]).to_ascii_lowercase();
+        let words: Vec<&str> = head.split_whitespace().collect();
+        let drops_all = matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..]);
+        if drops_all {
+            self.statements.clear();
+            self.cache_write_stmts.clear();
+            self.routed_stmts.clear();
+            self.routed_portals.clear();
+            if let Some(server) = self.server.as_mut() {
+                server.prepared.clear();
+            }
+        }
+    }
+
+    /// Handles the whole server messages already read, in place (no copy of a
+    /// message before it goes to the client buffer), until `stop` says so.
+    pub(super) fn drain_server(&mut self, stop: impl Fn(&Self) -> bool) -> Result<(), End> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let mut rbuf = std::mem::take(&mut server.rbuf);
+        let mut used = 0;
+        let mut res = Ok(());
+        let mut bad = None;
+        while !stop(self) {
+            match frame_total(&rbuf[used..], MAX_SERVER_MESSAGE) {
+                Ok(Some(total)) if rbuf.len() - used >= total => {
+                    let f = FrameRef { tag: rbuf[used], raw: &rbuf[used..used + total] };
+                    used += total;
+                    res = self.on_server(f);
+                    if res.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(total)) => {
+                    // reserve at most what the (already bounded) message still needs
+                    rbuf.advance(used);
+                    used = 0;
+                    rbuf.reserve(total - rbuf.len());
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(e);
+                    break;
+                }
+            }
+        }
+        rbuf.advance(used);
+        // on_server never swaps or drops the server connection
+        if let Some(server) = self.server.as_mut() {
+            server.rbuf = rbuf;
+        }
+        res?;
+        if let Some(e) = bad {
+            warn!(error = %e, "bad message from server");
+            self.server_lost()?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_server(&mut self, f: FrameRef<'_>) -> Result<(), End> {
+        tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), expect = ?self.expect.front(), "server message");
+        let swallowing = matches!(self.expect.front(), Some(Expect::SwallowUntilReady));
+        if swallowing && !matches!(f.tag, b'E' | b'Z' | b'S') {
+            // the replies to the proxy's own parameter pipeline
+            return Ok(());
+        }
+        match f.tag {
+            b'1' => match self.expect.pop_front() {
+                Some(Expect::ParseComplete { forward, .. }) => {
+                    if forward {
+                        self.cout.extend_from_slice(f.raw);
+                    }
+                }
+                other => return self.desync("ParseComplete", other),
+            },
+            b'3' => match self.expect.pop_front() {
+                Some(Expect::CloseComplete { forward, .. }) => {
+                    if forward {
+                        self.cout.extend_from_slice(f.raw);
+                    }
+                }
+                other => return self.desync("CloseComplete", other),
+            },
+            b'E' => {
+                let fields = parse_error_fields(f.body());
+                let replacement = match self.expect.front() {
+                    Some(Expect::ReplaceError(b)) => Some(b.clone()),
+                    _ => None,
+                };
+                // the server skips to the next Sync: drop what those messages would have answered
+                while let Some(e) = self.expect.front() {
+                    match e {
+                        Expect::Ready { .. } | Expect::SwallowUntilReady => break,
+                        Expect::ParseComplete { name: Some(n), .. } => {
+                            if let Some(server) = self.server.as_mut() {
+                                server.prepared.remove(n);
+                            }
+                            self.expect.pop_front();
+                        }
+                        Expect::CloseComplete { evicted: Some(n), .. } => {
+                            // the Close was skipped: the statement is still there
+                            if let Some(server) = self.server.as_mut() {
+                                server.prepared.insert(n);
+                            }
+                            self.expect.pop_front();
+                        }
+                        _ => {
+                            self.expect.pop_front();
+                        }
+                    }
+                }
+                // no ReadyForQuery owed yet: the client has not sent this batch's Sync,
+                // and the server will skip what the client sends until it does
+                if !self.expect.iter().any(|e| matches!(e, Expect::Ready { .. } | Expect::SwallowUntilReady)) {
+                    self.server_skipping = true;
+                }
+                if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                    if let Some(server) = self.server.as_mut() {
+                        server.broken = true;
+                    }
+                }
+                if swallowing {
+                    // what is applied there is unknown now: never hand this connection on
+                    warn!(sqlstate = %fields.code, "applying client parameters on server failed");
+                    if let Some(server) = self.server.as_mut() {
+                        server.broken = true;
+                    }
+                } else if let Some(b) = replacement {
+                    self.cout.extend_from_slice(&b);
+                } else {
+                    self.cout.extend_from_slice(f.raw);
+                }
+            }
+            b'Z' => {
+                let status = f.body().first().copied().unwrap_or(b'I');
+                while matches!(self.expect.front(), Some(Expect::CopyEnd)) {
+                    self.expect.pop_front();
+                }
+                self.copy_in = None;
+                match self.expect.pop_front() {
+                    Some(Expect::SwallowUntilReady) => self.set_tx_status(status),
+                    Some(Expect::Ready { .. }) => {
+                        self.pending_ready = self.pending_ready.saturating_sub(1);
+                        self.set_tx_status(status);
+                        self.cache_on_ready(status);
+                        if status == b'I' && self.pending_2pc.is_some() {
+                            self.resolve_2pc = self.pending_2pc.take();
+                        }
+                        if self.pending_ready == 0 {
+                            self.query_deadline = None;
+                        }
+                        self.cout.extend_from_slice(f.raw);
+                    }
+                    other => return self.desync("ReadyForQuery", other),
+                }
+            }
+            b'G' => {
+                if matches!(self.expect.front(), Some(Expect::Execute)) {
+                    self.expect.pop_front();
+                }
+                self.enter_copy_in();
+                self.cout.extend_from_slice(f.raw);
+            }
+            b'2' => {
+                if matches!(self.expect.front(), Some(Expect::BindComplete)) {
+                    self.expect.pop_front();
+                }
+                self.cout.extend_from_slice(f.raw);
+            }
+            b'T' | b'n' if matches!(self.expect.front(), Some(Expect::Describe)) => {
+                self.expect.pop_front();
+                self.cout.extend_from_slice(f.raw);
+            }
+            b'C' | b'I' | b's' if matches!(self.expect.front(), Some(Expect::Execute)) => {
+                self.expect.pop_front();
+                if f.tag == b'C' {
+                    // a BEGIN executed in an extended batch opens the block now, not at the
+                    // batch's ReadyForQuery: routed statements later in the same batch (pgjdbc
+                    // sends BEGIN with the first statement) must join it on the shards
+                    match f.body().strip_suffix(&[0]).unwrap_or(f.body()) {
+                        b"BEGIN" | b"START TRANSACTION" if self.tx_status == b'I' => self.tx_status = b'T',
+                        _ => {}
+                    }
+                }
+                self.cout.extend_from_slice(f.raw);
+            }
+            b'S' => {
+                if let (Some((k, v)), Some(server)) = (parse_parameter_status(f.body()), self.server.as_mut()) {
+                    server.reported.insert(k, v);
+                }
+                if !swallowing {
+                    self.cout.extend_from_slice(f.raw);
+                }
+            }
+            _ => {
+                if !swallowing {
+                    self.cout.extend_from_slice(f.raw);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// CopyInResponse: the server now ignores Sync until CopyDone/CopyFail, so
+    /// the Syncs the client pipelined after the COPY's Execute get no reply.
+    /// The first pending ReadyForQuery belongs to the message that started
+    /// the COPY: kept for a simple Query, dropped for an extended Sync.
+    pub(super) fn enter_copy_in(&mut self) {
+        let Some(first) = self.expect.iter().position(|e| matches!(e, Expect::Ready { .. })) else {
+            return;
+        };
+        let extended = matches!(self.expect[first], Expect::Ready { sync: true });
+        let mut i = if extended { first } else { first + 1 };
+        while i < self.expect.len() {
+            match self.expect[i] {
+                Expect::Ready { sync: true } => {
+                    self.expect.remove(i);
+                    self.pending_ready = self.pending_ready.saturating_sub(1);
+                }
+                Expect::CopyEnd => {
+                    // the client already ended the COPY; an extended COPY still owes its Sync
+                    self.expect.remove(i);
+                    let sync_after = self.expect.iter().skip(i).any(|e| matches!(e, Expect::Ready { sync: true }));
+                    if extended && !sync_after {
+                        self.sent_since_sync = true;
+                    }
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = Some(extended);
+    }
+
+    pub(super) fn desync(&mut self, got: &str, expected: Option<Expect>) -> Result<(), End> {
+        warn!(got, ?expected, "server reply out of step with requests");
+        if let Some(server) = self.server.as_mut() {
+            server.broken = true;
+        }
+        Err(End::Fatal("08P01", "protocol synchronization lost with server".into()))
+    }
+
+    /// The server connection died: discard it, tell the client, end the session.
+    pub(super) fn server_lost(&mut self) -> Result<(), End> {
+        if let Some(mut server) = self.server.take() {
+            server.broken = true;
+            let _ = Object::take(server);
+        }
+        self.registration.slot.set(None);
+        warn!("server connection lost");
+        Err(End::Fatal(ProxyError::ServerLost.sqlstate(), ProxyError::ServerLost.client_message()))
+    }
+}

@@ -1,0 +1,363 @@
+//! Transaction end for both protocols: COMMIT, ROLLBACK and their spellings, the
+//! shards' part of a block (one shard or two-phase), db_default's part, batch
+//! transactions of several statements in one Query.
+
+use super::routing::*;
+use super::{End, Flow, Session};
+use crate::protocol::backend::{self as msg};
+use crate::protocol::codec::{put_cstr, put_message};
+use crate::routed::exec::{self, ExecError};
+use crate::routed::wire::{self};
+use crate::routed::twopc;
+
+/// What the client's transaction-control statement does to held shards.
+pub(super) enum TxVerb {
+    Commit,
+    Rollback,
+    /// SAVEPOINT / ROLLBACK TO / RELEASE / PREPARE TRANSACTION / COMMIT PREPARED: refused while shards take part.
+    Unsupported,
+    /// Several statements in one string, one of them transaction control: refused
+    /// while shards take part (the shards could not end in step with `db_default`).
+    Mixed,
+    Other,
+}
+
+pub(super) fn tx_verb(sql: &str) -> TxVerb {
+    use shardgate_router::TxControl as T;
+    match shardgate_router::transaction_control(sql) {
+        T::Commit => TxVerb::Commit,
+        T::Rollback => TxVerb::Rollback,
+        T::Unsupported(_) => TxVerb::Unsupported,
+        T::Mixed => TxVerb::Mixed,
+        T::None | T::Begin => TxVerb::Other,
+    }
+}
+
+pub(super) const NO_SAVEPOINTS: &str = "savepoints, PREPARE TRANSACTION and COMMIT/ROLLBACK PREPARED are not supported in a transaction that touched t_order; use a plain BEGIN … COMMIT";
+
+pub(super) const NO_MIXED: &str = "COMMIT/ROLLBACK inside a string of several statements is not supported in a transaction that touched t_order; send COMMIT or ROLLBACK as a statement of its own";
+
+impl Session {
+    /// Ends the shards' part of an extended batch's implicit transaction at
+    /// its Sync: committed (two-phase across several written shards) when the
+    /// batch ran without error, else rolled back. A failed commit is reported
+    /// before the Sync's ReadyForQuery, with `db_default`'s part failed too.
+    pub(super) async fn end_batch_tx(&mut self) -> Result<(), End> {
+        self.barrier().await?;
+        self.batch_tx = false;
+        if self.in_tx_block() {
+            // a BEGIN later in the batch made the whole block explicit (as in PostgreSQL): the
+            // shards' part now ends with the client's COMMIT or ROLLBACK, not at this Sync
+            return Ok(());
+        }
+        if self.discard_until_sync || self.server_skipping || (self.server.is_some() && self.tx_status == b'E') {
+            self.rollback_shard_part().await;
+            return Ok(());
+        }
+        self.suspended.clear();
+        let in_tx = self.shards_in_block();
+        let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+        if !written.is_empty() && self.server.is_some() && self.sent_since_sync {
+            // the batch also ran statements on db_default (an outbox row, say), whose implicit
+            // transaction commits at this Sync: it carries the decision of a two-phase commit
+            // of the written shards, so the shards and db_default end the same way
+            return self.commit_batch_carried(&in_tx, &written).await;
+        }
+        let r = if written.len() <= 1 {
+            twopc::commit_each(&mut self.slots, &in_tx).await
+        } else {
+            let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+            let _ = twopc::commit_each(&mut self.slots, &readers).await;
+            twopc::commit(&self.shared.engine, &mut self.slots, &written).await
+        };
+        exec::release(&mut self.slots);
+        if let Err(e) = r {
+            self.fail_extended(e).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends an extended batch's implicit transaction that wrote shards and used
+    /// `db_default`: the written shards are prepared, then the decision row is
+    /// written by a simple Query in `db_default`'s implicit transaction, which
+    /// PostgreSQL commits at the end of that Query together with everything the
+    /// batch did there. A failure there (a deferred constraint, say) rolls all
+    /// of it back and the prepared shards with it.
+    pub(super) async fn commit_batch_carried(&mut self, in_tx: &[usize], written: &[usize]) -> Result<(), End> {
+        let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+        let _ = twopc::commit_each(&mut self.slots, &readers).await;
+        let engine = self.shared.engine.clone();
+        let gid = twopc::new_gid(engine.worker());
+        let prepared = twopc::prepare(&engine, &mut self.slots, written, &gid).await;
+        exec::release(&mut self.slots);
+        if let Err(e) = prepared {
+            return self.fail_extended(e).await;
+        }
+        let server = self.server.as_mut().expect("checked by the caller");
+        match wire::control(server, &twopc::decision_sql(&gid, written)).await {
+            Ok(Ok(_)) => {
+                twopc::crash_point("after_decision");
+                twopc::resolve(&engine, &gid, written, true).await;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                twopc::resolve(&engine, &gid, written, false).await;
+                self.fail_extended(twopc::decision_failed(e)).await
+            }
+            Err(_) => {
+                // the decision's fate is unknown: recovery resolves it from the log
+                self.server_lost().map(|_| ())
+            }
+        }
+    }
+
+    /// A COMMIT or ROLLBACK ends the block's SET LOCALs (also with AND CHAIN,
+    /// where db_default stays in a block).
+    pub(super) fn end_local_sets(&mut self, verb: &TxVerb) {
+        if matches!(verb, TxVerb::Commit | TxVerb::Rollback) {
+            self.local_sets.clear();
+        }
+    }
+
+    /// Transaction status as the client must see it.
+    pub(super) fn logical_status(&self) -> u8 {
+        if self.server.is_some() {
+            self.tx_status
+        } else {
+            b'I'
+        }
+    }
+
+    pub(super) fn in_tx_block(&self) -> bool {
+        self.server.is_some() && self.tx_status != b'I'
+    }
+
+    /// Aborts the open `db_default` transaction with a failing statement.
+    pub(super) async fn abort_default(&mut self) -> Result<(), End> {
+        let server = self.server.as_mut().expect("in a transaction block");
+        match wire::control(server, FAIL_SQL).await {
+            Ok(_) => self.tx_status = b'E',
+            Err(_) => return self.server_lost(),
+        }
+        Ok(())
+    }
+
+    /// PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK.
+    pub(super) fn effective_verb(&self, v: TxVerb) -> TxVerb {
+        match v {
+            TxVerb::Commit if self.tx_status == b'E' => TxVerb::Rollback,
+            v => v,
+        }
+    }
+
+    /// Shards inside the client's transaction block.
+    pub(super) fn shards_in_block(&self) -> Vec<usize> {
+        self.slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.in_tx)).map(|(i, _)| i).collect()
+    }
+
+    /// ROLLBACK (or COMMIT of an aborted block) on every shard of the block.
+    pub(super) async fn rollback_shard_part(&mut self) {
+        self.suspended.clear();
+        self.secondaries.clear();
+        let in_tx = self.shards_in_block();
+        twopc::rollback(&mut self.slots, &in_tx).await;
+        exec::release(&mut self.slots);
+    }
+
+    /// The shards' part of a COMMIT, before `db_default` commits: read-only shards
+    /// and a single written shard commit; several written shards are prepared
+    /// (two-phase commit) and `Some((gid, written))` says the decision is still to
+    /// be made. On an error every shard is rolled back and released.
+    pub(super) async fn commit_shard_part(&mut self) -> Result<Option<(String, Vec<usize>)>, ExecError> {
+        self.suspended.clear();
+        // a migration's queued secondary writes go first, while the primary's locks are held
+        self.flush_secondaries().await;
+        let in_tx = self.shards_in_block();
+        let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+        // one written shard commits alone, unless the client's own db_default transaction
+        // wrote too (an order update plus an outbox row): then both take part in two-phase
+        // commit, the decision riding on the client's COMMIT
+        if written.is_empty() || (written.len() == 1 && !self.default_wrote().await) {
+            let r = twopc::commit_each(&mut self.slots, &in_tx).await;
+            exec::release(&mut self.slots);
+            return r.map(|()| None);
+        }
+        let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+        let _ = twopc::commit_each(&mut self.slots, &readers).await;
+        let gid = twopc::new_gid(self.shared.engine.worker());
+        let r = twopc::prepare(&self.shared.engine, &mut self.slots, &written, &gid).await;
+        exec::release(&mut self.slots);
+        r.map(|()| Some((gid, written)))
+    }
+
+    /// Whether the client's `db_default` transaction has written anything (it has
+    /// a transaction id). Unknown counts as written: two-phase commit is never wrong.
+    pub(super) async fn default_wrote(&mut self) -> bool {
+        let Some(server) = self.server.as_mut() else { return false };
+        match wire::control(server, "SELECT (pg_current_xact_id_if_assigned() IS NOT NULL)::text").await {
+            Ok(Ok(rows)) => rows.first().cloned().flatten().as_deref() != Some("false"),
+            _ => true,
+        }
+    }
+
+    /// COMMIT / ROLLBACK / savepoints while shards take part (simple protocol).
+    pub(super) async fn end_transaction(&mut self, sql: &str) -> Result<Option<Flow>, End> {
+        let verb = self.effective_verb(tx_verb(sql));
+        self.end_local_sets(&verb);
+        match verb {
+            TxVerb::Other => Ok(None),
+            TxVerb::Unsupported => {
+                self.fail_simple(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
+                Ok(Some(Flow::Continue))
+            }
+            TxVerb::Mixed => {
+                self.fail_simple(ExecError::Proxy("0A000", NO_MIXED.into())).await?;
+                Ok(Some(Flow::Continue))
+            }
+            TxVerb::Rollback => {
+                self.rollback_shard_part().await;
+                Ok(None)
+            }
+            TxVerb::Commit => {
+                // the shards first, then db_default
+                let (gid, written) = match self.commit_shard_part().await {
+                    Ok(None) => return Ok(None),
+                    Ok(Some(p)) => p,
+                    Err(e) => {
+                        self.rollback_default().await?;
+                        self.cout.extend_from_slice(&error_frame(&e));
+                        msg::ready_for_query(&mut self.cout, b'I');
+                        return Ok(Some(Flow::Continue));
+                    }
+                };
+                // the decision commits with the client's own db_default transaction; the
+                // prepared shard transactions are then resolved on fresh connections
+                let engine = self.shared.engine.clone();
+                let server = self.server.as_mut().expect("in a transaction block");
+                let decided = match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
+                    Ok(Ok(_)) => match wire::control(server, "COMMIT").await {
+                        // an error of the COMMIT itself (a deferred constraint) is the client's own
+                        Ok(r) => r.map_err(ExecError::Server),
+                        // the decision's fate is unknown: recovery resolves it from the log
+                        Err(_) => return self.server_lost().map(|_| None),
+                    },
+                    Ok(Err(e)) => {
+                        let _ = wire::control(server, "ROLLBACK").await;
+                        Err(twopc::decision_failed(e))
+                    }
+                    Err(_) => {
+                        // the decision may have committed before the connection broke (or may
+                        // still): never roll back here; recovery resolves it from the log,
+                        // racing the decision with its abort marker
+                        return self.server_lost().map(|_| None);
+                    }
+                };
+                self.set_tx_status(b'I');
+                match decided {
+                    Ok(_) => {
+                        twopc::crash_point("after_decision");
+                        twopc::resolve(&engine, &gid, &written, true).await;
+                        put_message(&mut self.cout, b'C', |o| put_cstr(o, b"COMMIT"));
+                    }
+                    Err(e) => {
+                        twopc::resolve(&engine, &gid, &written, false).await;
+                        self.cout.extend_from_slice(&error_frame(&e));
+                    }
+                }
+                msg::ready_for_query(&mut self.cout, b'I');
+                Ok(Some(Flow::Continue))
+            }
+        }
+    }
+
+    /// COMMIT / ROLLBACK sent with the extended protocol while shards take
+    /// part: the shards' part is done when the Parse arrives (drivers send
+    /// Parse/Bind/Execute/Sync together); the statement then runs on
+    /// `db_default` as sent. With several written shards the decision row is
+    /// written inside the client's transaction, and the prepared shard
+    /// transactions are resolved as soon as `db_default` reports the end of it.
+    /// `Some` when the Parse was answered here (an error).
+    pub(super) async fn extended_tx_end(&mut self, query: &[u8]) -> Result<Option<Flow>, End> {
+        let Ok(text) = std::str::from_utf8(query) else {
+            self.refuse_extended("0A000", NOT_UTF8.into()).await?;
+            return Ok(Some(Flow::Continue));
+        };
+        let verb = self.effective_verb(tx_verb(text));
+        if matches!(verb, TxVerb::Other) {
+            return Ok(None);
+        }
+        self.barrier().await?;
+        if self.server_skipping {
+            self.discard_until_sync = true;
+            return Ok(Some(Flow::Continue));
+        }
+        self.end_local_sets(&verb);
+        match verb {
+            TxVerb::Other => Ok(None),
+            TxVerb::Unsupported => {
+                self.fail_extended(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
+                Ok(Some(Flow::Continue))
+            }
+            TxVerb::Mixed => {
+                self.fail_extended(ExecError::Proxy("0A000", NO_MIXED.into())).await?;
+                Ok(Some(Flow::Continue))
+            }
+            TxVerb::Rollback => {
+                self.rollback_shard_part().await;
+                Ok(None)
+            }
+            TxVerb::Commit => {
+                let (gid, written) = match self.commit_shard_part().await {
+                    Ok(None) => return Ok(None),
+                    Ok(Some(p)) => p,
+                    Err(e) => {
+                        self.rollback_default().await?;
+                        self.fail_extended(e).await?;
+                        return Ok(Some(Flow::Continue));
+                    }
+                };
+                let server = self.server.as_mut().expect("in a transaction block");
+                match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
+                    Ok(Ok(_)) => {
+                        // the client's COMMIT makes the decision durable; resolved at its ReadyForQuery
+                        self.pending_2pc = Some((gid, written));
+                        Ok(None)
+                    }
+                    Ok(Err(e)) => {
+                        twopc::resolve(&self.shared.engine, &gid, &written, false).await;
+                        self.abort_default().await?;
+                        self.fail_extended(twopc::decision_failed(e)).await?;
+                        Ok(Some(Flow::Continue))
+                    }
+                    Err(_) => {
+                        twopc::resolve(&self.shared.engine, &gid, &written, false).await;
+                        self.server_lost().map(|_| None)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resolves a two-phase commit whose decision rode on the client's own
+    /// COMMIT: committed if the decision row exists now, rolled back if not.
+    pub(super) async fn resolve_pending_2pc(&mut self) {
+        if let Some((gid, shards)) = self.resolve_2pc.take() {
+            let engine = self.shared.engine.clone();
+            match twopc::decided(&engine, &gid).await {
+                Some(commit) => twopc::resolve(&engine, &gid, &shards, commit).await,
+                // unknown is not "no": a decision that committed must never be rolled back
+                None => tracing::warn!(gid, "could not read the commit decision; recovery will resolve the prepared transactions"),
+            }
+        }
+    }
+
+    pub(super) async fn rollback_default(&mut self) -> Result<(), End> {
+        if let Some(server) = self.server.as_mut() {
+            if wire::control(server, "ROLLBACK").await.is_err() {
+                return self.server_lost();
+            }
+            self.set_tx_status(b'I');
+        }
+        Ok(())
+    }
+}
