@@ -14,267 +14,17 @@ use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use deadpool::managed::{Object, PoolError, TimeoutType};
-use shardgate_router::{Agg, MergeSpec, Routed, RoutedKind};
+use shardgate_router::{Agg, MergeSpec, RoutedKind};
 use tokio::io::AsyncWriteExt;
 
+pub use super::request::{Bound, ExecError, Out, Request};
+pub use super::slots::{hold, release, ShardSlot, Slots};
+use super::slots::{fail, lost};
 use super::merge::{self, Collector, Column, Row};
 use super::value::{Key, ValueError};
 use super::wire::{self, Event, Head, ServerError};
 use super::Engine;
-use crate::backend::{BackendError, ServerManager};
 use crate::protocol::codec::put_message;
-
-/// A shard connection a session holds.
-pub struct ShardSlot {
-    /// The connection.
-    pub conn: Object<ServerManager>,
-    /// A transaction block is open on it.
-    pub in_tx: bool,
-    /// The open transaction wrote on it.
-    pub wrote: bool,
-    /// How many of the block's `SET LOCAL` settings it has applied.
-    pub locals: usize,
-}
-
-impl Drop for ShardSlot {
-    /// A slot dropped with its transaction block open (a panic, a path that
-    /// forgot it) must not hand that block to the pool's next user.
-    fn drop(&mut self) {
-        if self.in_tx {
-            self.conn.broken = true;
-        }
-    }
-}
-
-/// A session's shard connections, by shard number.
-pub type Slots = Vec<Option<ShardSlot>>;
-
-/// The client's bind values for one execution.
-#[derive(Debug, Default, Clone)]
-pub struct Bound {
-    /// Values (`None` = NULL).
-    pub values: Vec<Option<Bytes>>,
-    /// Format of each value (0 text, 1 binary).
-    pub formats: Vec<i16>,
-    /// Parameter type OIDs from Parse (0 = unspecified).
-    pub types: Vec<u32>,
-    /// Result format codes as the client sent them (0, 1 or one per column).
-    pub result_formats: Vec<i16>,
-}
-
-impl Bound {
-    /// Values as the router reads them.
-    pub fn params(&self) -> Vec<shardgate_router::Param<'_>> {
-        use shardgate_router::Param;
-        self.values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                None => Param::Null,
-                Some(b) if self.formats.get(i).copied().unwrap_or(0) == 1 => Param::Binary { oid: self.types.get(i).copied().unwrap_or(0), bytes: b },
-                // invalid UTF-8 cannot be valid text input of any type: the server will say so
-                Some(b) => Param::Text(std::str::from_utf8(b).unwrap_or("\u{fffd}")),
-            })
-            .collect()
-    }
-
-    /// Whether the client wants column `i` of `n` in binary.
-    pub fn binary(&self, i: usize) -> bool {
-        match self.result_formats.len() {
-            0 => false,
-            1 => self.result_formats[0] == 1,
-            _ => self.result_formats.get(i).copied().unwrap_or(0) == 1,
-        }
-    }
-}
-
-/// How a statement failed.
-#[derive(Debug)]
-pub enum ExecError {
-    /// A shard's ErrorResponse, forwarded whole.
-    Server(ServerError),
-    /// shardgate's own error.
-    Proxy(&'static str, String),
-    /// The client went away while we wrote.
-    ClientIo(std::io::Error),
-    /// A shard could not be reached before anything was sent to it.
-    Unreachable(usize),
-    /// A read of a shard that still has unsynced fallback rows: bring them home first.
-    CatchUp(usize),
-    /// An UPDATE/DELETE that ran only on a down shard's fallback rows matched none
-    /// of them; nothing was changed.
-    DownMissed(usize),
-}
-
-impl From<ValueError> for ExecError {
-    fn from(e: ValueError) -> Self {
-        ExecError::Proxy(e.sqlstate(), e.to_string())
-    }
-}
-
-/// One execution request.
-pub struct Request<'a> {
-    /// The plan.
-    pub routed: &'a Routed,
-    /// Bind values and formats.
-    pub bound: &'a Bound,
-    /// Simple-protocol client: send RowDescription before rows.
-    pub simple: bool,
-    /// Visible column count, when known from a Describe (needed for per-column formats).
-    pub visible: Option<usize>,
-    /// `Some(begin)` inside a transaction block: shards join it with this statement.
-    pub tx: Option<&'a str>,
-    /// SET statements that bring a fresh shard connection in line with the client's parameters.
-    pub param_sets: &'a (dyn Fn(&mut crate::backend::ServerConn) -> bytes::Bytes + Sync),
-    /// The block's `SET LOCAL` settings (name, value; `None` = default), applied
-    /// on each shard of the block before its statements.
-    pub local_sets: &'a [(String, Option<String>)],
-    /// Targets standing in for a down shard, with that shard (UPDATE/DELETE must match there).
-    pub down_targets: &'a [(usize, usize)],
-    /// Run the targets one after another, in order (not all at once).
-    pub serial: bool,
-    /// The client's cancel slot: the shard connections running this statement are
-    /// registered there while it runs, so a CancelRequest reaches them.
-    pub cancel: Option<&'a crate::cancel::CancelSlot>,
-}
-
-/// Where answers go.
-pub struct Out<'a> {
-    /// Bytes queued for the client.
-    pub buf: &'a mut BytesMut,
-    /// The client socket; `None` discards the answer (a secondary write).
-    pub client: Option<&'a crate::stream::Stream>,
-    /// Keep the whole answer in `buf`, up to this many bytes (a portal read
-    /// in parts); over it `buf` is emptied and `overflow` set, while the
-    /// shards' answers are still read to their end.
-    pub keep: Option<usize>,
-    /// The kept answer went over `keep`.
-    pub overflow: bool,
-    /// Part of the answer left `buf` (sent, or dropped over `keep`); only
-    /// ever after a row was added.
-    pub flushed: bool,
-    /// The answer goes here in chunks instead of to `client` (a portal
-    /// streaming in parts); waits while the channel is full. A closed channel
-    /// ends the statement as a gone client does.
-    pub sink: Option<&'a tokio::sync::mpsc::Sender<bytes::Bytes>>,
-}
-
-impl Out<'_> {
-    async fn maybe_flush(&mut self) -> Result<(), ExecError> {
-        if let Some(limit) = self.keep {
-            if self.overflow || self.buf.len() > limit {
-                self.overflow = true;
-                self.flushed = true;
-                self.buf.clear();
-            }
-            return Ok(());
-        }
-        if self.buf.len() >= 64 * 1024 {
-            if let Some(sink) = self.sink {
-                self.flushed = true;
-                return sink
-                    .send(self.buf.split().freeze())
-                    .await
-                    .map_err(|_| ExecError::ClientIo(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the streaming portal was given up")));
-            }
-            if let Some(c) = self.client {
-                crate::stream::write_all(c, self.buf).await.map_err(ExecError::ClientIo)?;
-            }
-            self.flushed = true;
-            self.buf.clear();
-        }
-        Ok(())
-    }
-}
-
-
-fn lost(shard: usize, e: &BackendError) -> ExecError {
-    tracing::warn!(shard, error = %e, "shard connection failed");
-    ExecError::Proxy("08006", format!("lost the connection to shard db_{shard}"))
-}
-
-/// Checks out a connection for `shard` (if not held), applies the client's
-/// parameters and joins the transaction block.
-pub async fn hold(
-    engine: &Engine,
-    slots: &mut Slots,
-    shard: usize,
-    tx: Option<&str>,
-    param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> bytes::Bytes + Sync),
-    local_sets: &[(String, Option<String>)],
-) -> Result<(), ExecError> {
-    // one slot per shard, then one for db_default (fallback rows), then legacy
-    if slots.len() < engine.shards.len() + 2 {
-        slots.resize_with(engine.shards.len() + 2, || None);
-    }
-    if slots[shard].is_none() {
-        let got = crate::backend::pool::checkout(engine.pool(shard), engine.meters.get(shard).map(|m| &m.pool_wait)).await;
-        let mut conn = match got {
-            Ok(c) => c,
-            Err(PoolError::Timeout(TimeoutType::Wait)) => {
-                let db = if shard == engine.shards.len() { "db_default".to_string() } else { format!("shard db_{shard}") };
-                return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to {db} (pool.size connections are all in use)")));
-            }
-            Err(e) if shard == engine.legacy_slot() => {
-                tracing::warn!(error = %e, "legacy_db unavailable");
-                return Err(ExecError::Proxy("08006", "legacy_db is unavailable (t_order lives there during this migration phase)".into()));
-            }
-            Err(e) if shard == engine.shards.len() => {
-                tracing::warn!(error = %e, "db_default unavailable for fallback rows");
-                return Err(ExecError::Proxy("08006", "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
-            }
-            Err(e) => {
-                tracing::warn!(shard, error = %e, "shard unavailable");
-                engine.shard_unreachable(shard, &e.to_string());
-                return Err(ExecError::Unreachable(shard));
-            }
-        };
-        let sets = param_sets(&mut conn);
-        if !sets.is_empty() {
-            match wire::pipeline(&mut conn, &sets).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    // what is applied there is unknown now: never hand this connection on
-                    conn.broken = true;
-                    return Err(ExecError::Server(e));
-                }
-                Err(e) => {
-                    conn.broken = true;
-                    return Err(lost(shard, &e));
-                }
-            }
-        }
-        slots[shard] = Some(ShardSlot { conn, in_tx: false, wrote: false, locals: 0 });
-    }
-    let slot = slots[shard].as_mut().expect("just filled");
-    if let (Some(begin), false) = (tx, slot.in_tx) {
-        match wire::control(&mut slot.conn, begin).await {
-            Ok(Ok(_)) => {
-                slot.in_tx = true;
-                slot.locals = 0;
-            }
-            Ok(Err(e)) => return Err(ExecError::Server(e)),
-            Err(e) => {
-                slot.conn.broken = true;
-                return Err(lost(shard, &e));
-            }
-        }
-    }
-    if slot.in_tx && slot.locals < local_sets.len() {
-        // the client's SET LOCAL reaches every shard of its block, as bind values
-        let changes: Vec<(&str, Option<&str>)> = local_sets[slot.locals..].iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        match wire::pipeline(&mut slot.conn, &crate::protocol::frontend::set_local_config_pipeline(&changes)).await {
-            Ok(Ok(_)) => slot.locals = local_sets.len(),
-            Ok(Err(e)) => return Err(ExecError::Server(e)),
-            Err(e) => {
-                slot.conn.broken = true;
-                return Err(lost(shard, &e));
-            }
-        }
-    }
-    Ok(())
-}
 
 /// Label value for a shard in metrics.
 pub fn shard_label(shard: usize) -> &'static str {
@@ -506,19 +256,6 @@ async fn record_lookups(engine: &Engine, slots: &mut Slots, req: &Request<'_>, t
     super::lookup::record(engine, slots, &req.routed.lookup_rows, &req.routed.table).await
 }
 
-/// Returns every held shard connection that is not inside a transaction block.
-pub fn release(slots: &mut Slots) {
-    for slot in slots.iter_mut() {
-        if slot.as_ref().is_some_and(|s| !s.in_tx || s.conn.broken) {
-            if let Some(mut s) = slot.take() {
-                if s.in_tx {
-                    s.conn.broken = true;
-                }
-            }
-        }
-    }
-}
-
 async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>) -> Result<(), ExecError> {
     let r = run_registered(engine, slots, req, out, shards, tx).await;
     if let Some(c) = req.cancel {
@@ -639,14 +376,6 @@ async fn forget_parsed(slots: &mut Slots, parsed: &[(usize, String)]) {
             slot.conn.broken = true;
         }
     }
-}
-
-/// Marks a connection broken on I/O failure and turns the error into the client's.
-fn fail(slots: &mut Slots, shard: usize, e: BackendError) -> ExecError {
-    if let Some(s) = slots[shard].as_mut() {
-        s.conn.broken = true;
-    }
-    lost(shard, &e)
 }
 
 /// What the targets said about their columns.

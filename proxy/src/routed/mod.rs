@@ -17,6 +17,8 @@ pub mod lease;
 pub mod lookup;
 pub mod merge;
 pub mod migration;
+pub mod request;
+pub mod slots;
 pub mod months;
 pub mod twopc;
 pub mod value;
