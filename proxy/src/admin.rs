@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::server::Shared;
+use crate::state::Shared;
 
 #[derive(Clone)]
 struct AdminState {

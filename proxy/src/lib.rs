@@ -1,17 +1,30 @@
 //! shardgate, the proxy server.
 //!
 //! # Layout
-//! - [`server`]: accept loop, connection limit, graceful shutdown.
-//! - [`session`]: one client: startup, auth, transaction pooling, forwarding.
-//! - [`protocol`]: frame splitting and the few messages we look inside.
-//! - [`auth`]: client authentication (SCRAM-SHA-256, md5).
-//! - [`backend`]: raw server connections and their deadpool pools.
-//! - [`cancel`]: routing CancelRequests to the right server.
-//! - [`routed`]: sharded execution (plans run on shards, answers merged).
-//! - [`cache`]: the merchant-info cache (moka L1, Redis L2, invalidation).
-//! - [`admin`]: admin HTTP (`/livez`, `/readyz`, `/metrics`).
-//! - [`metrics`]: every metric name.
-//! - [`error`]: client-facing errors and their SQLSTATEs.
+//! Dependencies point one way, down these layers (a module uses only modules
+//! of lower layers; `tests/layout.rs` checks it on the source, so the module
+//! graph has no cycle). `docs/architecture.md` draws it and follows one
+//! statement through it.
+//!
+//! 1. [`server`] (accept loop, connection limit, graceful shutdown) and
+//!    [`admin`] (HTTP `/livez`, `/readyz`, `/status`, `/metrics`).
+//! 2. [`session`]: one client: startup and authentication, the loop, each
+//!    message decided and then acted on; its parts are the db_default link,
+//!    transaction end (both protocols), the extended protocol on t_order,
+//!    cached reads, migration-aware routing, streaming portals.
+//! 3. [`state`]: what every session shares (config, pools, engine, cache).
+//! 4. [`routed`] (the executor: plans run on shards, answers merged,
+//!    fallback, two-phase commit, months, lookups) and [`cache`] (the
+//!    merchant-info cache: moka L1, Redis L2, invalidation). Neither names the
+//!    other or anything above.
+//! 5. [`error`] (client-facing errors and their SQLSTATEs) and [`cancel`]
+//!    (routing CancelRequests to the right server).
+//! 6. [`backend`]: server connections, their pools, and [`backend::query`],
+//!    the one way the proxy sends its own statements and reads their answers.
+//! 7. Leaves: [`protocol`] (frames and the messages we look inside, no I/O),
+//!    [`stream`] (TCP or TLS, writes), [`auth`] (SCRAM-SHA-256, md5),
+//!    [`metrics`] (every metric name). The router, config and metrics crates
+//!    are leaves too.
 
 pub mod admin;
 pub mod auth;
@@ -24,6 +37,7 @@ pub mod protocol;
 pub mod routed;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod stream;
 
 use std::sync::Arc;
@@ -53,7 +67,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let admin_listener =
         TcpListener::bind(&config.server.admin_listen).await.with_context(|| format!("binding server.admin_listen {}", config.server.admin_listen))?;
     tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, "shardgate listening");
-    let shared = Arc::new(server::Shared::new(config, shutdown.clone())?);
+    let shared = Arc::new(state::Shared::new(config, shutdown.clone())?);
     shared.engine.start_id_lease(&shared.config, shutdown.clone());
     // start serving with the lease in hand when db_default answers (the task keeps trying after)
     let t0 = std::time::Instant::now();
@@ -77,22 +91,22 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
 
 /// Decision log, first month-table pass (bounded), then the periodic maintainer
 /// and two-phase-commit recovery.
-async fn start_background(shared: &Arc<server::Shared>) {
+async fn start_background(shared: &Arc<state::Shared>) {
     let engine = shared.engine.clone();
     let ahead = shared.config.sharding.months_ahead;
     if let Ok(Ok(mut conn)) = tokio::time::timeout(std::time::Duration::from_secs(5), engine.default.get()).await {
-        if let Ok(Err(e)) = routed::wire::control(&mut conn, routed::twopc::DECISIONS_DDL).await {
+        if let Ok(Err(e)) = crate::backend::query::control(&mut conn, routed::twopc::DECISIONS_DDL).await {
             tracing::warn!(sqlstate = %e.code, "creating the two-phase commit decision table failed");
         }
         // the aggregates the databases have (user-defined ones too, from db_default and the
         // first shard): refused across shards rather than answered once per shard
         const AGGREGATES: &str = "SELECT DISTINCT proname::text FROM pg_catalog.pg_proc WHERE prokind = 'a'";
-        let mut names: Vec<String> = match routed::wire::control(&mut conn, AGGREGATES).await {
+        let mut names: Vec<String> = match crate::backend::query::control(&mut conn, AGGREGATES).await {
             Ok(Ok(rows)) => rows.into_iter().flatten().collect(),
             _ => Vec::new(),
         };
         if let Ok(mut shard) = backend::pool::checkout(engine.pool(0), None).await {
-            if let Ok(Ok(rows)) = routed::wire::control(&mut shard, AGGREGATES).await {
+            if let Ok(Ok(rows)) = crate::backend::query::control(&mut shard, AGGREGATES).await {
                 names.extend(rows.into_iter().flatten());
             }
         }
@@ -104,7 +118,7 @@ async fn start_background(shared: &Arc<server::Shared>) {
         let mut columns = Vec::new();
         for rule in &engine.topology().tables {
             const COLUMNS: &str = "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped";
-            if let Ok(Ok(rows)) = routed::wire::query(&mut conn, COLUMNS, &[Some(rule.name.as_str())]).await {
+            if let Ok(Ok(rows)) = crate::backend::query::query(&mut conn, COLUMNS, &[Some(rule.name.as_str())]).await {
                 columns.extend(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()));
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod conn;
 pub mod pool;
+pub mod query;
 
 pub use conn::{BackendError, CancelKey, ServerConn};
 pub use pool::{Pool, ServerManager};

@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::backend::ServerConn;
 use crate::protocol::codec::{put_cstr, put_message};
-use crate::routed::wire::ServerError;
+use crate::backend::query::ServerError;
 use super::*;
 
 /// A statement's whole reply, as read from a server.
@@ -37,7 +37,7 @@ pub async fn exchange(conn: &mut ServerConn, f: &Fetch<'_>) -> Result<Exchange, 
     if f.simple {
         out.extend_from_slice(&crate::protocol::frontend::query(f.sql));
     } else {
-        crate::routed::wire::put_execute(&mut out, f.sql, f.types, f.values, f.formats, f.result_formats);
+        crate::backend::query::put_execute(&mut out, f.sql, f.types, f.values, f.formats, f.result_formats);
     }
     conn.stream.write_all(&out).await?;
     let mut bytes = BytesMut::new();

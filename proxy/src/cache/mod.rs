@@ -46,8 +46,8 @@ use shardgate_router::cache::{CacheAnalysis, CachedTable, KeyArg};
 
 use crate::backend::ServerConn;
 use crate::metrics as m;
-use crate::routed::wire::ServerError;
-use crate::routed::Engine;
+use crate::backend::query::ServerError;
+use crate::backend::Pool;
 
 const STRIPES: usize = 4096;
 
@@ -180,7 +180,8 @@ pub struct Cache {
     stripes: Box<[AtomicU64]>,
     global: AtomicU64,
     l2: Option<l2::L2>,
-    engine: Arc<Engine>,
+    /// The proxy's own db_default pool (answers are read there).
+    default: Pool,
     /// Set once the pub/sub subscription has been made (invalidations from other proxies arrive).
     subscribed: AtomicBool,
     /// Classification of literal-free statement texts (see `normalize`).
@@ -236,7 +237,7 @@ fn l1_cache(cfg: &CacheConfig) -> moka::future::Cache<L1Key, Arc<Answer>> {
 }
 
 impl Cache {
-    pub fn new(cfg: &CacheConfig, redis: Option<&shardgate_config::RedisConfig>, engine: Arc<Engine>) -> anyhow::Result<Arc<Cache>> {
+    pub fn new(cfg: &CacheConfig, redis: Option<&shardgate_config::RedisConfig>, default: Pool) -> anyhow::Result<Arc<Cache>> {
         let specs: Vec<CachedTable> = cfg.tables.iter().map(|t| CachedTable { name: t.name.clone(), key: t.key.clone() }).collect();
         let tables = specs
             .iter()
@@ -269,7 +270,7 @@ impl Cache {
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             global: AtomicU64::new(0),
             l2,
-            engine,
+            default,
             subscribed: AtomicBool::new(false),
             normalized: moka::sync::Cache::builder().max_capacity(TEXT_CACHE_BYTES).weigher(|k: &String, _: &Arc<CacheAnalysis>| weight(2 * k.len())).build(),
             meters: Meters::new(),
@@ -459,11 +460,11 @@ impl Cache {
     /// Runs the statement on a `db_default` connection of the proxy's own and
     /// keeps the reply's bytes.
     async fn fetch(&self, f: &Fetch<'_>) -> Result<Answer, LoadError> {
-        let pool = self.engine.pool(self.engine.shards.len());
+        let pool = &self.default;
         let mut conn = pool.get().await.map_err(|e| LoadError::Uncacheable(format!("db_default: {e}")))?;
         let sets = (f.param_sets)(&mut conn);
         if !sets.is_empty() {
-            match crate::routed::wire::pipeline(&mut conn, &sets).await {
+            match crate::backend::query::pipeline(&mut conn, &sets).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     conn.broken = true;
@@ -610,13 +611,13 @@ impl Cache {
     /// Loads the key type and every key of a table into a new bloom filter.
     async fn reload_bloom(&self, table: usize) -> Result<usize, String> {
         let t = &self.tables[table];
-        let pool = self.engine.pool(self.engine.shards.len());
+        let pool = &self.default;
         let mut conn = pool.get().await.map_err(|e| e.to_string())?;
         let ty_sql = format!(
             "SELECT a.atttypid::int4::text FROM pg_attribute a WHERE a.attrelid = to_regclass('{}') AND a.attname = '{}' AND NOT a.attisdropped",
             t.spec.name, t.spec.key
         );
-        let ty = match crate::routed::wire::control(&mut conn, &ty_sql).await {
+        let ty = match crate::backend::query::control(&mut conn, &ty_sql).await {
             Ok(Ok(rows)) => rows.into_iter().next().flatten(),
             Ok(Err(e)) => return Err(format!("{}: {}", e.code, t.spec.name)),
             Err(e) => {
@@ -633,7 +634,7 @@ impl Cache {
         *t.key_type.write().unwrap_or_else(|e| e.into_inner()) = Some(kt);
         *t.recent.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
         let keys_sql = format!("SELECT {}::text FROM {}", t.spec.key, t.spec.name);
-        let keys = match crate::routed::wire::control(&mut conn, &keys_sql).await {
+        let keys = match crate::backend::query::control(&mut conn, &keys_sql).await {
             Ok(Ok(rows)) => rows,
             Ok(Err(e)) => return Err(format!("{}: reading keys of {}", e.code, t.spec.name)),
             Err(e) => {

@@ -1,7 +1,7 @@
 //! Backend (server → client) messages that shardgate writes itself, and the
 //! few it reads from servers (ReadyForQuery, ParameterStatus, ErrorResponse).
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::codec::{put_cstr, put_message};
 use super::frontend::Reader;
@@ -119,6 +119,24 @@ pub fn parse_parameter_status(body: &[u8]) -> Option<(String, String)> {
     let name = r.cstr().ok()?;
     let value = r.cstr().ok()?;
     Some((String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned()))
+}
+
+/// The values of a DataRow body (None for NULL); None if the body is malformed.
+pub fn data_row(body: &[u8]) -> Option<Vec<Option<Bytes>>> {
+    let n = i16::from_be_bytes([*body.first()?, *body.get(1)?]);
+    let mut pos = 2;
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body.get(pos..pos + 4)?.try_into().ok()?);
+        pos += 4;
+        if len < 0 {
+            row.push(None);
+        } else {
+            row.push(Some(Bytes::copy_from_slice(body.get(pos..pos + len as usize)?)));
+            pos += len as usize;
+        }
+    }
+    Some(row)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub use super::slots::{hold, release, ShardSlot, Slots};
 use super::slots::{fail, lost};
 use super::merge::{self, Collector, Column, Row};
 use super::value::{Key, ValueError};
-use super::wire::{self, Event, Head, ServerError};
+use crate::backend::query::{self as wire, Event, Head, ServerError};
 use super::Engine;
 use crate::protocol::codec::put_message;
 

@@ -31,7 +31,7 @@ use shardgate_router::keys::ShardId;
 use shardgate_router::{Routed, RoutedKind, TableRule, Target};
 
 use super::exec::ExecError;
-use super::wire;
+use crate::backend::query as wire;
 use super::Engine;
 
 /// State the engine keeps about fallback.

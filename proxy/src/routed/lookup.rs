@@ -28,7 +28,7 @@ use shardgate_router::month::MonthKey;
 use shardgate_router::{LookupRow, Resolved, TableRule};
 
 use super::exec::{ExecError, Slots};
-use super::wire;
+use crate::backend::query as wire;
 use super::Engine;
 
 /// One unique-lookup column, as prepared in `db_default`.

@@ -26,26 +26,7 @@ pub struct Column {
 
 /// Parses a DataRow body.
 pub fn parse_data_row(body: &[u8]) -> Result<Row, ValueError> {
-    let bad = || ValueError::Malformed("DataRow");
-    if body.len() < 2 {
-        return Err(bad());
-    }
-    let n = i16::from_be_bytes([body[0], body[1]]);
-    let mut pos = 2;
-    let mut row = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        let len_bytes: [u8; 4] = body.get(pos..pos + 4).and_then(|s| s.try_into().ok()).ok_or_else(bad)?;
-        let len = i32::from_be_bytes(len_bytes);
-        pos += 4;
-        if len < 0 {
-            row.push(None);
-        } else {
-            let v = body.get(pos..pos + len as usize).ok_or_else(bad)?;
-            row.push(Some(Bytes::copy_from_slice(v)));
-            pos += len as usize;
-        }
-    }
-    Ok(row)
+    crate::protocol::backend::data_row(body).ok_or(ValueError::Malformed("DataRow"))
 }
 
 /// Writes a DataRow of the first `n` values of `row`.

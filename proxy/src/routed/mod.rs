@@ -5,7 +5,10 @@
 //! - [`exec`]: runs one planned statement on its targets and writes the
 //!   answer one table would give (streaming single targets and plain
 //!   concatenations, k-way merging ordered ones, collecting grouped ones).
-//! - [`merge`] / [`value`]: combining rows; [`wire`]: messages to shards.
+//! - [`request`]: what the executor is given (`Bound`, `Request`, `Out`) and how it
+//!   fails (`ExecError`); [`slots`]: the shard connections a session holds.
+//! - [`merge`] / [`value`]: combining rows; messages to shards go through
+//!   [`crate::backend::query`].
 //! - [`months`]: the maintainer that creates month tables ahead.
 //! - [`twopc`]: commits that span shards (PREPARE TRANSACTION + decision log).
 //! - [`health`]: per-shard state from probes and live traffic.
@@ -22,7 +25,6 @@ pub mod slots;
 pub mod months;
 pub mod twopc;
 pub mod value;
-pub mod wire;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

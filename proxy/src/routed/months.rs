@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use shardgate_router::month::MonthKey;
 
-use super::wire;
+use crate::backend::query as wire;
 use super::Engine;
 
 /// How often the maintainer runs.

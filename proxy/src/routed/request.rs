@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use shardgate_router::Routed;
 
 use super::value::ValueError;
-use super::wire::ServerError;
+use crate::backend::query::ServerError;
 
 /// The client's bind values for one execution.
 #[derive(Debug, Default, Clone)]

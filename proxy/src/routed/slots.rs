@@ -3,7 +3,7 @@
 
 use deadpool::managed::{Object, PoolError, TimeoutType};
 
-use super::wire::{self};
+use crate::backend::query as wire;
 use super::Engine;
 use crate::backend::{BackendError, ServerManager};
 use super::request::*;

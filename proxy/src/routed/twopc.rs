@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use super::exec::{ExecError, Slots};
-use super::wire;
+use crate::backend::query as wire;
 use super::Engine;
 
 /// The decision log, created in `db_default` at startup. `outcome` is

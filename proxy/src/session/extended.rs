@@ -11,7 +11,7 @@ use super::{End, Flow, Session};
 use crate::protocol::codec::{put_cstr, put_message};
 use crate::protocol::frontend::{Reader, Target};
 use crate::routed::exec::{Bound, ExecError};
-use crate::routed::wire::{self, ServerError};
+use crate::backend::query::{self as wire, ServerError};
 
 /// Runs a routed statement; past `server.query_timeout_ms` (0 = never) the
 /// shard connections running it get a CancelRequest, and the statement ends

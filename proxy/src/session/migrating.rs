@@ -22,7 +22,8 @@ use shardgate_router::{Routed, RoutedKind, Target};
 
 use super::{End, Session};
 use crate::routed::exec::{self, Bound, ExecError, Out, Request};
-use crate::routed::{twopc, wire};
+use crate::backend::query as wire;
+use crate::routed::twopc;
 
 /// A write the secondary store still has to get (queued inside a block).
 pub(super) struct Secondary {

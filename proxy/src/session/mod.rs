@@ -5,7 +5,7 @@
 //! Rules this file keeps:
 //! - bytes are forwarded as received; only Parse/Bind/Describe/Close are
 //!   rewritten (statement names), and only the proxy's own injected messages
-//!   have their replies swallowed, tracked in order by [`Expect`];
+//!   have their replies swallowed, tracked in order by `Expect`;
 //! - a server connection is returned only at a clean point: every request
 //!   answered, transaction status idle, nothing pinned;
 //! - reads stop while the other side's write buffer is full (backpressure),
@@ -29,7 +29,7 @@ use crate::cancel::Registration;
 use crate::metrics as m;
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::codec::{split_frame, FrameError};
-use crate::server::Shared;
+use crate::state::Shared;
 
 mod admin_sql;
 mod client;

@@ -15,7 +15,7 @@ use crate::metrics as m;
 use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::codec::{put_message, split_frame, split_startup, Frame};
 use crate::protocol::frontend::{parse_startup, SaslInitial, StartupPacket, GSSENC_REQUEST, SSL_REQUEST};
-use crate::server::Shared;
+use crate::state::Shared;
 use super::*;
 
 /// Largest startup packet accepted (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).

@@ -7,7 +7,7 @@ use super::{End, Flow, Session};
 use crate::protocol::backend::{self as msg};
 use crate::protocol::codec::{put_cstr, put_message};
 use crate::routed::exec::{self, ExecError};
-use crate::routed::wire::{self};
+use crate::backend::query as wire;
 use crate::routed::twopc;
 
 /// What the client's transaction-control statement does to held shards.

@@ -219,7 +219,7 @@ async fn exchange(conn: &mut ServerConn, msgs: &[u8]) -> Result<Result<Vec<Vec<O
         let f = conn.read_frame().await?;
         match f.tag {
             b'D' => {
-                let row = super::merge::parse_data_row(f.body()).map_err(|e| BackendError::Protocol(e.to_string()))?;
+                let row = crate::protocol::backend::data_row(f.body()).ok_or_else(|| BackendError::Protocol("malformed DataRow".into()))?;
                 rows.push(row.into_iter().map(|c| c.map(|b| String::from_utf8_lossy(&b).into_owned())).collect());
             }
             b'E' => err = Some(ServerError::from_frame(&f)),
