@@ -12,16 +12,19 @@
 //!    message decided and then acted on; its parts are the db_default link,
 //!    transaction end (both protocols), the extended protocol on t_order,
 //!    cached reads, migration-aware routing, streaming portals.
-//! 3. [`state`]: what every session shares (config, pools, engine, cache).
+//! 3. [`state`]: what every session shares (config, pools, engine, cache);
+//!    [`error`]: the one client-facing error type, [`error::ClientError`]:
+//!    every error shardgate sends is made, scrubbed and encoded there, and
+//!    the executor's and the db_default link's failures map to it there.
 //! 4. [`routed`] (the executor: plans run on shards, answers merged,
 //!    fallback, two-phase commit, months, lookups) and [`cache`] (the
 //!    merchant-info cache: moka L1, Redis L2, invalidation). Neither names the
 //!    other or anything above.
-//! 5. [`error`] (client-facing errors and their SQLSTATEs) and [`cancel`]
-//!    (routing CancelRequests to the right server).
+//! 5. [`cancel`]: routing CancelRequests to the right server.
 //! 6. [`backend`]: server connections, their pools, and [`backend::query`],
 //!    the one way the proxy sends its own statements and reads their answers.
-//! 7. Leaves: [`protocol`] (frames and the messages we look inside, no I/O),
+//! 7. Leaves: [`protocol`] (frames and the messages we look inside, no I/O;
+//!    [`protocol::sqlstate`] names every SQLSTATE the proxy uses),
 //!    [`stream`] (TCP or TLS, writes), [`auth`] (SCRAM-SHA-256, md5),
 //!    [`metrics`] (every metric name). The router, config and metrics crates
 //!    are leaves too.

@@ -11,11 +11,11 @@ use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::state::Shared;
+use crate::protocol::sqlstate;
 
 /// 53300 for a connection with no place to log in; nothing of it is read.
 async fn refuse_login(stream: tokio::net::TcpStream) {
-    let mut out = bytes::BytesMut::new();
-    crate::protocol::backend::error_response(&mut out, crate::protocol::backend::Severity::Fatal, "53300", "sorry, too many connections are logging in");
+    let out = crate::error::ClientError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many connections are logging in").frame();
     let stream = crate::stream::Stream::Tcp(stream);
     let _ = tokio::time::timeout(Duration::from_secs(1), crate::stream::write_all(&stream, &out)).await;
 }

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["protocol", "metrics", "auth", "stream"],
     &["backend"],
-    &["cancel", "error"],
+    &["cancel"],
     &["routed", "cache"],
-    &["state"],
+    &["state", "error"],
     &["session"],
     &["server", "admin"],
     &["lib", "main"],
@@ -177,4 +177,29 @@ fn no_source_file_is_over_800_lines() {
         })
         .collect();
     assert!(long.is_empty(), "files over 800 lines: {long:?}");
+}
+
+#[test]
+fn sqlstates_are_written_in_one_place() {
+    // string literals shaped like a SQLSTATE of a PostgreSQL error class
+    const CLASSES: &[&str] = &[
+        "00", "01", "02", "03", "08", "09", "0A", "0B", "0F", "0L", "0P", "0Z", "20", "21", "22", "23", "24", "25", "26", "27", "28", "2B", "2D", "2F", "34", "38", "39", "3B",
+        "3D", "3F", "40", "42", "44", "53", "54", "55", "57", "58", "72", "F0", "HV", "P0", "XX",
+    ];
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found = Vec::new();
+    for f in files.iter().filter(|f| !f.ends_with("protocol/sqlstate.rs")) {
+        let text = std::fs::read_to_string(f).expect("read");
+        let b = text.as_bytes();
+        for i in 0..b.len().saturating_sub(6) {
+            let lit = &b[i..i + 7];
+            if lit[0] == b'"' && lit[6] == b'"' && lit[1..6].iter().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()) && CLASSES.iter().any(|c| c.as_bytes() == &lit[1..3]) {
+                let line = text[..i].lines().count();
+                found.push(format!("{}:{line}: {}", f.display(), String::from_utf8_lossy(lit)));
+            }
+        }
+    }
+    assert!(found.is_empty(), "SQLSTATE literals outside protocol/sqlstate.rs (name them there):\n{}", found.join("\n"));
 }

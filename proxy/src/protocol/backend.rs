@@ -147,11 +147,11 @@ mod tests {
     #[test]
     fn error_round_trip() {
         let mut out = BytesMut::new();
-        error_response(&mut out, Severity::Fatal, "28P01", "password authentication failed for user \"x\"");
+        error_response(&mut out, Severity::Fatal, crate::protocol::sqlstate::INVALID_PASSWORD, "password authentication failed for user \"x\"");
         let f = split_frame(&mut out, 1 << 20).expect("ok").expect("frame");
         assert_eq!(f.tag, b'E');
         let e = parse_error_fields(f.body());
-        assert_eq!((e.severity.as_str(), e.code.as_str()), ("FATAL", "28P01"));
+        assert_eq!((e.severity.as_str(), e.code.as_str()), ("FATAL", crate::protocol::sqlstate::INVALID_PASSWORD));
         assert_eq!(e.message, "password authentication failed for user \"x\"");
     }
 

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod codec;
 pub mod frontend;
+pub mod sqlstate;
 
 /// Feeds arbitrary client bytes through everything that decodes client input
 /// (startup packet, frame splitting, the messages we look inside). The fuzz

@@ -16,6 +16,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use shardgate_router::{Agg, MergeSpec, RoutedKind};
 use tokio::io::AsyncWriteExt;
+use crate::protocol::sqlstate;
 
 pub use super::request::{Bound, ExecError, Out, Request};
 pub use super::slots::{hold, release, ShardSlot, Slots};
@@ -60,7 +61,7 @@ fn target_formats(req: &Request<'_>, spec: Option<&MergeSpec>) -> Vec<i16> {
 /// The client's error for [`ExecError::DownMissed`].
 pub(crate) fn down_missed(shard: usize) -> ExecError {
     ExecError::Proxy(
-        "57P03",
+        sqlstate::CANNOT_CONNECT_NOW,
         format!("shard db_{shard} is unavailable: no order written for it while it is down matched, so the rows may be on db_{shard}; retry when it is back"),
     )
 }
@@ -81,7 +82,7 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
         super::twopc::apply_unfinished(engine).await;
         if let Some(t) = req.routed.targets.iter().find(|t| waits(t.shard.0 as usize)) {
             return Err(ExecError::Proxy(
-                "57P03",
+                sqlstate::CANNOT_CONNECT_NOW,
                 format!("shard db_{} has not yet applied a committed transaction (it was unreachable); retry shortly", t.shard.0),
             ));
         }
@@ -96,14 +97,14 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
                 if !super::fallback::catch_up(engine, shard, engine.sync_batch, std::time::Duration::from_secs(2)).await {
                     let left = engine.fallback.pending(shard);
                     return Err(ExecError::Proxy(
-                        "57P03",
+                        sqlstate::CANNOT_CONNECT_NOW,
                         format!("shard db_{shard} is catching up: {left} order(s) written while it was down are not back yet; retry shortly"),
                     ));
                 }
                 continue;
             }
             Err(ExecError::CatchUp(shard)) => {
-                return Err(ExecError::Proxy("57P03", format!("shard db_{shard} is catching up on orders written while it was down; retry shortly")));
+                return Err(ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, format!("shard db_{shard} is catching up on orders written while it was down; retry shortly")));
             }
             Err(e) => return Err(e),
         };
@@ -111,7 +112,7 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
             None => execute_plan(engine, slots, req, out).await,
             Some(a) => {
                 for n in &a.notices {
-                    crate::protocol::backend::notice_response(out.buf, "01000", n);
+                    crate::protocol::backend::notice_response(out.buf, sqlstate::WARNING, n);
                 }
                 let sub = Request { routed: &a.routed, down_targets: &a.down_targets, serial: a.serial, ..*req };
                 let r = execute_plan(engine, slots, &sub, out).await;
@@ -133,7 +134,7 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
                 attempt += 1;
                 continue;
             }
-            Err(ExecError::Unreachable(s)) => return Err(ExecError::Proxy("08006", format!("shard db_{s} is unavailable"))),
+            Err(ExecError::Unreachable(s)) => return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("shard db_{s} is unavailable"))),
             // Planned while the shard was down, but it came back before the write ran and
             // sync-back moved the row home (a moved row no longer matches on the fallback
             // side): run it again against the shard as it is now. Nothing was changed.
@@ -154,7 +155,7 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
 /// whose failures go to the outbox instead).
 pub async fn execute_direct(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>) -> Result<(), ExecError> {
     match execute_plan(engine, slots, req, out).await {
-        Err(ExecError::Unreachable(s)) => Err(ExecError::Proxy("08006", format!("shard db_{s} is unavailable"))),
+        Err(ExecError::Unreachable(s)) => Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("shard db_{s} is unavailable"))),
         other => other,
     }
 }
@@ -276,7 +277,7 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
     let formats = target_formats(req, spec);
     if spec.is_some() && req.visible.is_none() && req.bound.result_formats.iter().any(|f| *f != 0) {
         return Err(ExecError::Proxy(
-            "0A000",
+            sqlstate::FEATURE_NOT_SUPPORTED,
             "binary results of a statement spanning shards need a Describe first; prepare the statement (most drivers do)".into(),
         ));
     }
@@ -391,7 +392,7 @@ impl Shape {
         if self.desc.is_some() {
             return Ok(());
         }
-        let (_, fields) = wire::row_description(&t[5..], usize::MAX, None).ok_or(ExecError::Proxy("08P01", "bad RowDescription from shard".into()))?;
+        let (_, fields) = wire::row_description(&t[5..], usize::MAX, None).ok_or(ExecError::Proxy(sqlstate::PROTOCOL_VIOLATION, "bad RowDescription from shard".into()))?;
         self.cols = fields.iter().map(|(o, f)| Column { type_oid: *o, binary: *f == 1 }).collect();
         self.visible = self.cols.len().saturating_sub(hidden);
         self.desc = Some(t.clone());

@@ -33,6 +33,7 @@ use shardgate_router::{Routed, RoutedKind, TableRule, Target};
 use super::exec::ExecError;
 use crate::backend::query as wire;
 use super::Engine;
+use crate::protocol::sqlstate;
 
 /// State the engine keeps about fallback.
 #[derive(Default)]
@@ -117,7 +118,7 @@ pub async fn prepare(engine: &Engine) -> anyhow::Result<()> {
 
 /// Creates the views a plan needs.
 async fn ensure_views(engine: &Engine, rule: &TableRule, needed: &[(usize, MonthKey)]) -> Result<(), ExecError> {
-    let cols = engine.fallback.columns.get().ok_or_else(|| ExecError::Proxy("57P03", "the fallback table in db_default is not ready; shard writes cannot be redirected".into()))?;
+    let cols = engine.fallback.columns.get().ok_or_else(|| ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, "the fallback table in db_default is not ready; shard writes cannot be redirected".into()))?;
     let missing: Vec<(usize, MonthKey)> = {
         let have = engine.fallback.views.lock().map(|v| v.clone()).unwrap_or_default();
         needed.iter().copied().filter(|k| !have.contains(k)).collect()
@@ -125,7 +126,7 @@ async fn ensure_views(engine: &Engine, rule: &TableRule, needed: &[(usize, Month
     if missing.is_empty() {
         return Ok(());
     }
-    let mut conn = engine.default.get().await.map_err(|_| ExecError::Proxy("08006", "db_default is unavailable: orders for an unavailable shard cannot be stored".into()))?;
+    let mut conn = engine.default.get().await.map_err(|_| ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "db_default is unavailable: orders for an unavailable shard cannot be stored".into()))?;
     let list = cols.join(", ");
     let t = table(rule);
     for (shard, m) in missing {
@@ -142,11 +143,11 @@ async fn ensure_views(engine: &Engine, rule: &TableRule, needed: &[(usize, Month
         match wire::control(&mut conn, &ddl).await {
             Ok(Ok(_)) => {}
             // two sessions creating the same view at once
-            Ok(Err(e)) if e.code == "XX000" || e.code == "23505" => {}
+            Ok(Err(e)) if e.code == sqlstate::INTERNAL_ERROR || e.code == sqlstate::UNIQUE_VIOLATION => {}
             Ok(Err(e)) => return Err(ExecError::Server(e)),
             Err(_) => {
                 conn.broken = true;
-                return Err(ExecError::Proxy("08006", "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
+                return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
             }
         }
         if let Ok(mut v) = engine.fallback.views.lock() {
@@ -190,7 +191,7 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
     if !affected {
         return Ok(None);
     }
-    let rule = engine.topology().tables.iter().find(|r| r.name == routed.table).ok_or_else(|| ExecError::Proxy("XX000", "unknown sharded table".into()))?;
+    let rule = engine.topology().tables.iter().find(|r| r.name == routed.table).ok_or_else(|| ExecError::Proxy(sqlstate::INTERNAL_ERROR, "unknown sharded table".into()))?;
     let slot = ShardId(engine.shards.len() as u8);
     let mut out = routed.clone();
     out.targets.clear();
@@ -206,7 +207,7 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
         match (routed.kind, down) {
             (RoutedKind::Select, true) => {
                 if policy_fail {
-                    return Err(ExecError::Proxy("57P03", format!("shard db_{s} is unavailable (fallback.policy = \"fail\"); retry when it is back")));
+                    return Err(ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, format!("shard db_{s} is unavailable (fallback.policy = \"fail\"); retry when it is back")));
                 }
                 notices.push(format!("shard db_{s} is unavailable: the answer holds only the orders written for it while it is down"));
                 views.extend(t.months.iter().map(|m| (s, *m)));
@@ -390,7 +391,7 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
             }
             let json = serde_json::Value::Array(rows.clone()).to_string();
             let mut first = wire::control(&mut shard_conn, &upsert(&target, &json)).await?;
-            if matches!(&first, Err(e) if e.code == "42P01") {
+            if matches!(&first, Err(e) if e.code == sqlstate::UNDEFINED_TABLE) {
                 // the month table is missing on this shard (it was down when the month was made)
                 super::months::create(engine, &[month]).await;
                 let _ = wire::control(&mut shard_conn, &rule.create_month_table_sql(month)).await;

@@ -30,6 +30,7 @@ use shardgate_router::{LookupRow, Resolved, TableRule};
 use super::exec::{ExecError, Slots};
 use crate::backend::query as wire;
 use super::Engine;
+use crate::protocol::sqlstate;
 
 /// One unique-lookup column, as prepared in `db_default`.
 #[derive(Debug)]
@@ -79,7 +80,7 @@ impl Default for Lookups {
 
 fn not_ready(e: impl std::fmt::Display) -> ExecError {
     tracing::warn!(error = %e, "unique lookup tables not ready");
-    ExecError::Proxy("57P03", "the unique-lookup tables in db_default are not ready (is db_default up?); retry shortly".into())
+    ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, "the unique-lookup tables in db_default are not ready (is db_default up?); retry shortly".into())
 }
 
 impl Lookups {
@@ -128,7 +129,7 @@ async fn prepare(engine: &Engine) -> anyhow::Result<Vec<Meta>> {
     let mut conn = tokio::time::timeout(Duration::from_secs(5), engine.default.get()).await.map_err(|_| anyhow::anyhow!("timed out"))?.map_err(|e| anyhow::anyhow!("{e}"))?;
     match wire::control(&mut conn, STATE_DDL).await? {
         Ok(_) => {}
-        Err(e) if e.code == "23505" || e.code == "42P07" => {}
+        Err(e) if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::DUPLICATE_TABLE => {}
         Err(e) => anyhow::bail!("creating shardgate_lookup_state: SQLSTATE {}", e.code),
     }
     for rule in rules {
@@ -165,7 +166,7 @@ async fn prepare(engine: &Engine) -> anyhow::Result<Vec<Meta>> {
             match wire::control(&mut conn, &ddl).await? {
                 Ok(_) => {}
                 // two proxies creating it at once
-                Err(e) if e.code == "23505" || e.code == "42P07" => {}
+                Err(e) if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::DUPLICATE_TABLE => {}
                 Err(e) => anyhow::bail!("creating {lookup_table}: SQLSTATE {}", e.code),
             }
             let state = wire::query(
@@ -197,7 +198,7 @@ fn duplicate(m: &Meta, value: &str) -> ExecError {
         for (f, v) in [
             (b'S', "ERROR".to_string()),
             (b'V', "ERROR".to_string()),
-            (b'C', "23505".to_string()),
+            (b'C', sqlstate::UNIQUE_VIOLATION.to_string()),
             (b'M', format!("duplicate key value violates unique constraint \"{}\"", m.constraint)),
             (b'D', format!("Key ({})=({value}) already exists.", m.column)),
             (b's', "public".to_string()),
@@ -210,12 +211,12 @@ fn duplicate(m: &Meta, value: &str) -> ExecError {
         o.put_u8(0);
     });
     let raw = b.freeze();
-    ExecError::Server(wire::ServerError { raw, code: "23505".into() })
+    ExecError::Server(wire::ServerError { raw, code: sqlstate::UNIQUE_VIOLATION.into() })
 }
 
 fn lost_default(e: impl std::fmt::Display) -> ExecError {
     tracing::warn!(error = %e, "db_default lost while recording unique values");
-    ExecError::Proxy("08006", "lost the connection to db_default while recording unique values; the statement was not applied".into())
+    ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "lost the connection to db_default while recording unique values; the statement was not applied".into())
 }
 
 /// Records the entries of an INSERT on the `db_default` slot, whose
@@ -266,14 +267,14 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
             }
         };
         let Some([Some(k), Some(mo), Some(mine)]) = held.as_deref().map(|r| [r[0].clone(), r[1].clone(), r[2].clone()]) else {
-            return Err(ExecError::Proxy("40001", "could not serialize access: a unique value changed hands concurrently; retry the transaction".into()));
+            return Err(ExecError::Proxy(sqlstate::SERIALIZATION_FAILURE, "could not serialize access: a unique value changed hands concurrently; retry the transaction".into()));
         };
         if mo == AMBIGUOUS {
             // held by several rows written before the lookup existed
             return Err(duplicate(m, &row.value));
         }
         let (Ok(k), Some(mo)) = (k.parse::<i64>(), MonthKey::parse_suffix(&mo)) else {
-            return Err(ExecError::Proxy("XX000", format!("unreadable entry in {}", m.lookup_table)));
+            return Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, format!("unreadable entry in {}", m.lookup_table)));
         };
         let exists = if mine == "t" {
             // written earlier in this transaction: its row, if still there, is on a
@@ -379,7 +380,7 @@ async fn held_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &s
         Err(e) => {
             held.broken = true;
             tracing::warn!(shard, error = %e, "shard connection failed checking a unique value");
-            Err(ExecError::Proxy("08006", format!("lost the connection to shard db_{shard}")))
+            Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{shard}")))
         }
     }
 }
@@ -391,7 +392,7 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
     let Some((rule, shard)) = place(engine, m, shard_key) else { return Ok(true) };
     let unknown = || {
         ExecError::Proxy(
-            "57P03",
+            sqlstate::CANNOT_CONNECT_NOW,
             format!("{} {value} was used by an order on shard db_{shard}, which cannot be reached to check that the order still exists; retry when it is back", m.column),
         )
     };
@@ -429,7 +430,7 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
             }
             if Instant::now() > deadline {
                 return Err(ExecError::Proxy(
-                    "55P03",
+                    sqlstate::LOCK_NOT_AVAILABLE,
                     format!("{} {value}: a transaction on shard db_{shard} that may hold it is still being committed; retry shortly", m.column),
                 ));
             }
@@ -452,9 +453,9 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
     match r {
         Ok(Ok(r)) => Ok(!r.is_empty()),
         // the month table is not there: neither is the row
-        Ok(Err(e)) if e.code == "42P01" => Ok(false),
-        Ok(Err(e)) if e.code == "55P03" => Err(ExecError::Proxy(
-            "55P03",
+        Ok(Err(e)) if e.code == sqlstate::UNDEFINED_TABLE => Ok(false),
+        Ok(Err(e)) if e.code == sqlstate::LOCK_NOT_AVAILABLE => Err(ExecError::Proxy(
+            sqlstate::LOCK_NOT_AVAILABLE,
             format!("{} {value}: the order that held it is locked by another transaction (deleting it?) for longer than {LOCK_WAIT_MS} ms; retry", m.column),
         )),
         Ok(Err(e)) => Err(ExecError::Server(e)),
@@ -617,7 +618,7 @@ async fn fill_locked(engine: &Engine, rule: &TableRule, m: &Meta, def: &mut crat
                 let batch = match wire::query(&mut conn, &q, &[after.as_deref()]).await? {
                     Ok(r) => r,
                     // a month this shard does not have
-                    Err(e) if e.code == "42P01" => break,
+                    Err(e) if e.code == sqlstate::UNDEFINED_TABLE => break,
                     Err(e) => anyhow::bail!("reading db_{shard}.{}: SQLSTATE {}", rule.physical(*month), e.code),
                 };
                 let entries: Vec<(String, i64, String)> = batch

@@ -8,6 +8,7 @@ use shardgate_router::month::MonthKey;
 
 use crate::backend::query as wire;
 use super::Engine;
+use crate::protocol::sqlstate;
 
 /// How often the maintainer runs.
 pub const INTERVAL: Duration = Duration::from_secs(600);
@@ -94,7 +95,7 @@ async fn create_on(engine: &Engine, shard: usize, months: &[MonthKey]) -> bool {
             match wire::control(&mut conn, &rule.create_month_table_sql(*m)).await {
                 Ok(Ok(_)) => {}
                 // two proxies creating the same table at once: the loser sees a unique violation
-                Ok(Err(e)) if e.code == "23505" || e.code == "42P07" => {}
+                Ok(Err(e)) if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::DUPLICATE_TABLE => {}
                 Ok(Err(e)) => {
                     tracing::warn!(shard, month = %m.suffix(), sqlstate = %e.code, "creating a month table failed");
                     return false;

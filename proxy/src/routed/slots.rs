@@ -7,6 +7,7 @@ use crate::backend::query as wire;
 use super::Engine;
 use crate::backend::{BackendError, ServerManager};
 use super::request::*;
+use crate::protocol::sqlstate;
 
 /// A shard connection a session holds.
 pub struct ShardSlot {
@@ -35,7 +36,7 @@ pub type Slots = Vec<Option<ShardSlot>>;
 
 pub(crate) fn lost(shard: usize, e: &BackendError) -> ExecError {
     tracing::warn!(shard, error = %e, "shard connection failed");
-    ExecError::Proxy("08006", format!("lost the connection to shard db_{shard}"))
+    ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{shard}"))
 }
 
 /// Checks out a connection for `shard` (if not held), applies the client's
@@ -58,15 +59,15 @@ pub async fn hold(
             Ok(c) => c,
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
                 let db = if shard == engine.shards.len() { "db_default".to_string() } else { format!("shard db_{shard}") };
-                return Err(ExecError::Proxy("53300", format!("timed out waiting for a connection to {db} (pool.size connections are all in use)")));
+                return Err(ExecError::Proxy(sqlstate::TOO_MANY_CONNECTIONS, format!("timed out waiting for a connection to {db} (pool.size connections are all in use)")));
             }
             Err(e) if shard == engine.legacy_slot() => {
                 tracing::warn!(error = %e, "legacy_db unavailable");
-                return Err(ExecError::Proxy("08006", "legacy_db is unavailable (t_order lives there during this migration phase)".into()));
+                return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "legacy_db is unavailable (t_order lives there during this migration phase)".into()));
             }
             Err(e) if shard == engine.shards.len() => {
                 tracing::warn!(error = %e, "db_default unavailable for fallback rows");
-                return Err(ExecError::Proxy("08006", "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
+                return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
             }
             Err(e) => {
                 tracing::warn!(shard, error = %e, "shard unavailable");

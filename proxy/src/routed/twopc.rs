@@ -16,6 +16,7 @@ use std::time::Duration;
 use super::exec::{ExecError, Slots};
 use crate::backend::query as wire;
 use super::Engine;
+use crate::protocol::sqlstate;
 
 /// The decision log, created in `db_default` at startup. `outcome` is
 /// `commit` for a proxy's decision and `abort` for recovery's marker: both
@@ -87,7 +88,7 @@ pub async fn prepare(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: 
                 tracing::warn!(shard = s, tag, "PREPARE TRANSACTION did not prepare; rolling the transaction back");
                 finish(engine, slots, &prepared, gid, false).await;
                 rollback(slots, shards).await;
-                return Err(ExecError::Proxy("40000", format!("the transaction on shard db_{s} had failed and was rolled back; nothing was committed")));
+                return Err(ExecError::Proxy(sqlstate::TRANSACTION_ROLLBACK, format!("the transaction on shard db_{s} had failed and was rolled back; nothing was committed")));
             }
             Ok(Err(e)) => {
                 finish(engine, slots, &prepared, gid, false).await;
@@ -99,7 +100,7 @@ pub async fn prepare(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: 
                 tracing::warn!(shard = s, error = %e, "shard lost during PREPARE TRANSACTION");
                 finish(engine, slots, &prepared, gid, false).await;
                 rollback(slots, shards).await;
-                return Err(ExecError::Proxy("08006", format!("lost the connection to shard db_{s} while committing; the transaction was rolled back")));
+                return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{s} while committing; the transaction was rolled back")));
             }
         }
     }
@@ -181,7 +182,7 @@ pub async fn apply_unfinished(engine: &Engine) {
                 Ok(Ok(mut conn)) => match wire::control(&mut conn, &format!("COMMIT PREPARED '{}'", shard_gid(&gid, s))).await {
                     Ok(Ok(_)) => true,
                     // undefined_object: nothing prepared under that name any more
-                    Ok(Err(e)) => e.code == "42704",
+                    Ok(Err(e)) => e.code == sqlstate::UNDEFINED_OBJECT,
                     Err(_) => {
                         conn.broken = true;
                         false
@@ -250,7 +251,7 @@ pub async fn commit_each(slots: &mut Slots, shards: &[usize]) -> Result<(), Exec
                 slot.conn.broken = true;
                 tracing::warn!(shard = s, error = %e, "shard lost during COMMIT");
                 err.get_or_insert(ExecError::Proxy(
-                    "08006",
+                    sqlstate::CONNECTION_FAILURE,
                     format!("lost the connection to shard db_{s} during COMMIT; the outcome on that shard is unknown"),
                 ));
             }
@@ -276,12 +277,12 @@ pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Res
             Ok(Err(e)) => Err(decision_failed(e)),
             Err(e) => {
                 conn.broken = true;
-                Err(ExecError::Proxy("08006", format!("lost db_default while recording the commit decision: {e}")))
+                Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost db_default while recording the commit decision: {e}")))
             }
         },
         Err(e) => {
             tracing::warn!(error = %e, "db_default unavailable for the commit decision");
-            Err(ExecError::Proxy("08006", "db_default is unavailable to record the commit decision; the transaction was rolled back".into()))
+            Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "db_default is unavailable to record the commit decision; the transaction was rolled back".into()))
         }
     };
     match decided {
@@ -336,7 +337,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
             slots[local].as_mut().expect("held").conn.broken = true;
             tracing::warn!(error = %e, gid, "db_default lost during the commit; recovery settles the shards from the decision log");
             Err(ExecError::Proxy(
-                "08006",
+                sqlstate::CONNECTION_FAILURE,
                 "lost the connection to db_default during COMMIT; the outcome is unknown (recovery applies it to every shard)".into(),
             ))
         }
@@ -351,8 +352,8 @@ pub fn decision_failed(e: wire::ServerError) -> ExecError {
     // a conflict on the decision log itself (recovery's abort marker), not on the
     // client's own tables (a deferred constraint checked by the same commit)
     let on_log = e.raw.get(5..).is_some_and(|body| crate::protocol::backend::parse_error_fields(body).table == "shardgate_2pc_decisions");
-    if e.code == "23505" && on_log {
-        ExecError::Proxy("40001", "could not serialize access: recovery rolled the transaction back while it was committing; retry it".into())
+    if e.code == sqlstate::UNIQUE_VIOLATION && on_log {
+        ExecError::Proxy(sqlstate::SERIALIZATION_FAILURE, "could not serialize access: recovery rolled the transaction back while it was committing; retry it".into())
     } else {
         ExecError::Server(e)
     }

@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use bigdecimal::num_bigint::{BigInt, Sign};
 use bigdecimal::{BigDecimal, Zero};
+use crate::protocol::sqlstate;
 
 /// Type OIDs the merger understands.
 pub mod oid {
@@ -53,10 +54,10 @@ impl ValueError {
     /// The SQLSTATE the client gets.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            ValueError::Unsupported(_) => "0A000",
-            ValueError::Malformed(_) => "XX000",
-            ValueError::Overflow(_) => "22003",
-            ValueError::Limit(_) => "54000",
+            ValueError::Unsupported(_) => sqlstate::FEATURE_NOT_SUPPORTED,
+            ValueError::Malformed(_) => sqlstate::INTERNAL_ERROR,
+            ValueError::Overflow(_) => sqlstate::NUMERIC_VALUE_OUT_OF_RANGE,
+            ValueError::Limit(_) => sqlstate::PROGRAM_LIMIT_EXCEEDED,
         }
     }
 }

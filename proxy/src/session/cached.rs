@@ -28,6 +28,7 @@ use crate::protocol::backend as msg;
 use crate::protocol::codec::put_message;
 use crate::protocol::frontend::Reader;
 use crate::routed::exec::{Bound, ExecError};
+use crate::protocol::sqlstate;
 
 /// A write statement prepared by the client: what it writes, and its declared types.
 pub(super) type CacheWrites = (Arc<Vec<WriteEffect>>, Vec<u32>);
@@ -255,7 +256,7 @@ impl Session {
     pub(super) async fn cached_execute(&mut self, stmt: &RoutedStmt, bound: &Bound, max_rows: i32) -> Result<(), End> {
         let Some(read) = stmt.cached.as_ref() else { return Ok(()) };
         if self.server.is_some() && self.tx_status == b'E' {
-            let e = ExecError::Proxy("25P02", "current transaction is aborted, commands ignored until end of transaction block".into());
+            let e = ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into());
             return self.fail_extended(e).await;
         }
         let cache = self.shared.cache.clone();
@@ -273,7 +274,7 @@ impl Session {
                     self.cout.extend_from_slice(&a.bytes);
                     return Ok(());
                 }
-                Ok(_) => return self.fail_extended(ExecError::Proxy("0A000", BATCHED.into())).await,
+                Ok(_) => return self.fail_extended(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, BATCHED.into())).await,
                 Err(LoadError::Server(e)) => return self.fail_extended(ExecError::Server(e)).await,
                 Err(LoadError::Uncacheable(_)) => {}
             }
@@ -282,7 +283,7 @@ impl Session {
         }
         // on the client's own db_default connection, inside its transaction
         if max_rows > 0 {
-            return self.fail_extended(ExecError::Proxy("0A000", BATCHED.into())).await;
+            return self.fail_extended(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, BATCHED.into())).await;
         }
         if !self.server_for(true).await {
             return Ok(());

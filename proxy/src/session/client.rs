@@ -11,10 +11,11 @@ use shardgate_router::{SettingChange, session_effect, SessionEffect};
 use tracing::debug;
 
 use crate::metrics as m;
-use crate::protocol::backend::{self as msg, Severity};
+use crate::protocol::backend::{self as msg};
 use crate::protocol::codec::Frame;
 use crate::protocol::frontend::{Bind, Parse, Target};
 use super::*;
+use crate::protocol::sqlstate;
 
 impl Session {
     /// What the client's prepared statements take in the proxy (see [`statement_weight`]).
@@ -183,7 +184,7 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 if !self.admin && self.shared.engine.router.names_control_table(sql) {
-                    self.refuse_simple("42501", CONTROL_TABLES.into()).await?;
+                    self.refuse_simple(sqlstate::INSUFFICIENT_PRIVILEGE, CONTROL_TABLES.into()).await?;
                     return Ok(Flow::Continue);
                 }
                 if let Some(flow) = self.routed_query(sql).await? {
@@ -194,7 +195,7 @@ impl Session {
                 }
                 self.note_begin(sql);
                 if let Err(m) = self.note_statement_text(sql) {
-                    self.refuse_simple("0A000", m).await?;
+                    self.refuse_simple(sqlstate::FEATURE_NOT_SUPPORTED, m).await?;
                     return Ok(Flow::Continue);
                 }
                 if !self.server_for(false).await {
@@ -207,9 +208,9 @@ impl Session {
                 self.arm_query_timeout();
             }
             b'P' => {
-                let p = Parse::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                let p = Parse::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
                 if !self.admin && self.shared.engine.router.names_control_table(p.query) {
-                    self.refuse_extended("42501", CONTROL_TABLES.into()).await?;
+                    self.refuse_extended(sqlstate::INSUFFICIENT_PRIVILEGE, CONTROL_TABLES.into()).await?;
                     return Ok(Flow::Continue);
                 }
                 let cap = self.shared.config.server.max_client_statements;
@@ -219,7 +220,7 @@ impl Session {
                     && self.statements.len() + self.routed_stmts.len() >= cap
                 {
                     let m = format!("too many prepared statements on this connection (server.max_client_statements = {cap}); close some with Close or DEALLOCATE");
-                    self.refuse_extended("53400", m).await?;
+                    self.refuse_extended(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, m).await?;
                     return Ok(Flow::Continue);
                 }
                 let bytes_cap = self.shared.config.server.max_client_statement_bytes;
@@ -227,7 +228,7 @@ impl Session {
                     let m = format!(
                         "the prepared statements on this connection would take more than server.max_client_statement_bytes = {bytes_cap} bytes; close some with Close or DEALLOCATE"
                     );
-                    self.refuse_extended("53400", m).await?;
+                    self.refuse_extended(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, m).await?;
                     return Ok(Flow::Continue);
                 }
                 if let Some(flow) = self.routed_parse(p.name, p.query, p.param_types).await? {
@@ -242,7 +243,7 @@ impl Session {
                 }
                 self.note_begin(p.query);
                 if let Err(m) = self.note_statement_text(p.query) {
-                    self.refuse_extended("0A000", m).await?;
+                    self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, m).await?;
                     return Ok(Flow::Continue);
                 }
                 if !self.server_for(true).await {
@@ -257,19 +258,7 @@ impl Session {
                     // same position (a syntax error, no side effects) and answer
                     // with the right error instead.
                     if !self.server_skipping {
-                        let mut err = BytesMut::new();
-                        msg::error_response(
-                            &mut err,
-                            Severity::Error,
-                            "42P05",
-                            &format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(p.name)),
-                        );
-                        let mut parse = BytesMut::new();
-                        crate::protocol::codec::put_message(&mut parse, b'P', |b| {
-                            b.extend_from_slice(b"\0!\0\0\0");
-                        });
-                        self.sout.extend_from_slice(&parse);
-                        self.expect.push_back(Expect::ReplaceError(err.freeze()));
+                        self.fail_on_server(duplicate_statement(p.name).frame());
                     }
                 } else {
                     let server_name: Arc<str> = statement_name(p.query, p.param_types).into();
@@ -297,7 +286,7 @@ impl Session {
                 self.sent_since_sync = true;
             }
             b'B' => {
-                let b = Bind::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                let b = Bind::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
                 self.shared.meters.queries_extended.increment(1);
                 if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
                     if let Some(flow) = self.routed_bind(f.body()).await? {
@@ -333,7 +322,7 @@ impl Session {
                 self.sent_since_sync = true;
             }
             b'D' | b'C' => {
-                let t = Target::parse(f.body()).map_err(|e| End::Fatal("08P01", e.to_string()))?;
+                let t = Target::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
                 if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
                     let handled = if f.tag == b'D' { self.routed_describe(&t).await? } else { self.routed_close(&t).await? };
                     if let Some(flow) = handled {
@@ -432,10 +421,10 @@ impl Session {
                 }
             }
             b'X' => return Ok(Flow::Close),
-            b'p' => return Err(End::Fatal("08P01", "unexpected password message".into())),
+            b'p' => return Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, "unexpected password message".into())),
             t => {
                 let shown = if t.is_ascii_graphic() { format!("\"{}\"", t as char) } else { format!("0x{t:02x}") };
-                return Err(End::Fatal("08P01", format!("invalid frontend message type {shown}")));
+                return Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid frontend message type {shown}")));
             }
         }
         Ok(Flow::Continue)

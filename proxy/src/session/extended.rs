@@ -12,6 +12,7 @@ use crate::protocol::codec::{put_cstr, put_message};
 use crate::protocol::frontend::{Reader, Target};
 use crate::routed::exec::{Bound, ExecError};
 use crate::backend::query::{self as wire, ServerError};
+use crate::protocol::sqlstate;
 
 /// Runs a routed statement; past `server.query_timeout_ms` (0 = never) the
 /// shard connections running it get a CancelRequest, and the statement ends
@@ -60,7 +61,7 @@ pub(super) fn parse_move(sql: &str) -> Option<(Option<usize>, String)> {
 
 pub(super) fn portal_too_large(limit: usize) -> ExecError {
     ExecError::Proxy(
-        "54000",
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
         format!(
             "the rows of this portal exceed server.max_portal_bytes ({limit} bytes), which a portal read in parts may hold; \
              fetch them without a row limit, add a LIMIT, or raise the setting"
@@ -180,7 +181,7 @@ impl Session {
         }
         if !name.is_empty() && (self.routed_stmts.contains_key(name) || self.statements.contains_key(name)) {
             let m = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name));
-            self.fail_extended(ExecError::Proxy("42P05", m)).await?;
+            self.fail_extended(ExecError::Proxy(sqlstate::DUPLICATE_PREPARED_STATEMENT, m)).await?;
             return Ok(Some(Flow::Continue));
         }
         if let Analysis::Refused(e) = &*analysis {
@@ -213,17 +214,17 @@ impl Session {
         }
         let bound = match parse_bind(&mut r, &stmt.types) {
             Ok(b) => b,
-            Err(m) => return Err(End::Fatal("08P01", m.to_string())),
+            Err(m) => return Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, m.to_string())),
         };
         if bound.values.len() != count_params(&stmt) {
             let m = format!("bind message supplies {} parameters, but prepared statement requires {}", bound.values.len(), count_params(&stmt));
-            self.fail_extended(ExecError::Proxy("08P01", m)).await?;
+            self.fail_extended(ExecError::Proxy(sqlstate::PROTOCOL_VIOLATION, m)).await?;
             return Ok(Some(Flow::Continue));
         }
         let cap = self.shared.config.server.max_client_portals;
         if !portal.is_empty() && !self.routed_portals.contains_key(&portal) && self.routed_portals.len() >= cap {
             let m = format!("too many open portals on this connection (server.max_client_portals = {cap}); close some with Close or end the transaction");
-            self.fail_extended(ExecError::Proxy("53400", m)).await?;
+            self.fail_extended(ExecError::Proxy(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, m)).await?;
             return Ok(Some(Flow::Continue));
         }
         self.suspended.remove(&portal);
@@ -283,7 +284,7 @@ impl Session {
             return Ok(d.clone());
         }
         let engine = self.shared.engine.clone();
-        let mut last = ExecError::Proxy("08006", "no shard is available to describe the statement".into());
+        let mut last = ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "no shard is available to describe the statement".into());
         // a cached point read is described by db_default, where its table lives
         let legacy_first = engine.migration.phase().is_some_and(|p| p.reads_legacy()) && engine.legacy.is_some();
         let pools: Vec<&crate::backend::Pool> = if stmt.cached.is_some() {
@@ -328,7 +329,7 @@ impl Session {
                 let _ = stmt.describe.set((p, r));
                 return Ok(stmt.describe.get().expect("set").clone());
             }
-            last = ExecError::Proxy("08006", "lost a shard connection while describing the statement".into());
+            last = ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "lost a shard connection while describing the statement".into());
         }
         Err(last)
     }

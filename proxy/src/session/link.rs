@@ -13,9 +13,10 @@ use tracing::warn;
 use crate::backend::conn::MAX_SERVER_MESSAGE;
 use crate::error::ProxyError;
 use crate::metrics as m;
-use crate::protocol::backend::{self as msg, parse_error_fields, parse_parameter_status, Severity};
+use crate::protocol::backend::{self as msg, parse_error_fields, parse_parameter_status};
 use crate::protocol::codec::{frame_total, FrameRef};
 use super::*;
+use crate::protocol::sqlstate;
 
 /// The messages that bring a server's session parameters in line with what a
 /// client asked for (set what it wants, reset what an earlier client changed
@@ -115,9 +116,10 @@ impl Session {
         match self.ensure_server().await {
             Ok(_) => true,
             Err(e) => {
-                warn!(error = %e, sqlstate = e.sqlstate(), "no server connection for request");
-                metrics::counter!(m::ERRORS_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
-                msg::error_response(&mut self.cout, Severity::Error, e.sqlstate(), &e.client_message());
+                let c = crate::error::ClientError::from(&e);
+                warn!(error = %e, sqlstate = c.code, "no server connection for request");
+                metrics::counter!(m::ERRORS_TOTAL, "sqlstate" => c.code).increment(1);
+                c.put(&mut self.cout);
                 if extended {
                     self.discard_until_sync = true;
                 } else {
@@ -130,16 +132,23 @@ impl Session {
 
     /// 42P05 for a Parse that reuses a name, in order with the server's replies.
     pub(super) fn fail_duplicate(&mut self, name: &[u8]) {
-        let mut err = BytesMut::new();
-        msg::error_response(&mut err, Severity::Error, "42P05", &format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name)));
+        let err = duplicate_statement(name).frame();
         if self.server.is_some() && !self.server_skipping {
-            crate::protocol::codec::put_message(&mut self.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
-            self.expect.push_back(Expect::ReplaceError(err.freeze()));
-            self.sent_since_sync = true;
+            self.fail_on_server(err);
         } else if self.server.is_none() {
             self.cout.extend_from_slice(&err);
         }
         self.discard_until_sync = true;
+    }
+
+    /// Answers `err` in its place among db_default's replies: db_default is made
+    /// to fail a Parse there (a syntax error, no side effects), so it skips to
+    /// Sync and aborts an open transaction exactly as the client expects, and
+    /// its error is replaced by `err`.
+    pub(super) fn fail_on_server(&mut self, err: Bytes) {
+        crate::protocol::codec::put_message(&mut self.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
+        self.expect.push_back(Expect::ReplaceError(err));
+        self.sent_since_sync = true;
     }
 
     /// Makes sure the held server has `stmt` prepared, injecting its Parse if not.
@@ -415,7 +424,7 @@ impl Session {
         if let Some(server) = self.server.as_mut() {
             server.broken = true;
         }
-        Err(End::Fatal("08P01", "protocol synchronization lost with server".into()))
+        Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, "protocol synchronization lost with server".into()))
     }
 
     /// The server connection died: discard it, tell the client, end the session.
@@ -426,6 +435,11 @@ impl Session {
         }
         self.registration.slot.set(None);
         warn!("server connection lost");
-        Err(End::Fatal(ProxyError::ServerLost.sqlstate(), ProxyError::ServerLost.client_message()))
+        Err(End::Fatal(crate::error::ClientError::from(&ProxyError::ServerLost).code, ProxyError::ServerLost.to_string()))
     }
+}
+
+/// PostgreSQL's 42P05 for a Parse that reuses a statement name.
+pub(super) fn duplicate_statement(name: &[u8]) -> crate::error::ClientError {
+    crate::error::ClientError::error(sqlstate::DUPLICATE_PREPARED_STATEMENT, format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name)))
 }

@@ -24,6 +24,7 @@ use super::{End, Session};
 use crate::routed::exec::{self, Bound, ExecError, Out, Request};
 use crate::backend::query as wire;
 use crate::routed::twopc;
+use crate::protocol::sqlstate;
 
 /// A write the secondary store still has to get (queued inside a block).
 pub(super) struct Secondary {
@@ -124,7 +125,7 @@ impl Session {
                 }
                 Err(_) => {
                     s.conn.broken = true;
-                    Err(ExecError::Proxy("08006", "lost the connection to legacy_db while committing; the write's outcome is unknown".into()))
+                    Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "lost the connection to legacy_db while committing; the write's outcome is unknown".into()))
                 }
             },
             Some(_) => {
@@ -147,7 +148,7 @@ impl Session {
         let b = Bound { result_formats: Vec::new(), ..bound.clone() };
         let r = match self.run_plan(&routed, &b, true, None, None, false, true).await {
             Ok(r) => r,
-            Err(_) => Err(ExecError::Proxy("08006", "client went away".into())),
+            Err(_) => Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "client went away".into())),
         };
         if let Err(e) = r {
             let (shards, months) = keys(plan);
@@ -175,7 +176,7 @@ impl Session {
         let engine = self.shared.engine.clone();
         let _gate = engine.migration.gate.read().await;
         let Some(phase) = engine.migration.phase() else {
-            return Ok(Err(ExecError::Proxy("57P03", "the migration phase is not known yet (db_default unreachable?); retry shortly".into())));
+            return Ok(Err(ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, "the migration phase is not known yet (db_default unreachable?); retry shortly".into())));
         };
         let in_block = self.in_tx_block();
         let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());

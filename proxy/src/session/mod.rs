@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use deadpool::managed::Object;
 use tokio::net::TcpStream;
+use crate::protocol::sqlstate;
 
 pub(crate) use crate::stream::write_all;
 use crate::stream::Stream;
@@ -27,7 +28,6 @@ use crate::backend::conn::STARTUP_PARAMS;
 use crate::backend::ServerManager;
 use crate::cancel::Registration;
 use crate::metrics as m;
-use crate::protocol::backend::{self as msg, Severity};
 use crate::protocol::codec::{split_frame, FrameError};
 use crate::state::Shared;
 
@@ -185,7 +185,7 @@ pub async fn run(
     let stream = match start {
         Ok(s) => s,
         Err(plain) => {
-            let _ = write_fatal(&plain, "08006", "timeout during startup or authentication").await;
+            let _ = write_fatal(&plain, sqlstate::CONNECTION_FAILURE, "timeout during startup or authentication").await;
             return;
         }
     };
@@ -202,8 +202,7 @@ pub async fn run(
             return;
         }
         Err(_) => {
-            let mut out = BytesMut::new();
-            msg::error_response(&mut out, Severity::Fatal, "08006", "timeout during startup or authentication");
+            let out = crate::error::ClientError::fatal(sqlstate::CONNECTION_FAILURE, "timeout during startup or authentication").frame();
             let _ = write_all(&stream, &out).await;
             return;
         }
@@ -425,9 +424,9 @@ impl Session {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
                     Err(FrameError::TooLarge { len, max }) => {
-                        return Err(End::Fatal("54000", format!("message of {len} bytes exceeds server.max_message_size ({max})")));
+                        return Err(End::Fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("message of {len} bytes exceeds server.max_message_size ({max})")));
                     }
-                    Err(e) => return Err(End::Fatal("08P01", format!("invalid message: {e}"))),
+                    Err(e) => return Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid message: {e}"))),
                 };
                 if self.on_client(frame).await? == Flow::Close {
                     return Ok(());
@@ -463,7 +462,7 @@ impl Session {
                 }
             }
             if self.shutting_down && self.server.is_none() && self.cout.is_empty() {
-                return Err(End::Fatal("57P01", "terminating connection due to administrator command".into()));
+                return Err(End::Fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into()));
             }
             // 5. wait for the next event
             let (timer, _) = self.next_timer(client_idle, idle_in_tx);
@@ -562,8 +561,8 @@ impl Session {
                 }
                 Ok(())
             }
-            Timer::ClientIdle => Err(End::Fatal("57P05", "terminating connection due to idle-session timeout".into())),
-            Timer::IdleInTransaction => Err(End::Fatal("25P03", "terminating connection due to idle-in-transaction timeout".into())),
+            Timer::ClientIdle => Err(End::Fatal(sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout".into())),
+            Timer::IdleInTransaction => Err(End::Fatal(sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "terminating connection due to idle-in-transaction timeout".into())),
         }
     }
 
@@ -572,7 +571,7 @@ impl Session {
         self.cache_on_end().await;
         match &end {
             End::Fatal(code, message) => {
-                msg::error_response(&mut self.cout, Severity::Fatal, code, message);
+                crate::error::ClientError::fatal(code, message.as_str()).put(&mut self.cout);
             }
             End::ClientIo(e) => debug!(error = %e, "client i/o error"),
             End::Done => {}

@@ -13,16 +13,17 @@
 
 use std::sync::{Arc, OnceLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use shardgate_router::{Analysis, Plan, StatementClass};
 
 use super::extended::*;
 use super::txn::*;
-use super::{End, Expect, Flow, Session};
-use crate::protocol::backend::{self as msg, Severity};
+use super::{End, Flow, Session};
+use crate::protocol::backend::{self as msg};
 use crate::protocol::codec::{put_cstr, put_message};
 use crate::routed::exec::{self, Bound, ExecError, Out, Request};
 use crate::routed::months;
+use crate::protocol::sqlstate;
 
 /// A prepared statement on a sharded table, kept by the proxy.
 pub(super) struct RoutedStmt {
@@ -135,7 +136,7 @@ impl Session {
                 if self.suspended.contains_key(name.as_bytes()) {
                     self.barrier().await?;
                     if self.server.is_some() && self.tx_status == b'E' {
-                        self.fail_simple(ExecError::Proxy("25P02", "current transaction is aborted, commands ignored until end of transaction block".into())).await?;
+                        self.fail_simple(ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into())).await?;
                         return Ok(Some(Flow::Continue));
                     }
                     let s = self.suspended.get_mut(name.as_bytes()).expect("checked");
@@ -158,7 +159,7 @@ impl Session {
             // not UTF-8 (a client_encoding other than UTF8 with non-ASCII text): shardgate
             // cannot read it, and db_default's empty t_order must not answer it
             self.barrier().await?;
-            self.fail_simple(ExecError::Proxy("0A000", NOT_UTF8.into())).await?;
+            self.fail_simple(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NOT_UTF8.into())).await?;
             return Ok(Some(Flow::Continue));
         };
         if self.shards_in_tx() && !matches!(tx_verb(text), TxVerb::Other) {
@@ -199,7 +200,7 @@ impl Session {
     /// Plans and runs a routed statement; rows and tag go to the client buffer.
     pub(super) async fn run_routed(&mut self, analysis: &Analysis, sql: &str, bound: &Bound, simple: bool, visible: Option<usize>) -> Result<Result<(), ExecError>, End> {
         if self.server.is_some() && self.tx_status == b'E' {
-            return Ok(Err(ExecError::Proxy("25P02", "current transaction is aborted, commands ignored until end of transaction block".into())));
+            return Ok(Err(ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into())));
         }
         let engine = self.shared.engine.clone();
         let params = bound.params();
@@ -229,8 +230,8 @@ impl Session {
                     let (r, rows) = self.execute_routed(&plan, sql, bound, simple, visible).await?;
                     // a cancel or timeout stands; another error may belong to the place: ask the lookup
                     let canceled = match &r {
-                        Err(ExecError::Server(e)) => e.code == "57014",
-                        Err(ExecError::Proxy(code, _)) => *code == "57014",
+                        Err(ExecError::Server(e)) => e.code == sqlstate::QUERY_CANCELED,
+                        Err(ExecError::Proxy(code, _)) => *code == sqlstate::QUERY_CANCELED,
                         _ => false,
                     };
                     if rows || canceled {
@@ -261,7 +262,7 @@ impl Session {
         }
         let plan = match planned {
             Ok(Plan::Routed(r)) => r,
-            Ok(Plan::Passthrough(_)) => return Ok(Err(ExecError::Proxy("XX000", "statement unexpectedly not routed".into()))),
+            Ok(Plan::Passthrough(_)) => return Ok(Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, "statement unexpectedly not routed".into()))),
             Err(e) => {
                 metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
                 return Ok(Err(ExecError::Proxy(e.sqlstate(), e.to_string())));
@@ -269,14 +270,14 @@ impl Session {
         };
         if let Some(l) = plan.lookup_rows.iter().find(|l| l.param.is_some_and(|i| !text_like(bound, i))) {
             return Ok(Err(ExecError::Proxy(
-                "0A000",
+                sqlstate::FEATURE_NOT_SUPPORTED,
                 format!("{} must be bound as text or varchar (or left to the server to type): it is kept unique across shards (unique_lookups), and a value of another type is stored changed", l.column),
             )));
         }
         if plan.kind == shardgate_router::RoutedKind::Insert {
             let ms: Vec<_> = plan.targets.iter().flat_map(|t| t.months.iter().copied()).collect();
             if let Err(m) = months::within_window(&engine, &self.shared.config.sharding, &ms) {
-                return Ok(Err(ExecError::Proxy("0A000", m)));
+                return Ok(Err(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, m)));
             }
             months::ensure(&engine, &ms).await;
         }
@@ -373,11 +374,7 @@ impl Session {
     pub(super) async fn fail_extended(&mut self, e: ExecError) -> Result<(), End> {
         let frame = error_frame(&e);
         if self.server.is_some() {
-            // have db_default fail a Parse at this point: it then skips to Sync (and
-            // aborts an open transaction) exactly as the client expects
-            put_message(&mut self.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
-            self.expect.push_back(Expect::ReplaceError(frame));
-            self.sent_since_sync = true;
+            self.fail_on_server(frame);
         } else {
             self.cout.extend_from_slice(&frame);
         }
@@ -431,26 +428,7 @@ pub(super) async fn with_query_timeout<T>(timeout_ms: u64, cancel: &crate::cance
 
 /// The ErrorResponse frame for an execution error.
 pub(super) fn error_frame(e: &ExecError) -> Bytes {
-    match e {
-        ExecError::Server(s) => s.raw.clone(),
-        ExecError::Proxy(code, m) => {
-            let mut b = BytesMut::new();
-            msg::error_response(&mut b, Severity::Error, code, m);
-            b.freeze()
-        }
-        ExecError::ClientIo(_) => Bytes::new(),
-        ExecError::CatchUp(s) => {
-            let mut b = BytesMut::new();
-            msg::error_response(&mut b, Severity::Error, "57P03", &format!("shard db_{s} is catching up on orders written while it was down; retry shortly"));
-            b.freeze()
-        }
-        ExecError::Unreachable(s) => {
-            let mut b = BytesMut::new();
-            msg::error_response(&mut b, Severity::Error, "08006", &format!("shard db_{s} is unavailable"));
-            b.freeze()
-        }
-        ExecError::DownMissed(s) => error_frame(&crate::routed::exec::down_missed(*s)),
-    }
+    crate::error::exec_frame(e)
 }
 
 /// Whether `buf` (whole protocol messages) holds a DataRow.

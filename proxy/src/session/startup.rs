@@ -12,11 +12,12 @@ use tracing::{debug, info, warn};
 use crate::auth::{verify_md5, ScramSecret, ScramServer};
 use crate::cancel::Registration;
 use crate::metrics as m;
-use crate::protocol::backend::{self as msg, Severity};
+use crate::protocol::backend::{self as msg};
 use crate::protocol::codec::{put_message, split_frame, split_startup, Frame};
 use crate::protocol::frontend::{parse_startup, SaslInitial, StartupPacket, GSSENC_REQUEST, SSL_REQUEST};
 use crate::state::Shared;
 use super::*;
+use crate::protocol::sqlstate;
 
 /// Largest startup packet accepted (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).
 pub(super) const MAX_STARTUP: usize = 10_000;
@@ -48,7 +49,7 @@ pub(super) async fn encryption_request(shared: &Shared, stream: &Stream, cin: &m
         let _ = cin.split_to(8);
         if !cin.is_empty() {
             // bytes sent before our answer could be injected by a man in the middle
-            write_fatal(stream, "08P01", "received unencrypted data after SSL request").await?;
+            write_fatal(stream, sqlstate::PROTOCOL_VIOLATION, "received unencrypted data after SSL request").await?;
             return Ok(Encryption::Close);
         }
         match (&shared.tls, code == SSL_REQUEST) {
@@ -72,10 +73,8 @@ pub(super) struct Login {
     pub(super) permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-pub(super) async fn write_fatal(stream: &Stream, code: &str, message: &str) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    msg::error_response(&mut out, Severity::Fatal, code, message);
-    write_all(stream, &out).await
+pub(super) async fn write_fatal(stream: &Stream, code: &'static str, message: &str) -> std::io::Result<()> {
+    write_all(stream, &crate::error::ClientError::fatal(code, message).frame()).await
 }
 
 /// Reads one startup packet; `None` on a malformed one (after telling the client).
@@ -85,7 +84,7 @@ pub(super) async fn read_startup_packet(stream: &Stream, cin: &mut BytesMut) -> 
             Ok(Some(p)) => return Ok(Some(p)),
             Ok(None) => read_more(stream, cin).await?,
             Err(_) => {
-                write_fatal(stream, "08P01", "invalid length of startup packet").await?;
+                write_fatal(stream, sqlstate::PROTOCOL_VIOLATION, "invalid length of startup packet").await?;
                 return Ok(None);
             }
         }
@@ -98,12 +97,12 @@ pub(super) async fn read_auth_message(stream: &Stream, cin: &mut BytesMut) -> st
         match split_frame(cin, MAX_STARTUP) {
             Ok(Some(f)) if f.tag == b'p' => return Ok(Some(f)),
             Ok(Some(_)) => {
-                write_fatal(stream, "08P01", "expected password response").await?;
+                write_fatal(stream, sqlstate::PROTOCOL_VIOLATION, "expected password response").await?;
                 return Ok(None);
             }
             Ok(None) => read_more(stream, cin).await?,
             Err(_) => {
-                write_fatal(stream, "08P01", "invalid message length during authentication").await?;
+                write_fatal(stream, sqlstate::PROTOCOL_VIOLATION, "invalid message length during authentication").await?;
                 return Ok(None);
             }
         }
@@ -118,7 +117,7 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut Byt
         Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
             // encryption_request answered the ones that open a connection; PostgreSQL
             // refuses one after that (inside TLS)
-            write_fatal(stream, "08P01", "unsupported frontend protocol: encryption is negotiated only before the startup packet").await?;
+            write_fatal(stream, sqlstate::PROTOCOL_VIOLATION, "unsupported frontend protocol: encryption is negotiated only before the startup packet").await?;
             return Ok(None);
         }
         Ok(StartupPacket::Cancel { pid, secret }) => {
@@ -135,17 +134,17 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut Byt
         }
         Ok(StartupPacket::Startup { version, params }) => (version, params),
         Err(e) => {
-            write_fatal(stream, "08P01", &format!("invalid startup packet: {e}")).await?;
+            write_fatal(stream, sqlstate::PROTOCOL_VIOLATION, &format!("invalid startup packet: {e}")).await?;
             return Ok(None);
         }
     };
     if shared.config.server.require_tls && !stream.is_tls() {
         metrics::counter!(m::CLIENT_REFUSED_TOTAL).increment(1);
-        write_fatal(stream, "28000", "this server accepts only TLS connections (server.require_tls): connect with sslmode=require or stronger").await?;
+        write_fatal(stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "this server accepts only TLS connections (server.require_tls): connect with sslmode=require or stronger").await?;
         return Ok(None);
     }
     if version >> 16 != 3 {
-        write_fatal(stream, "0A000", &format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", version >> 16, version & 0xffff)).await?;
+        write_fatal(stream, sqlstate::FEATURE_NOT_SUPPORTED, &format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", version >> 16, version & 0xffff)).await?;
         return Ok(None);
     }
     let mut user = None;
@@ -173,26 +172,26 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut Byt
         write_all(stream, &out).await?;
     }
     let Some(user) = user.filter(|u| !u.is_empty()) else {
-        write_fatal(stream, "28000", "no PostgreSQL user name specified in startup packet").await?;
+        write_fatal(stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "no PostgreSQL user name specified in startup packet").await?;
         return Ok(None);
     };
     let Ok(permit) = limit.clone().try_acquire_owned() else {
         metrics::counter!(m::CLIENT_REFUSED_TOTAL).increment(1);
-        write_fatal(stream, "53300", "sorry, too many clients already").await?;
+        write_fatal(stream, sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already").await?;
         return Ok(None);
     };
     if !authenticate(shared, stream, cin, &user).await? {
         metrics::counter!(m::AUTH_FAILURES_TOTAL).increment(1);
         info!(user = %user, "authentication failed");
-        write_fatal(stream, "28P01", &format!("password authentication failed for user \"{user}\"")).await?;
+        write_fatal(stream, sqlstate::INVALID_PASSWORD, &format!("password authentication failed for user \"{user}\"")).await?;
         return Ok(None);
     }
     if *shared.shutdown.borrow() {
-        write_fatal(stream, "57P03", "the database system is shutting down").await?;
+        write_fatal(stream, sqlstate::CANNOT_CONNECT_NOW, "the database system is shutting down").await?;
         return Ok(None);
     }
     if desired.iter().any(|(k, v)| k == "standard_conforming_strings" && !matches!(v.to_ascii_lowercase().as_str(), "on" | "true" | "1" | "yes")) {
-        write_fatal(stream, "0A000", "standard_conforming_strings must stay on through shardgate: it reads and rewrites SQL text with standard string literals").await?;
+        write_fatal(stream, sqlstate::FEATURE_NOT_SUPPORTED, "standard_conforming_strings must stay on through shardgate: it reads and rewrites SQL text with standard string literals").await?;
         return Ok(None);
     }
     let registration = shared.cancels.register();
@@ -257,14 +256,14 @@ pub(super) async fn authenticate(shared: &Shared, stream: &Stream, cin: &mut Byt
                 (b"SCRAM-SHA-256", _) => None,
                 (b"SCRAM-SHA-256-PLUS", Some(b)) => Some(b),
                 _ => {
-                    write_fatal(stream, "28000", "client selected an invalid SASL authentication mechanism").await?;
+                    write_fatal(stream, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "client selected an invalid SASL authentication mechanism").await?;
                     return Ok(false);
                 }
             };
             let (server, server_first) = match ScramServer::start(scram, init.data, plus, binding.is_some()) {
                 Ok(x) => x,
                 Err(crate::auth::AuthError::ChannelBinding) => {
-                    write_fatal(stream, "08P01", "SCRAM channel binding negotiation error").await?;
+                    write_fatal(stream, sqlstate::PROTOCOL_VIOLATION, "SCRAM channel binding negotiation error").await?;
                     return Ok(false);
                 }
                 Err(_) => return Ok(false),

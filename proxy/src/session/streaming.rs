@@ -27,6 +27,7 @@ use super::routing::Suspended;
 use super::Session;
 use crate::protocol::codec::{put_cstr, put_message, split_frame};
 use crate::routed::exec::{self, ExecError, Out, Request, Slots};
+use crate::protocol::sqlstate;
 
 /// Chunks (of about 64 KiB) the channel holds ahead of the client.
 const AHEAD: usize = 4;
@@ -153,7 +154,7 @@ impl Session {
             }
             Err(e) => {
                 tracing::error!(error = %e, "a streaming portal's task failed");
-                Err(ExecError::Proxy("XX000", "the portal's statement failed inside the proxy".into()))
+                Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, "the portal's statement failed inside the proxy".into()))
             }
         };
         (st.portal, r)
@@ -197,7 +198,7 @@ impl Session {
         r?;
         let error = overflow.then(|| {
             (
-                "54000",
+                sqlstate::PROGRAM_LIMIT_EXCEEDED,
                 format!("the rest of this portal is larger than server.max_portal_bytes ({limit}) and another statement ran before it was read; read a portal to its end before running other statements"),
             )
         });

@@ -9,6 +9,7 @@ use crate::protocol::codec::{put_cstr, put_message};
 use crate::routed::exec::{self, ExecError};
 use crate::backend::query as wire;
 use crate::routed::twopc;
+use crate::protocol::sqlstate;
 
 /// What the client's transaction-control statement does to held shards.
 pub(super) enum TxVerb {
@@ -207,11 +208,11 @@ impl Session {
         match verb {
             TxVerb::Other => Ok(None),
             TxVerb::Unsupported => {
-                self.fail_simple(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
+                self.fail_simple(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NO_SAVEPOINTS.into())).await?;
                 Ok(Some(Flow::Continue))
             }
             TxVerb::Mixed => {
-                self.fail_simple(ExecError::Proxy("0A000", NO_MIXED.into())).await?;
+                self.fail_simple(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NO_MIXED.into())).await?;
                 Ok(Some(Flow::Continue))
             }
             TxVerb::Rollback => {
@@ -279,7 +280,7 @@ impl Session {
     /// `Some` when the Parse was answered here (an error).
     pub(super) async fn extended_tx_end(&mut self, query: &[u8]) -> Result<Option<Flow>, End> {
         let Ok(text) = std::str::from_utf8(query) else {
-            self.refuse_extended("0A000", NOT_UTF8.into()).await?;
+            self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, NOT_UTF8.into()).await?;
             return Ok(Some(Flow::Continue));
         };
         let verb = self.effective_verb(tx_verb(text));
@@ -295,11 +296,11 @@ impl Session {
         match verb {
             TxVerb::Other => Ok(None),
             TxVerb::Unsupported => {
-                self.fail_extended(ExecError::Proxy("0A000", NO_SAVEPOINTS.into())).await?;
+                self.fail_extended(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NO_SAVEPOINTS.into())).await?;
                 Ok(Some(Flow::Continue))
             }
             TxVerb::Mixed => {
-                self.fail_extended(ExecError::Proxy("0A000", NO_MIXED.into())).await?;
+                self.fail_extended(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NO_MIXED.into())).await?;
                 Ok(Some(Flow::Continue))
             }
             TxVerb::Rollback => {
