@@ -1,0 +1,461 @@
+//! The executor without a client session, against a scripted backend: one
+//! loopback server that speaks the PostgreSQL protocol for every database of
+//! the config (eight shards and db_default), answers each statement from a
+//! script, can fail chosen statements, and records what it received in order.
+//! The tests check the executor's decisions: k-way merging, passing a shard's
+//! error through whole, the two-phase commit's outcome when a PREPARE or the
+//! decision fails, and the retry of a shard that could not be reached.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use shardgate::routed::exec::{self, Bound, ExecError, Out, Request, Slots};
+use shardgate::routed::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the scripted server does and what it saw.
+#[derive(Default)]
+struct Script {
+    /// Rows (text values) a SELECT on a database answers, with the column types.
+    rows: HashMap<String, (Vec<(String, u32)>, Vec<Vec<Option<String>>>)>,
+    /// (database, text the statement contains, SQLSTATE): that statement fails.
+    fail: Vec<(String, String, &'static str)>,
+    /// Every statement text received, in order: (database, text).
+    seen: Vec<(String, String)>,
+}
+
+type Shared = Arc<Mutex<Script>>;
+
+fn put(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_i32(0);
+    body(out);
+    let len = (out.len() - at) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn cstr(b: &mut BytesMut, s: &str) {
+    b.extend_from_slice(s.as_bytes());
+    b.put_u8(0);
+}
+
+fn read_cstr(b: &mut &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    let s = String::from_utf8_lossy(&b[..end]).to_string();
+    *b = &b[(end + 1).min(b.len())..];
+    s
+}
+
+fn error(out: &mut BytesMut, code: &str, message: &str) {
+    put(out, b'E', |b| {
+        for (k, v) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', code), (b'M', message)] {
+            b.put_u8(k);
+            cstr(b, v);
+        }
+        b.put_u8(0);
+    });
+}
+
+impl Script {
+    fn failing(&self, db: &str, sql: &str) -> Option<&'static str> {
+        self.fail.iter().find(|(d, s, _)| d == db && sql.contains(s.as_str())).map(|(_, _, c)| *c)
+    }
+}
+
+fn is_select(sql: &str) -> bool {
+    sql.trim_start().to_ascii_uppercase().starts_with("SELECT")
+}
+
+fn row_description(out: &mut BytesMut, cols: &[(String, u32)]) {
+    put(out, b'T', |b| {
+        b.put_i16(cols.len() as i16);
+        for (name, oid) in cols {
+            cstr(b, name);
+            b.put_u32(0);
+            b.put_i16(0);
+            b.put_u32(*oid);
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(0);
+        }
+    });
+}
+
+fn rows_and_tag(out: &mut BytesMut, rows: &[Vec<Option<String>>]) {
+    for r in rows {
+        put(out, b'D', |b| {
+            b.put_i16(r.len() as i16);
+            for v in r {
+                match v {
+                    Some(s) => {
+                        b.put_i32(s.len() as i32);
+                        b.extend_from_slice(s.as_bytes());
+                    }
+                    None => b.put_i32(-1),
+                }
+            }
+        });
+    }
+    put(out, b'C', |b| cstr(b, &format!("SELECT {}", rows.len())));
+}
+
+fn tag_of(sql: &str) -> String {
+    let up = sql.trim_start().to_ascii_uppercase();
+    for t in ["BEGIN", "COMMIT PREPARED", "ROLLBACK PREPARED", "PREPARE TRANSACTION", "COMMIT", "ROLLBACK", "SET", "DELETE", "UPDATE", "CREATE"] {
+        if up.starts_with(t) {
+            return match t {
+                "DELETE" | "UPDATE" => format!("{t} 0"),
+                "CREATE" => "CREATE TABLE".into(),
+                _ => t.into(),
+            };
+        }
+    }
+    if up.starts_with("INSERT") {
+        return format!("INSERT 0 {}", 1 + up.matches("),").count());
+    }
+    "SELECT 0".into()
+}
+
+async fn serve_conn(mut s: TcpStream, script: Shared) -> std::io::Result<()> {
+    // startup (decline an SSLRequest)
+    let db = loop {
+        let len = s.read_i32().await? as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await?;
+        if body[..4] == 80877103i32.to_be_bytes() {
+            s.write_all(b"N").await?;
+            continue;
+        }
+        let mut rest = &body[4..];
+        let mut db = String::new();
+        while !rest.is_empty() && rest[0] != 0 {
+            let (k, v) = (read_cstr(&mut rest), read_cstr(&mut rest));
+            if k == "database" {
+                db = v;
+            }
+        }
+        break db;
+    };
+    let mut out = BytesMut::new();
+    put(&mut out, b'R', |b| b.put_i32(0));
+    for (k, v) in [
+        ("server_version", "15.0"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("TimeZone", "UTC"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        put(&mut out, b'S', |b| {
+            cstr(b, k);
+            cstr(b, v);
+        });
+    }
+    put(&mut out, b'K', |b| {
+        b.put_i32(4242);
+        b.put_i32(7);
+    });
+    put(&mut out, b'Z', |b| b.put_u8(b'I'));
+    s.write_all(&out).await?;
+    let (mut stmts, mut portal, mut failed, mut status) = (HashMap::<String, String>::new(), String::new(), false, b'I');
+    loop {
+        let tag = match s.read_u8().await {
+            Ok(t) => t,
+            Err(_) => return Ok(()),
+        };
+        let len = s.read_i32().await? as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await?;
+        let mut b = &body[..];
+        let mut out = BytesMut::new();
+        match tag {
+            b'X' => return Ok(()),
+            b'S' => {
+                failed = false;
+                put(&mut out, b'Z', |o| o.put_u8(status));
+            }
+            _ if failed => {}
+            b'P' => {
+                let (name, sql) = (read_cstr(&mut b), read_cstr(&mut b));
+                let mut sc = script.lock().expect("script");
+                sc.seen.push((db.clone(), sql.clone()));
+                if let Some(code) = sc.failing(&db, &sql) {
+                    error(&mut out, code, "scripted failure");
+                    failed = true;
+                } else {
+                    stmts.insert(name, sql);
+                    put(&mut out, b'1', |_| {});
+                }
+            }
+            b'B' => {
+                let _portal = read_cstr(&mut b);
+                portal = stmts.get(&read_cstr(&mut b)).cloned().unwrap_or_default();
+                put(&mut out, b'2', |_| {});
+            }
+            b'D' => {
+                let kind = b.get_u8();
+                let sql = if kind == b'S' { stmts.get(&read_cstr(&mut b)).cloned().unwrap_or_default() } else { portal.clone() };
+                if kind == b'S' {
+                    put(&mut out, b't', |o| o.put_i16(0));
+                }
+                let sc = script.lock().expect("script");
+                match sc.rows.get(&db) {
+                    Some((cols, _)) if is_select(&sql) => row_description(&mut out, cols),
+                    _ => put(&mut out, b'n', |_| {}),
+                }
+            }
+            b'E' => {
+                let sc = script.lock().expect("script");
+                if is_select(&portal) {
+                    rows_and_tag(&mut out, sc.rows.get(&db).map(|(_, r)| r.as_slice()).unwrap_or_default());
+                } else {
+                    put(&mut out, b'C', |o| cstr(o, &tag_of(&portal)));
+                }
+            }
+            b'C' => put(&mut out, b'3', |_| {}),
+            b'H' => {}
+            b'Q' => {
+                let sql = read_cstr(&mut b);
+                let mut sc = script.lock().expect("script");
+                sc.seen.push((db.clone(), sql.clone()));
+                if let Some(code) = sc.failing(&db, &sql) {
+                    error(&mut out, code, "scripted failure");
+                    if status == b'T' {
+                        status = b'E';
+                    }
+                } else if is_select(&sql) {
+                    match sc.rows.get(&db) {
+                        Some((cols, rows)) => {
+                            row_description(&mut out, cols);
+                            rows_and_tag(&mut out, rows);
+                        }
+                        None => put(&mut out, b'C', |o| cstr(o, "SELECT 0")),
+                    }
+                } else {
+                    let t = tag_of(&sql);
+                    status = match t.as_str() {
+                        "BEGIN" => b'T',
+                        "COMMIT" | "ROLLBACK" | "PREPARE TRANSACTION" => b'I',
+                        _ => status,
+                    };
+                    put(&mut out, b'C', |o| cstr(o, &t));
+                }
+                put(&mut out, b'Z', |o| o.put_u8(status));
+            }
+            other => panic!("scripted server: unexpected message {:?}", other as char),
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+        }
+    }
+}
+
+/// Starts the scripted server; returns its port.
+async fn scripted(script: Shared) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let script = script.clone();
+            tokio::spawn(async move {
+                let _ = serve_conn(s, script).await;
+            });
+        }
+    });
+    port
+}
+
+/// An engine whose eight shards and db_default are databases of the scripted
+/// server; `closed` shards point at a port nobody listens on.
+async fn engine(script: &Shared, closed: &[usize]) -> Engine {
+    let port = scripted(script.clone()).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut t = String::from("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[[users]]\nname = \"app\"\npassword = \"app\"\n");
+    t.push_str("[pool]\nsize = 4\nconnect_timeout_ms = 1000\ncheckout_timeout_ms = 1000\n");
+    for s in 0..8 {
+        let p = if closed.contains(&s) { dead } else { port };
+        t.push_str(&format!("[[shards]]\ndsn = \"postgres://postgres@127.0.0.1:{p}/db_{s}?sslmode=disable\"\n"));
+    }
+    t.push_str(&format!("[default_db]\ndsn = \"postgres://postgres@127.0.0.1:{port}/db_default?sslmode=disable\"\n"));
+    t.push_str("[ids]\nworker_id = 3\n[fallback]\npolicy = \"fail\"\n");
+    // no unique lookups: the two-phase commit then spans the shards only
+    t.push_str("[[sharded_tables]]\nname = \"t_order\"\nshard_key = \"merchant_id\"\nmonth_column = \"create_time\"\ntable_pattern = \"t_order_{yyyyMM}\"\nid_column = \"id\"\nunique_lookups = []\n");
+    let config = shardgate_config::Config::from_toml(&t, "executor test").expect("config");
+    let p = &config.pool;
+    let default = shardgate::backend::pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
+    let engine = Engine::new(&config, default).expect("engine");
+    engine.add_months(&[shardgate_router::month::MonthKey::parse_suffix("202611").expect("month")]);
+    engine
+}
+
+/// Runs `sql` (no parameters) through the executor as a simple-protocol
+/// statement; returns the result and the bytes meant for the client.
+async fn run(engine: &Engine, sql: &str) -> (Result<(), ExecError>, BytesMut) {
+    let plan = engine.plan(sql, &[]).expect("plan");
+    let shardgate_router::Plan::Routed(routed) = plan else { panic!("not routed: {sql}") };
+    let bound = Bound { values: vec![], formats: vec![], types: vec![], result_formats: vec![] };
+    let none = |_: &mut shardgate::backend::ServerConn| bytes::Bytes::new();
+    let req = Request {
+        routed: &routed,
+        bound: &bound,
+        simple: true,
+        visible: None,
+        tx: None,
+        param_sets: &none,
+        local_sets: &[],
+        down_targets: &[],
+        serial: false,
+        cancel: None,
+    };
+    let mut buf = BytesMut::new();
+    let mut out = Out { buf: &mut buf, client: None, keep: None, overflow: false, flushed: false, sink: None };
+    let mut slots: Slots = Vec::new();
+    let r = exec::execute(engine, &mut slots, &req, &mut out).await;
+    exec::release(&mut slots);
+    (r, buf)
+}
+
+/// (tag, body) of every message in `buf`.
+fn messages(mut buf: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut v = Vec::new();
+    while buf.len() >= 5 {
+        let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        v.push((buf[0], buf[5..1 + len].to_vec()));
+        buf = &buf[1 + len..];
+    }
+    v
+}
+
+fn first_values(buf: &[u8]) -> Vec<String> {
+    messages(buf)
+        .into_iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, b)| {
+            let len = i32::from_be_bytes([b[2], b[3], b[4], b[5]]) as usize;
+            String::from_utf8_lossy(&b[6..6 + len]).to_string()
+        })
+        .collect()
+}
+
+fn seen(script: &Shared) -> Vec<(String, String)> {
+    script.lock().expect("script").seen.clone()
+}
+
+fn int_rows(ids: &[i64]) -> (Vec<(String, u32)>, Vec<Vec<Option<String>>>) {
+    (vec![("id".into(), 20)], ids.iter().map(|i| vec![Some(i.to_string())]).collect())
+}
+
+#[tokio::test]
+async fn an_ordered_read_of_several_shards_is_merged_in_order() {
+    let script: Shared = Arc::default();
+    {
+        let mut s = script.lock().expect("script");
+        s.rows.insert("db_1".into(), int_rows(&[1, 4, 9]));
+        s.rows.insert("db_2".into(), int_rows(&[2, 3, 10]));
+    }
+    let engine = engine(&script, &[]).await;
+    let (r, buf) = run(&engine, "SELECT id FROM t_order WHERE merchant_id IN (1, 2) ORDER BY id").await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    assert_eq!(first_values(&buf), ["1", "2", "3", "4", "9", "10"]);
+    let tags: Vec<String> = messages(&buf).into_iter().filter(|(t, _)| *t == b'C').map(|(_, b)| String::from_utf8_lossy(&b[..b.len() - 1]).to_string()).collect();
+    assert_eq!(tags, ["SELECT 6"], "one CommandComplete for the merged answer");
+    let dbs: Vec<String> = seen(&script).into_iter().map(|(d, _)| d).collect();
+    assert!(dbs.contains(&"db_1".into()) && dbs.contains(&"db_2".into()) && !dbs.contains(&"db_0".into()), "{dbs:?}");
+}
+
+#[tokio::test]
+async fn a_shard_error_reaches_the_client_whole() {
+    let script: Shared = Arc::default();
+    {
+        let mut s = script.lock().expect("script");
+        s.rows.insert("db_1".into(), int_rows(&[1]));
+        s.fail.push(("db_2".into(), "t_order_202611".into(), "42703"));
+    }
+    let engine = engine(&script, &[]).await;
+    let (r, _) = run(&engine, "SELECT id FROM t_order WHERE merchant_id IN (1, 2)").await;
+    match r {
+        Err(ExecError::Server(e)) => assert_eq!(e.code, "42703"),
+        other => panic!("expected the shard's error, got {other:?}"),
+    }
+}
+
+/// Statements of the two-phase commit, in the order the scripted server saw them.
+fn commit_steps(script: &Shared) -> Vec<String> {
+    seen(script)
+        .into_iter()
+        .filter(|(_, s)| s.contains("PREPARE") || s.contains("PREPARED") || s.contains("shardgate_2pc_decisions") && s.starts_with("INSERT"))
+        .map(|(d, s)| format!("{d}: {}", s.split('\'').next().unwrap_or("").trim()))
+        .collect()
+}
+
+const TWO_SHARDS: &str = "INSERT INTO t_order (merchant_id, order_amount, create_time) VALUES (1, 1.00, '2026-11-05 10:00+00'), (2, 2.00, '2026-11-05 10:00+00')";
+
+#[tokio::test]
+async fn a_write_on_two_shards_records_its_decision_before_committing() {
+    let script: Shared = Arc::default();
+    let engine = engine(&script, &[]).await;
+    let (r, buf) = run(&engine, TWO_SHARDS).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    assert!(messages(&buf).iter().any(|(t, b)| *t == b'C' && b.starts_with(b"INSERT 0 2")), "one tag for both rows");
+    let steps = commit_steps(&script);
+    let decision = steps.iter().position(|s| s.starts_with("db_default: INSERT")).expect("a decision row");
+    let prepared: Vec<usize> = steps.iter().enumerate().filter(|(_, s)| s.contains("PREPARE TRANSACTION")).map(|(i, _)| i).collect();
+    let committed: Vec<usize> = steps.iter().enumerate().filter(|(_, s)| s.contains("COMMIT PREPARED")).map(|(i, _)| i).collect();
+    assert_eq!((prepared.len(), committed.len()), (2, 2), "{steps:?}");
+    assert!(prepared.iter().all(|p| *p < decision) && committed.iter().all(|c| *c > decision), "prepare, decide, commit: {steps:?}");
+}
+
+#[tokio::test]
+async fn a_failed_prepare_rolls_every_shard_back_and_decides_nothing() {
+    let script: Shared = Arc::default();
+    script.lock().expect("script").fail.push(("db_2".into(), "PREPARE TRANSACTION".into(), "53100"));
+    let engine = engine(&script, &[]).await;
+    let (r, _) = run(&engine, TWO_SHARDS).await;
+    assert!(r.is_err(), "the write must fail");
+    let steps = commit_steps(&script);
+    assert!(!steps.iter().any(|s| s.contains("COMMIT PREPARED") || s.starts_with("db_default: INSERT")), "{steps:?}");
+    let all = seen(&script);
+    // the shard that prepared rolls its prepared transaction back; the other its open one
+    assert!(all.iter().any(|(d, s)| d == "db_1" && s.starts_with("ROLLBACK PREPARED")), "{all:?}");
+    assert!(!all.iter().any(|(d, s)| d == "db_2" && s.starts_with("COMMIT")), "{all:?}");
+}
+
+#[tokio::test]
+async fn a_decision_that_cannot_be_recorded_rolls_both_shards_back() {
+    let script: Shared = Arc::default();
+    script.lock().expect("script").fail.push(("db_default".into(), "shardgate_2pc_decisions (gid".into(), "53100"));
+    let engine = engine(&script, &[]).await;
+    let (r, _) = run(&engine, TWO_SHARDS).await;
+    assert!(r.is_err(), "the write must fail");
+    let steps = commit_steps(&script);
+    let rolled: Vec<&String> = steps.iter().filter(|s| s.contains("ROLLBACK PREPARED")).collect();
+    assert_eq!(rolled.len(), 2, "{steps:?}");
+    assert!(!steps.iter().any(|s| s.contains("COMMIT PREPARED")), "{steps:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_shard_is_planned_again_around_and_answered_by_policy() {
+    let script: Shared = Arc::default();
+    script.lock().expect("script").rows.insert("db_1".into(), int_rows(&[1]));
+    let engine = engine(&script, &[2]).await;
+    assert!(!engine.is_down(2));
+    let (r, _) = run(&engine, "SELECT id FROM t_order WHERE merchant_id IN (1, 2)").await;
+    // the connect fails before anything is sent: the shard is marked down and the
+    // read planned again, which fallback.policy = "fail" refuses with 57P03
+    match r {
+        Err(ExecError::Proxy(code, m)) => {
+            assert_eq!(code, shardgate::protocol::sqlstate::CANNOT_CONNECT_NOW, "{m}");
+            assert!(m.contains("db_2"), "{m}");
+        }
+        other => panic!("expected a refusal by policy, got {other:?}"),
+    }
+    assert!(engine.is_down(2), "the failed connect marks the shard down");
+}
