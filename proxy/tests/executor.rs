@@ -16,11 +16,14 @@ use shardgate::routed::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Columns (name, type OID) and rows (text values) of a scripted answer.
+type Answer = (Vec<(String, u32)>, Vec<Vec<Option<String>>>);
+
 /// What the scripted server does and what it saw.
 #[derive(Default)]
 struct Script {
     /// Rows (text values) a SELECT on a database answers, with the column types.
-    rows: HashMap<String, (Vec<(String, u32)>, Vec<Vec<Option<String>>>)>,
+    rows: HashMap<String, Answer>,
     /// (database, text the statement contains, SQLSTATE): that statement fails.
     fail: Vec<(String, String, &'static str)>,
     /// Every statement text received, in order: (database, text).
@@ -349,7 +352,7 @@ fn seen(script: &Shared) -> Vec<(String, String)> {
     script.lock().expect("script").seen.clone()
 }
 
-fn int_rows(ids: &[i64]) -> (Vec<(String, u32)>, Vec<Vec<Option<String>>>) {
+fn int_rows(ids: &[i64]) -> Answer {
     (vec![("id".into(), 20)], ids.iter().map(|i| vec![Some(i.to_string())]).collect())
 }
 
