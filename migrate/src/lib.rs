@@ -1,5 +1,5 @@
 //! The migration engine behind `shardgate-migrate`, also used by the proxy
-//! (phase, outbox) — DESIGN.md §5.
+//! (phase, outbox) — README, "Migrating from a legacy single table".
 //!
 //! - [`plan`]: phases and which step may run when (pure).
 //! - [`state`]: the control tables on `db_default`.

@@ -1,5 +1,5 @@
 //! `shardgate-migrate`: dual-write migration from a legacy single-table store
-//! onto the shards (DESIGN.md §5). Exit codes: 0 done or nothing to do,
+//! onto the shards (README, "Migrating from a legacy single table"). Exit codes: 0 done or nothing to do,
 //! 1 differences found or a step failed, 2 bad arguments or config,
 //! 3 refused (out of order, or another step is running).
 

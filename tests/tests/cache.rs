@@ -1,4 +1,4 @@
-//! The merchant-info cache (DESIGN.md §6) against real PostgreSQL and Redis:
+//! The merchant-info cache (README, "Merchant info cache") against real PostgreSQL and Redis:
 //! exact answers, invalidation across proxies, bloom filter, one load per
 //! key, and Redis going away and coming back.
 

@@ -1,4 +1,4 @@
-//! Shard down: fallback to db_default and sync-back (DESIGN.md §4), against
+//! Shard down: fallback to db_default and sync-back (README, "When a shard is down"), against
 //! real PostgreSQL clusters stopped and started under the proxy.
 
 use std::collections::HashMap;

@@ -1,5 +1,5 @@
 //! Shard down: writes go to `db_default.t_order_fallback`; when the shard is
-//! back, the sync-back worker moves them home (DESIGN.md §4).
+//! back, the sync-back worker moves them home (README, "When a shard is down").
 //!
 //! The fallback table has `t_order`'s columns plus `target_db`,
 //! `target_table`, `sync_status` (PENDING/SYNCED/FAILED), `sync_attempts`,

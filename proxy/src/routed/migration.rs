@@ -1,4 +1,4 @@
-//! Following a migration from `legacy_db` (DESIGN.md §5): the phase comes from
+//! Following a migration from `legacy_db` (README, "Migrating from a legacy single table"): the phase comes from
 //! the control table on `db_default`, polled every `migration.poll_interval_ms`
 //! (at most 1 s). A phase change waits for the statements that started under
 //! the old phase ([`Migration::gate`]), then this proxy acknowledges the new

@@ -1,5 +1,5 @@
 //! Statements on the sharded table while a migration from `legacy_db` runs
-//! (DESIGN.md §5); the phase says where reads go and which store is written
+//! (README, "Migrating from a legacy single table"); the phase says where reads go and which store is written
 //! first.
 //!
 //! - Legacy primary (`dual_write`, `shard_reads`), outside a transaction
