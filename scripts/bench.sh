@@ -15,7 +15,8 @@ CLIENTS=${CLIENTS:-16}
 SCALE=${SCALE:-10}
 WORKERS=${WORKERS:-0}
 DIR=target/bench
-export SHARDGATE_BIN=$PWD/target/release/shardgate SHARDGATE_LOG=warn
+# SHARDGATE_BIN: the proxy binary to measure (scripts/bench_compare.sh passes an older build)
+export SHARDGATE_BIN=${SHARDGATE_BIN:-$PWD/target/release/shardgate} SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
 # WORKERS: the proxy's runtime threads (0 = one per core)
 ./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" up >/dev/null

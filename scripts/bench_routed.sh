@@ -16,7 +16,8 @@ CLIENTS=${CLIENTS:-16}
 AGG_ROWS=${AGG_ROWS:-1000000}
 AGG_RUNS=${AGG_RUNS:-5}
 DIR=target/bench-routed
-export SHARDGATE_BIN=$PWD/target/release/shardgate SHARDGATE_LOG=warn
+# SHARDGATE_BIN: the proxy binary to measure (scripts/bench_compare.sh passes an older build)
+export SHARDGATE_BIN=${SHARDGATE_BIN:-$PWD/target/release/shardgate} SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
 ./target/release/devcluster --dir $DIR up >/dev/null
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT

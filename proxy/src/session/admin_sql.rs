@@ -154,7 +154,7 @@ impl Session {
             _ => return Ok(false),
         }
         self.cout.extend_from_slice(&out);
-        let status = if self.server.is_some() { self.tx_status } else { b'I' };
+        let status = if self.db.server.is_some() { self.tx_status } else { b'I' };
         msg::ready_for_query(&mut self.cout, status);
         Ok(true)
     }

@@ -36,9 +36,9 @@ pub(super) type CacheWrites = (Arc<Vec<WriteEffect>>, Vec<u32>);
 impl Session {
     /// Why a point read must not be answered from the cache, if it must not.
     fn cache_bypass(&self) -> Option<&'static str> {
-        if self.cache_tx_wrote {
+        if self.cache_hold.cache_tx_wrote {
             Some("transaction_wrote_table")
-        } else if self.server.is_some() && self.tx_status == b'E' {
+        } else if self.db.server.is_some() && self.tx_status == b'E' {
             Some("transaction_aborted")
         } else {
             None
@@ -50,55 +50,55 @@ impl Session {
     fn note_cache_writes(&mut self, writes: &[WriteEffect], values: &[Option<&[u8]>], formats: &[i16], types: &[u32]) {
         let cache = self.shared.cache.clone();
         // ReadyForQuerys owed for what was sent before this statement
-        let wait = self.pending_ready;
+        let wait = self.db.pending_ready;
         for w in writes {
             match &w.keys {
-                None => self.cache_pending.push((wait, Invalidation { table: w.table, key: None })),
+                None => self.cache_hold.cache_pending.push((wait, Invalidation { table: w.table, key: None })),
                 Some(keys) => {
                     for k in keys {
                         match cache.canonical_key(w.table, k, values, formats, types) {
-                            Some(c) => self.cache_pending.push((wait, Invalidation { table: w.table, key: Some(c) })),
+                            Some(c) => self.cache_hold.cache_pending.push((wait, Invalidation { table: w.table, key: Some(c) })),
                             // NULL matches no row; anything else unreadable: the whole table
                             None if matches!(k, KeyArg::Null) => {}
-                            None => self.cache_pending.push((wait, Invalidation { table: w.table, key: None })),
+                            None => self.cache_hold.cache_pending.push((wait, Invalidation { table: w.table, key: None })),
                         }
                     }
                 }
             }
         }
         if !writes.is_empty() {
-            self.cache_tx_wrote = true;
+            self.cache_hold.cache_tx_wrote = true;
         }
     }
 
     /// At each ReadyForQuery from `db_default`: writes whose transaction has
     /// ended are dropped from this proxy's cache now, and queued for Redis.
     pub(super) fn cache_on_ready(&mut self, status: u8) {
-        if self.cache_pending.is_empty() && !self.cache_tx_wrote {
+        if self.cache_hold.cache_pending.is_empty() && !self.cache_hold.cache_tx_wrote {
             return;
         }
         let mut due = Vec::new();
         if status == b'I' {
             let mut later = Vec::new();
-            for (wait, inv) in self.cache_pending.drain(..) {
+            for (wait, inv) in self.cache_hold.cache_pending.drain(..) {
                 if wait == 0 {
                     due.push(inv);
                 } else {
                     later.push((wait - 1, inv));
                 }
             }
-            self.cache_pending = later;
-            if self.cache_pending.is_empty() {
-                self.cache_tx_wrote = false;
+            self.cache_hold.cache_pending = later;
+            if self.cache_hold.cache_pending.is_empty() {
+                self.cache_hold.cache_tx_wrote = false;
             }
         } else {
-            for (wait, _) in self.cache_pending.iter_mut() {
+            for (wait, _) in self.cache_hold.cache_pending.iter_mut() {
                 *wait = wait.saturating_sub(1);
             }
         }
         if !due.is_empty() {
             self.shared.cache.invalidate_local(&due);
-            self.cache_flush = true;
+            self.cache_hold.cache_flush = true;
         }
     }
 
@@ -107,25 +107,25 @@ impl Session {
     /// while that needs no more client input: a Sync/Query is outstanding and
     /// the server is not waiting for COPY data.
     pub(super) fn holding_for_cache(&self) -> bool {
-        self.pending_ready > 0
-            && self.copy_in.is_none()
+        self.db.pending_ready > 0
+            && self.db.copy_in.is_none()
             && self.cout.len() < super::HIGH_WATER
-            && self.cache_pending.iter().any(|(wait, _)| *wait < self.pending_ready)
+            && self.cache_hold.cache_pending.iter().any(|(wait, _)| *wait < self.db.pending_ready)
     }
 
     /// Sends committed invalidations to Redis and the other proxies.
     pub(super) async fn flush_cache_invalidations(&mut self) {
-        if std::mem::take(&mut self.cache_flush) {
+        if std::mem::take(&mut self.cache_hold.cache_flush) {
             self.shared.cache.invalidate_shared().await;
         }
     }
 
     /// The session is ending: whatever was written may have committed.
     pub(super) async fn cache_on_end(&mut self) {
-        let inv: Vec<Invalidation> = self.cache_pending.drain(..).map(|(_, i)| i).collect();
+        let inv: Vec<Invalidation> = self.cache_hold.cache_pending.drain(..).map(|(_, i)| i).collect();
         if !inv.is_empty() {
             self.shared.cache.invalidate_local(&inv);
-            self.cache_flush = true;
+            self.cache_hold.cache_flush = true;
         }
         self.flush_cache_invalidations().await;
     }
@@ -155,7 +155,7 @@ impl Session {
             metrics::counter!(m::CACHE_BYPASS, "reason" => reason).increment(1);
             return Ok(None);
         }
-        if self.sent_since_sync || self.copy_in.is_some() {
+        if self.db.sent_since_sync || self.db.copy_in.is_some() {
             // inside an unfinished extended batch: keep the server's order
             return Ok(None);
         }
@@ -188,8 +188,8 @@ impl Session {
             return Ok(None);
         }
         if !cache.may_concern(query) {
-            if !self.cache_write_stmts.is_empty() && name.is_empty() {
-                self.cache_write_stmts.remove(name);
+            if !self.cache_hold.cache_write_stmts.is_empty() && name.is_empty() {
+                self.cache_hold.cache_write_stmts.remove(name);
             }
             return Ok(None);
         }
@@ -197,18 +197,18 @@ impl Session {
         let types = type_oids(param_types);
         let a = cache.classify(text);
         // a name is reused by the client only after Close (or it is the unnamed one)
-        self.cache_write_stmts.remove(name);
+        self.cache_hold.cache_write_stmts.remove(name);
         if !a.writes.is_empty() {
-            self.cache_write_stmts.insert(name.to_vec(), (Arc::new(a.writes), types));
+            self.cache_hold.cache_write_stmts.insert(name.to_vec(), (Arc::new(a.writes), types));
             return Ok(None);
         }
         let Some(read) = a.read else { return Ok(None) };
-        if !name.is_empty() && (self.routed_stmts.contains_key(name) || self.statements.contains_key(name)) {
+        if !name.is_empty() && (self.routed.routed_stmts.contains_key(name) || self.db.statements.contains_key(name)) {
             // the ordinary path answers 42P05
             return Ok(None);
         }
         self.barrier().await?;
-        if self.server_skipping {
+        if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
@@ -231,14 +231,14 @@ impl Session {
                 }
             }
         };
-        self.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt::cached(text.to_string(), types, read, Some(described))));
+        self.routed.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt::cached(text.to_string(), types, read, Some(described))));
         put_message(&mut self.cout, b'1', |_| {});
         Ok(Some(Flow::Continue))
     }
 
     /// Bind of a statement that writes a cached table: note its keys.
     pub(super) fn cached_bind_write(&mut self, statement: &[u8], rest: &[u8]) {
-        let Some((writes, types)) = self.cache_write_stmts.get(statement).cloned() else { return };
+        let Some((writes, types)) = self.cache_hold.cache_write_stmts.get(statement).cloned() else { return };
         match parse_bind(&mut Reader::new(rest), &types) {
             Ok(b) => {
                 let values: Vec<Option<&[u8]>> = b.values.iter().map(|v| v.as_deref()).collect();
@@ -255,7 +255,7 @@ impl Session {
     /// Execute of a prepared point read.
     pub(super) async fn cached_execute(&mut self, stmt: &RoutedStmt, bound: &Bound, max_rows: i32) -> Result<(), End> {
         let Some(read) = stmt.cached.as_ref() else { return Ok(()) };
-        if self.server.is_some() && self.tx_status == b'E' {
+        if self.db.server.is_some() && self.tx_status == b'E' {
             let e = ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into());
             return self.fail_extended(e).await;
         }
@@ -290,7 +290,7 @@ impl Session {
         }
         // the connection's session settings first
         self.barrier().await?;
-        let server = self.server.as_mut().expect("server_for succeeded");
+        let server = self.db.server.as_mut().expect("server_for succeeded");
         match crate::cache::exchange(server, &fetch).await {
             Ok(x) => {
                 self.set_tx_status(x.status);

@@ -20,8 +20,8 @@ use crate::protocol::sqlstate;
 impl Session {
     /// What the client's prepared statements take in the proxy (see [`statement_weight`]).
     pub(super) fn statement_bytes(&self) -> usize {
-        let plain: usize = self.statements.values().map(|s| s.parse.len()).sum();
-        let routed: usize = self.routed_stmts.values().map(|r| shardgate_router::analysis_weight(r.sql.len())).sum();
+        let plain: usize = self.db.statements.values().map(|s| s.parse.len()).sum();
+        let routed: usize = self.routed.routed_stmts.values().map(|r| shardgate_router::analysis_weight(r.sql.len())).sum();
         plain + routed
     }
 
@@ -29,8 +29,8 @@ impl Session {
     pub(super) fn set_tx_status(&mut self, status: u8) {
         self.tx_status = status;
         if status == b'I' {
-            self.local_sets.clear();
-            self.local_marks.clear();
+            self.shard_tx.local_sets.clear();
+            self.shard_tx.local_marks.clear();
         }
     }
 
@@ -56,7 +56,7 @@ impl Session {
                 // extended batch, or an implicit batch transaction); outside a transaction it
                 // is dropped at the next ReadyForQuery, as PostgreSQL drops it
                 Some(SettingChange::Local(name, v)) => {
-                    self.local_sets.push((name, v.map(|v| normalize_param(&v))));
+                    self.shard_tx.local_sets.push((name, v.map(|v| normalize_param(&v))));
                 }
                 Some(SettingChange::Refused(m)) => return Err(m),
                 None => {}
@@ -71,29 +71,7 @@ impl Session {
     /// after a savepoint end with `ROLLBACK TO` it, and all of them end with
     /// the block, `COMMIT AND CHAIN` too (whose new block keeps the status).
     pub(super) fn note_block_step(&mut self, text: &str) {
-        use shardgate_router::{SavepointOp, TxControl};
-        match shardgate_router::savepoint_op(text) {
-            Some(SavepointOp::Define(name)) => self.local_marks.push((name, self.local_sets.len())),
-            Some(SavepointOp::RollbackTo(name)) => {
-                if let Some(i) = self.local_marks.iter().rposition(|(n, _)| *n == name) {
-                    // the savepoint stays; later ones are gone
-                    self.local_marks.truncate(i + 1);
-                    let keep = self.local_marks[i].1;
-                    self.local_sets.truncate(keep);
-                }
-            }
-            Some(SavepointOp::Release(name)) => {
-                if let Some(i) = self.local_marks.iter().rposition(|(n, _)| *n == name) {
-                    self.local_marks.truncate(i);
-                }
-            }
-            None => {
-                if matches!(shardgate_router::transaction_control(text), TxControl::Commit | TxControl::Rollback) {
-                    self.local_sets.clear();
-                    self.local_marks.clear();
-                }
-            }
-        }
+        self.shard_tx.note_block_step(text);
     }
 
     /// Messages that leave a streaming portal running: its own Execute, Sync and Flush.
@@ -102,7 +80,7 @@ impl Session {
             b'S' | b'H' => true,
             b'E' => {
                 let mut r = crate::protocol::frontend::Reader::new(f.body());
-                r.cstr().is_ok_and(|p| self.stream.as_ref().is_some_and(|s| s.portal == p))
+                r.cstr().is_ok_and(|p| self.routed.stream.as_ref().is_some_and(|s| s.portal == p))
             }
             _ => false,
         }
@@ -133,7 +111,7 @@ impl Session {
         }
         if shardgate_router::transaction_control(&text) == shardgate_router::TxControl::Begin {
             // the shards join with the BEGIN as the router reads it, never the client's text
-            self.begin_sql = Some(shardgate_router::begin_statement(&text));
+            self.shard_tx.begin_sql = Some(shardgate_router::begin_statement(&text));
         }
     }
 
@@ -145,13 +123,13 @@ impl Session {
     }
 
     pub(super) async fn on_client(&mut self, f: Frame) -> Result<Flow, End> {
-        tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), server = self.server.is_some(), "client message");
+        tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), server = self.db.server.is_some(), "client message");
         if self.discard_until_sync && f.tag != b'S' && f.tag != b'X' {
             return Ok(Flow::Continue);
         }
-        if self.stream.is_some() && !self.stream_goes_on(&f) {
+        if self.routed.stream.is_some() && !self.stream_goes_on(&f) {
             // another message needs the shard connections: the portal's answer is read now
-            let closes = f.tag == b'C' && Target::parse(f.body()).is_ok_and(|t| t.kind == b'P' && self.stream.as_ref().is_some_and(|s| s.portal == t.name));
+            let closes = f.tag == b'C' && Target::parse(f.body()).is_ok_and(|t| t.kind == b'P' && self.routed.stream.as_ref().is_some_and(|s| s.portal == t.name));
             let text = match f.tag {
                 b'Q' => f.body().strip_suffix(&[0]),
                 b'P' => {
@@ -202,9 +180,9 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 self.forget_statements_if_discarded(sql);
-                self.sout.extend_from_slice(&f.raw);
-                self.expect.push_back(Expect::Ready { sync: false });
-                self.pending_ready += 1;
+                self.db.sout.extend_from_slice(&f.raw);
+                self.db.expect.push_back(Expect::Ready { sync: false });
+                self.db.pending_ready += 1;
                 self.arm_query_timeout();
             }
             b'P' => {
@@ -215,9 +193,9 @@ impl Session {
                 }
                 let cap = self.shared.config.server.max_client_statements;
                 if !p.name.is_empty()
-                    && !self.statements.contains_key(p.name)
-                    && !self.routed_stmts.contains_key(p.name)
-                    && self.statements.len() + self.routed_stmts.len() >= cap
+                    && !self.db.statements.contains_key(p.name)
+                    && !self.routed.routed_stmts.contains_key(p.name)
+                    && self.db.statements.len() + self.routed.routed_stmts.len() >= cap
                 {
                     let m = format!("too many prepared statements on this connection (server.max_client_statements = {cap}); close some with Close or DEALLOCATE");
                     self.refuse_extended(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, m).await?;
@@ -237,7 +215,7 @@ impl Session {
                 if let Some(flow) = self.cached_parse(p.name, p.query, p.param_types).await? {
                     return Ok(flow);
                 }
-                if !p.name.is_empty() && self.routed_stmts.contains_key(p.name) {
+                if !p.name.is_empty() && self.routed.routed_stmts.contains_key(p.name) {
                     self.fail_duplicate(p.name);
                     return Ok(Flow::Continue);
                 }
@@ -250,14 +228,14 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 if p.name.is_empty() {
-                    self.sout.extend_from_slice(&f.raw);
+                    self.db.sout.extend_from_slice(&f.raw);
                     self.expect_reply(Expect::ParseComplete { forward: true, name: None });
-                } else if self.statements.contains_key(p.name) {
+                } else if self.db.statements.contains_key(p.name) {
                     // PostgreSQL: 42P05, the existing statement stays. The server
                     // never saw the client's name, so have it fail a Parse in the
                     // same position (a syntax error, no side effects) and answer
                     // with the right error instead.
-                    if !self.server_skipping {
+                    if !self.db.server_skipping {
                         self.fail_on_server(duplicate_statement(p.name).frame());
                     }
                 } else {
@@ -265,30 +243,30 @@ impl Session {
                     let mut parse = BytesMut::new();
                     p.write_renamed(&mut parse, server_name.as_bytes());
                     let parse = parse.freeze();
-                    let server = self.server.as_mut().expect("server_for succeeded");
-                    if self.server_skipping {
+                    let server = self.db.server.as_mut().expect("server_for succeeded");
+                    if self.db.server_skipping {
                         // the server skips this Parse: nothing is created, nothing is answered
-                        self.sout.extend_from_slice(&parse);
+                        self.db.sout.extend_from_slice(&parse);
                     } else {
                         if server.prepared.contains(&server_name) {
                             // re-prepare in place so the reply stays in order
-                            crate::protocol::frontend::close_statement(&mut self.sout, server_name.as_bytes());
-                            self.expect.push_back(Expect::CloseComplete { forward: false, evicted: None });
+                            crate::protocol::frontend::close_statement(&mut self.db.sout, server_name.as_bytes());
+                            self.db.expect.push_back(Expect::CloseComplete { forward: false, evicted: None });
                         } else {
-                            make_room(server, self.shared.config.pool.max_prepared_statements, &mut self.sout, &mut self.expect);
+                            make_room(server, self.shared.config.pool.max_prepared_statements, &mut self.db.sout, &mut self.db.expect);
                         }
-                        self.sout.extend_from_slice(&parse);
+                        self.db.sout.extend_from_slice(&parse);
                         server.prepared.insert(&server_name);
-                        self.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });
+                        self.db.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });
                     }
-                    self.statements.insert(p.name.to_vec(), Statement { server_name, parse });
+                    self.db.statements.insert(p.name.to_vec(), Statement { server_name, parse });
                 }
-                self.sent_since_sync = true;
+                self.db.sent_since_sync = true;
             }
             b'B' => {
                 let b = Bind::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
                 self.shared.meters.queries_extended.increment(1);
-                if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
+                if !self.routed.routed_stmts.is_empty() || !self.routed.routed_portals.is_empty() {
                     if let Some(flow) = self.routed_bind(f.body()).await? {
                         return Ok(flow);
                     }
@@ -296,7 +274,7 @@ impl Session {
                 if self.shards_in_tx() {
                     // a named statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps
                     // them prepared): the shards' part ends with it, as at a Parse
-                    let text = self.statements.get(b.statement).map(|s| s.parse.clone());
+                    let text = self.db.statements.get(b.statement).map(|s| s.parse.clone());
                     if let Some(parse) = text {
                         if let Ok(p) = Parse::parse(parse.get(5..).unwrap_or_default()) {
                             if let Some(flow) = self.extended_tx_end(p.query).await? {
@@ -308,22 +286,22 @@ impl Session {
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
-                if !self.cache_write_stmts.is_empty() {
+                if !self.cache_hold.cache_write_stmts.is_empty() {
                     self.cached_bind_write(b.statement, b.rest);
                 }
-                match self.statements.get(b.statement).map(|s| s.server_name.clone()) {
+                match self.db.statements.get(b.statement).map(|s| s.server_name.clone()) {
                     Some(server_name) => {
                         self.ensure_prepared(b.statement);
-                        b.write_renamed(&mut self.sout, server_name.as_bytes());
+                        b.write_renamed(&mut self.db.sout, server_name.as_bytes());
                     }
-                    None => self.sout.extend_from_slice(&f.raw),
+                    None => self.db.sout.extend_from_slice(&f.raw),
                 }
                 self.expect_reply(Expect::BindComplete);
-                self.sent_since_sync = true;
+                self.db.sent_since_sync = true;
             }
             b'D' | b'C' => {
                 let t = Target::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
-                if !self.routed_stmts.is_empty() || !self.routed_portals.is_empty() {
+                if !self.routed.routed_stmts.is_empty() || !self.routed.routed_portals.is_empty() {
                     let handled = if f.tag == b'D' { self.routed_describe(&t).await? } else { self.routed_close(&t).await? };
                     if let Some(flow) = handled {
                         return Ok(flow);
@@ -332,90 +310,90 @@ impl Session {
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
-                let known = t.kind == b'S' && !t.name.is_empty() && self.statements.contains_key(t.name);
+                let known = t.kind == b'S' && !t.name.is_empty() && self.db.statements.contains_key(t.name);
                 if f.tag == b'D' && known {
-                    let server_name = self.statements.get(t.name).map(|s| s.server_name.clone()).expect("known");
+                    let server_name = self.db.statements.get(t.name).map(|s| s.server_name.clone()).expect("known");
                     self.ensure_prepared(t.name);
-                    t.write_renamed(&mut self.sout, b'D', server_name.as_bytes());
+                    t.write_renamed(&mut self.db.sout, b'D', server_name.as_bytes());
                 } else if f.tag == b'C' && known {
                     // the server keeps its copy for other clients; close a name that does not exist
-                    self.statements.remove(t.name);
-                    self.cache_write_stmts.remove(t.name);
-                    t.write_renamed(&mut self.sout, b'C', CLOSED_STATEMENT);
+                    self.db.statements.remove(t.name);
+                    self.cache_hold.cache_write_stmts.remove(t.name);
+                    t.write_renamed(&mut self.db.sout, b'C', CLOSED_STATEMENT);
                 } else {
-                    self.sout.extend_from_slice(&f.raw);
+                    self.db.sout.extend_from_slice(&f.raw);
                 }
                 if f.tag == b'C' {
                     self.expect_reply(Expect::CloseComplete { forward: true, evicted: None });
                 } else {
                     self.expect_reply(Expect::Describe);
                 }
-                self.sent_since_sync = true;
+                self.db.sent_since_sync = true;
             }
             b'E' | b'H' => {
-                if f.tag == b'E' && !self.routed_portals.is_empty() {
+                if f.tag == b'E' && !self.routed.routed_portals.is_empty() {
                     if let Some(flow) = self.routed_execute(f.body()).await? {
                         return Ok(flow);
                     }
                 }
-                if f.tag == b'H' && self.server.is_none() {
+                if f.tag == b'H' && self.db.server.is_none() {
                     // Flush with nothing in flight: answers the proxy made are flushed anyway
                     return Ok(Flow::Continue);
                 }
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
-                self.sout.extend_from_slice(&f.raw);
-                self.sent_since_sync = true;
+                self.db.sout.extend_from_slice(&f.raw);
+                self.db.sent_since_sync = true;
                 if f.tag == b'E' {
                     self.expect_reply(Expect::Execute);
                     self.arm_query_timeout();
                 }
             }
             b'S' => {
-                if self.batch_tx {
+                if self.shard_tx.batch_tx {
                     self.end_batch_tx().await?;
                 }
-                if self.server.is_none() {
-                    self.suspended.clear();
+                if self.db.server.is_none() {
+                    self.routed.suspended.clear();
                 }
-                if self.discard_until_sync && self.server.is_none() {
+                if self.discard_until_sync && self.db.server.is_none() {
                     self.discard_until_sync = false;
                     msg::ready_for_query(&mut self.cout, b'I');
-                } else if self.server.is_none() {
+                } else if self.db.server.is_none() {
                     msg::ready_for_query(&mut self.cout, b'I');
-                } else if self.copy_in.is_some() {
+                } else if self.db.copy_in.is_some() {
                     // the server ignores Sync in COPY FROM STDIN mode; no reply comes
-                    self.sout.extend_from_slice(&f.raw);
+                    self.db.sout.extend_from_slice(&f.raw);
                 } else {
-                    if !self.suspended.is_empty() && !self.in_tx_block() {
+                    if !self.routed.suspended.is_empty() && !self.in_tx_block() {
                         // portals end with their (implicit) transaction, as in PostgreSQL
-                        self.suspended.clear();
+                        self.routed.suspended.clear();
                     }
                     self.discard_until_sync = false;
-                    self.sout.extend_from_slice(&f.raw);
-                    self.expect.push_back(Expect::Ready { sync: true });
-                    self.pending_ready += 1;
-                    self.sent_since_sync = false;
-                    self.server_skipping = false;
+                    self.db.sout.extend_from_slice(&f.raw);
+                    self.db.expect.push_back(Expect::Ready { sync: true });
+                    self.db.pending_ready += 1;
+                    self.db.sent_since_sync = false;
+                    self.db.server_skipping = false;
                 }
             }
             b'F' => {
                 if !self.server_for(false).await {
                     return Ok(Flow::Continue);
                 }
-                self.sout.extend_from_slice(&f.raw);
-                self.expect.push_back(Expect::Ready { sync: false });
-                self.pending_ready += 1;
+                self.db.sout.extend_from_slice(&f.raw);
+                self.db.expect.push_back(Expect::Ready { sync: false });
+                self.db.pending_ready += 1;
             }
             b'd' | b'c' | b'f' => {
                 // COPY data goes to the server running the COPY; outside COPY it is ignored, as PostgreSQL does
-                if self.server.is_some() {
-                    self.sout.extend_from_slice(&f.raw);
+                if self.db.server.is_some() {
+                    self.db.sout.extend_from_slice(&f.raw);
                     if f.tag != b'd' {
-                        match self.copy_in.take() {
-                            Some(extended) => self.sent_since_sync |= extended,
-                            None => self.expect.push_back(Expect::CopyEnd),
+                        match self.db.copy_in.take() {
+                            Some(extended) => self.db.sent_since_sync |= extended,
+                            None => self.db.expect.push_back(Expect::CopyEnd),
                         }
                     }
                 }

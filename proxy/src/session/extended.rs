@@ -162,7 +162,7 @@ impl Session {
         }
         if !self.shared.engine.may_route(query) {
             if name.is_empty() {
-                self.routed_stmts.remove(name);
+                self.routed.routed_stmts.remove(name);
             }
             return Ok(None);
         }
@@ -170,16 +170,16 @@ impl Session {
         let analysis = self.shared.engine.router.analysis(text);
         if matches!(&*analysis, Analysis::Passthrough(_)) {
             if name.is_empty() {
-                self.routed_stmts.remove(name);
+                self.routed.routed_stmts.remove(name);
             }
             return Ok(None);
         }
         self.barrier().await?;
-        if self.server_skipping {
+        if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
-        if !name.is_empty() && (self.routed_stmts.contains_key(name) || self.statements.contains_key(name)) {
+        if !name.is_empty() && (self.routed.routed_stmts.contains_key(name) || self.db.statements.contains_key(name)) {
             let m = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name));
             self.fail_extended(ExecError::Proxy(sqlstate::DUPLICATE_PREPARED_STATEMENT, m)).await?;
             return Ok(Some(Flow::Continue));
@@ -190,7 +190,7 @@ impl Session {
             return Ok(Some(Flow::Continue));
         }
         let types = type_oids(param_types);
-        self.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None, param_oids: Vec::new() }));
+        self.routed.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None, param_oids: Vec::new() }));
         put_message(&mut self.cout, b'1', |_| {});
         Ok(Some(Flow::Continue))
     }
@@ -199,16 +199,16 @@ impl Session {
     pub(super) async fn routed_bind(&mut self, body: &[u8]) -> Result<Option<Flow>, End> {
         let mut r = Reader::new(body);
         let (Ok(portal), Ok(statement)) = (r.cstr(), r.cstr()) else { return Ok(None) };
-        let Some(stmt) = self.routed_stmts.get(statement).cloned() else {
-            if !self.routed_portals.is_empty() {
-                self.routed_portals.remove(portal);
-                self.suspended.remove(portal);
+        let Some(stmt) = self.routed.routed_stmts.get(statement).cloned() else {
+            if !self.routed.routed_portals.is_empty() {
+                self.routed.routed_portals.remove(portal);
+                self.routed.suspended.remove(portal);
             }
             return Ok(None);
         };
         let portal = portal.to_vec();
         self.barrier().await?;
-        if self.server_skipping {
+        if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
@@ -222,13 +222,13 @@ impl Session {
             return Ok(Some(Flow::Continue));
         }
         let cap = self.shared.config.server.max_client_portals;
-        if !portal.is_empty() && !self.routed_portals.contains_key(&portal) && self.routed_portals.len() >= cap {
+        if !portal.is_empty() && !self.routed.routed_portals.contains_key(&portal) && self.routed.routed_portals.len() >= cap {
             let m = format!("too many open portals on this connection (server.max_client_portals = {cap}); close some with Close or end the transaction");
             self.fail_extended(ExecError::Proxy(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, m)).await?;
             return Ok(Some(Flow::Continue));
         }
-        self.suspended.remove(&portal);
-        self.routed_portals.insert(portal, RoutedPortal { stmt, bound: Arc::new(bound) });
+        self.routed.suspended.remove(&portal);
+        self.routed.routed_portals.insert(portal, RoutedPortal { stmt, bound: Arc::new(bound) });
         put_message(&mut self.cout, b'2', |_| {});
         Ok(Some(Flow::Continue))
     }
@@ -236,17 +236,17 @@ impl Session {
     /// Describe: `Some` when it describes a routed statement or portal.
     pub(super) async fn routed_describe(&mut self, t: &Target<'_>) -> Result<Option<Flow>, End> {
         let (stmt, portal_bound) = match t.kind {
-            b'S' => match self.routed_stmts.get(t.name) {
+            b'S' => match self.routed.routed_stmts.get(t.name) {
                 Some(s) => (s.clone(), None),
                 None => return Ok(None),
             },
-            _ => match self.routed_portals.get(t.name) {
+            _ => match self.routed.routed_portals.get(t.name) {
                 Some(p) => (p.stmt.clone(), Some(p.bound.clone())),
                 None => return Ok(None),
             },
         };
         self.barrier().await?;
-        if self.server_skipping {
+        if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
@@ -339,10 +339,10 @@ impl Session {
         let mut r = Reader::new(body);
         let Ok(portal) = r.cstr() else { return Ok(None) };
         let max_rows = r.i32().unwrap_or(0);
-        let Some(p) = self.routed_portals.get(portal) else { return Ok(None) };
+        let Some(p) = self.routed.routed_portals.get(portal) else { return Ok(None) };
         let (stmt, bound) = (p.stmt.clone(), p.bound.clone());
         self.barrier().await?;
-        if self.server_skipping {
+        if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
@@ -351,12 +351,12 @@ impl Session {
             return Ok(Some(Flow::Continue));
         }
         let n = if max_rows > 0 { max_rows as usize } else { usize::MAX };
-        if self.stream.as_ref().is_some_and(|s| s.portal == portal) {
+        if self.routed.stream.as_ref().is_some_and(|s| s.portal == portal) {
             // the next part of a portal streaming from its own task
             self.stream_part(n).await?;
             return Ok(Some(Flow::Continue));
         }
-        if let Some(s) = self.suspended.get_mut(portal) {
+        if let Some(s) = self.routed.suspended.get_mut(portal) {
             if s.rows.is_empty() {
                 if let Some((code, m)) = s.error.take() {
                     self.fail_extended(ExecError::Proxy(code, m)).await?;
@@ -417,12 +417,12 @@ impl Session {
         };
         if self.in_tx_block() && !self.shared.engine.migration.enabled && matches!(*stmt.analysis, Analysis::Select(_)) {
             // inside a block the portal lives until the block ends: stream it
-            self.stream_next = true;
+            self.routed.stream_next = true;
             let r = self.run_routed(&stmt.analysis, &stmt.sql, bound, false, visible).await;
-            self.stream_next = false;
+            self.routed.stream_next = false;
             match r? {
                 Ok(()) => {
-                    if let Some(st) = self.stream.as_mut() {
+                    if let Some(st) = self.routed.stream.as_mut() {
                         st.portal = portal;
                         self.stream_part(max_rows).await?;
                     }
@@ -458,7 +458,7 @@ impl Session {
                 _ => self.cout.extend_from_slice(&f.raw),
             }
         }
-        self.suspended.insert(portal.clone(), Suspended { rows, tag, error: None });
+        self.routed.suspended.insert(portal.clone(), Suspended { rows, tag, error: None });
         self.send_part(&portal, max_rows);
         Ok(Flow::Continue)
     }
@@ -469,7 +469,7 @@ impl Session {
     /// part that takes exactly the last rows is still suspended: the next
     /// Execute answers `SELECT 0`.
     pub(super) fn send_part(&mut self, portal: &[u8], n: usize) {
-        let Some(s) = self.suspended.get_mut(portal) else { return };
+        let Some(s) = self.routed.suspended.get_mut(portal) else { return };
         let mut sent = 0usize;
         while sent < n {
             let Some(row) = s.rows.pop_front() else { break };
@@ -488,17 +488,17 @@ impl Session {
     /// Close: `Some` when it closes a routed statement or portal.
     pub(super) async fn routed_close(&mut self, t: &Target<'_>) -> Result<Option<Flow>, End> {
         let found = match t.kind {
-            b'S' => self.routed_stmts.remove(t.name).is_some(),
+            b'S' => self.routed.routed_stmts.remove(t.name).is_some(),
             _ => {
-                self.suspended.remove(t.name);
-                self.routed_portals.remove(t.name).is_some()
+                self.routed.suspended.remove(t.name);
+                self.routed.routed_portals.remove(t.name).is_some()
             }
         };
         if !found {
             return Ok(None);
         }
         self.barrier().await?;
-        if self.server_skipping {
+        if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }

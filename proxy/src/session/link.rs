@@ -74,21 +74,21 @@ pub(super) fn make_room(server: &mut crate::backend::ServerConn, cap: usize, sou
 impl Session {
     /// Returns the server to the pool when the client is at a clean point.
     pub(super) fn maybe_release(&mut self) {
-        if !self.slots.is_empty() {
+        if !self.shard_tx.slots.is_empty() {
             self.drop_orphaned_shard_tx();
         }
-        if self.server.is_none() || !self.at_clean_point() || self.pinned.is_some() || self.shared.config.pool.mode == PoolMode::Session {
+        if self.db.server.is_none() || !self.at_clean_point() || self.pinned.is_some() || self.shared.config.pool.mode == PoolMode::Session {
             return;
         }
-        debug_assert!(self.sout.is_empty());
+        debug_assert!(self.db.sout.is_empty());
         tracing::trace!("server returned to pool");
-        self.server = None;
+        self.db.server = None;
         self.registration.slot.set(None);
     }
 
     /// Makes sure a server is held; on failure queues the error for the client.
     pub(super) async fn ensure_server(&mut self) -> Result<bool, ProxyError> {
-        if self.server.is_some() {
+        if self.db.server.is_some() {
             return Ok(true);
         }
         let got = crate::backend::pool::checkout(&self.shared.pool, Some(&self.shared.meters.pool_wait)).await;
@@ -102,12 +102,12 @@ impl Session {
         };
         let sets = param_sets(&self.desired, &mut server);
         if !sets.is_empty() {
-            self.sout.extend_from_slice(&sets);
-            self.expect.push_back(Expect::SwallowUntilReady);
+            self.db.sout.extend_from_slice(&sets);
+            self.db.expect.push_back(Expect::SwallowUntilReady);
         }
         self.registration.slot.set(Some(server.cancel_key.clone()));
         self.set_tx_status(b'I');
-        self.server = Some(server);
+        self.db.server = Some(server);
         Ok(true)
     }
 
@@ -133,9 +133,9 @@ impl Session {
     /// 42P05 for a Parse that reuses a name, in order with the server's replies.
     pub(super) fn fail_duplicate(&mut self, name: &[u8]) {
         let err = duplicate_statement(name).frame();
-        if self.server.is_some() && !self.server_skipping {
+        if self.db.server.is_some() && !self.db.server_skipping {
             self.fail_on_server(err);
-        } else if self.server.is_none() {
+        } else if self.db.server.is_none() {
             self.cout.extend_from_slice(&err);
         }
         self.discard_until_sync = true;
@@ -146,35 +146,35 @@ impl Session {
     /// Sync and aborts an open transaction exactly as the client expects, and
     /// its error is replaced by `err`.
     pub(super) fn fail_on_server(&mut self, err: Bytes) {
-        crate::protocol::codec::put_message(&mut self.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
-        self.expect.push_back(Expect::ReplaceError(err));
-        self.sent_since_sync = true;
+        crate::protocol::codec::put_message(&mut self.db.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
+        self.db.expect.push_back(Expect::ReplaceError(err));
+        self.db.sent_since_sync = true;
     }
 
     /// Makes sure the held server has `stmt` prepared, injecting its Parse if not.
     pub(super) fn ensure_prepared(&mut self, name: &[u8]) {
         let cap = self.shared.config.pool.max_prepared_statements;
-        let (Some(stmt), Some(server)) = (self.statements.get(name), self.server.as_mut()) else {
+        let (Some(stmt), Some(server)) = (self.db.statements.get(name), self.db.server.as_mut()) else {
             return;
         };
         if server.prepared.contains(&stmt.server_name) {
             server.prepared.touch(&stmt.server_name);
             return;
         }
-        if !self.server_skipping {
-            make_room(server, cap, &mut self.sout, &mut self.expect);
+        if !self.db.server_skipping {
+            make_room(server, cap, &mut self.db.sout, &mut self.db.expect);
         }
-        self.sout.extend_from_slice(&stmt.parse);
-        if !self.server_skipping {
+        self.db.sout.extend_from_slice(&stmt.parse);
+        if !self.db.server_skipping {
             server.prepared.insert(&stmt.server_name);
-            self.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
+            self.db.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
         }
     }
 
     /// Expects a reply to a message just forwarded, unless the server skips it.
     pub(super) fn expect_reply(&mut self, e: Expect) {
-        if !self.server_skipping {
-            self.expect.push_back(e);
+        if !self.db.server_skipping {
+            self.db.expect.push_back(e);
         }
     }
 
@@ -187,11 +187,11 @@ impl Session {
         let words: Vec<&str> = head.split_whitespace().collect();
         let drops_all = matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..]);
         if drops_all {
-            self.statements.clear();
-            self.cache_write_stmts.clear();
-            self.routed_stmts.clear();
-            self.routed_portals.clear();
-            if let Some(server) = self.server.as_mut() {
+            self.db.statements.clear();
+            self.cache_hold.cache_write_stmts.clear();
+            self.routed.routed_stmts.clear();
+            self.routed.routed_portals.clear();
+            if let Some(server) = self.db.server.as_mut() {
                 server.prepared.clear();
             }
         }
@@ -200,7 +200,7 @@ impl Session {
     /// Handles the whole server messages already read, in place (no copy of a
     /// message before it goes to the client buffer), until `stop` says so.
     pub(super) fn drain_server(&mut self, stop: impl Fn(&Self) -> bool) -> Result<(), End> {
-        let Some(server) = self.server.as_mut() else {
+        let Some(server) = self.db.server.as_mut() else {
             return Ok(());
         };
         let mut rbuf = std::mem::take(&mut server.rbuf);
@@ -233,7 +233,7 @@ impl Session {
         }
         rbuf.advance(used);
         // on_server never swaps or drops the server connection
-        if let Some(server) = self.server.as_mut() {
+        if let Some(server) = self.db.server.as_mut() {
             server.rbuf = rbuf;
         }
         res?;
@@ -245,14 +245,14 @@ impl Session {
     }
 
     pub(super) fn on_server(&mut self, f: FrameRef<'_>) -> Result<(), End> {
-        tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), expect = ?self.expect.front(), "server message");
-        let swallowing = matches!(self.expect.front(), Some(Expect::SwallowUntilReady));
+        tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), expect = ?self.db.expect.front(), "server message");
+        let swallowing = matches!(self.db.expect.front(), Some(Expect::SwallowUntilReady));
         if swallowing && !matches!(f.tag, b'E' | b'Z' | b'S') {
             // the replies to the proxy's own parameter pipeline
             return Ok(());
         }
         match f.tag {
-            b'1' => match self.expect.pop_front() {
+            b'1' => match self.db.expect.pop_front() {
                 Some(Expect::ParseComplete { forward, .. }) => {
                     if forward {
                         self.cout.extend_from_slice(f.raw);
@@ -260,7 +260,7 @@ impl Session {
                 }
                 other => return self.desync("ParseComplete", other),
             },
-            b'3' => match self.expect.pop_front() {
+            b'3' => match self.db.expect.pop_front() {
                 Some(Expect::CloseComplete { forward, .. }) => {
                     if forward {
                         self.cout.extend_from_slice(f.raw);
@@ -270,46 +270,46 @@ impl Session {
             },
             b'E' => {
                 let fields = parse_error_fields(f.body());
-                let replacement = match self.expect.front() {
+                let replacement = match self.db.expect.front() {
                     Some(Expect::ReplaceError(b)) => Some(b.clone()),
                     _ => None,
                 };
                 // the server skips to the next Sync: drop what those messages would have answered
-                while let Some(e) = self.expect.front() {
+                while let Some(e) = self.db.expect.front() {
                     match e {
                         Expect::Ready { .. } | Expect::SwallowUntilReady => break,
                         Expect::ParseComplete { name: Some(n), .. } => {
-                            if let Some(server) = self.server.as_mut() {
+                            if let Some(server) = self.db.server.as_mut() {
                                 server.prepared.remove(n);
                             }
-                            self.expect.pop_front();
+                            self.db.expect.pop_front();
                         }
                         Expect::CloseComplete { evicted: Some(n), .. } => {
                             // the Close was skipped: the statement is still there
-                            if let Some(server) = self.server.as_mut() {
+                            if let Some(server) = self.db.server.as_mut() {
                                 server.prepared.insert(n);
                             }
-                            self.expect.pop_front();
+                            self.db.expect.pop_front();
                         }
                         _ => {
-                            self.expect.pop_front();
+                            self.db.expect.pop_front();
                         }
                     }
                 }
                 // no ReadyForQuery owed yet: the client has not sent this batch's Sync,
                 // and the server will skip what the client sends until it does
-                if !self.expect.iter().any(|e| matches!(e, Expect::Ready { .. } | Expect::SwallowUntilReady)) {
-                    self.server_skipping = true;
+                if !self.db.expect.iter().any(|e| matches!(e, Expect::Ready { .. } | Expect::SwallowUntilReady)) {
+                    self.db.server_skipping = true;
                 }
                 if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                    if let Some(server) = self.server.as_mut() {
+                    if let Some(server) = self.db.server.as_mut() {
                         server.broken = true;
                     }
                 }
                 if swallowing {
                     // what is applied there is unknown now: never hand this connection on
                     warn!(sqlstate = %fields.code, "applying client parameters on server failed");
-                    if let Some(server) = self.server.as_mut() {
+                    if let Some(server) = self.db.server.as_mut() {
                         server.broken = true;
                     }
                 } else if let Some(b) = replacement {
@@ -320,20 +320,20 @@ impl Session {
             }
             b'Z' => {
                 let status = f.body().first().copied().unwrap_or(b'I');
-                while matches!(self.expect.front(), Some(Expect::CopyEnd)) {
-                    self.expect.pop_front();
+                while matches!(self.db.expect.front(), Some(Expect::CopyEnd)) {
+                    self.db.expect.pop_front();
                 }
-                self.copy_in = None;
-                match self.expect.pop_front() {
+                self.db.copy_in = None;
+                match self.db.expect.pop_front() {
                     Some(Expect::SwallowUntilReady) => self.set_tx_status(status),
                     Some(Expect::Ready { .. }) => {
-                        self.pending_ready = self.pending_ready.saturating_sub(1);
+                        self.db.pending_ready = self.db.pending_ready.saturating_sub(1);
                         self.set_tx_status(status);
                         self.cache_on_ready(status);
-                        if status == b'I' && self.pending_2pc.is_some() {
-                            self.resolve_2pc = self.pending_2pc.take();
+                        if status == b'I' && self.shard_tx.pending_2pc.is_some() {
+                            self.shard_tx.resolve_2pc = self.shard_tx.pending_2pc.take();
                         }
-                        if self.pending_ready == 0 {
+                        if self.db.pending_ready == 0 {
                             self.query_deadline = None;
                         }
                         self.cout.extend_from_slice(f.raw);
@@ -342,24 +342,24 @@ impl Session {
                 }
             }
             b'G' => {
-                if matches!(self.expect.front(), Some(Expect::Execute)) {
-                    self.expect.pop_front();
+                if matches!(self.db.expect.front(), Some(Expect::Execute)) {
+                    self.db.expect.pop_front();
                 }
                 self.enter_copy_in();
                 self.cout.extend_from_slice(f.raw);
             }
             b'2' => {
-                if matches!(self.expect.front(), Some(Expect::BindComplete)) {
-                    self.expect.pop_front();
+                if matches!(self.db.expect.front(), Some(Expect::BindComplete)) {
+                    self.db.expect.pop_front();
                 }
                 self.cout.extend_from_slice(f.raw);
             }
-            b'T' | b'n' if matches!(self.expect.front(), Some(Expect::Describe)) => {
-                self.expect.pop_front();
+            b'T' | b'n' if matches!(self.db.expect.front(), Some(Expect::Describe)) => {
+                self.db.expect.pop_front();
                 self.cout.extend_from_slice(f.raw);
             }
-            b'C' | b'I' | b's' if matches!(self.expect.front(), Some(Expect::Execute)) => {
-                self.expect.pop_front();
+            b'C' | b'I' | b's' if matches!(self.db.expect.front(), Some(Expect::Execute)) => {
+                self.db.expect.pop_front();
                 if f.tag == b'C' {
                     // a BEGIN executed in an extended batch opens the block now, not at the
                     // batch's ReadyForQuery: routed statements later in the same batch (pgjdbc
@@ -372,7 +372,7 @@ impl Session {
                 self.cout.extend_from_slice(f.raw);
             }
             b'S' => {
-                if let (Some((k, v)), Some(server)) = (parse_parameter_status(f.body()), self.server.as_mut()) {
+                if let (Some((k, v)), Some(server)) = (parse_parameter_status(f.body()), self.db.server.as_mut()) {
                     server.reported.insert(k, v);
                 }
                 if !swallowing {
@@ -393,35 +393,35 @@ impl Session {
     /// The first pending ReadyForQuery belongs to the message that started
     /// the COPY: kept for a simple Query, dropped for an extended Sync.
     pub(super) fn enter_copy_in(&mut self) {
-        let Some(first) = self.expect.iter().position(|e| matches!(e, Expect::Ready { .. })) else {
+        let Some(first) = self.db.expect.iter().position(|e| matches!(e, Expect::Ready { .. })) else {
             return;
         };
-        let extended = matches!(self.expect[first], Expect::Ready { sync: true });
+        let extended = matches!(self.db.expect[first], Expect::Ready { sync: true });
         let mut i = if extended { first } else { first + 1 };
-        while i < self.expect.len() {
-            match self.expect[i] {
+        while i < self.db.expect.len() {
+            match self.db.expect[i] {
                 Expect::Ready { sync: true } => {
-                    self.expect.remove(i);
-                    self.pending_ready = self.pending_ready.saturating_sub(1);
+                    self.db.expect.remove(i);
+                    self.db.pending_ready = self.db.pending_ready.saturating_sub(1);
                 }
                 Expect::CopyEnd => {
                     // the client already ended the COPY; an extended COPY still owes its Sync
-                    self.expect.remove(i);
-                    let sync_after = self.expect.iter().skip(i).any(|e| matches!(e, Expect::Ready { sync: true }));
+                    self.db.expect.remove(i);
+                    let sync_after = self.db.expect.iter().skip(i).any(|e| matches!(e, Expect::Ready { sync: true }));
                     if extended && !sync_after {
-                        self.sent_since_sync = true;
+                        self.db.sent_since_sync = true;
                     }
                     return;
                 }
                 _ => i += 1,
             }
         }
-        self.copy_in = Some(extended);
+        self.db.copy_in = Some(extended);
     }
 
     pub(super) fn desync(&mut self, got: &str, expected: Option<Expect>) -> Result<(), End> {
         warn!(got, ?expected, "server reply out of step with requests");
-        if let Some(server) = self.server.as_mut() {
+        if let Some(server) = self.db.server.as_mut() {
             server.broken = true;
         }
         Err(End::Fatal(sqlstate::PROTOCOL_VIOLATION, "protocol synchronization lost with server".into()))
@@ -429,7 +429,7 @@ impl Session {
 
     /// The server connection died: discard it, tell the client, end the session.
     pub(super) fn server_lost(&mut self) -> Result<(), End> {
-        if let Some(mut server) = self.server.take() {
+        if let Some(mut server) = self.db.server.take() {
             server.broken = true;
             let _ = Object::take(server);
         }

@@ -85,7 +85,7 @@ impl Session {
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let cancel = self.registration.slot.clone();
-        let locals = self.local_sets.clone();
+        let locals = self.shard_tx.local_sets.clone();
         let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, local_sets: &locals, down_targets: &[], serial: false, cancel: Some(&cancel) };
         let mut scratch = BytesMut::new();
         let keep = self.capture_limit;
@@ -94,7 +94,7 @@ impl Session {
         } else {
             Out { buf: &mut scratch, client: None, keep: None, overflow: false, flushed: false, sink: None }
         };
-        let r = if direct { exec::execute_direct(&engine, &mut self.slots, &req, &mut out).await } else { exec::execute(&engine, &mut self.slots, &req, &mut out).await };
+        let r = if direct { exec::execute_direct(&engine, &mut self.shard_tx.slots, &req, &mut out).await } else { exec::execute(&engine, &mut self.shard_tx.slots, &req, &mut out).await };
         let r = match r {
             // a portal read in parts kept more than it may: its answer is dropped (checked by the caller)
             Ok(()) if out.overflow => {
@@ -113,7 +113,7 @@ impl Session {
     /// Commits (or rolls back) the legacy transaction a dual-write opened.
     async fn end_legacy_tx(&mut self, commit: bool) -> Result<(), ExecError> {
         let slot = self.shared.engine.legacy_slot();
-        let r = match self.slots.get_mut(slot).and_then(Option::as_mut) {
+        let r = match self.shard_tx.slots.get_mut(slot).and_then(Option::as_mut) {
             Some(s) if commit => match wire::control(&mut s.conn, "COMMIT").await {
                 Ok(Ok(_)) => {
                     s.in_tx = false;
@@ -129,12 +129,12 @@ impl Session {
                 }
             },
             Some(_) => {
-                twopc::rollback(&mut self.slots, &[slot]).await;
+                twopc::rollback(&mut self.shard_tx.slots, &[slot]).await;
                 Ok(())
             }
             None => Ok(()),
         };
-        exec::release(&mut self.slots);
+        exec::release(&mut self.shard_tx.slots);
         r
     }
 
@@ -159,7 +159,7 @@ impl Session {
 
     /// Runs the queued secondary writes of a block (at COMMIT, before the primary commits).
     pub(super) async fn flush_secondaries(&mut self) {
-        for s in std::mem::take(&mut self.secondaries) {
+        for s in std::mem::take(&mut self.shard_tx.secondaries) {
             self.apply_secondary(&s.plan, &s.sql, &s.bound, s.target).await;
         }
     }
@@ -179,7 +179,7 @@ impl Session {
             return Ok(Err(ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, "the migration phase is not known yet (db_default unreachable?); retry shortly".into())));
         };
         let in_block = self.in_tx_block();
-        let begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
+        let begin = self.shard_tx.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
         let block_tx = in_block.then_some(begin.as_str());
         let legacy = self.legacy_plan(plan, sql);
         if plan.kind == RoutedKind::Select {
@@ -199,7 +199,7 @@ impl Session {
                 };
                 let r = self.run_plan(primary, bound, simple, visible, block_tx, true, direct).await?;
                 if r.is_ok() {
-                    self.secondaries.push(Secondary { plan: Box::new(plan.clone()), bound: bound.clone(), target, sql: sql.to_string() });
+                    self.shard_tx.secondaries.push(Secondary { plan: Box::new(plan.clone()), bound: bound.clone(), target, sql: sql.to_string() });
                 }
                 Ok(r)
             }

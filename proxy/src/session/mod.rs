@@ -38,6 +38,7 @@ mod startup;
 mod cached;
 mod migrating;
 mod extended;
+mod parts;
 mod routing;
 mod txn;
 mod streaming;
@@ -247,27 +248,12 @@ struct Session {
     cin: BytesMut,
     /// Bytes queued for the client.
     cout: BytesMut,
-    /// The server connection held now, if any.
-    server: Option<Server>,
-    /// Bytes queued for the server.
-    sout: BytesMut,
-    /// Replies the server owes, in order.
-    expect: VecDeque<Expect>,
-    /// Sync/Query messages forwarded whose ReadyForQuery has not come back.
-    pending_ready: u32,
-    /// Extended-protocol messages forwarded since the last Sync.
-    sent_since_sync: bool,
     /// Transaction status from the last ReadyForQuery.
     tx_status: u8,
     /// Why the client is pinned to its server, if it is.
     pinned: Option<&'static str>,
     /// After a proxy-made error in an extended batch, drop messages until Sync.
     discard_until_sync: bool,
-    /// The client's named prepared statements.
-    statements: HashMap<Vec<u8>, Statement>,
-    /// The server reported an error and skips messages until the next Sync,
-    /// which the client has not sent yet: Parse/Close sent until then get no reply.
-    server_skipping: bool,
     /// Client-requested parameter values to apply on each server.
     desired: Vec<(String, String)>,
     registration: Registration,
@@ -277,53 +263,15 @@ struct Session {
     query_deadline: Option<Instant>,
     /// Shutdown was requested: close at the next clean point.
     shutting_down: bool,
-    /// The server is in COPY FROM STDIN mode (ignoring Sync until CopyDone/CopyFail);
-    /// `Some(true)` when the COPY came from the extended protocol, which still owes a Sync after it.
-    copy_in: Option<bool>,
     max_message: usize,
-    /// Shard connections held (inside a transaction block, or during one statement).
-    slots: crate::routed::exec::Slots,
-    /// Secondary writes of the open block, run at COMMIT (migration dual-write).
-    secondaries: Vec<migrating::Secondary>,
-    /// The client's prepared statements on sharded tables (answered by the proxy).
-    routed_stmts: HashMap<Vec<u8>, Arc<routing::RoutedStmt>>,
-    /// Portals bound to those statements.
-    routed_portals: HashMap<Vec<u8>, routing::RoutedPortal>,
-    /// Routed portals read in parts (Execute with a row limit): the rows not yet sent.
-    suspended: HashMap<Vec<u8>, routing::Suspended>,
-    /// A portal read in parts inside a block, streaming from its own task
-    /// (which holds the shard connections meanwhile).
-    stream: Option<streaming::Streaming>,
-    /// The next routed SELECT is to start streaming instead of running inline.
-    stream_next: bool,
     /// While set, routed answers are kept whole in `cout` (up to this many bytes), not sent.
     capture_limit: Option<usize>,
-    /// Shards joined the implicit transaction of the current extended batch
-    /// (writes before one Sync apply together, as in PostgreSQL): ended at the Sync.
-    batch_tx: bool,
-    /// The client's BEGIN text, repeated on shards that join the transaction.
-    begin_sql: Option<String>,
-    /// The open block's `SET LOCAL`s of tracked parameters, for the shards that
-    /// join it (cleared when the block ends).
-    local_sets: Vec<(String, Option<String>)>,
-    /// Savepoints of the open block and how many `local_sets` were made
-    /// before each: `ROLLBACK TO` one undoes the `SET LOCAL`s after it.
-    local_marks: Vec<(String, usize)>,
     /// The user may run admin commands.
     admin: bool,
-    /// A two-phase commit whose decision row rides on the client's COMMIT (extended protocol).
-    pending_2pc: Option<(String, Vec<usize>)>,
-    /// That COMMIT has ended on db_default: resolve the prepared shard transactions.
-    resolve_2pc: Option<(String, Vec<usize>)>,
-    /// The client's prepared statements that write a cached table.
-    cache_write_stmts: HashMap<Vec<u8>, cached::CacheWrites>,
-    /// Cache invalidations waiting for their transaction to end, each with the
-    /// number of ReadyForQuerys owed before its statement's own.
-    cache_pending: Vec<(u32, crate::cache::Invalidation)>,
-    /// The open transaction wrote a cached table: its point reads skip the cache.
-    cache_tx_wrote: bool,
-    /// Committed invalidations are waiting to be sent to Redis and the other proxies.
-    cache_flush: bool,
+    db: parts::DbLink,
+    shard_tx: parts::ShardTx,
+    routed: parts::RoutedPrepared,
+    cache_hold: parts::CacheHold,
 }
 
 impl Session {
@@ -340,50 +288,29 @@ impl Session {
         Session {
             shared,
             client,
+            db: parts::DbLink { sout: BytesMut::with_capacity(8 * 1024), ..Default::default() },
+            shard_tx: parts::ShardTx::default(),
+            routed: parts::RoutedPrepared::default(),
+            cache_hold: parts::CacheHold::default(),
             cin,
             cout: BytesMut::with_capacity(16 * 1024),
-            server: None,
-            sout: BytesMut::with_capacity(8 * 1024),
-            expect: VecDeque::new(),
-            pending_ready: 0,
-            sent_since_sync: false,
             tx_status: b'I',
             pinned: None,
             discard_until_sync: false,
-            server_skipping: false,
-            statements: HashMap::new(),
             desired,
             registration: login.registration,
             last_client_activity: Instant::now(),
             query_deadline: None,
             shutting_down: false,
-            copy_in: None,
             max_message,
-            slots: Vec::new(),
-            secondaries: Vec::new(),
-            routed_stmts: HashMap::new(),
-            batch_tx: false,
-            suspended: HashMap::new(),
-            stream: None,
-            stream_next: false,
             capture_limit: None,
-            routed_portals: HashMap::new(),
-            begin_sql: None,
-            local_sets: Vec::new(),
-            local_marks: Vec::new(),
             admin: login.admin,
-            pending_2pc: None,
-            resolve_2pc: None,
-            cache_write_stmts: HashMap::new(),
-            cache_pending: Vec::new(),
-            cache_tx_wrote: false,
-            cache_flush: false,
         }
     }
 
     /// True when nothing is in flight and no transaction is open.
     fn at_clean_point(&self) -> bool {
-        self.pending_ready == 0 && !self.sent_since_sync && self.tx_status == b'I' && self.expect.is_empty() && self.copy_in.is_none()
+        self.db.idle() && self.tx_status == b'I'
     }
 
     async fn run_loop(&mut self) -> End {
@@ -415,11 +342,11 @@ impl Session {
         let mut armed: Option<Instant> = None;
         loop {
             // 0. a COMMIT that carried a two-phase decision has ended: finish it before anything else
-            if self.resolve_2pc.is_some() {
+            if self.shard_tx.resolve_2pc.is_some() {
                 self.resolve_pending_2pc().await;
             }
             // 1. client messages, while the server side is not backed up
-            while self.sout.len() < HIGH_WATER {
+            while self.db.sout.len() < HIGH_WATER {
                 let frame = match split_frame(&mut self.cin, self.max_message) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
@@ -434,7 +361,7 @@ impl Session {
             }
             // 2. server messages, while the client side is not backed up
             self.drain_server(|s| s.cout.len() >= HIGH_WATER)?;
-            if self.stream.is_some() && self.tx_status == b'I' && !self.batch_tx {
+            if self.routed.stream.is_some() && self.tx_status == b'I' && !self.shard_tx.batch_tx {
                 // db_default's block ended under a streaming portal (a COMMIT pipelined
                 // ahead of its Execute): the shard part cannot follow, it is closed
                 self.abandon_stream().await;
@@ -442,7 +369,7 @@ impl Session {
             }
             // a COMMIT that carried a two-phase decision has ended: the shards commit before
             // the client hears of it (it may read its rows right after)
-            if self.resolve_2pc.is_some() {
+            if self.shard_tx.resolve_2pc.is_some() {
                 self.resolve_pending_2pc().await;
             }
             // 3. committed cache invalidations reach Redis before the client hears of the commit
@@ -455,13 +382,13 @@ impl Session {
             if !self.holding_for_cache() {
                 flush_now(&self.client, &mut self.cout)?;
             }
-            if let Some(server) = &self.server {
-                if flush_now(&server.stream, &mut self.sout).is_err() {
+            if let Some(server) = &self.db.server {
+                if flush_now(&server.stream, &mut self.db.sout).is_err() {
                     self.server_lost()?;
                     continue;
                 }
             }
-            if self.shutting_down && self.server.is_none() && self.cout.is_empty() {
+            if self.shutting_down && self.db.server.is_none() && self.cout.is_empty() {
                 return Err(End::Fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command".into()));
             }
             // 5. wait for the next event
@@ -472,8 +399,8 @@ impl Session {
                     armed = Some(t);
                 }
             }
-            let server_stream = self.server.as_ref().map(|s| &s.stream);
-            let want_client = self.sout.len() < HIGH_WATER;
+            let server_stream = self.db.server.as_ref().map(|s| &s.stream);
+            let want_client = self.db.sout.len() < HIGH_WATER;
             let want_server = self.cout.len() < HIGH_WATER;
             let hold = self.holding_for_cache();
             tokio::select! {
@@ -495,7 +422,7 @@ impl Session {
                     }
                 }
                 r = readable(server_stream), if want_server && server_stream.is_some() => {
-                    let server = &mut **self.server.as_mut().expect("guarded by server_stream");
+                    let server = &mut **self.db.server.as_mut().expect("guarded by server_stream");
                     let res = r.and_then(|()| {
                         let crate::backend::ServerConn { stream, rbuf, .. } = server;
                         let spare = rbuf.capacity() - rbuf.len();
@@ -513,7 +440,7 @@ impl Session {
                     }
                 }
                 r = self.client.writable(), if !self.cout.is_empty() && !hold => r?,
-                r = writable(server_stream), if !self.sout.is_empty() && server_stream.is_some() => {
+                r = writable(server_stream), if !self.db.sout.is_empty() && server_stream.is_some() => {
                     if r.is_err() {
                         self.server_lost()?;
                     }
@@ -537,11 +464,11 @@ impl Session {
         if let Some(d) = self.query_deadline {
             return (Some(d), Timer::Query);
         }
-        if self.server.is_none() {
+        if self.db.server.is_none() {
             if !client_idle.is_zero() {
                 return (Some(self.last_client_activity + client_idle), Timer::ClientIdle);
             }
-        } else if !idle_in_tx.is_zero() && self.pending_ready == 0 && !self.sent_since_sync && self.tx_status != b'I' {
+        } else if !idle_in_tx.is_zero() && self.db.pending_ready == 0 && !self.db.sent_since_sync && self.tx_status != b'I' {
             return (Some(self.last_client_activity + idle_in_tx), Timer::IdleInTransaction);
         }
         (None, Timer::Query)
@@ -551,7 +478,7 @@ impl Session {
         match kind {
             Timer::Query => {
                 self.query_deadline = None;
-                if let Some(server) = &self.server {
+                if let Some(server) = &self.db.server {
                     metrics::counter!(m::QUERY_TIMEOUTS_TOTAL).increment(1);
                     warn!(timeout_ms = self.shared.config.server.query_timeout_ms, "query timeout, cancelling");
                     let key = server.cancel_key.clone();
@@ -579,14 +506,14 @@ impl Session {
         if !matches!(end, End::ClientIo(_)) && !self.cout.is_empty() {
             let _ = tokio::time::timeout(Duration::from_secs(5), write_all(&self.client, &self.cout)).await;
         }
-        if let Some(mut server) = self.server.take() {
+        if let Some(mut server) = self.db.server.take() {
             if self.pinned.is_some() || !self.at_clean_point() || server.broken {
                 // session state or an open transaction must not reach another client
                 server.broken = true;
                 let _ = Object::take(server);
             }
         }
-        for slot in self.slots.iter_mut() {
+        for slot in self.shard_tx.slots.iter_mut() {
             if let Some(mut s) = slot.take() {
                 if s.in_tx {
                     // an unfinished transaction block: close it, the server rolls back

@@ -79,7 +79,7 @@ pub(super) const NOT_UTF8: &str = "a statement on a sharded table must be valid 
 
 impl Session {
     pub(super) fn shards_in_tx(&self) -> bool {
-        self.slots.iter().flatten().any(|s| s.in_tx)
+        self.shard_tx.slots.iter().flatten().any(|s| s.in_tx)
     }
 
     /// True when the statement text must be looked at by the router.
@@ -89,57 +89,57 @@ impl Session {
 
     /// Waits until `db_default` has answered everything sent so far.
     pub(super) async fn barrier(&mut self) -> Result<(), End> {
-        if self.server.is_none() {
+        if self.db.server.is_none() {
             return Ok(());
         }
-        if self.sent_since_sync && !self.server_skipping && !self.expect.is_empty() {
+        if self.db.sent_since_sync && !self.db.server_skipping && !self.db.expect.is_empty() {
             // have the server send what it buffered for this unfinished batch
-            put_message(&mut self.sout, b'H', |_| {});
+            put_message(&mut self.db.sout, b'H', |_| {});
         }
-        while !self.expect.is_empty() {
-            let server = self.server.as_mut().expect("held");
-            if !self.sout.is_empty() {
-                if super::write_all(&server.stream, &self.sout).await.is_err() {
+        while !self.db.expect.is_empty() {
+            let server = self.db.server.as_mut().expect("held");
+            if !self.db.sout.is_empty() {
+                if super::write_all(&server.stream, &self.db.sout).await.is_err() {
                     return self.server_lost();
                 }
-                self.sout.clear();
+                self.db.sout.clear();
             }
-            self.drain_server(|s| s.expect.is_empty())?;
+            self.drain_server(|s| s.db.expect.is_empty())?;
             if self.cout.len() >= 64 * 1024 {
                 super::write_all(&self.client, &self.cout).await?;
                 self.cout.clear();
             }
-            if self.expect.is_empty() {
+            if self.db.expect.is_empty() {
                 break;
             }
-            let server = self.server.as_mut().expect("held");
+            let server = self.db.server.as_mut().expect("held");
             let crate::backend::ServerConn { stream, rbuf, .. } = &mut **server;
             if super::read_more(stream, rbuf).await.is_err() {
                 return self.server_lost();
             }
         }
-        if !self.sout.is_empty() {
-            let server = self.server.as_mut().expect("held");
-            if super::write_all(&server.stream, &self.sout).await.is_err() {
+        if !self.db.sout.is_empty() {
+            let server = self.db.server.as_mut().expect("held");
+            if super::write_all(&server.stream, &self.db.sout).await.is_err() {
                 return self.server_lost();
             }
-            self.sout.clear();
+            self.db.sout.clear();
         }
         Ok(())
     }
 
     /// Tries a simple Query on the routed path; `None` = not ours, pass it on.
     pub(super) async fn routed_query(&mut self, sql: &[u8]) -> Result<Option<Flow>, End> {
-        if !self.suspended.is_empty() {
+        if !self.routed.suspended.is_empty() {
             // MOVE on a t_order portal read in parts (asyncpg's cursor.forward) moves over its kept rows
             if let Some((count, name)) = std::str::from_utf8(sql).ok().and_then(parse_move) {
-                if self.suspended.contains_key(name.as_bytes()) {
+                if self.routed.suspended.contains_key(name.as_bytes()) {
                     self.barrier().await?;
-                    if self.server.is_some() && self.tx_status == b'E' {
+                    if self.db.server.is_some() && self.tx_status == b'E' {
                         self.fail_simple(ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into())).await?;
                         return Ok(Some(Flow::Continue));
                     }
-                    let s = self.suspended.get_mut(name.as_bytes()).expect("checked");
+                    let s = self.routed.suspended.get_mut(name.as_bytes()).expect("checked");
                     let n = count.unwrap_or(usize::MAX).min(s.rows.len());
                     s.rows.drain(..n);
                     put_message(&mut self.cout, b'C', |o| put_cstr(o, format!("MOVE {n}").as_bytes()));
@@ -199,14 +199,14 @@ impl Session {
 
     /// Plans and runs a routed statement; rows and tag go to the client buffer.
     pub(super) async fn run_routed(&mut self, analysis: &Analysis, sql: &str, bound: &Bound, simple: bool, visible: Option<usize>) -> Result<Result<(), ExecError>, End> {
-        if self.server.is_some() && self.tx_status == b'E' {
+        if self.db.server.is_some() && self.tx_status == b'E' {
             return Ok(Err(ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into())));
         }
         let engine = self.shared.engine.clone();
         let params = bound.params();
         // the session's TimeZone, if the client set one: offset-free times are read in it
         // (a SET LOCAL TimeZone of the block wins: the shards read times in it too)
-        let session_tz = match self.local_sets.iter().rev().find(|(k, _)| k == "timezone") {
+        let session_tz = match self.shard_tx.local_sets.iter().rev().find(|(k, _)| k == "timezone") {
             Some((_, Some(v))) => Some(jiff::tz::TimeZone::get(v).ok()),
             Some((_, None)) => Some(None),
             None => self.desired.iter().find(|(k, _)| k == "timezone").map(|(_, v)| jiff::tz::TimeZone::get(v).ok()),
@@ -218,7 +218,7 @@ impl Session {
         };
         // `order_no = …`: a place this proxy read before, proved by a row of the answer; only
         // outside transactions (a block's snapshot per shard, locks and errors would stay)
-        let hint = if engine.migration.enabled || self.in_tx_block() || self.batch_tx {
+        let hint = if engine.migration.enabled || self.in_tx_block() || self.shard_tx.batch_tx {
             None
         } else {
             analysis.lookup_hint(&params).filter(|p| p.param.is_none_or(|i| text_like(bound, i)))
@@ -253,7 +253,7 @@ impl Session {
                 // a value bound with another declared type (int4, bpchar) may compare changed
                 probes.retain(|p| p.param.is_none_or(|i| text_like(bound, i)));
                 if !probes.is_empty() {
-                    let found = crate::routed::lookup::resolve(&engine, &mut self.slots, &probes).await;
+                    let found = crate::routed::lookup::resolve(&engine, &mut self.shard_tx.slots, &probes).await;
                     if found.iter().any(|f| f.at.is_some()) {
                         planned = engine.plan_with(analysis, &params, zone, &found);
                     }
@@ -292,21 +292,21 @@ impl Session {
             return Ok((self.run_migrating(plan, sql, bound, simple, visible).await?, true));
         }
         let mark = self.cout.len();
-        let mut begin = self.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
+        let mut begin = self.shard_tx.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
         let mut in_tx = self.in_tx_block();
         // (or one whose batch already ran statements on db_default, whose implicit transaction
         // ends at the Sync: the write commits with it)
-        if !simple && !in_tx && (self.batch_tx || (plan.kind != shardgate_router::RoutedKind::Select && (self.cin.first() != Some(&b'S') || self.sent_since_sync))) {
+        if !simple && !in_tx && (self.shard_tx.batch_tx || (plan.kind != shardgate_router::RoutedKind::Select && (self.cin.first() != Some(&b'S') || self.db.sent_since_sync))) {
             // a write in an extended batch that goes on after it: the batch is one implicit
             // transaction in PostgreSQL, so the shards hold theirs until its Sync
-            self.batch_tx = true;
+            self.shard_tx.batch_tx = true;
             in_tx = true;
             begin = "BEGIN".into();
         }
         let desired = self.desired.clone();
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let cancel = self.registration.slot.clone();
-        let locals = self.local_sets.clone();
+        let locals = self.shard_tx.local_sets.clone();
         let req = Request {
             routed: plan,
             bound,
@@ -319,14 +319,14 @@ impl Session {
             serial: false,
             cancel: Some(&cancel),
         };
-        if self.stream_next && plan.kind == shardgate_router::RoutedKind::Select {
+        if self.routed.stream_next && plan.kind == shardgate_router::RoutedKind::Select {
             self.start_stream(Vec::new(), super::streaming::StreamJob { plan: plan.clone(), bound: bound.clone(), visible, begin });
             return Ok((Ok(()), true));
         }
         let keep = self.capture_limit;
         let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false, flushed: false, sink: None };
         let timeout = self.shared.config.server.query_timeout_ms;
-        let r = with_query_timeout(timeout, &cancel, exec::execute(&engine, &mut self.slots, &req, &mut out)).await;
+        let r = with_query_timeout(timeout, &cancel, exec::execute(&engine, &mut self.shard_tx.slots, &req, &mut out)).await;
         let (flushed, overflow) = (out.flushed, out.overflow);
         let rows = flushed || has_data_row(self.cout.get(mark..).unwrap_or_default());
         let r = match r {
@@ -348,7 +348,7 @@ impl Session {
     /// Refuses an extended-protocol message with `code` and `m` (the batch skips to Sync).
     pub(super) async fn refuse_extended(&mut self, code: &'static str, m: String) -> Result<(), End> {
         self.barrier().await?;
-        if self.server_skipping {
+        if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(());
         }
@@ -373,7 +373,7 @@ impl Session {
     /// An extended-protocol error: in order, and skipping to Sync like PostgreSQL.
     pub(super) async fn fail_extended(&mut self, e: ExecError) -> Result<(), End> {
         let frame = error_frame(&e);
-        if self.server.is_some() {
+        if self.db.server.is_some() {
             self.fail_on_server(frame);
         } else {
             self.cout.extend_from_slice(&frame);
@@ -388,10 +388,10 @@ impl Session {
     /// server rolls back).
     pub(super) fn drop_orphaned_shard_tx(&mut self) {
         // (an extended batch's implicit transaction is ended at its Sync, not here)
-        if self.tx_status == b'I' && !self.batch_tx && self.shards_in_tx() {
-            self.secondaries.clear();
+        if self.tx_status == b'I' && !self.shard_tx.batch_tx && self.shards_in_tx() {
+            self.shard_tx.secondaries.clear();
             tracing::warn!("transaction ended on db_default without COMMIT/ROLLBACK through shardgate; rolling back shard work");
-            for slot in self.slots.iter_mut() {
+            for slot in self.shard_tx.slots.iter_mut() {
                 if let Some(mut s) = slot.take() {
                     s.conn.broken = true;
                 }

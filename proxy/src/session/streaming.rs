@@ -54,10 +54,10 @@ impl Session {
     /// Starts `job` in its own task with the session's shard connections.
     pub(super) fn start_stream(&mut self, portal: Vec<u8>, job: StreamJob) {
         let engine = self.shared.engine.clone();
-        let len = self.slots.len();
-        let slots = std::mem::replace(&mut self.slots, (0..len).map(|_| None).collect());
+        let len = self.shard_tx.slots.len();
+        let slots = std::mem::replace(&mut self.shard_tx.slots, (0..len).map(|_| None).collect());
         let desired = self.desired.clone();
-        let locals = self.local_sets.clone();
+        let locals = self.shard_tx.local_sets.clone();
         let (tx, rx) = mpsc::channel::<Bytes>(AHEAD);
         let task = tokio::spawn(async move {
             let mut slots = slots;
@@ -92,13 +92,13 @@ impl Session {
             }
             (slots, r)
         });
-        self.stream = Some(Streaming { portal, rx, pending: BytesMut::new(), task });
+        self.routed.stream = Some(Streaming { portal, rx, pending: BytesMut::new(), task });
     }
 
     /// Hands out up to `n` rows of the streaming portal, then PortalSuspended,
     /// or, once its answer ends, the tag of this part (or its error).
     pub(super) async fn stream_part(&mut self, n: usize) -> Result<(), End> {
-        let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        let Some(st) = self.routed.stream.as_mut() else { return Ok(()) };
         let mut sent = 0usize;
         let mut tag = None;
         while sent < n {
@@ -130,14 +130,14 @@ impl Session {
             put_message(&mut self.cout, b's', |_| {});
             return Ok(());
         }
-        let st = self.stream.take().expect("checked above");
+        let st = self.routed.stream.take().expect("checked above");
         let (portal, r) = self.join_stream(st).await;
         match r {
             Ok(()) => {
                 let tag = tag.unwrap_or_else(|| "SELECT".into());
                 put_message(&mut self.cout, b'C', |o| put_cstr(o, format!("{tag} {sent}").as_bytes()));
                 // at its end: a later Execute answers 0 rows, as in PostgreSQL
-                self.suspended.insert(portal, Suspended { rows: Default::default(), tag, error: None });
+                self.routed.suspended.insert(portal, Suspended { rows: Default::default(), tag, error: None });
             }
             Err(e) => self.fail_extended(e).await?,
         }
@@ -149,7 +149,7 @@ impl Session {
         drop(st.rx);
         let r = match st.task.await {
             Ok((slots, r)) => {
-                self.slots = slots;
+                self.shard_tx.slots = slots;
                 r
             }
             Err(e) => {
@@ -165,7 +165,7 @@ impl Session {
     /// `keep` (up to `server.max_portal_bytes`), else read and dropped.
     /// `Err` is the statement's own error (the block is then aborted).
     pub(super) async fn settle_stream(&mut self, keep: bool) -> Result<(), ExecError> {
-        let Some(mut st) = self.stream.take() else { return Ok(()) };
+        let Some(mut st) = self.routed.stream.take() else { return Ok(()) };
         let limit = self.shared.config.server.max_portal_bytes;
         let mut rows = std::collections::VecDeque::new();
         let mut held = 0usize;
@@ -203,7 +203,7 @@ impl Session {
             )
         });
         if keep {
-            self.suspended.insert(portal, Suspended { rows, tag, error });
+            self.routed.suspended.insert(portal, Suspended { rows, tag, error });
         }
         Ok(())
     }
@@ -211,10 +211,10 @@ impl Session {
     /// The session ends with a portal still streaming: its task stops at its
     /// next chunk (its connections are closed; the block rolls back).
     pub(super) async fn abandon_stream(&mut self) {
-        if let Some(st) = self.stream.take() {
+        if let Some(st) = self.routed.stream.take() {
             drop(st.rx);
             if let Ok(Ok((slots, _))) = tokio::time::timeout(std::time::Duration::from_secs(5), st.task).await {
-                self.slots = slots;
+                self.shard_tx.slots = slots;
             }
         }
     }

@@ -45,33 +45,33 @@ impl Session {
     /// before the Sync's ReadyForQuery, with `db_default`'s part failed too.
     pub(super) async fn end_batch_tx(&mut self) -> Result<(), End> {
         self.barrier().await?;
-        self.batch_tx = false;
+        self.shard_tx.batch_tx = false;
         if self.in_tx_block() {
             // a BEGIN later in the batch made the whole block explicit (as in PostgreSQL): the
             // shards' part now ends with the client's COMMIT or ROLLBACK, not at this Sync
             return Ok(());
         }
-        if self.discard_until_sync || self.server_skipping || (self.server.is_some() && self.tx_status == b'E') {
+        if self.discard_until_sync || self.db.server_skipping || (self.db.server.is_some() && self.tx_status == b'E') {
             self.rollback_shard_part().await;
             return Ok(());
         }
-        self.suspended.clear();
+        self.routed.suspended.clear();
         let in_tx = self.shards_in_block();
-        let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
-        if !written.is_empty() && self.server.is_some() && self.sent_since_sync {
+        let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.shard_tx.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+        if !written.is_empty() && self.db.server.is_some() && self.db.sent_since_sync {
             // the batch also ran statements on db_default (an outbox row, say), whose implicit
             // transaction commits at this Sync: it carries the decision of a two-phase commit
             // of the written shards, so the shards and db_default end the same way
             return self.commit_batch_carried(&in_tx, &written).await;
         }
         let r = if written.len() <= 1 {
-            twopc::commit_each(&mut self.slots, &in_tx).await
+            twopc::commit_each(&mut self.shard_tx.slots, &in_tx).await
         } else {
             let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
-            let _ = twopc::commit_each(&mut self.slots, &readers).await;
-            twopc::commit(&self.shared.engine, &mut self.slots, &written).await
+            let _ = twopc::commit_each(&mut self.shard_tx.slots, &readers).await;
+            twopc::commit(&self.shared.engine, &mut self.shard_tx.slots, &written).await
         };
-        exec::release(&mut self.slots);
+        exec::release(&mut self.shard_tx.slots);
         if let Err(e) = r {
             self.fail_extended(e).await?;
         }
@@ -86,15 +86,15 @@ impl Session {
     /// of it back and the prepared shards with it.
     pub(super) async fn commit_batch_carried(&mut self, in_tx: &[usize], written: &[usize]) -> Result<(), End> {
         let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
-        let _ = twopc::commit_each(&mut self.slots, &readers).await;
+        let _ = twopc::commit_each(&mut self.shard_tx.slots, &readers).await;
         let engine = self.shared.engine.clone();
         let gid = twopc::new_gid(engine.worker());
-        let prepared = twopc::prepare(&engine, &mut self.slots, written, &gid).await;
-        exec::release(&mut self.slots);
+        let prepared = twopc::prepare(&engine, &mut self.shard_tx.slots, written, &gid).await;
+        exec::release(&mut self.shard_tx.slots);
         if let Err(e) = prepared {
             return self.fail_extended(e).await;
         }
-        let server = self.server.as_mut().expect("checked by the caller");
+        let server = self.db.server.as_mut().expect("checked by the caller");
         match wire::control(server, &twopc::decision_sql(&gid, written)).await {
             Ok(Ok(_)) => {
                 twopc::crash_point("after_decision");
@@ -116,13 +116,13 @@ impl Session {
     /// where db_default stays in a block).
     pub(super) fn end_local_sets(&mut self, verb: &TxVerb) {
         if matches!(verb, TxVerb::Commit | TxVerb::Rollback) {
-            self.local_sets.clear();
+            self.shard_tx.local_sets.clear();
         }
     }
 
     /// Transaction status as the client must see it.
     pub(super) fn logical_status(&self) -> u8 {
-        if self.server.is_some() {
+        if self.db.server.is_some() {
             self.tx_status
         } else {
             b'I'
@@ -130,12 +130,12 @@ impl Session {
     }
 
     pub(super) fn in_tx_block(&self) -> bool {
-        self.server.is_some() && self.tx_status != b'I'
+        self.db.server.is_some() && self.tx_status != b'I'
     }
 
     /// Aborts the open `db_default` transaction with a failing statement.
     pub(super) async fn abort_default(&mut self) -> Result<(), End> {
-        let server = self.server.as_mut().expect("in a transaction block");
+        let server = self.db.server.as_mut().expect("in a transaction block");
         match wire::control(server, FAIL_SQL).await {
             Ok(_) => self.tx_status = b'E',
             Err(_) => return self.server_lost(),
@@ -153,16 +153,16 @@ impl Session {
 
     /// Shards inside the client's transaction block.
     pub(super) fn shards_in_block(&self) -> Vec<usize> {
-        self.slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.in_tx)).map(|(i, _)| i).collect()
+        self.shard_tx.slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.in_tx)).map(|(i, _)| i).collect()
     }
 
     /// ROLLBACK (or COMMIT of an aborted block) on every shard of the block.
     pub(super) async fn rollback_shard_part(&mut self) {
-        self.suspended.clear();
-        self.secondaries.clear();
+        self.routed.suspended.clear();
+        self.shard_tx.secondaries.clear();
         let in_tx = self.shards_in_block();
-        twopc::rollback(&mut self.slots, &in_tx).await;
-        exec::release(&mut self.slots);
+        twopc::rollback(&mut self.shard_tx.slots, &in_tx).await;
+        exec::release(&mut self.shard_tx.slots);
     }
 
     /// The shards' part of a COMMIT, before `db_default` commits: read-only shards
@@ -170,31 +170,31 @@ impl Session {
     /// (two-phase commit) and `Some((gid, written))` says the decision is still to
     /// be made. On an error every shard is rolled back and released.
     pub(super) async fn commit_shard_part(&mut self) -> Result<Option<(String, Vec<usize>)>, ExecError> {
-        self.suspended.clear();
+        self.routed.suspended.clear();
         // a migration's queued secondary writes go first, while the primary's locks are held
         self.flush_secondaries().await;
         let in_tx = self.shards_in_block();
-        let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+        let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.shard_tx.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
         // one written shard commits alone, unless the client's own db_default transaction
         // wrote too (an order update plus an outbox row): then both take part in two-phase
         // commit, the decision riding on the client's COMMIT
         if written.is_empty() || (written.len() == 1 && !self.default_wrote().await) {
-            let r = twopc::commit_each(&mut self.slots, &in_tx).await;
-            exec::release(&mut self.slots);
+            let r = twopc::commit_each(&mut self.shard_tx.slots, &in_tx).await;
+            exec::release(&mut self.shard_tx.slots);
             return r.map(|()| None);
         }
         let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
-        let _ = twopc::commit_each(&mut self.slots, &readers).await;
+        let _ = twopc::commit_each(&mut self.shard_tx.slots, &readers).await;
         let gid = twopc::new_gid(self.shared.engine.worker());
-        let r = twopc::prepare(&self.shared.engine, &mut self.slots, &written, &gid).await;
-        exec::release(&mut self.slots);
+        let r = twopc::prepare(&self.shared.engine, &mut self.shard_tx.slots, &written, &gid).await;
+        exec::release(&mut self.shard_tx.slots);
         r.map(|()| Some((gid, written)))
     }
 
     /// Whether the client's `db_default` transaction has written anything (it has
     /// a transaction id). Unknown counts as written: two-phase commit is never wrong.
     pub(super) async fn default_wrote(&mut self) -> bool {
-        let Some(server) = self.server.as_mut() else { return false };
+        let Some(server) = self.db.server.as_mut() else { return false };
         match wire::control(server, "SELECT (pg_current_xact_id_if_assigned() IS NOT NULL)::text").await {
             Ok(Ok(rows)) => rows.first().cloned().flatten().as_deref() != Some("false"),
             _ => true,
@@ -234,7 +234,7 @@ impl Session {
                 // the decision commits with the client's own db_default transaction; the
                 // prepared shard transactions are then resolved on fresh connections
                 let engine = self.shared.engine.clone();
-                let server = self.server.as_mut().expect("in a transaction block");
+                let server = self.db.server.as_mut().expect("in a transaction block");
                 let decided = match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
                     Ok(Ok(_)) => match wire::control(server, "COMMIT").await {
                         // an error of the COMMIT itself (a deferred constraint) is the client's own
@@ -288,7 +288,7 @@ impl Session {
             return Ok(None);
         }
         self.barrier().await?;
-        if self.server_skipping {
+        if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
@@ -317,11 +317,11 @@ impl Session {
                         return Ok(Some(Flow::Continue));
                     }
                 };
-                let server = self.server.as_mut().expect("in a transaction block");
+                let server = self.db.server.as_mut().expect("in a transaction block");
                 match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
                     Ok(Ok(_)) => {
                         // the client's COMMIT makes the decision durable; resolved at its ReadyForQuery
-                        self.pending_2pc = Some((gid, written));
+                        self.shard_tx.pending_2pc = Some((gid, written));
                         Ok(None)
                     }
                     Ok(Err(e)) => {
@@ -342,7 +342,7 @@ impl Session {
     /// Resolves a two-phase commit whose decision rode on the client's own
     /// COMMIT: committed if the decision row exists now, rolled back if not.
     pub(super) async fn resolve_pending_2pc(&mut self) {
-        if let Some((gid, shards)) = self.resolve_2pc.take() {
+        if let Some((gid, shards)) = self.shard_tx.resolve_2pc.take() {
             let engine = self.shared.engine.clone();
             match twopc::decided(&engine, &gid).await {
                 Some(commit) => twopc::resolve(&engine, &gid, &shards, commit).await,
@@ -353,7 +353,7 @@ impl Session {
     }
 
     pub(super) async fn rollback_default(&mut self) -> Result<(), End> {
-        if let Some(server) = self.server.as_mut() {
+        if let Some(server) = self.db.server.as_mut() {
             if wire::control(server, "ROLLBACK").await.is_err() {
                 return self.server_lost();
             }

@@ -1,0 +1,165 @@
+//! The parts a session is made of, each with its own state: the db_default
+//! link, the shards' part of the transaction, prepared statements on sharded
+//! tables, and what is held for the cache. (The client link is the session
+//! itself: its stream, buffers and timers.)
+
+use super::*;
+
+/// The session's link to db_default: the server connection held, what is queued for it and what it owes.
+#[derive(Default)]
+pub(super) struct DbLink {
+    /// The server connection held now, if any.
+    pub(super) server: Option<Server>,
+    /// Bytes queued for the server.
+    pub(super) sout: BytesMut,
+    /// Replies the server owes, in order.
+    pub(super) expect: VecDeque<Expect>,
+    /// Sync/Query messages forwarded whose ReadyForQuery has not come back.
+    pub(super) pending_ready: u32,
+    /// Extended-protocol messages forwarded since the last Sync.
+    pub(super) sent_since_sync: bool,
+    /// The client's named prepared statements.
+    pub(super) statements: HashMap<Vec<u8>, Statement>,
+    /// The server reported an error and skips messages until the next Sync,
+    /// which the client has not sent yet: Parse/Close sent until then get no reply.
+    pub(super) server_skipping: bool,
+    /// The server is in COPY FROM STDIN mode (ignoring Sync until CopyDone/CopyFail);
+    /// `Some(true)` when the COPY came from the extended protocol, which still owes a Sync after it.
+    pub(super) copy_in: Option<bool>,
+}
+
+/// The shards' part of the client's transaction: connections held, the block's BEGIN and SET LOCALs, two-phase commits riding on a COMMIT.
+#[derive(Default)]
+pub(super) struct ShardTx {
+    /// Shard connections held (inside a transaction block, or during one statement).
+    pub(super) slots: crate::routed::exec::Slots,
+    /// Secondary writes of the open block, run at COMMIT (migration dual-write).
+    pub(super) secondaries: Vec<migrating::Secondary>,
+    /// Shards joined the implicit transaction of the current extended batch
+    /// (writes before one Sync apply together, as in PostgreSQL): ended at the Sync.
+    pub(super) batch_tx: bool,
+    /// The client's BEGIN text, repeated on shards that join the transaction.
+    pub(super) begin_sql: Option<String>,
+    /// The open block's `SET LOCAL`s of tracked parameters, for the shards that
+    /// join it (cleared when the block ends).
+    pub(super) local_sets: Vec<(String, Option<String>)>,
+    /// Savepoints of the open block and how many `local_sets` were made
+    /// before each: `ROLLBACK TO` one undoes the `SET LOCAL`s after it.
+    pub(super) local_marks: Vec<(String, usize)>,
+    /// A two-phase commit whose decision row rides on the client's COMMIT (extended protocol).
+    pub(super) pending_2pc: Option<(String, Vec<usize>)>,
+    /// That COMMIT has ended on db_default: resolve the prepared shard transactions.
+    pub(super) resolve_2pc: Option<(String, Vec<usize>)>,
+}
+
+/// The client's prepared statements and portals on sharded tables (answered by the proxy), and portals read in parts.
+#[derive(Default)]
+pub(super) struct RoutedPrepared {
+    /// The client's prepared statements on sharded tables (answered by the proxy).
+    pub(super) routed_stmts: HashMap<Vec<u8>, Arc<routing::RoutedStmt>>,
+    /// Portals bound to those statements.
+    pub(super) routed_portals: HashMap<Vec<u8>, routing::RoutedPortal>,
+    /// Routed portals read in parts (Execute with a row limit): the rows not yet sent.
+    pub(super) suspended: HashMap<Vec<u8>, routing::Suspended>,
+    /// A portal read in parts inside a block, streaming from its own task
+    /// (which holds the shard connections meanwhile).
+    pub(super) stream: Option<streaming::Streaming>,
+    /// The next routed SELECT is to start streaming instead of running inline.
+    pub(super) stream_next: bool,
+}
+
+/// What the session holds for the cache: statements that write cached tables, invalidations waiting for their transaction to end.
+#[derive(Default)]
+pub(super) struct CacheHold {
+    /// The client's prepared statements that write a cached table.
+    pub(super) cache_write_stmts: HashMap<Vec<u8>, cached::CacheWrites>,
+    /// Cache invalidations waiting for their transaction to end, each with the
+    /// number of ReadyForQuerys owed before its statement's own.
+    pub(super) cache_pending: Vec<(u32, crate::cache::Invalidation)>,
+    /// The open transaction wrote a cached table: its point reads skip the cache.
+    pub(super) cache_tx_wrote: bool,
+    /// Committed invalidations are waiting to be sent to Redis and the other proxies.
+    pub(super) cache_flush: bool,
+}
+
+impl DbLink {
+    /// Nothing is queued for, owed by or running on db_default (the
+    /// transaction status is the session's to judge).
+    pub(super) fn idle(&self) -> bool {
+        self.pending_ready == 0 && !self.sent_since_sync && self.expect.is_empty() && self.copy_in.is_none()
+    }
+}
+
+impl ShardTx {
+    /// Savepoints and block ends on `db_default` (no shard takes part; with
+    /// shards they are handled, or refused, before this): `SET LOCAL`s made
+    /// after a savepoint end with `ROLLBACK TO` it, and all of them end with
+    /// the block, `COMMIT AND CHAIN` too (whose new block keeps the status).
+    pub(super) fn note_block_step(&mut self, text: &str) {
+        use shardgate_router::{SavepointOp, TxControl};
+        match shardgate_router::savepoint_op(text) {
+            Some(SavepointOp::Define(name)) => self.local_marks.push((name, self.local_sets.len())),
+            Some(SavepointOp::RollbackTo(name)) => {
+                if let Some(i) = self.local_marks.iter().rposition(|(n, _)| *n == name) {
+                    // the savepoint stays; later ones are gone
+                    self.local_marks.truncate(i + 1);
+                    let keep = self.local_marks[i].1;
+                    self.local_sets.truncate(keep);
+                }
+            }
+            Some(SavepointOp::Release(name)) => {
+                if let Some(i) = self.local_marks.iter().rposition(|(n, _)| *n == name) {
+                    self.local_marks.truncate(i);
+                }
+            }
+            None => {
+                if matches!(shardgate_router::transaction_control(text), TxControl::Commit | TxControl::Rollback) {
+                    self.local_sets.clear();
+                    self.local_marks.clear();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(tx: &mut ShardTx, name: &str) {
+        tx.local_sets.push((name.into(), Some("x".into())));
+    }
+
+    #[test]
+    fn set_local_follows_savepoints_and_the_block() {
+        let mut tx = ShardTx::default();
+        set(&mut tx, "a");
+        tx.note_block_step("SAVEPOINT s1");
+        set(&mut tx, "b");
+        tx.note_block_step("savepoint s2");
+        set(&mut tx, "c");
+        tx.note_block_step("ROLLBACK TO SAVEPOINT s1");
+        let names = |tx: &ShardTx| tx.local_sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&tx), ["a"], "ROLLBACK TO undoes the SET LOCALs after its savepoint");
+        assert_eq!(tx.local_marks.len(), 1, "the savepoint itself stays, later ones are gone");
+        set(&mut tx, "d");
+        tx.note_block_step("RELEASE s1");
+        assert_eq!(names(&tx), ["a", "d"], "RELEASE keeps them");
+        assert!(tx.local_marks.is_empty());
+        tx.note_block_step("SELECT 1");
+        assert_eq!(names(&tx).len(), 2);
+        tx.note_block_step("COMMIT");
+        assert!(tx.local_sets.is_empty() && tx.local_marks.is_empty(), "the block's end clears them");
+    }
+
+    #[test]
+    fn the_link_is_idle_only_when_nothing_is_owed() {
+        let mut l = DbLink::default();
+        assert!(l.idle());
+        l.pending_ready = 1;
+        assert!(!l.idle());
+        l.pending_ready = 0;
+        l.copy_in = Some(false);
+        assert!(!l.idle());
+    }
+}
