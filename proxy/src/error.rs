@@ -49,31 +49,82 @@ impl ClientError {
     }
 }
 
-/// Removes what must never reach a client from a message: connection URLs
-/// (`postgres://…`, `redis://…`, which may carry a password) and
-/// `password=…` / `secret=…` pairs of a keyword DSN.
+/// Removes what must never reach a client from a message: the password of a
+/// connection URL (`postgres://user:secret@host`, `redis://:secret@host`) and
+/// the value of a `password=` / `sslpassword=` pair of a keyword DSN. Nothing
+/// else changes, so a message that quotes the client's own input (a value, a
+/// statement name) reads as PostgreSQL would write it.
 pub fn scrub(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
-    while !rest.is_empty() {
-        let start = rest.find(|c: char| !c.is_whitespace()).unwrap_or(rest.len());
-        out.push_str(&rest[..start]);
-        rest = &rest[start..];
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        let word = &rest[..end];
-        let lower = word.to_ascii_lowercase();
-        let trimmed = lower.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
-        if ["postgres://", "postgresql://", "redis://", "rediss://"].iter().any(|p| trimmed.starts_with(p)) {
-            out.push_str("[redacted]");
-        } else if let Some(k) = ["password=", "passwd=", "secret=", "sslpassword="].iter().find(|p| trimmed.starts_with(*p)) {
-            out.push_str(&word[..word.len() - trimmed.len() + k.len()]);
-            out.push_str("[redacted]");
-        } else {
-            out.push_str(word);
-        }
-        rest = &rest[end..];
+    loop {
+        let url = url_secret(rest);
+        let pair = ["password=", "sslpassword="].iter().filter_map(|k| find_key(rest, k).map(|p| (p, p + k.len()))).min();
+        let next = match (url, pair) {
+            (Some(u), Some(p)) => Some(if u.0 <= p.1 { u } else { (p.1, value_end(rest, p.1)) }),
+            (Some(u), None) => Some(u),
+            (None, Some(p)) => Some((p.1, value_end(rest, p.1))),
+            (None, None) => None,
+        };
+        let Some((from, to)) = next else { break };
+        out.push_str(&rest[..from]);
+        out.push_str("[redacted]");
+        rest = &rest[to..];
     }
+    out.push_str(rest);
     out
+}
+
+/// The byte range of the first password in a URL's userinfo in `s`
+/// (`scheme://user:password@host`).
+fn url_secret(s: &str) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(at) = s[from..].find("://").map(|p| p + from) {
+        let after = &s[at + 3..];
+        // the authority: up to '/', whitespace or a quote
+        let auth_end = after.find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'').unwrap_or(after.len());
+        if let Some(at_sign) = after[..auth_end].rfind('@') {
+            if let Some(colon) = after[..at_sign].find(':') {
+                return Some((at + 3 + colon + 1, at + 3 + at_sign));
+            }
+        }
+        from = at + 3;
+    }
+    None
+}
+
+/// Where `key` starts in `s` as a word of its own (case ignored).
+fn find_key(s: &str, key: &str) -> Option<usize> {
+    let lower = s.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(p) = lower[from..].find(key).map(|p| p + from) {
+        if p == 0 || !lower.as_bytes()[p - 1].is_ascii_alphanumeric() && lower.as_bytes()[p - 1] != b'_' {
+            return Some(p);
+        }
+        from = p + key.len();
+    }
+    None
+}
+
+/// End of a keyword-DSN value starting at `at`: a quoted value to its closing
+/// quote, else up to whitespace or a closing bracket or quote.
+fn value_end(s: &str, at: usize) -> usize {
+    let b = s.as_bytes();
+    if b.get(at) == Some(&b'\'') {
+        let mut i = at + 1;
+        while i < b.len() {
+            if b[i] == b'\\' {
+                i += 2;
+                continue;
+            }
+            if b[i] == b'\'' {
+                return i + 1;
+            }
+            i += 1;
+        }
+        return b.len();
+    }
+    s[at..].find(|c: char| c.is_whitespace() || matches!(c, ')' | ']' | '}' | '"' | ',' | ';')).map_or(s.len(), |e| at + e)
 }
 
 /// An error of the session's own db_default link.
@@ -111,17 +162,17 @@ impl From<&ProxyError> for ClientError {
 /// What an executor error shows the client: a shard's ErrorResponse as it
 /// came, else shardgate's own error. Empty when the client is gone.
 pub fn exec_frame(e: &ExecError) -> Bytes {
-    match exec_error(e) {
-        Some(c) => c.frame(),
-        None => match e {
-            ExecError::Server(s) => s.raw.clone(),
-            _ => Bytes::new(),
-        },
+    match e {
+        ExecError::Server(s) => s.raw.clone(),
+        ExecError::ClientIo(_) => Bytes::new(),
+        ExecError::DownMissed(s) => exec_frame(&crate::routed::exec::down_missed(*s)),
+        _ => exec_error(e).map(|c| c.frame()).unwrap_or_default(),
     }
 }
 
 /// shardgate's own error for an executor failure (None for a shard's own
-/// error and for a client that went away).
+/// error, a client that went away, and DownMissed, whose answer
+/// [`exec_frame`] takes from `down_missed`).
 pub fn exec_error(e: &ExecError) -> Option<ClientError> {
     match e {
         ExecError::Server(_) | ExecError::ClientIo(_) => None,
@@ -130,7 +181,7 @@ pub fn exec_error(e: &ExecError) -> Option<ClientError> {
             Some(ClientError::error(sqlstate::CANNOT_CONNECT_NOW, format!("shard db_{s} is catching up on orders written while it was down; retry shortly")))
         }
         ExecError::Unreachable(s) => Some(ClientError::error(sqlstate::CONNECTION_FAILURE, format!("shard db_{s} is unavailable"))),
-        ExecError::DownMissed(s) => exec_error(&crate::routed::exec::down_missed(*s)),
+        ExecError::DownMissed(_) => None,
     }
 }
 
@@ -140,15 +191,17 @@ mod tests {
 
     #[test]
     fn no_dsn_or_password_reaches_a_client() {
-        let m = "could not reach postgres://app:s3cret@db.internal:5432/db_3 (host=db password=hunter2 sslpassword=x) or redis://:pw@r:6379";
+        let m = "could not reach postgres://app:s3cret@db.internal:5432/db_3 (host=db password=hunter2) or redis://:pw@r:6379/0 dsn=\"host=h sslpassword='x y' port=1\"";
         let s = scrub(m);
-        for secret in ["s3cret", "hunter2", "db.internal", ":pw@"] {
+        for secret in ["s3cret", "hunter2", ":pw@", "x y"] {
             assert!(!s.contains(secret), "{s}");
         }
-        assert_eq!(s, "could not reach [redacted] (host=db password=[redacted] sslpassword=[redacted] or [redacted]");
+        assert_eq!(s, "could not reach postgres://app:[redacted]@db.internal:5432/db_3 (host=db password=[redacted]) or redis://:[redacted]@r:6379/0 dsn=\"host=h sslpassword=[redacted] port=1\"");
         assert_eq!(ClientError::error(sqlstate::CONNECTION_FAILURE, m).message, s);
-        assert_eq!(scrub("shard db_3 is unavailable"), "shard db_3 is unavailable");
-        assert_eq!(scrub("  two  spaces\tkept "), "  two  spaces\tkept ");
+        // the client's own text is quoted as PostgreSQL quotes it
+        for same in ["shard db_3 is unavailable", "invalid input syntax for type bigint: \"postgres://a\"", "prepared statement \"secret=1\" already exists", "  two  spaces\tkept "] {
+            assert_eq!(scrub(same), same);
+        }
     }
 
     #[test]
@@ -157,7 +210,7 @@ mod tests {
         assert_eq!(code(&ExecError::CatchUp(3)), Some(sqlstate::CANNOT_CONNECT_NOW));
         assert_eq!(code(&ExecError::Unreachable(3)), Some(sqlstate::CONNECTION_FAILURE));
         assert_eq!(code(&ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, "x".into())), Some(sqlstate::FEATURE_NOT_SUPPORTED));
-        assert!(code(&ExecError::DownMissed(2)).is_some());
+        assert!(!exec_frame(&ExecError::DownMissed(2)).is_empty(), "a write that matched nothing on fallback rows answers with an error");
         assert_eq!(code(&ExecError::ClientIo(std::io::Error::other("gone"))), None);
         assert!(exec_frame(&ExecError::ClientIo(std::io::Error::other("gone"))).is_empty());
         assert_eq!(ClientError::from(&ProxyError::PoolTimeout).code, sqlstate::TOO_MANY_CONNECTIONS);
