@@ -38,6 +38,9 @@ pub const ROUTE_REFUSED_TOTAL: &str = "shardgate_route_refused_total";
 /// Reads routed by a remembered unique-lookup place, label `result` =
 /// confirmed (the answer had a row) | unconfirmed (asked the lookup table and ran again) (counter).
 pub const LOOKUP_HINTS_TOTAL: &str = "shardgate_lookup_hints_total";
+/// Simple-protocol statements on sharded tables, by `path`: `shape` (planned
+/// from the cached analysis of their shape) or `parse` (their text parsed).
+pub const SIMPLE_PLANS_TOTAL: &str = "shardgate_simple_plans_total";
 /// Transactions committed on several shards with two-phase commit (counter).
 pub const TWO_PHASE_COMMITS: &str = "shardgate_two_phase_commits_total";
 

@@ -304,7 +304,7 @@ async fn engine(script: &Shared, closed: &[usize]) -> Engine {
 async fn run(engine: &Engine, sql: &str) -> (Result<(), ExecError>, BytesMut) {
     let plan = engine.plan(sql, &[]).expect("plan");
     let shardgate_router::Plan::Routed(routed) = plan else { panic!("not routed: {sql}") };
-    let bound = Bound { values: vec![], formats: vec![], types: vec![], result_formats: vec![] };
+    let bound = Bound::default();
     let none = |_: &mut shardgate::backend::ServerConn| bytes::Bytes::new();
     let req = Request {
         routed: &routed,

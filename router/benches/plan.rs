@@ -2,6 +2,10 @@
 //! new bind values, and id generation. Targets (issue: router): uncached
 //! ≤ 15 µs, cached ≤ 2 µs, ids ≥ 1 M/s on one core.
 //!
+//! `simple_protocol`: a simple-protocol statement (values as literals) planned
+//! by a full parse of its text, beside the shape path (literals taken out,
+//! the shape's cached analysis, the literals put back into each target).
+//!
 //! Run: `cargo bench -p shardgate-router --bench plan`
 
 use std::hint::black_box;
@@ -75,6 +79,52 @@ fn bench(c: &mut Criterion) {
                 |p| {
                     let binds: Vec<Param<'_>> = p.iter().map(|s| Param::Text(s)).collect();
                     black_box(router.plan(black_box(sql), &binds, &ctx).expect("plan"))
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+
+    // simple protocol: the same statements with their values as literals, new values each time
+    let literal_text = |name: &str, i: u64| -> String {
+        let mut sql = STATEMENTS.iter().find(|(n, _)| *n == name).map(|(_, s)| s.to_string()).unwrap_or_default();
+        for (k, v) in params(name, i).iter().enumerate().rev() {
+            let lit = if v.bytes().all(|b| b.is_ascii_digit()) { v.clone() } else { format!("'{v}'") };
+            sql = sql.replace(&format!("${}", k + 1), &lit);
+        }
+        sql
+    };
+    let mut g = c.benchmark_group("simple_protocol");
+    for (name, _) in STATEMENTS {
+        let mut i = 0u64;
+        g.bench_function(format!("{name}/full_parse"), |b| {
+            b.iter_batched(
+                || {
+                    i += 1;
+                    literal_text(name, i)
+                },
+                |sql| black_box(router.analysis_uncached(black_box(&sql)).plan(&[], &topo, &ctx).expect("plan")),
+                BatchSize::SmallInput,
+            )
+        });
+        let mut i = 0u64;
+        g.bench_function(format!("{name}/shape"), |b| {
+            b.iter_batched(
+                || {
+                    i += 1;
+                    literal_text(name, i)
+                },
+                |sql| {
+                    let (a, s) = router.shaped_analysis(black_box(&sql)).expect("shaped");
+                    let plan = a.plan(&s.params(), &topo, &ctx).expect("plan");
+                    let shardgate_router::Plan::Routed(r) = plan else { panic!("not routed") };
+                    let texts: Vec<String> = r
+                        .targets
+                        .iter()
+                        .map(|t| shardgate_router::shape::splice(&t.sql, t.params.as_deref(), &t.extra, &sql, &s).expect("splice"))
+                        .collect();
+                    black_box(texts)
                 },
                 BatchSize::SmallInput,
             )

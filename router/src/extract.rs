@@ -207,7 +207,7 @@ pub(crate) fn lookup_src(e: &Expr) -> Option<Src> {
             lookup_src(expr)
         }
         Expr::Value(v) => match &v.value {
-            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::NationalStringLiteral(s) => Some(Src::Text(s.clone())),
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::NationalStringLiteral(s) | Value::UnicodeStringLiteral(s) => Some(Src::Text(s.clone())),
             Value::DollarQuotedString(d) => Some(Src::Text(d.value.clone())),
             Value::Number(n, _) => n.parse::<i64>().ok().map(Src::Int),
             Value::Null => Some(Src::Null),
@@ -246,6 +246,7 @@ pub(crate) fn lookup_text(src: &Src, params: &[Param<'_>]) -> Result<LookupText>
                 _ => LookupText::Unknown,
             },
             Param::Binary { .. } => LookupText::Unknown,
+            Param::Literal { value, integer } => return lookup_text(&literal_src(value, integer), params),
         },
         _ => LookupText::Unknown,
     })
@@ -389,7 +390,7 @@ pub(crate) fn src_of(e: &Expr) -> Option<Src> {
     match strip_casts(e) {
         Expr::Value(v) => match &v.value {
             Value::Number(n, _) => Some(n.parse::<i64>().map_or_else(|_| Src::Number(n.clone()), Src::Int)),
-            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::NationalStringLiteral(s) => Some(Src::Text(s.clone())),
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::NationalStringLiteral(s) | Value::UnicodeStringLiteral(s) => Some(Src::Text(s.clone())),
             Value::DollarQuotedString(d) => Some(Src::Text(d.value.clone())),
             Value::Null => Some(Src::Null),
             Value::Placeholder(p) => placeholder_index(p).map(Src::Param),
@@ -403,6 +404,11 @@ pub(crate) fn src_of(e: &Expr) -> Option<Src> {
         Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match src_of(expr)? {
             Src::Int(i) => Some(i.checked_neg().map_or_else(|| Src::Number(format!("-{i}")), Src::Int)),
             Src::Number(n) => Some(Src::Number(format!("-{n}"))),
+            _ => None,
+        },
+        // `+5`: a number stays itself (PostgreSQL has no unary + for a string literal)
+        Expr::UnaryOp { op: UnaryOperator::Plus, expr } => match src_of(expr)? {
+            s @ (Src::Int(_) | Src::Number(_)) => Some(s),
             _ => None,
         },
         _ => None,
@@ -436,6 +442,7 @@ pub(crate) fn time_value(src: &Src, params: &[Param<'_>], topo: &Topology, ctx: 
         Src::Param(i) => match param(params, *i)? {
             Param::Null => return Ok(None),
             Param::Text(s) => read(s)?,
+            Param::Literal { value, integer } => return time_value(&literal_src(value, integer), params, topo, ctx),
             Param::Binary { oid, bytes } => match (oid, bytes.len()) {
                 (1184 | 0, 8) => {
                     let mut a = [0u8; 8];

@@ -56,7 +56,7 @@ pub fn first_word(sql: &str) -> Option<&str> {
 
 /// If a comment starts at `i` (`-- …` to the end of the line, or a block
 /// comment, nested as PostgreSQL allows), the index just past it.
-fn comment_end(b: &[u8], mut i: usize) -> Option<usize> {
+pub(crate) fn comment_end(b: &[u8], mut i: usize) -> Option<usize> {
     match (b.get(i), b.get(i + 1)) {
         (Some(b'-'), Some(b'-')) => {
             while i < b.len() && b[i] != b'\n' {
@@ -212,7 +212,7 @@ pub(crate) fn depth_bound(sql: &str) -> usize {
 
 /// Returns the index just past the closing quote (doubled quotes escape;
 /// with `backslash`, `\x` escapes too). Unterminated text runs to the end.
-fn skip_quoted(b: &[u8], mut i: usize, q: u8, backslash: bool) -> usize {
+pub(crate) fn skip_quoted(b: &[u8], mut i: usize, q: u8, backslash: bool) -> usize {
     while i < b.len() {
         if backslash && b[i] == b'\\' {
             i += 2;

@@ -23,6 +23,7 @@ mod merge;
 pub mod month;
 mod plan;
 pub mod quote;
+pub mod shape;
 mod rewrite;
 mod session;
 mod setting;
@@ -157,6 +158,23 @@ impl Router {
     /// stored (for statement texts with literals, which rarely repeat).
     pub fn analysis_uncached(&self, sql: &str) -> Arc<Analysis> {
         self.cache.get(sql).unwrap_or_else(|| Arc::new(analyze(sql, &self.topo)))
+    }
+
+    /// The cached analysis of a simple-protocol statement's shape (its literals
+    /// in value positions taken out, [`shape`]) and the literals, which are the
+    /// values of its plan. `None` when the text has no shape or the shape is
+    /// refused (a placeholder may be refused where the literal is not): the
+    /// text's own analysis answers then.
+    pub fn shaped_analysis(&self, sql: &str) -> Option<(Arc<Analysis>, shape::Shaped)> {
+        if sql.len() > MAX_CACHED_TEXT {
+            return None;
+        }
+        let s = shape::shape(sql)?;
+        let a = self.analysis(&s.shape);
+        if matches!(*a, Analysis::Refused(_)) {
+            return None;
+        }
+        Some((a, s))
     }
 
     /// Plans `sql` with bind values, using the cache.

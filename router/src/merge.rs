@@ -445,6 +445,7 @@ fn count_of(e: &Expr) -> Result<Option<Count>> {
         Expr::UnaryOp { op: UnaryOperator::Minus, expr } if matches!(count_of(expr), Ok(Some(Count::Lit(n))) if n > 0) => {
             Err(RouteError::InvalidLimit("LIMIT must not be negative".into()))
         }
+        Expr::UnaryOp { op: UnaryOperator::Plus, expr } if matches!(count_of(expr), Ok(Some(Count::Lit(_)))) => count_of(expr),
         _ => Err(bad()),
     }
 }

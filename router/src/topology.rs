@@ -124,6 +124,14 @@ pub enum Param<'a> {
         /// Raw value.
         bytes: &'a [u8],
     },
+    /// A literal of a simple-protocol statement taken out of its text
+    /// ([`crate::shape`]): read exactly as the same literal in the text.
+    Literal {
+        /// A string's content, or an integer's digits.
+        value: &'a str,
+        /// An integer literal (else a string literal).
+        integer: bool,
+    },
 }
 
 /// Per-call inputs that change over time.

@@ -19,12 +19,28 @@ pub struct Bound {
     pub types: Vec<u32>,
     /// Result format codes as the client sent them (0, 1 or one per column).
     pub result_formats: Vec<i16>,
+    /// A simple-protocol statement planned from its shape: its literals stand
+    /// for the values (there are no bind values), and they go back into each
+    /// target's text before it runs ([`Bound::splice`]).
+    pub shape: Option<std::sync::Arc<Shape>>,
+}
+
+/// A simple-protocol statement's text and the literals taken out of it.
+#[derive(Debug)]
+pub struct Shape {
+    /// The client's text.
+    pub sql: String,
+    /// Its shape and literals.
+    pub shaped: shardgate_router::shape::Shaped,
 }
 
 impl Bound {
     /// Values as the router reads them.
     pub fn params(&self) -> Vec<shardgate_router::Param<'_>> {
         use shardgate_router::Param;
+        if let Some(s) = &self.shape {
+            return s.shaped.params();
+        }
         self.values
             .iter()
             .enumerate()
@@ -35,6 +51,26 @@ impl Bound {
                 Some(b) => Param::Text(std::str::from_utf8(b).unwrap_or("\u{fffd}")),
             })
             .collect()
+    }
+
+    /// The values of a simple-protocol statement from its shape, as the router reads them.
+    pub fn shaped(sql: &str, shaped: shardgate_router::shape::Shaped) -> Bound {
+        Bound { shape: Some(std::sync::Arc::new(Shape { sql: sql.to_string(), shaped })), ..Bound::default() }
+    }
+
+    /// The plan with the client's literals put back into each target's text
+    /// (for a statement planned from its shape; others are returned as they are).
+    pub fn splice(&self, mut plan: Box<Routed>) -> Result<Box<Routed>, ExecError> {
+        let Some(s) = &self.shape else { return Ok(plan) };
+        for t in &mut plan.targets {
+            let text = shardgate_router::shape::splice(&t.sql, t.params.as_deref(), &t.extra, &s.sql, &s.shaped).ok_or_else(|| {
+                ExecError::Proxy(crate::protocol::sqlstate::INTERNAL_ERROR, "a statement's literals could not be put back into its plan".into())
+            })?;
+            t.sql = text.into();
+            t.params = Some(Vec::new());
+            t.extra.clear();
+        }
+        Ok(plan)
     }
 
     /// Whether the client wants column `i` of `n` in binary.

@@ -149,7 +149,7 @@ pub(super) fn parse_bind(r: &mut Reader<'_>, types: &[u32]) -> Result<Bound, &'s
     for _ in 0..nr {
         result_formats.push(r.i16().map_err(|e| e.0)?);
     }
-    Ok(Bound { values, formats, types: types.to_vec(), result_formats })
+    Ok(Bound { values, formats, types: types.to_vec(), result_formats, shape: None })
 }
 
 impl Session {

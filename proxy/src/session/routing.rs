@@ -168,8 +168,14 @@ impl Session {
             self.barrier().await?;
             return self.end_transaction(text).await;
         }
-        // simple-protocol texts carry their values as literals: analysed each time, not cached
-        let analysis = self.shared.engine.router.analysis_uncached(text);
+        // simple-protocol texts carry their values as literals: the statement's shape (its
+        // literals in value positions taken out) is analysed once and cached; what has no
+        // shape, or a shape the router refuses, is analysed from its own text each time
+        let shaped = if self.shared.engine.migration.enabled { None } else { self.shared.engine.router.shaped_analysis(text) };
+        let (analysis, shaped) = match shaped {
+            Some((a, s)) => (a, Some(s)),
+            None => (self.shared.engine.router.analysis_uncached(text), None),
+        };
         match &*analysis {
             Analysis::Passthrough(StatementClass::Transaction) if self.shards_in_tx() => {
                 self.barrier().await?;
@@ -184,7 +190,8 @@ impl Session {
             }
             _ => {
                 self.barrier().await?;
-                let bound = Bound::default();
+                metrics::counter!(crate::metrics::SIMPLE_PLANS_TOTAL, "path" => if shaped.is_some() { "shape" } else { "parse" }).increment(1);
+                let bound = shaped.map(|s| Bound::shaped(text, s)).unwrap_or_default();
                 match self.run_routed(&analysis, text, &bound, true, None).await? {
                     Ok(()) => {
                         let status = self.logical_status();
@@ -225,7 +232,10 @@ impl Session {
         };
         if let Some(probe) = &hint {
             if let Some(found) = engine.lookups.hint(probe) {
-                if let Ok(Plan::Routed(plan)) = engine.plan_with(analysis, &params, zone, std::slice::from_ref(&found)) {
+                if let Some(Ok(plan)) = engine.plan_with(analysis, &params, zone, std::slice::from_ref(&found)).ok().and_then(|p| match p {
+                    Plan::Routed(r) => Some(bound.splice(r)),
+                    Plan::Passthrough(_) => None,
+                }) {
                     let mark = self.cout.len();
                     let (r, rows) = self.execute_routed(&plan, sql, bound, simple, visible).await?;
                     // a cancel or timeout stands; another error may belong to the place: ask the lookup
@@ -261,7 +271,10 @@ impl Session {
             }
         }
         let plan = match planned {
-            Ok(Plan::Routed(r)) => r,
+            Ok(Plan::Routed(r)) => match bound.splice(r) {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            },
             Ok(Plan::Passthrough(_)) => return Ok(Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, "statement unexpectedly not routed".into()))),
             Err(e) => {
                 metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);

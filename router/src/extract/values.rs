@@ -12,6 +12,16 @@ pub(crate) enum IntValue {
     Unroutable,
 }
 
+/// What a literal taken out of the text stands for: the same source the
+/// router reads from that literal in the text.
+pub(crate) fn literal_src(value: &str, integer: bool) -> Src {
+    if integer {
+        value.parse::<i64>().map_or_else(|_| Src::Number(value.to_string()), Src::Int)
+    } else {
+        Src::Text(value.to_string())
+    }
+}
+
 pub(crate) fn param<'a>(params: &[Param<'a>], i: usize) -> Result<Param<'a>> {
     params.get(i).copied().ok_or_else(|| {
         RouteError::Protocol(format!("the statement uses ${} but {} parameter value(s) were bound", i + 1, params.len()))
@@ -49,6 +59,7 @@ pub(crate) fn int_value(src: &Src, params: &[Param<'_>]) -> Result<IntValue> {
             Param::Null => Ok(IntValue::Null),
             Param::Text(s) => int_from_text(s),
             Param::Binary { oid, bytes } => Ok(int_from_binary(oid, bytes)),
+            Param::Literal { value, integer } => int_value(&literal_src(value, integer), params),
         },
     }
 }
@@ -61,6 +72,7 @@ pub(crate) fn array_values(src: &Src, params: &[Param<'_>]) -> Result<Option<Vec
             Param::Null => return Ok(Some(Vec::new())),
             Param::Text(s) => s,
             Param::Binary { bytes, .. } => return Ok(binary_int_array(bytes)),
+            Param::Literal { value, integer } => return array_values(&literal_src(value, integer), params),
         },
         _ => return Ok(None),
     };
