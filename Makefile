@@ -11,20 +11,22 @@ deps:
 build:
 	$(CARGO) build --workspace --bins
 
-up: deps build
-	@./target/debug/devcluster --dir $(DEV) --tls up
+# make up: an optimized build (profile `serve`), so a first look is not a debug build
+up: deps
+	$(CARGO) build --profile serve --workspace --bins
+	@SHARDGATE_PROFILE=serve ./target/serve/devcluster --dir $(DEV) --tls up
 	@echo
 	@echo "-- a query through shardgate:"
 	@psql "$$(jq -r .proxy_dsn $(DEV)/cluster.json)" -c 'select version()' -c "select 'shardgate is serving' as status" -c '\conninfo'
 
 down:
-	@if [ -x ./target/debug/devcluster ]; then ./target/debug/devcluster --dir $(DEV) down; else echo "nothing to stop"; fi
+	@d=$$(ls -t target/serve/devcluster target/debug/devcluster 2>/dev/null | head -1); if [ -n "$$d" ]; then $$d --dir $(DEV) down; else echo "nothing to stop"; fi
 
 shard-stop:
-	@./target/debug/devcluster --dir $(DEV) shard-stop $(SHARD)
+	@$$(ls -t target/serve/devcluster target/debug/devcluster 2>/dev/null | head -1) --dir $(DEV) shard-stop $(SHARD)
 
 shard-start:
-	@./target/debug/devcluster --dir $(DEV) shard-start $(SHARD)
+	@$$(ls -t target/serve/devcluster target/debug/devcluster 2>/dev/null | head -1) --dir $(DEV) shard-start $(SHARD)
 
 test: deps build
 	$(CARGO) test --workspace --no-fail-fast

@@ -1,4 +1,4 @@
--- Merchant info on db_default, served through shardgate's cache (DESIGN.md §6).
+-- Merchant info on db_default, served through shardgate's cache (README, "Merchant info cache").
 CREATE TABLE IF NOT EXISTS t_merchant (
     merchant_id    bigint PRIMARY KEY,
     merchant_name  text NOT NULL,

@@ -1,5 +1,5 @@
 -- The t_order template table: every shard holds it empty, month tables are made
--- from it with LIKE ... INCLUDING ALL (DESIGN.md section 2). Idempotent.
+-- from it with LIKE ... INCLUDING ALL (README, "Sharded execution"). Idempotent.
 CREATE TABLE IF NOT EXISTS t_order (
     id           bigint PRIMARY KEY,
     order_no     text NOT NULL,

@@ -353,7 +353,7 @@ pub struct Cluster {
 }
 
 /// Path of the `shardgate` binary: `$SHARDGATE_BIN`, else the most recently
-/// built of target/{release,debug} (`$SHARDGATE_PROFILE` picks one).
+/// built of target/{release,debug} (`$SHARDGATE_PROFILE` picks one, or `serve`).
 pub fn shardgate_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SHARDGATE_BIN") {
         return Ok(PathBuf::from(p));
@@ -369,9 +369,10 @@ pub fn migrate_bin() -> Result<PathBuf> {
 fn built_bin(name: &str) -> Result<PathBuf> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../target"));
-    let newest = ["release", "debug"]
+    // `serve` (make up's build) only when asked for: tests take release or debug
+    let newest = ["release", "debug", "serve"]
         .iter()
-        .filter(|profile| std::env::var("SHARDGATE_PROFILE").map_or(true, |want| want == **profile))
+        .filter(|profile| std::env::var("SHARDGATE_PROFILE").map_or(**profile != "serve", |want| want == **profile))
         .map(|profile| target.join(profile).join(name))
         .filter_map(|p| fs::metadata(&p).and_then(|m| m.modified()).ok().map(|t| (t, p)))
         .max_by_key(|(t, _)| *t);

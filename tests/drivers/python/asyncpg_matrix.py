@@ -270,7 +270,7 @@ async def main():
     # ---- errors keep their SQLSTATE
     await check("error/undefined-column", lambda c: fetch(c, "SELECT nocol FROM t_order WHERE merchant_id = $1", 1))
     await check("error/division-by-zero", lambda c: fetch(c, "SELECT order_amount / 0 FROM t_order WHERE merchant_id = $1 AND order_amount IS NOT NULL", 5))
-    # one table: id is the primary key and order_no is unique over the whole table (DESIGN.md section 2)
+    # one table: id is the primary key and order_no is unique over the whole table (README, "Sharded execution")
     await check("error/duplicate-order-no-same-merchant-and-month", lambda c: c.execute(insert, 60000020, "S00040", 1, None, None, ts(2026, 10, 17)))
     await check("error/duplicate-order-no-other-merchant", lambda c: c.execute(insert, 60000021, "S00041", 2, None, None, ts(2026, 10, 17)))
     await check("error/duplicate-id-other-merchant", lambda c: c.execute(insert, ids["small"][0], "DUP-1", 2, None, None, ts(2026, 9, 1)))
