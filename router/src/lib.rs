@@ -170,6 +170,11 @@ impl Router {
             return None;
         }
         let s = shape::shape(sql)?;
+        if s.literals.is_empty() {
+            // nothing taken: the text is its own shape, and caching every such text
+            // (with values the shape keeps, such as `-5` or `1.5`) would churn the cache
+            return None;
+        }
         let a = self.analysis(&s.shape);
         if matches!(*a, Analysis::Refused(_)) {
             return None;

@@ -13,10 +13,10 @@
 //! Only literals whose meaning cannot depend on the placeholder are taken:
 //! standard strings `'…'` and dollar-quoted strings, and integers that fit a
 //! bigint, right after a comparison operator (`=`, `<`, `>`, `<=`, `>=`,
-//! `<>`, `!=`), `LIMIT`, `OFFSET`, `BETWEEN … AND`, or as an item of a
-//! `VALUES` row or an `IN (…)` list, and followed by nothing that would
-//! extend them (a cast `::`, an operator, a subscript, `COLLATE`, another
-//! string). Everything else (decimals, negative numbers, `E''`, `U&''`,
+//! `<>`, `!=`), `BETWEEN … AND`, or as an item of a `VALUES` row or an
+//! `IN (…)` list (integers also after `LIMIT` and `OFFSET`), and followed by
+//! nothing that would extend them (a cast `::`, an operator, a subscript,
+//! `COLLATE`, another string) or touch them (`'x'FROM`). Everything else (decimals, negative numbers, `E''`, `U&''`,
 //! `B''`, typed literals such as `DATE '…'`, `ORDER BY 1`, select-list
 //! constants) stays in the shape as written. A statement with `$n`
 //! placeholders, or several statements, is not shaped.
@@ -54,8 +54,11 @@ impl Shaped {
 enum Prev {
     /// A comparison operator.
     Cmp,
-    /// LIMIT, OFFSET, BETWEEN, or the AND of a BETWEEN.
+    /// The AND of a BETWEEN.
     Takes,
+    /// LIMIT or OFFSET: an integer only (a string there is not read as the
+    /// full parse reads it).
+    Limit,
     /// `VALUES`.
     Values,
     /// `IN`.
@@ -90,7 +93,11 @@ fn is_word(c: u8) -> bool {
 }
 
 /// May a literal ending at `end` be taken, judging by what follows it?
+/// (Nothing may touch it: `'x'FROM` would become the placeholder `$1FROM`.)
 fn free_after(b: &[u8], mut end: usize) -> bool {
+    if b.get(end).is_some_and(|c| is_word(*c) || *c == b'\'' || *c == b'"') {
+        return false;
+    }
     loop {
         while end < b.len() && b[end].is_ascii_whitespace() {
             end += 1;
@@ -131,6 +138,7 @@ pub fn shape(sql: &str) -> Option<Shaped> {
         let c = b[i];
         let takes_value = |prev: Prev, parens: &[Paren]| match prev {
             Prev::Cmp | Prev::Takes | Prev::Between => true,
+            Prev::Limit => false,
             Prev::Open | Prev::Comma => parens.last() == Some(&Paren::Items),
             _ => false,
         };
@@ -192,7 +200,7 @@ pub fn shape(sql: &str) -> Option<Shaped> {
                 }
                 let text = &sql[start..i];
                 let integer = text.bytes().all(|d| d.is_ascii_digit()) && text.parse::<i64>().is_ok();
-                if integer && takes_value(prev, &parens) && free_after(b, i) {
+                if integer && (prev == Prev::Limit || takes_value(prev, &parens)) && free_after(b, i) {
                     literals.push(Literal { span: start..i, value: text.to_string(), integer: true });
                 }
                 prev = Prev::Literal;
@@ -245,7 +253,7 @@ pub fn shape(sql: &str) -> Option<Shaped> {
                     values_at = None;
                 }
                 prev = match lower.as_str() {
-                    "limit" | "offset" => Prev::Takes,
+                    "limit" | "offset" => Prev::Limit,
                     "values" => {
                         values_at = Some(parens.len());
                         Prev::Values
@@ -383,6 +391,10 @@ mod tests {
             "SELECT * FROM t_order WHERE merchant_id = 99999999999999999999",
             "SELECT * FROM t_order WHERE order_no = 'x' || 'y'",
             "SELECT * FROM t_order GROUP BY 1, 2",
+            "SELECT id, order_no = 'A-1'FROM t_order",
+            "SELECT id, order_no = $$x$$FROM t_order",
+            "SELECT id, order_no = 'x'AND pay_status FROM t_order",
+            "SELECT id FROM t_order ORDER BY id LIMIT '3'",
         ] {
             let s = shape(sql).expect("shaped");
             assert!(s.literals.is_empty() || sql.contains("'x' || 'y'") && s.literals.is_empty(), "{sql}: took {:?}", s.literals);

@@ -256,6 +256,20 @@ impl Session {
             }
         }
         let mut planned = engine.plan_analysis(analysis, &params, zone);
+        // a shape the router cannot plan where it can plan the text (a placeholder in a
+        // merged HAVING, copies of one literal no longer matching in GROUP BY): the text
+        // is parsed whole and planned from its own analysis
+        let (plain, full);
+        let reshape = bound.shape.is_some() && matches!(&planned, Err(e) if e.sqlstate() == sqlstate::FEATURE_NOT_SUPPORTED);
+        let (analysis, bound, params) = if reshape {
+            metrics::counter!(crate::metrics::SIMPLE_PLANS_TOTAL, "path" => "parse").increment(1);
+            plain = Bound::default();
+            full = engine.router.analysis_uncached(sql);
+            planned = engine.plan_analysis(&full, &[], zone);
+            (&*full, &plain, Vec::new())
+        } else {
+            (analysis, bound, params)
+        };
         if let Ok(Plan::Routed(r)) = &planned {
             // `order_no = …` and other unique-lookup values: their entries say where the rows are
             if r.kind != shardgate_router::RoutedKind::Insert && r.targets.len() > 1 {

@@ -29,7 +29,8 @@ pub(crate) fn param<'a>(params: &[Param<'a>], i: usize) -> Result<Param<'a>> {
 }
 
 pub(crate) fn int_from_text(s: &str) -> Result<IntValue> {
-    let t = s.trim();
+    // the whitespace PostgreSQL's int8in skips (isspace in the C locale), not Unicode's
+    let t = s.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c'));
     match t.parse::<i64>() {
         Ok(i) => Ok(IntValue::Int(i)),
         Err(_) if { let digits = t.trim_start_matches(['-', '+']); !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) } => {
@@ -123,4 +124,18 @@ pub(crate) fn binary_int_array(b: &[u8]) -> Option<Vec<IntValue>> {
         at += len;
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_are_read_as_postgresql_reads_them() {
+        assert_eq!(int_from_text(" 42\n").ok(), Some(IntValue::Int(42)));
+        assert_eq!(int_from_text("\x0b7\x0c").ok(), Some(IntValue::Int(7)));
+        // a no-break space is not whitespace to int8in: 22P02
+        assert!(matches!(int_from_text("3\u{a0}"), Err(RouteError::InvalidValue(_))));
+        assert!(matches!(int_from_text("99999999999999999999"), Err(RouteError::OutOfRange(_))));
+    }
 }
