@@ -144,13 +144,8 @@ impl Session {
                 self.abandon_stream().await;
             } else if let Err(e) = self.settle_stream(!closes && control != Some(shardgate_router::TxControl::Commit)).await {
                 // the statement failed on its shard: the block is aborted, this message skipped
-                if f.tag == b'Q' {
-                    self.barrier().await?;
-                    self.fail_simple(e).await?;
-                } else {
-                    self.barrier().await?;
-                    self.fail_extended(e).await?;
-                }
+                self.barrier().await?;
+                self.fail(f.tag == b'Q', e).await?;
                 return Ok(Flow::Continue);
             }
         }

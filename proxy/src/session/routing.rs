@@ -395,6 +395,17 @@ impl Session {
         Ok(())
     }
 
+    /// Reports `e` the way the client's protocol expects: with ReadyForQuery
+    /// (simple), or in its place among db_default's replies, skipping to Sync
+    /// (extended).
+    pub(super) async fn fail(&mut self, simple: bool, e: ExecError) -> Result<(), End> {
+        if simple {
+            self.fail_simple(e).await
+        } else {
+            self.fail_extended(e).await
+        }
+    }
+
     // ------------------------------------------------------------ extended protocol
 
     /// An extended-protocol error: in order, and skipping to Sync like PostgreSQL.

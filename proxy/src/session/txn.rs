@@ -206,19 +206,6 @@ impl Session {
         let verb = self.effective_verb(tx_verb(sql));
         self.end_local_sets(&verb);
         match verb {
-            TxVerb::Other => Ok(None),
-            TxVerb::Unsupported => {
-                self.fail_simple(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NO_SAVEPOINTS.into())).await?;
-                Ok(Some(Flow::Continue))
-            }
-            TxVerb::Mixed => {
-                self.fail_simple(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NO_MIXED.into())).await?;
-                Ok(Some(Flow::Continue))
-            }
-            TxVerb::Rollback => {
-                self.rollback_shard_part().await;
-                Ok(None)
-            }
             TxVerb::Commit => {
                 // the shards first, then db_default
                 let (gid, written) = match self.commit_shard_part().await {
@@ -268,7 +255,25 @@ impl Session {
                 msg::ready_for_query(&mut self.cout, b'I');
                 Ok(Some(Flow::Continue))
             }
+            other => self.end_without_commit(other, true).await,
         }
+    }
+
+    /// What both protocols do with a statement that ends no commit while shards
+    /// take part: savepoints and mixed strings are refused, ROLLBACK rolls the
+    /// shards' part back (db_default then runs it as sent), anything else goes on.
+    async fn end_without_commit(&mut self, verb: TxVerb, simple: bool) -> Result<Option<Flow>, End> {
+        let refusal = match verb {
+            TxVerb::Unsupported => NO_SAVEPOINTS,
+            TxVerb::Mixed => NO_MIXED,
+            TxVerb::Rollback => {
+                self.rollback_shard_part().await;
+                return Ok(None);
+            }
+            TxVerb::Other | TxVerb::Commit => return Ok(None),
+        };
+        self.fail(simple, ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, refusal.into())).await?;
+        Ok(Some(Flow::Continue))
     }
 
     /// COMMIT / ROLLBACK sent with the extended protocol while shards take
@@ -294,19 +299,6 @@ impl Session {
         }
         self.end_local_sets(&verb);
         match verb {
-            TxVerb::Other => Ok(None),
-            TxVerb::Unsupported => {
-                self.fail_extended(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NO_SAVEPOINTS.into())).await?;
-                Ok(Some(Flow::Continue))
-            }
-            TxVerb::Mixed => {
-                self.fail_extended(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NO_MIXED.into())).await?;
-                Ok(Some(Flow::Continue))
-            }
-            TxVerb::Rollback => {
-                self.rollback_shard_part().await;
-                Ok(None)
-            }
             TxVerb::Commit => {
                 let (gid, written) = match self.commit_shard_part().await {
                     Ok(None) => return Ok(None),
@@ -336,6 +328,7 @@ impl Session {
                     }
                 }
             }
+            other => self.end_without_commit(other, false).await,
         }
     }
 
