@@ -162,6 +162,7 @@ async fn start_background(shared: &Arc<state::Shared>) {
         tracing::warn!(error = %e, "fallback table not ready; writes to a down shard will fail until it is");
     }
     tokio::spawn(routed::fallback::run(engine.clone(), shared.config.fallback.clone(), shared.shutdown.clone()));
+    tokio::spawn(routed::twopc::sweep_forgotten(engine.clone(), shared.shutdown.clone()));
     shared.cache.start(shared.shutdown.clone());
     // the migration phase (only while legacy_db is configured) and the outbox retrier
     if shared.engine.migration.enabled {

@@ -28,6 +28,9 @@ struct Script {
     fail: Vec<(String, String, &'static str)>,
     /// Every statement text received, in order: (database, text).
     seen: Vec<(String, String)>,
+    /// The database of every flight of messages received: a message that
+    /// found nothing more buffered behind the last one starts a round trip.
+    flights: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Script>>;
@@ -123,7 +126,8 @@ fn tag_of(sql: &str) -> String {
     "SELECT 0".into()
 }
 
-async fn serve_conn(mut s: TcpStream, script: Shared) -> std::io::Result<()> {
+async fn serve_conn(s: TcpStream, script: Shared) -> std::io::Result<()> {
+    let mut s = tokio::io::BufReader::new(s);
     // startup (decline an SSLRequest)
     let db = loop {
         let len = s.read_i32().await? as usize;
@@ -167,10 +171,15 @@ async fn serve_conn(mut s: TcpStream, script: Shared) -> std::io::Result<()> {
     s.write_all(&out).await?;
     let (mut stmts, mut portal, mut failed, mut status) = (HashMap::<String, String>::new(), String::new(), false, b'I');
     loop {
+        // a message with nothing buffered before it was sent after the client read an answer
+        let fresh = s.buffer().is_empty();
         let tag = match s.read_u8().await {
             Ok(t) => t,
             Err(_) => return Ok(()),
         };
+        if fresh {
+            script.lock().expect("script").flights.push(db.clone());
+        }
         let len = s.read_i32().await? as usize;
         let mut body = vec![0; len - 4];
         s.read_exact(&mut body).await?;
@@ -190,6 +199,9 @@ async fn serve_conn(mut s: TcpStream, script: Shared) -> std::io::Result<()> {
                 if let Some(code) = sc.failing(&db, &sql) {
                     error(&mut out, code, "scripted failure");
                     failed = true;
+                    if status == b'T' {
+                        status = b'E';
+                    }
                 } else {
                     stmts.insert(name, sql);
                     put(&mut out, b'1', |_| {});
@@ -217,7 +229,13 @@ async fn serve_conn(mut s: TcpStream, script: Shared) -> std::io::Result<()> {
                 if is_select(&portal) {
                     rows_and_tag(&mut out, sc.rows.get(&db).map(|(_, r)| r.as_slice()).unwrap_or_default());
                 } else {
-                    put(&mut out, b'C', |o| cstr(o, &tag_of(&portal)));
+                    let t = tag_of(&portal);
+                    status = match t.as_str() {
+                        "BEGIN" => b'T',
+                        "COMMIT" | "ROLLBACK" | "PREPARE TRANSACTION" => b'I',
+                        _ => status,
+                    };
+                    put(&mut out, b'C', |o| cstr(o, &t));
                 }
             }
             b'C' => put(&mut out, b'3', |_| {}),
@@ -240,7 +258,12 @@ async fn serve_conn(mut s: TcpStream, script: Shared) -> std::io::Result<()> {
                         None => put(&mut out, b'C', |o| cstr(o, "SELECT 0")),
                     }
                 } else {
-                    let t = tag_of(&sql);
+                    let mut t = tag_of(&sql);
+                    if t == "PREPARE TRANSACTION" && status != b'T' {
+                        // PostgreSQL rolls a failed block back instead of preparing it (and
+                        // outside a block it only warns): either way the tag says ROLLBACK
+                        t = "ROLLBACK".into();
+                    }
                     status = match t.as_str() {
                         "BEGIN" => b'T',
                         "COMMIT" | "ROLLBACK" | "PREPARE TRANSACTION" => b'I',
@@ -461,4 +484,95 @@ async fn an_unreachable_shard_is_planned_again_around_and_answered_by_policy() {
         other => panic!("expected a refusal by policy, got {other:?}"),
     }
     assert!(engine.is_down(2), "the failed connect marks the shard down");
+}
+
+#[tokio::test]
+async fn a_block_begins_with_its_first_statement_in_one_round_trip() {
+    let script: Shared = Arc::default();
+    let engine = engine(&script, &[]).await;
+    let (r, _) = run(&engine, TWO_SHARDS).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    let all = seen(&script);
+    for db in ["db_1", "db_2"] {
+        let mine: Vec<&str> = all.iter().filter(|(d, _)| d == db).map(|(_, s)| s.split('\'').next().unwrap_or("").trim()).collect();
+        assert_eq!(mine.first().copied(), Some("BEGIN"), "{db}: {mine:?}");
+        assert!(mine.get(1).is_some_and(|s| s.starts_with("INSERT INTO t_order_202611")), "{db}: {mine:?}");
+        assert_eq!(mine.get(2).copied(), Some("PREPARE TRANSACTION"), "{db}: {mine:?}");
+    }
+    let flights = script.lock().expect("script").flights.clone();
+    // BEGIN + INSERT + PREPARE TRANSACTION, then COMMIT PREPARED: two round trips per shard
+    for db in ["db_1", "db_2"] {
+        assert_eq!(flights.iter().filter(|d| *d == db).count(), 2, "{db}: {flights:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_begin_that_fails_keeps_its_statement_from_running_outside_the_block() {
+    let script: Shared = Arc::default();
+    script.lock().expect("script").fail.push(("db_2".into(), "BEGIN".into(), "25001"));
+    let engine = engine(&script, &[]).await;
+    let (r, _) = run(&engine, TWO_SHARDS).await;
+    match r {
+        Err(ExecError::Server(e)) => assert_eq!(e.code, "25001", "BEGIN's error is the statement's"),
+        other => panic!("expected BEGIN's error, got {other:?}"),
+    }
+    let all = seen(&script);
+    assert!(!all.iter().any(|(d, s)| d == "db_2" && s.starts_with("INSERT")), "the INSERT on db_2 must not run: {all:?}");
+    assert!(!all.iter().any(|(_, s)| s.starts_with("COMMIT") || s.contains("shardgate_2pc_decisions")), "nothing is decided or committed: {all:?}");
+    assert!(!all.iter().any(|(d, s)| d == "db_2" && s.starts_with("ROLLBACK PREPARED")), "db_2 prepared nothing: {all:?}");
+    assert!(all.iter().any(|(d, s)| d == "db_1" && s.starts_with("ROLLBACK")), "db_1's block is rolled back: {all:?}");
+    // the connections are in step afterwards: the next statement on both shards works
+    let (r, _) = run(&engine, "UPDATE t_order SET order_amount = 3 WHERE merchant_id = 1").await;
+    assert!(r.is_ok(), "{:?}", r.err());
+}
+
+#[tokio::test]
+async fn a_deferred_statement_ahead_of_a_simple_query_answers_before_it_and_leaves_the_connection_in_step() {
+    use shardgate::backend::query as wire;
+    let script: Shared = Arc::default();
+    script.lock().expect("script").fail.push(("db_4".into(), "BEGIN".into(), "25001"));
+    let port = scripted(script.clone()).await;
+    let dsn = shardgate_config::Dsn::parse(&format!("postgres://postgres@127.0.0.1:{port}/db_4?sslmode=disable")).expect("dsn");
+    let mut conn = shardgate::backend::ServerConn::connect(&dsn, Duration::from_secs(2)).await.expect("connect");
+    // a deferred BEGIN that fails, then a simple Query: the Query still runs (it has its
+    // own Sync), and its caller sees BEGIN's error in front of its own answer
+    conn.defer("BEGIN");
+    assert!(conn.has_deferred() && !conn.in_step());
+    match wire::control(&mut conn, "ROLLBACK").await {
+        Ok(Err(e)) => assert_eq!(e.code, "25001"),
+        other => panic!("expected BEGIN's error, got {:?}", other.map(|r| r.map(|_| ()))),
+    }
+    assert!(conn.in_step(), "every answer read");
+    // and the next exchange reads its own answer, not a left-over one
+    let rows = wire::control(&mut conn, "SELECT 1").await.expect("io").expect("no error");
+    assert!(rows.is_empty(), "db_4 has no scripted rows: {rows:?}");
+    // a deferred BEGIN that succeeds: the caller reads its own tag
+    script.lock().expect("script").fail.clear();
+    conn.defer("BEGIN");
+    let tag = wire::control_tag(&mut conn, "COMMIT").await.expect("io").expect("no error");
+    assert_eq!(tag, "COMMIT", "the deferred BEGIN's tag is not the caller's");
+    assert!(conn.in_step());
+    let flights = script.lock().expect("script").flights.clone();
+    assert_eq!(flights.len(), 3, "BEGIN+Sync+ROLLBACK, SELECT, BEGIN+Sync+COMMIT: {flights:?}");
+}
+
+#[tokio::test]
+async fn a_statement_failing_on_one_shard_undoes_the_prepare_sent_behind_it_on_the_other() {
+    let script: Shared = Arc::default();
+    script.lock().expect("script").fail.push(("db_2".into(), "INSERT INTO t_order_202611".into(), "23505"));
+    let engine = engine(&script, &[]).await;
+    let (r, _) = run(&engine, TWO_SHARDS).await;
+    match r {
+        Err(ExecError::Server(e)) => assert_eq!(e.code, "23505"),
+        other => panic!("expected db_2's error, got {other:?}"),
+    }
+    let all = seen(&script);
+    // db_1 prepared behind its INSERT: undone by name; db_2's PREPARE found its block failed
+    assert!(all.iter().any(|(d, s)| d == "db_1" && s.starts_with("ROLLBACK PREPARED")), "{all:?}");
+    assert!(!all.iter().any(|(_, s)| s.starts_with("COMMIT PREPARED") || s.contains("shardgate_2pc_decisions")), "nothing decided: {all:?}");
+    // both connections are in step: the next statement on both shards runs and answers
+    script.lock().expect("script").fail.clear();
+    let (r, buf) = run(&engine, TWO_SHARDS).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    assert!(messages(&buf).iter().any(|(t, b)| *t == b'C' && b.starts_with(b"INSERT 0 2")));
 }

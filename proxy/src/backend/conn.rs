@@ -190,6 +190,29 @@ pub struct ServerConn {
     pub prepared: Prepared,
     /// Set when the connection must not be reused (I/O error, unknown state).
     pub broken: bool,
+    /// Statements deferred to ride with the next send (see [`ServerConn::defer`]).
+    ahead: BytesMut,
+    /// How many statements `ahead` holds.
+    ahead_count: u32,
+    /// What [`ServerConn::read_frame`] still owes the deferred statements it sent.
+    owed: Owed,
+}
+
+/// The answers of deferred statements, read and dropped before the answer of
+/// the statement they rode with.
+#[derive(Default)]
+struct Owed {
+    /// Sent ahead of an extended-protocol pipeline: each ends in a
+    /// CommandComplete; an error instead ends them all (the server then skips
+    /// the rest of the pipeline, the caller's statement included, and the error
+    /// is the caller's answer).
+    completes: u32,
+    /// Sent with a Sync of their own ahead of a simple Query: everything up to
+    /// that ReadyForQuery; an error there is handed to the caller in front of
+    /// its own answer.
+    ready: bool,
+    /// An error read while draining `ready`.
+    error: Option<Frame>,
 }
 
 impl ServerConn {
@@ -212,6 +235,9 @@ impl ServerConn {
             cancel_key: CancelKey { addr, pid: 0, secret: 0, tls },
             prepared: Prepared::default(),
             broken: false,
+            ahead: BytesMut::new(),
+            ahead_count: 0,
+            owed: Owed::default(),
         };
         let mut out = BytesMut::new();
         let mut params: Vec<(&str, &str)> = vec![("user", &dsn.user), ("database", &dsn.dbname)];
@@ -304,8 +330,42 @@ impl ServerConn {
         self.stream.close_now();
     }
 
-    /// Reads one whole message from the server.
+    /// Reads one whole message from the server, after the answers of the
+    /// deferred statements sent ahead of the caller's (see [`ServerConn::defer`]).
     pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
+        loop {
+            let f = self.read_raw().await?;
+            if self.owed.ready {
+                match f.tag {
+                    b'Z' => {
+                        self.owed.ready = false;
+                        if let Some(e) = self.owed.error.take() {
+                            return Ok(e);
+                        }
+                    }
+                    b'E' => self.owed.error = Some(f),
+                    _ => {}
+                }
+                continue;
+            }
+            if self.owed.completes > 0 {
+                match f.tag {
+                    b'C' => self.owed.completes -= 1,
+                    b'E' => {
+                        self.owed.completes = 0;
+                        return Ok(f);
+                    }
+                    b'N' | b'S' | b'A' => return Ok(f),
+                    // ParseComplete, BindComplete of the deferred statement
+                    _ => {}
+                }
+                continue;
+            }
+            return Ok(f);
+        }
+    }
+
+    async fn read_raw(&mut self) -> Result<Frame, BackendError> {
         loop {
             if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_MESSAGE).map_err(|e| BackendError::Protocol(e.to_string()))? {
                 return Ok(f);
@@ -316,9 +376,74 @@ impl ServerConn {
         }
     }
 
+    /// Defers `sql` (a statement without parameters or rows, such as a
+    /// transaction block's BEGIN) to the next [`ServerConn::send`], saving it
+    /// a round trip of its own. Ahead of an extended-protocol pipeline it runs
+    /// in that pipeline: if it fails, the server skips the rest, so the
+    /// statements after it never run outside the block they were meant for,
+    /// and its error is the caller's answer. Ahead of a simple Query it is
+    /// closed by a Sync of its own.
+    pub fn defer(&mut self, sql: &str) {
+        use bytes::BufMut;
+        use crate::protocol::codec::{put_cstr, put_message};
+        put_message(&mut self.ahead, b'P', |o| {
+            put_cstr(o, b"");
+            put_cstr(o, sql.as_bytes());
+            o.put_i16(0);
+        });
+        put_message(&mut self.ahead, b'B', |o| {
+            put_cstr(o, b"");
+            put_cstr(o, b"");
+            o.put_i16(0);
+            o.put_i16(0);
+            o.put_i16(0);
+        });
+        put_message(&mut self.ahead, b'E', |o| {
+            put_cstr(o, b"");
+            o.put_i32(0);
+        });
+        self.ahead_count += 1;
+    }
+
+    /// Whether statements are deferred and not yet sent.
+    pub fn has_deferred(&self) -> bool {
+        self.ahead_count > 0
+    }
+
+    /// Forgets deferred statements that were never sent (nothing of them
+    /// reached the server).
+    pub fn drop_deferred(&mut self) {
+        self.ahead.clear();
+        self.ahead_count = 0;
+    }
+
+    /// Writes `msgs` (whole messages ending in a Sync or a simple Query), the
+    /// deferred statements first, in one write.
+    pub async fn send(&mut self, msgs: &[u8]) -> std::io::Result<()> {
+        if self.ahead_count == 0 {
+            return self.stream.write_all(msgs).await;
+        }
+        let mut all = std::mem::take(&mut self.ahead);
+        let n = std::mem::take(&mut self.ahead_count);
+        if msgs.first() == Some(&b'Q') {
+            crate::protocol::codec::put_message(&mut all, b'S', |_| {});
+            self.owed.ready = true;
+        } else {
+            self.owed.completes += n;
+        }
+        all.extend_from_slice(msgs);
+        self.stream.write_all(&all).await
+    }
+
+    /// Whether the connection is idle and in step: nothing deferred unsent,
+    /// no deferred answer unread (the pool takes back only such connections).
+    pub fn in_step(&self) -> bool {
+        self.ahead_count == 0 && self.owed.completes == 0 && !self.owed.ready && self.owed.error.is_none()
+    }
+
     /// Runs a simple query to completion, discarding its rows (control use only).
     pub async fn simple_query(&mut self, sql: &str) -> Result<(), BackendError> {
-        self.stream.write_all(&crate::protocol::frontend::query(sql)).await?;
+        self.send(&crate::protocol::frontend::query(sql)).await?;
         let mut err = None;
         loop {
             let f = self.read_frame().await?;

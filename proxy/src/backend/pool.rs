@@ -38,6 +38,10 @@ impl managed::Manager for ServerManager {
         if conn.broken {
             return Err(RecycleError::message("connection marked broken"));
         }
+        if !conn.in_step() {
+            // a deferred statement never sent, or an answer nobody read: out of step
+            return Err(RecycleError::message("connection given back with a deferred statement outstanding"));
+        }
         // A connection used moments ago is checked against the runtime's
         // readiness (no syscall on the hot path); one idle longer gets a real
         // MSG_PEEK, which also sees a close the runtime has not polled yet.

@@ -176,8 +176,13 @@ pub async fn control(conn: &mut ServerConn, sql: &str) -> Result<Result<Vec<Opti
 /// or `ROLLBACK` when the server rolled an aborted transaction back instead),
 /// or the server's error.
 pub async fn control_tag(conn: &mut ServerConn, sql: &str) -> Result<Result<String, ServerError>, BackendError> {
-    use tokio::io::AsyncWriteExt;
-    conn.stream.write_all(&crate::protocol::frontend::query(sql)).await?;
+    conn.send(&crate::protocol::frontend::query(sql)).await?;
+    read_tag(conn).await
+}
+
+/// Reads the answer of a control statement sent earlier, up to its
+/// ReadyForQuery: its command tag or the server's error.
+pub async fn read_tag(conn: &mut ServerConn) -> Result<Result<String, ServerError>, BackendError> {
     let mut tag = String::new();
     let mut err = None;
     loop {
@@ -211,8 +216,7 @@ pub async fn query(conn: &mut ServerConn, sql: &str, values: &[Option<&str>]) ->
 /// Sends messages ending in one Sync or Query and reads up to ReadyForQuery:
 /// every row (all columns as text), or the first error.
 async fn exchange(conn: &mut ServerConn, msgs: &[u8]) -> Result<Result<Vec<Vec<Option<String>>>, ServerError>, BackendError> {
-    use tokio::io::AsyncWriteExt;
-    conn.stream.write_all(msgs).await?;
+    conn.send(msgs).await?;
     let mut rows = Vec::new();
     let mut err = None;
     loop {

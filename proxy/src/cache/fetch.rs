@@ -32,14 +32,13 @@ impl Exchange {
 
 /// Sends one statement (simple Query, or Parse/Bind/Execute/Sync) and reads its reply up to ReadyForQuery.
 pub async fn exchange(conn: &mut ServerConn, f: &Fetch<'_>) -> Result<Exchange, crate::backend::BackendError> {
-    use tokio::io::AsyncWriteExt;
     let mut out = BytesMut::new();
     if f.simple {
         out.extend_from_slice(&crate::protocol::frontend::query(f.sql));
     } else {
         crate::backend::query::put_execute(&mut out, f.sql, f.types, f.values, f.formats, f.result_formats);
     }
-    conn.stream.write_all(&out).await?;
+    conn.send(&out).await?;
     let mut bytes = BytesMut::new();
     let (mut rows, mut tags, mut plain, mut error) = (0u32, 0u32, true, None);
     loop {

@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use shardgate_router::{Agg, MergeSpec, RoutedKind};
-use tokio::io::AsyncWriteExt;
 use crate::protocol::sqlstate;
 
 pub use super::request::{Bound, ExecError, Out, Request};
@@ -179,15 +178,17 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     // with their lookup entries)
     let implicit_tx = write && req.tx.is_none() && !implicit_2pc && (routed.targets.len() > shard_list.len() || lookups);
     let tx = if implicit_2pc || implicit_tx { Some("BEGIN") } else { req.tx };
+    // the shards' PREPARE TRANSACTIONs go right behind the statement, in its round trip
+    let gid = implicit_2pc.then(|| super::twopc::new_gid(engine.worker()));
     engine.fanout.record(routed.targets.len() as f64);
     let t0 = Instant::now();
     let result = if lookups {
         match record_lookups(engine, slots, req, tx.unwrap_or("BEGIN")).await {
-            Ok(()) => run(engine, slots, req, out, &shard_list, tx).await,
+            Ok(()) => run(engine, slots, req, out, &shard_list, tx, gid.as_deref()).await,
             Err(e) => Err(e),
         }
     } else {
-        run(engine, slots, req, out, &shard_list, tx).await
+        run(engine, slots, req, out, &shard_list, tx, gid.as_deref()).await
     };
     for &s in &shard_list {
         let Some(meters) = engine.meters.get(s) else { continue };
@@ -226,9 +227,9 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
         release(slots);
         return result;
     }
-    let result = if implicit_2pc {
+    let result = if let Some(gid) = gid {
         match result {
-            Ok(()) => super::twopc::commit(engine, slots, &shard_list).await,
+            Ok(()) => super::twopc::commit_as(engine, slots, &shard_list, gid).await,
             Err(e) => {
                 super::twopc::rollback(slots, &shard_list).await;
                 Err(e)
@@ -257,15 +258,20 @@ async fn record_lookups(engine: &Engine, slots: &mut Slots, req: &Request<'_>, t
     super::lookup::record(engine, slots, &req.routed.lookup_rows, &req.routed.table).await
 }
 
-async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>) -> Result<(), ExecError> {
-    let r = run_registered(engine, slots, req, out, shards, tx).await;
+/// Runs the statement on `shards` inside `tx` (when given); with `prepare_as`,
+/// each shard's block is prepared for two-phase commit under that gid right
+/// behind its statement.
+#[allow(clippy::too_many_arguments)]
+async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>, prepare_as: Option<&str>) -> Result<(), ExecError> {
+    let r = run_registered(engine, slots, req, out, shards, tx, prepare_as).await;
     if let Some(c) = req.cancel {
         c.set_shards(Vec::new());
     }
     r
 }
 
-async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>) -> Result<(), ExecError> {
+#[allow(clippy::too_many_arguments)]
+async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>, prepare_as: Option<&str>) -> Result<(), ExecError> {
     let routed = req.routed;
     for &s in shards {
         hold(engine, slots, s, tx, req.param_sets, req.local_sets).await?;
@@ -333,9 +339,16 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         };
         wire::put_statement(buf, name.as_deref().unwrap_or("").as_bytes(), parse, &t.sql, &types, &values, &fmts, &formats);
     }
-    for (shard, buf) in &bufs {
+    for (shard, buf) in bufs.iter_mut() {
         let slot = slots[*shard].as_mut().expect("held");
-        if let Err(e) = slot.conn.stream.write_all(buf).await {
+        // a shard's own block (not db_default's, which carries the decision): if the
+        // statement fails there, the PREPARE finds the block aborted and rolls it back
+        if let (Some(gid), true) = (prepare_as, *shard < engine.shards.len() && slot.in_tx) {
+            let name = super::twopc::shard_gid(gid, *shard);
+            buf.extend_from_slice(&crate::protocol::frontend::query(&format!("PREPARE TRANSACTION '{name}'")));
+            slot.preparing = Some(name);
+        }
+        if let Err(e) = slot.conn.send(buf).await {
             slot.conn.broken = true;
             return Err(lost(*shard, &e.into()));
         }
@@ -372,7 +385,7 @@ async fn forget_parsed(slots: &mut Slots, parsed: &[(usize, String)]) {
         let mut b = BytesMut::new();
         crate::protocol::frontend::close_statement(&mut b, name.as_bytes());
         put_message(&mut b, b'S', |_| {});
-        let ok = slot.conn.stream.write_all(&b).await.is_ok() && wire::read_ready(&mut slot.conn).await.is_ok();
+        let ok = slot.conn.send(&b).await.is_ok() && wire::read_ready(&mut slot.conn).await.is_ok();
         if !ok {
             slot.conn.broken = true;
         }
@@ -435,7 +448,7 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
         let conn = &mut slots[shard].as_mut().expect("held").conn;
         if let Some(buf) = serial.get_mut(ti) {
             // serial: this target starts only now that the ones before it have finished
-            if let Err(e) = conn.stream.write_all(buf).await {
+            if let Err(e) = conn.send(buf).await {
                 return Err(fail(slots, shard, e.into()));
             }
         }

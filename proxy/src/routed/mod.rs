@@ -95,6 +95,8 @@ pub struct Engine {
     pub lookups: lookup::Lookups,
     /// Decided two-phase commits not yet applied on some shard.
     pub unfinished: twopc::Unfinished,
+    /// Decision rows to delete, in batches.
+    pub forgotten: twopc::Forgotten,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -203,6 +205,7 @@ impl Engine {
             migration: migration::Migration::new(config),
             lookups: lookup::Lookups::default(),
             unfinished: twopc::Unfinished::default(),
+            forgotten: twopc::Forgotten::default(),
         })
     }
 

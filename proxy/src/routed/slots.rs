@@ -19,6 +19,9 @@ pub struct ShardSlot {
     pub wrote: bool,
     /// How many of the block's `SET LOCAL` settings it has applied.
     pub locals: usize,
+    /// The block's `PREPARE TRANSACTION` was sent behind its statement under
+    /// this name, and its answer is not read yet ([`super::twopc::prepare`]).
+    pub preparing: Option<String>,
 }
 
 impl Drop for ShardSlot {
@@ -90,21 +93,15 @@ pub async fn hold(
                 }
             }
         }
-        slots[shard] = Some(ShardSlot { conn, in_tx: false, wrote: false, locals: 0 });
+        slots[shard] = Some(ShardSlot { conn, in_tx: false, wrote: false, locals: 0, preparing: None });
     }
     let slot = slots[shard].as_mut().expect("just filled");
     if let (Some(begin), false) = (tx, slot.in_tx) {
-        match wire::control(&mut slot.conn, begin).await {
-            Ok(Ok(_)) => {
-                slot.in_tx = true;
-                slot.locals = 0;
-            }
-            Ok(Err(e)) => return Err(ExecError::Server(e)),
-            Err(e) => {
-                slot.conn.broken = true;
-                return Err(lost(shard, &e));
-            }
-        }
+        // sent with the block's first statement, in its pipeline: one round trip fewer,
+        // and if BEGIN fails the statement does not run (its answer is BEGIN's error)
+        slot.conn.defer(begin);
+        slot.in_tx = true;
+        slot.locals = 0;
     }
     if slot.in_tx && slot.locals < local_sets.len() {
         // the client's SET LOCAL reaches every shard of its block, as bind values

@@ -6,7 +6,8 @@
 //! 2. the decision — a row in `shardgate_2pc_decisions` in `db_default` —
 //!    is committed (inside the client's own `db_default` transaction when
 //!    there is one, so the decision and that work commit together);
-//! 3. `COMMIT PREPARED` on every shard, then the decision row is deleted.
+//! 3. `COMMIT PREPARED` on every shard; the decision row is then deleted
+//!    in a batch, off the client's path ([`sweep_forgotten`]).
 //!
 //! [`recover`] runs at startup and periodically: a prepared transaction left
 //! by a crash is committed if its decision row exists and rolled back if not.
@@ -62,7 +63,8 @@ pub fn new_gid(worker: u16) -> String {
     format!("sg_{worker}_{ms}_{:08x}", rand::random::<u32>())
 }
 
-fn shard_gid(gid: &str, shard: usize) -> String {
+/// The name of `gid`'s prepared transaction on `shard`.
+pub fn shard_gid(gid: &str, shard: usize) -> String {
     format!("{gid}_s{shard}")
 }
 
@@ -79,7 +81,12 @@ pub async fn prepare(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: 
     let mut prepared = Vec::new();
     for &s in shards {
         let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
-        let r = wire::control_tag(&mut slot.conn, &format!("PREPARE TRANSACTION '{}'", shard_gid(gid, s))).await;
+        let r = if slot.preparing.take().is_some() {
+            // sent behind the statement, in its round trip: only the answer is left to read
+            wire::read_tag(&mut slot.conn).await
+        } else {
+            wire::control_tag(&mut slot.conn, &format!("PREPARE TRANSACTION '{}'", shard_gid(gid, s))).await
+        };
         slot.in_tx = false;
         match r {
             Ok(Ok(tag)) if tag == "PREPARE TRANSACTION" => prepared.push(s),
@@ -206,7 +213,7 @@ pub async fn apply_unfinished(engine: &Engine) {
             }
         }
         if left.is_empty() {
-            forget(engine, &gid).await;
+            forget(engine, &gid);
         }
     }
 }
@@ -216,6 +223,43 @@ pub async fn rollback(slots: &mut Slots, shards: &[usize]) {
     for &s in shards {
         let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
         if !slot.in_tx {
+            continue;
+        }
+        if slot.conn.has_deferred() {
+            // its BEGIN was never sent: there is no block on the server to end
+            slot.conn.drop_deferred();
+            slot.in_tx = false;
+            slot.wrote = false;
+            continue;
+        }
+        if let Some(name) = slot.preparing.take() {
+            // its PREPARE TRANSACTION went behind the statement: prepared (then undone
+            // by name) or, after a failed statement, rolled back by the server
+            slot.in_tx = false;
+            slot.wrote = false;
+            if slot.conn.broken {
+                continue;
+            }
+            let undo = match wire::read_tag(&mut slot.conn).await {
+                Ok(Ok(tag)) if tag == "PREPARE TRANSACTION" => true,
+                Ok(Ok(tag)) if tag == "ROLLBACK" => false,
+                Ok(Ok(_)) => {
+                    // the statement's answer was not all read: out of step, never reused
+                    // (a transaction it prepared is an undecided orphan recovery rolls back)
+                    slot.conn.broken = true;
+                    continue;
+                }
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    // unknown: left to recovery, which rolls back an undecided orphan
+                    slot.conn.broken = true;
+                    continue;
+                }
+            };
+            if undo && !matches!(wire::control(&mut slot.conn, &format!("ROLLBACK PREPARED '{name}'")).await, Ok(Ok(_))) {
+                slot.conn.broken = true;
+                tracing::warn!(shard = s, gid = name, "ROLLBACK PREPARED failed; recovery will roll it back");
+            }
             continue;
         }
         if slot.conn.broken {
@@ -239,6 +283,12 @@ pub async fn commit_each(slots: &mut Slots, shards: &[usize]) -> Result<(), Exec
     for &s in shards {
         let Some(slot) = slots.get_mut(s).and_then(Option::as_mut) else { continue };
         if !slot.in_tx {
+            continue;
+        }
+        if slot.conn.has_deferred() {
+            slot.conn.drop_deferred();
+            slot.in_tx = false;
+            slot.wrote = false;
             continue;
         }
         let verb = if err.is_some() { "ROLLBACK" } else { "COMMIT" };
@@ -265,7 +315,12 @@ pub async fn commit_each(slots: &mut Slots, shards: &[usize]) -> Result<(), Exec
 /// A whole two-phase commit with the decision written on its own `db_default`
 /// connection (statements outside a transaction block).
 pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Result<(), ExecError> {
-    let gid = new_gid(engine.worker());
+    commit_as(engine, slots, shards, new_gid(engine.worker())).await
+}
+
+/// [`commit`] under `gid`, whose PREPAREs may already be on their way
+/// ([`super::slots::ShardSlot::preparing`]).
+pub async fn commit_as(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: String) -> Result<(), ExecError> {
     let local = engine.shards.len();
     if shards.contains(&local) && slots.get(local).and_then(Option::as_ref).is_some_and(|s| s.in_tx) {
         return commit_carried(engine, slots, shards, local, &gid).await;
@@ -290,7 +345,7 @@ pub async fn commit(engine: &Engine, slots: &mut Slots, shards: &[usize]) -> Res
             crash_point("after_decision");
             // the decision row stays until every participant has committed (recovery finishes the rest)
             if finish(engine, slots, shards, &gid, true).await {
-                forget(engine, &gid).await;
+                forget(engine, &gid);
             }
             Ok(())
         }
@@ -321,9 +376,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
             crash_point("after_decision");
             pause_point("after_decision").await;
             if finish(engine, slots, &remote, gid, true).await {
-                // on the same connection: a small pool may have no other free
-                let conn = &mut slots[local].as_mut().expect("held").conn;
-                let _ = wire::query(conn, "DELETE FROM shardgate_2pc_decisions WHERE gid = $1", &[Some(gid)]).await;
+                forget(engine, gid);
             }
             Ok(())
         }
@@ -394,14 +447,73 @@ pub async fn resolve(engine: &Engine, gid: &str, shards: &[usize], commit: bool)
     }
     if commit && all {
         metrics::counter!(crate::metrics::TWO_PHASE_COMMITS).increment(1);
-        forget(engine, gid).await;
+        forget(engine, gid);
     }
 }
 
-/// Deletes a decision once every shard committed (recovery deletes leftovers).
-pub async fn forget(engine: &Engine, gid: &str) {
-    if let Ok(mut conn) = engine.default.get().await {
-        let _ = wire::control(&mut conn, &format!("DELETE FROM shardgate_2pc_decisions WHERE gid = '{gid}'")).await;
+/// Decision rows whose transactions every shard has committed: deleted in
+/// batches by [`sweep_forgotten`], off the client's path. A row is only read
+/// while its gid is still prepared somewhere, so one left behind changes no
+/// outcome; [`recover`] deletes any a crash leaves after an hour.
+#[derive(Default)]
+pub struct Forgotten {
+    list: std::sync::Mutex<Vec<String>>,
+    wake: tokio::sync::Notify,
+}
+
+/// At most this many decision rows wait for deletion (db_default down for
+/// long): beyond it the oldest are left to [`recover`]'s hourly cleanup.
+const FORGOTTEN_MAX: usize = 100_000;
+
+/// Deletes a decision once every shard committed, soon and in a batch.
+pub fn forget(engine: &Engine, gid: &str) {
+    if let Ok(mut l) = engine.forgotten.list.lock() {
+        if l.len() >= FORGOTTEN_MAX {
+            l.remove(0);
+        }
+        l.push(gid.to_string());
+    }
+    engine.forgotten.wake.notify_one();
+}
+
+/// Deletes the forgotten decision rows, up to 1,000 in one statement, until
+/// shutdown.
+pub async fn sweep_forgotten(engine: std::sync::Arc<Engine>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = engine.forgotten.wake.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        // let the commits of the next few milliseconds join this batch
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let batch: Vec<String> = match engine.forgotten.list.lock() {
+            Ok(mut l) => {
+                let n = l.len().min(1000);
+                l.drain(..n).collect()
+            }
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let list = format!("{{{}}}", batch.join(","));
+        let done = match engine.default.get().await {
+            Ok(mut conn) => matches!(wire::query(&mut conn, "DELETE FROM shardgate_2pc_decisions WHERE gid = ANY($1::text[])", &[Some(&list)]).await, Ok(Ok(_))),
+            Err(_) => false,
+        };
+        if let Ok(mut l) = engine.forgotten.list.lock() {
+            if !done {
+                // db_default unreachable: kept for the next try (bounded)
+                let room = FORGOTTEN_MAX.saturating_sub(l.len());
+                l.splice(0..0, batch.into_iter().take(room));
+            }
+            if !l.is_empty() {
+                engine.forgotten.wake.notify_one();
+            }
+        }
+        if !done {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 

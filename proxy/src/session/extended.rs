@@ -298,8 +298,7 @@ impl Session {
             let Ok(mut conn) = pool.get().await else { continue };
             let mut buf = BytesMut::new();
             wire::put_describe(&mut buf, &stmt.sql, &stmt.types);
-            use tokio::io::AsyncWriteExt;
-            if conn.stream.write_all(&buf).await.is_err() {
+            if conn.send(&buf).await.is_err() {
                 conn.broken = true;
                 continue;
             }
