@@ -318,7 +318,7 @@ async fn engine(script: &Shared, closed: &[usize]) -> Engine {
     let p = &config.pool;
     let default = shardgate::backend::pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
     let engine = Engine::new(&config, default).expect("engine");
-    engine.add_months(&[shardgate_router::month::MonthKey::parse_suffix("202611").expect("month")]);
+    engine.add_months(&["202610", "202611"].map(|m| shardgate_router::month::MonthKey::parse_suffix(m).expect("month")));
     engine
 }
 
@@ -500,9 +500,9 @@ async fn a_block_begins_with_its_first_statement_in_one_round_trip() {
         assert_eq!(mine.get(2).copied(), Some("PREPARE TRANSACTION"), "{db}: {mine:?}");
     }
     let flights = script.lock().expect("script").flights.clone();
-    // BEGIN + INSERT + PREPARE TRANSACTION, then COMMIT PREPARED: two round trips per shard
+    // BEGIN + INSERT, PREPARE TRANSACTION (sent once every shard answered), COMMIT PREPARED
     for db in ["db_1", "db_2"] {
-        assert_eq!(flights.iter().filter(|d| *d == db).count(), 2, "{db}: {flights:?}");
+        assert_eq!(flights.iter().filter(|d| *d == db).count(), 3, "{db}: {flights:?}");
     }
 }
 
@@ -527,37 +527,40 @@ async fn a_begin_that_fails_keeps_its_statement_from_running_outside_the_block()
 }
 
 #[tokio::test]
-async fn a_deferred_statement_ahead_of_a_simple_query_answers_before_it_and_leaves_the_connection_in_step() {
+async fn a_deferred_statement_ahead_of_anything_but_one_pipeline_gets_a_round_trip_of_its_own() {
     use shardgate::backend::query as wire;
     let script: Shared = Arc::default();
     script.lock().expect("script").fail.push(("db_4".into(), "BEGIN".into(), "25001"));
     let port = scripted(script.clone()).await;
     let dsn = shardgate_config::Dsn::parse(&format!("postgres://postgres@127.0.0.1:{port}/db_4?sslmode=disable")).expect("dsn");
     let mut conn = shardgate::backend::ServerConn::connect(&dsn, Duration::from_secs(2)).await.expect("connect");
-    // a deferred BEGIN that fails, then a simple Query: the Query still runs (it has its
-    // own Sync), and its caller sees BEGIN's error in front of its own answer
+    // ahead of a simple Query, BEGIN goes first and is answered first: failing, it stops
+    // the Query from being sent at all and ends the connection
     conn.defer("BEGIN");
     assert!(conn.has_deferred() && !conn.in_step());
-    match wire::control(&mut conn, "ROLLBACK").await {
-        Ok(Err(e)) => assert_eq!(e.code, "25001"),
-        other => panic!("expected BEGIN's error, got {:?}", other.map(|r| r.map(|_| ()))),
-    }
-    assert!(conn.in_step(), "every answer read");
-    // and the next exchange reads its own answer, not a left-over one
-    let rows = wire::control(&mut conn, "SELECT 1").await.expect("io").expect("no error");
-    assert!(rows.is_empty(), "db_4 has no scripted rows: {rows:?}");
-    // a deferred BEGIN that succeeds: the caller reads its own tag
+    assert!(wire::control(&mut conn, "UPDATE t_order_202611 SET order_amount = 1").await.is_err(), "BEGIN failed");
+    assert!(conn.broken, "a connection whose deferred statement failed is not reused");
+    assert!(!seen(&script).iter().any(|(_, s)| s.starts_with("UPDATE")), "the statement behind the failed BEGIN never ran");
+    // succeeding, the caller reads its own answer after it, in step
     script.lock().expect("script").fail.clear();
+    let mut conn = shardgate::backend::ServerConn::connect(&dsn, Duration::from_secs(2)).await.expect("connect");
+    let before = script.lock().expect("script").flights.len();
     conn.defer("BEGIN");
     let tag = wire::control_tag(&mut conn, "COMMIT").await.expect("io").expect("no error");
     assert_eq!(tag, "COMMIT", "the deferred BEGIN's tag is not the caller's");
-    assert!(conn.in_step());
-    let flights = script.lock().expect("script").flights.clone();
-    assert_eq!(flights.len(), 3, "BEGIN+Sync+ROLLBACK, SELECT, BEGIN+Sync+COMMIT: {flights:?}");
+    assert!(conn.in_step() && !conn.broken);
+    let flights = script.lock().expect("script").flights.len() - before;
+    assert_eq!(flights, 2, "BEGIN, then COMMIT");
+    // ahead of one pipeline it rides in it: one round trip
+    let before = script.lock().expect("script").flights.len();
+    conn.defer("BEGIN");
+    let rows = wire::query(&mut conn, "SELECT 1", &[]).await.expect("io").expect("no error");
+    assert!(rows.is_empty() && conn.in_step());
+    assert_eq!(script.lock().expect("script").flights.len() - before, 1, "BEGIN rode with the SELECT");
 }
 
 #[tokio::test]
-async fn a_statement_failing_on_one_shard_undoes_the_prepare_sent_behind_it_on_the_other() {
+async fn a_statement_failing_on_one_of_two_shards_prepares_nothing() {
     let script: Shared = Arc::default();
     script.lock().expect("script").fail.push(("db_2".into(), "INSERT INTO t_order_202611".into(), "23505"));
     let engine = engine(&script, &[]).await;
@@ -567,12 +570,25 @@ async fn a_statement_failing_on_one_shard_undoes_the_prepare_sent_behind_it_on_t
         other => panic!("expected db_2's error, got {other:?}"),
     }
     let all = seen(&script);
-    // db_1 prepared behind its INSERT: undone by name; db_2's PREPARE found its block failed
-    assert!(all.iter().any(|(d, s)| d == "db_1" && s.starts_with("ROLLBACK PREPARED")), "{all:?}");
-    assert!(!all.iter().any(|(_, s)| s.starts_with("COMMIT PREPARED") || s.contains("shardgate_2pc_decisions")), "nothing decided: {all:?}");
+    // several shards: each prepares only once every shard has answered
+    assert!(!all.iter().any(|(_, s)| s.contains("PREPARE") || s.contains("shardgate_2pc_decisions")), "{all:?}");
+    assert!(all.iter().any(|(d, s)| d == "db_1" && s == "ROLLBACK"), "{all:?}");
     // both connections are in step: the next statement on both shards runs and answers
     script.lock().expect("script").fail.clear();
     let (r, buf) = run(&engine, TWO_SHARDS).await;
     assert!(r.is_ok(), "{:?}", r.err());
     assert!(messages(&buf).iter().any(|(t, b)| *t == b'C' && b.starts_with(b"INSERT 0 2")));
+}
+
+#[tokio::test]
+async fn a_begin_that_fails_ahead_of_several_month_tables_runs_none_of_them() {
+    let script: Shared = Arc::default();
+    script.lock().expect("script").fail.push(("db_1".into(), "BEGIN".into(), "25001"));
+    let engine = engine(&script, &[]).await;
+    // two month tables on one shard: two pipelines on one connection, one block
+    let two_months = "INSERT INTO t_order (merchant_id, order_amount, create_time) VALUES (1, 1.00, '2026-11-05 10:00+00'), (1, 2.00, '2026-10-05 10:00+00')";
+    let (r, _) = run(&engine, two_months).await;
+    assert!(r.is_err(), "BEGIN failed: the statement must fail");
+    let all = seen(&script);
+    assert!(!all.iter().any(|(_, s)| s.starts_with("INSERT")), "no month table's INSERT may run outside the block: {all:?}");
 }

@@ -276,7 +276,7 @@ async fn racing_writers_and_a_lost_shard_leave_each_order_no_exactly_once() {
                     }
                     Ok(n) => panic!("INSERT answered {n} rows"),
                     Err(e) if sqlstate(&e).as_deref() == Some("23505") => refused.lock().expect("lock").push(no),
-                    Err(e) => other.lock().expect("lock").push(format!("{no}: {e} {:?}", e.as_db_error().map(|d| d.message().to_string()))),
+                    Err(e) => other.lock().expect("lock").push(format!("{no}: {e} {:?}", e.as_db_error().map(|d| (d.message().to_string(), d.routine().map(str::to_string), d.where_().map(str::to_string))))),
                 }
             }
         }));
@@ -297,7 +297,7 @@ async fn racing_writers_and_a_lost_shard_leave_each_order_no_exactly_once() {
     assert!(acked.len() > 100 && refused.len() > 100, "the run must race: {} acknowledged, {} refused", acked.len(), refused.len());
     // errors other than 23505 are only the moments the shard was going away (nothing acknowledged)
     for e in &other {
-        assert!(e.contains("unavailable") || e.contains("lost") || e.contains("shard") || e.contains("retry"), "unexpected error: {e}");
+        assert!(e.contains("unavailable") || e.contains("lost") || e.contains("shard") || e.contains("retry"), "unexpected error: {e}\n{}", c.proxy_log().lines().filter(|l| (l.contains("WARN") || l.contains("ERROR")) && !l.contains("state changed")).take(100).collect::<Vec<_>>().join("\n"));
     }
     // every refused value is held by an acknowledged order
     let held: HashSet<&String> = acked.keys().collect();
@@ -419,4 +419,36 @@ async fn rows_from_before_the_lookup_are_filled_in() {
     assert_eq!(n("OLD1").await, 1);
     assert_eq!(n("OLD2").await, 1);
     assert_eq!(n("DUPX").await, 2);
+}
+
+/// An INSERT with an order_no commits in fewer round trips: its shard prepares
+/// right behind the row, and the entry rides with the commit decision. When
+/// the row fails on the shard (here a numeric overflow, an extended-protocol
+/// client whose statement is parsed there for the first time), that prepared
+/// block is undone at once, no entry stays, and the session's next statements
+/// work: nothing waits for recovery's orphan age.
+#[tokio::test]
+async fn an_insert_failing_on_its_shard_leaves_no_prepared_transaction_and_no_entry() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let bad = "INSERT INTO t_order (order_no, merchant_id, order_amount, create_time) VALUES ($1, $2, 1e30, '2026-11-03 10:00+00')";
+    for i in 0..3i64 {
+        let no = format!("F{i}");
+        let e = client.execute(bad, &[&no, &(3 + 8 * i)]).await.expect_err("overflow");
+        assert_eq!(sqlstate(&e).as_deref(), Some("22003"), "{e}");
+    }
+    let shard = connect(&c.info.shards[3]).await.expect("shard");
+    let left: i64 = shard.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.expect("xacts").get(0);
+    assert_eq!(left, 0, "a prepared transaction was left on db_3 for recovery to find");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let entries: i64 = def.query_one("SELECT count(*) FROM shardgate_lookup_t_order_order_no WHERE value LIKE 'F%'", &[]).await.expect("entries").get(0);
+    assert_eq!(entries, 0, "an entry outlived its failed row");
+    // the same order_no now inserts fine, from the same session, and only once
+    let good = "INSERT INTO t_order (order_no, merchant_id, order_amount, create_time) VALUES ($1, $2, 1.00, '2026-11-03 10:00+00')";
+    for i in 0..3i64 {
+        client.execute(good, &[&format!("F{i}"), &(3 + 8 * i)]).await.expect("insert");
+    }
+    let e = client.execute(good, &[&"F0", &4i64]).await.expect_err("taken");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    assert_eq!(copies(&c, "F0").await, 1);
 }

@@ -198,21 +198,14 @@ pub struct ServerConn {
     owed: Owed,
 }
 
-/// The answers of deferred statements, read and dropped before the answer of
-/// the statement they rode with.
+/// The answers of deferred statements sent ahead of an extended-protocol
+/// pipeline, read and dropped before the answer of the statement they rode
+/// with: each ends in a CommandComplete; an error instead ends them all (the
+/// server then skips the rest of the pipeline, the caller's statement
+/// included, and the error is the caller's answer).
 #[derive(Default)]
 struct Owed {
-    /// Sent ahead of an extended-protocol pipeline: each ends in a
-    /// CommandComplete; an error instead ends them all (the server then skips
-    /// the rest of the pipeline, the caller's statement included, and the error
-    /// is the caller's answer).
     completes: u32,
-    /// Sent with a Sync of their own ahead of a simple Query: everything up to
-    /// that ReadyForQuery; an error there is handed to the caller in front of
-    /// its own answer.
-    ready: bool,
-    /// An error read while draining `ready`.
-    error: Option<Frame>,
 }
 
 impl ServerConn {
@@ -335,24 +328,14 @@ impl ServerConn {
     pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
         loop {
             let f = self.read_raw().await?;
-            if self.owed.ready {
-                match f.tag {
-                    b'Z' => {
-                        self.owed.ready = false;
-                        if let Some(e) = self.owed.error.take() {
-                            return Ok(e);
-                        }
-                    }
-                    b'E' => self.owed.error = Some(f),
-                    _ => {}
-                }
-                continue;
-            }
             if self.owed.completes > 0 {
                 match f.tag {
                     b'C' => self.owed.completes -= 1,
                     b'E' => {
+                        // what the server holds now is not what the caller meant (a skipped
+                        // Close, a block that never began): this connection ends with this answer
                         self.owed.completes = 0;
+                        self.broken = true;
                         return Ok(f);
                     }
                     b'N' | b'S' | b'A' => return Ok(f),
@@ -378,11 +361,12 @@ impl ServerConn {
 
     /// Defers `sql` (a statement without parameters or rows, such as a
     /// transaction block's BEGIN) to the next [`ServerConn::send`], saving it
-    /// a round trip of its own. Ahead of an extended-protocol pipeline it runs
-    /// in that pipeline: if it fails, the server skips the rest, so the
-    /// statements after it never run outside the block they were meant for,
-    /// and its error is the caller's answer. Ahead of a simple Query it is
-    /// closed by a Sync of its own.
+    /// a round trip of its own. Ahead of one extended-protocol pipeline (one
+    /// Sync, at its end) it runs in that pipeline: if it fails, the server
+    /// skips the rest, so the statement after it never runs outside the block
+    /// it was meant for, and its error is the caller's answer. Ahead of
+    /// anything else (a simple Query, several pipelines, whose later ones would
+    /// run after a failed BEGIN) it is sent first in a round trip of its own.
     pub fn defer(&mut self, sql: &str) {
         use bytes::BufMut;
         use crate::protocol::codec::{put_cstr, put_message};
@@ -418,27 +402,40 @@ impl ServerConn {
     }
 
     /// Writes `msgs` (whole messages ending in a Sync or a simple Query), the
-    /// deferred statements first, in one write.
+    /// deferred statements first (see [`ServerConn::defer`]).
     pub async fn send(&mut self, msgs: &[u8]) -> std::io::Result<()> {
         if self.ahead_count == 0 {
             return self.stream.write_all(msgs).await;
         }
         let mut all = std::mem::take(&mut self.ahead);
         let n = std::mem::take(&mut self.ahead_count);
-        if msgs.first() == Some(&b'Q') {
-            crate::protocol::codec::put_message(&mut all, b'S', |_| {});
-            self.owed.ready = true;
-        } else {
+        if one_pipeline(msgs) {
             self.owed.completes += n;
+            all.extend_from_slice(msgs);
+            return self.stream.write_all(&all).await;
         }
-        all.extend_from_slice(msgs);
-        self.stream.write_all(&all).await
+        crate::protocol::codec::put_message(&mut all, b'S', |_| {});
+        self.stream.write_all(&all).await?;
+        let mut failed = None;
+        loop {
+            let f = self.read_raw().await.map_err(std::io::Error::other)?;
+            match f.tag {
+                b'E' => failed = Some(parse_error_fields(f.body())),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        if let Some(e) = failed {
+            self.broken = true;
+            return Err(std::io::Error::other(format!("a deferred statement failed: {} {}", e.code, e.message)));
+        }
+        self.stream.write_all(msgs).await
     }
 
     /// Whether the connection is idle and in step: nothing deferred unsent,
     /// no deferred answer unread (the pool takes back only such connections).
     pub fn in_step(&self) -> bool {
-        self.ahead_count == 0 && self.owed.completes == 0 && !self.owed.ready && self.owed.error.is_none()
+        self.ahead_count == 0 && self.owed.completes == 0
     }
 
     /// Runs a simple query to completion, discarding its rows (control use only).
@@ -480,6 +477,30 @@ impl ServerConn {
             }
         }
     }
+}
+
+/// Whether a deferred statement may ride ahead of `msgs`: one
+/// extended-protocol pipeline (one Sync), optionally followed by one simple
+/// `PREPARE TRANSACTION` of that block. Were the deferred BEGIN to fail, the
+/// server would skip the pipeline and then meet that PREPARE outside any
+/// block, where it only warns and answers ROLLBACK (nothing is prepared).
+fn one_pipeline(msgs: &[u8]) -> bool {
+    let mut at = 0;
+    let mut synced = false;
+    while at + 5 <= msgs.len() {
+        let tag = msgs[at];
+        let len = i32::from_be_bytes([msgs[at + 1], msgs[at + 2], msgs[at + 3], msgs[at + 4]]) as usize;
+        let end = (at + 1 + len.max(4)).min(msgs.len());
+        match tag {
+            b'S' if !synced => synced = true,
+            b'Q' if synced && end == msgs.len() => return msgs[at + 5..].starts_with(b"PREPARE TRANSACTION '"),
+            b'S' | b'Q' => return false,
+            _ if synced => return false,
+            _ => {}
+        }
+        at = end;
+    }
+    synced
 }
 
 /// How [`ServerConn::is_alive`] checks a connection.
@@ -558,6 +579,34 @@ impl Prepared {
 #[cfg(test)]
 mod prepared_tests {
     use super::*;
+
+    #[test]
+    fn a_deferred_statement_rides_only_ahead_of_one_pipeline() {
+        use crate::protocol::codec::put_message;
+        let step = |b: &mut BytesMut| {
+            put_message(b, b'P', |o| o.extend_from_slice(b"\0SELECT 1\0\0\0"));
+            put_message(b, b'E', |o| o.extend_from_slice(b"\0\0\0\0\0"));
+        };
+        let sync = |b: &mut BytesMut| put_message(b, b'S', |_| {});
+        let mut one = BytesMut::new();
+        step(&mut one);
+        sync(&mut one);
+        assert!(one_pipeline(&one));
+        let mut prepared = one.clone();
+        prepared.extend_from_slice(&crate::protocol::frontend::query("PREPARE TRANSACTION 'sg_1_2_3_s4'"));
+        assert!(one_pipeline(&prepared), "a block's PREPARE behind its statement");
+        let mut other = one.clone();
+        other.extend_from_slice(&crate::protocol::frontend::query("DELETE FROM t"));
+        assert!(!one_pipeline(&other), "any other Query would run after a failed BEGIN");
+        let mut two = one.clone();
+        step(&mut two);
+        sync(&mut two);
+        assert!(!one_pipeline(&two), "the second pipeline would run after a failed BEGIN");
+        assert!(!one_pipeline(&crate::protocol::frontend::query("COMMIT")));
+        let mut unsynced = BytesMut::new();
+        step(&mut unsynced);
+        assert!(!one_pipeline(&unsynced));
+    }
 
     #[test]
     fn the_least_recently_used_name_gives_way() {

@@ -39,6 +39,23 @@ pub fn put_execute(out: &mut BytesMut, sql: &str, types: &[u32], values: &[Optio
     put_message(out, b'S', |_| {});
 }
 
+/// Appends Parse (unnamed) + Bind (text values) + Execute without a Sync: one
+/// step of a pipeline the caller ends with [`put_sync`]. If a step fails the
+/// server skips the later ones.
+pub fn put_step(out: &mut BytesMut, sql: &str, values: &[Option<&[u8]>]) {
+    put_parse(out, b"", sql, &[]);
+    put_bind(out, b"", values, &[], &[]);
+    put_message(out, b'E', |o| {
+        put_cstr(o, b"");
+        o.put_i32(0);
+    });
+}
+
+/// Appends Sync.
+pub fn put_sync(out: &mut BytesMut) {
+    put_message(out, b'S', |_| {});
+}
+
 /// Bind of the unnamed portal.
 fn put_bind(out: &mut BytesMut, statement: &[u8], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
     put_message(out, b'B', |o| {

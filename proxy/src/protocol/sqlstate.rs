@@ -36,6 +36,8 @@ pub const UNDEFINED_TABLE: &str = "42P01";
 pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 /// 42P07
 pub const DUPLICATE_TABLE: &str = "42P07";
+/// duplicate_object (a view's row type made by a concurrent CREATE VIEW).
+pub const DUPLICATE_OBJECT: &str = "42710";
 /// 53300
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 /// 53400

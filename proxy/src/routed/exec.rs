@@ -179,9 +179,24 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     let implicit_tx = write && req.tx.is_none() && !implicit_2pc && (routed.targets.len() > shard_list.len() || lookups);
     let tx = if implicit_2pc || implicit_tx { Some("BEGIN") } else { req.tx };
     // the shards' PREPARE TRANSACTIONs go right behind the statement, in its round trip
-    let gid = implicit_2pc.then(|| super::twopc::new_gid(engine.worker()));
+    let mut gid = implicit_2pc.then(|| super::twopc::new_gid(engine.worker()));
     engine.fanout.record(routed.targets.len() as f64);
     let t0 = Instant::now();
+    if let Some(g) = gid.as_deref().filter(|_| super::entries::applies(engine, req)) {
+        // an autocommit INSERT with unique-lookup entries: the entries ride with the decision
+        let mark = out.buf.len();
+        match super::entries::insert(engine, slots, req, out, &shard_list, g).await {
+            Some(result) => {
+                engine.account(&shard_list, t0, &result);
+                release(slots);
+                return result;
+            }
+            None => {
+                out.buf.truncate(mark);
+                gid = Some(super::twopc::new_gid(engine.worker()));
+            }
+        }
+    }
     let result = if lookups {
         match record_lookups(engine, slots, req, tx.unwrap_or("BEGIN")).await {
             Ok(()) => run(engine, slots, req, out, &shard_list, tx, gid.as_deref()).await,
@@ -190,19 +205,7 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     } else {
         run(engine, slots, req, out, &shard_list, tx, gid.as_deref()).await
     };
-    for &s in &shard_list {
-        let Some(meters) = engine.meters.get(s) else { continue };
-        meters.queries.increment(1);
-        meters.seconds.record(t0.elapsed().as_secs_f64());
-        match &result {
-            Ok(()) => engine.shard_answered(s),
-            Err(ExecError::Server(_)) => {
-                engine.shard_answered(s);
-                meters.errors.increment(1);
-            }
-            Err(_) => meters.errors.increment(1),
-        }
-    }
+    engine.account(&shard_list, t0, &result);
     if matches!(result, Err(ExecError::ClientIo(_))) {
         // the client went away mid-answer: close the shard connections (and db_default's,
         // which may hold this statement's lookup entries) rather than read the rest of the
@@ -262,7 +265,7 @@ async fn record_lookups(engine: &Engine, slots: &mut Slots, req: &Request<'_>, t
 /// each shard's block is prepared for two-phase commit under that gid right
 /// behind its statement.
 #[allow(clippy::too_many_arguments)]
-async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>, prepare_as: Option<&str>) -> Result<(), ExecError> {
+pub(super) async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>, prepare_as: Option<&str>) -> Result<(), ExecError> {
     let r = run_registered(engine, slots, req, out, shards, tx, prepare_as).await;
     if let Some(c) = req.cancel {
         c.set_shards(Vec::new());
@@ -339,11 +342,15 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         };
         wire::put_statement(buf, name.as_deref().unwrap_or("").as_bytes(), parse, &t.sql, &types, &values, &fmts, &formats);
     }
+    // an INSERT on one shard (with db_default's unique-lookup entries): its PREPARE rides
+    // behind it. Not for several shards: one would be prepared while another still runs,
+    // and recovery counts a prepared transaction's age from its PREPARE
+    let prepare_behind = prepare_as.filter(|_| bufs.len() == 1 && routed.kind == RoutedKind::Insert);
     for (shard, buf) in bufs.iter_mut() {
         let slot = slots[*shard].as_mut().expect("held");
         // a shard's own block (not db_default's, which carries the decision): if the
         // statement fails there, the PREPARE finds the block aborted and rolls it back
-        if let (Some(gid), true) = (prepare_as, *shard < engine.shards.len() && slot.in_tx) {
+        if let (Some(gid), true) = (prepare_behind, *shard < engine.shards.len() && slot.in_tx) {
             let name = super::twopc::shard_gid(gid, *shard);
             buf.extend_from_slice(&crate::protocol::frontend::query(&format!("PREPARE TRANSACTION '{name}'")));
             slot.preparing = Some(name);
@@ -355,9 +362,18 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
     }
     let ordered_stream = !req.serial && spec.is_some_and(|s| s.grouping.is_none() && !s.distinct && !s.order_by.is_empty()) && bufs.len() == routed.targets.len();
     let result = if ordered_stream { kway(slots, req, out, spec.expect("checked")).await } else { sequential(engine, slots, req, out, spec, serial_bufs).await };
-    if result.is_err() && !parsed.is_empty() {
-        // a Parse in a failed pipeline may not have created its statement: forget and close them
-        forget_parsed(slots, &parsed).await;
+    if result.is_err() {
+        // a PREPARE behind a statement that failed: read and undo it first (its answer
+        // comes before anything sent later)
+        for &(shard, _) in &bufs {
+            if let Some(slot) = slots[shard].as_mut().filter(|s| s.preparing.is_some()) {
+                super::twopc::undo_prepare(slot, shard).await;
+            }
+        }
+        if !parsed.is_empty() {
+            // a Parse in a failed pipeline may not have created its statement: forget and close them
+            forget_parsed(slots, &parsed).await;
+        }
     }
     result
 }

@@ -42,6 +42,8 @@ pub struct Fallback {
     columns: OnceLock<Vec<String>>,
     /// (shard, month) pairs whose views exist.
     views: Mutex<HashSet<(usize, MonthKey)>>,
+    /// Held while views are made: one session makes them, the others wait for it.
+    making: tokio::sync::Mutex<()>,
     /// Rows of each shard not yet synced (PENDING + FAILED), as last counted.
     pending: Vec<AtomicI64>,
     /// Of those, FAILED.
@@ -58,7 +60,7 @@ impl Fallback {
     /// Counters for `shards` shards.
     pub fn new(shards: usize) -> Fallback {
         let v = || (0..shards).map(|_| AtomicI64::new(0)).collect();
-        Fallback { columns: OnceLock::new(), views: Mutex::default(), pending: v(), failed: v(), last_sync_ms: v(), synced_total: AtomicI64::new(0), writes: v() }
+        Fallback { columns: OnceLock::new(), views: Mutex::default(), making: tokio::sync::Mutex::new(()), pending: v(), failed: v(), last_sync_ms: v(), synced_total: AtomicI64::new(0), writes: v() }
     }
 
     /// Unsynced rows of a shard.
@@ -126,6 +128,15 @@ async fn ensure_views(engine: &Engine, rule: &TableRule, needed: &[(usize, Month
     if missing.is_empty() {
         return Ok(());
     }
+    // one session of this proxy makes them; the others wait and then find them made
+    let _making = engine.fallback.making.lock().await;
+    let missing: Vec<(usize, MonthKey)> = {
+        let have = engine.fallback.views.lock().map(|v| v.clone()).unwrap_or_default();
+        missing.into_iter().filter(|k| !have.contains(k)).collect()
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
     let mut conn = engine.default.get().await.map_err(|_| ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "db_default is unavailable: orders for an unavailable shard cannot be stored".into()))?;
     let list = cols.join(", ");
     let t = table(rule);
@@ -140,14 +151,24 @@ async fn ensure_views(engine: &Engine, rule: &TableRule, needed: &[(usize, Month
              ALTER VIEW {w} ALTER COLUMN target_table SET DEFAULT '{}'",
             rule.physical(m)
         );
-        match wire::control(&mut conn, &ddl).await {
-            Ok(Ok(_)) => {}
-            // two sessions creating the same view at once
-            Ok(Err(e)) if e.code == sqlstate::INTERNAL_ERROR || e.code == sqlstate::UNIQUE_VIOLATION => {}
-            Ok(Err(e)) => return Err(ExecError::Server(e)),
-            Err(_) => {
-                conn.broken = true;
-                return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
+        let mut tries = 0;
+        loop {
+            match wire::control(&mut conn, &ddl).await {
+                Ok(Ok(_)) => break,
+                // another proxy making the same view at this moment: once its transaction has
+                // committed, CREATE OR REPLACE goes through (the view must exist before use)
+                Ok(Err(e))
+                    if tries < 5
+                        && [sqlstate::INTERNAL_ERROR, sqlstate::UNIQUE_VIOLATION, sqlstate::DUPLICATE_TABLE, sqlstate::DUPLICATE_OBJECT].contains(&e.code.as_str()) =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * tries)).await;
+                }
+                Ok(Err(e)) => return Err(ExecError::Server(e)),
+                Err(_) => {
+                    conn.broken = true;
+                    return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "db_default is unavailable: orders for an unavailable shard cannot be stored".into()));
+                }
             }
         }
         if let Ok(mut v) = engine.fallback.views.lock() {

@@ -219,6 +219,32 @@ fn lost_default(e: impl std::fmt::Display) -> ExecError {
     ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "lost the connection to db_default while recording unique values; the statement was not applied".into())
 }
 
+/// An INSERT's entries as plain INSERTs (statement, values), for the
+/// pipeline that carries them with the commit decision
+/// ([`super::entries::insert`]): there a taken value fails with `23505`
+/// instead of being looked into as [`record`] does. The same value twice in
+/// the statement is refused here, as in [`record`].
+pub async fn entry_statements(engine: &Engine, rows: &[LookupRow], table: &str) -> Result<Vec<(String, [String; 3])>, ExecError> {
+    let meta = engine.lookups.meta(engine).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let Some(m) = find(meta, table, &row.column) else { continue };
+        if rows[..i].iter().any(|r| r.column == row.column && r.value == row.value) {
+            return Err(duplicate(m, &row.value));
+        }
+        let sql = format!("INSERT INTO {} (value, shard_key, month) VALUES ($1, $2, $3)", m.lookup_table);
+        out.push((sql, [row.value.clone(), row.shard_key.to_string(), row.month.suffix()]));
+    }
+    Ok(out)
+}
+
+/// Remembers where the rows of a committed INSERT are, for reads by their values.
+pub fn remember_all(engine: &Engine, rows: &[LookupRow], table: &str) {
+    for row in rows {
+        engine.lookups.remember(table, &row.column, &row.value, (row.shard_key, row.month));
+    }
+}
+
 /// Records the entries of an INSERT on the `db_default` slot, whose
 /// transaction is open (the caller commits it with the rows). A value taken
 /// by a row that exists answers `23505`.

@@ -13,6 +13,7 @@
 //! - [`twopc`]: commits that span shards (PREPARE TRANSACTION + decision log).
 //! - [`health`]: per-shard state from probes and live traffic.
 
+pub mod entries;
 pub mod exec;
 pub mod fallback;
 pub mod health;
@@ -97,6 +98,8 @@ pub struct Engine {
     pub unfinished: twopc::Unfinished,
     /// Decision rows to delete, in batches.
     pub forgotten: twopc::Forgotten,
+    /// (shard, month) tables a shard missed when the month was made ([`months::create`]).
+    pub month_gaps: std::sync::Mutex<Vec<(usize, MonthKey)>>,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -125,6 +128,24 @@ impl ShardMeters {
 }
 
 impl Engine {
+    /// The per-shard meters of one statement, and the shards' health: a server's
+    /// answer, even an error, shows the shard is up.
+    pub(crate) fn account(&self, shards: &[usize], t0: std::time::Instant, result: &Result<(), exec::ExecError>) {
+        for &s in shards {
+            let Some(meters) = self.meters.get(s) else { continue };
+            meters.queries.increment(1);
+            meters.seconds.record(t0.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => self.shard_answered(s),
+                Err(exec::ExecError::Server(_)) => {
+                    self.shard_answered(s);
+                    meters.errors.increment(1);
+                }
+                Err(_) => meters.errors.increment(1),
+            }
+        }
+    }
+
     /// The worker id of this proxy's ids (0 before a lease is held).
     pub fn worker(&self) -> u16 {
         self.ids.get().map_or(0, IdGenerator::worker)
@@ -206,6 +227,7 @@ impl Engine {
             lookups: lookup::Lookups::default(),
             unfinished: twopc::Unfinished::default(),
             forgotten: twopc::Forgotten::default(),
+            month_gaps: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -330,8 +352,10 @@ impl Engine {
         let (rounds, default) = tokio::join!(futures_join_all(shard_probes), health::probe(&self.default_dsn, default_conn, timeout));
         let mut found = Vec::new();
         let mut results = Vec::with_capacity(rounds.len());
+        let mut lists = Vec::with_capacity(rounds.len());
         for (r, listed) in rounds {
-            found.extend(listed.into_iter().flatten());
+            found.extend(listed.iter().flatten().copied());
+            lists.push(listed);
             results.push(r);
         }
         for (shard, r) in results.iter().enumerate() {
@@ -354,6 +378,10 @@ impl Engine {
         if !found.is_empty() {
             found.sort();
             found.dedup();
+            // a month listed on some shards and not on others (being made right now, or made
+            // while they were away) is a gap: filled before a statement goes into it there
+            // (noted before the month is known, so no statement sees one without the other)
+            months::note_listed(self, &lists, &found);
             let known = self.months();
             if found.iter().any(|m| !known.contains(m)) {
                 self.add_months(&found);

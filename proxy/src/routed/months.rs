@@ -75,6 +75,10 @@ pub async fn fill_in(engine: &Engine, shard: usize) -> bool {
 }
 
 /// Creates `months` on every shard (idempotent); returns the shards that failed.
+/// A month made on some shards is known from then on; the shards that failed
+/// are remembered as gaps, filled by [`ensure`] before a write into that month
+/// once they answer again (a shard that returns from down before the month
+/// was known would otherwise never get it).
 pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
     let mut failed = Vec::new();
     for shard in 0..engine.shards.len() {
@@ -82,10 +86,62 @@ pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
             failed.push(shard);
         }
     }
+    if let Ok(mut gaps) = engine.month_gaps.lock() {
+        gaps.retain(|(s, m)| failed.contains(s) || !months.contains(m));
+        for &s in &failed {
+            for &m in months {
+                if !gaps.contains(&(s, m)) {
+                    gaps.push((s, m));
+                }
+            }
+        }
+    }
     if failed.len() < engine.shards.len() {
         engine.add_months(months);
     }
     failed
+}
+
+/// Learns the gaps from one listing of every shard's month tables (`None`:
+/// that shard's listing failed): a month of `found` a listed shard lacks is a
+/// gap, one it has is not.
+pub fn note_listed(engine: &Engine, lists: &[Option<Vec<MonthKey>>], found: &[MonthKey]) {
+    let Ok(mut gaps) = engine.month_gaps.lock() else { return };
+    for (shard, list) in lists.iter().enumerate() {
+        let Some(list) = list else { continue };
+        gaps.retain(|(s, m)| *s != shard || !list.contains(m));
+        for m in found.iter().filter(|m| !list.contains(m)) {
+            if !gaps.contains(&(shard, *m)) {
+                gaps.push((shard, *m));
+            }
+        }
+    }
+}
+
+/// Whether some shard missed a month when it was made.
+pub fn has_gaps(engine: &Engine) -> bool {
+    engine.month_gaps.lock().is_ok_and(|g| !g.is_empty())
+}
+
+/// Makes the months among `months` that a shard missed while it was away,
+/// now that it answers (before a statement reads or writes them there).
+pub async fn fill_gaps(engine: &Engine, months: &[MonthKey]) {
+    let gaps = gaps_to_fill(engine, months);
+    if !gaps.is_empty() {
+        tracing::info!(months = ?gaps.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables a returning shard lacks");
+        create(engine, &gaps).await;
+    }
+}
+
+/// The months among `months` that some shard that is not down lacks.
+fn gaps_to_fill(engine: &Engine, months: &[MonthKey]) -> Vec<MonthKey> {
+    let mut out: Vec<MonthKey> = match engine.month_gaps.lock() {
+        Ok(g) => g.iter().filter(|(s, m)| months.contains(m) && !engine.is_down(*s)).map(|(_, m)| *m).collect(),
+        Err(_) => Vec::new(),
+    };
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 async fn create_on(engine: &Engine, shard: usize, months: &[MonthKey]) -> bool {
@@ -157,6 +213,7 @@ pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
             }
         }
     }
+    fill_gaps(engine, months).await;
     // a month made moments ago on demand (by this write or another session) waits
     // until every proxy has listed it, when another proxy may be reading
     let now = std::time::Instant::now();

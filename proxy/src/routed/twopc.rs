@@ -218,6 +218,33 @@ pub async fn apply_unfinished(engine: &Engine) {
     }
 }
 
+/// Ends the block of a slot whose `PREPARE TRANSACTION` went behind its
+/// statement and whose statement's answer has been read: reads that
+/// PREPARE's answer and undoes a prepared transaction by name. Anything but
+/// the two answers a PREPARE gives (prepared, or ROLLBACK for a failed
+/// block) means the connection is out of step: it is closed (an undecided
+/// prepared transaction is rolled back by [`recover`]).
+pub async fn undo_prepare(slot: &mut super::slots::ShardSlot, shard: usize) {
+    let Some(name) = slot.preparing.take() else { return };
+    slot.in_tx = false;
+    slot.wrote = false;
+    if slot.conn.broken {
+        return;
+    }
+    let prepared = match wire::read_tag(&mut slot.conn).await {
+        Ok(Ok(tag)) if tag == "PREPARE TRANSACTION" => true,
+        Ok(Ok(tag)) if tag == "ROLLBACK" => false,
+        _ => {
+            slot.conn.broken = true;
+            return;
+        }
+    };
+    if prepared && !matches!(wire::control(&mut slot.conn, &format!("ROLLBACK PREPARED '{name}'")).await, Ok(Ok(_))) {
+        slot.conn.broken = true;
+        tracing::warn!(shard, gid = name, "ROLLBACK PREPARED failed; recovery will roll it back");
+    }
+}
+
 /// Rolls back the open transaction block on each shard (best effort).
 pub async fn rollback(slots: &mut Slots, shards: &[usize]) {
     for &s in shards {
@@ -232,34 +259,8 @@ pub async fn rollback(slots: &mut Slots, shards: &[usize]) {
             slot.wrote = false;
             continue;
         }
-        if let Some(name) = slot.preparing.take() {
-            // its PREPARE TRANSACTION went behind the statement: prepared (then undone
-            // by name) or, after a failed statement, rolled back by the server
-            slot.in_tx = false;
-            slot.wrote = false;
-            if slot.conn.broken {
-                continue;
-            }
-            let undo = match wire::read_tag(&mut slot.conn).await {
-                Ok(Ok(tag)) if tag == "PREPARE TRANSACTION" => true,
-                Ok(Ok(tag)) if tag == "ROLLBACK" => false,
-                Ok(Ok(_)) => {
-                    // the statement's answer was not all read: out of step, never reused
-                    // (a transaction it prepared is an undecided orphan recovery rolls back)
-                    slot.conn.broken = true;
-                    continue;
-                }
-                Ok(Err(_)) => false,
-                Err(_) => {
-                    // unknown: left to recovery, which rolls back an undecided orphan
-                    slot.conn.broken = true;
-                    continue;
-                }
-            };
-            if undo && !matches!(wire::control(&mut slot.conn, &format!("ROLLBACK PREPARED '{name}'")).await, Ok(Ok(_))) {
-                slot.conn.broken = true;
-                tracing::warn!(shard = s, gid = name, "ROLLBACK PREPARED failed; recovery will roll it back");
-            }
+        if slot.preparing.is_some() {
+            undo_prepare(slot, s).await;
             continue;
         }
         if slot.conn.broken {
@@ -397,6 +398,76 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
     }
 }
 
+/// How long the entries of [`commit_with_entries`] wait for a transaction
+/// that is writing the same value: such a transaction may itself wait for
+/// this INSERT's row on its shard (it holds the entry and wants the month
+/// table's unique index), a wait across two databases no server can see.
+const ENTRY_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '100ms'";
+
+/// [`commit_as`] for an autocommit INSERT whose only `db_default` work is
+/// its unique-lookup `entries` ([`super::lookup::entry_statements`]) on the
+/// `db_default` slot the caller holds in a (deferred) block: once the shards
+/// prepared, one pipeline writes the entries, the decision and COMMIT.
+/// `Ok(false)`: an entry is taken (`23505`) or being written (`55P03`);
+/// everything was rolled back and nothing decided, for the caller to run the
+/// INSERT the usual way.
+pub async fn commit_with_entries(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: &str, entries: &[(String, [String; 3])]) -> Result<bool, ExecError> {
+    let local = engine.shards.len();
+    if let Err(e) = prepare(engine, slots, shards, gid).await {
+        rollback(slots, &[local]).await;
+        return Err(e);
+    }
+    let mut msgs = bytes::BytesMut::new();
+    wire::put_step(&mut msgs, ENTRY_LOCK_WAIT, &[]);
+    for (sql, values) in entries {
+        let vals: Vec<Option<&[u8]>> = values.iter().map(|v| Some(v.as_bytes())).collect();
+        wire::put_step(&mut msgs, sql, &vals);
+    }
+    wire::put_step(&mut msgs, &decision_sql(gid, shards), &[]);
+    wire::put_step(&mut msgs, "COMMIT", &[]);
+    wire::put_sync(&mut msgs);
+    let slot = slots[local].as_mut().expect("held by the caller");
+    let r = wire::pipeline(&mut slot.conn, &msgs).await;
+    slot.in_tx = false;
+    slot.wrote = false;
+    match r {
+        Ok(Ok(_)) => {
+            crash_point("after_decision");
+            pause_point("after_decision").await;
+            if finish(engine, slots, shards, gid, true).await {
+                forget(engine, gid);
+            }
+            Ok(true)
+        }
+        Ok(Err(e)) => {
+            // a step failed, so its COMMIT did not run (or COMMIT itself failed): nothing is
+            // decided; end the failed block
+            let conn = &mut slots[local].as_mut().expect("held").conn;
+            if !matches!(wire::control(conn, "ROLLBACK").await, Ok(Ok(_))) {
+                conn.broken = true;
+            }
+            finish(engine, slots, shards, gid, false).await;
+            if !on_decision_log(&e) && (e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::LOCK_NOT_AVAILABLE) {
+                return Ok(false);
+            }
+            Err(decision_failed(e))
+        }
+        Err(e) => {
+            slots[local].as_mut().expect("held").conn.broken = true;
+            tracing::warn!(error = %e, gid, "db_default lost during the commit; recovery settles the shards from the decision log");
+            Err(ExecError::Proxy(
+                sqlstate::CONNECTION_FAILURE,
+                "lost the connection to db_default during COMMIT; the outcome is unknown (recovery applies it to every shard)".into(),
+            ))
+        }
+    }
+}
+
+/// Whether a server error is about the decision log itself.
+fn on_decision_log(e: &wire::ServerError) -> bool {
+    e.raw.get(5..).is_some_and(|body| crate::protocol::backend::parse_error_fields(body).table == "shardgate_2pc_decisions")
+}
+
 /// The error for a decision that could not be written. A unique violation on
 /// the decision log means recovery's abort marker came first (the proxy was
 /// too slow): the transaction was rolled back, which the client must not read
@@ -404,8 +475,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
 pub fn decision_failed(e: wire::ServerError) -> ExecError {
     // a conflict on the decision log itself (recovery's abort marker), not on the
     // client's own tables (a deferred constraint checked by the same commit)
-    let on_log = e.raw.get(5..).is_some_and(|body| crate::protocol::backend::parse_error_fields(body).table == "shardgate_2pc_decisions");
-    if e.code == sqlstate::UNIQUE_VIOLATION && on_log {
+    if e.code == sqlstate::UNIQUE_VIOLATION && on_decision_log(&e) {
         ExecError::Proxy(sqlstate::SERIALIZATION_FAILURE, "could not serialize access: recovery rolled the transaction back while it was committing; retry it".into())
     } else {
         ExecError::Server(e)

@@ -307,6 +307,9 @@ impl Session {
                 return Ok(Err(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, m)));
             }
             months::ensure(&engine, &ms).await;
+        } else if months::has_gaps(&engine) {
+            let ms: Vec<_> = plan.targets.iter().flat_map(|t| t.months.iter().copied()).collect();
+            months::fill_gaps(&engine, &ms).await;
         }
         Ok(self.execute_routed(&plan, sql, bound, simple, visible).await?.0)
     }
