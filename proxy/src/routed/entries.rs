@@ -21,18 +21,29 @@ use super::slots::hold;
 use super::Engine;
 use crate::protocol::sqlstate;
 
-/// Whether `req` (planned on `shards`, committed under two-phase commit)
-/// can take this way: an INSERT of rows on shards only (no fallback rows on
-/// `db_default`, no targets that must run one after another).
+/// Whether `req` (committed under two-phase commit) can take this way: an
+/// INSERT of at most [`MAX_ROWS`] rows, all on one shard (no fallback rows on
+/// `db_default`, no targets that must run one after another). Rows on
+/// several shards could wait on each other across shards, where no server
+/// sees the deadlock (two such INSERTs with the same values in another
+/// order): taking the entries first, the usual way, orders them.
 pub fn applies(engine: &Engine, req: &Request<'_>) -> bool {
     let r = req.routed;
+    let Some(first) = r.targets.first() else { return false };
     r.kind == shardgate_router::RoutedKind::Insert
         && !r.lookup_rows.is_empty()
+        && r.lookup_rows.len() <= MAX_ROWS
         && req.tx.is_none()
         && !req.serial
         && req.down_targets.is_empty()
-        && r.targets.iter().all(|t| (t.shard.0 as usize) < engine.shards.len())
+        && (first.shard.0 as usize) < engine.shards.len()
+        && r.targets.iter().all(|t| t.shard == first.shard)
 }
+
+/// Rows an INSERT may have to take this way: its RETURNING rows stay in the
+/// proxy's buffer (64 KiB) until it commits, so that a retry the usual way
+/// sends nothing twice.
+const MAX_ROWS: usize = 64;
 
 /// Runs and commits the INSERT. `None`: nothing was decided and everything
 /// is rolled back; the caller runs it the usual way (and drops what this

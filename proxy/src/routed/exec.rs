@@ -194,6 +194,8 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
             None => {
                 out.buf.truncate(mark);
                 gid = Some(super::twopc::new_gid(engine.worker()));
+                // fresh connections for the second way (the first may have lost one)
+                release(slots);
             }
         }
     }

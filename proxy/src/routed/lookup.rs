@@ -399,6 +399,15 @@ async fn held_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &s
         }
     }
     let held = &mut slots[shard].as_mut().expect("checked above").conn;
+    // as in row_exists: a decided row may still be prepared there (invisible to FOR KEY SHARE)
+    match wait_for_prepared(held, m, value, shard).await {
+        Ok(()) => {}
+        Err(Some(e)) => return Err(e),
+        Err(None) => {
+            held.broken = true;
+            return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{shard}")));
+        }
+    }
     let q = format!("SELECT 1 FROM {table} WHERE {} = $1 FOR KEY SHARE", m.column);
     match wire::query(held, &q, &[Some(value)]).await {
         Ok(Ok(r)) => Ok(Some(!r.is_empty())),
@@ -409,6 +418,38 @@ async fn held_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &s
             Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{shard}")))
         }
     }
+}
+
+/// Waits (at most 5 s) until the two-phase commits in progress on a shard
+/// when this is called have finished: one may be applying the row of an
+/// entry whose decision is already committed (the row is invisible until its
+/// COMMIT PREPARED). `Err(None)`: the shard could not be read.
+async fn wait_for_prepared(conn: &mut crate::backend::ServerConn, m: &Meta, value: &str, shard: usize) -> Result<(), Option<ExecError>> {
+    let prepared = "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'sg\\_%'";
+    let before = match wire::query(conn, prepared, &[]).await {
+        Ok(Ok(r)) => r.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect::<Vec<_>>(),
+        _ => return Err(None),
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    if !before.is_empty() {
+        loop {
+            let now: Vec<String> = match wire::query(conn, prepared, &[]).await {
+                Ok(Ok(r)) => r.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect(),
+                _ => return Err(None),
+            };
+            if !now.iter().any(|g| before.contains(g)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Some(ExecError::Proxy(
+                    sqlstate::LOCK_NOT_AVAILABLE,
+                    format!("{} {value}: a transaction on shard db_{shard} that may hold it is still being committed; retry shortly", m.column),
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Whether a row with `value` exists in the shard and month an entry names
@@ -439,30 +480,7 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
         Ok(Ok(c)) => c,
         _ => return Err(unknown()),
     };
-    let prepared = "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE 'sg\\_%'";
-    let before = match wire::query(&mut conn, prepared, &[]).await {
-        Ok(Ok(r)) => r.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect::<Vec<_>>(),
-        _ => return Err(unknown()),
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    if !before.is_empty() {
-        loop {
-            let now: Vec<String> = match wire::query(&mut conn, prepared, &[]).await {
-                Ok(Ok(r)) => r.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect(),
-                _ => return Err(unknown()),
-            };
-            if !now.iter().any(|g| before.contains(g)) {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(ExecError::Proxy(
-                    sqlstate::LOCK_NOT_AVAILABLE,
-                    format!("{} {value}: a transaction on shard db_{shard} that may hold it is still being committed; retry shortly", m.column),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    wait_for_prepared(&mut conn, m, value, shard).await.map_err(|e| e.unwrap_or_else(unknown))?;
     // FOR KEY SHARE waits, as one table's unique index would, for a transaction
     // deleting (or updating) the row: gone once it commits, still there if it rolls
     // back. The wait is bounded: the deleter may itself wait for this entry.

@@ -99,7 +99,8 @@ pub struct Engine {
     /// Decision rows to delete, in batches.
     pub forgotten: twopc::Forgotten,
     /// (shard, month) tables a shard missed when the month was made ([`months::create`]).
-    pub month_gaps: std::sync::Mutex<Vec<(usize, MonthKey)>>,
+    /// With the last time each was tried.
+    pub month_gaps: std::sync::Mutex<Vec<(usize, MonthKey, Option<std::time::Instant>)>>,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).

@@ -71,12 +71,18 @@ pub async fn list(engine: &Engine, conn: &mut crate::backend::ServerConn) -> any
 /// Creates every known month on one shard (it was down while some were made).
 pub async fn fill_in(engine: &Engine, shard: usize) -> bool {
     let months = engine.months();
-    create_on(engine, shard, &months).await
+    let ok = create_on(engine, shard, &months).await;
+    if ok {
+        if let Ok(mut g) = engine.month_gaps.lock() {
+            g.retain(|(s, m, _)| *s != shard || !months.contains(m));
+        }
+    }
+    ok
 }
 
 /// Creates `months` on every shard (idempotent); returns the shards that failed.
 /// A month made on some shards is known from then on; the shards that failed
-/// are remembered as gaps, filled by [`ensure`] before a write into that month
+/// are remembered as gaps, filled by [`fill_gaps`] before a statement into that month
 /// once they answer again (a shard that returns from down before the month
 /// was known would otherwise never get it).
 pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
@@ -87,11 +93,13 @@ pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
         }
     }
     if let Ok(mut gaps) = engine.month_gaps.lock() {
-        gaps.retain(|(s, m)| failed.contains(s) || !months.contains(m));
+        gaps.retain(|(s, m, _)| failed.contains(s) || !months.contains(m));
+        let now = std::time::Instant::now();
         for &s in &failed {
             for &m in months {
-                if !gaps.contains(&(s, m)) {
-                    gaps.push((s, m));
+                match gaps.iter_mut().find(|(gs, gm, _)| *gs == s && *gm == m) {
+                    Some(g) => g.2 = Some(now),
+                    None => gaps.push((s, m, Some(now))),
                 }
             }
         }
@@ -109,10 +117,10 @@ pub fn note_listed(engine: &Engine, lists: &[Option<Vec<MonthKey>>], found: &[Mo
     let Ok(mut gaps) = engine.month_gaps.lock() else { return };
     for (shard, list) in lists.iter().enumerate() {
         let Some(list) = list else { continue };
-        gaps.retain(|(s, m)| *s != shard || !list.contains(m));
+        gaps.retain(|(s, m, _)| *s != shard || !list.contains(m));
         for m in found.iter().filter(|m| !list.contains(m)) {
-            if !gaps.contains(&(shard, *m)) {
-                gaps.push((shard, *m));
+            if !gaps.iter().any(|(s, gm, _)| *s == shard && gm == m) {
+                gaps.push((shard, *m, None));
             }
         }
     }
@@ -123,25 +131,39 @@ pub fn has_gaps(engine: &Engine) -> bool {
     engine.month_gaps.lock().is_ok_and(|g| !g.is_empty())
 }
 
-/// Makes the months among `months` that a shard missed while it was away,
-/// now that it answers (before a statement reads or writes them there).
-pub async fn fill_gaps(engine: &Engine, months: &[MonthKey]) {
-    let gaps = gaps_to_fill(engine, months);
-    if !gaps.is_empty() {
-        tracing::info!(months = ?gaps.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables a returning shard lacks");
-        create(engine, &gaps).await;
-    }
-}
+/// A gap is tried again at most this often (a shard that cannot be reached
+/// yet, or whose CREATE fails, must not slow every statement into the month).
+const GAP_RETRY: Duration = Duration::from_secs(1);
 
-/// The months among `months` that some shard that is not down lacks.
-fn gaps_to_fill(engine: &Engine, months: &[MonthKey]) -> Vec<MonthKey> {
-    let mut out: Vec<MonthKey> = match engine.month_gaps.lock() {
-        Ok(g) => g.iter().filter(|(s, m)| months.contains(m) && !engine.is_down(*s)).map(|(_, m)| *m).collect(),
-        Err(_) => Vec::new(),
+/// Makes the months among `months` that a shard missed while it was away,
+/// on that shard, now that it answers (before a statement reads or writes
+/// them there).
+pub async fn fill_gaps(engine: &Engine, months: &[MonthKey]) {
+    let due: Vec<(usize, MonthKey)> = match engine.month_gaps.lock() {
+        Ok(mut g) => {
+            let now = std::time::Instant::now();
+            g.iter_mut()
+                .filter(|(s, m, tried)| months.contains(m) && !engine.is_down(*s) && tried.is_none_or(|t| now.duration_since(t) >= GAP_RETRY))
+                .map(|g| {
+                    g.2 = Some(now);
+                    (g.0, g.1)
+                })
+                .collect()
+        }
+        Err(_) => return,
     };
-    out.sort_unstable();
-    out.dedup();
-    out
+    let mut shards: Vec<usize> = due.iter().map(|(s, _)| *s).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    for shard in shards {
+        let ms: Vec<MonthKey> = due.iter().filter(|(s, _)| *s == shard).map(|(_, m)| *m).collect();
+        tracing::info!(shard, months = ?ms.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables a shard lacks");
+        if create_on(engine, shard, &ms).await {
+            if let Ok(mut g) = engine.month_gaps.lock() {
+                g.retain(|(s, m, _)| *s != shard || !ms.contains(m));
+            }
+        }
+    }
 }
 
 async fn create_on(engine: &Engine, shard: usize, months: &[MonthKey]) -> bool {
