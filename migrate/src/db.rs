@@ -22,6 +22,26 @@ pub async fn connect(dsn: &Dsn, what: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
+/// Creates a month table on one shard (idempotent). The proxy may be creating
+/// the same table at that moment (a month it saw on some shards and not on
+/// others): PostgreSQL then fails one of two concurrent `CREATE TABLE IF NOT
+/// EXISTS` with 23505 or 42P07, and once the other has committed the
+/// statement goes through.
+pub async fn create_month_table(c: &Client, rule: &TableRule, m: MonthKey, shard: usize) -> anyhow::Result<()> {
+    let sql = rule.create_month_table_sql(m);
+    let mut tries = 0;
+    loop {
+        match c.batch_execute(&sql).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tries < 5 && e.code().is_some_and(|s| *s == tokio_postgres::error::SqlState::UNIQUE_VIOLATION || *s == tokio_postgres::error::SqlState::DUPLICATE_TABLE) => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50 * tries)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {} on db_{shard}", rule.physical(m))),
+        }
+    }
+}
+
 /// Opens a tokio-postgres connection (TLS as the DSN's `sslmode` says, with
 /// rustls) and drives it in the background. Connect, TLS handshake and
 /// startup together are bounded by 10 s (`connect_timeout` covers only TCP).

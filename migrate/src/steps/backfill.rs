@@ -213,7 +213,7 @@ async fn load_shard(stores: &Stores, shard: usize, months: &BTreeMap<MonthKey, V
     let c = &stores.shards[shard];
     let cols = l.col_list();
     for m in months.keys() {
-        c.batch_execute(&l.rule.create_month_table_sql(*m)).await.with_context(|| format!("creating {} on db_{shard}", l.rule.physical(*m)))?;
+        crate::db::create_month_table(c, &l.rule, *m, shard).await?;
     }
     in_transaction(c, "BEGIN", async || {
         let all: Vec<Tuple> = months.values().flatten().cloned().collect();

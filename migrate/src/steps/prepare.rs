@@ -100,7 +100,7 @@ pub async fn run(stores: &Stores, months_ahead: u32, dry_run: bool) -> anyhow::R
                 continue;
             }
             if !dry_run {
-                c.batch_execute(&l.rule.create_month_table_sql(*m)).await.with_context(|| format!("creating {} on db_{i}", l.rule.physical(*m)))?;
+                crate::db::create_month_table(c, &l.rule, *m, i).await?;
                 made.extend(ensure_indexes(c, l, &l.rule.physical(*m), false).await?);
             }
             new_tables += 1;

@@ -101,6 +101,8 @@ pub struct Engine {
     /// (shard, month) tables a shard missed when the month was made ([`months::create`]).
     /// With the last time each was tried.
     pub month_gaps: std::sync::Mutex<Vec<(usize, MonthKey, Option<std::time::Instant>)>>,
+    /// Held while a session fills month gaps.
+    pub gap_fill: tokio::sync::Mutex<()>,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -229,6 +231,7 @@ impl Engine {
             unfinished: twopc::Unfinished::default(),
             forgotten: twopc::Forgotten::default(),
             month_gaps: std::sync::Mutex::new(Vec::new()),
+            gap_fill: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -94,12 +94,13 @@ pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
     }
     if let Ok(mut gaps) = engine.month_gaps.lock() {
         gaps.retain(|(s, m, _)| failed.contains(s) || !months.contains(m));
-        let now = std::time::Instant::now();
+        // not yet tried by fill_gaps: the shard may answer again before this month is
+        // known (its return fills only the months known then), so the first statement
+        // into the month there makes it
         for &s in &failed {
             for &m in months {
-                match gaps.iter_mut().find(|(gs, gm, _)| *gs == s && *gm == m) {
-                    Some(g) => g.2 = Some(now),
-                    None => gaps.push((s, m, Some(now))),
+                if !gaps.iter().any(|(gs, gm, _)| *gs == s && *gm == m) {
+                    gaps.push((s, m, None));
                 }
             }
         }
@@ -139,6 +140,13 @@ const GAP_RETRY: Duration = Duration::from_secs(1);
 /// on that shard, now that it answers (before a statement reads or writes
 /// them there).
 pub async fn fill_gaps(engine: &Engine, months: &[MonthKey]) {
+    let relevant = |engine: &Engine| engine.month_gaps.lock().is_ok_and(|g| g.iter().any(|(s, m, _)| months.contains(m) && !engine.is_down(*s)));
+    if !relevant(engine) {
+        return;
+    }
+    // one session fills; the others wait for it rather than run into a month it has
+    // not made yet on their shard
+    let _filling = engine.gap_fill.lock().await;
     let due: Vec<(usize, MonthKey)> = match engine.month_gaps.lock() {
         Ok(mut g) => {
             let now = std::time::Instant::now();
@@ -235,7 +243,11 @@ pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
             }
         }
     }
-    fill_gaps(engine, months).await;
+    // (a month this call just made was just tried on every shard)
+    let known_before: Vec<MonthKey> = months.iter().copied().filter(|m| !missing.contains(m)).collect();
+    if !known_before.is_empty() {
+        fill_gaps(engine, &known_before).await;
+    }
     // a month made moments ago on demand (by this write or another session) waits
     // until every proxy has listed it, when another proxy may be reading
     let now = std::time::Instant::now();
