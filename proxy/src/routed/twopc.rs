@@ -374,11 +374,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
     slot.wrote = false;
     match r {
         Ok(Ok(_)) => {
-            crash_point("after_decision");
-            pause_point("after_decision").await;
-            if finish(engine, slots, &remote, gid, true).await {
-                forget(engine, gid);
-            }
+            apply_decision(engine, slots, &remote, gid).await;
             Ok(())
         }
         Ok(Err(e)) => {
@@ -387,14 +383,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
             finish(engine, slots, &remote, gid, false).await;
             Err(decision_failed(e))
         }
-        Err(e) => {
-            slots[local].as_mut().expect("held").conn.broken = true;
-            tracing::warn!(error = %e, gid, "db_default lost during the commit; recovery settles the shards from the decision log");
-            Err(ExecError::Proxy(
-                sqlstate::CONNECTION_FAILURE,
-                "lost the connection to db_default during COMMIT; the outcome is unknown (recovery applies it to every shard)".into(),
-            ))
-        }
+        Err(e) => Err(lost_at_commit(slots, local, gid, &e)),
     }
 }
 
@@ -432,11 +421,7 @@ pub async fn commit_with_entries(engine: &Engine, slots: &mut Slots, shards: &[u
     slot.wrote = false;
     match r {
         Ok(Ok(_)) => {
-            crash_point("after_decision");
-            pause_point("after_decision").await;
-            if finish(engine, slots, shards, gid, true).await {
-                forget(engine, gid);
-            }
+            apply_decision(engine, slots, shards, gid).await;
             Ok(true)
         }
         Ok(Err(e)) => {
@@ -452,15 +437,32 @@ pub async fn commit_with_entries(engine: &Engine, slots: &mut Slots, shards: &[u
             }
             Err(decision_failed(e))
         }
-        Err(e) => {
-            slots[local].as_mut().expect("held").conn.broken = true;
-            tracing::warn!(error = %e, gid, "db_default lost during the commit; recovery settles the shards from the decision log");
-            Err(ExecError::Proxy(
-                sqlstate::CONNECTION_FAILURE,
-                "lost the connection to db_default during COMMIT; the outcome is unknown (recovery applies it to every shard)".into(),
-            ))
-        }
+        Err(e) => Err(lost_at_commit(slots, local, gid, &e)),
     }
+}
+
+/// After `db_default` committed the decision of a carried commit: COMMIT
+/// PREPARED on the shards (what fails is left to recovery), and the decision
+/// row forgotten once all did.
+async fn apply_decision(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: &str) {
+    crash_point("after_decision");
+    pause_point("after_decision").await;
+    if finish(engine, slots, shards, gid, true).await {
+        forget(engine, gid);
+    }
+}
+
+/// `db_default`'s connection was lost while it committed the decision: the
+/// outcome is whatever it did, read back by recovery (never guessed here).
+fn lost_at_commit(slots: &mut Slots, local: usize, gid: &str, e: &crate::backend::BackendError) -> ExecError {
+    if let Some(slot) = slots.get_mut(local).and_then(Option::as_mut) {
+        slot.conn.broken = true;
+    }
+    tracing::warn!(error = %e, gid, "db_default lost during the commit; recovery settles the shards from the decision log");
+    ExecError::Proxy(
+        sqlstate::CONNECTION_FAILURE,
+        "lost the connection to db_default during COMMIT; the outcome is unknown (recovery applies it to every shard)".into(),
+    )
 }
 
 /// Whether a server error is about the decision log itself.
