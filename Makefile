@@ -1,5 +1,9 @@
 # The two commands: `make up` (start everything locally) and `make test` (all tests).
 CARGO ?= cargo
+# CI builds once from a clean clone: incremental state would only take disk
+ifdef CI
+export CARGO_INCREMENTAL := 0
+endif
 DEV := target/dev
 SHARD ?= 0
 
