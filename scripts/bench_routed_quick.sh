@@ -4,6 +4,9 @@
 #   SHARDGATE_BIN=<shardgate> scripts/bench_routed_quick.sh [clients] [seconds] [simple|prepared]
 # SYSCALLS=1 also counts the proxy's sendto/recvfrom per transaction (perf stat);
 # PROFILE=<file> records a perf profile of the proxy under the load.
+# WORKLOAD=select or WORKLOAD=update runs only that statement of the order
+# workload (a point read or write by merchant and id, no row found), to see
+# the cost of one routed statement without the INSERT's two-phase commit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 C=${1:-16}; T=${2:-8}; MODE=${3:-simple}
@@ -20,6 +23,13 @@ INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status) VALUES (:r
 SELECT * FROM t_order WHERE merchant_id = :m AND id = :id;
 UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = :m AND id = :id;
 SQL
+case "${WORKLOAD:-order}" in
+  order) ;;
+  select|update)
+    { echo '\set m random(1, 800000)'; echo '\set id random(1, 9000000000000000000)'; grep -i "^${WORKLOAD}" $DIR/routed.sql; } > $DIR/one.sql
+    mv $DIR/one.sql $DIR/routed.sql ;;
+  *) echo "WORKLOAD: order, select or update" >&2; exit 2 ;;
+esac
 export PGPASSWORD=app-secret
 # warm-up: month tables, lookup tables, connections
 pgbench -n -h 127.0.0.1 -p $PORT -U app -c 4 -T 2 -M $MODE -f $DIR/routed.sql shardgate >/dev/null 2>&1 || true

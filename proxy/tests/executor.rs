@@ -325,6 +325,11 @@ async fn engine(script: &Shared, closed: &[usize]) -> Engine {
 /// Runs `sql` (no parameters) through the executor as a simple-protocol
 /// statement; returns the result and the bytes meant for the client.
 async fn run(engine: &Engine, sql: &str) -> (Result<(), ExecError>, BytesMut) {
+    run_in(engine, sql, None).await
+}
+
+/// [`run`] inside the client's transaction block when `tx` is given (its BEGIN).
+async fn run_in(engine: &Engine, sql: &str, tx: Option<&str>) -> (Result<(), ExecError>, BytesMut) {
     let plan = engine.plan(sql, &[]).expect("plan");
     let shardgate_router::Plan::Routed(routed) = plan else { panic!("not routed: {sql}") };
     let bound = Bound::default();
@@ -334,7 +339,7 @@ async fn run(engine: &Engine, sql: &str) -> (Result<(), ExecError>, BytesMut) {
         bound: &bound,
         simple: true,
         visible: None,
-        tx: None,
+        tx,
         param_sets: &none,
         local_sets: &[],
         down_targets: &[],
@@ -585,10 +590,43 @@ async fn a_begin_that_fails_ahead_of_several_month_tables_runs_none_of_them() {
     let script: Shared = Arc::default();
     script.lock().expect("script").fail.push(("db_1".into(), "BEGIN".into(), "25001"));
     let engine = engine(&script, &[]).await;
-    // two month tables on one shard: two pipelines on one connection, one block
-    let two_months = "INSERT INTO t_order (merchant_id, order_amount, create_time) VALUES (1, 1.00, '2026-11-05 10:00+00'), (1, 2.00, '2026-10-05 10:00+00')";
-    let (r, _) = run(&engine, two_months).await;
+    // two month tables on one shard, in the client's block: BEGIN rides in front of their
+    // one pipeline, and if it fails the server skips both
+    let (r, _) = run_in(&engine, TWO_MONTHS, Some("BEGIN")).await;
     assert!(r.is_err(), "BEGIN failed: the statement must fail");
     let all = seen(&script);
     assert!(!all.iter().any(|(_, s)| s.starts_with("INSERT")), "no month table's INSERT may run outside the block: {all:?}");
+}
+
+const TWO_MONTHS: &str = "INSERT INTO t_order (merchant_id, order_amount, create_time) VALUES (1, 1.00, '2026-11-05 10:00+00'), (1, 2.00, '2026-10-05 10:00+00')";
+
+#[tokio::test]
+async fn a_write_over_several_month_tables_of_one_shard_is_one_pipeline_and_one_round_trip() {
+    let script: Shared = Arc::default();
+    let engine = engine(&script, &[]).await;
+    let (r, buf) = run(&engine, TWO_MONTHS).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    assert!(messages(&buf).iter().any(|(t, b)| *t == b'C' && b.starts_with(b"INSERT 0 2")));
+    let mine: Vec<String> = seen(&script).into_iter().filter(|(d, _)| d == "db_1").map(|(_, s)| s).collect();
+    // autocommit: the pipeline's implicit transaction holds both months, no block of its own
+    assert_eq!(mine.len(), 2, "two INSERTs and nothing else: {mine:?}");
+    assert!(mine.iter().all(|s| s.starts_with("INSERT INTO t_order_2026")), "{mine:?}");
+    let flights = script.lock().expect("script").flights.clone();
+    assert_eq!(flights.iter().filter(|d| *d == "db_1").count(), 1, "one round trip: {flights:?}");
+    // the first month fails: the server skips the second (it never runs), the error is the answer
+    let first = mine[0].split_whitespace().nth(2).unwrap_or_default().to_string();
+    script.lock().expect("script").fail.push(("db_1".into(), format!("INSERT INTO {first}"), "22012"));
+    let before = seen(&script).len();
+    let (r, _) = run(&engine, TWO_MONTHS).await;
+    match r {
+        Err(ExecError::Server(e)) => assert_eq!(e.code, "22012"),
+        other => panic!("expected the first month's error, got {other:?}"),
+    }
+    let after: Vec<(String, String)> = seen(&script)[before..].to_vec();
+    assert_eq!(after.len(), 1, "the second month's INSERT was skipped with the first: {after:?}");
+    // the connection is in step: the next statement runs and answers
+    script.lock().expect("script").fail.clear();
+    let (r, buf) = run(&engine, TWO_MONTHS).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    assert!(messages(&buf).iter().any(|(t, b)| *t == b'C' && b.starts_with(b"INSERT 0 2")));
 }

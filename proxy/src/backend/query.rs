@@ -9,8 +9,9 @@ use crate::backend::{BackendError, ServerConn};
 use crate::protocol::backend::parse_error_fields;
 use crate::protocol::codec::{put_cstr, put_message, Frame};
 
-/// Appends the pipeline for one statement: Parse (unless `statement` is
-/// already prepared on the connection), Bind, Describe, Execute, Sync.
+/// Appends one statement of a pipeline: Parse (unless `statement` is already
+/// prepared on the connection), Bind, Describe, Execute. The caller ends the
+/// pipeline with [`put_sync`].
 #[allow(clippy::too_many_arguments)]
 pub fn put_statement(out: &mut BytesMut, statement: &[u8], parse: bool, sql: &str, types: &[u32], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
     if parse {
@@ -25,7 +26,6 @@ pub fn put_statement(out: &mut BytesMut, statement: &[u8], parse: bool, sql: &st
         put_cstr(o, b"");
         o.put_i32(0);
     });
-    put_message(out, b'S', |_| {});
 }
 
 /// Appends Parse (unnamed) + Bind + Execute + Sync: the rows and tag, no RowDescription.
@@ -179,6 +179,22 @@ pub async fn read_ready(conn: &mut ServerConn) -> Result<u8, BackendError> {
         let f = conn.read_frame().await?;
         if f.tag == b'Z' {
             return Ok(f.body().first().copied().unwrap_or(b'I'));
+        }
+    }
+}
+
+/// Reads up to and including ReadyForQuery after a statement's answer: an
+/// ErrorResponse there is the commit at Sync of the pipeline's implicit
+/// transaction failing (a deferred constraint, a serialization failure), so
+/// nothing of the pipeline was kept.
+pub async fn read_ready_checked(conn: &mut ServerConn) -> Result<Result<u8, ServerError>, BackendError> {
+    let mut err = None;
+    loop {
+        let f = conn.read_frame().await?;
+        match f.tag {
+            b'E' => err = err.or_else(|| Some(ServerError::from_frame(&f))),
+            b'Z' => return Ok(err.map_or_else(|| Ok(f.body().first().copied().unwrap_or(b'I')), Err)),
+            _ => {}
         }
     }
 }

@@ -173,10 +173,12 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     let write = routed.kind != RoutedKind::Select;
     // several shards written outside a transaction block: one atomic two-phase commit
     let implicit_2pc = write && req.tx.is_none() && shard_list.len() > 1;
-    // several month tables written on one shard: one transaction there, so a statement
-    // that fails in a later month leaves the earlier ones unchanged (and rows commit
-    // with their lookup entries)
-    let implicit_tx = write && req.tx.is_none() && !implicit_2pc && (routed.targets.len() > shard_list.len() || lookups);
+    // several month tables written on one shard must be one transaction there, so a
+    // statement that fails in a later month leaves the earlier ones unchanged: the targets
+    // on one connection go as one pipeline, whose implicit transaction is that transaction.
+    // A block of its own only for rows committing with their lookup entries, or targets
+    // that run one after another (`serial`)
+    let implicit_tx = write && req.tx.is_none() && !implicit_2pc && ((req.serial && routed.targets.len() > shard_list.len()) || lookups);
     let tx = if implicit_2pc || implicit_tx { Some("BEGIN") } else { req.tx };
     // the shards' PREPARE TRANSACTIONs go right behind the statement, in its round trip
     let mut gid = implicit_2pc.then(|| super::twopc::new_gid(engine.worker()));
@@ -343,6 +345,15 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
             None => true,
         };
         wire::put_statement(buf, name.as_deref().unwrap_or("").as_bytes(), parse, &t.sql, &types, &values, &fmts, &formats);
+        if req.serial {
+            wire::put_sync(buf);
+        }
+    }
+    // one Sync per connection: its targets run as one pipeline, in one implicit
+    // transaction outside a block (a failure in a later month table undoes the earlier
+    // ones, and the server skips the rest), and a deferred BEGIN can ride in front
+    for (_, buf) in bufs.iter_mut() {
+        wire::put_sync(buf);
     }
     // an INSERT on one shard (with db_default's unique-lookup entries): its PREPARE rides
     // behind it. Not for several shards: one would be prepared while another still runs,
@@ -461,8 +472,17 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     let mut returned: Vec<std::collections::VecDeque<crate::protocol::codec::Frame>> = vec![Default::default(); routed.targets.len()];
     let folds = spec.is_some_and(|s| s.grouping.is_some() || s.distinct);
     let mut per_target = vec![0u64; routed.targets.len()];
+    // a connection's targets end with one Sync (serial ones each with their own): its
+    // ReadyForQuery follows its last target, and after a failure the server skipped
+    // the connection's later targets
+    let last_on_conn: Vec<bool> =
+        (0..routed.targets.len()).map(|ti| serial.get(ti).is_some() || !routed.targets[ti + 1..].iter().any(|t| t.shard == routed.targets[ti].shard)).collect();
+    let mut skipped: Vec<usize> = Vec::new();
     for (ti, t) in routed.targets.iter().enumerate() {
         let shard = t.shard.0 as usize;
+        if skipped.contains(&shard) {
+            continue;
+        }
         let conn = &mut slots[shard].as_mut().expect("held").conn;
         if let Some(buf) = serial.get_mut(ti) {
             // serial: this target starts only now that the ones before it have finished
@@ -477,6 +497,7 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
         };
         out.buf.extend_from_slice(&notices.split());
         let head_failed = matches!(head, Head::Failed(_));
+        let mut failed = head_failed;
         match head {
             Head::Failed(e) => {
                 first_err.get_or_insert(ExecError::Server(e));
@@ -552,15 +573,25 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
                     }
                     Event::Failed(e) => {
                         first_err.get_or_insert(ExecError::Server(e));
+                        failed = true;
                         break;
                     }
                 }
             }
         }
-        let conn = &mut slots[shard].as_mut().expect("held").conn;
-        match wire::read_ready(conn).await {
-            Ok(_) => {}
-            Err(e) => return Err(fail(slots, shard, e)),
+        let last = last_on_conn[ti];
+        if failed && !last {
+            skipped.push(shard);
+        }
+        if failed || last {
+            let conn = &mut slots[shard].as_mut().expect("held").conn;
+            match wire::read_ready_checked(conn).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(ExecError::Server(e));
+                }
+                Err(e) => return Err(fail(slots, shard, e)),
+            }
         }
     }
     if let Some(e) = first_err {
