@@ -3,7 +3,8 @@
 # baselines: for comparing two builds quickly (run it for each, alternating).
 #   SHARDGATE_BIN=<shardgate> scripts/bench_routed_quick.sh [clients] [seconds] [simple|prepared]
 # SYSCALLS=1 also counts the proxy's sendto/recvfrom per transaction (perf stat);
-# PROFILE=<file> records a perf profile of the proxy under the load.
+# PROFILE=<file> records a perf profile of the proxy under the load; WORKERS=n
+# sets the proxy's runtime threads (0, the default: one per core).
 # WORKLOAD=select or WORKLOAD=update runs only that statement of the order
 # workload (a point read or write by merchant and id, no row found), to see
 # the cost of one routed statement without the INSERT's two-phase commit.
@@ -13,7 +14,7 @@ C=${1:-16}; T=${2:-8}; MODE=${3:-simple}
 DIR=target/bench-routed-quick
 export SHARDGATE_BIN=${SHARDGATE_BIN:-$PWD/target/release/shardgate} SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
-./target/release/devcluster --dir $DIR up >/dev/null
+./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" up >/dev/null
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 PORT=$(jq .proxy_port $DIR/cluster.json); PID=$(jq .proxy_pid $DIR/cluster.json)
 cat > $DIR/routed.sql <<'SQL'
@@ -35,7 +36,7 @@ export PGPASSWORD=app-secret
 pgbench -n -h 127.0.0.1 -p $PORT -U app -c 4 -T 2 -M $MODE -f $DIR/routed.sql shardgate >/dev/null 2>&1 || true
 t0=$(awk '{print $14 + $15}' /proc/$PID/stat)
 if [ -n "${PROFILE:-}" ]; then perf record -F 2000 -g -p $PID -o "$PROFILE" -- sleep $T >/dev/null 2>&1 & PROF=$!; fi
-if [ -n "${SYSCALLS:-}" ]; then perf stat -e 'syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom' -p $PID -o $DIR/perf.txt -- sleep $((T+1)) & STAT=$!; fi
+if [ -n "${SYSCALLS:-}" ]; then perf stat -e 'syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_read' -p $PID -o $DIR/perf.txt -- sleep $((T+1)) & STAT=$!; fi
 pgbench -n -h 127.0.0.1 -p $PORT -U app -c $C -j 2 -T $T -M $MODE -f $DIR/routed.sql shardgate > $DIR/out 2>&1 || true
 t1=$(awk '{print $14 + $15}' /proc/$PID/stat)
 [ -n "${PROFILE:-}" ] && wait $PROF || true

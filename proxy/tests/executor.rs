@@ -202,6 +202,12 @@ async fn serve_conn(s: TcpStream, script: Shared) -> std::io::Result<()> {
                     if status == b'T' {
                         status = b'E';
                     }
+                } else if !name.is_empty() && stmts.contains_key(&name) {
+                    error(&mut out, "42P05", &format!("prepared statement \"{name}\" already exists"));
+                    failed = true;
+                    if status == b'T' {
+                        status = b'E';
+                    }
                 } else {
                     stmts.insert(name, sql);
                     put(&mut out, b'1', |_| {});
@@ -238,7 +244,12 @@ async fn serve_conn(s: TcpStream, script: Shared) -> std::io::Result<()> {
                     put(&mut out, b'C', |o| cstr(o, &t));
                 }
             }
-            b'C' => put(&mut out, b'3', |_| {}),
+            b'C' => {
+                if b.get_u8() == b'S' {
+                    stmts.remove(&read_cstr(&mut b));
+                }
+                put(&mut out, b'3', |_| {});
+            }
             b'H' => {}
             b'Q' => {
                 let sql = read_cstr(&mut b);
@@ -299,13 +310,18 @@ async fn scripted(script: Shared) -> u16 {
 /// An engine whose eight shards and db_default are databases of the scripted
 /// server; `closed` shards point at a port nobody listens on.
 async fn engine(script: &Shared, closed: &[usize]) -> Engine {
+    engine_sized(script, closed, 4).await
+}
+
+/// [`engine`] with `size` connections per database.
+async fn engine_sized(script: &Shared, closed: &[usize], size: usize) -> Engine {
     let port = scripted(script.clone()).await;
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
     let mut t = String::from("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[[users]]\nname = \"app\"\npassword = \"app\"\n");
-    t.push_str("[pool]\nsize = 4\nconnect_timeout_ms = 1000\ncheckout_timeout_ms = 1000\n");
+    t.push_str(&format!("[pool]\nsize = {size}\nconnect_timeout_ms = 1000\ncheckout_timeout_ms = 1000\n"));
     for s in 0..8 {
         let p = if closed.contains(&s) { dead } else { port };
         t.push_str(&format!("[[shards]]\ndsn = \"postgres://postgres@127.0.0.1:{p}/db_{s}?sslmode=disable\"\n"));
@@ -330,6 +346,11 @@ async fn run(engine: &Engine, sql: &str) -> (Result<(), ExecError>, BytesMut) {
 
 /// [`run`] inside the client's transaction block when `tx` is given (its BEGIN).
 async fn run_in(engine: &Engine, sql: &str, tx: Option<&str>) -> (Result<(), ExecError>, BytesMut) {
+    run_as(engine, sql, tx, true).await
+}
+
+/// [`run_in`] as a simple- or extended-protocol statement (extended: kept prepared on the shard).
+async fn run_as(engine: &Engine, sql: &str, tx: Option<&str>, simple: bool) -> (Result<(), ExecError>, BytesMut) {
     let plan = engine.plan(sql, &[]).expect("plan");
     let shardgate_router::Plan::Routed(routed) = plan else { panic!("not routed: {sql}") };
     let bound = Bound::default();
@@ -337,7 +358,7 @@ async fn run_in(engine: &Engine, sql: &str, tx: Option<&str>) -> (Result<(), Exe
     let req = Request {
         routed: &routed,
         bound: &bound,
-        simple: true,
+        simple,
         visible: None,
         tx,
         param_sets: &none,
@@ -629,4 +650,27 @@ async fn a_write_over_several_month_tables_of_one_shard_is_one_pipeline_and_one_
     let (r, buf) = run(&engine, TWO_MONTHS).await;
     assert!(r.is_ok(), "{:?}", r.err());
     assert!(messages(&buf).iter().any(|(t, b)| *t == b'C' && b.starts_with(b"INSERT 0 2")));
+}
+
+#[tokio::test]
+async fn a_statement_evicted_from_a_connection_is_closed_even_when_a_target_before_it_fails() {
+    let script: Shared = Arc::default();
+    let mut engine = engine_sized(&script, &[], 1).await;
+    engine.max_prepared = 2;
+    let one_month = "UPDATE t_order SET order_amount = 1 WHERE merchant_id = 1 AND create_time >= '2026-11-01 00:00+00'";
+    let two_months = "UPDATE t_order SET order_amount = 2 WHERE merchant_id = 1";
+    // the connection keeps one statement prepared
+    let (r, _) = run_as(&engine, one_month, None, false).await;
+    assert!(r.is_ok(), "{:?}", r.err());
+    // two more: the second target evicts the first statement; the first target fails
+    script.lock().expect("script").fail.push(("db_1".into(), "UPDATE t_order_202610 AS t_order SET order_amount = 2".into(), "23514"));
+    let (r, _) = run_as(&engine, two_months, None, false).await;
+    match r {
+        Err(ExecError::Server(e)) => assert_eq!(e.code, "23514"),
+        other => panic!("expected the first target's error, got {other:?}"),
+    }
+    script.lock().expect("script").fail.clear();
+    // the evicted statement was closed on the server: preparing it again works
+    let (r, _) = run_as(&engine, one_month, None, false).await;
+    assert!(r.is_ok(), "the evicted statement was left on the server: {:?}", r.err());
 }

@@ -437,7 +437,25 @@ async fn a_row_that_cannot_go_home_is_failed_with_its_error_and_the_rest_sync() 
     }
     // the shard cannot be read whole while an order of its outage is stuck: a clear error, not a partial answer
     let e = client.query("SELECT * FROM t_order WHERE merchant_id = 16", &[]).await.expect_err("stuck row");
-    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"));
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e:?}");
     let (_, h) = health(&c);
     assert_eq!(h["shards"][0]["fallback_failed_rows"], 1, "{h}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_over_two_down_shards_that_misses_one_changes_neither() {
+    let c = start(FAST);
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    c.info.cluster_of_shard(0).expect("shard 0 cluster").stop_immediate().expect("stop shard 0");
+    c.info.cluster_of_shard(1).expect("shard 1 cluster").stop_immediate().expect("stop shard 1");
+    // merchant 16 (db_0) has a row in fallback; merchant 9 (db_1) has none there
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status) VALUES (2, 'in-fallback', 16, 2.00, 'NEW')").await.expect("insert while down");
+    wait_for("both down", Duration::from_secs(10), || shard_state(&c, 0) == "down" && shard_state(&c, 1) == "down").await;
+    // both shards' targets are fallback rows on one db_default connection: db_1's matched
+    // nothing, so the rows may be on db_1 itself — the statement fails and changes nothing
+    let e = client.batch_execute("UPDATE t_order SET order_amount = order_amount + 1 WHERE merchant_id IN (16, 9)").await.expect_err("db_1's rows are unknown");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e:?}");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let amount: String = def.query_one("SELECT order_amount::text FROM t_order_fallback WHERE id = 2", &[]).await.expect("fallback row").get(0);
+    assert_eq!(amount, "2.00", "a statement answered with an error left part of its work behind");
 }

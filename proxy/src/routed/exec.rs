@@ -10,7 +10,6 @@
 //! - Writes touching several shards outside a transaction commit with
 //!   two-phase commit ([`super::twopc`]).
 
-use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -22,7 +21,7 @@ pub use super::slots::{hold, release, ShardSlot, Slots};
 use super::slots::{fail, lost};
 use super::merge::{self, Collector, Column, Row};
 use super::value::{Key, ValueError};
-use crate::backend::query::{self as wire, Event, Head, ServerError};
+use crate::backend::query::{self as wire, Event, Head};
 use super::Engine;
 use crate::protocol::codec::put_message;
 
@@ -177,8 +176,10 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     // statement that fails in a later month leaves the earlier ones unchanged: the targets
     // on one connection go as one pipeline, whose implicit transaction is that transaction.
     // A block of its own only for rows committing with their lookup entries, or targets
-    // that run one after another (`serial`)
-    let implicit_tx = write && req.tx.is_none() && !implicit_2pc && ((req.serial && routed.targets.len() > shard_list.len()) || lookups);
+    // on a down shard's fallback rows (their answer is checked before it may commit: a
+    // write that matched nothing for one of two down shards must leave the other unchanged)
+    let several = routed.targets.len() > shard_list.len();
+    let implicit_tx = write && req.tx.is_none() && !implicit_2pc && (lookups || (several && !req.down_targets.is_empty()));
     let tx = if implicit_2pc || implicit_tx { Some("BEGIN") } else { req.tx };
     // the shards' PREPARE TRANSACTIONs go right behind the statement, in its round trip
     let mut gid = implicit_2pc.then(|| super::twopc::new_gid(engine.worker()));
@@ -213,7 +214,9 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     if matches!(result, Err(ExecError::ClientIo(_))) {
         // the client went away mid-answer: close the shard connections (and db_default's,
         // which may hold this statement's lookup entries) rather than read the rest of the
-        // answer; each server then stops its statement and rolls back its transaction
+        // answer; each server then stops its statement and rolls back its transaction (an
+        // autocommit statement the server already finished has committed at its Sync, as on
+        // one table whose client leaves while the rows are on their way)
         for slot in slots.iter_mut().flatten() {
             slot.conn.discard();
         }
@@ -298,6 +301,11 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
     // unless the targets must run one after another (`serial`: a write that touches a
     // recovering shard's fallback rows first, then the shard)
     let mut bufs: Vec<(usize, BytesMut)> = Vec::new();
+    // Closes of statements evicted from a connection's cache go in front of its pipeline:
+    // behind a target that fails, the server would skip them and the statement would stay
+    let mut closes: Vec<(usize, BytesMut)> = Vec::new();
+    // the statement names this request's targets use, per connection
+    let mut used: Vec<(usize, String)> = Vec::new();
     let mut serial_bufs: Vec<BytesMut> = Vec::new();
     let mut parsed: Vec<(usize, String)> = Vec::new();
     for t in &routed.targets {
@@ -331,15 +339,33 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         let parse = match &name {
             Some(n) if conn.prepared.contains(n) => {
                 conn.prepared.touch(n);
+                used.push((shard, n.clone()));
                 false
             }
             Some(n) => {
                 if let Some(old) = conn.prepared.evict_for_one_more(engine.max_prepared) {
-                    // answered by CloseComplete, before this target's ParseComplete
-                    crate::protocol::frontend::close_statement(buf, old.as_bytes());
+                    // answered by CloseComplete, before the first target's ParseComplete
+                    let this_request = used.iter().any(|(s, n)| *s == shard && *n == old);
+                    if this_request && !parsed.iter().any(|(s, n)| *s == shard && *n == old) {
+                        // if the pipeline fails before its Close, forget_parsed closes it
+                        parsed.push((shard, old.clone()));
+                    }
+                    let close = match closes.iter_mut().find(|(s, _)| *s == shard) {
+                        // a serial target is a pipeline of its own: the Close leads it. A
+                        // statement parsed earlier in this pipeline is closed in place (if
+                        // the pipeline fails, forget_parsed closes it)
+                        _ if req.serial || this_request => &mut *buf,
+                        Some((_, b)) => b,
+                        None => {
+                            closes.push((shard, BytesMut::new()));
+                            &mut closes.last_mut().expect("pushed").1
+                        }
+                    };
+                    crate::protocol::frontend::close_statement(close, old.as_bytes());
                 }
                 conn.prepared.insert(n);
                 parsed.push((shard, n.clone()));
+                used.push((shard, n.clone()));
                 true
             }
             None => true,
@@ -352,8 +378,12 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
     // one Sync per connection: its targets run as one pipeline, in one implicit
     // transaction outside a block (a failure in a later month table undoes the earlier
     // ones, and the server skips the rest), and a deferred BEGIN can ride in front
-    for (_, buf) in bufs.iter_mut() {
+    for (shard, buf) in bufs.iter_mut() {
         wire::put_sync(buf);
+        if let Some((_, mut close)) = closes.iter().position(|(s, _)| s == shard).map(|i| closes.swap_remove(i)) {
+            close.extend_from_slice(buf);
+            *buf = close;
+        }
     }
     // an INSERT on one shard (with db_default's unique-lookup entries): its PREPARE rides
     // behind it. Not for several shards: one would be prepared while another still runs,
@@ -374,7 +404,20 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         }
     }
     let ordered_stream = !req.serial && spec.is_some_and(|s| s.grouping.is_none() && !s.distinct && !s.order_by.is_empty()) && bufs.len() == routed.targets.len();
-    let result = if ordered_stream { kway(slots, req, out, spec.expect("checked")).await } else { sequential(engine, slots, req, out, spec, serial_bufs).await };
+    let result = if ordered_stream {
+        let r = super::kway::kway(slots, req, out, spec.expect("checked")).await;
+        if r.is_err() {
+            // it may have stopped before the end of an answer: these connections are not reused
+            for t in &routed.targets {
+                if let Some(slot) = slots.get_mut(t.shard.0 as usize).and_then(Option::as_mut) {
+                    slot.conn.broken = true;
+                }
+            }
+        }
+        r
+    } else {
+        sequential(engine, slots, req, out, spec, serial_bufs).await
+    };
     if result.is_err() {
         // a PREPARE behind a statement that failed: read and undo it first (its answer
         // comes before anything sent later)
@@ -422,15 +465,15 @@ async fn forget_parsed(slots: &mut Slots, parsed: &[(usize, String)]) {
 }
 
 /// What the targets said about their columns.
-struct Shape {
+pub(super) struct Shape {
     /// RowDescription frame body of the first target (all columns).
-    desc: Option<Bytes>,
-    cols: Vec<Column>,
-    visible: usize,
+    pub(super) desc: Option<Bytes>,
+    pub(super) cols: Vec<Column>,
+    pub(super) visible: usize,
 }
 
 impl Shape {
-    fn learn(&mut self, t: &Bytes, hidden: usize) -> Result<(), ExecError> {
+    pub(super) fn learn(&mut self, t: &Bytes, hidden: usize) -> Result<(), ExecError> {
         if self.desc.is_some() {
             return Ok(());
         }
@@ -442,7 +485,7 @@ impl Shape {
     }
 
     /// The client's RowDescription (visible columns; computed ones in the client's format).
-    fn client_description(&self, bound: &Bound) -> Option<Bytes> {
+    pub(super) fn client_description(&self, bound: &Bound) -> Option<Bytes> {
         let d = self.desc.as_ref()?;
         let binary: Vec<bool> = (0..self.visible).map(|i| bound.binary(i)).collect();
         wire::row_description(&d[5..], self.visible, Some(&binary)).map(|(t, _)| t)
@@ -478,121 +521,134 @@ async fn sequential(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     let last_on_conn: Vec<bool> =
         (0..routed.targets.len()).map(|ti| serial.get(ti).is_some() || !routed.targets[ti + 1..].iter().any(|t| t.shard == routed.targets[ti].shard)).collect();
     let mut skipped: Vec<usize> = Vec::new();
-    for (ti, t) in routed.targets.iter().enumerate() {
-        let shard = t.shard.0 as usize;
-        if skipped.contains(&shard) {
-            continue;
-        }
-        let conn = &mut slots[shard].as_mut().expect("held").conn;
-        if let Some(buf) = serial.get_mut(ti) {
-            // serial: this target starts only now that the ones before it have finished
-            if let Err(e) = conn.send(buf).await {
-                return Err(fail(slots, shard, e.into()));
+    // an early return below leaves answers unread on the connections: they cannot be reused
+    let read: Result<(), ExecError> = async {
+        for (ti, t) in routed.targets.iter().enumerate() {
+            let shard = t.shard.0 as usize;
+            if skipped.contains(&shard) {
+                continue;
             }
-        }
-        let conn = &mut slots[shard].as_mut().expect("held").conn;
-        let head = match wire::read_head(conn, &mut notices).await {
-            Ok(h) => h,
-            Err(e) => return Err(fail(slots, shard, e)),
-        };
-        out.buf.extend_from_slice(&notices.split());
-        let head_failed = matches!(head, Head::Failed(_));
-        let mut failed = head_failed;
-        match head {
-            Head::Failed(e) => {
-                first_err.get_or_insert(ExecError::Server(e));
-            }
-            Head::NoRows => {}
-            Head::Rows(desc) => {
-                shape.learn(&desc, hidden)?;
-                if req.simple && !sent_desc && first_err.is_none() {
-                    if let Some(d) = shape.client_description(req.bound) {
-                        out.buf.extend_from_slice(&d);
-                    }
-                    sent_desc = true;
-                }
-            }
-        }
-        let conn = &mut slots[shard].as_mut().expect("held").conn;
-        // after a failed head the server skipped to Sync: only ReadyForQuery is left
-        if !head_failed {
-            loop {
-                let ev = match wire::next_event(conn, &mut notices).await {
-                    Ok(ev) => ev,
-                    Err(e) => return Err(fail(slots, shard, e)),
-                };
-                out.buf.extend_from_slice(&notices.split());
-                match ev {
-                    Event::Row(f) => {
-                        if first_err.is_some() {
-                            continue;
-                        }
-                        if folds {
-                            // groups are folded as rows arrive: memory follows the number of groups
-                            let row = merge::parse_data_row(f.body())?;
-                            let c = collector.get_or_insert_with(|| Collector::new(spec.expect("collect"), shape.cols.clone(), engine.merge_caps()));
-                            if let Err(e) = c.push(row) {
-                                first_err = Some(e.into());
-                            }
-                        } else if collect {
-                            let row = merge::parse_data_row(f.body())?;
-                            buffered_bytes += merge::row_bytes(&row);
-                            buffered.push(row);
-                            if buffered_bytes > engine.max_merge_bytes {
-                                first_err = Some(engine.merge_caps().over_bytes().into());
-                            } else if buffered.len() > engine.max_merge_rows {
-                                first_err = Some(
-                                    ValueError::Limit(format!(
-                                        "ORDER BY across shards holds more than {} rows (server.max_merge_rows); add a LIMIT or narrow the query",
-                                        engine.max_merge_rows
-                                    ))
-                                    .into(),
-                                );
-                            }
-                        } else if reorder {
-                            returned[ti].push_back(f);
-                        } else {
-                            seen += 1;
-                            if seen <= offset || limit.is_some_and(|l| emitted >= l) {
-                                continue;
-                            }
-                            if hidden > 0 {
-                                merge::trim_data_row(out.buf, f.body(), shape.visible)?;
-                            } else {
-                                out.buf.extend_from_slice(&f.raw);
-                            }
-                            emitted += 1;
-                            out.maybe_flush().await?;
-                        }
-                    }
-                    Event::Done(tag) => {
-                        affected += wire::tag_count(&tag);
-                        per_target[ti] = wire::tag_count(&tag);
-                        last_tag = tag;
-                        break;
-                    }
-                    Event::Failed(e) => {
-                        first_err.get_or_insert(ExecError::Server(e));
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-        }
-        let last = last_on_conn[ti];
-        if failed && !last {
-            skipped.push(shard);
-        }
-        if failed || last {
             let conn = &mut slots[shard].as_mut().expect("held").conn;
-            match wire::read_ready_checked(conn).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
+            if let Some(buf) = serial.get_mut(ti) {
+                // serial: this target starts only now that the ones before it have finished
+                if let Err(e) = conn.send(buf).await {
+                    return Err(fail(slots, shard, e.into()));
+                }
+            }
+            let conn = &mut slots[shard].as_mut().expect("held").conn;
+            let head = match wire::read_head(conn, &mut notices).await {
+                Ok(h) => h,
+                Err(e) => return Err(fail(slots, shard, e)),
+            };
+            out.buf.extend_from_slice(&notices.split());
+            let head_failed = matches!(head, Head::Failed(_));
+            let mut failed = head_failed;
+            match head {
+                Head::Failed(e) => {
                     first_err.get_or_insert(ExecError::Server(e));
                 }
-                Err(e) => return Err(fail(slots, shard, e)),
+                Head::NoRows => {}
+                Head::Rows(desc) => {
+                    shape.learn(&desc, hidden)?;
+                    if req.simple && !sent_desc && first_err.is_none() {
+                        if let Some(d) = shape.client_description(req.bound) {
+                            out.buf.extend_from_slice(&d);
+                        }
+                        sent_desc = true;
+                    }
+                }
+            }
+            let conn = &mut slots[shard].as_mut().expect("held").conn;
+            // after a failed head the server skipped to Sync: only ReadyForQuery is left
+            if !head_failed {
+                loop {
+                    let ev = match wire::next_event(conn, &mut notices).await {
+                        Ok(ev) => ev,
+                        Err(e) => return Err(fail(slots, shard, e)),
+                    };
+                    out.buf.extend_from_slice(&notices.split());
+                    match ev {
+                        Event::Row(f) => {
+                            if first_err.is_some() {
+                                continue;
+                            }
+                            if folds {
+                                // groups are folded as rows arrive: memory follows the number of groups
+                                let row = merge::parse_data_row(f.body())?;
+                                let c = collector.get_or_insert_with(|| Collector::new(spec.expect("collect"), shape.cols.clone(), engine.merge_caps()));
+                                if let Err(e) = c.push(row) {
+                                    first_err = Some(e.into());
+                                }
+                            } else if collect {
+                                let row = merge::parse_data_row(f.body())?;
+                                buffered_bytes += merge::row_bytes(&row);
+                                buffered.push(row);
+                                if buffered_bytes > engine.max_merge_bytes {
+                                    first_err = Some(engine.merge_caps().over_bytes().into());
+                                } else if buffered.len() > engine.max_merge_rows {
+                                    first_err = Some(
+                                        ValueError::Limit(format!(
+                                            "ORDER BY across shards holds more than {} rows (server.max_merge_rows); add a LIMIT or narrow the query",
+                                            engine.max_merge_rows
+                                        ))
+                                        .into(),
+                                    );
+                                }
+                            } else if reorder {
+                                returned[ti].push_back(f);
+                            } else {
+                                seen += 1;
+                                if seen <= offset || limit.is_some_and(|l| emitted >= l) {
+                                    continue;
+                                }
+                                if hidden > 0 {
+                                    merge::trim_data_row(out.buf, f.body(), shape.visible)?;
+                                } else {
+                                    out.buf.extend_from_slice(&f.raw);
+                                }
+                                emitted += 1;
+                                out.maybe_flush().await?;
+                            }
+                        }
+                        Event::Done(tag) => {
+                            affected += wire::tag_count(&tag);
+                            per_target[ti] = wire::tag_count(&tag);
+                            last_tag = tag;
+                            break;
+                        }
+                        Event::Failed(e) => {
+                            first_err.get_or_insert(ExecError::Server(e));
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            let last = last_on_conn[ti];
+            if failed && !last {
+                skipped.push(shard);
+            }
+            if failed || last {
+                let conn = &mut slots[shard].as_mut().expect("held").conn;
+                match wire::read_ready_checked(conn).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(ExecError::Server(e));
+                    }
+                    Err(e) => return Err(fail(slots, shard, e)),
+                }
             }
         }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = read {
+        for t in &routed.targets {
+            if let Some(slot) = slots.get_mut(t.shard.0 as usize).and_then(Option::as_mut) {
+                slot.conn.broken = true;
+            }
+        }
+        return Err(e);
     }
     if let Some(e) = first_err {
         return Err(e);
@@ -660,160 +716,4 @@ fn sort_rows(rows: Vec<Row>, spec: &MergeSpec, cols: &[Column], visible: usize) 
         Some(l) => rows.into_iter().take(l as usize).collect(),
         None => rows,
     })
-}
-
-/// Heap entry of the k-way merge: the head row of one target.
-struct HeadRow<'a> {
-    keys: Vec<Option<Key>>,
-    frame: crate::protocol::codec::Frame,
-    target: usize,
-    order: &'a [shardgate_router::SortKey],
-}
-
-impl PartialEq for HeadRow<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == std::cmp::Ordering::Equal
-    }
-}
-impl Eq for HeadRow<'_> {}
-impl PartialOrd for HeadRow<'_> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for HeadRow<'_> {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // BinaryHeap is a max-heap: reverse, ties go to the earlier target
-        merge::compare_rows(&self.keys, &other.keys, self.order).then(self.target.cmp(&other.target)).reverse()
-    }
-}
-
-/// ORDER BY across targets on distinct connections: a streaming k-way merge.
-async fn kway(slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, spec: &MergeSpec) -> Result<(), ExecError> {
-    let targets = &req.routed.targets;
-    let mut shape = Shape { desc: None, cols: Vec::new(), visible: 0 };
-    let mut first_err: Option<ExecError> = None;
-    let mut notices = BytesMut::new();
-    let mut live = vec![true; targets.len()];
-    for (i, t) in targets.iter().enumerate() {
-        let shard = t.shard.0 as usize;
-        let conn = &mut slots[shard].as_mut().expect("held").conn;
-        match wire::read_head(conn, &mut notices).await {
-            Ok(Head::Rows(d)) => shape.learn(&d, spec.hidden)?,
-            Ok(Head::NoRows) => {}
-            Ok(Head::Failed(e)) => {
-                live[i] = false;
-                first_err.get_or_insert(ExecError::Server(e));
-            }
-            Err(e) => return Err(fail(slots, shard, e)),
-        }
-    }
-    out.buf.extend_from_slice(&notices.split());
-    if first_err.is_none() {
-        if let Err(e) = merge::check_orderable(&spec.order_by, &shape.cols, shape.visible) {
-            first_err = Some(e.into());
-        }
-    }
-    if req.simple && first_err.is_none() {
-        if let Some(d) = shape.client_description(req.bound) {
-            out.buf.extend_from_slice(&d);
-        }
-    }
-    let mut heap = BinaryHeap::new();
-    // prime: first row of each target
-    for (i, t) in targets.iter().enumerate() {
-        if !live[i] {
-            continue;
-        }
-        let shard = t.shard.0 as usize;
-        match advance(slots, shard, &mut notices).await? {
-            Step::Row(f) => {
-                if first_err.is_none() {
-                    let keys = keys_of(&f, spec, &shape)?;
-                    heap.push(HeadRow { keys, frame: f, target: i, order: &spec.order_by });
-                } else {
-                    live[i] = drain_rows(slots, shard, &mut notices).await?.is_none();
-                }
-            }
-            Step::Done => live[i] = false,
-            Step::Failed(e) => {
-                live[i] = false;
-                first_err.get_or_insert(ExecError::Server(e));
-            }
-        }
-    }
-    let mut seen = 0u64;
-    let mut emitted = 0u64;
-    while let Some(top) = heap.pop() {
-        if first_err.is_none() {
-            seen += 1;
-            if seen > spec.offset && spec.limit.is_none_or(|l| emitted < l) {
-                if spec.hidden > 0 {
-                    merge::trim_data_row(out.buf, top.frame.body(), shape.visible)?;
-                } else {
-                    out.buf.extend_from_slice(&top.frame.raw);
-                }
-                emitted += 1;
-                out.maybe_flush().await?;
-            }
-        }
-        let i = top.target;
-        let shard = targets[i].shard.0 as usize;
-        match advance(slots, shard, &mut notices).await? {
-            Step::Row(f) => {
-                let keys = keys_of(&f, spec, &shape)?;
-                heap.push(HeadRow { keys, frame: f, target: i, order: &spec.order_by });
-            }
-            Step::Done => live[i] = false,
-            Step::Failed(e) => {
-                live[i] = false;
-                first_err.get_or_insert(ExecError::Server(e));
-            }
-        }
-    }
-    out.buf.extend_from_slice(&notices.split());
-    for t in targets {
-        let shard = t.shard.0 as usize;
-        let conn = &mut slots[shard].as_mut().expect("held").conn;
-        if let Err(e) = wire::read_ready(conn).await {
-            return Err(fail(slots, shard, e));
-        }
-    }
-    if let Some(e) = first_err {
-        return Err(e);
-    }
-    put_message(out.buf, b'C', |o| crate::protocol::codec::put_cstr(o, format!("SELECT {emitted}").as_bytes()));
-    Ok(())
-}
-
-enum Step {
-    Row(crate::protocol::codec::Frame),
-    Done,
-    Failed(ServerError),
-}
-
-async fn advance(slots: &mut Slots, shard: usize, notices: &mut BytesMut) -> Result<Step, ExecError> {
-    let conn = &mut slots[shard].as_mut().expect("held").conn;
-    match wire::next_event(conn, notices).await {
-        Ok(Event::Row(f)) => Ok(Step::Row(f)),
-        Ok(Event::Done(_)) => Ok(Step::Done),
-        Ok(Event::Failed(e)) => Ok(Step::Failed(e)),
-        Err(e) => Err(fail(slots, shard, e)),
-    }
-}
-
-/// Reads and drops rows to the end of the statement; `Some` if it failed.
-async fn drain_rows(slots: &mut Slots, shard: usize, notices: &mut BytesMut) -> Result<Option<ServerError>, ExecError> {
-    loop {
-        match advance(slots, shard, notices).await? {
-            Step::Row(_) => {}
-            Step::Done => return Ok(None),
-            Step::Failed(e) => return Ok(Some(e)),
-        }
-    }
-}
-
-fn keys_of(f: &crate::protocol::codec::Frame, spec: &MergeSpec, shape: &Shape) -> Result<Vec<Option<Key>>, ExecError> {
-    let row = merge::parse_data_row(f.body())?;
-    Ok(merge::sort_keys(&row, &spec.order_by, &shape.cols, shape.visible)?)
 }

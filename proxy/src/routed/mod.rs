@@ -4,7 +4,7 @@
 //!   month tables that exist, the id generator.
 //! - [`exec`]: runs one planned statement on its targets and writes the
 //!   answer one table would give (streaming single targets and plain
-//!   concatenations, k-way merging ordered ones, collecting grouped ones).
+//!   concatenations, collecting grouped ones); [`kway`] merges ordered ones.
 //! - [`request`]: what the executor is given (`Bound`, `Request`, `Out`) and how it
 //!   fails (`ExecError`); [`slots`]: the shard connections a session holds.
 //! - [`merge`] / [`value`]: combining rows; messages to shards go through
@@ -17,6 +17,7 @@ pub mod entries;
 pub mod exec;
 pub mod fallback;
 pub mod health;
+pub mod kway;
 pub mod lease;
 pub mod lookup;
 pub mod merge;
