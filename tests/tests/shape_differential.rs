@@ -207,6 +207,8 @@ async fn shaped_simple_statements_answer_like_one_table() {
     let (shaped, parsed) = (count("shape"), count("parse"));
     eprintln!("seed {seed}: {n} statements, {same} same, {refused} refused, {} wrong; planned from a shape {shaped}, parsed {parsed}", wrong.len());
     assert!(shaped > parsed, "the shape path planned {shaped}, the full parse {parsed}");
+    // each statement is counted once, by the way it was finally planned
+    assert!(shaped + parsed <= n as u64, "{shaped} + {parsed} plans counted for {n} statements");
     assert!(wrong.is_empty(), "seed {seed}: {} of {n} answers differ:\n{}", wrong.len(), wrong.iter().take(10).cloned().collect::<Vec<_>>().join("\n"));
     // and the tables hold the same rows at the end
     let all = format!("SELECT {COLS} FROM t_order");

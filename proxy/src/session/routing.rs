@@ -25,6 +25,15 @@ use crate::routed::exec::{self, Bound, ExecError, Out, Request};
 use crate::routed::months;
 use crate::protocol::sqlstate;
 
+/// Counts a simple-protocol statement once, by the way it was finally planned:
+/// from its cached shape, or from its whole text (no shape, or one the router
+/// could not plan).
+fn count_plan(simple: bool, bound: &Bound) {
+    if simple {
+        metrics::counter!(crate::metrics::SIMPLE_PLANS_TOTAL, "path" => if bound.shape.is_some() { "shape" } else { "parse" }).increment(1);
+    }
+}
+
 /// A prepared statement on a sharded table, kept by the proxy.
 pub(super) struct RoutedStmt {
     pub(super) sql: String,
@@ -190,7 +199,6 @@ impl Session {
             }
             _ => {
                 self.barrier().await?;
-                metrics::counter!(crate::metrics::SIMPLE_PLANS_TOTAL, "path" => if shaped.is_some() { "shape" } else { "parse" }).increment(1);
                 let bound = shaped.map(|s| Bound::shaped(text, s)).unwrap_or_default();
                 match self.run_routed(&analysis, text, &bound, true, None).await? {
                     Ok(()) => {
@@ -245,6 +253,7 @@ impl Session {
                         _ => false,
                     };
                     if rows || canceled {
+                        count_plan(simple, bound);
                         metrics::counter!(crate::metrics::LOOKUP_HINTS_TOTAL, "result" => "confirmed").increment(1);
                         return Ok(r);
                     }
@@ -262,7 +271,6 @@ impl Session {
         let (plain, full);
         let reshape = bound.shape.is_some() && matches!(&planned, Err(e) if e.sqlstate() == sqlstate::FEATURE_NOT_SUPPORTED);
         let (analysis, bound, params) = if reshape {
-            metrics::counter!(crate::metrics::SIMPLE_PLANS_TOTAL, "path" => "parse").increment(1);
             plain = Bound::default();
             full = engine.router.analysis_uncached(sql);
             planned = engine.plan_analysis(&full, &[], zone);
@@ -270,6 +278,7 @@ impl Session {
         } else {
             (analysis, bound, params)
         };
+        count_plan(simple, bound);
         if let Ok(Plan::Routed(r)) = &planned {
             // `order_no = …` and other unique-lookup values: their entries say where the rows are
             if r.kind != shardgate_router::RoutedKind::Insert && r.targets.len() > 1 {
