@@ -399,7 +399,13 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
             slot.preparing = Some(name);
         }
         if let Err(e) = slot.conn.send(buf).await {
-            slot.conn.broken = true;
+            // the others may have been sent (answers unread) or not (their statement caches
+            // already name what they were to parse): none of them is reused
+            for t in &routed.targets {
+                if let Some(other) = slots.get_mut(t.shard.0 as usize).and_then(Option::as_mut) {
+                    other.conn.broken = true;
+                }
+            }
             return Err(lost(*shard, &e.into()));
         }
     }
