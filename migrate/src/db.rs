@@ -9,6 +9,7 @@ use jiff::tz::TimeZone;
 use shardgate_config::{Config, Dsn, SslMode};
 use shardgate_router::month::MonthKey;
 use shardgate_router::{TableRule, Topology};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 /// Opens one connection with the settings every comparison relies on
@@ -33,7 +34,10 @@ pub async fn create_month_table(c: &Client, rule: &TableRule, m: MonthKey, shard
     loop {
         match c.batch_execute(&sql).await {
             Ok(()) => return Ok(()),
-            Err(e) if tries < 5 && e.code().is_some_and(|s| *s == tokio_postgres::error::SqlState::UNIQUE_VIOLATION || *s == tokio_postgres::error::SqlState::DUPLICATE_TABLE) => {
+            // a concurrent CREATE TABLE IF NOT EXISTS (the proxy filling the month): 23505 on
+            // pg_type while it is in progress, 42710 "type … already exists" or 42P07 once it
+            // committed between this one's check and its own create
+            Err(e) if tries < 5 && e.code().is_some_and(|s| [SqlState::UNIQUE_VIOLATION, SqlState::DUPLICATE_TABLE, SqlState::DUPLICATE_OBJECT].contains(s)) => {
                 tries += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(50 * tries)).await;
             }

@@ -180,8 +180,10 @@ async fn create_on(engine: &Engine, shard: usize, months: &[MonthKey]) -> bool {
         for m in months {
             match wire::control(&mut conn, &rule.create_month_table_sql(*m)).await {
                 Ok(Ok(_)) => {}
-                // two proxies creating the same table at once: the loser sees a unique violation
-                Ok(Err(e)) if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::DUPLICATE_TABLE => {}
+                // two creators of the same table at once (proxies, shardgate-migrate): the loser
+                // sees a unique violation on pg_type, or "type … already exists" (42710) when the
+                // other committed between its existence check and its create
+                Ok(Err(e)) if [sqlstate::UNIQUE_VIOLATION, sqlstate::DUPLICATE_TABLE, sqlstate::DUPLICATE_OBJECT].contains(&e.code.as_str()) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(shard, month = %m.suffix(), sqlstate = %e.code, "creating a month table failed");
                     return false;
