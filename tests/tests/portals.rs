@@ -124,6 +124,16 @@ async fn a_portal_too_large_to_keep_is_refused_outside_a_block_and_streams_insid
     s.write_all(&batch).expect("batch");
     let msgs = read_until_ready(&mut s);
     assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "{msgs:?}");
+    // a write read in parts whose answer is too large to keep is refused before it commits
+    let mut batch = frame(b'P', b"\0UPDATE t_order SET pay_status = 'PAID' RETURNING *\0\0\0");
+    batch.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(frame(b'E', &[0, 0, 0, 0, 10]));
+    batch.extend(frame(b'S', b""));
+    s.write_all(&batch).expect("batch");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "{msgs:?}");
+    let paid: i64 = proxy.query_one("SELECT count(*) FROM t_order WHERE pay_status = 'PAID'", &[]).await.expect("count").get(0);
+    assert_eq!(paid, 0, "an UPDATE answered with an error committed");
     // inside a block: 700 rows of about 100 bytes, far over 20,000 bytes, 10 at a time
     let (parts, rows) = in_parts(&mut proxy, "SELECT * FROM t_order ORDER BY id", 10).await;
     assert_eq!(rows.len(), 700);

@@ -431,6 +431,12 @@ impl Session {
             return Ok(Flow::Continue);
         }
         let limit = self.shared.config.server.max_portal_bytes;
+        if !self.in_tx_block() && !matches!(*stmt.analysis, Analysis::Select(_)) {
+            // a write whose answer may be refused as too large to keep: the shards hold it
+            // until the Sync (committed there, or rolled back after the refusal), as the
+            // batch's implicit transaction does on one table
+            self.shard_tx.batch_tx = true;
+        }
         let before = std::mem::take(&mut self.cout);
         self.capture_limit = Some(limit);
         let r = self.run_routed(&stmt.analysis, &stmt.sql, bound, false, visible).await;
