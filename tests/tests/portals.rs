@@ -134,6 +134,22 @@ async fn a_portal_too_large_to_keep_is_refused_outside_a_block_and_streams_insid
     assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "{msgs:?}");
     let paid: i64 = proxy.query_one("SELECT count(*) FROM t_order WHERE pay_status = 'PAID'", &[]).await.expect("count").get(0);
     assert_eq!(paid, 0, "an UPDATE answered with an error committed");
+    // a portal ends with its implicit transaction at Sync: executing it again is 34000, and
+    // the write does not run a second time
+    let mut batch = frame(b'P', b"\0UPDATE t_order SET order_amount = order_amount + 1 WHERE id = 1 RETURNING id\0\0\0");
+    batch.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(frame(b'E', &[0, 0, 0, 0, 0]));
+    batch.extend(frame(b'S', b""));
+    s.write_all(&batch).expect("batch");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    let mut again = frame(b'E', &[0, 0, 0, 0, 0]);
+    again.extend(frame(b'S', b""));
+    s.write_all(&again).expect("execute again");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs).as_deref(), Some("34000"), "{msgs:?}");
+    let amount: String = proxy.query_one("SELECT order_amount::text FROM t_order WHERE id = 1", &[]).await.expect("row 1").get(0);
+    assert_eq!(amount, "2.01", "the UPDATE ran once");
     // inside a block: 700 rows of about 100 bytes, far over 20,000 bytes, 10 at a time
     let (parts, rows) = in_parts(&mut proxy, "SELECT * FROM t_order ORDER BY id", 10).await;
     assert_eq!(rows.len(), 700);

@@ -351,6 +351,7 @@ impl Session {
                 }
                 if self.db.server.is_none() {
                     self.routed.suspended.clear();
+                    self.routed.routed_portals.clear();
                 }
                 if self.discard_until_sync && self.db.server.is_none() {
                     self.discard_until_sync = false;
@@ -361,9 +362,11 @@ impl Session {
                     // the server ignores Sync in COPY FROM STDIN mode; no reply comes
                     self.db.sout.extend_from_slice(&f.raw);
                 } else {
-                    if !self.routed.suspended.is_empty() && !self.in_tx_block() {
-                        // portals end with their (implicit) transaction, as in PostgreSQL
+                    if !self.in_tx_block() {
+                        // portals end with their (implicit) transaction, as in PostgreSQL: a
+                        // later Execute of one is answered 34000 by db_default, not run again
                         self.routed.suspended.clear();
+                        self.routed.routed_portals.clear();
                     }
                     self.discard_until_sync = false;
                     self.db.sout.extend_from_slice(&f.raw);
