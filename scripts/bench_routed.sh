@@ -30,13 +30,8 @@ MONTH=$(date -u +%Y%m)
 export PGPASSWORD=postgres
 
 # --- 1. routed order workload
-cat > $DIR/routed.sql <<'SQL'
-\set m random(1, 800000)
-\set r random(1, 1000000000000)
-INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status) VALUES (:r, :m, 12.34, 'NEW') RETURNING id \gset
-SELECT * FROM t_order WHERE merchant_id = :m AND id = :id;
-UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = :m AND id = :id;
-SQL
+# the workload (one file for bench_routed.sh and bench_routed_quick.sh)
+cp scripts/routed_order.pgbench $DIR/routed.sql
 for k in $(seq 0 7); do
   cat > $DIR/direct_$k.sql <<SQL
 \set m 8 * random(1, 100000) + $k

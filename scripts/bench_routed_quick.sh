@@ -17,13 +17,8 @@ export SHARDGATE_BIN=${SHARDGATE_BIN:-$PWD/target/release/shardgate} SHARDGATE_L
 ./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" up >/dev/null
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 PORT=$(jq .proxy_port $DIR/cluster.json); PID=$(jq .proxy_pid $DIR/cluster.json)
-cat > $DIR/routed.sql <<'SQL'
-\set m random(1, 800000)
-\set r random(1, 1000000000000)
-INSERT INTO t_order (order_no, merchant_id, order_amount, pay_status) VALUES (:r, :m, 12.34, 'NEW') RETURNING id \gset
-SELECT * FROM t_order WHERE merchant_id = :m AND id = :id;
-UPDATE t_order SET pay_status = 'PAID' WHERE merchant_id = :m AND id = :id;
-SQL
+# the workload (one file for bench_routed.sh and bench_routed_quick.sh)
+cp scripts/routed_order.pgbench $DIR/routed.sql
 case "${WORKLOAD:-order}" in
   order) ;;
   select|update)

@@ -35,6 +35,16 @@ pub fn startup_packet(params: &[(&str, &[u8])]) -> Vec<u8> {
 /// Parse (unnamed) with declared parameter types, Bind (unnamed portal) of
 /// text-format values, Execute.
 pub fn pbe_typed(sql: &str, types: &[u32], values: &[&str]) -> Vec<u8> {
+    pbe_typed_rows(sql, types, values, 0)
+}
+
+/// Parse (unnamed), Bind (unnamed portal), Execute of at most `max_rows` rows
+/// (0: all) of `sql` without parameters.
+pub fn pbe_rows(sql: &str, max_rows: i32) -> Vec<u8> {
+    pbe_typed_rows(sql, &[], &[], max_rows)
+}
+
+fn pbe_typed_rows(sql: &str, types: &[u32], values: &[&str], max_rows: i32) -> Vec<u8> {
     let mut parse = [&[0u8][..], sql.as_bytes(), &[0]].concat();
     parse.extend_from_slice(&(types.len() as i16).to_be_bytes());
     for t in types {
@@ -47,7 +57,8 @@ pub fn pbe_typed(sql: &str, types: &[u32], values: &[&str]) -> Vec<u8> {
         bind.extend_from_slice(v.as_bytes());
     }
     bind.extend_from_slice(&[0, 0]);
-    [frame(b'P', &parse), frame(b'B', &bind), frame(b'E', &[0, 0, 0, 0, 0])].concat()
+    let execute = [&[0u8][..], &max_rows.to_be_bytes()].concat();
+    [frame(b'P', &parse), frame(b'B', &bind), frame(b'E', &execute)].concat()
 }
 
 /// Parse (unnamed), Bind (unnamed portal), Execute of `sql` without parameters.

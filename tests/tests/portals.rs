@@ -110,24 +110,20 @@ async fn portals_read_in_parts_answer_like_one_table() {
 /// the shards as the client reads it, whatever its size.
 #[tokio::test]
 async fn a_portal_too_large_to_keep_is_refused_outside_a_block_and_streams_inside_one() {
-    use shardgate_tests::raw::{error_code, frame, md5_login, read_until_ready};
+    use shardgate_tests::raw::{error_code, frame, md5_login, pbe, pbe_rows, read_until_ready};
     use std::io::Write;
     let c = Cluster::start_temp(Options { redis: false, server_toml: "max_portal_bytes = 20000\n".into(), ..Options::default() }).expect("start cluster");
     let mut proxy = connect(&c.info.proxy_dsn).await.expect("proxy");
     load(&proxy).await;
     // outside a block (asyncpg fetchrow): Parse, Bind, Execute with a row limit, Sync
     let mut s = md5_login(&c);
-    let mut batch = frame(b'P', b"\0SELECT * FROM t_order ORDER BY id\0\0\0");
-    batch.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
-    batch.extend(frame(b'E', &[0, 0, 0, 0, 10]));
+    let mut batch = pbe_rows("SELECT * FROM t_order ORDER BY id", 10);
     batch.extend(frame(b'S', b""));
     s.write_all(&batch).expect("batch");
     let msgs = read_until_ready(&mut s);
     assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "{msgs:?}");
     // a write read in parts whose answer is too large to keep is refused before it commits
-    let mut batch = frame(b'P', b"\0UPDATE t_order SET pay_status = 'PAID' RETURNING *\0\0\0");
-    batch.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
-    batch.extend(frame(b'E', &[0, 0, 0, 0, 10]));
+    let mut batch = pbe_rows("UPDATE t_order SET pay_status = 'PAID' RETURNING *", 10);
     batch.extend(frame(b'S', b""));
     s.write_all(&batch).expect("batch");
     let msgs = read_until_ready(&mut s);
@@ -136,9 +132,7 @@ async fn a_portal_too_large_to_keep_is_refused_outside_a_block_and_streams_insid
     assert_eq!(paid, 0, "an UPDATE answered with an error committed");
     // a portal ends with its implicit transaction at Sync: executing it again is 34000, and
     // the write does not run a second time
-    let mut batch = frame(b'P', b"\0UPDATE t_order SET order_amount = order_amount + 1 WHERE id = 1 RETURNING id\0\0\0");
-    batch.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
-    batch.extend(frame(b'E', &[0, 0, 0, 0, 0]));
+    let mut batch = pbe("UPDATE t_order SET order_amount = order_amount + 1 WHERE id = 1 RETURNING id");
     batch.extend(frame(b'S', b""));
     s.write_all(&batch).expect("batch");
     let msgs = read_until_ready(&mut s);
