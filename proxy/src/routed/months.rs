@@ -73,11 +73,23 @@ pub async fn fill_in(engine: &Engine, shard: usize) -> bool {
     let months = engine.months();
     let ok = create_on(engine, shard, &months).await;
     if ok {
-        if let Ok(mut g) = engine.month_gaps.lock() {
-            g.retain(|(s, m, _)| *s != shard || !months.contains(m));
-        }
+        filled(engine, shard, &months);
     }
     ok
+}
+
+/// `shard` now has `months`: they are no longer gaps there.
+fn filled(engine: &Engine, shard: usize, months: &[MonthKey]) {
+    if let Ok(mut g) = engine.month_gaps.lock() {
+        g.retain(|(s, m, _)| *s != shard || !months.contains(m));
+    }
+}
+
+/// Records that `shard` lacks `m` (once), not yet tried.
+fn add_gap(gaps: &mut Vec<(usize, MonthKey, Option<std::time::Instant>)>, shard: usize, m: MonthKey) {
+    if !gaps.iter().any(|(s, gm, _)| *s == shard && *gm == m) {
+        gaps.push((shard, m, None));
+    }
 }
 
 /// Creates `months` on every shard (idempotent); returns the shards that failed.
@@ -99,9 +111,7 @@ pub async fn create(engine: &Engine, months: &[MonthKey]) -> Vec<usize> {
         // into the month there makes it
         for &s in &failed {
             for &m in months {
-                if !gaps.iter().any(|(gs, gm, _)| *gs == s && *gm == m) {
-                    gaps.push((s, m, None));
-                }
+                add_gap(&mut gaps, s, m);
             }
         }
     }
@@ -120,9 +130,7 @@ pub fn note_listed(engine: &Engine, lists: &[Option<Vec<MonthKey>>], found: &[Mo
         let Some(list) = list else { continue };
         gaps.retain(|(s, m, _)| *s != shard || !list.contains(m));
         for m in found.iter().filter(|m| !list.contains(m)) {
-            if !gaps.iter().any(|(s, gm, _)| *s == shard && gm == m) {
-                gaps.push((shard, *m, None));
-            }
+            add_gap(&mut gaps, shard, *m);
         }
     }
 }
@@ -167,9 +175,7 @@ pub async fn fill_gaps(engine: &Engine, months: &[MonthKey]) {
         let ms: Vec<MonthKey> = due.iter().filter(|(s, _)| *s == shard).map(|(_, m)| *m).collect();
         tracing::info!(shard, months = ?ms.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables a shard lacks");
         if create_on(engine, shard, &ms).await {
-            if let Ok(mut g) = engine.month_gaps.lock() {
-                g.retain(|(s, m, _)| *s != shard || !ms.contains(m));
-            }
+            filled(engine, shard, &ms);
         }
     }
 }
