@@ -5,7 +5,7 @@
 # SYSCALLS=1 also counts the proxy's sendto/recvfrom per transaction (perf stat);
 # PROFILE=<file> records a perf profile of the proxy under the load; WORKERS=n
 # sets the proxy's runtime threads (0, the default: one per core).
-# WORKLOAD=select or WORKLOAD=update runs only that statement of the order
+# WORKLOAD=select, update or insert runs only that statement of the order
 # workload (a point read or write by merchant and id, no row found), to see
 # the cost of one routed statement without the INSERT's two-phase commit.
 set -euo pipefail
@@ -14,17 +14,17 @@ C=${1:-16}; T=${2:-8}; MODE=${3:-simple}
 DIR=target/bench-routed-quick
 export SHARDGATE_BIN=${SHARDGATE_BIN:-$PWD/target/release/shardgate} SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
-./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" up >/dev/null
+./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" --extra-toml "${EXTRA_TOML:-}" up >/dev/null
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 PORT=$(jq .proxy_port $DIR/cluster.json); PID=$(jq .proxy_pid $DIR/cluster.json)
 # the workload (one file for bench_routed.sh and bench_routed_quick.sh)
 cp scripts/routed_order.pgbench $DIR/routed.sql
 case "${WORKLOAD:-order}" in
   order) ;;
-  select|update)
-    { echo '\set m random(1, 800000)'; echo '\set id random(1, 9000000000000000000)'; grep -i "^${WORKLOAD}" $DIR/routed.sql; } > $DIR/one.sql
+  select|update|insert)
+    { echo '\set m random(1, 800000)'; echo '\set r random(1, 1000000000000)'; echo '\set id random(1, 9000000000000000000)'; grep -i "^${WORKLOAD}" $DIR/routed.sql | sed 's/ \\gset$//'; } > $DIR/one.sql
     mv $DIR/one.sql $DIR/routed.sql ;;
-  *) echo "WORKLOAD: order, select or update" >&2; exit 2 ;;
+  *) echo "WORKLOAD: order, select, update or insert" >&2; exit 2 ;;
 esac
 export PGPASSWORD=app-secret
 # warm-up: month tables, lookup tables, connections

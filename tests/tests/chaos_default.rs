@@ -153,3 +153,47 @@ async fn a_db_default_pool_smaller_than_the_writers_keeps_every_decision() {
     // waiting for a connection is the only failure a small pool may cause
     assert!(errors.keys().all(|k| k == "53300"), "unexpected errors: {errors:?}");
 }
+
+/// The proxy's own waits for a connection (here: asking db_default whether
+/// other proxies run, when a write makes a new month table) last as long as
+/// the proxy means them to, not `pool.checkout_timeout_ms`: with a short
+/// checkout timeout and the one internal db_default connection held by a
+/// client's open block, the write used to give up asking after 300 ms and
+/// then wait out the settle time meant for other proxies (6 s here),
+/// though no other proxy runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_month_made_while_db_default_is_busy_does_not_wait_for_proxies_that_do_not_exist() {
+    let c = Cluster::start_temp(Options { redis: false, pool_toml: "size = 1\ncheckout_timeout_ms = 300\n".into(), ..Options::default() }).expect("start cluster");
+    let a = connect(&c.info.proxy_dsn).await.expect("client a");
+    let b = connect(&c.info.proxy_dsn).await.expect("client b");
+    // a's block holds the internal db_default connection (its order_no entry) until COMMIT
+    // (the proxy's startup work may hold the one connection for a moment)
+    let mut tries = 0;
+    loop {
+        a.batch_execute("BEGIN").await.expect("a's BEGIN");
+        match a.batch_execute("INSERT INTO t_order (order_no, merchant_id, order_amount) VALUES ('BUSY-1', 1, 1.00)").await {
+            Ok(()) => break,
+            Err(e) if tries < 30 => {
+                eprintln!("a's INSERT, try {tries}: {e}");
+                a.batch_execute("ROLLBACK").await.expect("a's ROLLBACK");
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("a's INSERT: {e}"),
+        }
+    }
+    let holder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        a.batch_execute("COMMIT").await.expect("a commits");
+    });
+    // 2026-08 is no month the proxy made at startup (months from now on)
+    b.batch_execute("INSERT INTO t_order (order_no, merchant_id, order_amount, create_time) VALUES ('NEW-MONTH-1', 2, 1.00, '2026-08-05 10:00+00')")
+        .await
+        .expect("b's insert into a new month");
+    holder.await.expect("holder");
+    let log = c.proxy_log();
+    assert!(log.contains("creating month tables on demand"), "the INSERT made the month (log: {} lines)", log.lines().count());
+    assert!(!log.contains("waiting for other proxies to see new month tables"), "the INSERT waited for other proxies though it could have asked:\n{log}");
+    let n = b.query_one("SELECT count(*) FROM t_order WHERE order_no IN ('BUSY-1', 'NEW-MONTH-1')", &[]).await.expect("count").get::<_, i64>(0);
+    assert_eq!(n, 2);
+}

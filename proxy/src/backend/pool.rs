@@ -79,6 +79,18 @@ pub async fn checkout(pool: &Pool, wait: Option<&metrics::Histogram>) -> Result<
     got
 }
 
+/// Checks out a connection for the proxy's own work (month tables, lookup
+/// entries, recovery, leases), waiting up to `wait` whatever the pool's
+/// configured wait timeout: `tokio::time::timeout(wait, pool.get())` gives up
+/// at the shorter of the two, so a small `pool.checkout_timeout_ms` would cut
+/// the proxy's own waits short too (a write then took the slow, "cannot tell"
+/// branch of a check it could have made).
+pub async fn checkout_within(pool: &Pool, wait: Duration) -> Result<managed::Object<ServerManager>, managed::PoolError<BackendError>> {
+    let mut t = pool.timeouts();
+    t.wait = Some(wait);
+    pool.timeout_get(&t).await
+}
+
 /// Builds a pool; connections are made lazily on first checkout.
 pub fn build(dsn: Dsn, size: usize, connect_timeout: Duration, checkout_timeout: Duration) -> Pool {
     let manager = ServerManager { dsn, connect_timeout, last_params: Arc::new(Mutex::new(Vec::new())) };
