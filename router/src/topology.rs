@@ -27,13 +27,18 @@ impl TableRule {
     /// `t_order_202611`.
     pub fn physical(&self, month: MonthKey) -> String {
         let mut out = String::with_capacity(self.pattern.len());
+        self.push_physical(&mut out, month);
+        out
+    }
+
+    /// Appends [`Self::physical`] to `out`.
+    pub fn push_physical(&self, out: &mut String, month: MonthKey) {
         let mut parts = self.pattern.split("{yyyyMM}");
         out.push_str(parts.next().unwrap_or_default());
         for rest in parts {
-            month.push_suffix(&mut out);
+            month.push_suffix(out);
             out.push_str(rest);
         }
-        out
     }
 
     /// The lookup table in `db_default` for unique column `column`

@@ -26,7 +26,10 @@ impl managed::Manager for ServerManager {
     type Error = BackendError;
 
     async fn create(&self) -> Result<ServerConn, BackendError> {
-        let conn = ServerConn::connect(&self.dsn, self.connect_timeout).await?;
+        // boxed: a connect (TLS, SCRAM) future is kilobytes, and deadpool's checkout
+        // future embeds this one by value, so every routed statement's future (which
+        // awaits a checkout) would carry it and move it around (memcpy) unboxed
+        let conn = Box::pin(ServerConn::connect(&self.dsn, self.connect_timeout)).await?;
         metrics::counter!(crate::metrics::SERVER_CONNECTS).increment(1);
         if let Ok(mut p) = self.last_params.lock() {
             *p = conn.reported.iter().map(|(k, v)| (k.clone(), v.clone())).collect();

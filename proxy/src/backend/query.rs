@@ -273,13 +273,31 @@ pub fn tag_count(tag: &str) -> u64 {
 
 /// A RowDescription keeping the first `n` fields, with format codes set per `binary`.
 pub fn row_description(frame_body: &[u8], n: usize, binary: Option<&[bool]>) -> Option<(Bytes, Vec<(u32, i16)>)> {
+    let mut fields = Vec::new();
+    let mut out = BytesMut::with_capacity(frame_body.len() + 5);
+    let mut ok = true;
+    put_message(&mut out, b'T', |o| ok = describe_fields(frame_body, n, binary, Some(o), &mut fields).is_some());
+    ok.then(|| (out.freeze(), fields))
+}
+
+/// The (type oid, format) of each field of a RowDescription body, without
+/// building a new frame.
+pub fn row_fields(frame_body: &[u8]) -> Option<Vec<(u32, i16)>> {
+    let mut fields = Vec::new();
+    describe_fields(frame_body, usize::MAX, None, None, &mut fields)?;
+    Some(fields)
+}
+
+/// Reads a RowDescription body into `fields`; with `out`, also writes the body
+/// of one that keeps the first `n` fields, formats changed to `binary`'s.
+fn describe_fields(frame_body: &[u8], n: usize, binary: Option<&[bool]>, mut out: Option<&mut BytesMut>, fields: &mut Vec<(u32, i16)>) -> Option<()> {
     let count = i16::from_be_bytes(frame_body.get(0..2)?.try_into().ok()?) as usize;
     let mut pos = 2;
-    let mut fields = Vec::new();
-    let mut out = BytesMut::new();
+    fields.reserve(count);
     let keep = n.min(count);
-    let mut body = BytesMut::new();
-    body.put_i16(keep as i16);
+    if let Some(o) = out.as_deref_mut() {
+        o.put_i16(keep as i16);
+    }
     for i in 0..count {
         let name_end = pos + frame_body.get(pos..)?.iter().position(|&b| b == 0)?;
         let end = name_end + 1 + 18;
@@ -287,15 +305,14 @@ pub fn row_description(frame_body: &[u8], n: usize, binary: Option<&[bool]>) -> 
         let type_oid = u32::from_be_bytes(frame_body.get(name_end + 7..name_end + 11)?.try_into().ok()?);
         let format = i16::from_be_bytes(frame_body.get(end - 2..end)?.try_into().ok()?);
         let format = binary.map_or(format, |b| i16::from(b.get(i).copied().unwrap_or(false)));
-        if i < keep {
-            body.extend_from_slice(&f[..f.len() - 2]);
-            body.put_i16(format);
+        if let Some(o) = out.as_deref_mut().filter(|_| i < keep) {
+            o.extend_from_slice(&f[..f.len() - 2]);
+            o.put_i16(format);
         }
         fields.push((type_oid, format));
         pos = end;
     }
-    put_message(&mut out, b'T', |o| o.extend_from_slice(&body));
-    Some((out.freeze(), fields))
+    Some(())
 }
 
 #[cfg(test)]

@@ -483,7 +483,7 @@ impl Shape {
         if self.desc.is_some() {
             return Ok(());
         }
-        let (_, fields) = wire::row_description(&t[5..], usize::MAX, None).ok_or(ExecError::Proxy(sqlstate::PROTOCOL_VIOLATION, "bad RowDescription from shard".into()))?;
+        let fields = wire::row_fields(&t[5..]).ok_or(ExecError::Proxy(sqlstate::PROTOCOL_VIOLATION, "bad RowDescription from shard".into()))?;
         self.cols = fields.iter().map(|(o, f)| Column { type_oid: *o, binary: *f == 1 }).collect();
         self.visible = self.cols.len().saturating_sub(hidden);
         self.desc = Some(t.clone());

@@ -265,7 +265,7 @@ impl Session {
             // text results: the statement's description is the portal's
             Some(b) if rows[0] == b'T' && b.result_formats.iter().all(|f| *f == 0) => self.cout.extend_from_slice(&rows),
             Some(b) if rows[0] == b'T' => {
-                let n = wire::row_description(&rows[5..], usize::MAX, None).map_or(0, |(_, f)| f.len());
+                let n = wire::row_fields(&rows[5..]).map_or(0, |f| f.len());
                 let binary: Vec<bool> = (0..n).map(|i| b.binary(i)).collect();
                 match wire::row_description(&rows[5..], n, Some(&binary)) {
                     Some((t, _)) => self.cout.extend_from_slice(&t),
@@ -381,7 +381,7 @@ impl Session {
         }
         let visible = if bound.result_formats.iter().any(|f| *f != 0) {
             match self.describe(&stmt).await {
-                Ok((_, rows)) if rows[0] == b'T' => wire::row_description(&rows[5..], usize::MAX, None).map(|(_, f)| f.len()),
+                Ok((_, rows)) if rows[0] == b'T' => wire::row_fields(&rows[5..]).map(|f| f.len()),
                 Ok(_) => Some(0),
                 Err(e) => {
                     self.fail_extended(e).await?;
@@ -404,7 +404,7 @@ impl Session {
     pub(super) async fn execute_in_parts(&mut self, portal: Vec<u8>, stmt: &RoutedStmt, bound: &Bound, max_rows: usize) -> Result<Flow, End> {
         let visible = if bound.result_formats.iter().any(|f| *f != 0) {
             match self.describe(stmt).await {
-                Ok((_, rows)) if rows[0] == b'T' => wire::row_description(&rows[5..], usize::MAX, None).map(|(_, f)| f.len()),
+                Ok((_, rows)) if rows[0] == b'T' => wire::row_fields(&rows[5..]).map(|f| f.len()),
                 Ok(_) => Some(0),
                 Err(e) => {
                     self.fail_extended(e).await?;

@@ -365,7 +365,10 @@ impl Session {
         let keep = self.capture_limit;
         let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false, flushed: false, sink: None };
         let timeout = self.shared.config.server.query_timeout_ms;
-        let r = with_query_timeout(timeout, &cancel, exec::execute(&engine, &mut self.shard_tx.slots, &req, &mut out)).await;
+        let r = {
+            let run = std::pin::pin!(exec::execute(&engine, &mut self.shard_tx.slots, &req, &mut out));
+            with_query_timeout(timeout, &cancel, run).await
+        };
         let (flushed, overflow) = (out.flushed, out.overflow);
         let rows = flushed || has_data_row(self.cout.get(mark..).unwrap_or_default());
         let r = match r {
@@ -450,7 +453,9 @@ impl Session {
     }
 }
 
-pub(super) async fn with_query_timeout<T>(timeout_ms: u64, cancel: &crate::cancel::CancelSlot, run: impl std::future::Future<Output = T>) -> T {
+/// `run` is pinned by the caller, in its own future: taken by value it would be
+/// moved in here (a routed statement's future is kilobytes) and kept twice.
+pub(super) async fn with_query_timeout<T>(timeout_ms: u64, cancel: &crate::cancel::CancelSlot, mut run: std::pin::Pin<&mut impl std::future::Future<Output = T>>) -> T {
     if timeout_ms == 0 {
         return run.await;
     }
@@ -468,7 +473,6 @@ pub(super) async fn with_query_timeout<T>(timeout_ms: u64, cancel: &crate::cance
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     };
-    tokio::pin!(run);
     tokio::select! {
         biased;
         r = &mut run => r,

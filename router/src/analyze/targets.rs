@@ -9,8 +9,14 @@ pub(super) fn table_text(rule: &TableRule, months: &[MonthKey]) -> String {
         [] => rule.name.clone(),
         [m] => rule.physical(*m),
         many => {
-            let parts: Vec<String> = many.iter().map(|m| format!("SELECT * FROM {}", rule.physical(*m))).collect();
-            format!("({})", parts.join(" UNION ALL "))
+            let mut out = String::with_capacity(many.len() * (rule.pattern.len() + 26) + 2);
+            out.push('(');
+            for (i, m) in many.iter().enumerate() {
+                out.push_str(if i == 0 { "SELECT * FROM " } else { " UNION ALL SELECT * FROM " });
+                rule.push_physical(&mut out, *m);
+            }
+            out.push(')');
+            out
         }
     }
 }
