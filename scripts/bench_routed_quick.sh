@@ -29,13 +29,13 @@ esac
 export PGPASSWORD=app-secret
 # warm-up: month tables, lookup tables, connections
 pgbench -n -h 127.0.0.1 -p $PORT -U app -c 4 -T 2 -M $MODE -f $DIR/routed.sql shardgate >/dev/null 2>&1 || true
-t0=$(awk '{print $14 + $15}' /proc/$PID/stat)
+t0=$(awk '{print $14 + $15}' /proc/$PID/stat); u0=$(awk '{print $14}' /proc/$PID/stat)
 if [ -n "${PROFILE:-}" ]; then perf record -F 2000 -g -p $PID -o "$PROFILE" -- sleep $T >/dev/null 2>&1 & PROF=$!; fi
 if [ -n "${SYSCALLS:-}" ]; then perf stat -e 'syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_read' -p $PID -o $DIR/perf.txt -- sleep $((T+1)) & STAT=$!; fi
 pgbench -n -h 127.0.0.1 -p $PORT -U app -c $C -j 2 -T $T -M $MODE -f $DIR/routed.sql shardgate > $DIR/out 2>&1 || true
-t1=$(awk '{print $14 + $15}' /proc/$PID/stat)
+t1=$(awk '{print $14 + $15}' /proc/$PID/stat); u1=$(awk '{print $14}' /proc/$PID/stat)
 [ -n "${PROFILE:-}" ] && wait $PROF || true
 grep -iE "error|abort" $DIR/out | head -3 | sed 's/^/WARNING: /' >&2 || true
 tps=$(awk '/^tps/ {print $3}' $DIR/out); n=$(awk '/number of transactions actually processed/ {print $NF}' $DIR/out | cut -d/ -f1)
-echo "mode=$MODE clients=$C tps=$tps tx=$n cpu_us_per_tx=$(echo "($t1-$t0)*1000000/$(getconf CLK_TCK)/$n" | bc -l | cut -c1-6)"
+echo "mode=$MODE clients=$C tps=$tps tx=$n cpu_us_per_tx=$(echo "($t1-$t0)*1000000/$(getconf CLK_TCK)/$n" | bc -l | cut -c1-6) user_us_per_tx=$(echo "($u1-$u0)*1000000/$(getconf CLK_TCK)/$n" | bc -l | cut -c1-6)"
 if [ -n "${SYSCALLS:-}" ]; then wait $STAT; awk -v n=$n '/syscalls/ {gsub(",","",$1); printf "  %s per tx: %.2f\n", $2, $1/n}' $DIR/perf.txt; fi

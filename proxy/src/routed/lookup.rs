@@ -71,8 +71,11 @@ const HINT_BYTES: u64 = 16 << 20;
 
 impl Default for Lookups {
     fn default() -> Self {
+        // sized for a full cache from the start: growing its table (a rehash of every
+        // entry) was 3% of a routed INSERT's proxy CPU while it filled
         let hints = moka::sync::Cache::builder()
             .max_capacity(HINT_BYTES)
+            .initial_capacity((HINT_BYTES / 128) as usize)
             .weigher(|k: &(String, String, String), _v: &(i64, MonthKey)| u32::try_from(k.0.len() + k.1.len() + k.2.len() + 96).unwrap_or(u32::MAX))
             .build();
         Lookups { meta: Default::default(), hints }

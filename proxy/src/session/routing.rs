@@ -29,8 +29,14 @@ use crate::protocol::sqlstate;
 /// from its cached shape, or from its whole text (no shape, or one the router
 /// could not plan).
 fn count_plan(simple: bool, bound: &Bound) {
+    // the two handles resolved once (the recorder is installed before any session):
+    // `counter!` with a label looks the series up in the registry at every call
+    static PLANS: std::sync::OnceLock<[metrics::Counter; 2]> = std::sync::OnceLock::new();
     if simple {
-        metrics::counter!(crate::metrics::SIMPLE_PLANS_TOTAL, "path" => if bound.shape.is_some() { "shape" } else { "parse" }).increment(1);
+        let [shape, parse] = PLANS.get_or_init(|| {
+            [metrics::counter!(crate::metrics::SIMPLE_PLANS_TOTAL, "path" => "shape"), metrics::counter!(crate::metrics::SIMPLE_PLANS_TOTAL, "path" => "parse")]
+        });
+        if bound.shape.is_some() { shape } else { parse }.increment(1);
     }
 }
 

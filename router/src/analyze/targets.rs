@@ -118,6 +118,13 @@ impl Analysis {
         if !plain_from || !no_groups || s.having.is_some() || s.into.is_some() || s.qualify.is_some() {
             return None;
         }
+        let lookups: Vec<&crate::extract::Cond> = match &a.cond {
+            c @ crate::extract::Cond::Lookup { .. } => vec![c],
+            crate::extract::Cond::And(parts) => parts.iter().filter(|p| matches!(p, crate::extract::Cond::Lookup { .. })).collect(),
+            _ => return None,
+        };
+        let [crate::extract::Cond::Lookup { table, column, vals }] = lookups.as_slice() else { return None };
+        // (the walk over the statement only for one that has such a condition)
         let mut called = false;
         let _ = sqlparser::ast::visit_expressions(&a.query, |e| {
             called |= match e {
@@ -131,12 +138,6 @@ impl Analysis {
         if called {
             return None;
         }
-        let lookups: Vec<&crate::extract::Cond> = match &a.cond {
-            c @ crate::extract::Cond::Lookup { .. } => vec![c],
-            crate::extract::Cond::And(parts) => parts.iter().filter(|p| matches!(p, crate::extract::Cond::Lookup { .. })).collect(),
-            _ => return None,
-        };
-        let [crate::extract::Cond::Lookup { table, column, vals }] = lookups.as_slice() else { return None };
         let [v] = vals.as_slice() else { return None };
         let crate::extract::LookupText::Text(value) = crate::extract::lookup_text(v, params).ok()? else { return None };
         let param = if let crate::extract::Src::Param(i) = v { Some(*i) } else { None };
