@@ -54,8 +54,8 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     if s.shared.engine.ids.get().is_none() {
         return (StatusCode::SERVICE_UNAVAILABLE, "no worker-id lease yet: INSERTs without an id are refused\n");
     }
-    match crate::backend::pool::checkout_within(&s.shared.pool, Duration::from_secs(2)).await {
-        Ok(_) => (StatusCode::OK, "ready\n"),
+    match tokio::time::timeout(Duration::from_secs(2), s.shared.pool.get()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "default database unreachable\n"),
     }
 }

@@ -97,7 +97,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
 async fn start_background(shared: &Arc<state::Shared>) {
     let engine = shared.engine.clone();
     let ahead = shared.config.sharding.months_ahead;
-    if let Ok(mut conn) = backend::pool::checkout_within(&engine.default, std::time::Duration::from_secs(5)).await {
+    if let Ok(Ok(mut conn)) = tokio::time::timeout(std::time::Duration::from_secs(5), engine.default.get()).await {
         if let Ok(Err(e)) = crate::backend::query::control(&mut conn, routed::twopc::DECISIONS_DDL).await {
             tracing::warn!(sqlstate = %e.code, "creating the two-phase commit decision table failed");
         }

@@ -112,7 +112,7 @@ impl Shared {
         let mut params = known();
         if params.is_empty() {
             // first client: reach a server once to learn its version and settings
-            if let Ok(conn) = crate::backend::pool::checkout_within(&self.pool, Duration::from_secs(2)).await {
+            if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), self.pool.get()).await {
                 drop(conn);
                 params = known();
             }

@@ -154,13 +154,13 @@ async fn a_db_default_pool_smaller_than_the_writers_keeps_every_decision() {
     assert!(errors.keys().all(|k| k == "53300"), "unexpected errors: {errors:?}");
 }
 
-/// The proxy's own waits for a connection (here: asking db_default whether
-/// other proxies run, when a write makes a new month table) last as long as
-/// the proxy means them to, not `pool.checkout_timeout_ms`: with a short
-/// checkout timeout and the one internal db_default connection held by a
-/// client's open block, the write used to give up asking after 300 ms and
-/// then wait out the settle time meant for other proxies (6 s here),
-/// though no other proxy runs.
+/// A write that makes a new month table asks db_default whether other
+/// proxies run; not knowing makes it wait out their listing interval (the
+/// settle time, 6 s here). That question waits for a connection as long as
+/// it says (2 s), not `pool.checkout_timeout_ms`: with a 300 ms checkout
+/// timeout and the one internal db_default connection held by a client's
+/// open block for 1 s, the write used to give up asking and wait 6 s though
+/// no other proxy runs (the stall behind a CI failure of the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_month_made_while_db_default_is_busy_does_not_wait_for_proxies_that_do_not_exist() {
     let c = Cluster::start_temp(Options { redis: false, pool_toml: "size = 1\ncheckout_timeout_ms = 300\n".into(), ..Options::default() }).expect("start cluster");

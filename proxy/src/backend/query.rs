@@ -291,7 +291,8 @@ pub fn row_fields(frame_body: &[u8]) -> Option<Vec<(u32, i16)>> {
 /// Reads a RowDescription body into `fields`; with `out`, also writes the body
 /// of one that keeps the first `n` fields, formats changed to `binary`'s.
 fn describe_fields(frame_body: &[u8], n: usize, binary: Option<&[bool]>, mut out: Option<&mut BytesMut>, fields: &mut Vec<(u32, i16)>) -> Option<()> {
-    let count = i16::from_be_bytes(frame_body.get(0..2)?.try_into().ok()?) as usize;
+    // (a negative count is no RowDescription)
+    let count = usize::try_from(i16::from_be_bytes(frame_body.get(0..2)?.try_into().ok()?)).ok()?;
     let mut pos = 2;
     fields.reserve(count);
     let keep = n.min(count);

@@ -125,7 +125,8 @@ pub async fn others_live(engine: &super::Engine) -> Option<i64> {
         return None;
     }
     let me = engine.ids.get()?.worker().to_string();
-    let mut conn = crate::backend::pool::checkout_within(&engine.default, Duration::from_secs(2)).await.ok()?;
+    // not `pool.checkout_timeout_ms`: not knowing costs the caller a settle wait
+    let mut conn = crate::backend::pool::checkout_within(&engine.default, Duration::from_secs(2)).await?;
     let sql = "SELECT count(*) FROM shardgate_worker_leases WHERE expires_at > now() AND worker_id <> $1::int";
     let rows = crate::backend::query::query(&mut conn, sql, &[Some(me.as_str())]).await.ok()?.ok()?;
     rows.first()?.first()?.as_deref()?.parse().ok()

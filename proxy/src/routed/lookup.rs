@@ -28,7 +28,6 @@ use shardgate_router::month::MonthKey;
 use shardgate_router::{LookupRow, Resolved, TableRule};
 
 use super::exec::{ExecError, Slots};
-use crate::backend::pool::checkout_within;
 use crate::backend::query as wire;
 use super::Engine;
 use crate::protocol::sqlstate;
@@ -130,7 +129,7 @@ async fn prepare(engine: &Engine) -> anyhow::Result<Vec<Meta>> {
     if rules.is_empty() {
         return Ok(out);
     }
-    let mut conn = checkout_within(&engine.default, Duration::from_secs(5)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), engine.default.get()).await.map_err(|_| anyhow::anyhow!("timed out"))?.map_err(|e| anyhow::anyhow!("{e}"))?;
     match wire::control(&mut conn, STATE_DDL).await? {
         Ok(_) => {}
         Err(e) if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::DUPLICATE_TABLE => {}
@@ -480,8 +479,8 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
             return Err(unknown());
         }
     }
-    let mut conn = match checkout_within(engine.pool(shard), Duration::from_secs(5)).await {
-        Ok(c) => c,
+    let mut conn = match tokio::time::timeout(Duration::from_secs(5), engine.pool(shard).get()).await {
+        Ok(Ok(c)) => c,
         _ => return Err(unknown()),
     };
     wait_for_prepared(&mut conn, m, value, shard).await.map_err(|e| e.unwrap_or_else(unknown))?;
@@ -531,7 +530,7 @@ pub async fn resolve(engine: &Engine, slots: &mut Slots, probes: &[shardgate_rou
     let conn = match slots.get_mut(engine.shards.len()).and_then(Option::as_mut) {
         Some(slot) if !slot.conn.broken => &mut slot.conn,
         _ => {
-            let Ok(c) = checkout_within(&engine.default, Duration::from_secs(2)).await else { return Vec::new() };
+            let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), engine.default.get()).await else { return Vec::new() };
             pooled = c;
             &mut *pooled
         }
@@ -650,7 +649,10 @@ async fn fill_locked(engine: &Engine, rule: &TableRule, m: &Meta, def: &mut crat
     };
     let months = engine.months();
     for shard in 0..engine.shards.len() {
-        let mut conn = checkout_within(&engine.shards[shard], Duration::from_secs(5)).await.map_err(|e| anyhow::anyhow!("db_{shard}: {e}"))?;
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), engine.shards[shard].get())
+            .await
+            .map_err(|_| anyhow::anyhow!("db_{shard}: timed out"))?
+            .map_err(|e| anyhow::anyhow!("db_{shard}: {e}"))?;
         for month in months.iter() {
             let q = format!(
                 "SELECT {c}::text, {k}::text FROM {t} WHERE {c} IS NOT NULL AND ($1::text IS NULL OR {c} > $1::text) ORDER BY {c} LIMIT {FILL_BATCH}",

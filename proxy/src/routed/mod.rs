@@ -104,8 +104,6 @@ pub struct Engine {
     pub month_gaps: std::sync::Mutex<Vec<(usize, MonthKey, Option<std::time::Instant>)>>,
     /// Held while a session fills month gaps.
     pub gap_fill: tokio::sync::Mutex<()>,
-    /// Held by the session creating months on demand (`months::ensure`).
-    pub month_create: tokio::sync::Mutex<()>,
 }
 
 /// A shard's metric handles (an update is an atomic add, no key lookup).
@@ -235,7 +233,6 @@ impl Engine {
             forgotten: twopc::Forgotten::default(),
             month_gaps: std::sync::Mutex::new(Vec::new()),
             gap_fill: tokio::sync::Mutex::new(()),
-            month_create: tokio::sync::Mutex::new(()),
         })
     }
 

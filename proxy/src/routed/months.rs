@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use shardgate_router::month::MonthKey;
 
-use crate::backend::pool::checkout_within;
 use crate::backend::query as wire;
 use super::Engine;
 use crate::protocol::sqlstate;
@@ -41,7 +40,10 @@ pub fn within_window(engine: &Engine, cfg: &shardgate_config::ShardingConfig, mo
 
 /// Month suffixes of the physical tables of every sharded table on one shard.
 async fn existing_on(engine: &Engine, shard: usize) -> anyhow::Result<Vec<MonthKey>> {
-    let mut conn = checkout_within(&engine.shards[shard], Duration::from_secs(5)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), engine.shards[shard].get())
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     list(engine, &mut conn).await
 }
 
@@ -179,7 +181,7 @@ pub async fn fill_gaps(engine: &Engine, months: &[MonthKey]) {
 }
 
 async fn create_on(engine: &Engine, shard: usize, months: &[MonthKey]) -> bool {
-    let Ok(mut conn) = checkout_within(&engine.shards[shard], Duration::from_secs(5)).await else { return false };
+    let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), engine.shards[shard].get()).await else { return false };
     for rule in &engine.topology().tables {
         for m in months {
             match wire::control(&mut conn, &rule.create_month_table_sql(*m)).await {
@@ -234,18 +236,8 @@ pub async fn maintain(engine: &Engine, ahead: u32) {
 /// running (a live worker-id lease other than ours in `db_default`, or no way
 /// to tell), the write waits [`settle`] before its rows go in.
 pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
-    let unknown = || {
-        let known = engine.months();
-        months.iter().copied().filter(|m| !known.contains(m)).collect::<Vec<MonthKey>>()
-    };
-    let mut missing = unknown();
-    // one session creates; the others wait for it, then find the month known (a
-    // burst of writers into a new month would otherwise each create it on every
-    // shard and each ask db_default about other proxies, crowding small pools)
-    let creating = if missing.is_empty() { None } else { Some(engine.month_create.lock().await) };
-    if creating.is_some() {
-        missing = unknown();
-    }
+    let known = engine.months();
+    let missing: Vec<MonthKey> = months.iter().copied().filter(|m| !known.contains(m)).collect();
     if !missing.is_empty() {
         tracing::info!(months = ?missing.iter().map(|m| m.suffix()).collect::<Vec<_>>(), "creating month tables on demand");
         // asked once, at creation: later writes into the month only read the note
@@ -259,7 +251,6 @@ pub async fn ensure(engine: &Engine, months: &[MonthKey]) {
             }
         }
     }
-    drop(creating);
     // (a month this call just made was just tried on every shard)
     let known_before: Vec<MonthKey> = months.iter().copied().filter(|m| !missing.contains(m)).collect();
     if !known_before.is_empty() {

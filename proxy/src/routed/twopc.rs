@@ -15,7 +15,6 @@
 use std::time::Duration;
 
 use super::exec::{ExecError, Slots};
-use crate::backend::pool::checkout_within;
 use crate::backend::query as wire;
 use super::Engine;
 use crate::protocol::sqlstate;
@@ -186,8 +185,8 @@ pub async fn apply_unfinished(engine: &Engine) {
     for (gid, shards) in work {
         let mut left = Vec::new();
         for s in shards {
-            let done = match checkout_within(engine.pool(s), Duration::from_secs(2)).await {
-                Ok(mut conn) => match wire::control(&mut conn, &format!("COMMIT PREPARED '{}'", shard_gid(&gid, s))).await {
+            let done = match tokio::time::timeout(Duration::from_secs(2), engine.pool(s).get()).await {
+                Ok(Ok(mut conn)) => match wire::control(&mut conn, &format!("COMMIT PREPARED '{}'", shard_gid(&gid, s))).await {
                     Ok(Ok(_)) => true,
                     // undefined_object: nothing prepared under that name any more
                     Ok(Err(e)) => e.code == sqlstate::UNDEFINED_OBJECT,
@@ -599,7 +598,7 @@ pub async fn recover(engine: &Engine) -> anyhow::Result<usize> {
     let mut seen: Vec<String> = Vec::new();
     // shards, then db_default (fallback rows take part in two-phase commits as slot `shards.len()`)
     for (s, pool) in engine.shards.iter().chain(std::iter::once(&engine.default)).enumerate() {
-        let Ok(mut conn) = checkout_within(pool, Duration::from_secs(3)).await else {
+        let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(3), pool.get()).await else {
             all_reachable = false;
             continue;
         };
