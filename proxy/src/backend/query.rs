@@ -339,5 +339,12 @@ mod tests {
         assert_eq!(t[t.len() - 1], 1, "binary format set");
         assert_eq!(tag_count("INSERT 0 12"), 12);
         assert_eq!(tag_count("UPDATE 3"), 3);
+        // the same body read whole, and bodies that are no RowDescription
+        assert_eq!(row_fields(&body), Some(vec![(20, 0), (1700, 0)]));
+        let (whole, _) = row_description(&body, usize::MAX, None).expect("valid");
+        assert_eq!(&whole[5..], &body[..], "kept as it came");
+        assert_eq!(row_fields(&body[..body.len() - 1]), None, "truncated");
+        assert_eq!(row_description(&[0x80, 0x00], 1, None), None, "negative count");
+        assert_eq!(row_fields(&[0xff, 0xff]), None, "negative count");
     }
 }
