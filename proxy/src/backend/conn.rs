@@ -370,6 +370,10 @@ impl ServerConn {
     pub fn defer(&mut self, sql: &str) {
         use bytes::BufMut;
         use crate::protocol::codec::{put_cstr, put_message};
+        if self.ahead_count == 0 {
+            // nothing deferred: whatever a send cut short left here is not to be sent
+            self.ahead.clear();
+        }
         put_message(&mut self.ahead, b'P', |o| {
             put_cstr(o, b"");
             put_cstr(o, sql.as_bytes());
@@ -407,13 +411,17 @@ impl ServerConn {
         if self.ahead_count == 0 {
             return self.stream.write_all(msgs).await;
         }
-        let mut all = std::mem::take(&mut self.ahead);
         let n = std::mem::take(&mut self.ahead_count);
         if one_pipeline(msgs) {
             self.owed.completes += n;
-            all.extend_from_slice(msgs);
-            return self.stream.write_all(&all).await;
+            // (the buffer is kept for the next deferred statement: taken, it was
+            // allocated and grown again for every statement)
+            self.ahead.extend_from_slice(msgs);
+            let r = self.stream.write_all(&self.ahead).await;
+            self.ahead.clear();
+            return r;
         }
+        let mut all = std::mem::take(&mut self.ahead);
         crate::protocol::codec::put_message(&mut all, b'S', |_| {});
         self.stream.write_all(&all).await?;
         let mut failed = None;

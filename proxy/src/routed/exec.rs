@@ -326,7 +326,9 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
             match bufs.iter_mut().find(|(s, _)| *s == shard) {
                 Some((_, b)) => b,
                 None => {
-                    bufs.push((shard, BytesMut::new()));
+                    // (room for a statement's messages: grown from empty, it was reallocated
+                    // a few times per statement)
+                    bufs.push((shard, BytesMut::with_capacity(512)));
                     &mut bufs.last_mut().expect("pushed").1
                 }
             }

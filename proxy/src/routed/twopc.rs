@@ -406,7 +406,7 @@ pub async fn commit_with_entries(engine: &Engine, slots: &mut Slots, shards: &[u
         rollback(slots, &[local]).await;
         return Err(e);
     }
-    let mut msgs = bytes::BytesMut::new();
+    let mut msgs = bytes::BytesMut::with_capacity(512 + entries.iter().map(|(sql, v)| sql.len() + v.iter().map(String::len).sum::<usize>() + 64).sum::<usize>());
     wire::put_step(&mut msgs, ENTRY_LOCK_WAIT, &[]);
     for (sql, values) in entries {
         let vals: Vec<Option<&[u8]>> = values.iter().map(|v| Some(v.as_bytes())).collect();
