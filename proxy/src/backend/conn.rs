@@ -208,6 +208,9 @@ struct Owed {
     completes: u32,
 }
 
+/// The most a connection keeps allocated for deferred statements between uses.
+const KEPT_AHEAD_BYTES: usize = 16 * 1024;
+
 impl ServerConn {
     /// Connects and authenticates, bounded by `timeout`.
     pub async fn connect(dsn: &Dsn, timeout: Duration) -> Result<ServerConn, BackendError> {
@@ -419,6 +422,10 @@ impl ServerConn {
             self.ahead.extend_from_slice(msgs);
             let r = self.stream.write_all(&self.ahead).await;
             self.ahead.clear();
+            if self.ahead.capacity() > KEPT_AHEAD_BYTES {
+                // a large statement rode here once: not kept for the connection's life
+                self.ahead = BytesMut::new();
+            }
             return r;
         }
         let mut all = std::mem::take(&mut self.ahead);
