@@ -350,8 +350,7 @@ impl Session {
                     self.end_batch_tx().await?;
                 }
                 if self.db.server.is_none() {
-                    self.routed.suspended.clear();
-                    self.routed.routed_portals.clear();
+                    self.routed.end_portals();
                 }
                 if self.discard_until_sync && self.db.server.is_none() {
                     self.discard_until_sync = false;
@@ -365,8 +364,7 @@ impl Session {
                     if !self.in_tx_block() {
                         // portals end with their (implicit) transaction, as in PostgreSQL: a
                         // later Execute of one is answered 34000 by db_default, not run again
-                        self.routed.suspended.clear();
-                        self.routed.routed_portals.clear();
+                        self.routed.end_portals();
                     }
                     self.discard_until_sync = false;
                     self.db.sout.extend_from_slice(&f.raw);

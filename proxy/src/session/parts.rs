@@ -68,6 +68,15 @@ pub(super) struct RoutedPrepared {
     pub(super) stream_next: bool,
 }
 
+impl RoutedPrepared {
+    /// The transaction the routed portals belong to has ended: PostgreSQL drops
+    /// its portals, so a later Execute of one gets 34000, never a second run.
+    pub(super) fn end_portals(&mut self) {
+        self.suspended.clear();
+        self.routed_portals.clear();
+    }
+}
+
 /// What the session holds for the cache: statements that write cached tables, invalidations waiting for their transaction to end.
 #[derive(Default)]
 pub(super) struct CacheHold {

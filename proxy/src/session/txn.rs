@@ -158,8 +158,7 @@ impl Session {
 
     /// ROLLBACK (or COMMIT of an aborted block) on every shard of the block.
     pub(super) async fn rollback_shard_part(&mut self) {
-        self.routed.suspended.clear();
-        self.routed.routed_portals.clear();
+        self.routed.end_portals();
         self.shard_tx.secondaries.clear();
         let in_tx = self.shards_in_block();
         twopc::rollback(&mut self.shard_tx.slots, &in_tx).await;
@@ -171,8 +170,7 @@ impl Session {
     /// (two-phase commit) and `Some((gid, written))` says the decision is still to
     /// be made. On an error every shard is rolled back and released.
     pub(super) async fn commit_shard_part(&mut self) -> Result<Option<(String, Vec<usize>)>, ExecError> {
-        self.routed.suspended.clear();
-        self.routed.routed_portals.clear();
+        self.routed.end_portals();
         // a migration's queued secondary writes go first, while the primary's locks are held
         self.flush_secondaries().await;
         let in_tx = self.shards_in_block();
