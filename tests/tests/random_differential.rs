@@ -16,6 +16,8 @@
 //! - `SHARDGATE_SOAK_SECONDS` — soak: random seeds until the time is up (`make soak`);
 //! - `SHARDGATE_PROTOCOLS` — `simple`, `extended` or both (default `simple,extended`);
 //! - `SHARDGATE_VERBOSE=1` — print every statement and its classification;
+//! - `SHARDGATE_STATEMENT_TIMEOUT_MS` — how long a statement may take (default 60000); on a
+//!   timeout the report shows every server's sessions, waiting locks and the proxy's log;
 //! - `SHARDGATE_SHOW_WRONG` — how many wrong answers the report shows in full (default 10);
 //! - `SHARDGATE_SESSION_TZ` — run both sessions with this `TimeZone` (default: the server's, UTC,
 //!   which is also shardgate's `sharding.time_zone`).
@@ -38,7 +40,11 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 const DEFAULT_SEED: u64 = 20_261_129;
 const DEFAULT_STATEMENTS: usize = 1500;
 const INITIAL_ROWS: usize = 300;
-const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a statement may take before it counts as not answered
+/// (`SHARDGATE_STATEMENT_TIMEOUT_MS`, default 60 s).
+fn statement_timeout() -> Duration {
+    Duration::from_millis(env_u64("SHARDGATE_STATEMENT_TIMEOUT_MS").unwrap_or(60_000))
+}
 
 // ---------------------------------------------------------------- outcomes
 
@@ -188,9 +194,10 @@ async fn exec(client: &Client, proto: Protocol, sql: &str, params: &[Param], ord
             Protocol::Extended => run_extended(client, sql, params, ordered).await,
         }
     };
-    match tokio::time::timeout(STATEMENT_TIMEOUT, fut).await {
+    let limit = statement_timeout();
+    match tokio::time::timeout(limit, fut).await {
         Ok(o) => o,
-        Err(_) => Outcome::Err { code: "timeout".into(), msg: format!("no answer within {STATEMENT_TIMEOUT:?}") },
+        Err(_) => Outcome::Err { code: "timeout".into(), msg: format!("no answer within {limit:?}") },
     }
 }
 
@@ -386,6 +393,8 @@ struct Pass<'a> {
     shards: Vec<Client>,
     proxy_dsn: &'a str,
     reference_dsn: &'a str,
+    /// For the diagnosis of a statement shardgate did not answer (its log).
+    cluster: &'a Cluster,
     tally: Tally,
     verbose: bool,
     /// The reference could not be made equal to shardgate's table again: stop the pass.
@@ -446,6 +455,53 @@ impl Pass<'_> {
         }
     }
 
+    /// When shardgate did not answer in time: what every server was doing then
+    /// (sessions, ungranted locks, prepared transactions) and the proxy's log,
+    /// so that a hang seen once (in CI) can be diagnosed from its report.
+    async fn diagnose_timeout(&self, index: &str, got: &Outcome) {
+        if !matches!(got, Outcome::Err { code, .. } if code == "timeout") {
+            return;
+        }
+        println!("\n==== [{} #{index}] shardgate gave no answer within {:?}; the servers now:", self.proto.name(), statement_timeout());
+        const ACTIVITY: &str = "SELECT datname, pid, coalesce(application_name, ''), coalesce(state, ''), coalesce(wait_event_type || '/' || wait_event, ''), \
+             coalesce(extract(epoch FROM now() - query_start)::int::text, ''), coalesce(backend_xid::text, ''), left(coalesce(query, ''), 160) \
+             FROM pg_stat_activity WHERE datname IS NOT NULL AND pid <> pg_backend_pid() ORDER BY datname, pid";
+        const LOCKS: &str = "SELECT l.pid, l.locktype, l.mode, coalesce(l.relation::regclass::text, l.transactionid::text, ''), \
+             array_to_string(pg_blocking_pids(l.pid), ',') FROM pg_locks l WHERE NOT l.granted";
+        const PREPARED: &str = "SELECT database, gid, prepared::text FROM pg_prepared_xacts";
+        let mut seen_clusters = std::collections::HashSet::new();
+        let servers = std::iter::once(("reference (main)".to_string(), &self.reference)).chain(self.shards.iter().enumerate().map(|(i, c)| (format!("db_{i}"), c)));
+        for (name, shard) in servers {
+            // one query per cluster: pg_stat_activity and pg_locks are cluster-wide
+            let Ok(port) = shard.simple_query("SHOW port").await else { continue };
+            let port = port.iter().find_map(|m| if let SimpleQueryMessage::Row(r) = m { r.get(0).map(str::to_string) } else { None });
+            if !seen_clusters.insert(port.clone()) {
+                continue;
+            }
+            println!("  -- cluster of {name} (port {}):", port.unwrap_or_default());
+            for (label, q) in [("session", ACTIVITY), ("waiting lock", LOCKS), ("prepared xact", PREPARED)] {
+                match shard.simple_query(q).await {
+                    Ok(rows) => {
+                        for m in rows {
+                            if let SimpleQueryMessage::Row(r) = m {
+                                let cols: Vec<&str> = (0..r.len()).map(|k| r.get(k).unwrap_or("NULL")).collect();
+                                println!("     {label}: {}", cols.join(" | ").replace('\n', " "));
+                            }
+                        }
+                    }
+                    Err(e) => println!("     {label}: query failed: {e}"),
+                }
+            }
+        }
+        let log = self.cluster.proxy_log();
+        let lines: Vec<&str> = log.lines().collect();
+        println!("  -- shardgate's log, last {} of {} lines:", lines.len().min(80), lines.len());
+        for l in &lines[lines.len().saturating_sub(80)..] {
+            println!("     {l}");
+        }
+        println!("==== end of diagnosis\n");
+    }
+
     /// Runs one generated statement on both sides and records it (DML: shardgate first,
     /// then the whole table is compared).
     async fn statement(&mut self, gen: &mut Gen, s: &Stmt, index: String) {
@@ -454,11 +510,13 @@ impl Pass<'_> {
         if !s.kind.is_dml() {
             let want = exec(&self.reference, self.proto, &sql, &params, s.ordered).await;
             let got = exec(&self.proxy, self.proto, &sql, &params, s.ordered).await;
+            self.diagnose_timeout(&index, &got).await;
             self.record(index, &s.shape, &sql, &params, &want, &got);
             self.heal().await;
             return;
         }
         let got = exec(&self.proxy, self.proto, &sql, &params, s.ordered).await;
+        self.diagnose_timeout(&index, &got).await;
         self.heal().await;
         let filled = returned_ids(self.proto, &got);
         for (no, id) in &filled {
@@ -632,6 +690,7 @@ async fn run_pass(c: &Cluster, seed: u64, proto: Protocol, n: usize, deadline: O
         },
         proxy_dsn: &proxy_dsn,
         reference_dsn: &ref_dsn,
+        cluster: c,
         tally: Tally::default(),
         verbose: std::env::var("SHARDGATE_VERBOSE").is_ok_and(|v| v != "0"),
         broken: false,
