@@ -58,6 +58,34 @@ impl Stream {
     pub fn try_read_buf<B: BufMut>(&self, buf: &mut B) -> io::Result<usize> {
         each!(self, s => s.try_read_buf(buf))
     }
+    /// Reads what is there without waiting, like [`Stream::try_read_buf`]; after
+    /// a short read (fewer bytes than `buf` had room for: the socket is drained)
+    /// it also clears the socket's read readiness, so the next `readable()` waits
+    /// for new bytes instead of waking for a `recv` that would only return EAGAIN.
+    ///
+    /// The read runs inside `try_io`, so what is cleared is the readiness seen
+    /// *before* the read: bytes that arrive after the read raise a newer
+    /// readiness, which stays. (Clearing in a second `try_io` after the read, as
+    /// before, cleared that newer readiness too and left those bytes unread until
+    /// the peer sent more: a client waited for an answer to a message the proxy
+    /// never read.)
+    pub fn read_available(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        let spare = buf.capacity() - buf.len();
+        let mut got = 0;
+        let r = self.try_io(Interest::READABLE, || {
+            got = self.try_read_buf(buf)?;
+            if got > 0 && got < spare {
+                // drained: have try_io clear the readiness it saw before the read
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(got)
+            }
+        });
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+            r => r,
+        }
+    }
     /// Reads into `buf` without waiting.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         each!(self, s => s.try_read(buf))

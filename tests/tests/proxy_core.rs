@@ -613,3 +613,61 @@ fn a_close_the_server_skipped_after_an_error_leaves_the_statement_known() {
     let row = r.iter().find(|(t, _)| *t == b'D').expect("a row");
     assert!(row.1.ends_with(b"101"), "SELECT 101 answered {:?}", row.1);
 }
+
+/// Bytes that reach the proxy just after it read the ones before them are read
+/// too, without waiting for the client's next message. 96e11b4 cleared a
+/// socket's read readiness after a short read with the readiness seen *after*
+/// the read, so bytes arriving between the read and the clear lost their
+/// wake-up: the session waited for more input while the client waited for the
+/// answer (a 60 s hang of a driver's prepare in CI, the driver having sent the
+/// Close of its previous statement in a write of its own just before). Here a
+/// client sends two Syncs in two writes, with a gap that sweeps the window, many
+/// times over; every Sync must be answered.
+#[test]
+fn bytes_arriving_right_after_a_read_are_not_left_unread() {
+    let c = core("", "");
+    // other clients keep the proxy's workers busy, so one of them polls for socket
+    // events (between its tasks) while another is inside this session's read
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let mut o = shardgate_tests::raw::md5_login(&c);
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let sync = frame(b'S', &[]);
+                let mut z = [0u8; 6];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if o.write_all(&sync).is_err() || o.read_exact(&mut z).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut s = shardgate_tests::raw::md5_login(&c);
+    s.set_nodelay(true).expect("nodelay");
+    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let sync = frame(b'S', &[]);
+    let rounds: u64 = std::env::var("SHARDGATE_SYNC_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000);
+    let t0 = Instant::now();
+    for i in 0..rounds {
+        // a gap of 0 to 100 µs between the two writes
+        let gap = Duration::from_nanos((i % 500) * 200);
+        s.write_all(&sync).expect("first Sync");
+        let start = Instant::now();
+        while start.elapsed() < gap {
+            std::hint::spin_loop();
+        }
+        s.write_all(&sync).expect("second Sync");
+        let mut got = [0u8; 12];
+        if let Err(e) = s.read_exact(&mut got) {
+            panic!("round {i} of {rounds} (gap {gap:?}): the proxy did not answer both Syncs within 3 s ({e}): it left the second one unread");
+        }
+        assert_eq!(got, *b"Z\0\0\0\x05IZ\0\0\0\x05I", "round {i}: two ReadyForQuery, idle");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in busy {
+        b.join().expect("busy client");
+    }
+    println!("{rounds} pairs of Syncs answered in {:.1}s", t0.elapsed().as_secs_f64());
+}

@@ -219,14 +219,6 @@ pub async fn run(
     metrics::gauge!(m::CLIENT_CONNECTIONS).decrement(1.0);
 }
 
-/// A short read drained the socket: clear tokio's read readiness without the
-/// extra `recv` that would only return EAGAIN. Safe against lost wakeups:
-/// tokio clears only the readiness event observed before this call; data that
-/// arrives later raises a new one.
-fn clear_read_readiness(stream: &Stream) {
-    let _ = stream.try_io(tokio::io::Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
-}
-
 async fn read_more(stream: &Stream, buf: &mut BytesMut) -> std::io::Result<()> {
     loop {
         stream.readable().await?;
@@ -406,15 +398,11 @@ impl Session {
             tokio::select! {
                 r = self.client.readable(), if want_client => {
                     r?;
-                    let spare = self.cin.capacity() - self.cin.len();
-                    match self.client.try_read_buf(&mut self.cin) {
+                    match self.client.read_available(&mut self.cin) {
                         Ok(0) => return Ok(()),
-                        Ok(n) => {
+                        Ok(_) => {
                             if track_activity {
                                 self.last_client_activity = Instant::now();
-                            }
-                            if n < spare {
-                                clear_read_readiness(&self.client);
                             }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -425,12 +413,7 @@ impl Session {
                     let server = &mut **self.db.server.as_mut().expect("guarded by server_stream");
                     let res = r.and_then(|()| {
                         let crate::backend::ServerConn { stream, rbuf, .. } = server;
-                        let spare = rbuf.capacity() - rbuf.len();
-                        let n = stream.try_read_buf(rbuf)?;
-                        if n > 0 && n < spare {
-                            clear_read_readiness(stream);
-                        }
-                        Ok(n)
+                        stream.read_available(rbuf)
                     });
                     match res {
                         Ok(0) => self.server_lost()?,
