@@ -633,14 +633,17 @@ fn bytes_arriving_right_after_a_read_are_not_left_unread() {
         .map(|_| {
             let mut o = shardgate_tests::raw::md5_login(&c);
             let stop = stop.clone();
-            std::thread::spawn(move || {
+            std::thread::spawn(move || -> Result<u64, String> {
                 let sync = frame(b'S', &[]);
                 let mut z = [0u8; 6];
+                let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if o.write_all(&sync).is_err() || o.read_exact(&mut z).is_err() {
-                        return;
-                    }
+                    o.write_all(&sync).map_err(|e| format!("write after {n} Syncs: {e}"))?;
+                    // these can hit the same race: a Sync left unread is a failure here too
+                    o.read_exact(&mut z).map_err(|e| format!("no answer to Sync {n} within 10 s: {e}"))?;
+                    n += 1;
                 }
+                Ok(n)
             })
         })
         .collect();
@@ -648,7 +651,7 @@ fn bytes_arriving_right_after_a_read_are_not_left_unread() {
     s.set_nodelay(true).expect("nodelay");
     s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
     let sync = frame(b'S', &[]);
-    let rounds: u64 = std::env::var("SHARDGATE_SYNC_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000);
+    let rounds: u64 = std::env::var("SHARDGATE_SYNC_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60_000);
     let t0 = Instant::now();
     for i in 0..rounds {
         // a gap of 0 to 100 µs between the two writes
@@ -667,7 +670,8 @@ fn bytes_arriving_right_after_a_read_are_not_left_unread() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for b in busy {
-        b.join().expect("busy client");
+        let n = b.join().expect("busy client").unwrap_or_else(|e| panic!("a busy client: {e}"));
+        assert!(n > 0, "a busy client got no answer at all");
     }
     println!("{rounds} pairs of Syncs answered in {:.1}s", t0.elapsed().as_secs_f64());
 }
