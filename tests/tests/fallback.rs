@@ -427,6 +427,49 @@ async fn a_read_of_a_returning_shard_includes_the_orders_of_its_outage() {
     assert_eq!(left, 0, "the read moved the rows home");
 }
 
+/// An INSERT planned while its shard was down commits on the fallback table
+/// after the shard came back: it is counted as an order of the outage all the
+/// same, so a read after the return brings it home first. The count used to be
+/// taken by the shard's state when the INSERT ended (no longer down: not
+/// counted), and the read then answered from the shard alone, without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_of_the_outage_that_commits_after_the_return_is_read() {
+    // the sync-back worker is slow here: only the read can bring the row home
+    let c = start(&FAST.replace("sync_interval_ms = 300", "sync_interval_ms = 600000"));
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, pay_status) VALUES (1, 'before', 8, 'NEW')").await.expect("seed");
+    c.info.cluster_of_shard(0).expect("cluster").stop_immediate().expect("stop shard 0");
+    // hold the INSERT on the fallback table (its row lock conflicts with SHARE)
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    def.batch_execute("BEGIN; LOCK TABLE t_order_fallback IN SHARE MODE").await.expect("lock the fallback table");
+    let writer = connect(&c.info.proxy_dsn).await.expect("writer");
+    let insert = tokio::spawn(async move { writer.execute("INSERT INTO t_order (id, order_no, merchant_id, pay_status) VALUES (2, 'during', 8, 'NEW')", &[]).await });
+    let probe = connect(&c.info.default_dsn).await.expect("db_default");
+    let t0 = Instant::now();
+    loop {
+        let waiting: i64 = probe
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE '%INSERT%'", &[])
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(!insert.is_finished(), "the INSERT ended before it reached the fallback table: {:?}", insert.await);
+        assert!(t0.elapsed() < Duration::from_secs(20), "the INSERT never waited on the fallback table");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shard_state(&c, 0), "down");
+    // the shard returns while the INSERT waits
+    c.info.cluster_of_shard(0).expect("cluster").start().expect("restart shard 0");
+    wait_for("shard 0 up", Duration::from_secs(20), || shard_state(&c, 0) == "up").await;
+    def.batch_execute("ROLLBACK").await.expect("release the fallback table");
+    assert_eq!(insert.await.expect("insert task").expect("the INSERT is acknowledged"), 1);
+    let rows = client.query("SELECT id FROM t_order WHERE merchant_id = 8 ORDER BY id", &[]).await.expect("read after the outage");
+    let got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(got, vec![1, 2], "the acknowledged order of the outage is in the answer");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_that_cannot_go_home_is_failed_with_its_error_and_the_rest_sync() {
     let c = start(FAST);

@@ -114,11 +114,13 @@ pub async fn execute(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out:
                 }
                 let sub = Request { routed: &a.routed, down_targets: &a.down_targets, serial: a.serial, ..*req };
                 let r = execute_plan(engine, slots, &sub, out).await;
-                if r.is_ok() && a.routed.kind == RoutedKind::Insert {
-                    for t in &req.routed.targets {
-                        if engine.is_down(t.shard.0 as usize) {
-                            super::fallback::note_written(engine, t.shard.0 as usize, 1);
-                        }
+                // counted by what was planned, not by the shard's state now (a probe may have
+                // marked it recovering meanwhile), and also after an error: a commit whose
+                // answer was lost may have written the rows, and a count too high only costs a
+                // recount, one too low hides acknowledged orders from a read after the outage
+                if !matches!(r, Err(ExecError::Unreachable(_))) {
+                    for &s in &a.inserted_down {
+                        super::fallback::note_written(engine, s, 1);
                     }
                 }
                 r

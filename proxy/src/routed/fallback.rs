@@ -186,6 +186,9 @@ pub struct Adjusted {
     pub down_targets: Vec<(usize, usize)>,
     /// NOTICEs to send before the answer.
     pub notices: Vec<String>,
+    /// Shards whose INSERT targets were sent to the fallback table: their count
+    /// of unsynced rows goes up whatever the shard's state when the INSERT ends.
+    pub inserted_down: Vec<usize>,
     /// Targets must run one after another: a write on a shard that still has
     /// unsynced rows runs on those rows first (waiting for a sync batch that holds
     /// them, re-checking their status under the row lock), then on the shard.
@@ -220,6 +223,7 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
     let mut notices = Vec::new();
     let mut views = Vec::new();
     let mut serial = false;
+    let mut inserted_down = Vec::new();
     for t in &routed.targets {
         let s = t.shard.0 as usize;
         let down = engine.is_down(s);
@@ -244,6 +248,9 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
             (RoutedKind::Insert, true) => {
                 views.extend(t.months.iter().map(|m| (s, *m)));
                 out.targets.push(fb(true));
+                if !inserted_down.contains(&s) {
+                    inserted_down.push(s);
+                }
             }
             (RoutedKind::Insert, false) => out.targets.push(t.clone()),
             (_, true) => {
@@ -264,7 +271,7 @@ pub async fn adjust(engine: &Engine, routed: &Routed, policy_fail: bool) -> Resu
     }
     // a SELECT keeps its targets one for one (only their tables change), so its merge spec still applies
     ensure_views(engine, rule, &views).await?;
-    Ok(Some(Adjusted { routed: out, down_targets, notices, serial }))
+    Ok(Some(Adjusted { routed: out, down_targets, notices, inserted_down, serial }))
 }
 
 /// Records rows written to the fallback table for a shard.
@@ -476,7 +483,10 @@ pub async fn catch_up(engine: &Engine, shard: usize, batch: u32, budget: Duratio
             }
         }
     }
-    // recount only this shard's rows, exactly (no race with writes: the shard is up)
+    // recount only this shard's rows, exactly. An INSERT planned while the shard was
+    // down may still commit on the fallback table and be counted meanwhile: its count
+    // stays (the count is cleared only if nothing was counted since it was read)
+    let counted = engine.fallback.pending[shard].load(Ordering::Acquire);
     let Ok(mut conn) = engine.default.get().await else { return false };
     let mut left = 0i64;
     for rule in &engine.topology().tables {
@@ -487,10 +497,10 @@ pub async fn catch_up(engine: &Engine, shard: usize, batch: u32, budget: Duratio
         }
     }
     if left == 0 {
-        engine.fallback.pending[shard].store(0, Ordering::Release);
         engine.fallback.failed[shard].store(0, Ordering::Release);
+        return engine.fallback.pending[shard].compare_exchange(counted, 0, Ordering::AcqRel, Ordering::Acquire).is_ok();
     }
-    left == 0
+    false
 }
 
 /// One sync-back round: every reachable shard with unsynced rows, batch after batch.

@@ -97,8 +97,17 @@ impl Tracker {
         None
     }
 
-    /// A probe (or live traffic) succeeded; returns the transition if any.
-    pub fn success(&self, latency: Duration, cfg: &HealthConfig) -> Option<(State, State)> {
+    /// A probe that began at `started` succeeded; returns the transition if any.
+    ///
+    /// A probe that began before the shard was last marked down says nothing
+    /// about it now: it may have answered just before the shard died (live
+    /// traffic then found it unreachable). Counting it would move a shard that
+    /// is still down to recovering, and writes during its outage would go
+    /// uncounted as fallback rows (a read after its return would miss them).
+    pub fn success(&self, latency: Duration, cfg: &HealthConfig, started: Instant) -> Option<(State, State)> {
+        if self.state() == State::Down && self.changed.lock().ok().and_then(|c| *c).is_some_and(|c| c > started) {
+            return None;
+        }
         self.latency_us.store(latency.as_micros() as u64, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
         let ok = self.successes.fetch_add(1, Ordering::AcqRel) + 1;
@@ -212,21 +221,21 @@ mod tests {
         assert_eq!(t.failure("x", &c), Some((State::Up, State::Suspect)));
         assert_eq!(t.failure("x", &c), None);
         assert_eq!(t.failure("x", &c), Some((State::Suspect, State::Down)));
-        assert_eq!(t.success(Duration::from_millis(1), &c), Some((State::Down, State::Recovering)));
+        assert_eq!(t.success(Duration::from_millis(1), &c, Instant::now()), Some((State::Down, State::Recovering)));
         // a recovering shard needs failure_threshold failures in a row to go back down
         assert_eq!(t.failure("x", &c), None);
         assert_eq!(t.failure("x", &c), None);
         assert_eq!(t.failure("x", &c), Some((State::Recovering, State::Down)));
-        t.success(Duration::from_millis(1), &c);
+        t.success(Duration::from_millis(1), &c, Instant::now());
         assert_eq!(t.state(), State::Recovering);
         // a failure in between starts the count of successes over
         t.failure("x", &c);
-        assert_eq!(t.success(Duration::from_millis(1), &c), None);
+        assert_eq!(t.success(Duration::from_millis(1), &c, Instant::now()), None);
         assert_eq!(t.state(), State::Recovering);
-        assert_eq!(t.success(Duration::from_millis(1), &c), Some((State::Recovering, State::Up)));
+        assert_eq!(t.success(Duration::from_millis(1), &c, Instant::now()), Some((State::Recovering, State::Up)));
         // a suspect shard that answers again is up
         t.failure("x", &c);
-        assert_eq!(t.success(Duration::from_millis(1), &c), Some((State::Suspect, State::Up)));
+        assert_eq!(t.success(Duration::from_millis(1), &c, Instant::now()), Some((State::Suspect, State::Up)));
     }
 
     #[test]
@@ -238,7 +247,7 @@ mod tests {
         assert_eq!(t.failures(), 0);
         // a recovering shard that answers keeps recovering, its failed probes forgotten
         t.unreachable("refused");
-        t.success(Duration::from_millis(1), &c);
+        t.success(Duration::from_millis(1), &c, Instant::now());
         t.failure("slow probe", &c);
         t.failure("slow probe", &c);
         assert_eq!(t.traffic_ok(), None);
@@ -249,6 +258,20 @@ mod tests {
         t.unreachable("refused");
         assert_eq!(t.traffic_ok(), None);
         assert_eq!(t.state(), State::Down);
+    }
+
+    #[test]
+    fn a_probe_that_began_before_the_shard_went_down_does_not_bring_it_back() {
+        let t = Tracker::default();
+        let c = HealthConfig { recovery_threshold: 1, ..cfg() };
+        let began = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        // live traffic finds the shard unreachable while the probe is on its way
+        t.unreachable("connection refused");
+        assert_eq!(t.success(Duration::from_millis(1), &c, began), None, "a stale probe result");
+        assert_eq!(t.state(), State::Down);
+        // a probe that began after that counts
+        assert_eq!(t.success(Duration::from_millis(1), &c, Instant::now()), Some((State::Down, State::Up)));
     }
 
     #[test]

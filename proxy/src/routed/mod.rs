@@ -336,6 +336,8 @@ impl Engine {
     /// One round of probes: every shard and `db_default`, concurrently.
     pub async fn probe_all(&self) {
         let timeout = Duration::from_millis(self.health_cfg.probe_timeout_ms);
+        // a success counts only for a shard not marked down after this
+        let started = std::time::Instant::now();
         // each shard: the probe, then (on the same kept connection) its month tables, all
         // shards at once, so a round lasts at most two timeouts
         let shard_probes = self.shard_dsns.iter().zip(&self.probe_conns).map(|(d, c)| async move {
@@ -366,7 +368,7 @@ impl Engine {
         for (shard, r) in results.iter().enumerate() {
             let t = &self.health[shard];
             let change = match &r {
-                Ok(latency) => t.success(*latency, &self.health_cfg),
+                Ok(latency) => t.success(*latency, &self.health_cfg, started),
                 Err(e) => t.failure(e, &self.health_cfg),
             };
             if let Some((from, to)) = change {
@@ -393,7 +395,7 @@ impl Engine {
             }
         }
         let change = match &default {
-            Ok(latency) => self.default_health.success(*latency, &self.health_cfg),
+            Ok(latency) => self.default_health.success(*latency, &self.health_cfg, started),
             Err(e) => self.default_health.failure(e, &self.health_cfg),
         };
         if let Some((from, to)) = change {
