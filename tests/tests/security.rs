@@ -157,8 +157,12 @@ async fn sync_back_never_uses_a_name_it_did_not_make() {
 
 /// Statements still running on the shards that contain `marker`.
 async fn running_on_shards(c: &Cluster, marker: &str) -> i64 {
+    running_on(&c.info.shards, marker).await
+}
+
+async fn running_on(shards: &[String], marker: &str) -> i64 {
     let mut n = 0;
-    for dsn in &c.info.shards {
+    for dsn in shards {
         let db = connect(dsn).await.expect("direct");
         n += db
             .query_one("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", &[&marker])
@@ -181,14 +185,21 @@ async fn a_cancel_stops_the_statement_on_every_shard_it_runs_on() {
     let c = start();
     let client = connect(&c.info.proxy_dsn).await.expect("connect");
     seed_two_shards(&client).await;
-    for (marker, sql) in [
-        ("sg_cancel_one", "SELECT pg_sleep(6), id, 'sg_cancel_one' FROM t_order WHERE merchant_id = 1"),
-        ("sg_cancel_two", "SELECT pg_sleep(6), id, 'sg_cancel_two' FROM t_order WHERE merchant_id IN (1, 2)"),
+    for (marker, shards, sql) in [
+        ("sg_cancel_one", 1, "SELECT pg_sleep(6), id, 'sg_cancel_one' FROM t_order WHERE merchant_id = 1"),
+        ("sg_cancel_two", 2, "SELECT pg_sleep(6), id, 'sg_cancel_two' FROM t_order WHERE merchant_id IN (1, 2)"),
     ] {
         for extended in [false, true] {
             let token = client.cancel_token();
+            let dsns = c.info.shards.clone();
             let canceller = tokio::spawn(async move {
-                tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+                // once the statement runs on its shards (a fixed delay was sometimes too short
+                // on a loaded machine: the cancel came before anything ran, and was a no-op)
+                let t0 = std::time::Instant::now();
+                while running_on(&dsns, marker).await < shards {
+                    assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{marker}: never ran on {shards} shard(s)");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
                 token.cancel_query(tokio_postgres::NoTls).await.expect("cancel");
                 std::time::Instant::now()
             });
