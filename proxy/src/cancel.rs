@@ -3,6 +3,7 @@
 //! now, and only that one.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::backend::CancelKey;
@@ -13,6 +14,10 @@ pub struct CancelSlot {
     current: Mutex<Option<CancelKey>>,
     /// Shard connections running one of the session's routed statements right now.
     shards: Mutex<Vec<CancelKey>>,
+    /// CancelRequests received for the session so far.
+    requests: AtomicU64,
+    /// Wakes a routed statement that waits for its shard connections.
+    requested: tokio::sync::Notify,
 }
 
 impl CancelSlot {
@@ -36,6 +41,33 @@ impl CancelSlot {
     /// The shard connections running a routed statement now.
     pub fn shards(&self) -> Vec<CancelKey> {
         self.shards.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// How many CancelRequests the session has received: a routed statement
+    /// notes it when it starts, and one received after that, while it is still
+    /// waiting for its shard connections (nothing to forward it to yet), stops it
+    /// before anything is sent, as PostgreSQL cancels a query it has received.
+    pub fn epoch(&self) -> u64 {
+        self.requests.load(Ordering::Acquire)
+    }
+
+    fn request(&self) {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.requested.notify_waiters();
+    }
+
+    /// Resolves once a CancelRequest has come after `epoch`.
+    pub async fn requested_since(&self, epoch: u64) {
+        loop {
+            let woken = self.requested.notified();
+            tokio::pin!(woken);
+            // registered before the check, so a request in between is not missed
+            woken.as_mut().enable();
+            if self.epoch() != epoch {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 
@@ -88,6 +120,7 @@ impl CancelRegistry {
         if *s != secret {
             return Vec::new();
         }
+        slot.request();
         slot.get().into_iter().chain(slot.shards()).collect()
     }
 }

@@ -366,6 +366,7 @@ async fn run_as(engine: &Engine, sql: &str, tx: Option<&str>, simple: bool) -> (
         down_targets: &[],
         serial: false,
         cancel: None,
+        cancel_epoch: 0,
     };
     let mut buf = BytesMut::new();
     let mut out = Out { buf: &mut buf, client: None, keep: None, overflow: false, flushed: false, sink: None };

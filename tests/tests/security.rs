@@ -215,6 +215,50 @@ async fn a_cancel_stops_the_statement_on_every_shard_it_runs_on() {
     assert_eq!(n, 2);
 }
 
+/// A cancel that comes while the statement still waits for a shard connection
+/// (here: the shard's pool is held by other clients' blocks) stops it
+/// there, as PostgreSQL cancels a query it has received; it used to be lost (no
+/// server ran the statement yet), and the statement ran once the connection
+/// was free, long after the client had given up on it.
+#[tokio::test]
+async fn a_cancel_while_the_statement_waits_for_a_shard_connection_stops_it() {
+    // pools of 3 (one db_default connection is the worker-id lease's): three blocks hold db_1's
+    let c = Cluster::start_temp(Options { redis: false, pool_toml: "size = 3\ncheckout_timeout_ms = 8000\n".into(), ..Options::default() }).expect("start cluster");
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let holder = connect(&c.info.proxy_dsn).await.expect("holder");
+        if holders.is_empty() {
+            seed_two_shards(&holder).await;
+        }
+        holder.batch_execute("BEGIN").await.expect("begin");
+        holder.query("SELECT id FROM t_order WHERE merchant_id = 1", &[]).await.expect("hold a db_1 connection");
+        holders.push(holder);
+    }
+    let client = connect(&c.info.proxy_dsn).await.expect("client");
+    let token = client.cancel_token();
+    let waiting = tokio::spawn(async move {
+        let r = client.query("SELECT id FROM t_order WHERE merchant_id = 1", &[]).await.map(|rows| rows.len());
+        (r, client)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the statement did not wait for a db_1 connection");
+    let sent = std::time::Instant::now();
+    token.cancel_query(tokio_postgres::NoTls).await.expect("cancel");
+    let (r, client) = tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await.expect("an answer after the cancel").expect("task");
+    let e = r.expect_err("the canceled statement");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
+    assert!(sent.elapsed() < std::time::Duration::from_secs(2), "the answer came {:?} after the cancel", sent.elapsed());
+    for holder in &holders {
+        holder.batch_execute("COMMIT").await.expect("commit");
+    }
+    // the session goes on, and a cancel before a statement does not carry over to it
+    assert_eq!(client.query("SELECT id FROM t_order WHERE merchant_id = 1", &[]).await.expect("after the cancel").len(), 1);
+    let token = client.cancel_token();
+    token.cancel_query(tokio_postgres::NoTls).await.expect("cancel while idle");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(client.query("SELECT id FROM t_order WHERE merchant_id = 1", &[]).await.expect("a cancel while idle is ignored").len(), 1);
+}
+
 #[tokio::test]
 async fn statement_timeout_and_query_timeout_reach_the_shards() {
     let c = Cluster::start_temp(Options { redis: false, server_toml: "query_timeout_ms = 1500\n".into(), ..Options::default() }).expect("start cluster");

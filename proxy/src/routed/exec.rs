@@ -25,6 +25,11 @@ use crate::backend::query::{self as wire, Event, Head};
 use super::Engine;
 use crate::protocol::codec::put_message;
 
+/// The client's error for a statement its CancelRequest stopped before it reached a shard.
+fn canceled() -> ExecError {
+    ExecError::Proxy(sqlstate::QUERY_CANCELED, "canceling statement due to user request".into())
+}
+
 /// Label value for a shard in metrics.
 pub fn shard_label(shard: usize) -> &'static str {
     const L: [&str; 8] = ["db_0", "db_1", "db_2", "db_3", "db_4", "db_5", "db_6", "db_7"];
@@ -285,11 +290,27 @@ pub(super) async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
 #[allow(clippy::too_many_arguments)]
 async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>, prepare_as: Option<&str>) -> Result<(), ExecError> {
     let routed = req.routed;
-    for &s in shards {
-        hold(engine, slots, s, tx, req.param_sets, req.local_sets).await?;
+    let holds = async {
+        for &s in shards {
+            hold(engine, slots, s, tx, req.param_sets, req.local_sets).await?;
+        }
+        Ok::<(), ExecError>(())
+    };
+    match req.cancel {
+        // a cancel while the statement waits for a connection (a busy pool, a slow
+        // connect) stops it there: no server runs it yet that could be told
+        Some(c) => tokio::select! {
+            r = holds => r?,
+            () = c.requested_since(req.cancel_epoch) => return Err(canceled()),
+        },
+        None => holds.await?,
     }
     if let Some(c) = req.cancel {
         c.set_shards(shards.iter().filter_map(|&s| slots.get(s).and_then(Option::as_ref).map(|x| x.conn.cancel_key.clone())).collect());
+        // one that came just before the servers were registered was not forwarded to them
+        if c.epoch() != req.cancel_epoch {
+            return Err(canceled());
+        }
     }
     let spec = if routed.targets.len() > 1 { routed.merge.as_ref() } else { None };
     let formats = target_formats(req, spec);

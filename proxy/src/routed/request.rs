@@ -131,6 +131,9 @@ pub struct Request<'a> {
     /// The client's cancel slot: the shard connections running this statement are
     /// registered there while it runs, so a CancelRequest reaches them.
     pub cancel: Option<&'a crate::cancel::CancelSlot>,
+    /// The slot's [`crate::cancel::CancelSlot::epoch`] when the statement started:
+    /// a CancelRequest after it stops the statement even before it reaches a shard.
+    pub cancel_epoch: u64,
 }
 
 /// Where answers go.

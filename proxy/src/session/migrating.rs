@@ -86,7 +86,7 @@ impl Session {
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let cancel = self.registration.slot.clone();
         let locals = self.shard_tx.local_sets.clone();
-        let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, local_sets: &locals, down_targets: &[], serial: false, cancel: Some(&cancel) };
+        let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, local_sets: &locals, down_targets: &[], serial: false, cancel: Some(&cancel), cancel_epoch: cancel.epoch() };
         let mut scratch = BytesMut::new();
         let keep = self.capture_limit;
         let mut out = if to_client {

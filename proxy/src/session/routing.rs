@@ -363,6 +363,7 @@ impl Session {
             down_targets: &[],
             serial: false,
             cancel: Some(&cancel),
+            cancel_epoch: cancel.epoch(),
         };
         if self.routed.stream_next && plan.kind == shardgate_router::RoutedKind::Select {
             self.start_stream(Vec::new(), super::streaming::StreamJob { plan: plan.clone(), bound: bound.clone(), visible, begin });

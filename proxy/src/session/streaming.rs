@@ -76,6 +76,7 @@ impl Session {
                 // a CancelRequest or query_timeout_ms while the client is between parts
                 // must not end it (PostgreSQL ignores a cancel while it waits for input)
                 cancel: None,
+                cancel_epoch: 0,
             };
             let mut buf = BytesMut::new();
             let mut out = Out { buf: &mut buf, client: None, keep: None, overflow: false, flushed: false, sink: Some(&tx) };
