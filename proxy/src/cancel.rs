@@ -51,9 +51,19 @@ impl CancelSlot {
         self.requests.load(Ordering::Acquire)
     }
 
-    fn request(&self) {
+    /// Counts a CancelRequest and wakes a statement waiting for its connections;
+    /// called once the request has been forwarded to the servers running the
+    /// session's statement (so the client, told of the cancel, cannot have its
+    /// next statement hit by that forward).
+    pub fn request(&self) {
         self.requests.fetch_add(1, Ordering::AcqRel);
         self.requested.notify_waiters();
+    }
+
+    /// The servers to cancel now: the session's `db_default` connection and
+    /// the shard connections running its routed statement.
+    pub fn servers(&self) -> Vec<CancelKey> {
+        self.get().into_iter().chain(self.shards()).collect()
     }
 
     /// Resolves once a CancelRequest has come after `epoch`.
@@ -115,13 +125,14 @@ impl CancelRegistry {
     /// session: its `db_default` connection and the shard connections running
     /// its routed statement now.
     pub fn lookup(&self, pid: i32, secret: i32) -> Vec<CancelKey> {
-        let Ok(m) = self.sessions.lock() else { return Vec::new() };
-        let Some((s, slot)) = m.get(&pid) else { return Vec::new() };
-        if *s != secret {
-            return Vec::new();
-        }
-        slot.request();
-        slot.get().into_iter().chain(slot.shards()).collect()
+        self.find(pid, secret).map(|slot| slot.servers()).unwrap_or_default()
+    }
+
+    /// The cancel slot of the session with this key, if any.
+    pub fn find(&self, pid: i32, secret: i32) -> Option<Arc<CancelSlot>> {
+        let m = self.sessions.lock().ok()?;
+        let (s, slot) = m.get(&pid)?;
+        (*s == secret).then(|| slot.clone())
     }
 }
 

@@ -222,7 +222,7 @@ async fn a_cancel_stops_the_statement_on_every_shard_it_runs_on() {
 /// was free, long after the client had given up on it.
 #[tokio::test]
 async fn a_cancel_while_the_statement_waits_for_a_shard_connection_stops_it() {
-    // pools of 3 (one db_default connection is the worker-id lease's): three blocks hold db_1's
+    // pools of 3: three blocks hold db_1's
     let c = Cluster::start_temp(Options { redis: false, pool_toml: "size = 3\ncheckout_timeout_ms = 8000\n".into(), ..Options::default() }).expect("start cluster");
     let mut holders = Vec::new();
     for _ in 0..3 {
@@ -240,7 +240,7 @@ async fn a_cancel_while_the_statement_waits_for_a_shard_connection_stops_it() {
         let r = client.query("SELECT id FROM t_order WHERE merchant_id = 1", &[]).await.map(|rows| rows.len());
         (r, client)
     });
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     assert!(!waiting.is_finished(), "the statement did not wait for a db_1 connection");
     let sent = std::time::Instant::now();
     token.cancel_query(tokio_postgres::NoTls).await.expect("cancel");
@@ -255,7 +255,8 @@ async fn a_cancel_while_the_statement_waits_for_a_shard_connection_stops_it() {
     assert_eq!(client.query("SELECT id FROM t_order WHERE merchant_id = 1", &[]).await.expect("after the cancel").len(), 1);
     let token = client.cancel_token();
     token.cancel_query(tokio_postgres::NoTls).await.expect("cancel while idle");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // (the proxy handles it apart from the session: give it time to arrive first)
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(client.query("SELECT id FROM t_order WHERE merchant_id = 1", &[]).await.expect("a cancel while idle is ignored").len(), 1);
 }
 

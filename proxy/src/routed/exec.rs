@@ -18,17 +18,12 @@ use crate::protocol::sqlstate;
 
 pub use super::request::{Bound, ExecError, Out, Request};
 pub use super::slots::{hold, release, ShardSlot, Slots};
-use super::slots::{fail, lost};
+use super::slots::{canceled, fail, lost};
 use super::merge::{self, Collector, Column, Row};
 use super::value::{Key, ValueError};
 use crate::backend::query::{self as wire, Event, Head};
 use super::Engine;
 use crate::protocol::codec::put_message;
-
-/// The client's error for a statement its CancelRequest stopped before it reached a shard.
-fn canceled() -> ExecError {
-    ExecError::Proxy(sqlstate::QUERY_CANCELED, "canceling statement due to user request".into())
-}
 
 /// Label value for a shard in metrics.
 pub fn shard_label(shard: usize) -> &'static str {
@@ -290,20 +285,11 @@ pub(super) async fn run(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
 #[allow(clippy::too_many_arguments)]
 async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], tx: Option<&str>, prepare_as: Option<&str>) -> Result<(), ExecError> {
     let routed = req.routed;
-    let holds = async {
-        for &s in shards {
-            hold(engine, slots, s, tx, req.param_sets, req.local_sets).await?;
-        }
-        Ok::<(), ExecError>(())
-    };
-    match req.cancel {
-        // a cancel while the statement waits for a connection (a busy pool, a slow
-        // connect) stops it there: no server runs it yet that could be told
-        Some(c) => tokio::select! {
-            r = holds => r?,
-            () = c.requested_since(req.cancel_epoch) => return Err(canceled()),
-        },
-        None => holds.await?,
+    // a cancel while the statement waits for a pool connection (a busy pool, a slow
+    // connect) stops it there: no server runs it yet that could be told
+    let cancel = req.cancel.map(|c| (c, req.cancel_epoch));
+    for &s in shards {
+        super::slots::hold_unless_canceled(engine, slots, s, tx, req.param_sets, req.local_sets, cancel).await?;
     }
     if let Some(c) = req.cancel {
         c.set_shards(shards.iter().filter_map(|&s| slots.get(s).and_then(Option::as_ref).map(|x| x.conn.cancel_key.clone())).collect());

@@ -52,12 +52,36 @@ pub async fn hold(
     param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> bytes::Bytes + Sync),
     local_sets: &[(String, Option<String>)],
 ) -> Result<(), ExecError> {
+    hold_unless_canceled(engine, slots, shard, tx, param_sets, local_sets, None).await
+}
+
+/// [`hold`], where a CancelRequest of the client after `cancel`'s epoch ends
+/// the wait for a pool connection (and only that wait: a round trip on a
+/// connection is never abandoned halfway, which would leave its answer unread).
+#[allow(clippy::too_many_arguments)]
+pub async fn hold_unless_canceled(
+    engine: &Engine,
+    slots: &mut Slots,
+    shard: usize,
+    tx: Option<&str>,
+    param_sets: &(dyn Fn(&mut crate::backend::ServerConn) -> bytes::Bytes + Sync),
+    local_sets: &[(String, Option<String>)],
+    cancel: Option<(&crate::cancel::CancelSlot, u64)>,
+) -> Result<(), ExecError> {
     // one slot per shard, then one for db_default (fallback rows), then legacy
     if slots.len() < engine.shards.len() + 2 {
         slots.resize_with(engine.shards.len() + 2, || None);
     }
     if slots[shard].is_none() {
-        let got = crate::backend::pool::checkout(engine.pool(shard), engine.meters.get(shard).map(|m| &m.pool_wait)).await;
+        let checkout = crate::backend::pool::checkout(engine.pool(shard), engine.meters.get(shard).map(|m| &m.pool_wait));
+        let got = match cancel {
+            Some((c, epoch)) => tokio::select! {
+                biased;
+                () = c.requested_since(epoch) => return Err(canceled()),
+                got = checkout => got,
+            },
+            None => checkout.await,
+        };
         let mut conn = match got {
             Ok(c) => c,
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
@@ -116,6 +140,11 @@ pub async fn hold(
         }
     }
     Ok(())
+}
+
+/// The client's error for a statement its CancelRequest stopped before it reached a shard.
+pub(crate) fn canceled() -> ExecError {
+    ExecError::Proxy(sqlstate::QUERY_CANCELED, "canceling statement due to user request".into())
 }
 
 /// Returns every held shard connection that is not inside a transaction block.

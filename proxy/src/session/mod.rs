@@ -258,6 +258,9 @@ struct Session {
     max_message: usize,
     /// While set, routed answers are kept whole in `cout` (up to this many bytes), not sent.
     capture_limit: Option<usize>,
+    /// The cancel slot's epoch when the routed statement now running began
+    /// (see [`crate::cancel::CancelSlot::epoch`]).
+    cancel_epoch: u64,
     /// The user may run admin commands.
     admin: bool,
     db: parts::DbLink,
@@ -296,6 +299,7 @@ impl Session {
             shutting_down: false,
             max_message,
             capture_limit: None,
+            cancel_epoch: 0,
             admin: login.admin,
         }
     }

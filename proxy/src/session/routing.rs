@@ -223,6 +223,9 @@ impl Session {
         if self.db.server.is_some() && self.tx_status == b'E' {
             return Ok(Err(ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into())));
         }
+        // a CancelRequest from now on is for this statement (also while it looks up
+        // an order number, makes a month table or waits for a connection)
+        self.cancel_epoch = self.registration.slot.epoch();
         let engine = self.shared.engine.clone();
         let params = bound.params();
         // the session's TimeZone, if the client set one: offset-free times are read in it
@@ -363,7 +366,7 @@ impl Session {
             down_targets: &[],
             serial: false,
             cancel: Some(&cancel),
-            cancel_epoch: cancel.epoch(),
+            cancel_epoch: self.cancel_epoch,
         };
         if self.routed.stream_next && plan.kind == shardgate_router::RoutedKind::Select {
             self.start_stream(Vec::new(), super::streaming::StreamJob { plan: plan.clone(), bound: bound.clone(), visible, begin });

@@ -121,7 +121,8 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut Byt
             return Ok(None);
         }
         Ok(StartupPacket::Cancel { pid, secret }) => {
-            let keys = shared.cancels.lookup(pid, secret);
+            let Some(slot) = shared.cancels.find(pid, secret) else { return Ok(None) };
+            let keys = slot.servers();
             if !keys.is_empty() {
                 debug!(pid, servers = keys.len(), "forwarding cancel request");
             }
@@ -130,6 +131,8 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut Byt
                     warn!(error = %e, "cancel request to server failed");
                 }
             }
+            // then a routed statement still waiting for its connections stops
+            slot.request();
             return Ok(None);
         }
         Ok(StartupPacket::Startup { version, params }) => (version, params),
