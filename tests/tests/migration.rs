@@ -315,3 +315,57 @@ async fn rollback_from_switch_writes_keeps_legacy_in_step() {
     let (code, text) = step(&c, &["finalize"]);
     assert_eq!(code, 3, "{text}");
 }
+
+/// A write read in parts (an Execute with a row limit outside a block, as
+/// asyncpg's fetchrow sends it) whose answer is too large to keep is refused
+/// with 54000 in every phase of a migration, and neither store keeps it: it
+/// used to be refused after it had committed (on legacy, on the shards, or
+/// both). One whose answer fits is kept in every store the phase writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_read_in_parts_that_is_refused_changes_neither_store() {
+    use shardgate_tests::raw::{error_code, frame, md5_login, pbe_rows, read_until_ready};
+    use std::io::Write;
+    let extra = "[ids]\nworker_id = 1\nlegacy_id_max = 1000000000\n".to_string();
+    let c = Cluster::start_temp(Options { redis: false, extra_toml: extra, legacy: true, server_toml: "max_portal_bytes = 2000\n".into(), ..Options::default() })
+        .expect("start cluster");
+    fill_legacy(&c, 300).await;
+    let legacy = connect(&c.info.legacy_dsn).await;
+    let mut s = md5_login(&c);
+    // L5's merchant: (5 * 7919) % 5000 + 1
+    let l5 = (5i64 * 7919) % 5000 + 1;
+    // (steps before the phase, legacy written, shards written)
+    let phases: [(&[&str], bool, bool); 4] = [
+        (&[], true, false),
+        (&["prepare", "dual-write", "backfill", "verify"], true, true),
+        (&["switch-reads", "switch-writes"], true, true),
+        (&["verify", "finalize"], false, true),
+    ];
+    for (i, (steps, on_legacy, on_shards)) in phases.iter().enumerate() {
+        for st in *steps {
+            ok(&c, &[st]);
+        }
+        // every row (300 of them, far over 2,000 bytes), read one at a time
+        let refused = format!("X{i}");
+        let mut batch = pbe_rows(&format!("UPDATE t_order SET pay_status = '{refused}' WHERE merchant_id > 0 RETURNING *"), 1);
+        batch.extend(frame(b'S', b""));
+        s.write_all(&batch).expect("batch");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "phase {i}: {msgs:?}");
+        let kept: i64 = legacy.query_one("SELECT count(*) FROM t_order WHERE pay_status = $1", &[&refused]).await.expect("legacy").get(0);
+        assert_eq!(kept, 0, "phase {i}: legacy kept a write answered with an error");
+        let kept = shard_rows(&c).await.iter().filter(|r| r.6 == refused).count();
+        assert_eq!(kept, 0, "phase {i}: the shards kept a write answered with an error");
+        // one row: its answer fits, it is kept where the phase writes
+        let fits = format!("Y{i}");
+        let mut batch = pbe_rows(&format!("UPDATE t_order SET pay_status = '{fits}' WHERE merchant_id = {l5} AND order_no = 'L5' RETURNING id"), 1);
+        batch.extend(frame(b'S', b""));
+        s.write_all(&batch).expect("batch");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs), None, "phase {i}: {msgs:?}");
+        assert_eq!(msgs.iter().filter(|(t, _)| *t == b'D').count(), 1, "phase {i}: {msgs:?}");
+        let kept: i64 = legacy.query_one("SELECT count(*) FROM t_order WHERE pay_status = $1", &[&fits]).await.expect("legacy").get(0);
+        assert_eq!(kept, i64::from(*on_legacy), "phase {i}: on legacy");
+        let kept = shard_rows(&c).await.iter().filter(|r| r.6 == fits).count();
+        assert_eq!(kept, usize::from(*on_shards), "phase {i}: on the shards");
+    }
+}

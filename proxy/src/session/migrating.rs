@@ -86,7 +86,21 @@ impl Session {
         let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
         let cancel = self.registration.slot.clone();
         let locals = self.shard_tx.local_sets.clone();
-        let req = Request { routed, bound, simple, visible, tx, param_sets: &sets, local_sets: &locals, down_targets: &[], serial: false, cancel: Some(&cancel), cancel_epoch: cancel.epoch() };
+        // a secondary write keeps the stores in step: the client's cancel is not for it
+        // (canceled, it would go to the outbox while the client's write stands)
+        let req = Request {
+            routed,
+            bound,
+            simple,
+            visible,
+            tx,
+            param_sets: &sets,
+            local_sets: &locals,
+            down_targets: &[],
+            serial: false,
+            cancel: to_client.then_some(&*cancel),
+            cancel_epoch: self.cancel_epoch,
+        };
         let mut scratch = BytesMut::new();
         let keep = self.capture_limit;
         let mut out = if to_client {
@@ -96,12 +110,8 @@ impl Session {
         };
         let r = if direct { exec::execute_direct(&engine, &mut self.shard_tx.slots, &req, &mut out).await } else { exec::execute(&engine, &mut self.shard_tx.slots, &req, &mut out).await };
         let r = match r {
-            // a portal read in parts kept more than it may: its answer is dropped (checked by the caller)
-            Ok(()) if out.overflow => {
-                out.buf.clear();
-                out.buf.resize(keep.unwrap_or_default() + 1, 0);
-                Ok(())
-            }
+            // a portal read in parts kept more than it may: refused (a write is rolled back)
+            Ok(()) if out.overflow => Err(super::extended::portal_too_large(keep.unwrap_or_default())),
             other => other,
         };
         match r {
@@ -133,6 +143,28 @@ impl Session {
                 Ok(())
             }
             None => Ok(()),
+        };
+        exec::release(&mut self.shard_tx.slots);
+        r
+    }
+
+    /// Ends the shards' transaction of a write held open until its answer was
+    /// known to fit (see `run_migrating`): committed (two-phase across several
+    /// written shards) or rolled back.
+    async fn end_held_shards(&mut self, commit: bool) -> Result<(), ExecError> {
+        let in_tx = self.shards_in_block();
+        let r = if commit {
+            let written: Vec<usize> = in_tx.iter().copied().filter(|&i| self.shard_tx.slots[i].as_ref().is_some_and(|s| s.wrote)).collect();
+            if written.len() <= 1 {
+                twopc::commit_each(&mut self.shard_tx.slots, &in_tx).await
+            } else {
+                let readers: Vec<usize> = in_tx.iter().copied().filter(|i| !written.contains(i)).collect();
+                let _ = twopc::commit_each(&mut self.shard_tx.slots, &readers).await;
+                twopc::commit(&self.shared.engine, &mut self.shard_tx.slots, &written).await
+            }
+        } else {
+            twopc::rollback(&mut self.shard_tx.slots, &in_tx).await;
+            Ok(())
         };
         exec::release(&mut self.shard_tx.slots);
         r
@@ -189,8 +221,23 @@ impl Session {
                 self.run_plan(plan, bound, simple, visible, block_tx, true, false).await
             };
         }
+        // A write whose answer is kept to be read in parts (an Execute with a row limit
+        // outside a block) is refused if that answer turns out too large to keep: by then it
+        // must not have committed anywhere, so the primary's transaction stays open until
+        // the answer is in (legacy's already does while the shards are written)
+        let held = !in_block && self.capture_limit.is_some();
         match phase.writes() {
+            Writes::LegacyOnly if held => {
+                let r = self.run_plan(&legacy, bound, simple, visible, Some("BEGIN"), true, true).await?;
+                let ended = self.end_legacy_tx(r.is_ok()).await;
+                Ok(r.and(ended))
+            }
             Writes::LegacyOnly => self.run_plan(&legacy, bound, simple, visible, block_tx, true, true).await,
+            Writes::ShardsOnly if held => {
+                let r = self.run_plan(plan, bound, simple, visible, Some("BEGIN"), true, false).await?;
+                let ended = self.end_held_shards(r.is_ok()).await;
+                Ok(r.and(ended))
+            }
             Writes::ShardsOnly => self.run_plan(plan, bound, simple, visible, block_tx, true, false).await,
             Writes::LegacyThenShards | Writes::ShardsThenLegacy if in_block => {
                 let (primary, target, direct) = match phase.writes() {
@@ -222,7 +269,13 @@ impl Session {
                 }
             }
             Writes::ShardsThenLegacy => {
-                let r = self.run_plan(plan, bound, simple, visible, None, true, false).await?;
+                let r = if held {
+                    let r = self.run_plan(plan, bound, simple, visible, Some("BEGIN"), true, false).await?;
+                    let ended = self.end_held_shards(r.is_ok()).await;
+                    r.and(ended)
+                } else {
+                    self.run_plan(plan, bound, simple, visible, None, true, false).await?
+                };
                 if r.is_ok() {
                     self.apply_secondary(plan, sql, bound, Store::Legacy).await;
                 }
