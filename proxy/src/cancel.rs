@@ -14,8 +14,11 @@ pub struct CancelSlot {
     current: Mutex<Option<CancelKey>>,
     /// Shard connections running one of the session's routed statements right now.
     shards: Mutex<Vec<CancelKey>>,
-    /// CancelRequests received for the session so far.
+    /// CancelRequests received for the session so far (counted before the
+    /// servers to forward them to are read).
     requests: AtomicU64,
+    /// Of those, the ones already forwarded to those servers.
+    forwarded: AtomicU64,
     /// Wakes a routed statement that waits for its shard connections.
     requested: tokio::sync::Notify,
 }
@@ -51,33 +54,41 @@ impl CancelSlot {
         self.requests.load(Ordering::Acquire)
     }
 
-    /// Counts a CancelRequest and wakes a statement waiting for its connections;
-    /// called once the request has been forwarded to the servers running the
-    /// session's statement (so the client, told of the cancel, cannot have its
-    /// next statement hit by that forward).
-    pub fn request(&self) {
+    /// A CancelRequest came: counted before the servers to forward it to are
+    /// read, so a statement that registers its shard connections at the same
+    /// time either is forwarded to or sees the count move. Returns the
+    /// servers; call [`CancelSlot::forwarded`] once they have been told.
+    pub fn request(&self) -> Vec<CancelKey> {
         self.requests.fetch_add(1, Ordering::AcqRel);
+        self.servers()
+    }
+
+    /// The servers of a [`CancelSlot::request`] have been told: a statement
+    /// stopped by it may answer now (the client, told 57014, cannot have its
+    /// next statement hit by that forward still on its way).
+    pub fn forwarded(&self) {
+        self.forwarded.fetch_add(1, Ordering::AcqRel);
         self.requested.notify_waiters();
     }
 
-    /// The servers to cancel now: the session's `db_default` connection and
-    /// the shard connections running its routed statement.
-    pub fn servers(&self) -> Vec<CancelKey> {
-        self.get().into_iter().chain(self.shards()).collect()
-    }
-
-    /// Resolves once a CancelRequest has come after `epoch`.
+    /// Resolves once a CancelRequest received after `epoch` has been forwarded.
     pub async fn requested_since(&self, epoch: u64) {
         loop {
             let woken = self.requested.notified();
             tokio::pin!(woken);
             // registered before the check, so a request in between is not missed
             woken.as_mut().enable();
-            if self.epoch() != epoch {
+            if self.forwarded.load(Ordering::Acquire) > epoch {
                 return;
             }
             woken.await;
         }
+    }
+
+    /// The servers to cancel now: the session's `db_default` connection and
+    /// the shard connections running its routed statement.
+    pub fn servers(&self) -> Vec<CancelKey> {
+        self.get().into_iter().chain(self.shards()).collect()
     }
 }
 

@@ -294,7 +294,9 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
     if let Some(c) = req.cancel {
         c.set_shards(shards.iter().filter_map(|&s| slots.get(s).and_then(Option::as_ref).map(|x| x.conn.cancel_key.clone())).collect());
         // one that came just before the servers were registered was not forwarded to them
+        // (answered once its forwards are done, like one that ends the wait above)
         if c.epoch() != req.cancel_epoch {
+            c.requested_since(req.cancel_epoch).await;
             return Err(canceled());
         }
     }

@@ -122,7 +122,7 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut Byt
         }
         Ok(StartupPacket::Cancel { pid, secret }) => {
             let Some(slot) = shared.cancels.find(pid, secret) else { return Ok(None) };
-            let keys = slot.servers();
+            let keys = slot.request();
             if !keys.is_empty() {
                 debug!(pid, servers = keys.len(), "forwarding cancel request");
             }
@@ -132,7 +132,7 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut Byt
                 }
             }
             // then a routed statement still waiting for its connections stops
-            slot.request();
+            slot.forwarded();
             return Ok(None);
         }
         Ok(StartupPacket::Startup { version, params }) => (version, params),
