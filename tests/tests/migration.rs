@@ -355,6 +355,21 @@ async fn a_write_read_in_parts_that_is_refused_changes_neither_store() {
         assert_eq!(kept, 0, "phase {i}: legacy kept a write answered with an error");
         let kept = shard_rows(&c).await.iter().filter(|r| r.6 == refused).count();
         assert_eq!(kept, 0, "phase {i}: the shards kept a write answered with an error");
+        // one row of 1,996 bytes (fits) whose tag takes the answer past 2,000 bytes (does not):
+        // refused, and kept nowhere
+        let edge = format!("E{i}");
+        let mut batch = pbe_rows(
+            &format!("UPDATE t_order SET pay_status = '{edge}' WHERE merchant_id = {l5} AND order_no = 'L5' RETURNING repeat('x', 1985)"),
+            1,
+        );
+        batch.extend(frame(b'S', b""));
+        s.write_all(&batch).expect("batch");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "phase {i}, at the limit: {msgs:?}");
+        let kept: i64 = legacy.query_one("SELECT count(*) FROM t_order WHERE pay_status = $1", &[&edge]).await.expect("legacy").get(0);
+        assert_eq!(kept, 0, "phase {i}: legacy kept a write refused at the limit");
+        let kept = shard_rows(&c).await.iter().filter(|r| r.6 == edge).count();
+        assert_eq!(kept, 0, "phase {i}: the shards kept a write refused at the limit");
         // one row: its answer fits, it is kept where the phase writes
         let fits = format!("Y{i}");
         let mut batch = pbe_rows(&format!("UPDATE t_order SET pay_status = '{fits}' WHERE merchant_id = {l5} AND order_no = 'L5' RETURNING id"), 1);

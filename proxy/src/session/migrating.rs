@@ -109,9 +109,12 @@ impl Session {
             Out { buf: &mut scratch, client: None, keep: None, overflow: false, flushed: false, sink: None }
         };
         let r = if direct { exec::execute_direct(&engine, &mut self.shard_tx.slots, &req, &mut out).await } else { exec::execute(&engine, &mut self.shard_tx.slots, &req, &mut out).await };
+        // a portal read in parts kept more than it may (rows, or with its tag and notices after
+        // them, which the caller counts too): refused, and a write is rolled back
+        // (a secondary write's answer goes to a scratch buffer and is not kept)
+        let over = to_client && keep.is_some_and(|k| out.overflow || out.buf.len() > k);
         let r = match r {
-            // a portal read in parts kept more than it may: refused (a write is rolled back)
-            Ok(()) if out.overflow => Err(super::extended::portal_too_large(keep.unwrap_or_default())),
+            Ok(()) if over => Err(super::extended::portal_too_large(keep.unwrap_or_default())),
             other => other,
         };
         match r {
