@@ -58,9 +58,17 @@ impl CancelSlot {
     /// read, so a statement that registers its shard connections at the same
     /// time either is forwarded to or sees the count move. Returns the
     /// servers; call [`CancelSlot::forwarded`] once they have been told.
-    pub fn request(&self) -> Vec<CancelKey> {
+    ///
+    /// `None` while two of the session's requests are still being forwarded: a
+    /// third would only cancel the same statement again, and a client sending
+    /// cancels in a loop must not start forwards without end.
+    pub fn request(&self) -> Option<Vec<CancelKey>> {
+        let in_flight = self.requests.load(Ordering::Acquire).saturating_sub(self.forwarded.load(Ordering::Acquire));
+        if in_flight >= 2 {
+            return None;
+        }
         self.requests.fetch_add(1, Ordering::AcqRel);
-        self.servers()
+        Some(self.servers())
     }
 
     /// The servers of a [`CancelSlot::request`] have been told: a statement
@@ -71,14 +79,17 @@ impl CancelSlot {
         self.requested.notify_waiters();
     }
 
-    /// Resolves once a CancelRequest received after `epoch` has been forwarded.
+    /// Resolves once a CancelRequest has come after `epoch` and every request
+    /// counted so far has been forwarded (forwards may end out of order: one
+    /// still on its way must not reach the client's next statement).
     pub async fn requested_since(&self, epoch: u64) {
         loop {
             let woken = self.requested.notified();
             tokio::pin!(woken);
             // registered before the check, so a request in between is not missed
             woken.as_mut().enable();
-            if self.forwarded.load(Ordering::Acquire) > epoch {
+            let requests = self.requests.load(Ordering::Acquire);
+            if requests > epoch && self.forwarded.load(Ordering::Acquire) >= requests {
                 return;
             }
             woken.await;
@@ -150,6 +161,29 @@ impl CancelRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_statement_stops_only_for_a_cancel_after_it_began_once_that_one_is_forwarded() {
+        let slot = CancelSlot::default();
+        let short = std::time::Duration::from_millis(50);
+        // a cancel while idle, forwarded: not for the next statement
+        assert!(slot.request().is_some());
+        slot.forwarded();
+        let epoch = slot.epoch();
+        assert!(tokio::time::timeout(short, slot.requested_since(epoch)).await.is_err());
+        // one for it, still being forwarded: the statement answers only after that
+        assert!(slot.request().is_some());
+        assert_ne!(slot.epoch(), epoch);
+        assert!(tokio::time::timeout(short, slot.requested_since(epoch)).await.is_err());
+        slot.forwarded();
+        assert!(tokio::time::timeout(std::time::Duration::from_secs(5), slot.requested_since(epoch)).await.is_ok());
+        // at most two forwards of one session at a time
+        assert!(slot.request().is_some());
+        assert!(slot.request().is_some());
+        assert!(slot.request().is_none(), "a third cancel while two are forwarded");
+        slot.forwarded();
+        assert!(slot.request().is_some());
+    }
 
     #[test]
     fn only_matching_secret_cancels_and_registration_expires() {

@@ -122,17 +122,22 @@ pub(super) async fn startup(shared: &Arc<Shared>, stream: &Stream, cin: &mut Byt
         }
         Ok(StartupPacket::Cancel { pid, secret }) => {
             let Some(slot) = shared.cancels.find(pid, secret) else { return Ok(None) };
-            let keys = slot.request();
+            let Some(keys) = slot.request() else { return Ok(None) };
             if !keys.is_empty() {
                 debug!(pid, servers = keys.len(), "forwarding cancel request");
             }
-            for key in keys {
-                if let Err(e) = key.cancel().await {
-                    warn!(error = %e, "cancel request to server failed");
+            // a task of its own: this connection's login deadline (or its eviction by newer
+            // logins) must not cut the forwards short, or the request would stay counted
+            // as not forwarded and a statement it stopped would wait for it for ever
+            tokio::spawn(async move {
+                for key in keys {
+                    if let Err(e) = key.cancel().await {
+                        warn!(error = %e, "cancel request to server failed");
+                    }
                 }
-            }
-            // then a routed statement still waiting for its connections stops
-            slot.forwarded();
+                // then a routed statement still waiting for its connections stops
+                slot.forwarded();
+            });
             return Ok(None);
         }
         Ok(StartupPacket::Startup { version, params }) => (version, params),
