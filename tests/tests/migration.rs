@@ -340,47 +340,44 @@ async fn a_write_read_in_parts_that_is_refused_changes_neither_store() {
         (&["switch-reads", "switch-writes"], true, true),
         (&["verify", "finalize"], false, true),
     ];
+    // an UPDATE read one row at a time: its messages up to ReadyForQuery
+    let mut in_parts = |sql: String| {
+        let mut batch = pbe_rows(&sql, 1);
+        batch.extend(frame(b'S', b""));
+        s.write_all(&batch).expect("batch");
+        read_until_ready(&mut s)
+    };
+    // rows with this pay_status on legacy and on the shards
+    let kept = |status: String| {
+        let (legacy, c) = (&legacy, &c);
+        async move {
+            let on_legacy: i64 = legacy.query_one("SELECT count(*) FROM t_order WHERE pay_status = $1", &[&status]).await.expect("legacy").get(0);
+            (on_legacy, shard_rows(c).await.iter().filter(|r| r.6 == status).count())
+        }
+    };
     for (i, (steps, on_legacy, on_shards)) in phases.iter().enumerate() {
         for st in *steps {
             ok(&c, &[st]);
         }
         // every row (300 of them, far over 2,000 bytes), read one at a time
-        let refused = format!("X{i}");
-        let mut batch = pbe_rows(&format!("UPDATE t_order SET pay_status = '{refused}' WHERE merchant_id > 0 RETURNING *"), 1);
-        batch.extend(frame(b'S', b""));
-        s.write_all(&batch).expect("batch");
-        let msgs = read_until_ready(&mut s);
+        let msgs = in_parts(format!("UPDATE t_order SET pay_status = 'X{i}' WHERE merchant_id > 0 RETURNING *"));
         assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "phase {i}: {msgs:?}");
-        let kept: i64 = legacy.query_one("SELECT count(*) FROM t_order WHERE pay_status = $1", &[&refused]).await.expect("legacy").get(0);
-        assert_eq!(kept, 0, "phase {i}: legacy kept a write answered with an error");
-        let kept = shard_rows(&c).await.iter().filter(|r| r.6 == refused).count();
-        assert_eq!(kept, 0, "phase {i}: the shards kept a write answered with an error");
+        let (l, sh) = kept(format!("X{i}")).await;
+        assert_eq!(l, 0, "phase {i}: legacy kept a write answered with an error");
+        assert_eq!(sh, 0, "phase {i}: the shards kept a write answered with an error");
         // one row of 1,996 bytes (fits) whose tag takes the answer past 2,000 bytes (does not):
         // refused, and kept nowhere
-        let edge = format!("E{i}");
-        let mut batch = pbe_rows(
-            &format!("UPDATE t_order SET pay_status = '{edge}' WHERE merchant_id = {l5} AND order_no = 'L5' RETURNING repeat('x', 1985)"),
-            1,
-        );
-        batch.extend(frame(b'S', b""));
-        s.write_all(&batch).expect("batch");
-        let msgs = read_until_ready(&mut s);
+        let msgs = in_parts(format!("UPDATE t_order SET pay_status = 'E{i}' WHERE merchant_id = {l5} AND order_no = 'L5' RETURNING repeat('x', 1985)"));
         assert_eq!(error_code(&msgs).as_deref(), Some("54000"), "phase {i}, at the limit: {msgs:?}");
-        let kept: i64 = legacy.query_one("SELECT count(*) FROM t_order WHERE pay_status = $1", &[&edge]).await.expect("legacy").get(0);
-        assert_eq!(kept, 0, "phase {i}: legacy kept a write refused at the limit");
-        let kept = shard_rows(&c).await.iter().filter(|r| r.6 == edge).count();
-        assert_eq!(kept, 0, "phase {i}: the shards kept a write refused at the limit");
+        let (l, sh) = kept(format!("E{i}")).await;
+        assert_eq!(l, 0, "phase {i}: legacy kept a write refused at the limit");
+        assert_eq!(sh, 0, "phase {i}: the shards kept a write refused at the limit");
         // one row: its answer fits, it is kept where the phase writes
-        let fits = format!("Y{i}");
-        let mut batch = pbe_rows(&format!("UPDATE t_order SET pay_status = '{fits}' WHERE merchant_id = {l5} AND order_no = 'L5' RETURNING id"), 1);
-        batch.extend(frame(b'S', b""));
-        s.write_all(&batch).expect("batch");
-        let msgs = read_until_ready(&mut s);
+        let msgs = in_parts(format!("UPDATE t_order SET pay_status = 'Y{i}' WHERE merchant_id = {l5} AND order_no = 'L5' RETURNING id"));
         assert_eq!(error_code(&msgs), None, "phase {i}: {msgs:?}");
         assert_eq!(msgs.iter().filter(|(t, _)| *t == b'D').count(), 1, "phase {i}: {msgs:?}");
-        let kept: i64 = legacy.query_one("SELECT count(*) FROM t_order WHERE pay_status = $1", &[&fits]).await.expect("legacy").get(0);
-        assert_eq!(kept, i64::from(*on_legacy), "phase {i}: on legacy");
-        let kept = shard_rows(&c).await.iter().filter(|r| r.6 == fits).count();
-        assert_eq!(kept, usize::from(*on_shards), "phase {i}: on the shards");
+        let (l, sh) = kept(format!("Y{i}")).await;
+        assert_eq!(l, i64::from(*on_legacy), "phase {i}: on legacy");
+        assert_eq!(sh, usize::from(*on_shards), "phase {i}: on the shards");
     }
 }

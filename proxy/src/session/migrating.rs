@@ -173,6 +173,14 @@ impl Session {
         r
     }
 
+    /// Runs a write on its primary store (legacy, else the shards) in a
+    /// transaction that commits only if the write and its answer succeeded.
+    async fn run_held(&mut self, routed: &Routed, bound: &Bound, simple: bool, visible: Option<usize>, on_legacy: bool) -> Result<Result<(), ExecError>, End> {
+        let r = self.run_plan(routed, bound, simple, visible, Some("BEGIN"), true, on_legacy).await?;
+        let ended = if on_legacy { self.end_legacy_tx(r.is_ok()).await } else { self.end_held_shards(r.is_ok()).await };
+        Ok(r.and(ended))
+    }
+
     /// Writes the secondary store; a failure goes to the outbox.
     async fn apply_secondary(&mut self, plan: &Routed, sql: &str, bound: &Bound, target: Store) {
         let routed = match target {
@@ -230,17 +238,9 @@ impl Session {
         // the answer is in (legacy's already does while the shards are written)
         let held = !in_block && self.capture_limit.is_some();
         match phase.writes() {
-            Writes::LegacyOnly if held => {
-                let r = self.run_plan(&legacy, bound, simple, visible, Some("BEGIN"), true, true).await?;
-                let ended = self.end_legacy_tx(r.is_ok()).await;
-                Ok(r.and(ended))
-            }
+            Writes::LegacyOnly if held => self.run_held(&legacy, bound, simple, visible, true).await,
             Writes::LegacyOnly => self.run_plan(&legacy, bound, simple, visible, block_tx, true, true).await,
-            Writes::ShardsOnly if held => {
-                let r = self.run_plan(plan, bound, simple, visible, Some("BEGIN"), true, false).await?;
-                let ended = self.end_held_shards(r.is_ok()).await;
-                Ok(r.and(ended))
-            }
+            Writes::ShardsOnly if held => self.run_held(plan, bound, simple, visible, false).await,
             Writes::ShardsOnly => self.run_plan(plan, bound, simple, visible, block_tx, true, false).await,
             Writes::LegacyThenShards | Writes::ShardsThenLegacy if in_block => {
                 let (primary, target, direct) = match phase.writes() {
@@ -273,9 +273,7 @@ impl Session {
             }
             Writes::ShardsThenLegacy => {
                 let r = if held {
-                    let r = self.run_plan(plan, bound, simple, visible, Some("BEGIN"), true, false).await?;
-                    let ended = self.end_held_shards(r.is_ok()).await;
-                    r.and(ended)
+                    self.run_held(plan, bound, simple, visible, false).await?
                 } else {
                     self.run_plan(plan, bound, simple, visible, None, true, false).await?
                 };
