@@ -142,14 +142,6 @@ impl CancelRegistry {
             }
         }
     }
-
-    /// The servers to cancel for a CancelRequest, if the key matches a
-    /// session: its `db_default` connection and the shard connections running
-    /// its routed statement now.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Vec<CancelKey> {
-        self.find(pid, secret).map(|slot| slot.servers()).unwrap_or_default()
-    }
-
     /// The cancel slot of the session with this key, if any.
     pub fn find(&self, pid: i32, secret: i32) -> Option<Arc<CancelSlot>> {
         let m = self.sessions.lock().ok()?;
@@ -192,7 +184,7 @@ mod tests {
         let b = reg.register();
         let key = CancelKey { addr: "127.0.0.1:5432".parse().expect("addr"), pid: 42, secret: 7, tls: None };
         a.slot.set(Some(key));
-        let found = |pid, secret| reg.lookup(pid, secret).iter().map(|k| (k.pid, k.secret)).collect::<Vec<_>>();
+        let found = |pid, secret| reg.find(pid, secret).map(|slot| slot.servers()).unwrap_or_default().iter().map(|k| (k.pid, k.secret)).collect::<Vec<_>>();
         assert_eq!(found(a.pid, a.secret), vec![(42, 7)]);
         assert_eq!(found(a.pid, a.secret.wrapping_add(1)), vec![]);
         assert_eq!(found(b.pid, b.secret), vec![], "b holds no server");
