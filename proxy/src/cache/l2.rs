@@ -111,6 +111,8 @@ pub(super) struct L2 {
     pending: Mutex<Pending>,
     /// One delivery at a time, so delivered entries can be removed by count.
     delivering: tokio::sync::Mutex<()>,
+    /// Wakes the background retry when a delivery left invalidations pending.
+    retry: tokio::sync::Notify,
     /// Tells this proxy's own messages apart.
     instance: String,
     version_ttl_ms: u64,
@@ -145,6 +147,7 @@ impl L2 {
             down_until: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
             delivering: tokio::sync::Mutex::new(()),
+            retry: tokio::sync::Notify::new(),
             instance: format!("{:016x}", rand::random::<u64>()),
             // versions must outlive any load in flight and any stored reply
             version_ttl_ms: cfg.l2_ttl_ms.saturating_mul(2).max(3_600_000),
@@ -177,9 +180,9 @@ impl L2 {
         *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// A pooled connection, unless Redis is known to be down.
-    async fn conn(&self) -> Result<bb8::PooledConnection<'_, Manager>, String> {
-        if !self.available() {
+    /// A pooled connection, unless Redis is known to be down (and `force` is off).
+    async fn conn(&self, force: bool) -> Result<bb8::PooledConnection<'_, Manager>, String> {
+        if !force && !self.available() {
             return Err("down".into());
         }
         self.pool.get().await.map_err(|e| e.to_string())
@@ -211,7 +214,7 @@ impl L2 {
         }
         let (c, v, field) = (ckey(table, generation, key), vkey(table, key), format!("{variant:016x}"));
         let r = tokio::time::timeout(self.timeout, async {
-            let mut conn = self.conn().await?;
+            let mut conn = self.conn(false).await?;
             redis::pipe().hget(&c, &field).get(&v).query_async::<(Option<Vec<u8>>, Option<String>)>(&mut *conn).await.map_err(|e| e.to_string())
         })
         .await;
@@ -230,7 +233,7 @@ impl L2 {
         let value = encode(a);
         let ms = ttl.as_millis().max(1) as u64;
         let r = tokio::time::timeout(self.timeout, async {
-            let mut conn = self.conn().await?;
+            let mut conn = self.conn(false).await?;
             redis::cmd("EVAL")
                 .arg(STORE)
                 .arg(2)
@@ -267,10 +270,20 @@ impl L2 {
 
     /// Delivers what is pending (drop in Redis, publish to the other
     /// proxies); returns the table generations seen. What fails stays
-    /// pending for the background retry.
-    pub(super) async fn flush(&self) -> Vec<(String, u64)> {
+    /// pending for the background retry, which `force`s delivery: it tries
+    /// even within the second Redis is skipped for after a failure, since
+    /// other proxies answer from their caches until it goes through.
+    pub(super) async fn flush(&self, force: bool) -> Vec<(String, u64)> {
+        let out = self.flush_once(force).await;
+        if !force && self.pending_len() > 0 {
+            self.retry.notify_one();
+        }
+        out
+    }
+
+    async fn flush_once(&self, force: bool) -> Vec<(String, u64)> {
         let mut out = Vec::new();
-        if !self.available() {
+        if !force && !self.available() {
             return out;
         }
         let _one = self.delivering.lock().await;
@@ -284,7 +297,7 @@ impl L2 {
         let mut seen = std::collections::HashSet::new();
         items.retain(|(t, i)| seen.insert((t.clone(), i.key.clone())));
         for chunk in items.chunks(1_000) {
-            match self.deliver(chunk.to_vec()).await {
+            match self.deliver(chunk.to_vec(), force).await {
                 Some(gens) => out.extend(gens),
                 None => return out,
             }
@@ -298,7 +311,7 @@ impl L2 {
     }
 
     /// One pipelined round trip for a batch; `None` when it did not go through.
-    async fn deliver(&self, items: Vec<(String, Invalidation)>) -> Option<Vec<(String, u64)>> {
+    async fn deliver(&self, items: Vec<(String, Invalidation)>, force: bool) -> Option<Vec<(String, u64)>> {
         // EVAL: no script cache to miss after a Redis restart
         let mut pipe = redis::pipe();
         for (table, inv) in &items {
@@ -320,7 +333,7 @@ impl L2 {
         // a large backlog (after an outage) gets more time than one lookup
         let limit = if items.len() > 16 { self.timeout * 20 } else { self.timeout };
         let r = tokio::time::timeout(limit, async {
-            let mut conn = self.conn().await?;
+            let mut conn = self.conn(force).await?;
             let gens: Vec<u64> = pipe.query_async(&mut *conn).await.map_err(|e| e.to_string())?;
             Ok(items.iter().map(|(t, _)| t.clone()).zip(gens).collect::<Vec<_>>())
         })
@@ -359,18 +372,33 @@ fn decode(v: &[u8]) -> Option<Answer> {
     Some(Answer { bytes: Bytes::copy_from_slice(&v[4..]), rows })
 }
 
-/// Retries invalidations that could not reach Redis.
+/// First wait before retrying invalidations that could not reach Redis.
+const RETRY_FIRST: Duration = Duration::from_millis(20);
+/// Longest wait between retries while Redis stays unreachable.
+const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// Retries invalidations that could not reach Redis: soon after a failure
+/// (until they are delivered, other proxies may answer from their local
+/// caches what the write changed), then backing off to [`RETRY_MAX`].
 pub(super) async fn retry_pending(cache: Arc<Cache>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let Some(l2) = &cache.l2 else { return };
     loop {
+        // told by a delivery that failed; the tick is a safety net
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = l2.retry.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stopped(&mut shutdown) => return,
         }
-        if l2.pending_len() > 0 {
-            for (t, g) in l2.flush().await {
+        let mut wait = RETRY_FIRST;
+        while l2.pending_len() > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopped(&mut shutdown) => return,
+            }
+            for (t, g) in l2.flush(true).await {
                 cache.set_generation(&t, g);
             }
+            wait = (wait * 2).min(RETRY_MAX);
         }
     }
 }
@@ -397,8 +425,10 @@ async fn resync(cache: &Cache, conn: &mut ConnectionManager) {
             }
         }
     }
-    cache.flush_local();
+    // subscribed first: a lookup that still reads the old epoch may use
+    // entries made before, never ones made while it was not subscribed (none are)
     cache.subscribed.store(true, Ordering::Release);
+    cache.flush_local();
 }
 
 /// Keeps a subscription to [`CHANNEL`] and applies what other proxies invalidate.

@@ -17,8 +17,12 @@
 //!   version, which each invalidation increments: a slow reader cannot put an
 //!   old answer back after a write. A table-wide invalidation moves every proxy
 //!   to a new key generation.
-//! - Losing the pub/sub connection (or never having it) flushes L1 when it
-//!   comes back: invalidations sent meanwhile were missed.
+//! - Without the pub/sub subscription (lost, or not made yet) neither L1 nor
+//!   the bloom filters answer: other proxies' writes would not reach them.
+//!   Losing or remaking it moves the global epoch on, which makes every L1
+//!   entry and every filter loaded before unusable (filters are reloaded).
+//! - Invalidations that could not reach Redis are retried within tens of
+//!   milliseconds, not after the second reads skip Redis for.
 //! - Concurrent misses for one key share one load (moka's entry API).
 //! - Keys that do not exist are stopped by a bloom filter loaded from the
 //!   table; absent keys that get past it are cached for `negative_ttl_ms`.
@@ -131,7 +135,10 @@ struct TableState {
     epoch: AtomicU64,
     /// Redis key generation (a table-wide invalidation moves it on).
     generation: AtomicU64,
-    bloom: RwLock<Option<Arc<AtomicBloomFilter>>>,
+    /// The filter and the value of `Cache::global` when its load began: it
+    /// answers only while that is still the value (keys another proxy wrote
+    /// while this one was not subscribed are missing from it).
+    bloom: RwLock<Option<(u64, Arc<AtomicBloomFilter>)>>,
     /// Keys written while the bloom filter is being reloaded.
     recent: Mutex<Option<Vec<String>>>,
     reload: tokio::sync::Notify,
@@ -382,8 +389,17 @@ impl Cache {
     pub async fn get(&self, table: usize, key: &str, variant: u64, fetch: &Fetch<'_>) -> Result<(Arc<Answer>, Served), LoadError> {
         let started = Instant::now();
         let t = &self.tables[table];
+        // read before `subscribed`: a subscription lost after this read also moved it on
+        let global = self.global.load(Ordering::Acquire);
+        if !self.local_trusted() {
+            // other proxies' invalidations do not reach this one: nothing local is current
+            metrics::counter!(m::CACHE_BYPASS, "reason" => "not_subscribed").increment(1);
+            let (a, s) = self.load(table, key, variant, fetch).await?;
+            return Ok(self.served(a, s, started));
+        }
         // stopped by the bloom filter: the key does not exist
-        if let Some(bloom) = t.bloom.read().unwrap_or_else(|e| e.into_inner()).clone() {
+        let bloom = t.bloom.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((_, bloom)) = bloom.filter(|(g, _)| *g == global) {
             if !bloom.contains(key) {
                 let empty = if fetch.simple { self.shapes.get(&variant).map(|rd| empty_answer(Some(&rd))) } else { Some(empty_answer(None)) };
                 if let Some(a) = empty {
@@ -393,7 +409,7 @@ impl Cache {
         }
         let k = L1Key {
             table,
-            epochs: [self.global.load(Ordering::Acquire), t.epoch.load(Ordering::Acquire), self.stripe(table, key).load(Ordering::Acquire)],
+            epochs: [global, t.epoch.load(Ordering::Acquire), self.stripe(table, key).load(Ordering::Acquire)],
             key: Arc::from(key),
             variant,
         };
@@ -512,7 +528,7 @@ impl Cache {
             Some(k) => {
                 self.stripe(i.table, k).fetch_add(1, Ordering::AcqRel);
                 // a written key exists now (or did): the bloom filter must let it through
-                if let Some(b) = t.bloom.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                if let Some((_, b)) = t.bloom.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
                     b.insert(k.as_str());
                 }
                 if let Some(r) = t.recent.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -538,7 +554,7 @@ impl Cache {
     /// is retried in the background.
     pub async fn invalidate_shared(&self) {
         if let Some(l2) = &self.l2 {
-            for (table, g) in l2.flush().await {
+            for (table, g) in l2.flush(false).await {
                 self.set_generation(&table, g);
             }
         }
@@ -550,9 +566,21 @@ impl Cache {
         }
     }
 
-    /// Every local entry becomes unreachable (pub/sub was lost: invalidations may have been missed).
+    /// Every local entry and bloom filter becomes unusable (pub/sub was lost
+    /// or remade: invalidations and keys written meanwhile may have been
+    /// missed); the filters are loaded again.
     fn flush_local(&self) {
         self.global.fetch_add(1, Ordering::AcqRel);
+        for t in &self.tables {
+            t.reload.notify_one();
+        }
+    }
+
+    /// Whether this proxy's own L1 and bloom filters may answer: always
+    /// without Redis (no other proxy to hear from), else only while the
+    /// pub/sub subscription is up.
+    fn local_trusted(&self) -> bool {
+        self.l2.is_none() || self.subscribed()
     }
 
     /// A message from another proxy.
@@ -595,7 +623,7 @@ impl Cache {
                     "table": t.spec.name,
                     "key": t.spec.key,
                     "key_type_known": self.key_type(i).is_some(),
-                    "bloom_loaded": t.bloom.read().unwrap_or_else(|e| e.into_inner()).is_some(),
+                    "bloom_loaded": t.bloom.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|(g, _)| *g == self.global.load(Ordering::Acquire)),
                 })
             })
             .collect();
@@ -632,6 +660,8 @@ impl Cache {
             None => return Err(format!("table {} with column {} not found on db_default", t.spec.name, t.spec.key)),
         };
         *t.key_type.write().unwrap_or_else(|e| e.into_inner()) = Some(kt);
+        // before the keys are read: a subscription lost or remade from here on makes this filter unused
+        let global = self.global.load(Ordering::Acquire);
         *t.recent.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
         let keys_sql = format!("SELECT {}::text FROM {}", t.spec.key, t.spec.name);
         let keys = match crate::backend::query::control(&mut conn, &keys_sql).await {
@@ -652,7 +682,7 @@ impl Cache {
         for k in recent.take().unwrap_or_default() {
             bloom.insert(k.as_str());
         }
-        *t.bloom.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(bloom));
+        *t.bloom.write().unwrap_or_else(|e| e.into_inner()) = Some((global, Arc::new(bloom)));
         drop(recent);
         metrics::gauge!(m::CACHE_BLOOM_KEYS, "table" => t.spec.name.clone()).set(keys.len() as f64);
         Ok(keys.len())
