@@ -494,8 +494,13 @@ impl Cluster {
     /// Starts another proxy on new ports with the same configuration (same
     /// shards, db_default and Redis); it is killed when the value is dropped.
     pub fn start_extra_proxy(&self) -> Result<ExtraProxy> {
+        self.start_extra_proxy_edited(|c| c)
+    }
+
+    /// [`Cluster::start_extra_proxy`] with its configuration text changed by `edit` first.
+    pub fn start_extra_proxy_edited(&self, edit: impl FnOnce(String) -> String) -> Result<ExtraProxy> {
         let (port, admin) = (free_port(), free_port());
-        let config = fs::read_to_string(self.config_path())?
+        let config = edit(fs::read_to_string(self.config_path())?)
             .replacen(&format!("listen = \"127.0.0.1:{}\"", self.info.proxy_port), &format!("listen = \"127.0.0.1:{port}\""), 1)
             .replacen(&format!("admin_listen = \"127.0.0.1:{}\"", self.info.admin_port), &format!("admin_listen = \"127.0.0.1:{admin}\""), 1);
         let path = self.info.root.join(format!("shardgate-{port}.toml"));

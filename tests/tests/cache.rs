@@ -409,3 +409,34 @@ async fn a_proxy_without_its_subscription_answers_from_the_database() {
     assert_eq!(name_of(&pb, 700).await.as_deref(), Some("during the outage"));
     assert!(metric(&b.admin_url, "shardgate_cache_bypass_total", "not_subscribed") >= 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_its_subscription_does_not_read_redis_under_a_generation_it_missed() {
+    let c = start();
+    let _db = seed(&c).await;
+    // B's Redis user may read and write keys but not subscribe: B never hears another proxy
+    let url = c.info.redis_url.clone().expect("redis url");
+    let port = url.rsplit(':').next().expect("port").to_string();
+    let acl = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "ACL", "SETUSER", "nosub", "on", ">nosub-secret", "~*", "resetchannels", "+@all"])
+        .output()
+        .expect("redis-cli");
+    assert!(String::from_utf8_lossy(&acl.stdout).contains("OK"), "ACL SETUSER: {acl:?}");
+    let b = c.start_extra_proxy_edited(|t| t.replacen(&url, &url.replacen("://", "://nosub:nosub-secret@", 1), 1)).expect("second proxy");
+    let pa = connect(&c.info.proxy_dsn).await.expect("proxy A");
+    let pb = connect(&b.dsn).await.expect("proxy B");
+    wait_for("A subscribed", Duration::from_secs(20), || subscribed(&c.info.admin_url)).await;
+    // in Redis under the table's current generation (A's read stores it)
+    for _ in 0..2 {
+        assert_eq!(name_of(&pa, 900).await.as_deref(), Some("merchant 900"));
+    }
+    assert!(metric(&c.info.admin_url, "shardgate_cache_hits_total", "level=\"l1\"") >= 1.0);
+    // a write whose keys cannot be read from it moves the table to a new generation;
+    // the old one's entries stay in Redis (under a generation only A and Redis know is old)
+    pa.execute("UPDATE t_merchant SET merchant_name = 'renamed' WHERE merchant_name = 'merchant 900'", &[]).await.expect("table-wide update on A");
+    assert!(!subscribed(&b.admin_url), "B cannot subscribe");
+    for _ in 0..2 {
+        assert_eq!(name_of(&pb, 900).await.as_deref(), Some("renamed"), "B answered from Redis under a generation it never heard was old");
+    }
+    assert_eq!(metric(&b.admin_url, "shardgate_cache_hits_total", "level=\"l2\""), 0.0);
+}

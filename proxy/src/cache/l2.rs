@@ -415,20 +415,29 @@ fn resp3(url: &str) -> String {
 
 /// Reads the tables' generations and drops every local entry: called when
 /// the subscription is (re)made, since messages sent meanwhile are lost.
-async fn resync(cache: &Cache, conn: &mut ConnectionManager) {
+/// Until the generations are read (false: tried again later) the proxy
+/// stays unsubscribed, using neither its local cache nor Redis.
+async fn resync(cache: &Cache, conn: &mut ConnectionManager) -> bool {
     let names: Vec<String> = cache.tables.iter().map(|t| gkey(&t.spec.name)).collect();
     if !names.is_empty() {
         let gens: redis::RedisResult<Vec<Option<u64>>> = redis::cmd("MGET").arg(&names).query_async(conn).await;
-        if let Ok(gens) = gens {
-            for (t, g) in cache.tables.iter().zip(gens) {
-                t.generation.store(g.unwrap_or(0), Ordering::Release);
+        match gens {
+            Ok(gens) => {
+                for (t, g) in cache.tables.iter().zip(gens) {
+                    t.generation.store(g.unwrap_or(0), Ordering::Release);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cache: reading the table generations failed; retrying");
+                return false;
             }
         }
     }
-    // subscribed first: a lookup that still reads the old epoch may use
-    // entries made before, never ones made while it was not subscribed (none are)
+    // subscribed first, then the epoch moved on: whatever was made before it
+    // (L1 entries, filters, which are never made unsubscribed) goes unused
     cache.subscribed.store(true, Ordering::Release);
     cache.flush_local();
+    true
 }
 
 /// Keeps a subscription to [`CHANNEL`] and applies what other proxies invalidate.
@@ -468,7 +477,8 @@ pub(super) async fn listen(cache: Arc<Cache>, mut shutdown: tokio::sync::watch::
             }
         };
         warned = false;
-        resync(&cache, &mut conn).await;
+        // a resync that failed is tried again at the next ping that goes through
+        let mut need_resync = !resync(&cache, &mut conn).await;
         tracing::info!("cache: subscribed to Redis invalidations");
         let mut ping = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -488,17 +498,26 @@ pub(super) async fn listen(cache: Arc<Cache>, mut shutdown: tokio::sync::watch::
                         PushKind::Disconnection => {
                             cache.subscribed.store(false, Ordering::Release);
                             cache.flush_local();
+                            // not before the subscription is remade (its Subscribe resyncs)
+                            need_resync = false;
                         }
                         // resubscribed after a reconnect
-                        PushKind::Subscribe => resync(&cache, &mut conn).await,
+                        PushKind::Subscribe => need_resync = !resync(&cache, &mut conn).await,
                         _ => {}
                     }
                 }
                 _ = ping.tick() => {
                     // keeps the connection checked; a failure makes the manager reconnect
                     let r: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut conn).await;
-                    if r.is_err() && cache.subscribed.swap(false, Ordering::AcqRel) {
-                        cache.flush_local();
+                    if r.is_err() {
+                        if cache.subscribed.swap(false, Ordering::AcqRel) {
+                            cache.flush_local();
+                        }
+                        // a PING that goes through again runs after the manager's
+                        // resubscription (if it reconnected): resync then
+                        need_resync = true;
+                    } else if need_resync {
+                        need_resync = !resync(&cache, &mut conn).await;
                     }
                 }
                 _ = stopped(&mut shutdown) => return,

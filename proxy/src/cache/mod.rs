@@ -17,8 +17,10 @@
 //!   version, which each invalidation increments: a slow reader cannot put an
 //!   old answer back after a write. A table-wide invalidation moves every proxy
 //!   to a new key generation.
-//! - Without the pub/sub subscription (lost, or not made yet) neither L1 nor
-//!   the bloom filters answer: other proxies' writes would not reach them.
+//! - Without the pub/sub subscription (lost, or not made yet) neither L1,
+//!   the bloom filters nor Redis answer: other proxies' writes would not
+//!   reach the first two, and a table generation moved on unheard would make
+//!   old Redis entries look current.
 //!   Losing or remaking it moves the global epoch on, which makes every L1
 //!   entry and every filter loaded before unusable (filters are reloaded).
 //! - Invalidations that could not reach Redis are retried within tens of
@@ -135,10 +137,11 @@ struct TableState {
     epoch: AtomicU64,
     /// Redis key generation (a table-wide invalidation moves it on).
     generation: AtomicU64,
-    /// The filter and the value of `Cache::global` when its load began: it
-    /// answers only while that is still the value (keys another proxy wrote
-    /// while this one was not subscribed are missing from it).
-    bloom: RwLock<Option<(u64, Arc<AtomicBloomFilter>)>>,
+    /// The filter and the values of `Cache::global` and of this table's
+    /// `epoch` when its load began: it answers only while both are still
+    /// those (keys another proxy wrote while this one was not subscribed, or
+    /// that a table-wide write added, may be missing from it).
+    bloom: RwLock<Option<([u64; 2], Arc<AtomicBloomFilter>)>>,
     /// Keys written while the bloom filter is being reloaded.
     recent: Mutex<Option<Vec<String>>>,
     reload: tokio::sync::Notify,
@@ -392,14 +395,14 @@ impl Cache {
         // read before `subscribed`: a subscription lost after this read also moved it on
         let global = self.global.load(Ordering::Acquire);
         if !self.local_trusted() {
-            // other proxies' invalidations do not reach this one: nothing local is current
+            // other proxies' invalidations do not reach this one: nothing it holds, and
+            // nothing in Redis under a table generation it may have missed, is current
             metrics::counter!(m::CACHE_BYPASS, "reason" => "not_subscribed").increment(1);
-            let (a, s) = self.load(table, key, variant, fetch).await?;
-            return Ok(self.served(a, s, started));
+            let a = Arc::new(self.fetch(fetch).await?);
+            return Ok(self.served(a, Served::Db, started));
         }
         // stopped by the bloom filter: the key does not exist
-        let bloom = t.bloom.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some((_, bloom)) = bloom.filter(|(g, _)| *g == global) {
+        if let Some(bloom) = self.bloom_at(t, global) {
             if !bloom.contains(key) {
                 let empty = if fetch.simple { self.shapes.get(&variant).map(|rd| empty_answer(Some(&rd))) } else { Some(empty_answer(None)) };
                 if let Some(a) = empty {
@@ -527,12 +530,14 @@ impl Cache {
         match &i.key {
             Some(k) => {
                 self.stripe(i.table, k).fetch_add(1, Ordering::AcqRel);
-                // a written key exists now (or did): the bloom filter must let it through
-                if let Some((_, b)) = t.bloom.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                    b.insert(k.as_str());
-                }
+                // a written key exists now (or did): the bloom filter must let it through.
+                // The list of a reload in flight first: a reload swaps its filter in while it
+                // holds the list, so the key is in the list it takes or in the filter it swapped in
                 if let Some(r) = t.recent.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
                     r.push(k.clone());
+                }
+                if let Some((_, b)) = t.bloom.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    b.insert(k.as_str());
                 }
                 metrics::counter!(m::CACHE_INVALIDATIONS, "origin" => origin, "scope" => "key").increment(1);
             }
@@ -571,9 +576,19 @@ impl Cache {
     /// missed); the filters are loaded again.
     fn flush_local(&self) {
         self.global.fetch_add(1, Ordering::AcqRel);
-        for t in &self.tables {
-            t.reload.notify_one();
+        // (a filter loaded while not subscribed would not be used)
+        if self.local_trusted() {
+            for t in &self.tables {
+                t.reload.notify_one();
+            }
         }
+    }
+
+    /// The table's bloom filter, if loaded since `global` and its own epoch
+    /// were last moved on.
+    fn bloom_at(&self, t: &TableState, global: u64) -> Option<Arc<AtomicBloomFilter>> {
+        let tag = [global, t.epoch.load(Ordering::Acquire)];
+        t.bloom.read().unwrap_or_else(|e| e.into_inner()).as_ref().filter(|(at, _)| *at == tag).map(|(_, b)| b.clone())
     }
 
     /// Whether this proxy's own L1 and bloom filters may answer: always
@@ -623,7 +638,7 @@ impl Cache {
                     "table": t.spec.name,
                     "key": t.spec.key,
                     "key_type_known": self.key_type(i).is_some(),
-                    "bloom_loaded": t.bloom.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|(g, _)| *g == self.global.load(Ordering::Acquire)),
+                    "bloom_loaded": self.local_trusted() && self.bloom_at(t, self.global.load(Ordering::Acquire)).is_some(),
                 })
             })
             .collect();
@@ -660,8 +675,13 @@ impl Cache {
             None => return Err(format!("table {} with column {} not found on db_default", t.spec.name, t.spec.key)),
         };
         *t.key_type.write().unwrap_or_else(|e| e.into_inner()) = Some(kt);
-        // before the keys are read: a subscription lost or remade from here on makes this filter unused
-        let global = self.global.load(Ordering::Acquire);
+        // before the keys are read: a subscription lost or remade, or a table-wide write,
+        // from here on makes this filter unused; so does loading it while not subscribed
+        // (keys other proxies wrote are not heard of)
+        let tag = match (self.global.load(Ordering::Acquire), t.epoch.load(Ordering::Acquire)) {
+            (g, e) if self.local_trusted() => [g, e],
+            _ => [u64::MAX; 2],
+        };
         *t.recent.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
         let keys_sql = format!("SELECT {}::text FROM {}", t.spec.key, t.spec.name);
         let keys = match crate::backend::query::control(&mut conn, &keys_sql).await {
@@ -682,7 +702,7 @@ impl Cache {
         for k in recent.take().unwrap_or_default() {
             bloom.insert(k.as_str());
         }
-        *t.bloom.write().unwrap_or_else(|e| e.into_inner()) = Some((global, Arc::new(bloom)));
+        *t.bloom.write().unwrap_or_else(|e| e.into_inner()) = Some((tag, Arc::new(bloom)));
         drop(recent);
         metrics::gauge!(m::CACHE_BLOOM_KEYS, "table" => t.spec.name.clone()).set(keys.len() as f64);
         Ok(keys.len())
