@@ -440,3 +440,40 @@ async fn a_proxy_without_its_subscription_does_not_read_redis_under_a_generation
     }
     assert_eq!(metric(&b.admin_url, "shardgate_cache_hits_total", "level=\"l2\""), 0.0);
 }
+
+fn redis_cli(c: &Cluster, args: &[&str]) -> String {
+    let url = c.info.redis_url.clone().expect("redis url");
+    let port = url.rsplit(':').next().expect("port").to_string();
+    let out = std::process::Command::new("redis-cli").args(["-p", &port]).args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_subscribes_again_after_its_redis_login_was_refused_for_a_while() {
+    let c = start();
+    let _db = seed(&c).await;
+    assert!(redis_cli(&c, &["ACL", "SETUSER", "flaky", "on", ">flaky-secret", "~*", "allchannels", "+@all"]).contains("OK"));
+    let url = c.info.redis_url.clone().expect("redis url");
+    let b = c.start_extra_proxy_edited(|t| t.replacen(&url, &url.replacen("://", "://flaky:flaky-secret@", 1), 1)).expect("second proxy");
+    wait_for("B subscribed", Duration::from_secs(20), || subscribed(&b.admin_url)).await;
+    // B's logins are refused (a server error, not an I/O error) until the user is enabled again
+    assert!(redis_cli(&c, &["ACL", "SETUSER", "flaky", "off"]).contains("OK"));
+    redis_cli(&c, &["CLIENT", "KILL", "USER", "flaky"]);
+    wait_for("B noticed it lost its subscription", Duration::from_secs(20), || !subscribed(&b.admin_url)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(redis_cli(&c, &["ACL", "SETUSER", "flaky", "on"]).contains("OK"));
+    wait_for("B subscribed again", Duration::from_secs(30), || subscribed(&b.admin_url)).await;
+    // and uses its cache again: a write through A reaches it
+    let pa = connect(&c.info.proxy_dsn).await.expect("proxy A");
+    let pb = connect(&b.dsn).await.expect("proxy B");
+    for _ in 0..2 {
+        assert_eq!(name_of(&pb, 950).await.as_deref(), Some("merchant 950"));
+    }
+    pa.execute("UPDATE t_merchant SET merchant_name = 'after the refusals' WHERE merchant_id = $1", &[&950i64]).await.expect("update on A");
+    let t0 = Instant::now();
+    while name_of(&pb, 950).await.as_deref() != Some("after the refusals") {
+        assert!(t0.elapsed() < Duration::from_secs(5), "B still answers the old value 5 s after the write");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(metric(&b.admin_url, "shardgate_cache_hits_total", "level=\"l1\"") >= 1.0, "B answers from its L1 again");
+}

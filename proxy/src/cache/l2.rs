@@ -419,7 +419,15 @@ fn resp3(url: &str) -> String {
 /// stays unsubscribed, using neither its local cache nor Redis.
 async fn resync(cache: &Cache, conn: &mut ConnectionManager) -> bool {
     let names: Vec<String> = cache.tables.iter().map(|t| gkey(&t.spec.name)).collect();
-    if !names.is_empty() {
+    // a generation learned while the MGET was out (this proxy's own table-wide write,
+    // another's message) may be newer than what it read: read again then. (Not the
+    // larger of the two: a Redis that lost its data starts the generations again at 0.)
+    let mut stable = names.is_empty();
+    for _ in 0..5 {
+        if stable {
+            break;
+        }
+        let moves = cache.generation_moves.load(Ordering::Acquire);
         let gens: redis::RedisResult<Vec<Option<u64>>> = redis::cmd("MGET").arg(&names).query_async(conn).await;
         match gens {
             Ok(gens) => {
@@ -432,6 +440,10 @@ async fn resync(cache: &Cache, conn: &mut ConnectionManager) -> bool {
                 return false;
             }
         }
+        stable = cache.generation_moves.load(Ordering::Acquire) == moves;
+    }
+    if !stable {
+        return false;
     }
     // subscribed first, then the epoch moved on: whatever was made before it
     // (L1 entries, filters, which are never made unsubscribed) goes unused
@@ -439,6 +451,9 @@ async fn resync(cache: &Cache, conn: &mut ConnectionManager) -> bool {
     cache.flush_local();
     true
 }
+
+/// PINGs of the invalidation connection that may fail in a row before it is made anew.
+const MAX_FAILED_PINGS: u32 = 10;
 
 /// Keeps a subscription to [`CHANNEL`] and applies what other proxies invalidate.
 pub(super) async fn listen(cache: Arc<Cache>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
@@ -481,6 +496,9 @@ pub(super) async fn listen(cache: Arc<Cache>, mut shutdown: tokio::sync::watch::
         let mut need_resync = !resync(&cache, &mut conn).await;
         tracing::info!("cache: subscribed to Redis invalidations");
         let mut ping = tokio::time::interval(Duration::from_millis(500));
+        // PINGs failed in a row: the manager keeps a connection error that is not an I/O
+        // error (a refused AUTH, maxclients) for ever, so after a while it is made anew
+        let mut failed_pings = 0u32;
         loop {
             tokio::select! {
                 p = rx.recv() => {
@@ -509,15 +527,27 @@ pub(super) async fn listen(cache: Arc<Cache>, mut shutdown: tokio::sync::watch::
                 _ = ping.tick() => {
                     // keeps the connection checked; a failure makes the manager reconnect
                     let r: redis::RedisResult<Value> = redis::cmd("PING").query_async(&mut conn).await;
-                    if r.is_err() {
+                    if let Err(e) = r {
                         if cache.subscribed.swap(false, Ordering::AcqRel) {
                             cache.flush_local();
                         }
-                        // a PING that goes through again runs after the manager's
-                        // resubscription (if it reconnected): resync then
                         need_resync = true;
-                    } else if need_resync {
-                        need_resync = !resync(&cache, &mut conn).await;
+                        failed_pings += 1;
+                        if failed_pings >= MAX_FAILED_PINGS {
+                            tracing::warn!(error = %e, "cache: the Redis invalidation connection keeps failing; connecting again");
+                            break;
+                        }
+                    } else {
+                        failed_pings = 0;
+                        if need_resync {
+                            // subscribe again (the manager's own resubscription after a
+                            // reconnect is not checked), then resync; the Subscribe message
+                            // this sends resyncs once more, harmlessly
+                            need_resync = match conn.subscribe(CHANNEL).await {
+                                Ok(()) => !resync(&cache, &mut conn).await,
+                                Err(_) => true,
+                            };
+                        }
                     }
                 }
                 _ = stopped(&mut shutdown) => return,
