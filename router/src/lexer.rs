@@ -93,6 +93,18 @@ pub(crate) fn tokens(sql: &str) -> Vec<Token<'_>> {
     out
 }
 
+/// Whether `sql` is one statement: no `;` outside literals, quoted names and
+/// comments, but at its end.
+pub fn is_one_statement(sql: &str) -> bool {
+    let (mut ended, mut more) = (false, false);
+    scan(sql, |t| match t {
+        Token::Semicolon => ended = true,
+        _ if ended => more = true,
+        _ => {}
+    });
+    !more
+}
+
 /// Calls `emit` with each token of `sql` in order, without collecting them.
 pub(crate) fn scan<'a>(sql: &'a str, mut emit: impl FnMut(Token<'a>)) {
     let b = sql.as_bytes();
@@ -241,6 +253,23 @@ mod tests {
         assert!(contains_ignore_case(b"T_ORDER", b"t_order"));
         assert!(!contains_ignore_case(b"t_orde", b"t_order"));
         assert!(contains_ignore_case(b"", b""));
+    }
+
+    #[test]
+    fn one_statement_is_told_from_several() {
+        for one in [
+            "SELECT 1",
+            "SELECT 1;",
+            "SELECT 1; ;",
+            "SELECT ';' FROM t",
+            "SELECT $$;$$, $a$;$a$, \"a;b\", E'\\';' -- ;\n FROM t /* ; /* ; */ ; */",
+            "SELECT 1; -- trailing comment",
+        ] {
+            assert!(is_one_statement(one), "{one}");
+        }
+        for several in ["SELECT 1; SELECT 2", "SELECT ''; DROP TABLE t", "SELECT E'\\''; DROP TABLE t; '", "SELECT 1;x"] {
+            assert!(!is_one_statement(several), "{several}");
+        }
     }
 
     fn words(sql: &str) -> Vec<String> {

@@ -36,7 +36,7 @@ pub use analyze::{analyze, Analysis};
 pub use extract::Probe;
 pub use error::{Result, RouteError};
 pub use plan::{Agg, CmpOp, ColRef, DistinctKind, Grouping, Having, LookupRow, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
-pub use lexer::{contains_ignore_case, first_word};
+pub use lexer::{contains_ignore_case, first_word, is_one_statement};
 pub use setting::{setting_change, SettingChange};
 pub use session::{may_pin, session_effect, SessionEffect};
 pub use topology::{Context, Param, Resolved, SessionZone, TableRule, Topology};

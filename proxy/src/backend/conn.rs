@@ -196,6 +196,8 @@ pub struct ServerConn {
     ahead_count: u32,
     /// What [`ServerConn::read_frame`] still owes the deferred statements it sent.
     owed: Owed,
+    /// A message read and given back (see [`ServerConn::unread`]).
+    unread: Option<Frame>,
 }
 
 /// The answers of deferred statements sent ahead of an extended-protocol
@@ -234,6 +236,7 @@ impl ServerConn {
             ahead: BytesMut::new(),
             ahead_count: 0,
             owed: Owed::default(),
+            unread: None,
         };
         let mut out = BytesMut::new();
         let mut params: Vec<(&str, &str)> = vec![("user", &dsn.user), ("database", &dsn.dbname)];
@@ -329,6 +332,9 @@ impl ServerConn {
     /// Reads one whole message from the server, after the answers of the
     /// deferred statements sent ahead of the caller's (see [`ServerConn::defer`]).
     pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
+        if let Some(f) = self.unread.take() {
+            return Ok(f);
+        }
         loop {
             let f = self.read_raw().await?;
             if self.owed.completes > 0 {
@@ -396,6 +402,12 @@ impl ServerConn {
         self.ahead_count += 1;
     }
 
+    /// Gives a message back: the next [`ServerConn::read_frame`] returns it.
+    pub fn unread(&mut self, f: Frame) {
+        debug_assert!(self.unread.is_none(), "one message given back at a time");
+        self.unread = Some(f);
+    }
+
     /// Whether statements are deferred and not yet sent.
     pub fn has_deferred(&self) -> bool {
         self.ahead_count > 0
@@ -450,7 +462,7 @@ impl ServerConn {
     /// Whether the connection is idle and in step: nothing deferred unsent,
     /// no deferred answer unread (the pool takes back only such connections).
     pub fn in_step(&self) -> bool {
-        self.ahead_count == 0 && self.owed.completes == 0
+        self.ahead_count == 0 && self.owed.completes == 0 && self.unread.is_none()
     }
 
     /// Runs a simple query to completion, discarding its rows (control use only).

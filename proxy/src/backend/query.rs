@@ -148,6 +148,11 @@ pub async fn read_head(conn: &mut ServerConn, notices: &mut BytesMut) -> Result<
             b'N' => notices.extend_from_slice(&f.raw),
             b'T' => return Ok(Head::Rows(f.raw)),
             b'n' => return Ok(Head::NoRows),
+            // a simple Query's statement without rows has no NoData: its tag comes at once
+            b'C' => {
+                conn.unread(f);
+                return Ok(Head::NoRows);
+            }
             b'E' => return Ok(Head::Failed(ServerError::from_frame(&f))),
             t => return Err(BackendError::Protocol(format!("unexpected message {:?} before results", t as char))),
         }

@@ -319,6 +319,25 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
     let mut used: Vec<(usize, String)> = Vec::new();
     let mut serial_bufs: Vec<BytesMut> = Vec::new();
     let mut parsed: Vec<(usize, String)> = Vec::new();
+    // a simple-protocol client's statement whose targets have no values to bind: one
+    // simple Query per connection, as the client's own protocol has it (not Parse, Bind,
+    // Describe, Execute per target and a Sync; the shard also plans each as the simple
+    // query it is). A connection's targets go as one multi-statement Query, which the
+    // server runs as one implicit transaction outside a block, skipping the rest after
+    // a failure, like the one-Sync pipeline. Each target text must be one statement (a
+    // Parse would refuse several). Not with a PREPARE riding behind, nor with a deferred
+    // BEGIN (ahead of a Query it takes a round trip of its own)
+    let simple_query = req.simple
+        && !req.serial
+        && prepare_as.is_none()
+        && routed.targets.iter().all(|t| {
+            t.extra.is_empty()
+                && t.params.as_ref().map_or(req.bound.values.is_empty(), Vec::is_empty)
+                && shardgate_router::is_one_statement(&t.sql)
+                && slots.get(t.shard.0 as usize).and_then(Option::as_ref).is_some_and(|s| !s.conn.has_deferred())
+        });
+    // (the texts of each connection's Query, in `bufs` order)
+    let mut query_texts: Vec<String> = Vec::new();
     for t in &routed.targets {
         let shard = t.shard.0 as usize;
         let idx: Vec<usize> = match &t.params {
@@ -347,6 +366,17 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         // extended-protocol clients repeat their statements: keep them prepared on the shard
         // connection (named by text and types), so the shard parses and plans once
         // (at most pool.max_prepared_statements, the least recently used closed to make room)
+        if simple_query {
+            let i = bufs.iter().position(|(s, _)| *s == shard).expect("a buffer per connection");
+            query_texts.resize(bufs.len(), String::new());
+            let text = &mut query_texts[i];
+            if !text.is_empty() {
+                // (a newline first: a text may end in a -- comment)
+                text.push_str("\n;\n");
+            }
+            text.push_str(&t.sql);
+            continue;
+        }
         let conn = &mut slots[shard].as_mut().expect("held").conn;
         let name = (!req.simple).then(|| target_statement_name(&t.sql, &types));
         let parse = match &name {
@@ -391,7 +421,12 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
     // one Sync per connection: its targets run as one pipeline, in one implicit
     // transaction outside a block (a failure in a later month table undoes the earlier
     // ones, and the server skips the rest), and a deferred BEGIN can ride in front
-    for (shard, buf) in bufs.iter_mut() {
+    if simple_query {
+        for ((_, buf), text) in bufs.iter_mut().zip(&query_texts) {
+            buf.extend_from_slice(&crate::protocol::frontend::query(text));
+        }
+    }
+    for (shard, buf) in bufs.iter_mut().filter(|_| !simple_query) {
         wire::put_sync(buf);
         if let Some((_, mut close)) = closes.iter().position(|(s, _)| s == shard).map(|i| closes.swap_remove(i)) {
             close.extend_from_slice(buf);
