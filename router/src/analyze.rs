@@ -265,6 +265,19 @@ fn protect_unary_signs(stmt: &mut Statement) {
 /// shards run (over a UNION ALL of month tables) does not.
 const SYSTEM_COLUMNS: [&str; 6] = ["ctid", "tableoid", "xmin", "xmax", "cmin", "cmax"];
 
+/// Functions that change the server session beyond the statement: on a shard
+/// connection, which other clients use after this one, they are refused.
+const SESSION_FUNCTIONS: [&str; 8] = [
+    "set_config",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+];
+
 struct Printable {
     refused: Option<String>,
     /// The sharded table's name.
@@ -302,6 +315,18 @@ impl VisitorMut for Printable {
     }
 
     fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = &*expr {
+            if let Some(sqlparser::ast::ObjectNamePart::Identifier(i)) = f.name.0.last() {
+                let name = if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };
+                if SESSION_FUNCTIONS.contains(&name.as_str()) {
+                    self.refused = Some(format!(
+                        "{name}() is not supported in a statement on a sharded table: it would change the shard connection's session, \
+                         which shardgate shares between clients; use SET LOCAL (settings) or pg_advisory_xact_lock (locks) in a transaction"
+                    ));
+                    return ControlFlow::Break(());
+                }
+            }
+        }
         // public.t_order.col: the shards read t_order as a derived table, which has no schema
         if let Expr::CompoundIdentifier(parts) = expr {
             let norm = |i: &Ident| if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };

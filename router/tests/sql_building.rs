@@ -159,3 +159,30 @@ fn forms_sqlparser_cannot_print_exactly_are_refused() {
     let Ok(Plan::Routed(r)) = shardgate_router::plan(sql, &[], &w.topo, &w.ctx()) else { panic!("{sql} not routed") };
     assert!(r.targets[0].sql.contains("$sg1$it's \\ $sg$$sg1$"), "{}", r.targets[0].sql);
 }
+
+/// Functions that change the session of the shard connection (which other
+/// clients use next) are refused wherever they stand, however they are named.
+#[test]
+fn functions_that_change_the_shard_session_are_refused() {
+    let w = golden_cases::World::new();
+    for sql in [
+        "SELECT set_config('standard_conforming_strings', 'off', false) FROM t_order WHERE merchant_id = 1",
+        "SELECT id FROM t_order WHERE merchant_id = 1 AND set_config('search_path', 'evil', true) IS NOT NULL",
+        "SELECT pg_catalog.set_config('search_path', 'evil', false) FROM t_order WHERE merchant_id = 1",
+        "SELECT \"set_config\"('search_path', 'evil', false) FROM t_order WHERE merchant_id = 1",
+        "SELECT SET_CONFIG('search_path', 'evil', false) FROM t_order WHERE merchant_id = 1",
+        "UPDATE t_order SET pay_status = set_config('a.b', 'c', false) WHERE merchant_id = 1 AND create_time >= '2026-11-01'",
+        "SELECT pg_advisory_lock(id) FROM t_order WHERE merchant_id = 1",
+        "SELECT pg_try_advisory_lock_shared(1) FROM t_order WHERE merchant_id = 1",
+        "SELECT pg_advisory_unlock_all() FROM t_order WHERE merchant_id = 1",
+        "SELECT count(*) FROM t_order WHERE merchant_id = 1 AND id IN (SELECT pg_advisory_lock(2))",
+    ] {
+        match shardgate_router::plan(sql, &[], &w.topo, &w.ctx()) {
+            Err(e) => assert_eq!(e.sqlstate(), "0A000", "{sql}: {e}"),
+            Ok(p) => panic!("{sql} was planned: {p:?}"),
+        }
+    }
+    // transaction-scoped locks end with the shard's transaction: allowed
+    let sql = "SELECT pg_advisory_xact_lock(1) FROM t_order WHERE merchant_id = 1";
+    assert!(matches!(shardgate_router::plan(sql, &[], &w.topo, &w.ctx()), Ok(Plan::Routed(_))), "{sql}");
+}

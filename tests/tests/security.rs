@@ -769,3 +769,46 @@ async fn the_statement_caches_are_bounded_in_bytes() {
     assert_eq!(refused, "53400");
     assert!((15..40).contains(&prepared), "{prepared} named statements before the byte cap");
 }
+
+/// A statement on t_order cannot change the session of the shard connection it
+/// runs on (which other clients use next): found by a review of the simple
+/// Query path, where `standard_conforming_strings` turned off that way made a
+/// spliced literal `'a\'` end early and the rest of the text a second statement.
+#[tokio::test]
+async fn a_statement_on_t_order_cannot_change_the_shard_session() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES (1, 'S1', 1, '2026-11-02 00:00+00')").await.expect("seed");
+    let month = "t_order_202611";
+    assert!(!tables_named(&c, month).await.is_empty());
+    for sql in [
+        "SELECT set_config('standard_conforming_strings', 'off', false) FROM t_order WHERE merchant_id = 1",
+        "SELECT id FROM t_order WHERE merchant_id = 1 AND \"set_config\"('standard_conforming_strings', 'off', true) IS NOT NULL",
+        "SELECT pg_catalog.set_config('search_path', 'pg_temp', false) FROM t_order WHERE merchant_id = 1",
+        "SELECT pg_advisory_lock(42) FROM t_order WHERE merchant_id = 1",
+    ] {
+        // on its own and inside a block (where a setting local to the transaction would last
+        // for the statements after it)
+        let e = client.simple_query(sql).await.expect_err("refused");
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{sql}: {e}");
+        client.batch_execute("BEGIN").await.expect("begin");
+        let e = client.simple_query(sql).await.expect_err("refused in a block");
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{sql}: {e}");
+        client.batch_execute("ROLLBACK").await.expect("rollback");
+    }
+    // the text the reviewer's attack sent next: one literal, on every shard connection
+    for _ in 0..20 {
+        let rows = client
+            .simple_query(r"SELECT id FROM t_order WHERE merchant_id = 1 AND order_no = 'a\' AND pay_status = '; DROP TABLE t_order_202611; --'")
+            .await
+            .expect("one statement");
+        assert!(!rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
+    }
+    assert_eq!(tables_named(&c, month).await.len(), 8, "every shard still has {month}");
+    // nor did any of them reach a shard's session
+    for dsn in &c.info.shards {
+        let db = connect(dsn).await.expect("direct");
+        let n: i64 = db.query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", &[]).await.expect("pg_locks").get(0);
+        assert_eq!(n, 0, "an advisory lock is held on {dsn}");
+    }
+}

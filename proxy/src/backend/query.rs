@@ -138,13 +138,25 @@ pub enum Event {
     Failed(ServerError),
 }
 
+/// A ParameterStatus in a routed statement's answer: a statement that turned
+/// standard_conforming_strings off (however it got past the router) leaves a
+/// connection whose server reads string literals differently from shardgate;
+/// it is not used again.
+fn watch_parameter(conn: &mut ServerConn, f: &crate::protocol::codec::Frame) {
+    let mut parts = f.body().split(|b| *b == 0);
+    if parts.next() == Some(b"standard_conforming_strings".as_slice()) && parts.next() != Some(b"on".as_slice()) {
+        conn.broken = true;
+    }
+}
+
 /// Reads CloseComplete (of an evicted statement)/ParseComplete/BindComplete
 /// and the portal description.
 pub async fn read_head(conn: &mut ServerConn, notices: &mut BytesMut) -> Result<Head, BackendError> {
     loop {
         let f = conn.read_frame().await?;
         match f.tag {
-            b'1' | b'2' | b'3' | b'S' | b'A' => {}
+            b'S' => watch_parameter(conn, &f),
+            b'1' | b'2' | b'3' | b'A' => {}
             b'N' => notices.extend_from_slice(&f.raw),
             b'T' => return Ok(Head::Rows(f.raw)),
             b'n' => return Ok(Head::NoRows),
@@ -172,7 +184,8 @@ pub async fn next_event(conn: &mut ServerConn, notices: &mut BytesMut) -> Result
             b'I' => return Ok(Event::Done(String::new())),
             b'E' => return Ok(Event::Failed(ServerError::from_frame(&f))),
             b'N' => notices.extend_from_slice(&f.raw),
-            b'S' | b'A' => {}
+            b'S' => watch_parameter(conn, &f),
+            b'A' => {}
             t => return Err(BackendError::Protocol(format!("unexpected message {:?} in results", t as char))),
         }
     }

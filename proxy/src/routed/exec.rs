@@ -333,6 +333,10 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         && routed.targets.iter().all(|t| {
             t.extra.is_empty()
                 && t.params.as_ref().map_or(req.bound.values.is_empty(), Vec::is_empty)
+                // (no backslash: however the server's standard_conforming_strings is set,
+                // it reads every literal where the lexer does; no CR, which ends a -- comment
+                // for the server but not for the lexer)
+                && !t.sql.contains(['\\', '\r'])
                 && shardgate_router::is_one_statement(&t.sql)
                 && slots.get(t.shard.0 as usize).and_then(Option::as_ref).is_some_and(|s| !s.conn.has_deferred())
         });
