@@ -252,35 +252,40 @@ async fn serve_conn(s: TcpStream, script: Shared) -> std::io::Result<()> {
             }
             b'H' => {}
             b'Q' => {
-                let sql = read_cstr(&mut b);
+                let text = read_cstr(&mut b);
                 let mut sc = script.lock().expect("script");
-                sc.seen.push((db.clone(), sql.clone()));
-                if let Some(code) = sc.failing(&db, &sql) {
-                    error(&mut out, code, "scripted failure");
-                    if status == b'T' {
-                        status = b'E';
-                    }
-                } else if is_select(&sql) {
-                    match sc.rows.get(&db) {
-                        Some((cols, rows)) => {
-                            row_description(&mut out, cols);
-                            rows_and_tag(&mut out, rows);
+                // several statements (as shardgate joins a connection's targets): each
+                // answered in turn, none after one that fails
+                for sql in text.split("\n;\n").map(str::to_string) {
+                    sc.seen.push((db.clone(), sql.clone()));
+                    if let Some(code) = sc.failing(&db, &sql) {
+                        error(&mut out, code, "scripted failure");
+                        if status == b'T' {
+                            status = b'E';
                         }
-                        None => put(&mut out, b'C', |o| cstr(o, "SELECT 0")),
+                        break;
+                    } else if is_select(&sql) {
+                        match sc.rows.get(&db) {
+                            Some((cols, rows)) => {
+                                row_description(&mut out, cols);
+                                rows_and_tag(&mut out, rows);
+                            }
+                            None => put(&mut out, b'C', |o| cstr(o, "SELECT 0")),
+                        }
+                    } else {
+                        let mut t = tag_of(&sql);
+                        if t == "PREPARE TRANSACTION" && status != b'T' {
+                            // PostgreSQL rolls a failed block back instead of preparing it (and
+                            // outside a block it only warns): either way the tag says ROLLBACK
+                            t = "ROLLBACK".into();
+                        }
+                        status = match t.as_str() {
+                            "BEGIN" => b'T',
+                            "COMMIT" | "ROLLBACK" | "PREPARE TRANSACTION" => b'I',
+                            _ => status,
+                        };
+                        put(&mut out, b'C', |o| cstr(o, &t));
                     }
-                } else {
-                    let mut t = tag_of(&sql);
-                    if t == "PREPARE TRANSACTION" && status != b'T' {
-                        // PostgreSQL rolls a failed block back instead of preparing it (and
-                        // outside a block it only warns): either way the tag says ROLLBACK
-                        t = "ROLLBACK".into();
-                    }
-                    status = match t.as_str() {
-                        "BEGIN" => b'T',
-                        "COMMIT" | "ROLLBACK" | "PREPARE TRANSACTION" => b'I',
-                        _ => status,
-                    };
-                    put(&mut out, b'C', |o| cstr(o, &t));
                 }
                 put(&mut out, b'Z', |o| o.put_u8(status));
             }

@@ -265,9 +265,10 @@ fn protect_unary_signs(stmt: &mut Statement) {
 /// shards run (over a UNION ALL of month tables) does not.
 const SYSTEM_COLUMNS: [&str; 6] = ["ctid", "tableoid", "xmin", "xmax", "cmin", "cmax"];
 
-/// Functions that change the server session beyond the statement: on a shard
-/// connection, which other clients use after this one, they are refused.
-const SESSION_FUNCTIONS: [&str; 8] = [
+/// Functions that change the server session beyond the statement, or reach
+/// the other sessions of the shard role (every client's pooled connections
+/// use that one role): refused in a statement on a sharded table.
+const SESSION_FUNCTIONS: [&str; 11] = [
     "set_config",
     "pg_advisory_lock",
     "pg_advisory_lock_shared",
@@ -276,7 +277,51 @@ const SESSION_FUNCTIONS: [&str; 8] = [
     "pg_advisory_unlock",
     "pg_advisory_unlock_shared",
     "pg_advisory_unlock_all",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "lastval",
 ];
+/// Name prefixes of such functions (other sessions' activity, dblink's connections).
+const SESSION_FUNCTION_PREFIXES: [&str; 3] = ["pg_stat_get_backend", "pg_stat_get_activity", "dblink"];
+
+/// Functions that may stand in FROM beside a sharded table: they compute rows
+/// from their arguments only (anything else in FROM, a function with effects
+/// or one reading the server's state, is refused).
+const TABLE_FUNCTIONS: [&str; 21] = [
+    "generate_series",
+    "generate_subscripts",
+    "unnest",
+    "json_each",
+    "json_each_text",
+    "jsonb_each",
+    "jsonb_each_text",
+    "json_array_elements",
+    "json_array_elements_text",
+    "jsonb_array_elements",
+    "jsonb_array_elements_text",
+    "json_to_record",
+    "json_to_recordset",
+    "jsonb_to_record",
+    "jsonb_to_recordset",
+    "json_populate_recordset",
+    "jsonb_populate_recordset",
+    "regexp_matches",
+    "regexp_split_to_table",
+    "string_to_table",
+    "jsonb_path_query",
+];
+
+/// The name a function call resolves by (its last part, folded unless quoted).
+fn function_base(name: &sqlparser::ast::ObjectName) -> Option<String> {
+    match name.0.last()? {
+        sqlparser::ast::ObjectNamePart::Identifier(i) => Some(if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() }),
+        _ => None,
+    }
+}
+
+fn reaches_the_session(name: &str) -> bool {
+    SESSION_FUNCTIONS.contains(&name) || SESSION_FUNCTION_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 struct Printable {
     refused: Option<String>,
@@ -316,15 +361,12 @@ impl VisitorMut for Printable {
 
     fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = &*expr {
-            if let Some(sqlparser::ast::ObjectNamePart::Identifier(i)) = f.name.0.last() {
-                let name = if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() };
-                if SESSION_FUNCTIONS.contains(&name.as_str()) {
-                    self.refused = Some(format!(
-                        "{name}() is not supported in a statement on a sharded table: it would change the shard connection's session, \
-                         which shardgate shares between clients; use SET LOCAL (settings) or pg_advisory_xact_lock (locks) in a transaction"
-                    ));
-                    return ControlFlow::Break(());
-                }
+            if let Some(name) = function_base(&f.name).filter(|n| reaches_the_session(n)) {
+                self.refused = Some(format!(
+                    "{name}() is not supported in a statement on a sharded table: it would change or read the sessions of the shard \
+                     connections, which shardgate shares between clients; for settings use SET LOCAL, for locks pg_advisory_xact_lock, in a transaction"
+                ));
+                return ControlFlow::Break(());
             }
         }
         // public.t_order.col: the shards read t_order as a derived table, which has no schema
@@ -347,6 +389,23 @@ impl VisitorMut for Printable {
                 ));
                 return ControlFlow::Break(());
             }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, tf: &mut sqlparser::ast::TableFactor) -> ControlFlow<()> {
+        use sqlparser::ast::TableFactor as T;
+        let name = match &*tf {
+            T::Table { name, args: Some(_), .. } | T::Function { name, .. } => function_base(name).unwrap_or_default(),
+            T::TableFunction { .. } => "TABLE".to_string(),
+            _ => return ControlFlow::Continue(()),
+        };
+        if !TABLE_FUNCTIONS.contains(&name.as_str()) {
+            self.refused = Some(format!(
+                "the function {name}() in FROM is not supported in a statement on a sharded table (it would run on every shard, \
+                 on connections shardgate shares between clients); only functions of their arguments such as generate_series and unnest are"
+            ));
+            return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     }

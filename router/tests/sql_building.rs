@@ -176,13 +176,31 @@ fn functions_that_change_the_shard_session_are_refused() {
         "SELECT pg_try_advisory_lock_shared(1) FROM t_order WHERE merchant_id = 1",
         "SELECT pg_advisory_unlock_all() FROM t_order WHERE merchant_id = 1",
         "SELECT count(*) FROM t_order WHERE merchant_id = 1 AND id IN (SELECT pg_advisory_lock(2))",
+        // in FROM, as a table function (found by review)
+        "SELECT o.id FROM t_order o, set_config('standard_conforming_strings', 'off', false) s WHERE o.merchant_id = 1",
+        "SELECT o.id FROM t_order o, LATERAL pg_advisory_lock(o.id) l WHERE o.merchant_id = 1",
+        "WITH c AS (SELECT * FROM set_config('TimeZone', 'Asia/Kathmandu', false)) SELECT o.id FROM t_order o, c WHERE o.merchant_id = 1",
+        "SELECT o.id FROM t_order o WHERE o.merchant_id = 1 AND EXISTS (SELECT 1 FROM pg_catalog.set_config('a.b', 'c', false))",
+        "INSERT INTO t_order (id, order_no, merchant_id, create_time) VALUES ((SELECT 1 FROM set_config('a.b', 'c', false)), 'x', 1, '2026-11-02')",
+        "SELECT o.id, a.* FROM t_order o, pg_stat_get_activity(NULL) a WHERE o.merchant_id = 1",
+        // other sessions of the shard role
+        "SELECT pg_terminate_backend(pg_backend_pid() - 1) FROM t_order WHERE merchant_id = 1",
+        "SELECT pg_cancel_backend(1) FROM t_order WHERE merchant_id = 1",
+        "SELECT pg_stat_get_backend_activity(2) FROM t_order WHERE merchant_id = 1",
+        "SELECT lastval() FROM t_order WHERE merchant_id = 1",
     ] {
         match shardgate_router::plan(sql, &[], &w.topo, &w.ctx()) {
             Err(e) => assert_eq!(e.sqlstate(), "0A000", "{sql}: {e}"),
             Ok(p) => panic!("{sql} was planned: {p:?}"),
         }
     }
-    // transaction-scoped locks end with the shard's transaction: allowed
-    let sql = "SELECT pg_advisory_xact_lock(1) FROM t_order WHERE merchant_id = 1";
-    assert!(matches!(shardgate_router::plan(sql, &[], &w.topo, &w.ctx()), Ok(Plan::Routed(_))), "{sql}");
+    // transaction-scoped locks end with the shard's transaction, and functions of their
+    // arguments in FROM read nothing of the server: allowed
+    for sql in [
+        "SELECT pg_advisory_xact_lock(1) FROM t_order WHERE merchant_id = 1",
+        "SELECT o.id, g FROM t_order o, generate_series(1, 3) g WHERE o.merchant_id = 1",
+        "SELECT o.id, u FROM t_order o, unnest(ARRAY[1, 2]) u WHERE o.merchant_id = 1",
+    ] {
+        assert!(matches!(shardgate_router::plan(sql, &[], &w.topo, &w.ctx()), Ok(Plan::Routed(_))), "{sql}");
+    }
 }

@@ -426,6 +426,8 @@ async fn a_proxy_without_its_subscription_does_not_read_redis_under_a_generation
     let pa = connect(&c.info.proxy_dsn).await.expect("proxy A");
     let pb = connect(&b.dsn).await.expect("proxy B");
     wait_for("A subscribed", Duration::from_secs(20), || subscribed(&c.info.admin_url)).await;
+    // (the merchants were seeded straight into the database: A's filter must have them)
+    wait_for("A's bloom filter", Duration::from_secs(20), || metric(&c.info.admin_url, "shardgate_cache_bloom_keys", "t_merchant") == MERCHANTS as f64).await;
     // in Redis under the table's current generation (A's read stores it)
     for _ in 0..2 {
         assert_eq!(name_of(&pa, 900).await.as_deref(), Some("merchant 900"));

@@ -786,6 +786,9 @@ async fn a_statement_on_t_order_cannot_change_the_shard_session() {
         "SELECT id FROM t_order WHERE merchant_id = 1 AND \"set_config\"('standard_conforming_strings', 'off', true) IS NOT NULL",
         "SELECT pg_catalog.set_config('search_path', 'pg_temp', false) FROM t_order WHERE merchant_id = 1",
         "SELECT pg_advisory_lock(42) FROM t_order WHERE merchant_id = 1",
+        "SELECT o.id FROM t_order o, set_config('standard_conforming_strings', 'off', false) s WHERE o.merchant_id = 1",
+        "SELECT o.id FROM t_order o, LATERAL pg_advisory_lock(o.id) l WHERE o.merchant_id = 1",
+        "SELECT pg_terminate_backend(pg_backend_pid() - 1) FROM t_order WHERE merchant_id = 1",
     ] {
         // on its own and inside a block (where a setting local to the transaction would last
         // for the statements after it)

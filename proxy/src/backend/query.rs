@@ -195,8 +195,11 @@ pub async fn next_event(conn: &mut ServerConn, notices: &mut BytesMut) -> Result
 pub async fn read_ready(conn: &mut ServerConn) -> Result<u8, BackendError> {
     loop {
         let f = conn.read_frame().await?;
-        if f.tag == b'Z' {
-            return Ok(f.body().first().copied().unwrap_or(b'I'));
+        match f.tag {
+            b'Z' => return Ok(f.body().first().copied().unwrap_or(b'I')),
+            // (the server reports changed settings just before ReadyForQuery)
+            b'S' => watch_parameter(conn, &f),
+            _ => {}
         }
     }
 }
@@ -212,6 +215,7 @@ pub async fn read_ready_checked(conn: &mut ServerConn) -> Result<Result<u8, Serv
         match f.tag {
             b'E' => err = err.or_else(|| Some(ServerError::from_frame(&f))),
             b'Z' => return Ok(err.map_or_else(|| Ok(f.body().first().copied().unwrap_or(b'I')), Err)),
+            b'S' => watch_parameter(conn, &f),
             _ => {}
         }
     }
