@@ -268,7 +268,7 @@ const SYSTEM_COLUMNS: [&str; 6] = ["ctid", "tableoid", "xmin", "xmax", "cmin", "
 /// Functions that change the server session beyond the statement, or reach
 /// the other sessions of the shard role (every client's pooled connections
 /// use that one role): refused in a statement on a sharded table.
-const SESSION_FUNCTIONS: [&str; 11] = [
+const SESSION_FUNCTIONS: [&str; 13] = [
     "set_config",
     "pg_advisory_lock",
     "pg_advisory_lock_shared",
@@ -280,36 +280,11 @@ const SESSION_FUNCTIONS: [&str; 11] = [
     "pg_terminate_backend",
     "pg_cancel_backend",
     "lastval",
+    "currval",
+    "setseed",
 ];
 /// Name prefixes of such functions (other sessions' activity, dblink's connections).
 const SESSION_FUNCTION_PREFIXES: [&str; 3] = ["pg_stat_get_backend", "pg_stat_get_activity", "dblink"];
-
-/// Functions that may stand in FROM beside a sharded table: they compute rows
-/// from their arguments only (anything else in FROM, a function with effects
-/// or one reading the server's state, is refused).
-const TABLE_FUNCTIONS: [&str; 21] = [
-    "generate_series",
-    "generate_subscripts",
-    "unnest",
-    "json_each",
-    "json_each_text",
-    "jsonb_each",
-    "jsonb_each_text",
-    "json_array_elements",
-    "json_array_elements_text",
-    "jsonb_array_elements",
-    "jsonb_array_elements_text",
-    "json_to_record",
-    "json_to_recordset",
-    "jsonb_to_record",
-    "jsonb_to_recordset",
-    "json_populate_recordset",
-    "jsonb_populate_recordset",
-    "regexp_matches",
-    "regexp_split_to_table",
-    "string_to_table",
-    "jsonb_path_query",
-];
 
 /// The name a function call resolves by (its last part, folded unless quoted).
 fn function_base(name: &sqlparser::ast::ObjectName) -> Option<String> {
@@ -395,15 +370,15 @@ impl VisitorMut for Printable {
 
     fn pre_visit_table_factor(&mut self, tf: &mut sqlparser::ast::TableFactor) -> ControlFlow<()> {
         use sqlparser::ast::TableFactor as T;
+        // the same functions called in FROM (`FROM set_config(…)`, `LATERAL pg_advisory_lock(…)`)
         let name = match &*tf {
-            T::Table { name, args: Some(_), .. } | T::Function { name, .. } => function_base(name).unwrap_or_default(),
-            T::TableFunction { .. } => "TABLE".to_string(),
-            _ => return ControlFlow::Continue(()),
+            T::Table { name, args: Some(_), .. } | T::Function { name, .. } => function_base(name),
+            _ => None,
         };
-        if !TABLE_FUNCTIONS.contains(&name.as_str()) {
+        if let Some(name) = name.filter(|n| reaches_the_session(n)) {
             self.refused = Some(format!(
-                "the function {name}() in FROM is not supported in a statement on a sharded table (it would run on every shard, \
-                 on connections shardgate shares between clients); only functions of their arguments such as generate_series and unnest are"
+                "{name}() is not supported in a statement on a sharded table: it would change or read the sessions of the shard \
+                 connections, which shardgate shares between clients; for settings use SET LOCAL, for locks pg_advisory_xact_lock, in a transaction"
             ));
             return ControlFlow::Break(());
         }

@@ -188,18 +188,25 @@ fn functions_that_change_the_shard_session_are_refused() {
         "SELECT pg_cancel_backend(1) FROM t_order WHERE merchant_id = 1",
         "SELECT pg_stat_get_backend_activity(2) FROM t_order WHERE merchant_id = 1",
         "SELECT lastval() FROM t_order WHERE merchant_id = 1",
+        "SELECT setseed(0) FROM t_order WHERE merchant_id = 1",
+        "SELECT currval('s') FROM t_order WHERE merchant_id = 1",
     ] {
         match shardgate_router::plan(sql, &[], &w.topo, &w.ctx()) {
             Err(e) => assert_eq!(e.sqlstate(), "0A000", "{sql}: {e}"),
             Ok(p) => panic!("{sql} was planned: {p:?}"),
         }
     }
+    // a catalog view beside the sharded table is another table: refused as ever
+    let sql = "SELECT o.id, a.query FROM t_order o, pg_stat_activity a WHERE o.merchant_id = 1";
+    assert!(shardgate_router::plan(sql, &[], &w.topo, &w.ctx()).is_err(), "{sql}");
     // transaction-scoped locks end with the shard's transaction, and functions of their
     // arguments in FROM read nothing of the server: allowed
     for sql in [
         "SELECT pg_advisory_xact_lock(1) FROM t_order WHERE merchant_id = 1",
         "SELECT o.id, g FROM t_order o, generate_series(1, 3) g WHERE o.merchant_id = 1",
         "SELECT o.id, u FROM t_order o, unnest(ARRAY[1, 2]) u WHERE o.merchant_id = 1",
+        "SELECT o.id, k FROM t_order o, LATERAL jsonb_object_keys('{\"a\": 1}'::jsonb) k WHERE o.merchant_id = 1",
+        "SELECT o.id, g.n FROM t_order o, pg_catalog.generate_series(1, 2) WITH ORDINALITY g(v, n) WHERE o.merchant_id = 1",
     ] {
         assert!(matches!(shardgate_router::plan(sql, &[], &w.topo, &w.ctx()), Ok(Plan::Routed(_))), "{sql}");
     }
