@@ -138,15 +138,18 @@ pub enum Event {
     Failed(ServerError),
 }
 
-/// A ParameterStatus in a routed statement's answer: a statement that turned
+/// A ParameterStatus in a statement's answer: a statement that turned
 /// standard_conforming_strings off (however it got past the router) leaves a
-/// connection whose server reads string literals differently from shardgate;
-/// it is not used again.
-fn watch_parameter(conn: &mut ServerConn, f: &crate::protocol::codec::Frame) {
+/// connection whose server reads string literals differently from shardgate.
+/// The statement fails as if the connection were lost (in a block, the
+/// client's transaction with it) and the connection is not used again.
+fn watch_parameter(conn: &mut ServerConn, f: &crate::protocol::codec::Frame) -> Result<(), BackendError> {
     let mut parts = f.body().split(|b| *b == 0);
     if parts.next() == Some(b"standard_conforming_strings".as_slice()) && parts.next() != Some(b"on".as_slice()) {
         conn.broken = true;
+        return Err(BackendError::Protocol("the server turned standard_conforming_strings off".into()));
     }
+    Ok(())
 }
 
 /// Reads CloseComplete (of an evicted statement)/ParseComplete/BindComplete
@@ -155,7 +158,7 @@ pub async fn read_head(conn: &mut ServerConn, notices: &mut BytesMut) -> Result<
     loop {
         let f = conn.read_frame().await?;
         match f.tag {
-            b'S' => watch_parameter(conn, &f),
+            b'S' => watch_parameter(conn, &f)?,
             b'1' | b'2' | b'3' | b'A' => {}
             b'N' => notices.extend_from_slice(&f.raw),
             b'T' => return Ok(Head::Rows(f.raw)),
@@ -184,7 +187,7 @@ pub async fn next_event(conn: &mut ServerConn, notices: &mut BytesMut) -> Result
             b'I' => return Ok(Event::Done(String::new())),
             b'E' => return Ok(Event::Failed(ServerError::from_frame(&f))),
             b'N' => notices.extend_from_slice(&f.raw),
-            b'S' => watch_parameter(conn, &f),
+            b'S' => watch_parameter(conn, &f)?,
             b'A' => {}
             t => return Err(BackendError::Protocol(format!("unexpected message {:?} in results", t as char))),
         }
@@ -198,7 +201,7 @@ pub async fn read_ready(conn: &mut ServerConn) -> Result<u8, BackendError> {
         match f.tag {
             b'Z' => return Ok(f.body().first().copied().unwrap_or(b'I')),
             // (the server reports changed settings just before ReadyForQuery)
-            b'S' => watch_parameter(conn, &f),
+            b'S' => watch_parameter(conn, &f)?,
             _ => {}
         }
     }
@@ -215,7 +218,7 @@ pub async fn read_ready_checked(conn: &mut ServerConn) -> Result<Result<u8, Serv
         match f.tag {
             b'E' => err = err.or_else(|| Some(ServerError::from_frame(&f))),
             b'Z' => return Ok(err.map_or_else(|| Ok(f.body().first().copied().unwrap_or(b'I')), Err)),
-            b'S' => watch_parameter(conn, &f),
+            b'S' => watch_parameter(conn, &f)?,
             _ => {}
         }
     }
