@@ -811,6 +811,17 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool
     }
 }
 
+/// Makes the month table `t_order_{month}` on every shard, as the proxy makes
+/// it, for tests that write a fixed month straight to the shards (the proxy
+/// makes only the current month and those ahead of it at start).
+pub async fn make_month_everywhere(c: &Cluster, month: &str) {
+    assert!(month.len() == 6 && month.bytes().all(|b| b.is_ascii_digit()), "yyyyMM: {month}");
+    for dsn in &c.info.shards {
+        let shard = connect(dsn).await.expect("shard");
+        shard.batch_execute(&format!("CREATE TABLE IF NOT EXISTS t_order_{month} (LIKE t_order INCLUDING ALL)")).await.expect("month table");
+    }
+}
+
 /// The month tables (`t_order_yyyyMM`) on a shard, by name.
 pub async fn month_tables(shard: &tokio_postgres::Client) -> Vec<String> {
     shard

@@ -391,6 +391,8 @@ async fn rows_from_before_the_lookup_are_filled_in() {
     c.kill_proxy().expect("stop proxy");
     let def = connect(&c.info.default_dsn).await.expect("db_default");
     def.batch_execute("DROP TABLE IF EXISTS shardgate_lookup_t_order_order_no; DROP TABLE IF EXISTS shardgate_lookup_state").await.expect("no lookup yet");
+    // (a past month: not among those the proxy makes at start)
+    shardgate_tests::make_month_everywhere(&c, "202611").await;
     for (shard, rows) in [(1, "(101, 'OLD1', 1), (102, 'DUPX', 9)"), (2, "(201, 'DUPX', 2), (202, 'OLD2', 10)")] {
         let s = connect(&c.info.shards[shard]).await.expect("shard");
         s.batch_execute(&format!("INSERT INTO t_order_202611 (id, order_no, merchant_id) SELECT * FROM (VALUES {rows}) v")).await.expect("old rows");

@@ -173,6 +173,8 @@ async fn two_phase_commits_left_by_a_dead_proxy_are_resolved_after_restart() {
     let client = connect(&c.info.proxy_dsn).await.expect("connect");
     client.batch_execute("SELECT count(*) FROM t_order").await.expect("months exist");
     c.stop_proxy(Duration::from_secs(10)).expect("stop proxy");
+    // (a past month: not among those the proxy makes at start)
+    shardgate_tests::make_month_everywhere(&c, "202611").await;
     // decided: the decision row exists → commit on both shards
     leave_prepared(&c.info.shards[3], "sg_9_1_aaaa_s3", 11, 3).await;
     leave_prepared(&c.info.shards[4], "sg_9_1_aaaa_s4", 12, 4).await;
