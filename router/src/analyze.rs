@@ -286,16 +286,17 @@ const SESSION_FUNCTIONS: [&str; 13] = [
 /// Name prefixes of such functions (other sessions' activity, dblink's connections).
 const SESSION_FUNCTION_PREFIXES: [&str; 3] = ["pg_stat_get_backend", "pg_stat_get_activity", "dblink"];
 
-/// The name a function call resolves by (its last part, folded unless quoted).
-fn function_base(name: &sqlparser::ast::ObjectName) -> Option<String> {
-    match name.0.last()? {
-        sqlparser::ast::ObjectNamePart::Identifier(i) => Some(if i.quote_style.is_some() { i.value.clone() } else { i.value.to_lowercase() }),
-        _ => None,
-    }
-}
-
-fn reaches_the_session(name: &str) -> bool {
-    SESSION_FUNCTIONS.contains(&name) || SESSION_FUNCTION_PREFIXES.iter().any(|p| name.starts_with(p))
+/// The refusal of a call to `name` (its last part, folded unless quoted) if it is
+/// one of [`SESSION_FUNCTIONS`] or starts with one of [`SESSION_FUNCTION_PREFIXES`].
+fn session_function_refusal(name: &sqlparser::ast::ObjectName) -> Option<String> {
+    let name = crate::rewrite::object_base(name)?;
+    let reaches = SESSION_FUNCTIONS.contains(&name.as_str()) || SESSION_FUNCTION_PREFIXES.iter().any(|p| name.starts_with(p));
+    reaches.then(|| {
+        format!(
+            "{name}() is not supported in a statement on a sharded table: it would change or read the sessions of the shard \
+             connections, which shardgate shares between clients; for settings use SET LOCAL, for locks pg_advisory_xact_lock, in a transaction"
+        )
+    })
 }
 
 struct Printable {
@@ -336,11 +337,8 @@ impl VisitorMut for Printable {
 
     fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = &*expr {
-            if let Some(name) = function_base(&f.name).filter(|n| reaches_the_session(n)) {
-                self.refused = Some(format!(
-                    "{name}() is not supported in a statement on a sharded table: it would change or read the sessions of the shard \
-                     connections, which shardgate shares between clients; for settings use SET LOCAL, for locks pg_advisory_xact_lock, in a transaction"
-                ));
+            if let Some(m) = session_function_refusal(&f.name) {
+                self.refused = Some(m);
                 return ControlFlow::Break(());
             }
         }
@@ -371,15 +369,12 @@ impl VisitorMut for Printable {
     fn pre_visit_table_factor(&mut self, tf: &mut sqlparser::ast::TableFactor) -> ControlFlow<()> {
         use sqlparser::ast::TableFactor as T;
         // the same functions called in FROM (`FROM set_config(…)`, `LATERAL pg_advisory_lock(…)`)
-        let name = match &*tf {
-            T::Table { name, args: Some(_), .. } | T::Function { name, .. } => function_base(name),
+        let refusal = match &*tf {
+            T::Table { name, args: Some(_), .. } | T::Function { name, .. } => session_function_refusal(name),
             _ => None,
         };
-        if let Some(name) = name.filter(|n| reaches_the_session(n)) {
-            self.refused = Some(format!(
-                "{name}() is not supported in a statement on a sharded table: it would change or read the sessions of the shard \
-                 connections, which shardgate shares between clients; for settings use SET LOCAL, for locks pg_advisory_xact_lock, in a transaction"
-            ));
+        if let Some(m) = refusal {
+            self.refused = Some(m);
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())

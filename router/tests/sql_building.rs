@@ -134,6 +134,15 @@ fn every_rewritten_golden_statement_is_one_statement() {
     assert!(checked > 300, "only {checked} target statements checked");
 }
 
+/// `sql` is refused with 0A000, not planned.
+fn assert_refused(w: &golden_cases::World, sql: &str) {
+    match shardgate_router::plan(sql, &[], &w.topo, &w.ctx()) {
+        Err(e) => assert_eq!(e.sqlstate(), "0A000", "{sql}: {e}"),
+        Ok(Plan::Routed(r)) => panic!("{sql} was sent on as {}", r.targets[0].sql),
+        Ok(p) => panic!("{sql}: {p:?}"),
+    }
+}
+
 /// Literal and type forms sqlparser prints differently from how it read them
 /// (found by review): each is refused, never sent on changed.
 #[test]
@@ -148,11 +157,7 @@ fn forms_sqlparser_cannot_print_exactly_are_refused() {
         // a decoded value spelling a template hole
         "SELECT id FROM t_order WHERE merchant_id = 1 AND order_no = E'\\x5f_sg_hole_t__'",
     ] {
-        match shardgate_router::plan(sql, &[], &w.topo, &w.ctx()) {
-            Err(e) => assert_eq!(e.sqlstate(), "0A000", "{sql}: {e}"),
-            Ok(Plan::Routed(r)) => panic!("{sql} was sent on as {}", r.targets[0].sql),
-            Ok(p) => panic!("{sql}: {p:?}"),
-        }
+        assert_refused(&w, sql);
     }
     // a literal holding quotes and backslashes goes dollar-quoted, the same value
     let sql = "SELECT id FROM t_order WHERE merchant_id = 1 AND pay_status = 'it''s \\ $sg$'";
@@ -191,10 +196,7 @@ fn functions_that_change_the_shard_session_are_refused() {
         "SELECT setseed(0) FROM t_order WHERE merchant_id = 1",
         "SELECT currval('s') FROM t_order WHERE merchant_id = 1",
     ] {
-        match shardgate_router::plan(sql, &[], &w.topo, &w.ctx()) {
-            Err(e) => assert_eq!(e.sqlstate(), "0A000", "{sql}: {e}"),
-            Ok(p) => panic!("{sql} was planned: {p:?}"),
-        }
+        assert_refused(&w, sql);
     }
     // a catalog view beside the sharded table is another table: refused as ever
     let sql = "SELECT o.id, a.query FROM t_order o, pg_stat_activity a WHERE o.merchant_id = 1";

@@ -367,9 +367,6 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
                 }
             }
         };
-        // extended-protocol clients repeat their statements: keep them prepared on the shard
-        // connection (named by text and types), so the shard parses and plans once
-        // (at most pool.max_prepared_statements, the least recently used closed to make room)
         if simple_query {
             let i = bufs.iter().position(|(s, _)| *s == shard).expect("a buffer per connection");
             query_texts.resize(bufs.len(), String::new());
@@ -381,6 +378,9 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
             text.push_str(&t.sql);
             continue;
         }
+        // extended-protocol clients repeat their statements: keep them prepared on the shard
+        // connection (named by text and types), so the shard parses and plans once
+        // (at most pool.max_prepared_statements, the least recently used closed to make room)
         let conn = &mut slots[shard].as_mut().expect("held").conn;
         let name = (!req.simple).then(|| target_statement_name(&t.sql, &types));
         let parse = match &name {
