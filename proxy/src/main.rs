@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
-/// mimalloc instead of glibc's malloc: a routed statement allocates and frees
+/// jemalloc instead of glibc's malloc: a routed statement allocates and frees
 /// a few dozen small buffers across tasks and threads, where glibc's malloc and
-/// free took about a tenth of the proxy's CPU (README, Benchmarks).
+/// free took about a tenth of the proxy's CPU. mimalloc saved as much CPU but
+/// held twice glibc's memory per idle client; jemalloc holds less (README,
+/// Benchmarks).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// shardgate: a sharding gateway for PostgreSQL.
 #[derive(Parser)]
