@@ -340,38 +340,43 @@ impl Session {
             return Ok((self.run_migrating(plan, sql, bound, simple, visible).await?, true));
         }
         let mark = self.cout.len();
-        let mut begin = self.shard_tx.begin_sql.clone().unwrap_or_else(|| "BEGIN".into());
         let mut in_tx = self.in_tx_block();
         // (or one whose batch already ran statements on db_default, whose implicit transaction
         // ends at the Sync: the write commits with it)
-        if !simple && !in_tx && (self.shard_tx.batch_tx || (plan.kind != shardgate_router::RoutedKind::Select && (self.cin.first() != Some(&b'S') || self.db.sent_since_sync))) {
+        let batch_begins = !simple && !in_tx && (self.shard_tx.batch_tx || (plan.kind != shardgate_router::RoutedKind::Select && (self.cin.first() != Some(&b'S') || self.db.sent_since_sync)));
+        if batch_begins {
             // a write in an extended batch that goes on after it: the batch is one implicit
             // transaction in PostgreSQL, so the shards hold theirs until its Sync
             self.shard_tx.batch_tx = true;
             in_tx = true;
-            begin = "BEGIN".into();
         }
-        let desired = self.desired.clone();
-        let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(&desired, c);
+        let begin = match &self.shard_tx.begin_sql {
+            Some(b) if !batch_begins => b.as_str(),
+            _ => "BEGIN",
+        };
+        if self.routed.stream_next && plan.kind == shardgate_router::RoutedKind::Select {
+            let job = super::streaming::StreamJob { plan: plan.clone(), bound: bound.clone(), visible, begin: begin.to_string() };
+            self.start_stream(Vec::new(), job);
+            return Ok((Ok(()), true));
+        }
+        // borrowed, not cloned, for every statement: the session's fields apart from the
+        // client buffer and the shard slots stay untouched while it runs
+        let desired = &self.desired;
+        let sets = move |c: &mut crate::backend::ServerConn| super::param_sets(desired, c);
         let cancel = self.registration.slot.clone();
-        let locals = self.shard_tx.local_sets.clone();
         let req = Request {
             routed: plan,
             bound,
             simple,
             visible,
-            tx: in_tx.then_some(begin.as_str()),
+            tx: in_tx.then_some(begin),
             param_sets: &sets,
-            local_sets: &locals,
+            local_sets: &self.shard_tx.local_sets,
             down_targets: &[],
             serial: false,
             cancel: Some(&cancel),
             cancel_epoch: self.cancel_epoch,
         };
-        if self.routed.stream_next && plan.kind == shardgate_router::RoutedKind::Select {
-            self.start_stream(Vec::new(), super::streaming::StreamJob { plan: plan.clone(), bound: bound.clone(), visible, begin });
-            return Ok((Ok(()), true));
-        }
         let keep = self.capture_limit;
         let mut out = Out { buf: &mut self.cout, client: if keep.is_some() { None } else { Some(&self.client) }, keep, overflow: false, flushed: false, sink: None };
         let timeout = self.shared.config.server.query_timeout_ms;
