@@ -247,28 +247,28 @@ pub fn shape(sql: &str) -> Option<Shaped> {
                     prev = Prev::Literal;
                     continue;
                 }
+                // (compared in place, not through a lowercase copy of every word)
                 let w = &sql[start..i];
-                let lower = w.to_ascii_lowercase();
-                if values_at == Some(parens.len()) && lower != "values" {
+                let is = |k: &str| w.eq_ignore_ascii_case(k);
+                if values_at == Some(parens.len()) && !is("values") {
                     values_at = None;
                 }
-                prev = match lower.as_str() {
-                    "limit" | "offset" => Prev::Limit,
-                    "values" => {
-                        values_at = Some(parens.len());
-                        Prev::Values
-                    }
-                    "in" => Prev::In,
-                    "between" => {
-                        between_at = Some(parens.len());
-                        Prev::Between
-                    }
+                prev = if is("limit") || is("offset") {
+                    Prev::Limit
+                } else if is("values") {
+                    values_at = Some(parens.len());
+                    Prev::Values
+                } else if is("in") {
+                    Prev::In
+                } else if is("between") {
+                    between_at = Some(parens.len());
+                    Prev::Between
+                } else if is("and") && between_at == Some(parens.len()) {
                     // the AND of `BETWEEN x AND y` takes the upper value
-                    "and" if between_at == Some(parens.len()) => {
-                        between_at = None;
-                        Prev::Takes
-                    }
-                    _ => Prev::Other,
+                    between_at = None;
+                    Prev::Takes
+                } else {
+                    Prev::Other
                 };
             }
             _ => {
