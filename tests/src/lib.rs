@@ -815,10 +815,14 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool
 /// it, for tests that write a fixed month straight to the shards (the proxy
 /// makes only the current month and those ahead of it at start).
 pub async fn make_month_everywhere(c: &Cluster, month: &str) {
-    assert!(month.len() == 6 && month.bytes().all(|b| b.is_ascii_digit()), "yyyyMM: {month}");
+    let key = shardgate_router::month::MonthKey::parse_suffix(month).unwrap_or_else(|| panic!("yyyyMM: {month}"));
+    let topology = shardgate_router::Topology::example();
+    let rule = topology.tables.iter().find(|t| t.name == "t_order").expect("t_order rule");
+    // the proxy's own DDL for a month table
+    let ddl = rule.create_month_table_sql(key);
     for dsn in &c.info.shards {
         let shard = connect(dsn).await.expect("shard");
-        shard.batch_execute(&format!("CREATE TABLE IF NOT EXISTS t_order_{month} (LIKE t_order INCLUDING ALL)")).await.expect("month table");
+        shard.batch_execute(&ddl).await.expect("month table");
     }
 }
 
