@@ -19,8 +19,8 @@ pub enum SessionEffect {
 }
 
 /// Every word that can make a statement pin holds one of these: SET, RESET,
-/// set_config; LISTEN; LOAD; PREPARE; DECLARE; TEMP, TEMPORARY; the advisory locks.
-const PIN_HINTS: [&[u8]; 7] = [b"set", b"listen", b"load", b"prepare", b"declare", b"temp", b"advisory"];
+/// set_config; LISTEN; LOAD; PREPARE, DEALLOCATE; DECLARE; TEMP, TEMPORARY; the advisory locks.
+const PIN_HINTS: [&[u8]; 8] = [b"set", b"listen", b"load", b"prepare", b"deallocate", b"declare", b"temp", b"advisory"];
 
 /// False when no statement in `sql` can pin: none of the words that pin occurs
 /// anywhere in it. A byte scan, so the statements of a transaction-pooled
@@ -82,6 +82,16 @@ fn statement_pins(stmt: &[Token<'_>]) -> Option<&'static str> {
     if is(first, "prepare") && !is(stmt.get(1), "transaction") {
         return Some("PREPARE");
     }
+    // DEALLOCATE of one name drops a statement the server connection holds, and
+    // the proxy does not know which of its names that is: the client keeps this
+    // connection, which is closed when it leaves (another client's statement by
+    // that name would be gone). DEALLOCATE [PREPARE] ALL is followed instead.
+    if is(first, "deallocate") {
+        let all = if is(stmt.get(1), "prepare") { is(stmt.get(2), "all") } else { is(stmt.get(1), "all") };
+        if !all {
+            return Some("DEALLOCATE");
+        }
+    }
     if is(first, "declare") && stmt.windows(2).any(|w| is(w.first(), "with") && is(w.get(1), "hold")) {
         return Some("DECLARE ... WITH HOLD");
     }
@@ -131,6 +141,10 @@ mod tests {
             ("LOAD 'auto_explain'", Some("LOAD")),
             ("PREPARE p AS SELECT 1", Some("PREPARE")),
             ("PREPARE TRANSACTION 'gid'", None),
+            ("DEALLOCATE p", Some("DEALLOCATE")),
+            ("deallocate prepare \"sg_0123\"", Some("DEALLOCATE")),
+            ("DEALLOCATE all", None),
+            ("DEALLOCATE PREPARE ALL", None),
             ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Some("DECLARE ... WITH HOLD")),
             ("DECLARE c CURSOR FOR SELECT 1", None),
             ("CREATE TEMP TABLE t (a int)", Some("CREATE TEMP")),

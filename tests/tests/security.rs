@@ -815,3 +815,53 @@ async fn a_statement_on_t_order_cannot_change_the_shard_session() {
         assert_eq!(n, 0, "an advisory lock is held on {dsn}");
     }
 }
+
+/// A pooled server connection carries the prepared statements of every client
+/// that used it (renamed by the proxy, listed in `pg_prepared_statements`). A
+/// client that drops one of them by name (`DEALLOCATE`, in either protocol),
+/// or all of them (`DISCARD ALL` / `DEALLOCATE ALL` through the extended
+/// protocol), must not break the next client's statements on that connection.
+#[tokio::test]
+async fn a_client_cannot_drop_the_prepared_statements_of_another() {
+    // one db_default connection: every client below shares it
+    let c = Cluster::start_temp(Options { redis: false, pool_toml: "size = 1\n".into(), ..Options::default() }).expect("start cluster");
+    let victim = connect(&c.info.proxy_dsn).await.expect("victim");
+    let stmt = victim.prepare("SELECT $1::int + 1").await.expect("prepare");
+    let answer = |r: Vec<tokio_postgres::Row>| r[0].get::<_, i32>(0);
+    assert_eq!(answer(victim.query(&stmt, &[&41i32]).await.expect("first run")), 42);
+    // (the last two fail on the server, in a block, and drop nothing; `|` separates two
+    // statements sent one after the other)
+    let attacks = ["DEALLOCATE {name}", "DEALLOCATE PREPARE {name}", "deallocate  {name}", "DISCARD ALL", "DEALLOCATE ALL", "BEGIN|DISCARD ALL", "DISCARD ALL; SELECT 1"];
+    for attack in attacks {
+        for extended in [false, true] {
+            if extended && (attack.contains(';') || attack.contains('|')) {
+                continue;
+            }
+            let attacker = connect(&c.info.proxy_dsn).await.expect("attacker");
+            let names: Vec<String> = attacker
+                .query("SELECT name FROM pg_prepared_statements", &[])
+                .await
+                .expect("listed")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(!names.is_empty(), "the victim's statement is on the shared connection");
+            for name in &names {
+                let sql = attack.replace("{name}", name);
+                let (first, sql) = sql.split_once('|').map_or(("", sql.as_str()), |(a, b)| (a, b));
+                if !first.is_empty() {
+                    attacker.batch_execute(first).await.expect("first statement");
+                }
+                let r = if extended { attacker.execute(sql, &[]).await.map(|_| ()) } else { attacker.batch_execute(sql).await };
+                // (whatever PostgreSQL answers the attacker; what matters is the victim)
+                let _ = r;
+                let _ = attacker.batch_execute("ROLLBACK").await;
+            }
+            drop(attacker);
+            // the attacker's connection task ends; give the proxy its disconnect
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let got = victim.query(&stmt, &[&41i32]).await;
+            assert_eq!(got.map(answer).map_err(|e| e.to_string()), Ok(42), "after another client ran {attack:?} (extended: {extended})");
+        }
+    }
+}

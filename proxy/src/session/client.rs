@@ -222,6 +222,13 @@ impl Session {
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
+                if self.pinned.is_none() && super::link::drops_all_statements(p.query) {
+                    // runs at some Execute, or never: the proxy cannot tell when this
+                    // connection's statements go, so it is this client's alone from now
+                    // on and closed when the client leaves
+                    metrics::counter!(m::PINNED_TOTAL, "reason" => "DISCARD ALL (extended)").increment(1);
+                    self.pinned = Some("DISCARD ALL or DEALLOCATE ALL in the extended protocol");
+                }
                 if p.name.is_empty() {
                     self.db.sout.extend_from_slice(&f.raw);
                     self.expect_reply(Expect::ParseComplete { forward: true, name: None });
@@ -243,13 +250,12 @@ impl Session {
                         // the server skips this Parse: nothing is created, nothing is answered
                         self.db.sout.extend_from_slice(&parse);
                     } else {
-                        if server.prepared.contains(&server_name) {
-                            // re-prepare in place so the reply stays in order
-                            crate::protocol::frontend::close_statement(&mut self.db.sout, server_name.as_bytes());
-                            self.db.expect.push_back(Expect::CloseComplete { forward: false, evicted: None });
-                        } else {
+                        if !server.prepared.contains(&server_name) {
                             make_room(server, self.shared.config.pool.max_prepared_statements, &mut self.db.sout, &mut self.db.expect);
                         }
+                        // re-prepared in place so the reply stays in order (and a statement
+                        // the proxy forgot, but the server kept, does not fail the Parse)
+                        super::link::close_first(&server_name, &mut self.db.sout, &mut self.db.expect);
                         self.db.sout.extend_from_slice(&parse);
                         server.prepared.insert(&server_name);
                         self.db.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });

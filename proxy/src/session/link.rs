@@ -54,6 +54,17 @@ pub(super) fn statement_name(query: &[u8], param_types: &[u8]) -> String {
     format!("sg_{:016x}{:016x}", h.finish(), h2.finish())
 }
 
+/// Whether `sql` is `DISCARD ALL` or `DEALLOCATE [PREPARE] ALL`: every
+/// prepared statement of the server session goes.
+pub(super) fn drops_all_statements(sql: &[u8]) -> bool {
+    if !sql.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| b.eq_ignore_ascii_case(&b'd')) {
+        return false;
+    }
+    let head: String = String::from_utf8_lossy(&sql[..sql.len().min(64)]).to_ascii_lowercase();
+    let words: Vec<&str> = head.split_whitespace().collect();
+    matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..])
+}
+
 /// Canonical spelling of a parameter value for comparison.
 pub(super) fn normalize_param(v: &str) -> String {
     match v.to_ascii_lowercase().as_str() {
@@ -69,6 +80,15 @@ pub(super) fn make_room(server: &mut crate::backend::ServerConn, cap: usize, sou
         crate::protocol::frontend::close_statement(sout, old.as_bytes());
         expect.push_back(Expect::CloseComplete { forward: false, evicted: Some(old.into()) });
     }
+}
+
+/// A Close of `name` ahead of its Parse on a connection the proxy believes
+/// lacks it: a statement the proxy forgot while the server kept it (a
+/// `DISCARD ALL` that failed in a block) would otherwise fail that Parse with
+/// 42P05. Closing a name that does not exist is no error.
+pub(super) fn close_first(name: &str, sout: &mut BytesMut, expect: &mut VecDeque<Expect>) {
+    crate::protocol::frontend::close_statement(sout, name.as_bytes());
+    expect.push_back(Expect::CloseComplete { forward: false, evicted: None });
 }
 
 impl Session {
@@ -163,6 +183,7 @@ impl Session {
         }
         if !self.db.server_skipping {
             make_room(server, cap, &mut self.db.sout, &mut self.db.expect);
+            close_first(&stmt.server_name, &mut self.db.sout, &mut self.db.expect);
         }
         self.db.sout.extend_from_slice(&stmt.parse);
         if !self.db.server_skipping {
@@ -180,13 +201,7 @@ impl Session {
 
     /// DISCARD ALL / DEALLOCATE ALL drop server-side statements: forget ours.
     pub(super) fn forget_statements_if_discarded(&mut self, sql: &[u8]) {
-        if !sql.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| b.eq_ignore_ascii_case(&b'd')) {
-            return;
-        }
-        let head: String = String::from_utf8_lossy(&sql[..sql.len().min(64)]).to_ascii_lowercase();
-        let words: Vec<&str> = head.split_whitespace().collect();
-        let drops_all = matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..]);
-        if drops_all {
+        if drops_all_statements(sql) {
             self.db.statements.clear();
             self.cache_hold.cache_write_stmts.clear();
             self.routed.routed_stmts.clear();
