@@ -47,6 +47,40 @@ pub fn session_effect(sql: &str) -> SessionEffect {
     SessionEffect::None
 }
 
+/// How the statements the proxy prepares on server connections are named: a
+/// client's own statements (renamed), routed statements' targets, and the
+/// proxy's own statements. A client never gets to run, replace or drop them.
+pub const PROXY_STATEMENT_PREFIXES: [&str; 3] = ["sg_", "sgr_", "sgc_"];
+
+/// True when `sql` runs, prepares or drops (`EXECUTE`, `PREPARE`,
+/// `DEALLOCATE`, also inside `EXPLAIN` and `CREATE TABLE AS`) a prepared
+/// statement whose name starts with one of [`PROXY_STATEMENT_PREFIXES`]. A
+/// pooled server connection holds the statements of every client that used it
+/// and of the proxy itself (`pg_prepared_statements` lists them): run by
+/// another client, the proxy's statement on its control tables would write
+/// them with that client's values. Quoted names (`"sg_…"`, `U&"…"`) next to
+/// one of the three words are refused too, without reading them.
+pub fn names_proxy_statement(sql: &[u8]) -> bool {
+    static WORDS: LazyLock<AhoCorasick> =
+        LazyLock::new(|| AhoCorasick::builder().ascii_case_insensitive(true).build(["execute", "prepare", "deallocate"]).expect("fixed ASCII patterns build"));
+    if !crate::lexer::contains_ignore_case(sql, b"sg") && !crate::lexer::contains_ignore_case(sql, b"u&\"") || !WORDS.is_match(sql) {
+        return false;
+    }
+    let text = String::from_utf8_lossy(sql);
+    let toks = tokens(&text);
+    let verb = |t: Option<&Token<'_>>| is(t, "execute") || is(t, "prepare") || is(t, "deallocate");
+    if !toks.iter().any(|t| verb(Some(t))) {
+        return false;
+    }
+    let quoted = [&b"\"sg"[..], b"u&\""].iter().any(|q| crate::lexer::contains_ignore_case(sql, q));
+    let reserved = |t: Option<&Token<'_>>| word(t).is_some_and(|w| PROXY_STATEMENT_PREFIXES.iter().any(|p| w.len() >= p.len() && w[..p.len()].eq_ignore_ascii_case(p)));
+    quoted
+        || (0..toks.len()).any(|i| {
+            let t = toks.get(i);
+            verb(t) && (reserved(toks.get(i + 1)) || (is(toks.get(i + 1), "prepare") && reserved(toks.get(i + 2))))
+        })
+}
+
 fn word<'a>(t: Option<&Token<'a>>) -> Option<&'a str> {
     match t {
         Some(Token::Word(w)) => Some(w),
@@ -126,6 +160,36 @@ fn statement_pins(stmt: &[Token<'_>]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_proxys_statement_names_are_out_of_reach() {
+        for sql in [
+            "EXECUTE sgr_00aa(1, 2)",
+            "execute SG_0123",
+            "EXPLAIN ANALYZE EXECUTE sgc_entry('x')",
+            "CREATE TABLE t AS EXECUTE sg_11",
+            "PREPARE sgc_decision AS SELECT 1",
+            "DEALLOCATE PREPARE sgr_1",
+            "DEALLOCATE sg_1",
+            "SELECT 1; EXECUTE sgc_x",
+            "EXECUTE \"sg_1\"",
+            "EXECUTE U&\"\\0073g_1\"",
+        ] {
+            assert!(names_proxy_statement(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "EXECUTE q(1)",
+            "PREPARE q AS SELECT msg_id FROM t",
+            "SELECT sg_col FROM sg_table",
+            "PREPARE TRANSACTION 'sg_1_2'",
+            "COMMIT PREPARED 'sg_1_2_s0'",
+            "DEALLOCATE ALL",
+            "CREATE TRIGGER t AFTER INSERT ON x EXECUTE FUNCTION sg_audit()",
+            "SELECT 'EXECUTE sg_1'",
+        ] {
+            assert!(!names_proxy_statement(sql.as_bytes()), "{sql}");
+        }
+    }
 
     #[test]
     fn pinning_statements() {

@@ -864,4 +864,24 @@ async fn a_client_cannot_drop_the_prepared_statements_of_another() {
             assert_eq!(got.map(answer).map_err(|e| e.to_string()), Ok(42), "after another client ran {attack:?} (extended: {extended})");
         }
     }
+    // nor run or replace one: the names are listed, but not reachable
+    let attacker = connect(&c.info.proxy_dsn).await.expect("attacker");
+    let names: Vec<String> = attacker.query("SELECT name FROM pg_prepared_statements", &[]).await.expect("listed").iter().map(|r| r.get(0)).collect();
+    assert!(!names.is_empty());
+    for name in &names {
+        for sql in [format!("EXECUTE {name}(1)"), format!("EXPLAIN EXECUTE {name}(1)"), format!("EXECUTE \"{name}\"(1)"), format!("PREPARE {name}x AS SELECT 1")] {
+            let e = attacker.batch_execute(&sql).await.expect_err("refused");
+            assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e}");
+            let e = attacker.execute(sql.as_str(), &[]).await.expect_err("refused, extended");
+            assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e}");
+        }
+    }
+    // the attacker's session goes on; its own statements are its own
+    attacker.batch_execute("PREPARE mine(int) AS SELECT $1 + 1").await.expect("own PREPARE");
+    let r = attacker.simple_query("EXECUTE mine(1)").await.expect("own EXECUTE");
+    assert!(r.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("2"))));
+    // (PREPARE pinned it to the pool's one connection, closed when it leaves)
+    drop(attacker);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(answer(victim.query(&stmt, &[&41i32]).await.expect("victim after all")), 42);
 }

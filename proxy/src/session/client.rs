@@ -160,6 +160,10 @@ impl Session {
                     self.refuse_simple(sqlstate::INSUFFICIENT_PRIVILEGE, CONTROL_TABLES.into()).await?;
                     return Ok(Flow::Continue);
                 }
+                if shardgate_router::names_proxy_statement(sql) {
+                    self.refuse_simple(sqlstate::INSUFFICIENT_PRIVILEGE, PROXY_STATEMENTS.into()).await?;
+                    return Ok(Flow::Continue);
+                }
                 if let Some(flow) = self.routed_query(sql).await? {
                     return Ok(flow);
                 }
@@ -184,6 +188,10 @@ impl Session {
                 let p = Parse::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
                 if !self.admin && self.shared.engine.router.names_control_table(p.query) {
                     self.refuse_extended(sqlstate::INSUFFICIENT_PRIVILEGE, CONTROL_TABLES.into()).await?;
+                    return Ok(Flow::Continue);
+                }
+                if shardgate_router::names_proxy_statement(p.query) {
+                    self.refuse_extended(sqlstate::INSUFFICIENT_PRIVILEGE, PROXY_STATEMENTS.into()).await?;
                     return Ok(Flow::Continue);
                 }
                 let cap = self.shared.config.server.max_client_statements;

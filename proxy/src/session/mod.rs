@@ -59,6 +59,11 @@ const CLOSED_STATEMENT: &[u8] = b"shardgate_closed";
 const CONTROL_TABLES: &str = "permission denied: shardgate's control tables (the fallback table and its views, two-phase-commit decisions, \
      migration state and outbox) belong to the proxy; statements naming them are refused for application users (admin users may read them)";
 
+/// Nobody runs, replaces or drops the statements the proxy prepared on a
+/// pooled server connection (see [`shardgate_router::names_proxy_statement`]).
+const PROXY_STATEMENTS: &str = "permission denied: prepared statements named sg_..., sgr_... or sgc_... belong to shardgate (a pooled server \
+     connection holds those of other clients and the proxy's own); give your statement another name";
+
 const TRACKED_PARAMS: &[&str] = &[
     "client_encoding",
     "datestyle",
