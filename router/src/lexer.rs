@@ -41,7 +41,7 @@ pub fn first_word(sql: &str) -> Option<&str> {
             continue;
         }
         match b.get(i)? {
-            b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => i += 1,
+            b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c' => i += 1,
             c if c.is_ascii_alphabetic() || *c == b'_' => {
                 let start = i;
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
@@ -54,12 +54,13 @@ pub fn first_word(sql: &str) -> Option<&str> {
     }
 }
 
-/// If a comment starts at `i` (`-- …` to the end of the line, or a block
-/// comment, nested as PostgreSQL allows), the index just past it.
+/// If a comment starts at `i` (`-- …` to the end of the line, which for
+/// PostgreSQL is a `\n` or a `\r`, or a block comment, nested as PostgreSQL
+/// allows), the index just past it.
 pub(crate) fn comment_end(b: &[u8], mut i: usize) -> Option<usize> {
     match (b.get(i), b.get(i + 1)) {
         (Some(b'-'), Some(b'-')) => {
-            while i < b.len() && b[i] != b'\n' {
+            while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
                 i += 1;
             }
             Some(i)
@@ -116,7 +117,7 @@ pub(crate) fn scan<'a>(sql: &'a str, mut emit: impl FnMut(Token<'a>)) {
         }
         let c = b[i];
         match c {
-            b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => i += 1,
+            b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c' => i += 1,
             b'\'' => {
                 i = skip_quoted(b, i + 1, b'\'', false);
                 emit(Token::Other);

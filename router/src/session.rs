@@ -73,12 +73,29 @@ pub fn names_proxy_statement(sql: &[u8]) -> bool {
         return false;
     }
     let quoted = [&b"\"sg"[..], b"u&\""].iter().any(|q| crate::lexer::contains_ignore_case(sql, q));
-    let reserved = |t: Option<&Token<'_>>| word(t).is_some_and(|w| PROXY_STATEMENT_PREFIXES.iter().any(|p| w.len() >= p.len() && w[..p.len()].eq_ignore_ascii_case(p)));
+    // (bytes: a word may hold a character of several bytes across a prefix's end)
+    let reserved = |t: Option<&Token<'_>>| word(t).is_some_and(|w| PROXY_STATEMENT_PREFIXES.iter().any(|p| w.as_bytes().get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()))));
     quoted
         || (0..toks.len()).any(|i| {
             let t = toks.get(i);
             verb(t) && (reserved(toks.get(i + 1)) || (is(toks.get(i + 1), "prepare") && reserved(toks.get(i + 2))))
         })
+}
+
+/// True when a statement of `sql` is `DISCARD ALL` or `DEALLOCATE [PREPARE]
+/// ALL`: every prepared statement of the server session goes (comments, case
+/// and spacing as PostgreSQL reads them).
+pub fn drops_all_statements(sql: &[u8]) -> bool {
+    if !crate::lexer::contains_ignore_case(sql, b"all") {
+        return false;
+    }
+    let text = String::from_utf8_lossy(sql);
+    let toks = tokens(&text);
+    toks.split(|t| *t == Token::Semicolon).any(|stmt| {
+        let words: Vec<&str> = stmt.iter().take(4).map(|t| word(Some(t)).unwrap_or("")).collect();
+        let w = |i: usize, k: &str| words.get(i).is_some_and(|x| x.eq_ignore_ascii_case(k));
+        (w(0, "discard") && w(1, "all")) || (w(0, "deallocate") && (w(1, "all") || (w(1, "prepare") && w(2, "all"))))
+    })
 }
 
 fn word<'a>(t: Option<&Token<'a>>) -> Option<&'a str> {
@@ -162,6 +179,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn statements_that_drop_every_prepared_statement() {
+        for sql in ["DISCARD ALL", "discard all;", "DEALLOCATE ALL;", "/**/DEALLOCATE ALL", "SELECT 1; DEALLOCATE ALL", "DEALLOCATE/**/ALL", "deallocate prepare all", "-- c\rDISCARD\nALL"] {
+            assert!(drops_all_statements(sql.as_bytes()), "{sql}");
+        }
+        for sql in ["DISCARD PLANS", "DEALLOCATE p", "SELECT 'DISCARD ALL'", "SELECT all_rows FROM discard", "DEALLOCATE prepare"] {
+            assert!(!drops_all_statements(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
     fn the_proxys_statement_names_are_out_of_reach() {
         for sql in [
             "EXECUTE sgr_00aa(1, 2)",
@@ -174,6 +201,8 @@ mod tests {
             "SELECT 1; EXECUTE sgc_x",
             "EXECUTE \"sg_1\"",
             "EXECUTE U&\"\\0073g_1\"",
+            "-- a comment PostgreSQL ends at a carriage return\rEXECUTE sg_1(2)",
+            "EXECUTE\x0bsg_1",
         ] {
             assert!(names_proxy_statement(sql.as_bytes()), "{sql}");
         }
@@ -186,6 +215,9 @@ mod tests {
             "DEALLOCATE ALL",
             "CREATE TRIGGER t AFTER INSERT ON x EXECUTE FUNCTION sg_audit()",
             "SELECT 'EXECUTE sg_1'",
+            "EXECUTE éé -- sg",
+            "PREPARE été AS SELECT 'sg'",
+            "EXECUTE sgé",
         ] {
             assert!(!names_proxy_statement(sql.as_bytes()), "{sql}");
         }

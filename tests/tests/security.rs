@@ -831,7 +831,7 @@ async fn a_client_cannot_drop_the_prepared_statements_of_another() {
     assert_eq!(answer(victim.query(&stmt, &[&41i32]).await.expect("first run")), 42);
     // (the last two fail on the server, in a block, and drop nothing; `|` separates two
     // statements sent one after the other)
-    let attacks = ["DEALLOCATE {name}", "DEALLOCATE PREPARE {name}", "deallocate  {name}", "DISCARD ALL", "DEALLOCATE ALL", "BEGIN|DISCARD ALL", "DISCARD ALL; SELECT 1"];
+    let attacks = ["DEALLOCATE {name}", "DEALLOCATE PREPARE {name}", "deallocate  {name}", "DISCARD ALL", "DEALLOCATE ALL", "BEGIN|DISCARD ALL", "DISCARD ALL; SELECT 1", "-- PostgreSQL ends this at a carriage return\rDEALLOCATE {name}", "/**/DEALLOCATE ALL;", "SELECT 1; DEALLOCATE ALL"];
     for attack in attacks {
         for extended in [false, true] {
             if extended && (attack.contains(';') || attack.contains('|')) {
@@ -869,12 +869,23 @@ async fn a_client_cannot_drop_the_prepared_statements_of_another() {
     let names: Vec<String> = attacker.query("SELECT name FROM pg_prepared_statements", &[]).await.expect("listed").iter().map(|r| r.get(0)).collect();
     assert!(!names.is_empty());
     for name in &names {
-        for sql in [format!("EXECUTE {name}(1)"), format!("EXPLAIN EXECUTE {name}(1)"), format!("EXECUTE \"{name}\"(1)"), format!("PREPARE {name}x AS SELECT 1")] {
+        for sql in [
+            format!("EXECUTE {name}(1)"),
+            format!("EXPLAIN EXECUTE {name}(1)"),
+            format!("EXECUTE \"{name}\"(1)"),
+            format!("PREPARE {name}x AS SELECT 1"),
+            format!("-- a comment\rEXECUTE {name}(1)"),
+        ] {
             let e = attacker.batch_execute(&sql).await.expect_err("refused");
             assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e}");
             let e = attacker.execute(sql.as_str(), &[]).await.expect_err("refused, extended");
             assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e}");
         }
+    }
+    // a name of several-byte characters where the proxy's prefixes would end is PostgreSQL's to answer
+    for sql in ["EXECUTE éé -- sg", "EXECUTE sgé"] {
+        let e = attacker.batch_execute(sql).await.expect_err("no such statement");
+        assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{sql}: {e}");
     }
     // the attacker's session goes on; its own statements are its own
     attacker.batch_execute("PREPARE mine(int) AS SELECT $1 + 1").await.expect("own PREPARE");
@@ -884,4 +895,35 @@ async fn a_client_cannot_drop_the_prepared_statements_of_another() {
     drop(attacker);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(answer(victim.query(&stmt, &[&41i32]).await.expect("victim after all")), 42);
+}
+
+/// A statement's server name comes from its text, and a pooled connection
+/// keeps it: prepared by one client under a search path of its choosing, the
+/// same text of another client must still read that client's tables
+/// (PostgreSQL parses a prepared statement again when the search path it is
+/// run under differs from the one it was prepared under).
+#[tokio::test]
+async fn a_client_cannot_swap_the_tables_behind_another_clients_statement() {
+    let c = Cluster::start_temp(Options { redis: false, pool_toml: "size = 1\n".into(), ..Options::default() }).expect("start cluster");
+    let db = connect(&c.info.default_dsn).await.expect("db_default");
+    db.batch_execute(
+        "CREATE TABLE sp_t (v int); INSERT INTO sp_t VALUES (1); CREATE SCHEMA evil; CREATE TABLE evil.sp_t (v int); INSERT INTO evil.sp_t VALUES (666); \
+         GRANT ALL ON SCHEMA evil TO PUBLIC; GRANT ALL ON ALL TABLES IN SCHEMA evil TO PUBLIC",
+    )
+    .await
+    .expect("tables");
+    let victim = connect(&c.info.proxy_dsn).await.expect("victim");
+    let stmt = victim.prepare("SELECT v FROM sp_t").await.expect("prepare");
+    let read = |r: Vec<tokio_postgres::Row>| r[0].get::<_, i32>(0);
+    assert_eq!(read(victim.query(&stmt, &[]).await.expect("first")), 1);
+    for setting in ["SET LOCAL search_path = evil, public", "SET LOCAL SCHEMA 'evil'"] {
+        let attacker = connect(&c.info.proxy_dsn).await.expect("attacker");
+        attacker.batch_execute(&format!("BEGIN; {setting}")).await.expect("in a block");
+        let own = attacker.prepare("SELECT v FROM sp_t").await.expect("the same text");
+        assert_eq!(read(attacker.query(&own, &[]).await.expect("its own")), 666, "the attacker reads its path");
+        attacker.batch_execute("COMMIT").await.expect("commit");
+        drop(attacker);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(read(victim.query(&stmt, &[]).await.expect("victim")), 1, "after another client prepared the text under {setting:?}");
+    }
 }

@@ -230,7 +230,7 @@ impl Session {
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
                 }
-                if self.pinned.is_none() && super::link::drops_all_statements(p.query) {
+                if self.pinned.is_none() && shardgate_router::drops_all_statements(p.query) {
                     // runs at some Execute, or never: the proxy cannot tell when this
                     // connection's statements go, so it is this client's alone from now
                     // on and closed when the client leaves

@@ -54,17 +54,6 @@ pub(super) fn statement_name(query: &[u8], param_types: &[u8]) -> String {
     format!("sg_{:016x}{:016x}", h.finish(), h2.finish())
 }
 
-/// Whether `sql` is `DISCARD ALL` or `DEALLOCATE [PREPARE] ALL`: every
-/// prepared statement of the server session goes.
-pub(super) fn drops_all_statements(sql: &[u8]) -> bool {
-    if !sql.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| b.eq_ignore_ascii_case(&b'd')) {
-        return false;
-    }
-    let head: String = String::from_utf8_lossy(&sql[..sql.len().min(64)]).to_ascii_lowercase();
-    let words: Vec<&str> = head.split_whitespace().collect();
-    matches!(words.as_slice(), ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all", ..])
-}
-
 /// Canonical spelling of a parameter value for comparison.
 pub(super) fn normalize_param(v: &str) -> String {
     match v.to_ascii_lowercase().as_str() {
@@ -201,7 +190,7 @@ impl Session {
 
     /// DISCARD ALL / DEALLOCATE ALL drop server-side statements: forget ours.
     pub(super) fn forget_statements_if_discarded(&mut self, sql: &[u8]) {
-        if drops_all_statements(sql) {
+        if shardgate_router::drops_all_statements(sql) {
             self.db.statements.clear();
             self.cache_hold.cache_write_stmts.clear();
             self.routed.routed_stmts.clear();

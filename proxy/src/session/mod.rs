@@ -288,7 +288,11 @@ impl Session {
         Session {
             shared,
             client,
-            db: parts::DbLink { sout: BytesMut::with_capacity(8 * 1024), ..Default::default() },
+            db: {
+                let mut db = parts::DbLink::default();
+                db.sout = BytesMut::with_capacity(8 * 1024);
+                db
+            },
             shard_tx: parts::ShardTx::default(),
             routed: parts::RoutedPrepared::default(),
             cache_hold: parts::CacheHold::default(),

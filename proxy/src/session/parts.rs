@@ -91,6 +91,19 @@ pub(super) struct CacheHold {
     pub(super) cache_flush: bool,
 }
 
+impl Drop for DbLink {
+    /// A session that panicked mid-statement (a bug, never client input by
+    /// design) may leave its server inside a transaction, pinned state or an
+    /// answer half read: it is closed, never handed to the next client.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(server) = self.server.as_mut() {
+                server.broken = true;
+            }
+        }
+    }
+}
+
 impl DbLink {
     /// Nothing is queued for, owed by or running on db_default (the
     /// transaction status is the session's to judge).
