@@ -454,3 +454,36 @@ async fn an_insert_failing_on_its_shard_leaves_no_prepared_transaction_and_no_en
     assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
     assert_eq!(copies(&c, "F0").await, 1);
 }
+
+/// The entry and decision of an INSERT are statements db_default keeps
+/// prepared on each connection. When such a pipeline fails on the entry (a
+/// value taken), the server skips the rest of it, the decision's first Parse
+/// among it: the next INSERT on that connection must prepare it again, not
+/// run a statement that is not there.
+#[tokio::test]
+async fn an_insert_after_a_failed_first_commit_on_a_connection_still_commits() {
+    let c = Cluster::start_temp(Options { redis: false, extra_toml: FAST.into(), pool_toml: "size = 1\n".into(), ..Options::default() }).expect("start cluster");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    client.batch_execute(&insert("W1", 3, "2026-11-02 10:00+00")).await.expect("warm-up");
+    // an entry whose row was never written (a proxy that died between the two)
+    def.batch_execute("INSERT INTO shardgate_lookup_t_order_order_no (value, shard_key, month) VALUES ('ORPHAN1', 3, '202611')").await.expect("orphan entry");
+    // the proxy's db_default connections go: the next INSERT's pipeline is the first on a new one
+    def.batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        .await
+        .expect("terminate");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut first = client.batch_execute(&insert("ORPHAN1", 3, "2026-11-02 10:00+00")).await;
+    if let Err(e) = &first {
+        // a connection the proxy had not seen closed yet may fail this once (08006), never more
+        assert_eq!(sqlstate(e).as_deref(), Some("08006"), "{e}");
+        first = client.batch_execute(&insert("ORPHAN1", 3, "2026-11-02 10:00+00")).await;
+    }
+    first.expect("the orphan entry is taken over");
+    for no in ["FRESH1", "FRESH2", "FRESH3"] {
+        client.batch_execute(&insert(no, 3, "2026-11-02 10:00+00")).await.unwrap_or_else(|e| panic!("{no} after the failed pipeline: {e}"));
+    }
+    for no in ["W1", "ORPHAN1", "FRESH1", "FRESH2", "FRESH3"] {
+        assert_eq!(copies(&c, no).await, 1, "{no} is there once");
+    }
+}

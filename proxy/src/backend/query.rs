@@ -51,6 +51,50 @@ pub fn put_step(out: &mut BytesMut, sql: &str, values: &[Option<&[u8]>]) {
     });
 }
 
+/// Appends one step of a pipeline run as a named statement the connection
+/// keeps (Bind and Execute; the first time on this connection also Close and
+/// Parse, the Close for a name the proxy forgot while the server kept it):
+/// for statements the proxy itself sends with every write, which PostgreSQL
+/// then parses and plans once per connection instead of every time. The name
+/// is `sgc_` and a hash of the text. Returns the name when it parsed it:
+/// if the pipeline fails, pass those to [`forget_named`].
+pub fn put_named_step(out: &mut BytesMut, conn: &mut ServerConn, sql: &str, values: &[Option<&[u8]>]) -> Option<String> {
+    let name = own_statement_name(sql);
+    let parsed = if conn.prepared.contains(&name) {
+        conn.prepared.touch(&name);
+        None
+    } else {
+        crate::protocol::frontend::close_statement(out, name.as_bytes());
+        put_parse(out, name.as_bytes(), sql, &[]);
+        conn.prepared.insert(&name);
+        Some(name.clone())
+    };
+    put_bind(out, name.as_bytes(), values, &[], &[]);
+    put_message(out, b'E', |o| {
+        put_cstr(o, b"");
+        o.put_i32(0);
+    });
+    parsed
+}
+
+/// After a pipeline of [`put_named_step`]s failed: the server skipped the
+/// steps after the failed one, Parses perhaps among them, so the statements
+/// parsed there may not exist; the next use parses them again (its Close
+/// first makes that right either way).
+pub fn forget_named(conn: &mut ServerConn, parsed: &[String]) {
+    for name in parsed {
+        conn.prepared.remove(name);
+    }
+}
+
+/// The server name of one of the proxy's own statements (see [`put_named_step`]).
+fn own_statement_name(sql: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sql.hash(&mut h);
+    format!("sgc_{:016x}_{}", h.finish(), sql.len())
+}
+
 /// Appends Sync.
 pub fn put_sync(out: &mut BytesMut) {
     put_message(out, b'S', |_| {});

@@ -76,6 +76,15 @@ pub fn decision_sql(gid: &str, shards: &[usize]) -> String {
     format!("INSERT INTO shardgate_2pc_decisions (gid, shards, decided_at) VALUES ('{gid}', '{{{}}}', clock_timestamp())", list.join(","))
 }
 
+/// [`decision_sql`] with its values bound: the gid and the shards as an array literal.
+const DECISION_SQL: &str = "INSERT INTO shardgate_2pc_decisions (gid, shards, decided_at) VALUES ($1, $2, clock_timestamp())";
+
+/// The values of [`DECISION_SQL`].
+fn decision_values(gid: &str, shards: &[usize]) -> (String, String) {
+    let list: Vec<String> = shards.iter().map(|s| s.to_string()).collect();
+    (gid.to_string(), format!("{{{}}}", list.join(",")))
+}
+
 /// Phase one on every shard in `shards`; on failure everything is rolled back.
 pub async fn prepare(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: &str) -> Result<(), ExecError> {
     let mut prepared = Vec::new();
@@ -406,19 +415,26 @@ pub async fn commit_with_entries(engine: &Engine, slots: &mut Slots, shards: &[u
         rollback(slots, &[local]).await;
         return Err(e);
     }
-    let mut msgs = bytes::BytesMut::with_capacity(512 + entries.iter().map(|(sql, v)| sql.len() + v.iter().map(String::len).sum::<usize>() + 64).sum::<usize>());
+    let mut msgs = bytes::BytesMut::with_capacity(512 + entries.iter().map(|(sql, v)| 2 * sql.len() + v.iter().map(String::len).sum::<usize>() + 64).sum::<usize>());
+    let slot = slots[local].as_mut().expect("held by the caller");
+    // the entries and the decision as statements db_default keeps prepared on this
+    // connection: parsed and planned there once, not for every INSERT
+    let mut parsed = Vec::new();
     wire::put_step(&mut msgs, ENTRY_LOCK_WAIT, &[]);
     for (sql, values) in entries {
         let vals: Vec<Option<&[u8]>> = values.iter().map(|v| Some(v.as_bytes())).collect();
-        wire::put_step(&mut msgs, sql, &vals);
+        parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, sql, &vals));
     }
-    wire::put_step(&mut msgs, &decision_sql(gid, shards), &[]);
+    let (gid_value, shard_list) = decision_values(gid, shards);
+    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, DECISION_SQL, &[Some(gid_value.as_bytes()), Some(shard_list.as_bytes())]));
     wire::put_step(&mut msgs, "COMMIT", &[]);
     wire::put_sync(&mut msgs);
-    let slot = slots[local].as_mut().expect("held by the caller");
     let r = wire::pipeline(&mut slot.conn, &msgs).await;
     slot.in_tx = false;
     slot.wrote = false;
+    if !matches!(r, Ok(Ok(_))) {
+        wire::forget_named(&mut slot.conn, &parsed);
+    }
     match r {
         Ok(Ok(_)) => {
             apply_decision(engine, slots, shards, gid).await;
