@@ -38,7 +38,7 @@ pub use error::{Result, RouteError};
 pub use plan::{Agg, CmpOp, ColRef, DistinctKind, Grouping, Having, LookupRow, MergeSpec, Operand, Plan, Routed, RoutedKind, SortKey, StatementClass, Target};
 pub use lexer::{contains_ignore_case, first_word, is_one_statement};
 pub use setting::{setting_change, SettingChange};
-pub use session::{drops_all_statements, may_pin, names_proxy_statement, session_effect, SessionEffect, PROXY_STATEMENT_PREFIXES};
+pub use session::{deallocated_name, drops_all_statements, may_pin, names_proxy_statement, session_effect, SessionEffect, PROXY_STATEMENT_PREFIXES};
 pub use topology::{Context, Param, Resolved, SessionZone, TableRule, Topology};
 pub use txcontrol::{begin_statement, savepoint_op, transaction_control, SavepointOp, TxControl};
 

@@ -98,6 +98,27 @@ pub fn drops_all_statements(sql: &[u8]) -> bool {
     })
 }
 
+/// The statement name of `sql` when it is exactly one `DEALLOCATE [PREPARE]
+/// name` with an unquoted name, folded to lower case as PostgreSQL folds it.
+/// (psycopg 3 on a libpq before 17 drops the statements it prepared through
+/// the protocol this way.)
+pub fn deallocated_name(sql: &str) -> Option<String> {
+    if !crate::lexer::contains_ignore_case(sql.as_bytes(), b"deallocate") {
+        return None;
+    }
+    let toks = tokens(sql);
+    let stmt = match toks.as_slice() {
+        [s @ .., Token::Semicolon] => s,
+        s => s,
+    };
+    match stmt {
+        [d, n] if is(Some(d), "deallocate") && !is(Some(n), "all") => word(Some(n)),
+        [d, p, n] if is(Some(d), "deallocate") && is(Some(p), "prepare") && !is(Some(n), "all") => word(Some(n)),
+        _ => None,
+    }
+    .map(str::to_lowercase)
+}
+
 fn word<'a>(t: Option<&Token<'a>>) -> Option<&'a str> {
     match t {
         Some(Token::Word(w)) => Some(w),
@@ -177,6 +198,16 @@ fn statement_pins(stmt: &[Token<'_>]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_deallocated_name() {
+        assert_eq!(deallocated_name("DEALLOCATE _pg3_0").as_deref(), Some("_pg3_0"));
+        assert_eq!(deallocated_name("deallocate prepare S_1;").as_deref(), Some("s_1"));
+        assert_eq!(deallocated_name("/* c */ DEALLOCATE x -- y").as_deref(), Some("x"));
+        for sql in ["DEALLOCATE ALL", "DEALLOCATE PREPARE ALL", "DEALLOCATE \"X\"", "DEALLOCATE x; SELECT 1", "SELECT 1", "DEALLOCATE"] {
+            assert_eq!(deallocated_name(sql), None, "{sql}");
+        }
+    }
 
     #[test]
     fn statements_that_drop_every_prepared_statement() {

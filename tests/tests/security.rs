@@ -927,3 +927,60 @@ async fn a_client_cannot_swap_the_tables_behind_another_clients_statement() {
         assert_eq!(read(victim.query(&stmt, &[]).await.expect("victim")), 1, "after another client prepared the text under {setting:?}");
     }
 }
+
+/// `DEALLOCATE name` of a statement prepared through the protocol (psycopg 3
+/// on a libpq before 17 drops its statements this way) answers as one
+/// PostgreSQL does, on db_default's tables and on t_order: the statement goes
+/// for this client only, the next use is 26000, in a failed block 25P02.
+/// Driven by psycopg, whose statement names (`_pg3_0`, ...) are known.
+#[tokio::test]
+async fn deallocate_of_a_protocol_statement_answers_as_postgresql_does() {
+    let c = start();
+    let db = connect(&c.info.default_dsn).await.expect("db_default");
+    db.batch_execute("CREATE TABLE dealloc_t (v int); INSERT INTO dealloc_t VALUES (7)").await.expect("table");
+    const SCRIPT: &str = r#"
+import sys, json, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True, prepare_threshold=None)
+sql = "SELECT count(*) FROM " + sys.argv[2]
+out = []
+def run(f):
+    try:
+        f(); out.append("ok")
+    except psycopg.Error as e:
+        out.append(e.sqlstate or str(e))
+# each execute with prepare=True on a new text makes _pg3_<n>; the raw protocol reuses it
+pg = conn.pgconn
+def use(name):
+    r = pg.exec_prepared(name.encode(), [])
+    if r.status != psycopg.pq.ExecStatus.TUPLES_OK:
+        raise psycopg.errors.lookup(r.error_field(psycopg.pq.DiagnosticField.SQLSTATE).decode())("x")
+def prep(name):
+    r = pg.prepare(name.encode(), sql.encode())
+    if r.status != psycopg.pq.ExecStatus.COMMAND_OK:
+        raise psycopg.errors.lookup(r.error_field(psycopg.pq.DiagnosticField.SQLSTATE).decode())("x")
+run(lambda: prep("_pg3_0")); run(lambda: use("_pg3_0"))
+run(lambda: conn.execute("DEALLOCATE _pg3_0")); run(lambda: use("_pg3_0"))
+run(lambda: conn.execute("DEALLOCATE _pg3_0"))
+run(lambda: prep("_pg3_1"))
+run(lambda: conn.execute("BEGIN")); run(lambda: conn.execute("DEALLOCATE PREPARE _PG3_1;")); run(lambda: conn.execute("COMMIT"))
+run(lambda: use("_pg3_1"))
+run(lambda: prep("_pg3_2"))
+run(lambda: conn.execute("BEGIN")); run(lambda: conn.execute("SELECT 1/0")); run(lambda: conn.execute("DEALLOCATE _pg3_2")); run(lambda: conn.execute("ROLLBACK"))
+run(lambda: use("_pg3_2"))
+print(json.dumps(out))
+"#;
+    let run = |dsn: &str, table: &str| -> Vec<String> {
+        let out = std::process::Command::new("python3").args(["-c", SCRIPT, dsn, table]).output().expect("python3");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let expected = run(&c.info.default_dsn, "dealloc_t");
+    assert_eq!(
+        expected,
+        ["ok", "ok", "ok", "26000", "26000", "ok", "ok", "ok", "ok", "26000", "ok", "ok", "22012", "25P02", "ok", "ok"],
+        "PostgreSQL's answers"
+    );
+    for table in ["dealloc_t", "t_order"] {
+        assert_eq!(run(&c.info.proxy_dsn, table), expected, "through the proxy, on {table}");
+    }
+}

@@ -66,6 +66,28 @@ impl Session {
         Ok(())
     }
 
+    /// `DEALLOCATE name` of a statement the client prepared through the
+    /// protocol: the server knows it under the proxy's name (and keeps it for
+    /// other clients), so the proxy drops the client's name and answers as
+    /// PostgreSQL does. Inside a failed block the server answers (25P02).
+    pub(super) async fn deallocate_own(&mut self, sql: &[u8]) -> Result<Option<Flow>, End> {
+        let Some(name) = std::str::from_utf8(sql).ok().and_then(shardgate_router::deallocated_name) else {
+            return Ok(None);
+        };
+        let known = self.db.statements.contains_key(name.as_bytes()) || self.routed.routed_stmts.contains_key(name.as_bytes());
+        if !known || self.tx_status == b'E' || self.db.server_skipping {
+            return Ok(None);
+        }
+        self.barrier().await?;
+        self.db.statements.remove(name.as_bytes());
+        self.cache_hold.cache_write_stmts.remove(name.as_bytes());
+        self.routed.routed_stmts.remove(name.as_bytes());
+        crate::protocol::codec::put_message(&mut self.cout, b'C', |o| crate::protocol::codec::put_cstr(o, b"DEALLOCATE"));
+        let status = self.logical_status();
+        msg::ready_for_query(&mut self.cout, status);
+        Ok(Some(Flow::Continue))
+    }
+
     /// Savepoints and block ends on `db_default` (no shard takes part; with
     /// shards they are handled, or refused, before this): `SET LOCAL`s made
     /// after a savepoint end with `ROLLBACK TO` it, and all of them end with
@@ -168,6 +190,9 @@ impl Session {
                     return Ok(flow);
                 }
                 if let Some(flow) = self.cached_query(sql).await? {
+                    return Ok(flow);
+                }
+                if let Some(flow) = self.deallocate_own(sql).await? {
                     return Ok(flow);
                 }
                 self.note_begin(sql);
