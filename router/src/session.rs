@@ -116,7 +116,8 @@ pub fn deallocated_name(sql: &str) -> Option<String> {
         [d, p, n] if is(Some(d), "deallocate") && is(Some(p), "prepare") && !is(Some(n), "all") => word(Some(n)),
         _ => None,
     }
-    .map(str::to_lowercase)
+    // PostgreSQL folds A-Z only
+    .map(str::to_ascii_lowercase)
 }
 
 fn word<'a>(t: Option<&Token<'a>>) -> Option<&'a str> {

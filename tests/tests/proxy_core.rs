@@ -675,3 +675,46 @@ fn bytes_arriving_right_after_a_read_are_not_left_unread() {
     }
     println!("{rounds} pairs of Syncs answered in {:.1}s", t0.elapsed().as_secs_f64());
 }
+
+/// A named Parse that fails (or that the server skips after an earlier
+/// error) makes no statement, as in PostgreSQL: the name can be prepared
+/// again, and `DEALLOCATE` of it answers 26000. A `DEALLOCATE` pipelined
+/// behind a statement that fails a block answers 25P02 and drops nothing.
+#[tokio::test]
+async fn a_failed_parse_makes_no_statement_and_deallocate_waits_for_the_answers_before_it() {
+    use shardgate_tests::raw::{error_code, md5_login, read_until_ready};
+    let c = core("", "");
+    let mut s = md5_login(&c);
+    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind_exec = |name: &str| {
+        let mut m = frame(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+        m.extend_from_slice(&frame(b'E', b"\0\0\0\0\0"));
+        m
+    };
+    let sync = frame(b'S', &[]);
+    let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
+    // a Parse that fails, and one the server skips behind it
+    s.write_all(&[parse("s1", "SELEC 1"), parse("s2", "SELECT 2"), sync.clone()].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)).as_deref(), Some("42601"));
+    for name in ["s1", "s2"] {
+        s.write_all(&query(&format!("DEALLOCATE {name}"))).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)).as_deref(), Some("26000"), "DEALLOCATE {name}: no such statement");
+        s.write_all(&[parse(name, "SELECT 3"), bind_exec(name), sync.clone()].concat()).expect("send");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs), None, "{name} can be prepared now");
+        assert!(msgs.iter().any(|(t, _)| *t == b'D'), "{name} ran");
+    }
+    // BEGIN, a failing statement and DEALLOCATE in one write: the block has failed when
+    // the DEALLOCATE runs, so it answers 25P02 and s1 stays
+    s.write_all(&[query("BEGIN"), query("SELECT 1/0"), query("DEALLOCATE s1")].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    assert_eq!(error_code(&read_until_ready(&mut s)).as_deref(), Some("22012"));
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs).as_deref(), Some("25P02"));
+    assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', b"E".to_vec())), "still in the failed block");
+    s.write_all(&[query("ROLLBACK"), bind_exec("s1"), sync.clone()].concat()).expect("send");
+    read_until_ready(&mut s);
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "s1 is still there");
+    assert!(msgs.iter().any(|(t, _)| *t == b'D'));
+}

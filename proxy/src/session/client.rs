@@ -74,11 +74,17 @@ impl Session {
         let Some(name) = std::str::from_utf8(sql).ok().and_then(shardgate_router::deallocated_name) else {
             return Ok(None);
         };
-        let known = self.db.statements.contains_key(name.as_bytes()) || self.routed.routed_stmts.contains_key(name.as_bytes());
-        if !known || self.tx_status == b'E' || self.db.server_skipping {
+        let known = |s: &Self| s.db.statements.contains_key(name.as_bytes()) || s.routed.routed_stmts.contains_key(name.as_bytes());
+        if !known(self) {
             return Ok(None);
         }
+        // what the server has not answered yet decides: a failed block (25P02), a
+        // batch that skips to its Sync (no answer at all), a Parse of this name
+        // that failed
         self.barrier().await?;
+        if !known(self) || self.tx_status == b'E' || self.db.server_skipping {
+            return Ok(None);
+        }
         self.db.statements.remove(name.as_bytes());
         self.cache_hold.cache_write_stmts.remove(name.as_bytes());
         self.routed.routed_stmts.remove(name.as_bytes());
@@ -264,7 +270,7 @@ impl Session {
                 }
                 if p.name.is_empty() {
                     self.db.sout.extend_from_slice(&f.raw);
-                    self.expect_reply(Expect::ParseComplete { forward: true, name: None });
+                    self.expect_reply(Expect::ParseComplete { forward: true, name: None, client: None });
                 } else if self.db.statements.contains_key(p.name) {
                     // PostgreSQL: 42P05, the existing statement stays. The server
                     // never saw the client's name, so have it fail a Parse in the
@@ -291,9 +297,12 @@ impl Session {
                         super::link::close_first(&server_name, &mut self.db.sout, &mut self.db.expect);
                         self.db.sout.extend_from_slice(&parse);
                         server.prepared.insert(&server_name);
-                        self.db.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()) });
+                        self.db.expect.push_back(Expect::ParseComplete { forward: true, name: Some(server_name.clone()), client: Some(p.name.into()) });
                     }
-                    self.db.statements.insert(p.name.to_vec(), Statement { server_name, parse });
+                    // (a Parse the server skips creates nothing, as in PostgreSQL)
+                    if !self.db.server_skipping {
+                        self.db.statements.insert(p.name.to_vec(), Statement { server_name, parse });
+                    }
                 }
                 self.db.sent_since_sync = true;
             }

@@ -177,7 +177,7 @@ impl Session {
         self.db.sout.extend_from_slice(&stmt.parse);
         if !self.db.server_skipping {
             server.prepared.insert(&stmt.server_name);
-            self.db.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()) });
+            self.db.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()), client: None });
         }
     }
 
@@ -282,9 +282,14 @@ impl Session {
                 while let Some(e) = self.db.expect.front() {
                     match e {
                         Expect::Ready { .. } | Expect::SwallowUntilReady => break,
-                        Expect::ParseComplete { name: Some(n), .. } => {
+                        Expect::ParseComplete { name: Some(n), client, .. } => {
                             if let Some(server) = self.db.server.as_mut() {
                                 server.prepared.remove(n);
+                            }
+                            if let Some(c) = client.clone() {
+                                // the client's statement was never made
+                                self.db.statements.remove(&c[..]);
+                                self.cache_hold.cache_write_stmts.remove(&c[..]);
                             }
                             self.db.expect.pop_front();
                         }

@@ -82,7 +82,9 @@ const TRACKED_PARAMS: &[&str] = &[
 #[derive(Debug)]
 enum Expect {
     /// ParseComplete for a Parse; `name` is the server statement it creates.
-    ParseComplete { forward: bool, name: Option<Arc<str>> },
+    /// `client`: the client's name for it, forgotten if the Parse fails or is
+    /// skipped (PostgreSQL then has no statement by that name).
+    ParseComplete { forward: bool, name: Option<Arc<str>>, client: Option<Box<[u8]>> },
     /// CloseComplete for a Close; `evicted` is the server statement the proxy
     /// closed to make room (back in the set if the server skipped the Close).
     CloseComplete { forward: bool, evicted: Option<Arc<str>> },
