@@ -116,7 +116,22 @@ async fn cancel_reaches_the_running_query_within_a_second() {
     });
     // a second client's long query must not be touched by the first client's cancel
     let other_slow = tokio::spawn(async move { other.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // cancel once the statement runs on the server (a cancel before it starts does
+    // nothing, in PostgreSQL too): a fixed wait was too short on a loaded machine
+    let db = connect(&c.info.default_dsn).await.expect("db_default");
+    let t0 = Instant::now();
+    loop {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(10)'", &[])
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if n > 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(8), "the slow statement never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let t_cancel = Instant::now();
     token.cancel_query(tokio_postgres::NoTls).await.expect("send cancel");
     let (r, _) = slow.await.expect("join");
