@@ -86,16 +86,23 @@ pub fn names_proxy_statement(sql: &[u8]) -> bool {
 /// ALL`: every prepared statement of the server session goes (comments, case
 /// and spacing as PostgreSQL reads them).
 pub fn drops_all_statements(sql: &[u8]) -> bool {
-    if !crate::lexer::contains_ignore_case(sql, b"all") {
+    // (run on every simple Query passed through: lex only texts that hold one of the verbs)
+    if !crate::lexer::contains_ignore_case(sql, b"discard") && !crate::lexer::contains_ignore_case(sql, b"deallocate") {
         return false;
     }
     let text = String::from_utf8_lossy(sql);
     let toks = tokens(&text);
-    toks.split(|t| *t == Token::Semicolon).any(|stmt| {
-        let words: Vec<&str> = stmt.iter().take(4).map(|t| word(Some(t)).unwrap_or("")).collect();
-        let w = |i: usize, k: &str| words.get(i).is_some_and(|x| x.eq_ignore_ascii_case(k));
-        (w(0, "discard") && w(1, "all")) || (w(0, "deallocate") && (w(1, "all") || (w(1, "prepare") && w(2, "all"))))
-    })
+    toks.split(|t| *t == Token::Semicolon).any(|stmt| (is(stmt.first(), "discard") && is(stmt.get(1), "all")) || deallocates_all(stmt) == Some(true))
+}
+
+/// `DEALLOCATE [PREPARE] {name | ALL}`: `Some(true)` for ALL, `Some(false)`
+/// for a name, `None` for any other statement.
+fn deallocates_all(stmt: &[Token<'_>]) -> Option<bool> {
+    if !is(stmt.first(), "deallocate") {
+        return None;
+    }
+    let target = if is(stmt.get(1), "prepare") { stmt.get(2) } else { stmt.get(1) };
+    Some(is(target, "all"))
 }
 
 /// The statement name of `sql` when it is exactly one `DEALLOCATE [PREPARE]
@@ -112,8 +119,8 @@ pub fn deallocated_name(sql: &str) -> Option<String> {
         s => s,
     };
     match stmt {
-        [d, n] if is(Some(d), "deallocate") && !is(Some(n), "all") => word(Some(n)),
-        [d, p, n] if is(Some(d), "deallocate") && is(Some(p), "prepare") && !is(Some(n), "all") => word(Some(n)),
+        [_, n] if deallocates_all(stmt) == Some(false) => word(Some(n)),
+        [_, p, n] if is(Some(p), "prepare") && deallocates_all(stmt) == Some(false) => word(Some(n)),
         _ => None,
     }
     // PostgreSQL folds A-Z only
@@ -159,11 +166,8 @@ fn statement_pins(stmt: &[Token<'_>]) -> Option<&'static str> {
     // the proxy does not know which of its names that is: the client keeps this
     // connection, which is closed when it leaves (another client's statement by
     // that name would be gone). DEALLOCATE [PREPARE] ALL is followed instead.
-    if is(first, "deallocate") {
-        let all = if is(stmt.get(1), "prepare") { is(stmt.get(2), "all") } else { is(stmt.get(1), "all") };
-        if !all {
-            return Some("DEALLOCATE");
-        }
+    if deallocates_all(stmt) == Some(false) {
+        return Some("DEALLOCATE");
     }
     if is(first, "declare") && stmt.windows(2).any(|w| is(w.first(), "with") && is(w.get(1), "hold")) {
         return Some("DECLARE ... WITH HOLD");

@@ -70,19 +70,18 @@ pub fn shard_gid(gid: &str, shard: usize) -> String {
 
 /// Statement that records the commit decision.
 pub fn decision_sql(gid: &str, shards: &[usize]) -> String {
-    let list: Vec<String> = shards.iter().map(|s| s.to_string()).collect();
     // clock_timestamp(), not now(): inside a long client transaction now() is its start, and the
     // cleanup of old rows must never take a decision whose shards may still be committing
-    format!("INSERT INTO shardgate_2pc_decisions (gid, shards, decided_at) VALUES ('{gid}', '{{{}}}', clock_timestamp())", list.join(","))
+    format!("INSERT INTO shardgate_2pc_decisions (gid, shards, decided_at) VALUES ('{gid}', '{}', clock_timestamp())", shard_array(shards))
 }
 
-/// [`decision_sql`] with its values bound: the gid and the shards as an array literal.
+/// [`decision_sql`] with its values bound: the gid, and the shards as [`shard_array`].
 const DECISION_SQL: &str = "INSERT INTO shardgate_2pc_decisions (gid, shards, decided_at) VALUES ($1, $2, clock_timestamp())";
 
-/// The values of [`DECISION_SQL`].
-fn decision_values(gid: &str, shards: &[usize]) -> (String, String) {
+/// The shards of a decision as an `int[]` literal: `{0,3}`.
+fn shard_array(shards: &[usize]) -> String {
     let list: Vec<String> = shards.iter().map(|s| s.to_string()).collect();
-    (gid.to_string(), format!("{{{}}}", list.join(",")))
+    format!("{{{}}}", list.join(","))
 }
 
 /// Phase one on every shard in `shards`; on failure everything is rolled back.
@@ -425,8 +424,8 @@ pub async fn commit_with_entries(engine: &Engine, slots: &mut Slots, shards: &[u
         let vals: Vec<Option<&[u8]>> = values.iter().map(|v| Some(v.as_bytes())).collect();
         parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, sql, &vals));
     }
-    let (gid_value, shard_list) = decision_values(gid, shards);
-    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, DECISION_SQL, &[Some(gid_value.as_bytes()), Some(shard_list.as_bytes())]));
+    let shard_list = shard_array(shards);
+    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, DECISION_SQL, &[Some(gid.as_bytes()), Some(shard_list.as_bytes())]));
     wire::put_step(&mut msgs, "COMMIT", &[]);
     wire::put_sync(&mut msgs);
     let r = wire::pipeline(&mut slot.conn, &msgs).await;
