@@ -154,6 +154,9 @@ async fn start_background(shared: &Arc<state::Shared>) {
             if tick.is_multiple_of(routed::months::INTERVAL.as_secs() / EVERY) {
                 routed::months::maintain(&engine, ahead).await;
             }
+            if tick.is_multiple_of(60 / EVERY) {
+                routed::fence::sweep(&engine).await;
+            }
         }
     });
     // fallback table and the sync-back worker
@@ -195,5 +198,7 @@ async fn start_background(shared: &Arc<state::Shared>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "two-phase commit recovery at startup failed"),
         }
+        // the INSERT fence on every shard (made where missing)
+        routed::fence::sweep(&engine).await;
     });
 }

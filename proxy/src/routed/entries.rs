@@ -1,32 +1,35 @@
-//! An autocommit INSERT whose only `db_default` work is its unique-lookup
-//! entries commits with one `db_default` round trip: the shards run the
-//! INSERT and prepare (one round trip, [`super::exec`]), then one pipeline on
-//! `db_default` writes the entries as plain INSERTs, the decision row and
-//! COMMIT ([`super::twopc::commit_with_entries`]), and COMMIT PREPARED
-//! follows. The usual way ([`super::lookup::record`] before the row) takes
-//! two more.
+//! An autocommit INSERT on one shard whose only `db_default` work is its
+//! unique-lookup entries commits in two round trips, without two-phase
+//! commit: one pipeline on `db_default` commits the entries, each carrying
+//! the INSERT's token; then the shard runs the INSERT in one implicit
+//! transaction behind a fence insert of that token ([`super::fence`]).
 //!
-//! A value already taken fails that pipeline with `23505`; one another
-//! transaction is writing fails it with `55P03` after a short lock wait
-//! (which also ends a wait across databases: that transaction may hold the
-//! entry and wait for this INSERT's row on the month table's unique index).
-//! A `23505` on the shard (the month table's own unique index) is the same
-//! case seen from the other side. Then everything is rolled back, nothing
-//! having been decided, and the INSERT runs the usual way, which tells a
+//! An entry whose row never commits (the proxy died between the two, or the
+//! row failed and the entry could not be deleted) is an orphan: the value
+//! has no row, and reads routed by the entry find none, as on one table.
+//! The next INSERT of the value finds the entry taken and goes the usual way
+//! ([`super::lookup::record`]), which fences the orphan's token on its shard
+//! before it looks for the row: an owner still in flight is waited for, one
+//! that has not reached the shard yet can never commit after the look.
+//!
+//! A value already taken fails the entries with `23505`; one another
+//! transaction is writing fails them with `55P03` after a short lock wait.
+//! Then nothing was written and the INSERT runs the usual way, which tells a
 //! live holder from a deleted row, waits as one table would and answers with
-//! one table's error.
+//! one table's error. So does a `23505` on the shard (the month table's own
+//! unique index, or a taker that fenced this INSERT's token first), after
+//! the entries are deleted.
 
 use super::exec::{run, ExecError, Out, Request, Slots};
-use super::slots::hold;
+use super::slots::{hold, hold_unless_canceled, release};
 use super::Engine;
+use crate::backend::query as wire;
 use crate::protocol::sqlstate;
 
-/// Whether `req` (committed under two-phase commit) can take this way: an
-/// INSERT of at most [`MAX_ROWS`] rows, all on one shard (no fallback rows on
-/// `db_default`, no targets that must run one after another). Rows on
-/// several shards could wait on each other across shards, where no server
-/// sees the deadlock (two such INSERTs with the same values in another
-/// order): taking the entries first, the usual way, orders them.
+/// Whether `req` can take this way: an autocommit INSERT of at most
+/// [`MAX_ROWS`] rows, all on one shard (no fallback rows on `db_default`, no
+/// targets that must run one after another). Rows on several shards commit
+/// with two-phase commit, the usual way, which takes the entries first.
 pub fn applies(engine: &Engine, req: &Request<'_>) -> bool {
     let r = req.routed;
     let Some(first) = r.targets.first() else { return false };
@@ -45,49 +48,145 @@ pub fn applies(engine: &Engine, req: &Request<'_>) -> bool {
 /// sends nothing twice.
 const MAX_ROWS: usize = 64;
 
-/// Runs and commits the INSERT. `None`: nothing was decided and everything
-/// is rolled back; the caller runs it the usual way (and drops what this
-/// attempt put in `out`).
-pub async fn insert(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shards: &[usize], gid: &str) -> Option<Result<(), ExecError>> {
-    let local = engine.shards.len();
-    let remote: Vec<usize> = shards.iter().copied().filter(|&s| s != local).collect();
-    let entries = match super::lookup::entry_statements(engine, &req.routed.lookup_rows, &req.routed.table).await {
+/// How long the entries wait for another transaction writing the same value
+/// before the INSERT goes the usual way (which waits as one table would).
+const ENTRY_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '100ms'";
+
+/// Runs and commits the INSERT. `None`: nothing of it is committed (no row;
+/// its entries deleted or left as orphans); the caller runs it the usual way
+/// (and drops what this attempt put in `out`).
+pub async fn insert(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: &mut Out<'_>, shard: usize) -> Option<Result<(), ExecError>> {
+    let (token, made_ms) = super::fence::new_token(engine);
+    let entries = match super::lookup::entry_rows(engine, &req.routed.lookup_rows, &req.routed.table).await {
         Ok(e) => e,
         Err(e) => return Some(Err(e)),
     };
-    // db_default's connection first, as every other path takes them (recovery, filling
-    // the lookup, sync-back): taken in the other order, small pools could wait on each
-    // other. Its BEGIN is deferred, so this costs no round trip.
-    if let Err(e) = hold(engine, slots, local, Some("BEGIN"), req.param_sets, req.local_sets).await {
-        return Some(Err(e));
+    match write_entries(engine, slots, req, &entries, &token).await {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(e) => return Some(Err(e)),
     }
-    match run(engine, slots, req, out, &remote, Some("BEGIN"), Some(gid)).await {
-        Ok(()) => {}
-        Err(ExecError::Server(e)) if e.code == sqlstate::UNIQUE_VIOLATION && !out.flushed => {
-            super::twopc::rollback(slots, shards).await;
-            return None;
+    super::twopc::crash_point("after_entries");
+    super::twopc::pause_point("after_entries").await;
+    let cancel = req.cancel.map(|c| (c, req.cancel_epoch));
+    let r = match hold_unless_canceled(engine, slots, shard, None, req.param_sets, req.local_sets, cancel).await {
+        Ok(()) => {
+            slots[shard].as_mut().expect("held").conn.defer(&super::fence::owner_sql(&token, made_ms));
+            run(engine, slots, req, out, &[shard], None, None).await
+        }
+        Err(e) => Err(e),
+    };
+    let e = match r {
+        Ok(()) => {
+            super::lookup::remember_all(engine, &req.routed.lookup_rows, &req.routed.table);
+            return Some(Ok(()));
+        }
+        Err(e) => e,
+    };
+    if matches!(e, ExecError::ClientIo(_)) {
+        // the client is gone: the shard stops and rolls back when its connection
+        // closes, unless it committed already (the entries stay: right either way)
+        for slot in slots.iter_mut().flatten() {
+            slot.conn.discard();
+        }
+    }
+    release(slots);
+    if rolled_back(&e) {
+        drop_entries(engine, &entries, &token).await;
+    }
+    match e {
+        ExecError::Server(s) if !out.flushed && (s.code == sqlstate::UNIQUE_VIOLATION || super::fence::is_fence_error(&s)) => {
+            if s.code == sqlstate::UNDEFINED_TABLE {
+                super::fence::create_on(engine, shard).await;
+            }
+            None
+        }
+        e => Some(Err(e)),
+    }
+}
+
+/// Whether the row's transaction is known not to have committed: the shard
+/// answered with an ERROR (not a FATAL, which may come after a commit), or
+/// nothing was sent. Otherwise (a lost connection) the entries stay: if the
+/// row committed they are its entries, if not they are orphans.
+fn rolled_back(e: &ExecError) -> bool {
+    match e {
+        ExecError::Server(s) => s.raw.get(5..).is_some_and(|b| crate::protocol::backend::parse_error_fields(b).severity == "ERROR"),
+        ExecError::Unreachable(_) => true,
+        ExecError::Proxy(code, _) => *code == sqlstate::QUERY_CANCELED || *code == sqlstate::TOO_MANY_CONNECTIONS,
+        _ => false,
+    }
+}
+
+/// Commits the entries in one `db_default` pipeline (block, short lock wait,
+/// entries, COMMIT). `Ok(false)`: a value is taken (`23505`) or being
+/// written (`55P03`); nothing was written.
+async fn write_entries(engine: &Engine, slots: &mut Slots, req: &Request<'_>, entries: &[(String, [String; 3])], token: &str) -> Result<bool, ExecError> {
+    let local = engine.shards.len();
+    // its BEGIN is deferred into the pipeline: no round trip of its own
+    hold(engine, slots, local, Some("BEGIN"), req.param_sets, req.local_sets).await?;
+    let slot = slots[local].as_mut().expect("held");
+    let mut msgs = bytes::BytesMut::with_capacity(256 + entries.iter().map(|(t, v)| 2 * t.len() + v.iter().map(String::len).sum::<usize>() + 256).sum::<usize>());
+    // statements db_default keeps prepared on this connection: parsed and planned once
+    let mut parsed = Vec::new();
+    wire::put_step(&mut msgs, ENTRY_LOCK_WAIT, &[]);
+    for (table, [value, key, month]) in entries {
+        let sql = format!("INSERT INTO {table} (value, shard_key, month, token) VALUES ($1, $2, $3, $4)");
+        let vals = [Some(value.as_bytes()), Some(key.as_bytes()), Some(month.as_bytes()), Some(token.as_bytes())];
+        parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, &sql, &vals));
+    }
+    wire::put_step(&mut msgs, "COMMIT", &[]);
+    wire::put_sync(&mut msgs);
+    let r = wire::pipeline(&mut slot.conn, &msgs).await;
+    slot.in_tx = false;
+    if !matches!(r, Ok(Ok(_))) {
+        wire::forget_named(&mut slot.conn, &parsed);
+    }
+    let r = match r {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => {
+            // a step failed, so COMMIT did not run: end the failed block
+            if !matches!(wire::control(&mut slot.conn, "ROLLBACK").await, Ok(Ok(_))) {
+                slot.conn.broken = true;
+            }
+            if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::LOCK_NOT_AVAILABLE {
+                Ok(false)
+            } else {
+                Err(ExecError::Server(e))
+            }
         }
         Err(e) => {
-            if matches!(e, ExecError::ClientIo(_)) {
-                // the client is gone: the servers roll back when their connections close
-                for slot in slots.iter_mut().flatten() {
-                    slot.conn.discard();
-                }
-            }
-            super::twopc::rollback(slots, shards).await;
-            return Some(Err(e));
+            // the entries may have committed: orphans at worst, the row was never sent
+            slot.conn.broken = true;
+            tracing::warn!(error = %e, "db_default lost while writing unique-lookup entries");
+            Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "lost the connection to db_default while recording unique values; the statement was not applied".into()))
         }
+    };
+    release(slots);
+    r
+}
+
+/// Deletes this INSERT's entries (its row did not commit), unless another
+/// INSERT took them over meanwhile. Best effort: one left behind is an
+/// orphan, which the next INSERT of its value settles.
+async fn drop_entries(engine: &Engine, entries: &[(String, [String; 3])], token: &str) {
+    let Ok(Ok(mut conn)) = tokio::time::timeout(std::time::Duration::from_secs(2), engine.default.get()).await else { return };
+    let mut msgs = bytes::BytesMut::new();
+    wire::put_step(&mut msgs, "BEGIN", &[]);
+    wire::put_step(&mut msgs, "SET LOCAL lock_timeout = 1000", &[]);
+    for (table, [value, _, _]) in entries {
+        wire::put_step(&mut msgs, &format!("DELETE FROM {table} WHERE value = $1 AND token = $2"), &[Some(value.as_bytes()), Some(token.as_bytes())]);
     }
-    match super::twopc::commit_with_entries(engine, slots, &remote, gid, &entries).await {
-        Ok(true) => {
-            super::lookup::remember_all(engine, &req.routed.lookup_rows, &req.routed.table);
-            Some(Ok(()))
+    wire::put_step(&mut msgs, "COMMIT", &[]);
+    wire::put_sync(&mut msgs);
+    match wire::pipeline(&mut conn, &msgs).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(code = %e.code, "could not delete the entries of an INSERT that failed; the next INSERT of the value settles them");
+            if !matches!(wire::control(&mut conn, "ROLLBACK").await, Ok(Ok(_))) {
+                conn.broken = true;
+            }
         }
-        Ok(false) if !out.flushed => None,
-        Ok(false) => Some(Err(ExecError::Proxy(
-            sqlstate::SERIALIZATION_FAILURE,
-            "could not serialize access: a unique value of this INSERT was being written concurrently; nothing was applied, retry it".into(),
-        ))),
-        Err(e) => Some(Err(e)),
+        Err(_) => conn.broken = true,
     }
 }

@@ -184,13 +184,14 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
     let implicit_tx = write && req.tx.is_none() && !implicit_2pc && (lookups || (several && !req.down_targets.is_empty()));
     let tx = if implicit_2pc || implicit_tx { Some("BEGIN") } else { req.tx };
     // the shards' PREPARE TRANSACTIONs go right behind the statement, in its round trip
-    let mut gid = implicit_2pc.then(|| super::twopc::new_gid(engine.worker()));
+    let gid = implicit_2pc.then(|| super::twopc::new_gid(engine.worker()));
     engine.fanout.record(routed.targets.len() as f64);
     let t0 = Instant::now();
-    if let Some(g) = gid.as_deref().filter(|_| super::entries::applies(engine, req)) {
-        // an autocommit INSERT with unique-lookup entries: the entries ride with the decision
+    if gid.is_some() && super::entries::applies(engine, req) {
+        // an autocommit INSERT on one shard with unique-lookup entries: the entries
+        // commit first, then the row behind its fence, no two-phase commit
         let mark = out.buf.len();
-        match super::entries::insert(engine, slots, req, out, &shard_list, g).await {
+        match super::entries::insert(engine, slots, req, out, routed.targets[0].shard.0 as usize).await {
             Some(result) => {
                 engine.account(&shard_list, t0, &result);
                 release(slots);
@@ -198,7 +199,6 @@ async fn execute_plan(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out
             }
             None => {
                 out.buf.truncate(mark);
-                gid = Some(super::twopc::new_gid(engine.worker()));
                 // fresh connections for the second way (the first may have lost one)
                 release(slots);
             }

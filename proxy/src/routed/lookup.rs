@@ -10,12 +10,19 @@
 //! The primary key makes a concurrent INSERT of the same value wait for the
 //! first transaction and then fail with `23505`, as one table would.
 //!
+//! An autocommit INSERT on one shard commits its entries first, marked with
+//! its token, and its row after ([`super::entries`]); an entry can then be
+//! an orphan, whose row never committed.
+//!
 //! DELETE leaves the entry behind (it does not know the values it removes),
 //! so an entry can outlive its row. An INSERT whose value has an entry
 //! therefore checks that entry's row: if the row is gone the INSERT takes the
 //! entry over (the entry stays locked until it commits), else it gets `23505`.
 //! The check first waits for two-phase commits in progress on that shard, so
-//! a row whose decision is made but not yet applied there counts as present.
+//! a row whose decision is made but not yet applied there counts as present,
+//! and fences the token of an entry written ahead of its row
+//! ([`super::fence::take`]), so a row still on its way either counts or can
+//! never commit.
 //!
 //! Reads: a WHERE that pins the column to values (`= v`, `IN (…)`) is routed
 //! by their entries; a value without an entry (rows written before the lookup
@@ -165,7 +172,12 @@ async fn prepare(engine: &Engine) -> anyhow::Result<Vec<Meta>> {
             .and_then(|r| r.into_iter().next().flatten())
             .unwrap_or_else(|| format!("{}_{column}_key", rule.name));
             let lookup_table = rule.lookup_table(column);
-            let ddl = format!("CREATE TABLE IF NOT EXISTS {lookup_table} (value {ty} PRIMARY KEY, shard_key bigint NOT NULL, month text NOT NULL)");
+            // token: the INSERT that wrote the entry before its row (see super::entries); NULL
+            // when the entry committed with its row
+            let ddl = format!(
+                "CREATE TABLE IF NOT EXISTS {lookup_table} (value {ty} PRIMARY KEY, shard_key bigint NOT NULL, month text NOT NULL, token text); \
+                 ALTER TABLE {lookup_table} ADD COLUMN IF NOT EXISTS token text"
+            );
             match wire::control(&mut conn, &ddl).await? {
                 Ok(_) => {}
                 // two proxies creating it at once
@@ -222,12 +234,12 @@ fn lost_default(e: impl std::fmt::Display) -> ExecError {
     ExecError::Proxy(sqlstate::CONNECTION_FAILURE, "lost the connection to db_default while recording unique values; the statement was not applied".into())
 }
 
-/// An INSERT's entries as plain INSERTs (statement, values), for the
-/// pipeline that carries them with the commit decision
-/// ([`super::entries::insert`]): there a taken value fails with `23505`
-/// instead of being looked into as [`record`] does. The same value twice in
-/// the statement is refused here, as in [`record`].
-pub async fn entry_statements(engine: &Engine, rows: &[LookupRow], table: &str) -> Result<Vec<(String, [String; 3])>, ExecError> {
+/// An INSERT's entries for the way that commits them before the row
+/// ([`super::entries::insert`]): (lookup table, [value, shard key, month]).
+/// There a taken value fails with `23505` instead of being looked into as
+/// [`record`] does. The same value twice in the statement is refused here,
+/// as in [`record`].
+pub async fn entry_rows(engine: &Engine, rows: &[LookupRow], table: &str) -> Result<Vec<(String, [String; 3])>, ExecError> {
     let meta = engine.lookups.meta(engine).await?;
     let mut out = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
@@ -235,8 +247,7 @@ pub async fn entry_statements(engine: &Engine, rows: &[LookupRow], table: &str) 
         if rows[..i].iter().any(|r| r.column == row.column && r.value == row.value) {
             return Err(duplicate(m, &row.value));
         }
-        let sql = format!("INSERT INTO {} (value, shard_key, month) VALUES ($1, $2, $3)", m.lookup_table);
-        out.push((sql, [row.value.clone(), row.shard_key.to_string(), row.month.suffix()]));
+        out.push((m.lookup_table.clone(), [row.value.clone(), row.shard_key.to_string(), row.month.suffix()]));
     }
     Ok(out)
 }
@@ -286,7 +297,7 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
             }
         }
         // taken: by this transaction, by a live row, or by a row deleted since
-        let q = format!("SELECT shard_key, month, xmin = pg_current_xact_id()::xid FROM {} WHERE value = $1 FOR UPDATE", m.lookup_table);
+        let q = format!("SELECT shard_key, month, xmin = pg_current_xact_id()::xid, token FROM {} WHERE value = $1 FOR UPDATE", m.lookup_table);
         let held = match wire::query(conn, &q, &[Some(row.value.as_str())]).await {
             Ok(Ok(r)) => r.into_iter().next(),
             Ok(Err(e)) => return Err(ExecError::Server(e)),
@@ -295,7 +306,7 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
                 return Err(lost_default(e));
             }
         };
-        let Some([Some(k), Some(mo), Some(mine)]) = held.as_deref().map(|r| [r[0].clone(), r[1].clone(), r[2].clone()]) else {
+        let Some([Some(k), Some(mo), Some(mine), token]) = held.as_deref().map(|r| [r[0].clone(), r[1].clone(), r[2].clone(), r.get(3).cloned().flatten()]) else {
             return Err(ExecError::Proxy(sqlstate::SERIALIZATION_FAILURE, "could not serialize access: a unique value changed hands concurrently; retry the transaction".into()));
         };
         if mo == AMBIGUOUS {
@@ -305,6 +316,14 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         let (Ok(k), Some(mo)) = (k.parse::<i64>(), MonthKey::parse_suffix(&mo)) else {
             return Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, format!("unreadable entry in {}", m.lookup_table)));
         };
+        if let (Some(token), false) = (&token, mine == "t") {
+            // written ahead of its row by an INSERT that may still be on its way to the
+            // shard: fence it first, so no row of it can appear after the look below
+            let Some((_, shard)) = place(engine, m, k) else {
+                return Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, format!("unreadable entry in {}", m.lookup_table)));
+            };
+            super::fence::take(engine, shard, token, &format!("{} {}", m.column, row.value)).await?;
+        }
         let exists = if mine == "t" {
             // written earlier in this transaction: its row, if still there, is on a
             // connection this transaction holds (the shard's, or db_default's fallback rows)
@@ -320,7 +339,7 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         }
         // the entry's row is gone: the value is free, this row takes the entry
         let conn = &mut slots[slot_no].as_mut().expect("held").conn;
-        let u = format!("UPDATE {} SET shard_key = $2, month = $3 WHERE value = $1", m.lookup_table);
+        let u = format!("UPDATE {} SET shard_key = $2, month = $3, token = NULL WHERE value = $1", m.lookup_table);
         match wire::query(conn, &u, &vals).await {
             Ok(Ok(_)) => {
                 tracing::debug!(table, column = %m.column, "took over the lookup entry of a deleted row");

@@ -16,6 +16,7 @@
 pub mod entries;
 pub mod exec;
 pub mod fallback;
+pub mod fence;
 pub mod health;
 pub mod kway;
 pub mod lease;

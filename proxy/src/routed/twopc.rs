@@ -30,7 +30,8 @@ pub const DECISIONS_DDL: &str =
      ALTER TABLE shardgate_2pc_decisions ALTER COLUMN decided_at SET DEFAULT clock_timestamp()";
 
 /// Fault injection for the crash tests: with `SHARDGATE_CRASH_AT` set to a
-/// step's name (`after_prepare`, `after_decision`, `during_commit_prepared`)
+/// step's name (`after_prepare`, `after_decision`, `during_commit_prepared`,
+/// `after_entries` of [`super::entries`])
 /// the process aborts there, as a SIGKILL would stop it (nothing finished,
 /// nothing cleaned up). Unset, this is one cached comparison.
 pub fn crash_point(step: &str) {
@@ -74,9 +75,6 @@ pub fn decision_sql(gid: &str, shards: &[usize]) -> String {
     // cleanup of old rows must never take a decision whose shards may still be committing
     format!("INSERT INTO shardgate_2pc_decisions (gid, shards, decided_at) VALUES ('{gid}', '{}', clock_timestamp())", shard_array(shards))
 }
-
-/// [`decision_sql`] with its values bound: the gid, and the shards as [`shard_array`].
-const DECISION_SQL: &str = "INSERT INTO shardgate_2pc_decisions (gid, shards, decided_at) VALUES ($1, $2, clock_timestamp())";
 
 /// The shards of a decision as an `int[]` literal: `{0,3}`.
 fn shard_array(shards: &[usize]) -> String {
@@ -389,67 +387,6 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
             // the decision did not commit (COMMIT of a failed block rolls it back)
             let _ = wire::control(&mut slots[local].as_mut().expect("held").conn, "ROLLBACK").await;
             finish(engine, slots, &remote, gid, false).await;
-            Err(decision_failed(e))
-        }
-        Err(e) => Err(lost_at_commit(slots, local, gid, &e)),
-    }
-}
-
-/// How long the entries of [`commit_with_entries`] wait for a transaction
-/// that is writing the same value: such a transaction may itself wait for
-/// this INSERT's row on its shard (it holds the entry and wants the month
-/// table's unique index), a wait across two databases no server can see.
-const ENTRY_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '100ms'";
-
-/// [`commit_as`] for an autocommit INSERT whose only `db_default` work is
-/// its unique-lookup `entries` ([`super::lookup::entry_statements`]) on the
-/// `db_default` slot the caller holds in a (deferred) block: once the shards
-/// prepared, one pipeline writes the entries, the decision and COMMIT.
-/// `Ok(false)`: an entry is taken (`23505`) or being written (`55P03`);
-/// everything was rolled back and nothing decided, for the caller to run the
-/// INSERT the usual way.
-pub async fn commit_with_entries(engine: &Engine, slots: &mut Slots, shards: &[usize], gid: &str, entries: &[(String, [String; 3])]) -> Result<bool, ExecError> {
-    let local = engine.shards.len();
-    if let Err(e) = prepare(engine, slots, shards, gid).await {
-        rollback(slots, &[local]).await;
-        return Err(e);
-    }
-    let mut msgs = bytes::BytesMut::with_capacity(512 + entries.iter().map(|(sql, v)| 2 * sql.len() + v.iter().map(String::len).sum::<usize>() + 64).sum::<usize>());
-    let slot = slots[local].as_mut().expect("held by the caller");
-    // the entries and the decision as statements db_default keeps prepared on this
-    // connection: parsed and planned there once, not for every INSERT
-    let mut parsed = Vec::new();
-    wire::put_step(&mut msgs, ENTRY_LOCK_WAIT, &[]);
-    for (sql, values) in entries {
-        let vals: Vec<Option<&[u8]>> = values.iter().map(|v| Some(v.as_bytes())).collect();
-        parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, sql, &vals));
-    }
-    let shard_list = shard_array(shards);
-    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, DECISION_SQL, &[Some(gid.as_bytes()), Some(shard_list.as_bytes())]));
-    wire::put_step(&mut msgs, "COMMIT", &[]);
-    wire::put_sync(&mut msgs);
-    let r = wire::pipeline(&mut slot.conn, &msgs).await;
-    slot.in_tx = false;
-    slot.wrote = false;
-    if !matches!(r, Ok(Ok(_))) {
-        wire::forget_named(&mut slot.conn, &parsed);
-    }
-    match r {
-        Ok(Ok(_)) => {
-            apply_decision(engine, slots, shards, gid).await;
-            Ok(true)
-        }
-        Ok(Err(e)) => {
-            // a step failed, so its COMMIT did not run (or COMMIT itself failed): nothing is
-            // decided; end the failed block
-            let conn = &mut slots[local].as_mut().expect("held").conn;
-            if !matches!(wire::control(conn, "ROLLBACK").await, Ok(Ok(_))) {
-                conn.broken = true;
-            }
-            finish(engine, slots, shards, gid, false).await;
-            if !on_decision_log(&e) && (e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::LOCK_NOT_AVAILABLE) {
-                return Ok(false);
-            }
             Err(decision_failed(e))
         }
         Err(e) => Err(lost_at_commit(slots, local, gid, &e)),
