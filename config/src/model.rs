@@ -289,6 +289,13 @@ pub struct ShardingConfig {
     pub create_months_back: u32,
     /// … and only this many months after it.
     pub create_months_ahead: u32,
+    /// An autocommit INSERT on one shard commits its unique-lookup entries
+    /// ahead of its row, behind a fence, instead of with two-phase commit.
+    /// Every proxy on the same databases must run a version that fences (an
+    /// older one would take an entry over without waiting for its row):
+    /// during a rolling upgrade from such a version, set false until all run
+    /// this one.
+    pub fenced_inserts: bool,
 }
 
 impl Default for ShardingConfig {
@@ -300,6 +307,7 @@ impl Default for ShardingConfig {
             prepared_orphan_age_ms: 60_000,
             create_months_back: 120,
             create_months_ahead: 24,
+            fenced_inserts: true,
         }
     }
 }

@@ -194,6 +194,9 @@ pub struct ServerConn {
     ahead: BytesMut,
     /// How many statements `ahead` holds.
     ahead_count: u32,
+    /// A statement in `ahead` must run in the transaction of the pipeline it
+    /// rides with (see [`ServerConn::defer_messages`]).
+    ahead_must_ride: bool,
     /// What [`ServerConn::read_frame`] still owes the deferred statements it sent.
     owed: Owed,
     /// A message read and given back (see [`ServerConn::unread`]).
@@ -235,6 +238,7 @@ impl ServerConn {
             broken: false,
             ahead: BytesMut::new(),
             ahead_count: 0,
+            ahead_must_ride: false,
             owed: Owed::default(),
             unread: None,
         };
@@ -382,6 +386,7 @@ impl ServerConn {
         if self.ahead_count == 0 {
             // nothing deferred: whatever a send cut short left here is not to be sent
             self.ahead.clear();
+            self.ahead_must_ride = false;
         }
         put_message(&mut self.ahead, b'P', |o| {
             put_cstr(o, b"");
@@ -402,6 +407,22 @@ impl ServerConn {
         self.ahead_count += 1;
     }
 
+    /// Defers one statement already written as extended-protocol messages
+    /// (Parse if needed, Bind, Execute; no Sync), such as a named statement
+    /// with bound values ([`crate::backend::query::put_named_step`]): as
+    /// [`ServerConn::defer`], its answer is read and dropped, an error ends
+    /// the deferred statements and the connection. It must run in the
+    /// implicit transaction of the one pipeline it rides with: a send of
+    /// anything else fails instead of running it on its own.
+    pub fn defer_messages(&mut self, msgs: &[u8]) {
+        if self.ahead_count == 0 {
+            self.ahead.clear();
+        }
+        self.ahead.extend_from_slice(msgs);
+        self.ahead_count += 1;
+        self.ahead_must_ride = true;
+    }
+
     /// Gives a message back: the next [`ServerConn::read_frame`] returns it.
     pub fn unread(&mut self, f: Frame) {
         debug_assert!(self.unread.is_none(), "one message given back at a time");
@@ -418,6 +439,7 @@ impl ServerConn {
     pub fn drop_deferred(&mut self) {
         self.ahead.clear();
         self.ahead_count = 0;
+        self.ahead_must_ride = false;
     }
 
     /// Writes `msgs` (whole messages ending in a Sync or a simple Query), the
@@ -427,6 +449,13 @@ impl ServerConn {
             return self.stream.write_all(msgs).await;
         }
         let n = std::mem::take(&mut self.ahead_count);
+        let must_ride = std::mem::take(&mut self.ahead_must_ride);
+        if must_ride && !one_pipeline(msgs) {
+            // (a proxy bug, never the client's doing) the statement would commit on its own
+            self.ahead.clear();
+            self.broken = true;
+            return Err(std::io::Error::other("a deferred statement that must ride with one pipeline was sent ahead of something else"));
+        }
         if one_pipeline(msgs) {
             self.owed.completes += n;
             // (the buffer is kept for the next deferred statement: taken, it was

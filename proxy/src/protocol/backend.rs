@@ -90,6 +90,8 @@ pub struct ErrorFields {
     pub message: String,
     /// `t` field (the table of a constraint violation).
     pub table: String,
+    /// `V` field: the severity, never translated (PostgreSQL 9.6 and later).
+    pub severity_v: String,
 }
 
 /// Parses ErrorResponse/NoticeResponse fields (unknown fields are skipped).
@@ -107,6 +109,7 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields {
             b'C' => f.code = v,
             b'M' => f.message = v,
             b't' => f.table = v,
+            b'V' => f.severity_v = v,
             _ => {}
         }
     }

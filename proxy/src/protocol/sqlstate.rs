@@ -32,6 +32,7 @@ pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 pub const UNDEFINED_OBJECT: &str = "42704";
 /// 42P01
 pub const UNDEFINED_TABLE: &str = "42P01";
+pub const NOT_NULL_VIOLATION: &str = "23502";
 /// 42P05
 pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 /// 42P07

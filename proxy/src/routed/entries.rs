@@ -33,7 +33,8 @@ use crate::protocol::sqlstate;
 pub fn applies(engine: &Engine, req: &Request<'_>) -> bool {
     let r = req.routed;
     let Some(first) = r.targets.first() else { return false };
-    r.kind == shardgate_router::RoutedKind::Insert
+    engine.fenced_inserts
+        && r.kind == shardgate_router::RoutedKind::Insert
         && !r.lookup_rows.is_empty()
         && r.lookup_rows.len() <= MAX_ROWS
         && req.tx.is_none()
@@ -71,7 +72,7 @@ pub async fn insert(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     let cancel = req.cancel.map(|c| (c, req.cancel_epoch));
     let r = match hold_unless_canceled(engine, slots, shard, None, req.param_sets, req.local_sets, cancel).await {
         Ok(()) => {
-            slots[shard].as_mut().expect("held").conn.defer(&super::fence::owner_sql(&token, made_ms));
+            super::fence::defer_owner(&mut slots[shard].as_mut().expect("held").conn, &token, made_ms);
             run(engine, slots, req, out, &[shard], None, None).await
         }
         Err(e) => Err(e),
@@ -98,6 +99,13 @@ pub async fn insert(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
         ExecError::Server(s) if !out.flushed && (s.code == sqlstate::UNIQUE_VIOLATION || super::fence::is_fence_error(&s)) => {
             if s.code == sqlstate::UNDEFINED_TABLE {
                 super::fence::create_on(engine, shard).await;
+            } else if s.code == sqlstate::NOT_NULL_VIOLATION && super::fence::is_fence_error(&s) {
+                // refused as stale right after it was made: the clocks disagree
+                tracing::warn!(
+                    shard,
+                    "shard db_{shard} refused a fresh INSERT fence as older than {} s: its clock is ahead of this proxy's; INSERTs there go the slower two-phase way until the clocks agree",
+                    super::fence::FRESH_SECS
+                );
             }
             None
         }
@@ -111,7 +119,11 @@ pub async fn insert(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
 /// row committed they are its entries, if not they are orphans.
 fn rolled_back(e: &ExecError) -> bool {
     match e {
-        ExecError::Server(s) => s.raw.get(5..).is_some_and(|b| crate::protocol::backend::parse_error_fields(b).severity == "ERROR"),
+        ExecError::Server(s) => s.raw.get(5..).is_some_and(|b| {
+            // V, not the S field, which lc_messages translates
+            let f = crate::protocol::backend::parse_error_fields(b);
+            if f.severity_v.is_empty() { f.severity == "ERROR" } else { f.severity_v == "ERROR" }
+        }),
         ExecError::Unreachable(_) => true,
         ExecError::Proxy(code, _) => *code == sqlstate::QUERY_CANCELED || *code == sqlstate::TOO_MANY_CONNECTIONS,
         _ => false,
@@ -123,22 +135,21 @@ fn rolled_back(e: &ExecError) -> bool {
 /// written (`55P03`); nothing was written.
 async fn write_entries(engine: &Engine, slots: &mut Slots, req: &Request<'_>, entries: &[(String, [String; 3])], token: &str) -> Result<bool, ExecError> {
     let local = engine.shards.len();
-    // its BEGIN is deferred into the pipeline: no round trip of its own
-    hold(engine, slots, local, Some("BEGIN"), req.param_sets, req.local_sets).await?;
+    hold(engine, slots, local, None, req.param_sets, req.local_sets).await?;
     let slot = slots[local].as_mut().expect("held");
     let mut msgs = bytes::BytesMut::with_capacity(256 + entries.iter().map(|(t, v)| 2 * t.len() + v.iter().map(String::len).sum::<usize>() + 256).sum::<usize>());
     // statements db_default keeps prepared on this connection: parsed and planned once
     let mut parsed = Vec::new();
-    wire::put_step(&mut msgs, ENTRY_LOCK_WAIT, &[]);
+    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, "BEGIN", &[]));
+    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, ENTRY_LOCK_WAIT, &[]));
     for (table, [value, key, month]) in entries {
         let sql = format!("INSERT INTO {table} (value, shard_key, month, token) VALUES ($1, $2, $3, $4)");
         let vals = [Some(value.as_bytes()), Some(key.as_bytes()), Some(month.as_bytes()), Some(token.as_bytes())];
         parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, &sql, &vals));
     }
-    wire::put_step(&mut msgs, "COMMIT", &[]);
+    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, "COMMIT", &[]));
     wire::put_sync(&mut msgs);
     let r = wire::pipeline(&mut slot.conn, &msgs).await;
-    slot.in_tx = false;
     if !matches!(r, Ok(Ok(_))) {
         wire::forget_named(&mut slot.conn, &parsed);
     }

@@ -28,7 +28,11 @@ use crate::protocol::sqlstate;
 /// clients' statements may not name).
 pub const TABLE: &str = "shardgate_2pc_fence";
 
-const DDL: &str = "CREATE TABLE IF NOT EXISTS shardgate_2pc_fence (token text PRIMARY KEY, made_at timestamptz NOT NULL DEFAULT clock_timestamp())";
+/// [`TABLE`] in the schema every statement here names it in: the client's
+/// `search_path` is applied to the shard connection the owner's fence runs on.
+const QUALIFIED: &str = "public.shardgate_2pc_fence";
+
+const DDL: &str = "CREATE TABLE IF NOT EXISTS public.shardgate_2pc_fence (token text PRIMARY KEY, made_at timestamptz NOT NULL DEFAULT clock_timestamp())";
 
 /// An owner's fence is refused this long after its token was made.
 pub const FRESH_SECS: u64 = 120;
@@ -42,15 +46,18 @@ pub fn new_token(engine: &Engine) -> (String, u128) {
     (super::twopc::new_gid(engine.worker()), ms)
 }
 
-/// The owner's fence, deferred ahead of its row's pipeline (text the proxy
-/// makes: the token is its own id, the time a number).
-pub fn owner_sql(token: &str, made_ms: u128) -> String {
-    format!(
-        "INSERT INTO {TABLE} (token) VALUES (CASE WHEN to_timestamp({}.{:03}) > clock_timestamp() - interval '{FRESH_SECS} seconds' THEN {} END)",
-        made_ms / 1000,
-        made_ms % 1000,
-        shardgate_router::quote::literal(token)
-    )
+/// The owner's fence, deferred ahead of its row's pipeline: `$1` the token,
+/// `$2` the time it was made (ms since the epoch). A statement the shard
+/// keeps prepared on each connection.
+pub const OWNER_SQL: &str = "INSERT INTO public.shardgate_2pc_fence (token) VALUES \
+     (CASE WHEN to_timestamp($2::bigint / 1000.0) > clock_timestamp() - interval '120 seconds' THEN $1::text END)";
+
+/// Defers the owner's fence on `conn`, ahead of the row's pipeline.
+pub fn defer_owner(conn: &mut crate::backend::ServerConn, token: &str, made_ms: u128) {
+    let made = made_ms.to_string();
+    let mut msgs = bytes::BytesMut::with_capacity(256);
+    wire::put_named_step(&mut msgs, conn, OWNER_SQL, &[Some(token.as_bytes()), Some(made.as_bytes())]);
+    conn.defer_messages(&msgs);
 }
 
 /// Whether a server error is about the fence (taken, stale, or its table
@@ -93,7 +100,7 @@ pub async fn take(engine: &Engine, shard: usize, token: &str, what: &str) -> Res
         let mut msgs = bytes::BytesMut::new();
         wire::put_step(&mut msgs, "BEGIN", &[]);
         wire::put_step(&mut msgs, "SET LOCAL lock_timeout = 5000", &[]);
-        wire::put_step(&mut msgs, "INSERT INTO shardgate_2pc_fence (token) VALUES ($1) ON CONFLICT (token) DO NOTHING", &[Some(token.as_bytes())]);
+        wire::put_step(&mut msgs, "INSERT INTO public.shardgate_2pc_fence (token) VALUES ($1) ON CONFLICT (token) DO NOTHING", &[Some(token.as_bytes())]);
         wire::put_step(&mut msgs, "COMMIT", &[]);
         wire::put_sync(&mut msgs);
         let r = wire::pipeline(&mut conn, &msgs).await;
@@ -123,7 +130,7 @@ pub async fn take(engine: &Engine, shard: usize, token: &str, what: &str) -> Res
 /// and creates the table where it is missing (at startup, before the first
 /// INSERT needs it; until then an INSERT there goes the usual way).
 pub async fn sweep(engine: &Engine) {
-    let q = format!("DELETE FROM {TABLE} WHERE made_at < clock_timestamp() - interval '{KEEP_SECS} seconds'");
+    let q = format!("DELETE FROM {QUALIFIED} WHERE made_at < clock_timestamp() - interval '{KEEP_SECS} seconds'");
     for (shard, pool) in engine.shards.iter().enumerate() {
         let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(3), pool.get()).await else { continue };
         match wire::control_tag(&mut conn, &q).await {
@@ -143,12 +150,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_owner_fence_is_proxy_text_with_its_time() {
-        let sql = owner_sql("sg_3_1764560000123_0000abcd", 1_764_560_000_123);
-        assert_eq!(
-            sql,
-            "INSERT INTO shardgate_2pc_fence (token) VALUES (CASE WHEN to_timestamp(1764560000.123) > clock_timestamp() - interval '120 seconds' THEN 'sg_3_1764560000123_0000abcd' END)"
-        );
-        assert!(owner_sql("x", 5).contains("to_timestamp(0.005)"));
+    fn the_owner_fence_is_refused_when_its_token_is_stale() {
+        assert!(OWNER_SQL.contains(&format!("interval '{FRESH_SECS} seconds'")));
+        assert!(OWNER_SQL.starts_with(&format!("INSERT INTO {QUALIFIED} ")));
+        assert!(DDL.contains(QUALIFIED));
     }
 }

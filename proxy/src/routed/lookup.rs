@@ -316,24 +316,18 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         let (Ok(k), Some(mo)) = (k.parse::<i64>(), MonthKey::parse_suffix(&mo)) else {
             return Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, format!("unreadable entry in {}", m.lookup_table)));
         };
-        if let (Some(token), false) = (&token, mine == "t") {
+        let mine = mine == "t";
+        let mut exists = entry_row_exists(engine, slots, m, &row.value, k, mo, mine).await?;
+        if let (Some(token), false, false) = (&token, mine, exists) {
             // written ahead of its row by an INSERT that may still be on its way to the
-            // shard: fence it first, so no row of it can appear after the look below
+            // shard: fence it, so no row of it can appear after a second look (a row
+            // seen already is final)
             let Some((_, shard)) = place(engine, m, k) else {
                 return Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, format!("unreadable entry in {}", m.lookup_table)));
             };
             super::fence::take(engine, shard, token, &format!("{} {}", m.column, row.value)).await?;
+            exists = entry_row_exists(engine, slots, m, &row.value, k, mo, mine).await?;
         }
-        let exists = if mine == "t" {
-            // written earlier in this transaction: its row, if still there, is on a
-            // connection this transaction holds (the shard's, or db_default's fallback rows)
-            own_row_exists(engine, slots, m, &row.value, k, mo).await?
-        } else if let Some(exists) = held_row_exists(engine, slots, m, &row.value, k, mo).await? {
-            exists
-        } else {
-            let conn = &mut slots[slot_no].as_mut().expect("held").conn;
-            row_exists(engine, conn, m, &row.value, k, mo).await?
-        };
         if exists {
             return Err(duplicate(m, &row.value));
         }
@@ -353,6 +347,23 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
         }
     }
     Ok(())
+}
+
+/// Whether the row of an entry (value at shard key `k`, month `mo`) exists,
+/// read where this transaction can see it (see [`own_row_exists`],
+/// [`held_row_exists`], [`row_exists`]).
+#[allow(clippy::too_many_arguments)]
+async fn entry_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &str, k: i64, mo: MonthKey, mine: bool) -> Result<bool, ExecError> {
+    if mine {
+        // written earlier in this transaction: its row, if still there, is on a
+        // connection this transaction holds (the shard's, or db_default's fallback rows)
+        return own_row_exists(engine, slots, m, value, k, mo).await;
+    }
+    if let Some(exists) = held_row_exists(engine, slots, m, value, k, mo).await? {
+        return Ok(exists);
+    }
+    let conn = &mut slots[engine.shards.len()].as_mut().expect("the caller holds the db_default slot").conn;
+    row_exists(engine, conn, m, value, k, mo).await
 }
 
 /// The sharded table of an entry and the shard its shard key picks.

@@ -68,6 +68,8 @@ pub struct Engine {
     pub default: Pool,
     /// Age after which recovery resolves a prepared transaction.
     pub orphan_age_ms: u64,
+    /// `sharding.fenced_inserts` (see [`entries`]).
+    pub fenced_inserts: bool,
     /// Metric handles per shard, resolved once.
     pub meters: Vec<ShardMeters>,
     /// `shardgate_fanout_targets`.
@@ -212,6 +214,7 @@ impl Engine {
             max_prepared: config.pool.max_prepared_statements,
             default,
             orphan_age_ms: config.sharding.prepared_orphan_age_ms,
+            fenced_inserts: config.sharding.fenced_inserts,
             meters: (0..config.shards.len()).map(ShardMeters::new).collect(),
             fanout: metrics::histogram!(crate::metrics::FANOUT),
             health: (0..config.shards.len()).map(|_| health::Tracker::default()).collect(),
