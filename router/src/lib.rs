@@ -62,6 +62,59 @@ fn control_table_words(topo: &Topology) -> Vec<String> {
     words
 }
 
+/// `sql` with the body of every `U&"…"` and `U&'…'` decoded (`\XXXX`,
+/// `\+XXXXXX`, `\\`), for a byte scan of the names it spells. Bytes elsewhere
+/// are kept; an escape that is not valid is kept as written. Not a lexer (a
+/// `u&'` inside another string opens one too): the result is only scanned,
+/// after the text itself, so a misreading can only refuse more.
+fn unicode_escapes_decoded(sql: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(sql.len());
+    let mut i = 0;
+    while i < sql.len() {
+        let opens = i + 2 < sql.len() && sql[i].eq_ignore_ascii_case(&b'u') && sql[i + 1] == b'&' && (sql[i + 2] == b'"' || sql[i + 2] == b'\'');
+        if !opens {
+            out.push(sql[i]);
+            i += 1;
+            continue;
+        }
+        let quote = sql[i + 2];
+        i += 3;
+        while i < sql.len() {
+            let b = sql[i];
+            if b == quote {
+                if sql.get(i + 1) == Some(&quote) {
+                    out.push(quote);
+                    i += 2;
+                    continue;
+                }
+                i += 1;
+                break;
+            }
+            if b == b'\\' {
+                let hex = |from: usize, n: usize| -> Option<char> {
+                    let h = sql.get(from..from + n)?;
+                    u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok().and_then(char::from_u32)
+                };
+                let decoded = match sql.get(i + 1) {
+                    Some(b'\\') => Some(('\\', 2)),
+                    Some(b'+') => hex(i + 2, 6).map(|c| (c, 8)),
+                    _ => hex(i + 1, 4).map(|c| (c, 5)),
+                };
+                if let Some((c, n)) = decoded {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    i += n;
+                    continue;
+                }
+            }
+            out.push(b);
+            i += 1;
+        }
+        out.push(b' ');
+    }
+    out
+}
+
 /// Plans one statement without caching: parse, analyse, apply bind values.
 pub fn plan(sql: &str, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
     analyze(sql, topo).plan(params, topo, ctx)
@@ -116,7 +169,19 @@ impl Router {
     /// string or a comment. Such statements are refused for application users;
     /// a byte scan, cheap enough for every statement.
     pub fn names_control_table(&self, sql: &[u8]) -> bool {
-        self.control.is_match(sql)
+        if self.control.is_match(sql) {
+            return true;
+        }
+        // a name spelled with Unicode escapes (U&"\0073hardgate_…", U&'…' strings):
+        // decoded and scanned too; with a UESCAPE clause (another escape character)
+        // such a text is refused whole
+        if !sql.windows(2).any(|w| w[0].eq_ignore_ascii_case(&b'u') && w[1] == b'&') {
+            return false;
+        }
+        if sql.windows(7).any(|w| w.eq_ignore_ascii_case(b"uescape")) {
+            return true;
+        }
+        self.control.is_match(&unicode_escapes_decoded(sql))
     }
 
     /// Learns the aggregate functions the database has (`pg_proc.prokind = 'a'`),
@@ -185,5 +250,25 @@ impl Router {
     /// Plans `sql` with bind values, using the cache.
     pub fn plan(&self, sql: &str, params: &[Param<'_>], ctx: &Context<'_>) -> Result<Plan> {
         self.analysis(sql).plan(params, &self.topo, ctx)
+    }
+}
+
+#[cfg(test)]
+mod control_name_tests {
+    use super::unicode_escapes_decoded;
+
+    #[test]
+    fn unicode_escapes_are_decoded_for_the_name_scan() {
+        let d = |s: &str| String::from_utf8(unicode_escapes_decoded(s.as_bytes())).expect("utf8");
+        assert!(d(r#"DELETE FROM U&"\0073hardgate_lookup_x""#).contains("shardgate_lookup_x"));
+        assert!(d(r#"select * from u&"\+000073hardgate_2pc""#).contains("shardgate_2pc"));
+        assert!(d(r#"SELECT U&'a\\b''\0063'"#).contains(r"a\b'c"));
+        // not an escape: kept as written; a text without U& is unchanged
+        assert!(d(r#"U&"\zz""#).contains(r"\zz"));
+        assert_eq!(d("SELECT 'a&b' || x"), "SELECT 'a&b' || x");
+        // cut short: no panic
+        for s in [r#"U&""#, r#"U&"\"#, r#"U&"\+00"#, "u&'", r#"U&"\00e9"#] {
+            let _ = d(s);
+        }
     }
 }

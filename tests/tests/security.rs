@@ -98,6 +98,13 @@ async fn application_users_cannot_touch_the_control_tables() {
         "INSERT INTO shardgate_2pc_decisions (gid, shards) VALUES ('sg_x', '{1}')",
         "SELECT * FROM shardgate_migration",
         "/* x */ TRUNCATE t_order_fallback",
+        // Unicode escapes spell the same names
+        "DELETE FROM U&\"\\0073hardgate_lookup_t_order_order_no\"",
+        "SELECT * FROM u&\"shardgate\\005flookup_t_order_order_no\"",
+        "SELECT * FROM U&\"\\+000073hardgate_2pc_decisions\"",
+        "SELECT * FROM U&\"t_order_fallbac\\006B\"",
+        "SELECT * FROM U&\"!0073hardgate_2pc_decisions\" UESCAPE '!'",
+        "SELECT to_regclass(U&'\\0073hardgate_lookup_t_order_order_no')",
     ];
     for sql in attempts {
         let e = client.batch_execute(sql).await.expect_err(sql);
