@@ -166,4 +166,22 @@ async fn an_order_no_written_ahead_of_its_row_is_never_lost_or_doubled() {
     assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
     assert_eq!(entry(&def, "F-id-2").await, None);
     assert!(rows_of(&c, "F-id-2").await.is_empty());
+
+    // 6. sharding.fenced_inserts = false (a rolling upgrade): the entry commits with its
+    // row under two-phase commit, no token
+    let plain = c
+        .start_extra_proxy_edited(|t| {
+            if t.contains("[sharding]\n") {
+                t.replacen("[sharding]\n", "[sharding]\nfenced_inserts = false\n", 1)
+            } else {
+                format!("{t}\n[sharding]\nfenced_inserts = false\n")
+            }
+        })
+        .expect("a proxy without fenced inserts");
+    let client = connect(&plain.dsn).await.expect("connect");
+    client.batch_execute(&insert("F-2pc", 1)).await.expect("insert");
+    assert_eq!(entry(&def, "F-2pc").await, Some((1, None)));
+    assert_eq!(rows_of(&c, "F-2pc").await, vec![1]);
+    let e = client.batch_execute(&insert("F-race", 4)).await.expect_err("taken");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
 }
