@@ -62,55 +62,39 @@ fn control_table_words(topo: &Topology) -> Vec<String> {
     words
 }
 
-/// `sql` with the body of every `U&"…"` and `U&'…'` decoded (`\XXXX`,
-/// `\+XXXXXX`, `\\`), for a byte scan of the names it spells. Bytes elsewhere
-/// are kept; an escape that is not valid is kept as written. Not a lexer (a
-/// `u&'` inside another string opens one too): the result is only scanned,
-/// after the text itself, so a misreading can only refuse more.
+/// `sql` with every Unicode escape decoded (`\XXXX`, `\+XXXXXX`, `\\`)
+/// wherever it stands, for a byte scan of the names a `U&"…"` or `U&'…'`
+/// spells. No quote state: a `u&"` inside a comment or a string must not
+/// make the real one look closed. An escape cannot span a body's opening
+/// quote (not a hex digit), so a real body decodes as PostgreSQL reads it;
+/// elsewhere decoding only adds text to scan, after the text itself, so it
+/// can only refuse more. An escape that is not valid is kept as written.
 fn unicode_escapes_decoded(sql: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(sql.len());
     let mut i = 0;
+    let hex = |from: usize, n: usize| -> Option<char> {
+        let h = sql.get(from..from + n)?;
+        if !h.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok().and_then(char::from_u32)
+    };
     while i < sql.len() {
-        let opens = i + 2 < sql.len() && sql[i].eq_ignore_ascii_case(&b'u') && sql[i + 1] == b'&' && (sql[i + 2] == b'"' || sql[i + 2] == b'\'');
-        if !opens {
-            out.push(sql[i]);
-            i += 1;
-            continue;
-        }
-        let quote = sql[i + 2];
-        i += 3;
-        while i < sql.len() {
-            let b = sql[i];
-            if b == quote {
-                if sql.get(i + 1) == Some(&quote) {
-                    out.push(quote);
-                    i += 2;
-                    continue;
-                }
-                i += 1;
-                break;
+        if sql[i] == b'\\' {
+            let decoded = match sql.get(i + 1) {
+                Some(b'\\') => Some(('\\', 2)),
+                Some(b'+') => hex(i + 2, 6).map(|c| (c, 8)),
+                _ => hex(i + 1, 4).map(|c| (c, 5)),
+            };
+            if let Some((c, n)) = decoded {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                i += n;
+                continue;
             }
-            if b == b'\\' {
-                let hex = |from: usize, n: usize| -> Option<char> {
-                    let h = sql.get(from..from + n)?;
-                    u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok().and_then(char::from_u32)
-                };
-                let decoded = match sql.get(i + 1) {
-                    Some(b'\\') => Some(('\\', 2)),
-                    Some(b'+') => hex(i + 2, 6).map(|c| (c, 8)),
-                    _ => hex(i + 1, 4).map(|c| (c, 5)),
-                };
-                if let Some((c, n)) = decoded {
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                    i += n;
-                    continue;
-                }
-            }
-            out.push(b);
-            i += 1;
         }
-        out.push(b' ');
+        out.push(sql[i]);
+        i += 1;
     }
     out
 }
@@ -262,7 +246,9 @@ mod control_name_tests {
         let d = |s: &str| String::from_utf8(unicode_escapes_decoded(s.as_bytes())).expect("utf8");
         assert!(d(r#"DELETE FROM U&"\0073hardgate_lookup_x""#).contains("shardgate_lookup_x"));
         assert!(d(r#"select * from u&"\+000073hardgate_2pc""#).contains("shardgate_2pc"));
-        assert!(d(r#"SELECT U&'a\\b''\0063'"#).contains(r"a\b'c"));
+        assert!(d(r#"SELECT U&'a\\b''\0063'"#).contains(r"a\b''c"));
+        // a u&" in a comment does not hide the real one
+        assert!(d(r#"/* u&" */ DELETE FROM U&"\0073hardgate_lookup_x""#).contains("shardgate_lookup_x"));
         // not an escape: kept as written; a text without U& is unchanged
         assert!(d(r#"U&"\zz""#).contains(r"\zz"));
         assert_eq!(d("SELECT 'a&b' || x"), "SELECT 'a&b' || x");

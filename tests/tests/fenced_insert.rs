@@ -146,6 +146,40 @@ async fn an_order_no_written_ahead_of_its_row_is_never_lost_or_doubled() {
     let e = taker.await.expect("task").expect_err("then the value is taken");
     assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
     assert_eq!(rows_of(&c, "F-wait").await, vec![1]);
+
+    // 3b. the same with the taker in a REPEATABLE READ block that read the owner's shard
+    // first: its snapshot cannot see the row it waited for, so it must not take the value
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE t_order_202611 IN SHARE ROW EXCLUSIVE MODE").await.expect("lock");
+    let taker = connect(&c.info.proxy_dsn).await.expect("connect");
+    taker.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await.expect("begin");
+    taker.query("SELECT count(*) FROM t_order WHERE merchant_id = 9", &[]).await.expect("a snapshot on db_1");
+    let owner = connect(&c.info.proxy_dsn).await.expect("connect");
+    let owner = tokio::spawn(async move { owner.batch_execute(&insert("F-rr", 1)).await });
+    let t0 = Instant::now();
+    loop {
+        let waiting: i64 = shard1
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%F-rr%'", &[])
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "the owner's INSERT never reached the shard");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let taker = tokio::spawn(async move {
+        let r = taker.batch_execute(&insert("F-rr", 2)).await;
+        let _ = taker.batch_execute("ROLLBACK").await;
+        r
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    lock.commit().await.expect("release the lock");
+    owner.await.expect("task").expect("the owner commits");
+    let e = taker.await.expect("task").expect_err("the taker's snapshot cannot see the owner's row");
+    assert!(matches!(sqlstate(&e).as_deref(), Some("40001" | "23505")), "{e}");
+    assert_eq!(rows_of(&c, "F-rr").await, vec![1], "exactly the owner's row");
     drop(locker);
 
     // 4. a row the shard refuses leaves no entry: the value stays free

@@ -105,6 +105,7 @@ async fn application_users_cannot_touch_the_control_tables() {
         "SELECT * FROM U&\"t_order_fallbac\\006B\"",
         "SELECT * FROM U&\"!0073hardgate_2pc_decisions\" UESCAPE '!'",
         "SELECT to_regclass(U&'\\0073hardgate_lookup_t_order_order_no')",
+        "/* u&\" */ DELETE FROM U&\"\\0073hardgate_lookup_t_order_order_no\"",
     ];
     for sql in attempts {
         let e = client.batch_execute(sql).await.expect_err(sql);

@@ -437,6 +437,10 @@ impl ServerConn {
     /// Forgets deferred statements that were never sent (nothing of them
     /// reached the server).
     pub fn drop_deferred(&mut self) {
+        if self.ahead_must_ride {
+            // it may have recorded a statement as prepared that the server never saw
+            self.broken = true;
+        }
         self.ahead.clear();
         self.ahead_count = 0;
         self.ahead_must_ride = false;

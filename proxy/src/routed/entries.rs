@@ -41,6 +41,7 @@ pub fn applies(engine: &Engine, req: &Request<'_>) -> bool {
         && !req.serial
         && req.down_targets.is_empty()
         && (first.shard.0 as usize) < engine.shards.len()
+        && super::fence::ready(engine, first.shard.0 as usize)
         && r.targets.iter().all(|t| t.shard == first.shard)
 }
 
@@ -98,12 +99,14 @@ pub async fn insert(engine: &Engine, slots: &mut Slots, req: &Request<'_>, out: 
     match e {
         ExecError::Server(s) if !out.flushed && (s.code == sqlstate::UNIQUE_VIOLATION || super::fence::is_fence_error(&s)) => {
             if s.code == sqlstate::UNDEFINED_TABLE {
+                // dropped behind the proxy's back: INSERTs there go the usual way until it is made
+                super::fence::set_ready(engine, shard, false);
                 super::fence::create_on(engine, shard).await;
             } else if s.code == sqlstate::NOT_NULL_VIOLATION && super::fence::is_fence_error(&s) {
-                // refused as stale right after it was made: the clocks disagree
+                // refused as stale: this proxy stalled that long, or the clocks disagree
                 tracing::warn!(
                     shard,
-                    "shard db_{shard} refused a fresh INSERT fence as older than {} s: its clock is ahead of this proxy's; INSERTs there go the slower two-phase way until the clocks agree",
+                    "shard db_{shard} refused an INSERT fence as older than {} s: this proxy was paused that long, or the shard's clock is ahead of this proxy's (then INSERTs there go the slower two-phase way until the clocks agree)",
                     super::fence::FRESH_SECS
                 );
             }
@@ -149,17 +152,23 @@ async fn write_entries(engine: &Engine, slots: &mut Slots, req: &Request<'_>, en
     }
     parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, "COMMIT", &[]));
     wire::put_sync(&mut msgs);
+    // (a block is open on it until the answer: a panic meanwhile must not pool it)
+    slot.in_tx = true;
     let r = wire::pipeline(&mut slot.conn, &msgs).await;
     if !matches!(r, Ok(Ok(_))) {
         wire::forget_named(&mut slot.conn, &parsed);
     }
     let r = match r {
-        Ok(Ok(_)) => Ok(true),
+        Ok(Ok(_)) => {
+            slot.in_tx = false;
+            Ok(true)
+        }
         Ok(Err(e)) => {
             // a step failed, so COMMIT did not run: end the failed block
             if !matches!(wire::control(&mut slot.conn, "ROLLBACK").await, Ok(Ok(_))) {
                 slot.conn.broken = true;
             }
+            slot.in_tx = false;
             if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::LOCK_NOT_AVAILABLE {
                 Ok(false)
             } else {

@@ -69,14 +69,33 @@ pub fn is_fence_error(e: &wire::ServerError) -> bool {
     })
 }
 
-/// Creates the fence table on `shard` (best effort: the next INSERT tries again).
+/// Whether `shard`'s fence table is known to exist.
+pub fn ready(engine: &Engine, shard: usize) -> bool {
+    engine.fence_ready.get(shard).is_some_and(|r| r.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+pub(super) fn set_ready(engine: &Engine, shard: usize, ready: bool) {
+    if let Some(r) = engine.fence_ready.get(shard) {
+        r.store(ready, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Creates the fence table on `shard` (best effort: [`sweep`] tries again
+/// every minute; until it exists INSERTs there commit the two-phase way).
 pub async fn create_on(engine: &Engine, shard: usize) {
     if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), engine.pool(shard).get()).await {
         match wire::control(&mut conn, DDL).await {
-            Ok(Ok(_)) => tracing::info!(shard, "created the INSERT fence table"),
-            // two proxies creating it at once
-            Ok(Err(e)) if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::DUPLICATE_TABLE => {}
-            Ok(Err(e)) => tracing::warn!(shard, code = %e.code, "could not create the INSERT fence table"),
+            Ok(Ok(_)) => {
+                tracing::debug!(shard, "INSERT fence table ready");
+                set_ready(engine, shard, true);
+            }
+            // two proxies creating it at once: it is there
+            Ok(Err(e)) if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::DUPLICATE_TABLE => set_ready(engine, shard, true),
+            Ok(Err(e)) => tracing::warn!(
+                shard,
+                code = %e.code,
+                "could not create public.shardgate_2pc_fence on shard db_{shard} (may the proxy's role create tables in schema public?); INSERTs there commit the slower two-phase way"
+            ),
             Err(_) => conn.broken = true,
         }
     }
@@ -134,8 +153,12 @@ pub async fn sweep(engine: &Engine) {
     for (shard, pool) in engine.shards.iter().enumerate() {
         let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(3), pool.get()).await else { continue };
         match wire::control_tag(&mut conn, &q).await {
-            Ok(Ok(tag)) => tracing::debug!(shard, tag, "swept the INSERT fence"),
+            Ok(Ok(tag)) => {
+                tracing::debug!(shard, tag, "swept the INSERT fence");
+                set_ready(engine, shard, true);
+            }
             Ok(Err(e)) if e.code == sqlstate::UNDEFINED_TABLE => {
+                set_ready(engine, shard, false);
                 drop(conn);
                 create_on(engine, shard).await;
             }

@@ -326,6 +326,13 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
                 return Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, format!("unreadable entry in {}", m.lookup_table)));
             };
             super::fence::take(engine, shard, token, &format!("{} {}", m.column, row.value)).await?;
+            if !fresh_snapshot(slots, shard).await? {
+                // this block reads that shard in a snapshot older than the row it waited for
+                return Err(ExecError::Proxy(
+                    sqlstate::SERIALIZATION_FAILURE,
+                    format!("could not serialize access: {} {} was being written by a concurrent INSERT this transaction's snapshot cannot see; retry the transaction", m.column, row.value),
+                ));
+            }
             exists = entry_row_exists(engine, slots, m, &row.value, k, mo, mine).await?;
         }
         if exists {
@@ -364,6 +371,22 @@ async fn entry_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &
     }
     let conn = &mut slots[engine.shards.len()].as_mut().expect("the caller holds the db_default slot").conn;
     row_exists(engine, conn, m, value, k, mo).await
+}
+
+/// Whether a read of `shard` by this transaction sees rows committed just
+/// now: yes on a pool connection, and on the block's own connection under
+/// READ COMMITTED; not under REPEATABLE READ or SERIALIZABLE.
+async fn fresh_snapshot(slots: &mut Slots, shard: usize) -> Result<bool, ExecError> {
+    let Some(held) = slots.get_mut(shard).and_then(Option::as_mut).filter(|s| s.in_tx && !s.conn.broken) else { return Ok(true) };
+    match wire::query(&mut held.conn, "SELECT current_setting('transaction_isolation')", &[]).await {
+        Ok(Ok(r)) => Ok(r.first().and_then(|r| r.first().cloned().flatten()).as_deref() == Some("read committed")),
+        Ok(Err(e)) => Err(ExecError::Server(e)),
+        Err(e) => {
+            held.conn.broken = true;
+            tracing::warn!(shard, error = %e, "shard connection failed checking a unique value");
+            Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{shard}")))
+        }
+    }
 }
 
 /// The sharded table of an entry and the shard its shard key picks.

@@ -70,6 +70,10 @@ pub struct Engine {
     pub orphan_age_ms: u64,
     /// `sharding.fenced_inserts` (see [`entries`]).
     pub fenced_inserts: bool,
+    /// Per shard: its fence table is taken to exist ([`fence`]); an INSERT
+    /// that finds it missing clears this, and INSERTs there commit the
+    /// two-phase way until it is made.
+    pub fence_ready: Vec<std::sync::atomic::AtomicBool>,
     /// Metric handles per shard, resolved once.
     pub meters: Vec<ShardMeters>,
     /// `shardgate_fanout_targets`.
@@ -215,6 +219,7 @@ impl Engine {
             default,
             orphan_age_ms: config.sharding.prepared_orphan_age_ms,
             fenced_inserts: config.sharding.fenced_inserts,
+            fence_ready: (0..config.shards.len()).map(|_| true.into()).collect(),
             meters: (0..config.shards.len()).map(ShardMeters::new).collect(),
             fanout: metrics::histogram!(crate::metrics::FANOUT),
             health: (0..config.shards.len()).map(|_| health::Tracker::default()).collect(),
