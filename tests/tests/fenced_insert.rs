@@ -48,7 +48,8 @@ fn start_faulty(c: &mut Cluster, var: &str, value: &str) {
 
 #[tokio::test]
 async fn an_order_no_written_ahead_of_its_row_is_never_lost_or_doubled() {
-    let mut c = Cluster::start_temp(Options { redis: false, ..Options::default() }).expect("start cluster");
+    // db_0 in a cluster of its own (step 7 stops it)
+    let mut c = Cluster::start_temp(Options { redis: false, all_clusters: true, ..Options::default() }).expect("start cluster");
     let def = connect(&c.info.default_dsn).await.expect("db_default");
 
     // the proxy makes the fence table on every shard at startup
@@ -218,4 +219,29 @@ async fn an_order_no_written_ahead_of_its_row_is_never_lost_or_doubled() {
     assert_eq!(rows_of(&c, "F-2pc").await, vec![1]);
     let e = client.batch_execute(&insert("F-race", 4)).await.expect_err("taken");
     assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+    drop(plain);
+
+    // 7. an orphan whose shard is down: its row may be there, so the value answers 57P03
+    // until the shard is back, then is free
+    c.kill_proxy().expect("stop proxy");
+    start_faulty(&mut c, "SHARDGATE_CRASH_AT", "after_entries");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    client.batch_execute(&insert("F-down", 8)).await.expect_err("the proxy dies between the entry and the row");
+    c.kill_proxy().expect("reap");
+    c.start_proxy().expect("restart");
+    let db0 = c.info.cluster_of_shard(0).expect("db_0's cluster").clone();
+    db0.stop_immediate().expect("stop db_0");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    let e = client.batch_execute(&insert("F-down", 2)).await.expect_err("the orphan's shard cannot say whether its row is there");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e}");
+    db0.start().expect("start db_0");
+    let t0 = Instant::now();
+    loop {
+        match client.batch_execute(&insert("F-down", 2)).await {
+            Ok(()) => break,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(30), "the value never became free: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(rows_of(&c, "F-down").await, vec![2]);
 }
