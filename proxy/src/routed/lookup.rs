@@ -326,14 +326,11 @@ pub async fn record(engine: &Engine, slots: &mut Slots, rows: &[LookupRow], tabl
                 return Err(ExecError::Proxy(sqlstate::INTERNAL_ERROR, format!("unreadable entry in {}", m.lookup_table)));
             };
             super::fence::take(engine, shard, token, &format!("{} {}", m.column, row.value)).await?;
-            if !fresh_snapshot(slots, shard).await? {
-                // this block reads that shard in a snapshot older than the row it waited for
-                return Err(ExecError::Proxy(
-                    sqlstate::SERIALIZATION_FAILURE,
-                    format!("could not serialize access: {} {} was being written by a concurrent INSERT this transaction's snapshot cannot see; retry the transaction", m.column, row.value),
-                ));
-            }
             exists = entry_row_exists(engine, slots, m, &row.value, k, mo, mine).await?;
+        }
+        if !exists && !mine && committed_unseen(engine, slots, m, &row.value, k, mo).await? {
+            // committed after this block's snapshot, which a unique index would see
+            exists = true;
         }
         if exists {
             return Err(duplicate(m, &row.value));
@@ -373,18 +370,60 @@ async fn entry_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &
     row_exists(engine, conn, m, value, k, mo).await
 }
 
-/// Whether a read of `shard` by this transaction sees rows committed just
-/// now: yes on a pool connection, and on the block's own connection under
-/// READ COMMITTED; not under REPEATABLE READ or SERIALIZABLE.
-async fn fresh_snapshot(slots: &mut Slots, shard: usize) -> Result<bool, ExecError> {
-    let Some(held) = slots.get_mut(shard).and_then(Option::as_mut).filter(|s| s.in_tx && !s.conn.broken) else { return Ok(true) };
-    match wire::query(&mut held.conn, "SELECT current_setting('transaction_isolation')", &[]).await {
-        Ok(Ok(r)) => Ok(r.first().and_then(|r| r.first().cloned().flatten()).as_deref() == Some("read committed")),
-        Ok(Err(e)) => Err(ExecError::Server(e)),
-        Err(e) => {
+/// Whether the entry's row, found absent by this block on the shard
+/// connection it holds, is there committed all the same: under REPEATABLE
+/// READ or SERIALIZABLE the block's snapshot may predate it (one table's
+/// unique index would see it and answer `23505`). Read on a pool connection;
+/// if the row is there, the block's own snapshot says whether it saw that row
+/// (then the block deleted it itself, and the value is free). Always false
+/// under READ COMMITTED, and when the block does not hold that shard (the
+/// look was on a pool connection already).
+async fn committed_unseen(engine: &Engine, slots: &mut Slots, m: &Meta, value: &str, shard_key: i64, month: MonthKey) -> Result<bool, ExecError> {
+    let Some((rule, shard)) = place(engine, m, shard_key) else { return Ok(false) };
+    let lost = |shard: usize| ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{shard}"));
+    let Some(held) = slots.get_mut(shard).and_then(Option::as_mut).filter(|s| s.in_tx && !s.conn.broken) else { return Ok(false) };
+    let iso = match wire::query(&mut held.conn, "SELECT current_setting('transaction_isolation')", &[]).await {
+        Ok(Ok(r)) => r.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default(),
+        Ok(Err(e)) => return Err(ExecError::Server(e)),
+        Err(_) => {
             held.conn.broken = true;
-            tracing::warn!(shard, error = %e, "shard connection failed checking a unique value");
-            Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{shard}")))
+            return Err(lost(shard));
+        }
+    };
+    if iso == "read committed" {
+        return Ok(false);
+    }
+    // the committed row's xmin, widened to a full transaction id by the snapshot's epoch
+    let q = format!("SELECT xmin::text, pg_snapshot_xmax(pg_current_snapshot())::text FROM {} WHERE {} = $1", rule.physical(month), m.column);
+    let mut conn = match tokio::time::timeout(Duration::from_secs(5), engine.pool(shard).get()).await {
+        Ok(Ok(c)) => c,
+        _ => return Err(ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, format!("shard db_{shard} cannot be reached to check {} {value}; retry", m.column))),
+    };
+    let row = match wire::query(&mut conn, &q, &[Some(value)]).await {
+        Ok(Ok(r)) => r.into_iter().next(),
+        Ok(Err(e)) if e.code == sqlstate::UNDEFINED_TABLE => None,
+        Ok(Err(e)) => return Err(ExecError::Server(e)),
+        Err(_) => {
+            conn.broken = true;
+            return Err(lost(shard));
+        }
+    };
+    drop(conn);
+    let Some((Some(Ok(xmin)), Some(Ok(next)))) = row.map(|r| (r.first().cloned().flatten().map(|x| x.parse::<u64>()), r.get(1).cloned().flatten().map(|x| x.parse::<u64>()))) else {
+        return Ok(false);
+    };
+    let mut full = (next & !0xffff_ffff) | xmin;
+    if full >= next {
+        full = full.saturating_sub(1 << 32);
+    }
+    let held = slots.get_mut(shard).and_then(Option::as_mut).expect("checked above");
+    let full = full.to_string();
+    match wire::query(&mut held.conn, "SELECT pg_visible_in_snapshot($1::xid8, pg_current_snapshot())::text", &[Some(&full)]).await {
+        Ok(Ok(r)) => Ok(r.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("true")),
+        Ok(Err(e)) => Err(ExecError::Server(e)),
+        Err(_) => {
+            held.conn.broken = true;
+            Err(lost(shard))
         }
     }
 }
