@@ -418,11 +418,41 @@ async fn committed_unseen(engine: &Engine, slots: &mut Slots, m: &Meta, value: &
     }
     let held = slots.get_mut(shard).and_then(Option::as_mut).expect("checked above");
     let full = full.to_string();
-    match wire::query(&mut held.conn, "SELECT pg_visible_in_snapshot($1::xid8, pg_current_snapshot())::text", &[Some(&full)]).await {
-        Ok(Ok(r)) => Ok(r.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("true")),
-        Ok(Err(e)) => Err(ExecError::Server(e)),
+    let unseen = match wire::query(&mut held.conn, "SELECT pg_visible_in_snapshot($1::xid8, pg_current_snapshot())::text", &[Some(&full)]).await {
+        Ok(Ok(r)) => r.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("true"),
+        Ok(Err(e)) => return Err(ExecError::Server(e)),
         Err(_) => {
             held.conn.broken = true;
+            return Err(lost(shard));
+        }
+    };
+    if !unseen {
+        return Ok(false);
+    }
+    // unseen by the block, so not locked by it: wait, as a unique index would, for
+    // another transaction deleting it (gone once that commits, there if it rolls back)
+    let mut conn = match tokio::time::timeout(Duration::from_secs(5), engine.pool(shard).get()).await {
+        Ok(Ok(c)) => c,
+        _ => return Err(ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, format!("shard db_{shard} cannot be reached to check {} {value}; retry", m.column))),
+    };
+    if !matches!(wire::control(&mut conn, LOCK_WAIT_BEGIN).await, Ok(Ok(_))) {
+        conn.broken = true;
+        return Err(lost(shard));
+    }
+    let q = format!("SELECT 1 FROM {} WHERE {} = $1 FOR KEY SHARE", rule.physical(month), m.column);
+    let r = wire::query(&mut conn, &q, &[Some(value)]).await;
+    if !matches!(wire::control(&mut conn, "ROLLBACK").await, Ok(Ok(_))) {
+        conn.broken = true;
+    }
+    match r {
+        Ok(Ok(rows)) => Ok(!rows.is_empty()),
+        Ok(Err(e)) if e.code == sqlstate::LOCK_NOT_AVAILABLE => Err(ExecError::Proxy(
+            sqlstate::LOCK_NOT_AVAILABLE,
+            format!("{} {value}: the order that held it is locked by another transaction (deleting it?) for longer than {LOCK_WAIT_MS} ms; retry", m.column),
+        )),
+        Ok(Err(e)) => Err(ExecError::Server(e)),
+        Err(_) => {
+            conn.broken = true;
             Err(lost(shard))
         }
     }
