@@ -21,6 +21,7 @@ pub mod health;
 pub mod kway;
 pub mod lease;
 pub mod lookup;
+pub mod lookup_fill;
 pub mod merge;
 pub mod migration;
 pub mod request;
