@@ -40,6 +40,23 @@ async fn entry(def: &tokio_postgres::Client, no: &str) -> Option<(i64, Option<St
     def.query_opt("SELECT shard_key, token FROM shardgate_lookup_t_order_order_no WHERE value = $1", &[&no]).await.expect("entry").map(|r| (r.get(0), r.get(1)))
 }
 
+/// Waits (at most 5 s) until a statement naming `marker` waits for a lock on `shard`.
+async fn waiting_for_lock(shard: &tokio_postgres::Client, marker: &str) {
+    let t0 = Instant::now();
+    loop {
+        let waiting: i64 = shard
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'", &[&marker])
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "the owner's INSERT never reached the shard");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn start_faulty(c: &mut Cluster, var: &str, value: &str) {
     std::env::set_var(var, value);
     c.start_proxy().expect("start proxy with a fault hook");
@@ -125,19 +142,7 @@ async fn an_order_no_written_ahead_of_its_row_is_never_lost_or_doubled() {
     lock.batch_execute("LOCK TABLE t_order_202611 IN SHARE ROW EXCLUSIVE MODE").await.expect("lock");
     let owner = connect(&c.info.proxy_dsn).await.expect("connect");
     let owner = tokio::spawn(async move { owner.batch_execute(&insert("F-wait", 1)).await });
-    let t0 = Instant::now();
-    loop {
-        let waiting: i64 = shard1
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%F-wait%'", &[])
-            .await
-            .expect("activity")
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "the owner's INSERT never reached the shard");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    waiting_for_lock(&shard1, "F-wait").await;
     let taker = connect(&c.info.proxy_dsn).await.expect("connect");
     let taker = tokio::spawn(async move { taker.batch_execute(&insert("F-wait", 2)).await });
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -157,19 +162,7 @@ async fn an_order_no_written_ahead_of_its_row_is_never_lost_or_doubled() {
     taker.query("SELECT count(*) FROM t_order WHERE merchant_id = 9", &[]).await.expect("a snapshot on db_1");
     let owner = connect(&c.info.proxy_dsn).await.expect("connect");
     let owner = tokio::spawn(async move { owner.batch_execute(&insert("F-rr", 1)).await });
-    let t0 = Instant::now();
-    loop {
-        let waiting: i64 = shard1
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%F-rr%'", &[])
-            .await
-            .expect("activity")
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "the owner's INSERT never reached the shard");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    waiting_for_lock(&shard1, "F-rr").await;
     let taker = tokio::spawn(async move {
         let r = taker.batch_execute(&insert("F-rr", 2)).await;
         let _ = taker.batch_execute("ROLLBACK").await;

@@ -435,17 +435,35 @@ async fn committed_unseen(engine: &Engine, slots: &mut Slots, m: &Meta, value: &
         Ok(Ok(c)) => c,
         _ => return Err(ExecError::Proxy(sqlstate::CANNOT_CONNECT_NOW, format!("shard db_{shard} cannot be reached to check {} {value}; retry", m.column))),
     };
-    if !matches!(wire::control(&mut conn, LOCK_WAIT_BEGIN).await, Ok(Ok(_))) {
+    locked_row_exists(&mut conn, rule, m, value, month, || lost(shard)).await
+}
+
+/// Whether the row with `value` is in `month`'s table, read on a pool
+/// connection with FOR KEY SHARE, which waits (at most [`LOCK_WAIT_MS`]), as
+/// one table's unique index would, for a transaction deleting or updating
+/// it: gone once that commits, still there if it rolls back. `lost`: the
+/// error when the connection fails.
+async fn locked_row_exists(
+    conn: &mut crate::backend::ServerConn,
+    rule: &TableRule,
+    m: &Meta,
+    value: &str,
+    month: MonthKey,
+    lost: impl Fn() -> ExecError,
+) -> Result<bool, ExecError> {
+    if !matches!(wire::control(conn, LOCK_WAIT_BEGIN).await, Ok(Ok(_))) {
         conn.broken = true;
-        return Err(lost(shard));
+        return Err(lost());
     }
     let q = format!("SELECT 1 FROM {} WHERE {} = $1 FOR KEY SHARE", rule.physical(month), m.column);
-    let r = wire::query(&mut conn, &q, &[Some(value)]).await;
-    if !matches!(wire::control(&mut conn, "ROLLBACK").await, Ok(Ok(_))) {
+    let r = wire::query(conn, &q, &[Some(value)]).await;
+    if !matches!(wire::control(conn, "ROLLBACK").await, Ok(Ok(_))) {
         conn.broken = true;
     }
     match r {
-        Ok(Ok(rows)) => Ok(!rows.is_empty()),
+        Ok(Ok(r)) => Ok(!r.is_empty()),
+        // the month table is not there: neither is the row
+        Ok(Err(e)) if e.code == sqlstate::UNDEFINED_TABLE => Ok(false),
         Ok(Err(e)) if e.code == sqlstate::LOCK_NOT_AVAILABLE => Err(ExecError::Proxy(
             sqlstate::LOCK_NOT_AVAILABLE,
             format!("{} {value}: the order that held it is locked by another transaction (deleting it?) for longer than {LOCK_WAIT_MS} ms; retry", m.column),
@@ -453,7 +471,7 @@ async fn committed_unseen(engine: &Engine, slots: &mut Slots, m: &Meta, value: &
         Ok(Err(e)) => Err(ExecError::Server(e)),
         Err(_) => {
             conn.broken = true;
-            Err(lost(shard))
+            Err(lost())
         }
     }
 }
@@ -606,33 +624,8 @@ async fn row_exists(engine: &Engine, def: &mut crate::backend::ServerConn, m: &M
         _ => return Err(unknown()),
     };
     wait_for_prepared(&mut conn, m, value, shard).await.map_err(|e| e.unwrap_or_else(unknown))?;
-    // FOR KEY SHARE waits, as one table's unique index would, for a transaction
-    // deleting (or updating) the row: gone once it commits, still there if it rolls
-    // back. The wait is bounded: the deleter may itself wait for this entry.
-    let q = format!("SELECT 1 FROM {} WHERE {} = $1 FOR KEY SHARE", rule.physical(month), m.column);
-    if !matches!(wire::control(&mut conn, LOCK_WAIT_BEGIN).await, Ok(Ok(_))) {
-        conn.broken = true;
-        return Err(unknown());
-    }
-    let r = wire::query(&mut conn, &q, &[Some(value)]).await;
-    let end = wire::control(&mut conn, "ROLLBACK").await;
-    if !matches!(end, Ok(Ok(_))) {
-        conn.broken = true;
-    }
-    match r {
-        Ok(Ok(r)) => Ok(!r.is_empty()),
-        // the month table is not there: neither is the row
-        Ok(Err(e)) if e.code == sqlstate::UNDEFINED_TABLE => Ok(false),
-        Ok(Err(e)) if e.code == sqlstate::LOCK_NOT_AVAILABLE => Err(ExecError::Proxy(
-            sqlstate::LOCK_NOT_AVAILABLE,
-            format!("{} {value}: the order that held it is locked by another transaction (deleting it?) for longer than {LOCK_WAIT_MS} ms; retry", m.column),
-        )),
-        Ok(Err(e)) => Err(ExecError::Server(e)),
-        Err(_) => {
-            conn.broken = true;
-            Err(unknown())
-        }
-    }
+    // (the wait is bounded: the deleter may itself wait for this entry)
+    locked_row_exists(&mut conn, rule, m, value, month, unknown).await
 }
 
 /// How long an INSERT waits for a transaction that holds the row of a taken value.
