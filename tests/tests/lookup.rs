@@ -36,6 +36,23 @@ fn shard_queries(admin: &str) -> HashMap<String, f64> {
         .collect()
 }
 
+/// Waits until the proxy has filled the lookup from the rows already on the
+/// shards (until then reads by `order_no` go to every shard): its state row
+/// says complete, and the proxy marks it so in memory right after writing it.
+async fn wait_filled(c: &Cluster) {
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    let t0 = Instant::now();
+    loop {
+        let done = def.query_opt("SELECT complete FROM shardgate_lookup_state WHERE lookup_table = 'shardgate_lookup_t_order_order_no'", &[]).await.ok().flatten().is_some_and(|r| r.get::<_, bool>(0));
+        if done {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the lookup was never filled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Rows with `order_no` on every shard (all months), read on the shards themselves.
 async fn copies(c: &Cluster, order_no: &str) -> usize {
     let mut n = 0;
@@ -114,6 +131,7 @@ async fn a_read_by_order_no_goes_to_one_shard_and_month() {
     for (i, m) in [(0, 3i64), (1, 5), (2, 6)] {
         client.batch_execute(&insert(&format!("R{i}"), m, &format!("2026-1{i}-05 10:00+00"))).await.expect("insert");
     }
+    wait_filled(&c).await;
     let before = shard_queries(&c.info.admin_url);
     let row = client.query_one("SELECT merchant_id, order_no FROM t_order WHERE order_no = $1", &[&"R1"]).await.expect("point read");
     assert_eq!(row.get::<_, i64>(0), 5);

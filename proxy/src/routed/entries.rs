@@ -50,9 +50,14 @@ pub fn applies(engine: &Engine, req: &Request<'_>) -> bool {
 /// sends nothing twice.
 const MAX_ROWS: usize = 64;
 
-/// How long the entries wait for another transaction writing the same value
-/// before the INSERT goes the usual way (which waits as one table would).
-const ENTRY_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '100ms'";
+/// One entry, in the pipeline's implicit transaction (no BEGIN / COMMIT of its
+/// own). Its gate sets `lock_timeout` for the rest of that transaction, before
+/// the row goes into the unique index: an entry waits at most 100 ms for
+/// another transaction writing the same value, then the INSERT goes the usual
+/// way (which waits as one table would).
+fn entry_sql(table: &str) -> String {
+    format!("INSERT INTO {table} (value, shard_key, month, token) SELECT $1, $2, $3, $4 WHERE set_config('lock_timeout', '100ms', true) IS NOT NULL")
+}
 
 /// Runs and commits the INSERT. `None`: nothing of it is committed (no row;
 /// its entries deleted or left as orphans); the caller runs it the usual way
@@ -133,8 +138,8 @@ fn rolled_back(e: &ExecError) -> bool {
     }
 }
 
-/// Commits the entries in one `db_default` pipeline (block, short lock wait,
-/// entries, COMMIT). `Ok(false)`: a value is taken (`23505`) or being
+/// Commits the entries in one `db_default` pipeline (the entries, each with
+/// its short lock wait, then Sync). `Ok(false)`: a value is taken (`23505`) or being
 /// written (`55P03`); nothing was written.
 async fn write_entries(engine: &Engine, slots: &mut Slots, req: &Request<'_>, entries: &[(String, [String; 3])], token: &str) -> Result<bool, ExecError> {
     let local = engine.shards.len();
@@ -143,16 +148,13 @@ async fn write_entries(engine: &Engine, slots: &mut Slots, req: &Request<'_>, en
     let mut msgs = bytes::BytesMut::with_capacity(256 + entries.iter().map(|(t, v)| 2 * t.len() + v.iter().map(String::len).sum::<usize>() + 256).sum::<usize>());
     // statements db_default keeps prepared on this connection: parsed and planned once
     let mut parsed = Vec::new();
-    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, "BEGIN", &[]));
-    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, ENTRY_LOCK_WAIT, &[]));
+    // the statements up to Sync are one implicit transaction, committed at the Sync
     for (table, [value, key, month]) in entries {
-        let sql = format!("INSERT INTO {table} (value, shard_key, month, token) VALUES ($1, $2, $3, $4)");
         let vals = [Some(value.as_bytes()), Some(key.as_bytes()), Some(month.as_bytes()), Some(token.as_bytes())];
-        parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, &sql, &vals));
+        parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, &entry_sql(table), &vals));
     }
-    parsed.extend(wire::put_named_step(&mut msgs, &mut slot.conn, "COMMIT", &[]));
     wire::put_sync(&mut msgs);
-    // (a block is open on it until the answer: a panic meanwhile must not pool it)
+    // (a transaction is open on it until the answer: a panic meanwhile must not pool it)
     slot.in_tx = true;
     let r = wire::pipeline(&mut slot.conn, &msgs).await;
     if !matches!(r, Ok(Ok(_))) {
@@ -164,10 +166,7 @@ async fn write_entries(engine: &Engine, slots: &mut Slots, req: &Request<'_>, en
             Ok(true)
         }
         Ok(Err(e)) => {
-            // a step failed, so COMMIT did not run: end the failed block
-            if !matches!(wire::control(&mut slot.conn, "ROLLBACK").await, Ok(Ok(_))) {
-                slot.conn.broken = true;
-            }
+            // a step failed: its Sync rolled the implicit transaction back
             slot.in_tx = false;
             if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::LOCK_NOT_AVAILABLE {
                 Ok(false)
