@@ -4,7 +4,8 @@
 #   SHARDGATE_BIN=<shardgate> scripts/bench_routed_quick.sh [clients] [seconds] [simple|prepared]
 # SYSCALLS=1 also counts the proxy's sendto/recvfrom per transaction (perf stat);
 # PROFILE=<file> records a perf profile of the proxy under the load; WORKERS=n
-# sets the proxy's runtime threads (0, the default: one per core).
+# sets the proxy's runtime threads (0, the default: one per core); POOL_TOML
+# adds lines to the proxy's [pool] section (e.g. "size = 4").
 # WORKLOAD=select, update or insert runs only that statement of the order
 # workload (a point read or write by merchant and id, no row found), to see
 # the cost of one routed statement without the INSERT's two-phase commit.
@@ -14,7 +15,7 @@ C=${1:-16}; T=${2:-8}; MODE=${3:-simple}
 DIR=target/bench-routed-quick
 export SHARDGATE_BIN=${SHARDGATE_BIN:-$PWD/target/release/shardgate} SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
-./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" --extra-toml "${EXTRA_TOML:-}" up >/dev/null
+./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" --pool-toml "${POOL_TOML:-}" --extra-toml "${EXTRA_TOML:-}" up >/dev/null
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 PORT=$(jq .proxy_port $DIR/cluster.json); PID=$(jq .proxy_pid $DIR/cluster.json)
 # the workload (one file for bench_routed.sh and bench_routed_quick.sh)

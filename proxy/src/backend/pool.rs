@@ -99,6 +99,10 @@ pub fn build(dsn: Dsn, size: usize, connect_timeout: Duration, checkout_timeout:
     let manager = ServerManager { dsn, connect_timeout, last_params: Arc::new(Mutex::new(Vec::new())) };
     managed::Pool::builder(manager)
         .max_size(size)
+        // the most recently returned connection first: the busy set stays as small
+        // as the concurrency needs, its backends warm (caches, prepared statements);
+        // round-robin over all of them cost the shards a third more CPU per statement
+        .queue_mode(managed::QueueMode::Lifo)
         .wait_timeout(Some(checkout_timeout))
         .create_timeout(Some(connect_timeout))
         // recycle never waits (a flag and a non-blocking probe), so a timeout

@@ -16,6 +16,9 @@ struct Args {
     /// Extra TOML lines for the proxy's [server] section (e.g. "worker_threads = 1").
     #[arg(long, default_value = "")]
     server_toml: String,
+    /// Extra TOML lines for the proxy's [pool] section (e.g. "size = 4").
+    #[arg(long, default_value = "")]
+    pool_toml: String,
     /// Extra TOML sections appended to the config (`\n` for newlines).
     #[arg(long, default_value = "")]
     extra_toml: String,
@@ -73,7 +76,7 @@ fn main() -> Result<()> {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)?;
             }
-            let opts = Options { server_toml: args.server_toml.replace("\\n", "\n"), extra_toml: args.extra_toml.replace("\\n", "\n"), legacy: args.legacy, tls: args.tls, ..Options::default() };
+            let opts = Options { server_toml: args.server_toml.replace("\\n", "\n"), pool_toml: args.pool_toml.replace("\\n", "\n"), extra_toml: args.extra_toml.replace("\\n", "\n"), legacy: args.legacy, tls: args.tls, ..Options::default() };
             let info = Cluster::start_in(&dir, opts)?.detach();
             std::fs::write(dir.join("cluster.json"), serde_json::to_string_pretty(&info)?)?;
             print_usage(&dir, &info);
