@@ -523,3 +523,57 @@ async fn a_write_over_two_down_shards_that_misses_one_changes_neither() {
     let amount: String = def.query_one("SELECT order_amount::text FROM t_order_fallback WHERE id = 2", &[]).await.expect("fallback row").get(0);
     assert_eq!(amount, "2.00", "a statement answered with an error left part of its work behind");
 }
+
+/// A sync-back batch whose marking in `db_default` fails (here a trigger
+/// refuses it) must not give its connection back to the pool inside its
+/// failed transaction block: with the pool handing out the most recently
+/// returned connection first, the next INSERT's unique-lookup entries would
+/// run in that block (25P02 for the client, or entries left uncommitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_back_that_fails_to_mark_its_rows_leaves_no_connection_in_its_transaction() {
+    let c = Cluster::start_temp(Options { all_clusters: true, redis: false, pool_toml: "size = 2".into(), extra_toml: FAST.into(), ..Options::default() }).expect("start cluster");
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    // db_7, the last shard a sync-back round visits: its failed batch is the round's last
+    // use of db_default until the next round (the next shard's batch would have rolled back
+    // the block it found, hiding the leak)
+    c.info.cluster_of_shard(7).expect("cluster").stop_immediate().expect("stop shard 7");
+    client.batch_execute("INSERT INTO t_order (id, order_no, merchant_id) VALUES (7001, 'fb-7001', 15)").await.expect("insert while down");
+    let def = connect(&c.info.default_dsn).await.expect("db_default");
+    def.batch_execute(
+        "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'marking refused'; END $$; \
+         CREATE TRIGGER refuse_mark BEFORE UPDATE ON t_order_fallback FOR EACH ROW EXECUTE FUNCTION refuse_mark()",
+    )
+    .await
+    .expect("trigger");
+    c.info.cluster_of_shard(7).expect("cluster").start().expect("restart shard 7");
+    // the batch reaches the shard (an upsert, kept), then its marking fails, every 300 ms
+    let shard = loop {
+        if let Ok(s) = connect(&c.info.shards[7]).await {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let t0 = Instant::now();
+    loop {
+        let mut n = 0i64;
+        for name in month_tables(&shard).await {
+            n += shard.query_one(&format!("SELECT count(*) FROM {name} WHERE id = 7001"), &[]).await.expect("count").get::<_, i64>(0);
+        }
+        if n == 1 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "sync-back never reached the shard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // INSERTs with order_no entries on another shard meanwhile: every one commits, once
+    for i in 0..30 {
+        client.batch_execute(&format!("INSERT INTO t_order (order_no, merchant_id) VALUES ('after-{i}', 8)")).await.unwrap_or_else(|e| panic!("INSERT {i}: {e:?}"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let n: i64 = def.query_one("SELECT count(*) FROM shardgate_lookup_t_order_order_no WHERE value LIKE 'after-%'", &[]).await.expect("entries").get(0);
+    assert_eq!(n, 30, "every INSERT's entry committed");
+    def.batch_execute("DROP TRIGGER refuse_mark ON t_order_fallback").await.expect("drop trigger");
+    wait_synced(&c, Duration::from_secs(30)).await;
+    let rows = client.query("SELECT order_no FROM t_order WHERE merchant_id = 8 ORDER BY order_no", &[]).await.expect("read");
+    assert_eq!(rows.len(), 30);
+}

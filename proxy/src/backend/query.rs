@@ -268,6 +268,22 @@ pub async fn read_ready_checked(conn: &mut ServerConn) -> Result<Result<u8, Serv
     }
 }
 
+/// Sends messages ending in one Sync and reads up to ReadyForQuery, rows
+/// discarded: the first error, if any, and the transaction status after it.
+pub async fn exchange_status(conn: &mut ServerConn, msgs: &[u8]) -> Result<(Option<ServerError>, u8), BackendError> {
+    conn.send(msgs).await?;
+    let mut err = None;
+    loop {
+        let f = conn.read_frame().await?;
+        match f.tag {
+            b'E' => err = err.or_else(|| Some(ServerError::from_frame(&f))),
+            b'Z' => return Ok((err, f.body().first().copied().unwrap_or(b'I'))),
+            b'S' => watch_parameter(conn, &f)?,
+            _ => {}
+        }
+    }
+}
+
 /// Runs a control statement (BEGIN, PREPARE TRANSACTION …) and returns the
 /// rows of its first column, or the server's error.
 pub async fn control(conn: &mut ServerConn, sql: &str) -> Result<Result<Vec<Option<String>>, ServerError>, BackendError> {

@@ -156,16 +156,25 @@ async fn write_entries(engine: &Engine, slots: &mut Slots, req: &Request<'_>, en
     wire::put_sync(&mut msgs);
     // (a transaction is open on it until the answer: a panic meanwhile must not pool it)
     slot.in_tx = true;
-    let r = wire::pipeline(&mut slot.conn, &msgs).await;
-    if !matches!(r, Ok(Ok(_))) {
+    let r = wire::exchange_status(&mut slot.conn, &msgs).await;
+    if !matches!(r, Ok((None, _))) {
         wire::forget_named(&mut slot.conn, &parsed);
     }
     let r = match r {
-        Ok(Ok(_)) => {
+        Ok((_, status)) if status != b'I' => {
+            // the connection was inside a transaction block it should never have been
+            // pooled with: the entries are in that block, not committed. Closing the
+            // connection rolls it back; the INSERT goes the usual way on another one.
+            tracing::warn!(status = %(status as char), "a db_default connection was handed out inside a transaction; closed");
+            slot.conn.broken = true;
+            slot.in_tx = false;
+            Ok(false)
+        }
+        Ok((None, _)) => {
             slot.in_tx = false;
             Ok(true)
         }
-        Ok(Err(e)) => {
+        Ok((Some(e), _)) => {
             // a step failed: its Sync rolled the implicit transaction back
             slot.in_tx = false;
             if e.code == sqlstate::UNIQUE_VIOLATION || e.code == sqlstate::LOCK_NOT_AVAILABLE {

@@ -359,6 +359,10 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
              GROUP BY target_table",
             obj = cols.iter().map(|c| format!("'{}', {c}", c.trim_matches('"').replace('\'', "''"))).collect::<Vec<_>>().join(", ")
         );
+        // until its COMMIT succeeds, a return (`?`, a lost shard, a failed mark) drops the
+        // connection, so the server rolls the block back: it must never go back to the
+        // pool inside a transaction (the next user's statements would run in it)
+        def.broken = true;
         let groups = match wire::control(&mut def, &q).await? {
             Ok(r) => r,
             Err(e) => {
@@ -367,7 +371,9 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
             }
         };
         if groups.is_empty() {
-            wire::control(&mut def, "COMMIT").await?.ok();
+            if matches!(wire::control(&mut def, "COMMIT").await?, Ok(_)) {
+                def.broken = false;
+            }
             continue;
         }
         let mut shard_conn = match engine.shards[shard].get().await {
@@ -461,6 +467,7 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
         }
         mark.push_str("COMMIT");
         wire::control(&mut def, &mark).await?.map_err(|e| anyhow::anyhow!("marking the batch: SQLSTATE {}", e.code))?;
+        def.broken = false;
         engine.fallback.synced_total.fetch_add(synced.len() as i64, Ordering::Relaxed);
         metrics::counter!(crate::metrics::FALLBACK_SYNCED_TOTAL).increment(synced.len() as u64);
         total += synced.len() + failed.len();
