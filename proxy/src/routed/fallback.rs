@@ -371,7 +371,7 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
             }
         };
         if groups.is_empty() {
-            if matches!(wire::control(&mut def, "COMMIT").await?, Ok(_)) {
+            if wire::control(&mut def, "COMMIT").await?.is_ok() {
                 def.broken = false;
             }
             continue;
