@@ -166,7 +166,7 @@ async fn write_entries(engine: &Engine, slots: &mut Slots, req: &Request<'_>, en
             // pooled with: the entries are in that block, not committed. Closing the
             // connection rolls it back; the INSERT goes the usual way on another one.
             tracing::warn!(status = %(status as char), "a db_default connection was handed out inside a transaction; closed");
-            slot.conn.broken = true;
+            slot.conn.discard();
             slot.in_tx = false;
             Ok(false)
         }
