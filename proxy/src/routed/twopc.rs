@@ -385,7 +385,11 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
         }
         Ok(Err(e)) => {
             // the decision did not commit (COMMIT of a failed block rolls it back)
-            let _ = wire::control(&mut slots[local].as_mut().expect("held").conn, "ROLLBACK").await;
+            let conn = &mut slots[local].as_mut().expect("held").conn;
+            if !matches!(wire::control(conn, "ROLLBACK").await, Ok(Ok(_))) {
+                // (never pooled inside the failed block)
+                conn.broken = true;
+            }
             finish(engine, slots, &remote, gid, false).await;
             Err(decision_failed(e))
         }

@@ -230,7 +230,10 @@ impl Session {
                         Err(_) => return self.server_lost().map(|_| None),
                     },
                     Ok(Err(e)) => {
-                        let _ = wire::control(server, "ROLLBACK").await;
+                        if !matches!(wire::control(server, "ROLLBACK").await, Ok(Ok(_))) {
+                            // (never pooled inside the failed block)
+                            server.broken = true;
+                        }
                         Err(twopc::decision_failed(e))
                     }
                     Err(_) => {
