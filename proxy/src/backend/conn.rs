@@ -190,6 +190,11 @@ pub struct ServerConn {
     pub prepared: Prepared,
     /// Set when the connection must not be reused (I/O error, unknown state).
     pub broken: bool,
+    /// The transaction status of the last ReadyForQuery read (`I`, `T`, `E`).
+    pub ready_status: u8,
+    /// ReadyForQuerys still owed for what [`ServerConn::send`] wrote (one per
+    /// Sync or simple Query): answers not read yet.
+    owed_ready: u32,
     /// Statements deferred to ride with the next send (see [`ServerConn::defer`]).
     ahead: BytesMut,
     /// How many statements `ahead` holds.
@@ -236,6 +241,8 @@ impl ServerConn {
             cancel_key: CancelKey { addr, pid: 0, secret: 0, tls },
             prepared: Prepared::default(),
             broken: false,
+            ready_status: b'I',
+            owed_ready: 0,
             ahead: BytesMut::new(),
             ahead_count: 0,
             ahead_must_ride: false,
@@ -364,6 +371,9 @@ impl ServerConn {
     async fn read_raw(&mut self) -> Result<Frame, BackendError> {
         loop {
             if let Some(f) = split_frame(&mut self.rbuf, MAX_SERVER_MESSAGE).map_err(|e| BackendError::Protocol(e.to_string()))? {
+                if f.tag == b'Z' {
+                    self.note_ready(f.body().first().copied().unwrap_or(b'I'));
+                }
                 return Ok(f);
             }
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
@@ -449,6 +459,7 @@ impl ServerConn {
     /// Writes `msgs` (whole messages ending in a Sync or a simple Query), the
     /// deferred statements first (see [`ServerConn::defer`]).
     pub async fn send(&mut self, msgs: &[u8]) -> std::io::Result<()> {
+        self.owed_ready += readies_owed(msgs);
         if self.ahead_count == 0 {
             return self.stream.write_all(msgs).await;
         }
@@ -475,6 +486,7 @@ impl ServerConn {
         }
         let mut all = std::mem::take(&mut self.ahead);
         crate::protocol::codec::put_message(&mut all, b'S', |_| {});
+        self.owed_ready += 1;
         self.stream.write_all(&all).await?;
         let mut failed = None;
         loop {
@@ -496,6 +508,21 @@ impl ServerConn {
     /// no deferred answer unread (the pool takes back only such connections).
     pub fn in_step(&self) -> bool {
         self.ahead_count == 0 && self.owed.completes == 0 && self.unread.is_none()
+    }
+
+    /// Records a ReadyForQuery read (by this connection's reader, or by a
+    /// session's pass-through, which reads the socket itself).
+    pub fn note_ready(&mut self, status: u8) {
+        self.ready_status = status;
+        self.owed_ready = self.owed_ready.saturating_sub(1);
+    }
+
+    /// Whether another user may have this connection: not broken, in step,
+    /// every answer read, and outside any transaction block. Anything else
+    /// (a block left open or failed, an answer nobody read) would reach the
+    /// next client as its own.
+    pub fn reusable(&self) -> bool {
+        !self.broken && self.in_step() && self.owed_ready == 0 && self.ready_status == b'I'
     }
 
     /// Runs a simple query to completion, discarding its rows (control use only).
@@ -561,6 +588,21 @@ fn one_pipeline(msgs: &[u8]) -> bool {
         at = end;
     }
     synced
+}
+
+/// How many ReadyForQuerys the server owes for `msgs` (whole messages): one
+/// per Sync and per simple Query.
+fn readies_owed(msgs: &[u8]) -> u32 {
+    let mut at = 0;
+    let mut n = 0;
+    while at + 5 <= msgs.len() {
+        if matches!(msgs[at], b'S' | b'Q') {
+            n += 1;
+        }
+        let len = i32::from_be_bytes([msgs[at + 1], msgs[at + 2], msgs[at + 3], msgs[at + 4]]) as usize;
+        at += 1 + len.max(4);
+    }
+    n
 }
 
 /// How [`ServerConn::is_alive`] checks a connection.

@@ -6,4 +6,4 @@ pub mod pool;
 pub mod query;
 
 pub use conn::{BackendError, CancelKey, ServerConn};
-pub use pool::{Pool, ServerManager};
+pub use pool::{Pool, Pooled, ServerManager};

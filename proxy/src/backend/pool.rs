@@ -1,6 +1,7 @@
 //! A deadpool-managed pool of [`ServerConn`] per backend database. A connection
 //! that is broken or found dead by a non-blocking probe at checkout is
-//! replaced, never handed out.
+//! replaced, never handed out; one given back inside a transaction block, out
+//! of step or broken is closed at once ([`Pooled`]), never pooled.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,12 +39,9 @@ impl managed::Manager for ServerManager {
     }
 
     async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<BackendError> {
-        if conn.broken {
-            return Err(RecycleError::message("connection marked broken"));
-        }
-        if !conn.in_step() {
-            // a deferred statement never sent, or an answer nobody read: out of step
-            return Err(RecycleError::message("connection given back with a deferred statement outstanding"));
+        if !conn.reusable() {
+            // (Pooled's drop closes such a connection; this is the last line)
+            return Err(RecycleError::message("connection broken, out of step or inside a transaction block"));
         }
         // A connection used moments ago is checked against the runtime's
         // readiness (no syscall on the hot path); one idle longer gets a real
@@ -60,22 +58,93 @@ impl managed::Manager for ServerManager {
     }
 }
 
-/// A pool of server connections to one database.
-pub type Pool = managed::Pool<ServerManager>;
+/// A pool of server connections to one database. Every checkout is a
+/// [`Pooled`], so no path can give a connection back in a state another user
+/// would inherit.
+#[derive(Clone)]
+pub struct Pool(managed::Pool<ServerManager>);
+
+impl Pool {
+    /// Checks out a connection, waiting up to the pool's wait timeout.
+    pub async fn get(&self) -> Result<Pooled, managed::PoolError<BackendError>> {
+        self.0.get().await.map(Pooled::new)
+    }
+
+    /// Connections held and idle, and the pool's size.
+    pub fn status(&self) -> managed::Status {
+        self.0.status()
+    }
+
+    /// Closes the pool: idle connections now, the others when given back.
+    pub fn close(&self) {
+        self.0.close();
+    }
+
+    /// Where the pool connects, and what its last new connection reported.
+    pub fn manager(&self) -> &ServerManager {
+        self.0.manager()
+    }
+}
+
+/// A checked-out server connection. Given back to the pool only when
+/// [`ServerConn::reusable`]; otherwise (a block left open or failed by a path
+/// that returned early, an answer never read, a broken connection) its socket
+/// is closed when it is dropped, so the server rolls back and frees the
+/// block's locks at once instead of at the pool's next checkout, and nobody
+/// else inherits it.
+pub struct Pooled(Option<managed::Object<ServerManager>>);
+
+impl Pooled {
+    fn new(o: managed::Object<ServerManager>) -> Pooled {
+        Pooled(Some(o))
+    }
+
+    /// Takes the connection out of the pool for good (it no longer counts
+    /// against the pool's size); dropping it closes it.
+    pub fn detach(mut self) -> Option<ServerConn> {
+        self.0.take().map(managed::Object::take)
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.0.as_ref().expect("a Pooled holds its connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.0.as_mut().expect("a Pooled holds its connection until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(o) = self.0.take() {
+            if !o.reusable() {
+                tracing::debug!(status = %(o.ready_status as char), broken = o.broken, "closing a server connection given back unclean");
+                let mut conn = managed::Object::take(o);
+                conn.discard();
+            }
+        }
+    }
+}
 
 /// Checks out a connection: first without waiting, so no timer is set up when
 /// one is free (the common case under transaction pooling); then waiting up to
 /// the pool's wait timeout, in the semaphore's queue like any other waiter. A
 /// free permit exists only while nobody queues, so the first try never jumps
 /// the queue. The whole checkout's time goes to `wait` when given.
-pub async fn checkout(pool: &Pool, wait: Option<&metrics::Histogram>) -> Result<managed::Object<ServerManager>, managed::PoolError<BackendError>> {
+pub async fn checkout(pool: &Pool, wait: Option<&metrics::Histogram>) -> Result<Pooled, managed::PoolError<BackendError>> {
     let t0 = std::time::Instant::now();
-    let mut now = pool.timeouts();
+    let mut now = pool.0.timeouts();
     now.wait = Some(Duration::ZERO);
-    let got = match pool.timeout_get(&now).await {
-        Err(managed::PoolError::Timeout(managed::TimeoutType::Wait)) => pool.get().await,
+    let got = match pool.0.timeout_get(&now).await {
+        Err(managed::PoolError::Timeout(managed::TimeoutType::Wait)) => pool.0.get().await,
         got => got,
-    };
+    }
+    .map(Pooled::new);
     if let Some(h) = wait {
         h.record(t0.elapsed().as_secs_f64());
     }
@@ -88,16 +157,16 @@ pub async fn checkout(pool: &Pool, wait: Option<&metrics::Histogram>) -> Result<
 /// For a check whose "cannot tell" answer costs more than waiting: a write into
 /// a new month asks db_default whether other proxies run, and not knowing makes
 /// it wait out their listing interval (seconds).
-pub async fn checkout_within(pool: &Pool, wait: Duration) -> Option<managed::Object<ServerManager>> {
-    let mut t = pool.timeouts();
+pub async fn checkout_within(pool: &Pool, wait: Duration) -> Option<Pooled> {
+    let mut t = pool.0.timeouts();
     t.wait = Some(wait);
-    tokio::time::timeout(wait, pool.timeout_get(&t)).await.ok()?.ok()
+    tokio::time::timeout(wait, pool.0.timeout_get(&t)).await.ok()?.ok().map(Pooled::new)
 }
 
 /// Builds a pool; connections are made lazily on first checkout.
 pub fn build(dsn: Dsn, size: usize, connect_timeout: Duration, checkout_timeout: Duration) -> Pool {
     let manager = ServerManager { dsn, connect_timeout, last_params: Arc::new(Mutex::new(Vec::new())) };
-    managed::Pool::builder(manager)
+    Pool(managed::Pool::builder(manager)
         .max_size(size)
         // the most recently returned connection first: the busy set stays as small
         // as the concurrency needs, its backends warm (caches, prepared statements);
@@ -110,5 +179,5 @@ pub fn build(dsn: Dsn, size: usize, connect_timeout: Duration, checkout_timeout:
         .recycle_timeout(None)
         .runtime(deadpool::Runtime::Tokio1)
         .build()
-        .expect("runtime and sizes are set")
+        .expect("runtime and sizes are set"))
 }

@@ -331,32 +331,6 @@ fn month_table_of(rule: &TableRule, name: &str) -> Option<MonthKey> {
     (rule.physical(m) == name).then_some(m)
 }
 
-/// A pooled connection that, dropped while marked broken (its block not
-/// committed), closes its socket at once: the server rolls back and frees the
-/// batch's row locks now, not when the pool next checks the connection.
-struct CloseIfBroken(deadpool::managed::Object<crate::backend::pool::ServerManager>);
-
-impl std::ops::Deref for CloseIfBroken {
-    type Target = crate::backend::ServerConn;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for CloseIfBroken {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for CloseIfBroken {
-    fn drop(&mut self) {
-        if self.0.broken {
-            self.0.discard();
-        }
-    }
-}
-
 /// One sync-back batch for one shard, of rows with ids above `*after` (moved
 /// past the batch, so a round walks the index forward instead of re-skipping
 /// the entries of rows it already synced); returns rows handled (0 = done).
@@ -372,7 +346,7 @@ pub async fn sync_batch(engine: &Engine, shard: usize, batch: u32, after: &mut i
         let t = table(rule);
         let id = &rule.id_column;
         let list = cols.join(", ");
-        let mut def = CloseIfBroken(engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?);
+        let mut def = engine.default.get().await.map_err(|e| anyhow::anyhow!("db_default: {e}"))?;
         // the batch must come from an ordered walk of the to-do index: during an outage the
         // table grows faster than its statistics, and a bitmap scan + sort of every pending
         // row per batch makes sync-back quadratic

@@ -1,18 +1,18 @@
 //! The shard connections one client session holds ([`Slots`]): checked out
 //! for a statement or held for a transaction block, given back clean.
 
-use deadpool::managed::{Object, PoolError, TimeoutType};
+use deadpool::managed::{PoolError, TimeoutType};
 
 use crate::backend::query as wire;
 use super::Engine;
-use crate::backend::{BackendError, ServerManager};
+use crate::backend::{BackendError, Pooled};
 use super::request::*;
 use crate::protocol::sqlstate;
 
 /// A shard connection a session holds.
 pub struct ShardSlot {
     /// The connection.
-    pub conn: Object<ServerManager>,
+    pub conn: Pooled,
     /// A transaction block is open on it.
     pub in_tx: bool,
     /// The open transaction wrote on it.

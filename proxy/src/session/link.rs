@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes, BytesMut};
-use deadpool::managed::{Object, PoolError, TimeoutType};
+use deadpool::managed::{PoolError, TimeoutType};
 use shardgate_config::PoolMode;
 
 use tracing::warn;
@@ -329,6 +329,9 @@ impl Session {
             }
             b'Z' => {
                 let status = f.body().first().copied().unwrap_or(b'I');
+                if let Some(server) = self.db.server.as_mut() {
+                    server.note_ready(status);
+                }
                 while matches!(self.db.expect.front(), Some(Expect::CopyEnd)) {
                     self.db.expect.pop_front();
                 }
@@ -440,7 +443,7 @@ impl Session {
     pub(super) fn server_lost(&mut self) -> Result<(), End> {
         if let Some(mut server) = self.db.server.take() {
             server.broken = true;
-            let _ = Object::take(server);
+            let _ = server.detach();
         }
         self.registration.slot.set(None);
         warn!("server connection lost");

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use deadpool::managed::Object;
 use tokio::net::TcpStream;
 use crate::protocol::sqlstate;
 
@@ -25,7 +24,6 @@ use crate::stream::Stream;
 use tracing::{debug, info, warn};
 
 use crate::backend::conn::STARTUP_PARAMS;
-use crate::backend::ServerManager;
 use crate::cancel::Registration;
 use crate::metrics as m;
 use crate::protocol::codec::{split_frame, FrameError};
@@ -238,7 +236,7 @@ async fn read_more(stream: &Stream, buf: &mut BytesMut) -> std::io::Result<()> {
     }
 }
 
-type Server = Object<ServerManager>;
+type Server = crate::backend::Pooled;
 
 struct Session {
     shared: Arc<Shared>,
@@ -508,7 +506,7 @@ impl Session {
             if self.pinned.is_some() || !self.at_clean_point() || server.broken {
                 // session state or an open transaction must not reach another client
                 server.broken = true;
-                let _ = Object::take(server);
+                let _ = server.detach();
             }
         }
         for slot in self.shard_tx.slots.iter_mut() {
