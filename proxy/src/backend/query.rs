@@ -256,22 +256,19 @@ pub async fn read_ready(conn: &mut ServerConn) -> Result<u8, BackendError> {
 /// transaction failing (a deferred constraint, a serialization failure), so
 /// nothing of the pipeline was kept.
 pub async fn read_ready_checked(conn: &mut ServerConn) -> Result<Result<u8, ServerError>, BackendError> {
-    let mut err = None;
-    loop {
-        let f = conn.read_frame().await?;
-        match f.tag {
-            b'E' => err = err.or_else(|| Some(ServerError::from_frame(&f))),
-            b'Z' => return Ok(err.map_or_else(|| Ok(f.body().first().copied().unwrap_or(b'I')), Err)),
-            b'S' => watch_parameter(conn, &f)?,
-            _ => {}
-        }
-    }
+    read_ready_status(conn).await.map(|(err, status)| err.map_or(Ok(status), Err))
 }
 
 /// Sends messages ending in one Sync and reads up to ReadyForQuery, rows
 /// discarded: the first error, if any, and the transaction status after it.
 pub async fn exchange_status(conn: &mut ServerConn, msgs: &[u8]) -> Result<(Option<ServerError>, u8), BackendError> {
     conn.send(msgs).await?;
+    read_ready_status(conn).await
+}
+
+/// Reads up to and including ReadyForQuery, rows discarded: the first error,
+/// if any, and the transaction status.
+async fn read_ready_status(conn: &mut ServerConn) -> Result<(Option<ServerError>, u8), BackendError> {
     let mut err = None;
     loop {
         let f = conn.read_frame().await?;
@@ -282,6 +279,17 @@ pub async fn exchange_status(conn: &mut ServerConn, msgs: &[u8]) -> Result<(Opti
             _ => {}
         }
     }
+}
+
+/// Rolls back the connection's transaction block. A connection whose ROLLBACK
+/// does not succeed is marked broken: it is closed, never pooled inside the
+/// block. Returns whether the ROLLBACK succeeded.
+pub async fn rollback(conn: &mut ServerConn) -> bool {
+    let done = matches!(control(conn, "ROLLBACK").await, Ok(Ok(_)));
+    if !done {
+        conn.broken = true;
+    }
+    done
 }
 
 /// Runs a control statement (BEGIN, PREPARE TRANSACTION …) and returns the

@@ -211,9 +211,7 @@ async fn drop_entries(engine: &Engine, entries: &[(String, [String; 3])], token:
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             tracing::debug!(code = %e.code, "could not delete the entries of an INSERT that failed; the next INSERT of the value settles them");
-            if !matches!(wire::control(&mut conn, "ROLLBACK").await, Ok(Ok(_))) {
-                conn.broken = true;
-            }
+            wire::rollback(&mut conn).await;
         }
         Err(_) => conn.broken = true,
     }

@@ -123,8 +123,8 @@ pub async fn take(engine: &Engine, shard: usize, token: &str, what: &str) -> Res
         wire::put_step(&mut msgs, "COMMIT", &[]);
         wire::put_sync(&mut msgs);
         let r = wire::pipeline(&mut conn, &msgs).await;
-        if matches!(r, Ok(Err(_))) && !matches!(wire::control(&mut conn, "ROLLBACK").await, Ok(Ok(_))) {
-            conn.broken = true;
+        if matches!(r, Ok(Err(_))) {
+            wire::rollback(&mut conn).await;
         }
         match r {
             Ok(Ok(_)) => return Ok(()),

@@ -457,9 +457,7 @@ async fn locked_row_exists(
     }
     let q = format!("SELECT 1 FROM {} WHERE {} = $1 FOR KEY SHARE", rule.physical(month), m.column);
     let r = wire::query(conn, &q, &[Some(value)]).await;
-    if !matches!(wire::control(conn, "ROLLBACK").await, Ok(Ok(_))) {
-        conn.broken = true;
-    }
+    wire::rollback(conn).await;
     match r {
         Ok(Ok(r)) => Ok(!r.is_empty()),
         // the month table is not there: neither is the row

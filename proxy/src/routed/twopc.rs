@@ -275,10 +275,7 @@ pub async fn rollback(slots: &mut Slots, shards: &[usize]) {
             slot.wrote = false;
             continue;
         }
-        match wire::control(&mut slot.conn, "ROLLBACK").await {
-            Ok(_) => {}
-            Err(_) => slot.conn.broken = true,
-        }
+        wire::rollback(&mut slot.conn).await;
         slot.in_tx = false;
         slot.wrote = false;
     }
@@ -385,11 +382,7 @@ async fn commit_carried(engine: &Engine, slots: &mut Slots, shards: &[usize], lo
         }
         Ok(Err(e)) => {
             // the decision did not commit (COMMIT of a failed block rolls it back)
-            let conn = &mut slots[local].as_mut().expect("held").conn;
-            if !matches!(wire::control(conn, "ROLLBACK").await, Ok(Ok(_))) {
-                // (never pooled inside the failed block)
-                conn.broken = true;
-            }
+            wire::rollback(&mut slots[local].as_mut().expect("held").conn).await;
             finish(engine, slots, &remote, gid, false).await;
             Err(decision_failed(e))
         }

@@ -230,10 +230,7 @@ impl Session {
                         Err(_) => return self.server_lost().map(|_| None),
                     },
                     Ok(Err(e)) => {
-                        if !matches!(wire::control(server, "ROLLBACK").await, Ok(Ok(_))) {
-                            // (never pooled inside the failed block)
-                            server.broken = true;
-                        }
+                        wire::rollback(server).await;
                         Err(twopc::decision_failed(e))
                     }
                     Err(_) => {
