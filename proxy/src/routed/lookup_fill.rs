@@ -64,8 +64,14 @@ async fn fill_one(engine: &Engine, m: &Meta) -> anyhow::Result<Option<(u64, u64)
     if lock.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("true") {
         return Ok(None);
     }
+    // the lock is the session's, not a transaction's: until it is given back, any way out
+    // (an error, this task dropped at shutdown) closes the connection, which releases it,
+    // rather than pooling a connection that holds it (every proxy's fill would skip forever)
+    def.broken = true;
     let r = fill_locked(engine, rule, m, &mut def).await;
-    let _ = wire::query(&mut def, "SELECT pg_advisory_unlock(hashtext($1))", &[Some(&m.lookup_table)]).await;
+    if let Ok(Ok(rows)) = wire::query(&mut def, "SELECT pg_advisory_unlock(hashtext($1))::text", &[Some(&m.lookup_table)]).await {
+        def.broken = rows.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("true");
+    }
     r.map(Some)
 }
 
