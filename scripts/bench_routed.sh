@@ -19,7 +19,9 @@ DIR=target/bench-routed
 # SHARDGATE_BIN: the proxy binary to measure (scripts/bench_compare.sh passes an older build)
 export SHARDGATE_BIN=${SHARDGATE_BIN:-$PWD/target/release/shardgate} SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
-./target/release/devcluster --dir $DIR up >/dev/null
+# WORKERS: the proxy's runtime threads (0 = one per core, the default; 1 = one thread);
+# EXTRA_TOML: whole config sections added (e.g. ids.route_by_id, the t_order rule without lookups)
+./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-0}" --extra-toml "${EXTRA_TOML:-}" up >/dev/null
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 INFO=$DIR/cluster.json
 PROXY_PORT=$(jq .proxy_port $INFO)

@@ -15,8 +15,9 @@ fn main() -> std::io::Result<()> {
         std::process::exit(2);
     };
     let workers: usize = args.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    // the same runtime shardgate runs for that many threads (one: current-thread)
+    let mut builder = if workers == 1 { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     builder.enable_all().build()?.block_on(async move {

@@ -123,6 +123,19 @@ fn main() -> anyhow::Result<()> {
         println!("config ok");
         return Ok(());
     }
+    if config.server.worker_threads == 1 {
+        // one thread: a current-thread runtime, without the work-stealing scheduler's
+        // wake-ups of idle workers; it runs on a thread of its own, whose stack is the
+        // planning stack (Client statements are planned on it, see PLANNING_STACK)
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting runtime")?;
+        return std::thread::Builder::new()
+            .name("shardgate".into())
+            .stack_size(shardgate_router::PLANNING_STACK)
+            .spawn(move || serve(&rt, config))
+            .context("starting the runtime thread")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the runtime thread panicked"))?;
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // Client statements are planned on the workers (see PLANNING_STACK).
     builder.thread_stack_size(shardgate_router::PLANNING_STACK);
@@ -130,6 +143,11 @@ fn main() -> anyhow::Result<()> {
         builder.worker_threads(config.server.worker_threads);
     }
     let rt = builder.enable_all().build().context("starting runtime")?;
+    serve(&rt, config)
+}
+
+/// Runs the proxy on `rt` until a shutdown signal has been handled.
+fn serve(rt: &tokio::runtime::Runtime, config: shardgate_config::Config) -> anyhow::Result<()> {
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

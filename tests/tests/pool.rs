@@ -150,7 +150,13 @@ async fn round(c: &tokio_postgres::Client, r: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_the_proxy_every_kind_of_statement_gives_its_connection_back_for_reuse() {
-    let c = shardgate_tests::Cluster::start_temp(shardgate_tests::Options { redis: false, ..Default::default() }).expect("start cluster");
+    // (on the single-threaded runtime, `worker_threads = 1`, which no other test runs)
+    let opts = shardgate_tests::Options { redis: false, server_toml: "worker_threads = 1\n".into(), ..Default::default() };
+    let c = shardgate_tests::Cluster::start_temp(opts).expect("start cluster");
+    let pid = c.info.proxy_pid.expect("proxy pid");
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok()).collect();
+    assert!(threads.iter().any(|t| t.trim() == "shardgate"), "the single-threaded runtime's thread runs: {threads:?}");
+    assert!(!threads.iter().any(|t| t.contains("tokio-runtime")), "no multi-threaded runtime's workers: {threads:?}");
     let client = connect(&c.info.proxy_dsn).await.expect("connect");
     // warm-up: every pool the rounds touch gets its connections, month tables are made
     for r in 0..3 {
