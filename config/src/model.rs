@@ -238,11 +238,13 @@ pub struct PoolConfig {
     /// Prepared statements one server connection keeps for shardgate (clients'
     /// statements and routed ones); beyond this the least recently used is closed.
     pub max_prepared_statements: usize,
+    /// A server connection idle in its pool this long is closed (0 = never).
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { size: 20, checkout_timeout_ms: 5_000, connect_timeout_ms: 3_000, mode: PoolMode::Transaction, max_prepared_statements: 512 }
+        PoolConfig { size: 20, checkout_timeout_ms: 5_000, connect_timeout_ms: 3_000, mode: PoolMode::Transaction, max_prepared_statements: 512, idle_timeout_ms: 600_000 }
     }
 }
 

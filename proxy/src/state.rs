@@ -60,10 +60,10 @@ impl Shared {
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<Shared> {
         let users = config.users.iter().map(|u| (u.name.clone(), UserSecret::from_config(u, config.server.auth_method))).collect();
         let p = &config.pool;
-        let pool = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
+        let pool = pool::build(config.default_dsn(), p);
         // the proxy's own db_default work (two-phase decisions, lookup entries, fallback rows)
         // has a pool of its own: client sessions holding every session connection cannot starve it
-        let internal = pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
+        let internal = pool::build(config.default_dsn(), p);
         let engine = Arc::new(crate::routed::Engine::new(&config, internal)?);
         let cache = crate::cache::Cache::new(&config.cache, config.redis.as_ref(), engine.default.clone())?;
         let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {

@@ -337,7 +337,7 @@ async fn engine_sized(script: &Shared, closed: &[usize], size: usize) -> Engine 
     t.push_str("[[sharded_tables]]\nname = \"t_order\"\nshard_key = \"merchant_id\"\nmonth_column = \"create_time\"\ntable_pattern = \"t_order_{yyyyMM}\"\nid_column = \"id\"\nunique_lookups = []\n");
     let config = shardgate_config::Config::from_toml(&t, "executor test").expect("config");
     let p = &config.pool;
-    let default = shardgate::backend::pool::build(config.default_dsn(), p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms));
+    let default = shardgate::backend::pool::build(config.default_dsn(), p);
     let engine = Engine::new(&config, default).expect("engine");
     engine.add_months(&["202610", "202611"].map(|m| shardgate_router::month::MonthKey::parse_suffix(m).expect("month")));
     engine

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shardgate::backend::pool::{self, Pool};
 use shardgate::backend::query as wire;
-use shardgate_config::Dsn;
+use shardgate_config::{Dsn, PoolConfig};
 use shardgate_tests::{connect, PgCluster};
 
 struct Server {
@@ -30,7 +30,12 @@ fn server() -> Server {
 
 fn pool_of(s: &Server) -> Pool {
     let dsn = Dsn::parse(&s.pg.dsn("p")).expect("dsn");
-    pool::build(dsn, 2, Duration::from_secs(3), Duration::from_secs(3))
+    pool::build(dsn, &PoolConfig { size: 2, ..PoolConfig::default() })
+}
+
+/// Server processes of the pool's database other than `observer`'s.
+async fn backends(observer: &tokio_postgres::Client) -> i64 {
+    observer.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = 'p' AND pid <> pg_backend_pid()", &[]).await.expect("count").get(0)
 }
 
 async fn backend_pid(p: &Pool) -> String {
@@ -171,4 +176,27 @@ async fn through_the_proxy_every_kind_of_statement_gives_its_connection_back_for
     // one client, one statement at a time: what it gave back is what it gets again.
     // (a connection judged unclean by mistake would cost a connect per round)
     assert!(after - before <= 2.0, "20 more rounds made {} new server connections", after - before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_idle_longer_than_the_idle_timeout_are_closed_and_made_again_on_demand() {
+    let s = server();
+    let p = pool::build(Dsn::parse(&s.pg.dsn("p")).expect("dsn"), &PoolConfig { size: 4, idle_timeout_ms: 600, ..PoolConfig::default() });
+    let observer = connect(&s.pg.dsn("p")).await.expect("observer");
+    // a burst: three connections at once, all given back idle
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| p.get())).await.into_iter().map(|c| c.expect("checkout")).collect();
+    drop(held);
+    assert_eq!(p.status().size, 3);
+    assert_eq!(backends(&observer).await, 3);
+    // one of them stays in use, never idle for long
+    let deadline = std::time::Instant::now() + Duration::from_millis(2500);
+    while std::time::Instant::now() < deadline {
+        let _ = backend_pid(&p).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(p.status().size, 1, "the two idle since the burst were closed, the one in use kept");
+    assert_eq!(backends(&observer).await, 1);
+    // and the pool makes connections again when the load comes back
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| p.get())).await.into_iter().map(|c| c.expect("checkout")).collect();
+    assert_eq!(held.len(), 3);
 }

@@ -163,21 +163,45 @@ pub async fn checkout_within(pool: &Pool, wait: Duration) -> Option<Pooled> {
     tokio::time::timeout(wait, pool.0.timeout_get(&t)).await.ok()?.ok().map(Pooled::new)
 }
 
-/// Builds a pool; connections are made lazily on first checkout.
-pub fn build(dsn: Dsn, size: usize, connect_timeout: Duration, checkout_timeout: Duration) -> Pool {
+/// Builds a pool; connections are made lazily on first checkout. Inside a
+/// runtime, a task closes the connections idle longer than
+/// `pool.idle_timeout_ms` for as long as the pool exists.
+pub fn build(dsn: Dsn, p: &shardgate_config::PoolConfig) -> Pool {
+    let connect_timeout = Duration::from_millis(p.connect_timeout_ms);
     let manager = ServerManager { dsn, connect_timeout, last_params: Arc::new(Mutex::new(Vec::new())) };
-    Pool(managed::Pool::builder(manager)
-        .max_size(size)
-        // the most recently returned connection first: the busy set stays as small
-        // as the concurrency needs, its backends warm (caches, prepared statements);
-        // round-robin over all of them cost the shards a third more CPU per statement
-        .queue_mode(managed::QueueMode::Lifo)
-        .wait_timeout(Some(checkout_timeout))
-        .create_timeout(Some(connect_timeout))
-        // recycle never waits (a flag and a non-blocking probe), so a timeout
-        // around it would only cost a clock read and a timer per checkout
-        .recycle_timeout(None)
-        .runtime(deadpool::Runtime::Tokio1)
-        .build()
-        .expect("runtime and sizes are set"))
+    let pool = Pool(
+        managed::Pool::builder(manager)
+            .max_size(p.size)
+            // the most recently returned connection first: the busy set stays as small
+            // as the concurrency needs, its backends warm (caches, prepared statements);
+            // round-robin over all of them cost the shards a third more CPU per statement
+            .queue_mode(managed::QueueMode::Lifo)
+            .wait_timeout(Some(Duration::from_millis(p.checkout_timeout_ms)))
+            .create_timeout(Some(connect_timeout))
+            // recycle never waits (a flag and a non-blocking probe), so a timeout
+            // around it would only cost a clock read and a timer per checkout
+            .recycle_timeout(None)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .expect("runtime and sizes are set"),
+    );
+    if let (Some(idle), Ok(rt)) = ((p.idle_timeout_ms > 0).then(|| Duration::from_millis(p.idle_timeout_ms)), tokio::runtime::Handle::try_current()) {
+        rt.spawn(close_idle(pool.0.weak(), idle));
+    }
+    pool
+}
+
+/// Closes the connections idle in the pool longer than `idle` (LIFO checkout
+/// leaves the ones a burst made at the bottom, untouched), until the pool is gone.
+async fn close_idle(pool: managed::WeakPool<ServerManager>, idle: Duration) {
+    let mut tick = tokio::time::interval((idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(30)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let closed = pool.retain(|_, m| m.last_used() < idle).removed.len();
+        if closed > 0 {
+            tracing::debug!(closed, "closed server connections idle too long");
+        }
+    }
 }

@@ -200,7 +200,7 @@ impl Engine {
         let shards = config
             .shard_dsns()
             .into_iter()
-            .map(|dsn| pool::build(dsn, p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms)))
+            .map(|dsn| pool::build(dsn, p))
             .collect();
         let ids = std::sync::OnceLock::new();
         if let Some(worker) = config.ids.worker_id {
@@ -236,7 +236,7 @@ impl Engine {
                 .legacy_db
                 .as_ref()
                 .and_then(|l| shardgate_config::Dsn::parse(&l.dsn).ok())
-                .map(|dsn| pool::build(dsn, p.size, Duration::from_millis(p.connect_timeout_ms), Duration::from_millis(p.checkout_timeout_ms))),
+                .map(|dsn| pool::build(dsn, p)),
             migration: migration::Migration::new(config),
             lookups: lookup::Lookups::default(),
             unfinished: twopc::Unfinished::default(),
