@@ -221,6 +221,11 @@ impl Config {
             // the statements a client prepares while one of its portals is open
             return Err(ConfigError::invalid("pool.max_prepared_statements", "must be at least 16"));
         }
+        if self.pool.idle_timeout_ms > 0 && self.pool.idle_timeout_ms < 1000 {
+            // shorter would close connections between a client's transactions: a
+            // reconnect (and its SCRAM key derivation) for most of them
+            return Err(ConfigError::invalid("pool.idle_timeout_ms", "must be 0 (never) or at least 1000"));
+        }
         if self.sharding.shard_count == 0 || self.sharding.shard_count > 8 {
             // Generated ids carry the shard in 3 bits (router::id).
             return Err(ConfigError::invalid("sharding.shard_count", "must be between 1 and 8"));
@@ -458,6 +463,19 @@ mod tests {
         let e = c.validate().expect_err("dup").to_string();
         assert!(e.contains("duplicate user `app`"), "{e}");
         assert!(e.starts_with("config key `users[2].name`"), "{e}");
+    }
+
+    #[test]
+    fn an_idle_timeout_under_a_second_is_refused() {
+        let mut c = Config::from_toml(EXAMPLE, "x").expect("parses");
+        assert_eq!(c.pool.idle_timeout_ms, 600_000);
+        c.pool.idle_timeout_ms = 999;
+        let e = c.validate().expect_err("too short").to_string();
+        assert_eq!(e, "config key `pool.idle_timeout_ms`: must be 0 (never) or at least 1000");
+        c.pool.idle_timeout_ms = 0;
+        c.validate().expect("0 = never");
+        c.pool.idle_timeout_ms = 1000;
+        c.validate().expect("a second");
     }
 
     #[test]

@@ -159,9 +159,16 @@ async fn through_the_proxy_every_kind_of_statement_gives_its_connection_back_for
     let opts = shardgate_tests::Options { redis: false, server_toml: "worker_threads = 1\n".into(), ..Default::default() };
     let c = shardgate_tests::Cluster::start_temp(opts).expect("start cluster");
     let pid = c.info.proxy_pid.expect("proxy pid");
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok()).collect();
-    assert!(threads.iter().any(|t| t.trim() == "shardgate"), "the single-threaded runtime's thread runs: {threads:?}");
-    assert!(!threads.iter().any(|t| t.contains("tokio-runtime")), "no multi-threaded runtime's workers: {threads:?}");
+    // (thread id, name) of every thread of the proxy; the main thread's id is the pid
+    let threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|t| {
+            let t = t.ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(t.path().join("comm")).ok()?.trim().to_string()))
+        })
+        .collect();
+    assert!(threads.iter().any(|(tid, name)| name == "shardgate" && *tid != pid.to_string()), "the single-threaded runtime's own thread runs: {threads:?}");
+    assert!(!threads.iter().any(|(_, name)| name.starts_with("tokio-rt-worker")), "no multi-threaded runtime's workers: {threads:?}");
     let client = connect(&c.info.proxy_dsn).await.expect("connect");
     // warm-up: every pool the rounds touch gets its connections, month tables are made
     for r in 0..3 {
@@ -199,4 +206,15 @@ async fn connections_idle_longer_than_the_idle_timeout_are_closed_and_made_again
     // and the pool makes connections again when the load comes back
     let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| p.get())).await.into_iter().map(|c| c.expect("checkout")).collect();
     assert_eq!(held.len(), 3);
+    drop(held);
+    // idle counts from when a connection came back, not from its checkout: one held
+    // (as a session-pooled client holds it) longer than the timeout is not closed
+    // the moment it returns
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(p.status().size, 0, "all idle since the second burst");
+    let long = p.get().await.expect("checkout");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(long);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(p.status().size, 1, "a connection given back 350 ms ago is kept");
 }

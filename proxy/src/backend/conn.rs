@@ -195,6 +195,9 @@ pub struct ServerConn {
     /// ReadyForQuerys still owed for what [`ServerConn::send`] wrote (one per
     /// Sync or simple Query): answers not read yet.
     owed_ready: u32,
+    /// When it was last given back to its pool (or made): what the pool's idle
+    /// timeout counts from.
+    pub idle_since: std::time::Instant,
     /// Statements deferred to ride with the next send (see [`ServerConn::defer`]).
     ahead: BytesMut,
     /// How many statements `ahead` holds.
@@ -246,6 +249,7 @@ impl ServerConn {
             broken: false,
             ready_status: b'I',
             owed_ready: 0,
+            idle_since: std::time::Instant::now(),
             ahead: BytesMut::new(),
             ahead_count: 0,
             ahead_must_ride: false,

@@ -121,8 +121,12 @@ impl std::ops::DerefMut for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some(o) = self.0.take() {
-            if !o.reusable() {
+        if let Some(mut o) = self.0.take() {
+            if o.reusable() {
+                // (deadpool's own metrics count from the last checkout: a connection
+                // held for a whole session would look idle since it began)
+                o.idle_since = std::time::Instant::now();
+            } else {
                 tracing::debug!(status = %(o.ready_status as char), broken = o.broken, "closing a server connection given back unclean");
                 let mut conn = managed::Object::take(o);
                 conn.discard();
@@ -199,7 +203,7 @@ async fn close_idle(pool: managed::WeakPool<ServerManager>, idle: Duration) {
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        let closed = pool.retain(|_, m| m.last_used() < idle).removed.len();
+        let closed = pool.retain(|conn, _| conn.idle_since.elapsed() < idle).removed.len();
         if closed > 0 {
             tracing::debug!(closed, "closed server connections idle too long");
         }
