@@ -150,9 +150,12 @@ fn main() -> anyhow::Result<()> {
 fn serve(rt: &tokio::runtime::Runtime, config: shardgate_config::Config) -> anyhow::Result<()> {
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
+        // the handlers are installed now, before startup's work: on one thread the task
+        // below first runs when that work awaits, and a SIGTERM before would kill outright
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            let (Ok(mut term), Ok(mut int)) = signals else { return };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
