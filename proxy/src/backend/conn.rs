@@ -579,12 +579,8 @@ impl ServerConn {
 /// server would skip the pipeline and then meet that PREPARE outside any
 /// block, where it only warns and answers ROLLBACK (nothing is prepared).
 fn one_pipeline(msgs: &[u8]) -> bool {
-    let mut at = 0;
     let mut synced = false;
-    while at + 5 <= msgs.len() {
-        let tag = msgs[at];
-        let len = i32::from_be_bytes([msgs[at + 1], msgs[at + 2], msgs[at + 3], msgs[at + 4]]) as usize;
-        let end = (at + 1 + len.max(4)).min(msgs.len());
+    for (tag, at, end) in messages(msgs) {
         match tag {
             b'S' if !synced => synced = true,
             b'Q' if synced && end == msgs.len() => return msgs[at + 5..].starts_with(b"PREPARE TRANSACTION '"),
@@ -592,9 +588,22 @@ fn one_pipeline(msgs: &[u8]) -> bool {
             _ if synced => return false,
             _ => {}
         }
-        at = end;
     }
     synced
+}
+
+/// The whole messages in `msgs`, each as (tag, start, end).
+fn messages(msgs: &[u8]) -> impl Iterator<Item = (u8, usize, usize)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at + 5 > msgs.len() {
+            return None;
+        }
+        let len = i32::from_be_bytes([msgs[at + 1], msgs[at + 2], msgs[at + 3], msgs[at + 4]]) as usize;
+        let (start, end) = (at, (at + 1 + len.max(4)).min(msgs.len()));
+        at = end;
+        Some((msgs[start], start, end))
+    })
 }
 
 /// TCP keepalive of every server connection: first probe after 60 s idle, then
@@ -604,16 +613,7 @@ const SERVER_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new().wit
 /// How many ReadyForQuerys the server owes for `msgs` (whole messages): one
 /// per Sync and per simple Query.
 fn readies_owed(msgs: &[u8]) -> u32 {
-    let mut at = 0;
-    let mut n = 0;
-    while at + 5 <= msgs.len() {
-        if matches!(msgs[at], b'S' | b'Q') {
-            n += 1;
-        }
-        let len = i32::from_be_bytes([msgs[at + 1], msgs[at + 2], msgs[at + 3], msgs[at + 4]]) as usize;
-        at += 1 + len.max(4);
-    }
-    n
+    messages(msgs).filter(|(tag, ..)| matches!(tag, b'S' | b'Q')).count() as u32
 }
 
 /// How [`ServerConn::is_alive`] checks a connection.

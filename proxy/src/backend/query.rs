@@ -240,15 +240,7 @@ pub async fn next_event(conn: &mut ServerConn, notices: &mut BytesMut) -> Result
 
 /// Reads up to and including ReadyForQuery; returns the transaction status.
 pub async fn read_ready(conn: &mut ServerConn) -> Result<u8, BackendError> {
-    loop {
-        let f = conn.read_frame().await?;
-        match f.tag {
-            b'Z' => return Ok(f.body().first().copied().unwrap_or(b'I')),
-            // (the server reports changed settings just before ReadyForQuery)
-            b'S' => watch_parameter(conn, &f)?,
-            _ => {}
-        }
-    }
+    read_ready_status(conn).await.map(|(_, status)| status)
 }
 
 /// Reads up to and including ReadyForQuery after a statement's answer: an
