@@ -14,6 +14,9 @@ pub(crate) enum Token<'a> {
     CloseParen,
     /// `,`.
     Comma,
+    /// A double-quoted identifier: the text between its quotes, doubled quotes
+    /// as written.
+    Quoted(&'a str),
     /// Anything else outside quotes and comments (one token per literal/symbol).
     Other,
 }
@@ -123,8 +126,18 @@ pub(crate) fn scan<'a>(sql: &'a str, mut emit: impl FnMut(Token<'a>)) {
                 emit(Token::Other);
             }
             b'"' => {
-                i = skip_quoted(b, i + 1, b'"', false);
-                emit(Token::Other);
+                // (an unterminated one runs to the end: not an identifier)
+                match quoted_end(b, i + 1, b'"', false) {
+                    Some(end) => {
+                        // both ends sit at ASCII quotes
+                        emit(Token::Quoted(sql.get(i + 1..end - 1).unwrap_or("")));
+                        i = end;
+                    }
+                    None => {
+                        emit(Token::Other);
+                        i = b.len();
+                    }
+                }
             }
             b'$' => {
                 // dollar quote $tag$...$tag$, or a parameter $1
@@ -216,7 +229,7 @@ pub(crate) fn depth_bound(sql: &str) -> usize {
                 open.push(cur);
             }
             Token::CloseParen => cur = open.pop().unwrap_or(cur) + 1,
-            Token::Word(_) | Token::Other => cur += 1,
+            Token::Word(_) | Token::Quoted(_) | Token::Other => cur += 1,
         }
         max = max.max(cur);
     });
@@ -225,7 +238,12 @@ pub(crate) fn depth_bound(sql: &str) -> usize {
 
 /// Returns the index just past the closing quote (doubled quotes escape;
 /// with `backslash`, `\x` escapes too). Unterminated text runs to the end.
-pub(crate) fn skip_quoted(b: &[u8], mut i: usize, q: u8, backslash: bool) -> usize {
+pub(crate) fn skip_quoted(b: &[u8], i: usize, q: u8, backslash: bool) -> usize {
+    quoted_end(b, i, q, backslash).unwrap_or(b.len())
+}
+
+/// As [`skip_quoted`], or `None` when the text ends before the closing quote.
+fn quoted_end(b: &[u8], mut i: usize, q: u8, backslash: bool) -> Option<usize> {
     while i < b.len() {
         if backslash && b[i] == b'\\' {
             i += 2;
@@ -236,11 +254,11 @@ pub(crate) fn skip_quoted(b: &[u8], mut i: usize, q: u8, backslash: bool) -> usi
                 i += 2;
                 continue;
             }
-            return i + 1;
+            return Some(i + 1);
         }
         i += 1;
     }
-    b.len()
+    None
 }
 
 #[cfg(test)]

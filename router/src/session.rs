@@ -106,9 +106,9 @@ fn deallocates_all(stmt: &[Token<'_>]) -> Option<bool> {
 }
 
 /// The statement name of `sql` when it is exactly one `DEALLOCATE [PREPARE]
-/// name` with an unquoted name, folded to lower case as PostgreSQL folds it.
-/// (psycopg 3 on a libpq before 17 drops the statements it prepared through
-/// the protocol this way.)
+/// name`: an unquoted name folded to lower case as PostgreSQL folds it, a
+/// quoted one as written with its doubled quotes undone. (psycopg 3 on a libpq
+/// before 17 drops the statements it prepared through the protocol this way.)
 pub fn deallocated_name(sql: &str) -> Option<String> {
     if !crate::lexer::contains_ignore_case(sql.as_bytes(), b"deallocate") {
         return None;
@@ -118,13 +118,18 @@ pub fn deallocated_name(sql: &str) -> Option<String> {
         [s @ .., Token::Semicolon] => s,
         s => s,
     };
-    match stmt {
-        [_, n] if deallocates_all(stmt) == Some(false) => word(Some(n)),
-        [_, p, n] if is(Some(p), "prepare") && deallocates_all(stmt) == Some(false) => word(Some(n)),
+    let name = match stmt {
+        [_, n] if deallocates_all(stmt) == Some(false) => n,
+        [_, p, n] if is(Some(p), "prepare") && deallocates_all(stmt) == Some(false) => n,
+        _ => return None,
+    };
+    match name {
+        // PostgreSQL folds A-Z only
+        Token::Word(w) => Some(w.to_ascii_lowercase()),
+        // (a zero-length one is a syntax error the server reports)
+        Token::Quoted(q) if !q.is_empty() => Some(q.replace("\"\"", "\"")),
         _ => None,
     }
-    // PostgreSQL folds A-Z only
-    .map(str::to_ascii_lowercase)
 }
 
 fn word<'a>(t: Option<&Token<'a>>) -> Option<&'a str> {
@@ -209,7 +214,16 @@ mod tests {
         assert_eq!(deallocated_name("DEALLOCATE _pg3_0").as_deref(), Some("_pg3_0"));
         assert_eq!(deallocated_name("deallocate prepare S_1;").as_deref(), Some("s_1"));
         assert_eq!(deallocated_name("/* c */ DEALLOCATE x -- y").as_deref(), Some("x"));
-        for sql in ["DEALLOCATE ALL", "DEALLOCATE PREPARE ALL", "DEALLOCATE \"X\"", "DEALLOCATE x; SELECT 1", "SELECT 1", "DEALLOCATE"] {
+        // quoted: case kept, doubled quotes undone
+        assert_eq!(deallocated_name(r#"DEALLOCATE "S_1""#).as_deref(), Some("S_1"));
+        assert_eq!(deallocated_name(r#"deallocate prepare "a""b";"#).as_deref(), Some(r#"a"b"#));
+        assert_eq!(deallocated_name(r#"DEALLOCATE "ALL""#).as_deref(), Some("ALL"));
+        // unterminated or empty: the server's syntax error, not the proxy's
+        assert_eq!(deallocated_name(r#"DEALLOCATE "abc"#), None);
+        assert_eq!(deallocated_name(r#"DEALLOCATE """#), None);
+        assert_eq!(deallocated_name(r#"DEALLOCATE "abc"""#), None);
+        assert_eq!(deallocated_name(r#"DEALLOCATE "x" -- ""#).as_deref(), Some("x"));
+        for sql in ["DEALLOCATE ALL", "DEALLOCATE PREPARE ALL", "DEALLOCATE x; SELECT 1", "SELECT 1", "DEALLOCATE"] {
             assert_eq!(deallocated_name(sql), None, "{sql}");
         }
     }

@@ -939,8 +939,8 @@ async fn a_client_cannot_swap_the_tables_behind_another_clients_statement() {
 /// `DEALLOCATE name` of a statement prepared through the protocol (psycopg 3
 /// on a libpq before 17 drops its statements this way) answers as one
 /// PostgreSQL does, on db_default's tables and on t_order: the statement goes
-/// for this client only, the next use is 26000, in a failed block 25P02.
-/// Driven by psycopg, whose statement names (`_pg3_0`, ...) are known.
+/// for this client only, the next use is 26000, in a failed block 25P02; a
+/// quoted name keeps its case and its doubled quotes. Driven by psycopg, whose statement names (`_pg3_0`, ...) are known.
 #[tokio::test]
 async fn deallocate_of_a_protocol_statement_answers_as_postgresql_does() {
     let c = start();
@@ -975,6 +975,10 @@ run(lambda: use("_pg3_1"))
 run(lambda: prep("_pg3_2"))
 run(lambda: conn.execute("BEGIN")); run(lambda: conn.execute("SELECT 1/0")); run(lambda: conn.execute("DEALLOCATE _pg3_2")); run(lambda: conn.execute("ROLLBACK"))
 run(lambda: use("_pg3_2"))
+# a name that needs quotes (mixed case, a doubled quote): only its quoted spelling names it
+run(lambda: prep('Mixed"Q')); run(lambda: conn.execute('DEALLOCATE "mixed""q"'))
+run(lambda: conn.execute('DEALLOCATE PREPARE "Mixed""Q"')); run(lambda: use('Mixed"Q'))
+run(lambda: prep("UPPER")); run(lambda: conn.execute("DEALLOCATE UPPER")); run(lambda: conn.execute('deallocate "UPPER";')); run(lambda: use("UPPER"))
 print(json.dumps(out))
 "#;
     let run = |dsn: &str, table: &str| -> Vec<String> {
@@ -985,7 +989,10 @@ print(json.dumps(out))
     let expected = run(&c.info.default_dsn, "dealloc_t");
     assert_eq!(
         expected,
-        ["ok", "ok", "ok", "26000", "26000", "ok", "ok", "ok", "ok", "26000", "ok", "ok", "22012", "25P02", "ok", "ok"],
+        [
+            "ok", "ok", "ok", "26000", "26000", "ok", "ok", "ok", "ok", "26000", "ok", "ok", "22012", "25P02", "ok", "ok", "ok", "26000", "ok", "26000", "ok", "26000",
+            "ok", "26000"
+        ],
         "PostgreSQL's answers"
     );
     for table in ["dealloc_t", "t_order"] {
