@@ -505,3 +505,35 @@ async fn an_insert_after_a_failed_first_commit_on_a_connection_still_commits() {
         assert_eq!(copies(&c, no).await, 1, "{no} is there once");
     }
 }
+
+/// An operator archives a month by dropping its table on a shard: its orders
+/// are gone, so their order_nos are free again, as in one table whose old rows
+/// were deleted. Inside a block that already holds that shard the check of
+/// the entry's row runs on the block's own connection; a missing month table
+/// there must read as "no row", not fail the client's transaction with 42P01.
+#[tokio::test]
+async fn order_nos_of_a_dropped_month_table_are_free_again() {
+    let c = start();
+    let client = connect(&c.info.proxy_dsn).await.expect("connect");
+    // merchants 1 and 9 are on db_1
+    for (no, merchant) in [("ARC1", 1), ("ARC2", 9)] {
+        client.batch_execute(&insert(no, merchant, "2026-10-02 10:00+00")).await.expect("October order");
+    }
+    let shard = connect(&c.info.shards[1]).await.expect("db_1");
+    shard.batch_execute("DROP TABLE t_order_202610").await.expect("archive October");
+    // autocommit: the check runs on a pooled connection
+    client.batch_execute(&insert("ARC1", 1, "2026-11-02 10:00+00")).await.expect("ARC1 is free again");
+    // in a block holding db_1: the check runs on the block's connection
+    client.batch_execute("BEGIN").await.expect("begin");
+    client.batch_execute(&insert("ARC3", 1, "2026-11-02 10:00+00")).await.expect("the block takes db_1");
+    client.batch_execute(&insert("ARC2", 9, "2026-11-03 10:00+00")).await.expect("ARC2 is free again, inside the block");
+    client.batch_execute("COMMIT").await.expect("commit");
+    for no in ["ARC1", "ARC2", "ARC3"] {
+        assert_eq!(copies(&c, no).await, 1, "{no}");
+    }
+    let rows = client.query("SELECT order_no, merchant_id FROM t_order WHERE order_no IN ('ARC1', 'ARC2') ORDER BY 1", &[]).await.expect("read");
+    assert_eq!(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect::<Vec<_>>(), vec![("ARC1".into(), 1), ("ARC2".into(), 9)]);
+    // and a taken value is still taken
+    let e = client.batch_execute(&insert("ARC2", 2, "2026-11-02 10:00+00")).await.expect_err("taken");
+    assert_eq!(sqlstate(&e).as_deref(), Some("23505"), "{e}");
+}

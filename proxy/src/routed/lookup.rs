@@ -549,8 +549,16 @@ async fn held_row_exists(engine: &Engine, slots: &mut Slots, m: &Meta, value: &s
             return Err(ExecError::Proxy(sqlstate::CONNECTION_FAILURE, format!("lost the connection to shard db_{shard}")));
         }
     }
+    // a month table an operator dropped holds no row: asked first, as an error here
+    // (42P01) would abort the client's block
     let q = format!("SELECT 1 FROM {table} WHERE {} = $1 FOR KEY SHARE", m.column);
-    match wire::query(held, &q, &[Some(value)]).await {
+    let exists = wire::query(held, "SELECT 1 WHERE to_regclass($1) IS NOT NULL", &[Some(&table)]).await;
+    let r = match exists {
+        Ok(Ok(r)) if r.is_empty() => return Ok(Some(false)),
+        Ok(Ok(_)) => wire::query(held, &q, &[Some(value)]).await,
+        other => other,
+    };
+    match r {
         Ok(Ok(r)) => Ok(Some(!r.is_empty())),
         Ok(Err(e)) => Err(ExecError::Server(e)),
         Err(e) => {
