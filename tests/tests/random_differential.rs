@@ -35,6 +35,8 @@ use futures_util::TryStreamExt;
 use postgres_types::{to_sql_checked, IsNull, ToSql, Type};
 use shardgate_tests::gen::{format_pg_micros, Gen, Kind, Param, Stmt};
 use shardgate_tests::{connect, month_tables, Cluster, Options, Raw};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 const DEFAULT_SEED: u64 = 20_261_129;
@@ -543,6 +545,85 @@ impl Pass<'_> {
         self.table_check(&format!("{index}+table")).await;
     }
 
+    /// A transaction-control statement on both sides; true when they answered alike.
+    async fn control(&mut self, sql: &str, index: String) -> bool {
+        let want = exec(&self.reference, self.proto, sql, &[], false).await;
+        let got = exec(&self.proxy, self.proto, sql, &[], false).await;
+        self.diagnose_timeout(&index, &got).await;
+        let alike = same(&want, &got);
+        self.record(index, "block control", sql, &[], &want, &got);
+        self.heal().await;
+        alike
+    }
+
+    /// One generated statement inside a block, shardgate first (its generated ids
+    /// go to the reference). Nothing is undone here: the block ends with both
+    /// sides. False when the two can no longer be compared inside this block
+    /// (shardgate refused what the reference ran, or they answered differently).
+    async fn statement_in_block(&mut self, gen: &mut Gen, s: &Stmt, index: String) -> bool {
+        let ext = self.proto == Protocol::Extended;
+        let (sql, params) = s.render(ext, &HashMap::new());
+        let got = exec(&self.proxy, self.proto, &sql, &params, s.ordered).await;
+        self.diagnose_timeout(&index, &got).await;
+        let filled = returned_ids(self.proto, &got);
+        for (no, id) in &filled {
+            gen.note_generated_id(no, *id);
+        }
+        let fill: HashMap<String, i64> = if s.generated_id_rows().is_empty() { HashMap::new() } else { filled };
+        let (ref_sql, ref_params) = s.render(ext, &fill);
+        let want = exec(&self.reference, self.proto, &ref_sql, &ref_params, s.ordered).await;
+        let alike = same(&want, &got);
+        self.record(index, &format!("in block: {}", s.shape), &sql, &params, &want, &got);
+        let open = !self.proxy.is_closed() && !self.reference.is_closed();
+        self.heal().await;
+        alike && open
+    }
+
+    /// `k` generated statements in one block on both sides: BEGIN, maybe a
+    /// SAVEPOINT before one of them and a ROLLBACK TO it after, the whole table
+    /// read inside the block (its own writes, on every shard), then COMMIT or
+    /// ROLLBACK; after it the whole table is compared (and the rows' places
+    /// after a COMMIT). A statement that fails fails the block on both sides:
+    /// the ones after it answer 25P02, a ROLLBACK TO an earlier savepoint
+    /// recovers it, a COMMIT answers ROLLBACK. When the sides part (a refusal,
+    /// a different answer), both roll back.
+    async fn block(&mut self, gen: &mut Gen, rng: &mut StdRng, number: usize, k: usize) {
+        let at = |what: &str| format!("block{number}:{what}");
+        let begin = ["BEGIN", "START TRANSACTION", "begin isolation level read committed"][rng.gen_range(0..3)];
+        let mut alike = self.control(begin, at("begin")).await;
+        let savepoint = rng.gen_bool(0.4).then(|| rng.gen_range(0..k));
+        for i in 0..k {
+            if !alike {
+                break;
+            }
+            if savepoint == Some(i) {
+                alike = self.control("SAVEPOINT s1", at("savepoint")).await;
+                if !alike {
+                    break;
+                }
+            }
+            let s = gen.next_stmt();
+            alike = self.statement_in_block(gen, &s, at(&s.index.to_string())).await;
+        }
+        if alike && savepoint.is_some() && rng.gen_bool(0.5) {
+            alike = self.control("ROLLBACK TO SAVEPOINT s1", at("rollback-to")).await;
+        }
+        if alike {
+            let sql = "SELECT * FROM t_order ORDER BY id";
+            let want = exec(&self.reference, self.proto, sql, &[], true).await;
+            let got = exec(&self.proxy, self.proto, sql, &[], true).await;
+            alike = same(&want, &got);
+            self.record(at("table-inside"), "block: the table inside the block", sql, &[], &want, &got);
+            self.heal().await;
+        }
+        let end = if alike && rng.gen_bool(0.7) { "COMMIT" } else { "ROLLBACK" };
+        self.control(end, at(end)).await;
+        self.table_check(&at("table")).await;
+        if end == "COMMIT" {
+            self.placement(&at("placement"), None).await;
+        }
+    }
+
     /// Every row (or the rows with these order numbers) is in
     /// `db_{merchant_id mod 8}.t_order_{yyyyMM of create_time in UTC}`, once.
     async fn placement(&mut self, index: &str, order_nos: Option<&[String]>) {
@@ -673,7 +754,7 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// One seed on one protocol: reset both tables, load the seed's rows, run `n` statements.
-async fn run_pass(c: &Cluster, seed: u64, proto: Protocol, n: usize, deadline: Option<Instant>) -> Tally {
+async fn run_pass(c: &Cluster, seed: u64, proto: Protocol, n: usize, deadline: Option<Instant>, blocks: bool) -> Tally {
     let proxy_dsn = c.info.proxy_dsn.clone();
     let ref_dsn = reference_dsn(c);
     let mut pass = Pass {
@@ -719,16 +800,28 @@ async fn run_pass(c: &Cluster, seed: u64, proto: Protocol, n: usize, deadline: O
     let t0 = Instant::now();
     pass.table_check("load+table").await;
     pass.placement("load+placement", None).await;
-    for _ in 0..n {
+    // blocks: 1 to 4 statements each, their shape from a generator of its own
+    let mut block_rng = StdRng::seed_from_u64(seed ^ 0xB10C_0000_B10C);
+    let (mut done, mut number) = (0, 0);
+    while done < n {
         if deadline.is_some_and(|d| Instant::now() >= d) || pass.broken {
             break;
         }
-        let s = gen.next_stmt();
-        pass.statement(&mut gen, &s, s.index.to_string()).await;
+        if blocks {
+            let k = block_rng.gen_range(1..=4);
+            pass.block(&mut gen, &mut block_rng, number, k).await;
+            number += 1;
+            done += k;
+        } else {
+            let s = gen.next_stmt();
+            pass.statement(&mut gen, &s, s.index.to_string()).await;
+            done += 1;
+        }
     }
     let t = pass.tally;
     println!(
-        "random differential ({}, seed {seed}): {} same, {} refused, {} wrong  [{} comparisons in {:.1}s]",
+        "random differential{} ({}, seed {seed}): {} same, {} refused, {} wrong  [{} comparisons in {:.1}s]",
+        if blocks { " in blocks" } else { "" },
         proto.name(),
         t.same,
         t.refused,
@@ -837,7 +930,7 @@ async fn generated_statements_answer_like_one_table() {
         None => {
             let seed = env_u64("SHARDGATE_SEED").unwrap_or(DEFAULT_SEED);
             for proto in protocols() {
-                let t = run_pass(&c, seed, proto, n, None).await;
+                let t = run_pass(&c, seed, proto, n, None, false).await;
                 per_protocol.entry(proto.name()).or_default().add(t);
             }
         }
@@ -849,7 +942,7 @@ async fn generated_statements_answer_like_one_table() {
             while Instant::now() < deadline {
                 println!("soak: seed {seed}");
                 for proto in protocols() {
-                    let t = run_pass(&c, seed, proto, n, Some(deadline)).await;
+                    let t = run_pass(&c, seed, proto, n, Some(deadline), false).await;
                     per_protocol.entry(proto.name()).or_default().add(t);
                 }
                 seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407) % 1_000_000_000;
@@ -878,6 +971,88 @@ async fn generated_statements_answer_like_one_table() {
         all.refused
     );
     assert_eq!(all.wrong, 0, "{} statements answered differently through shardgate (report above)", all.wrong);
+}
+
+/// The generated statements inside transaction blocks (`SHARDGATE_BLOCK_STATEMENTS`
+/// per protocol, default 300; seed as above): what a block reads of its own writes
+/// across shards, failed blocks and savepoints, COMMIT and ROLLBACK, each answer
+/// and the table after each block compared with one table's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_blocks_answer_like_one_table() {
+    let n = env_u64("SHARDGATE_BLOCK_STATEMENTS").map_or(300, |v| v as usize);
+    let seed = env_u64("SHARDGATE_SEED").unwrap_or(DEFAULT_SEED);
+    let t0 = Instant::now();
+    let c = start();
+    let mut all = Tally::default();
+    for proto in protocols() {
+        all.add(run_pass(&c, seed, proto, n, None, true).await);
+    }
+    print_report(&all);
+    println!(
+        "\nrandom differential in blocks: {} same, {} refused ({:.1}%), {} wrong in {:.1}s",
+        all.same,
+        all.refused,
+        100.0 * all.refused as f64 / all.total().max(1) as f64,
+        all.wrong,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(all.total() >= n.min(100), "only {} comparisons ran", all.total());
+    assert!(all.same * 10 >= all.total() * 6, "only {} of {} answers were the same (refused {})", all.same, all.total(), all.refused);
+    assert_eq!(all.wrong, 0, "{} answers in blocks differed through shardgate (report above)", all.wrong);
+}
+
+/// Transaction control and refused statements inside blocks, in both protocols,
+/// answer as one table's database answers them: in a failed block everything
+/// but the block's end is 25P02 (a statement shardgate would refuse, a SAVEPOINT,
+/// a Parse of a statement naming a missing column), a ROLLBACK TO or RELEASE of
+/// a savepoint that does not exist is 3B001, COMMIT PREPARED inside a block 25001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_control_answers_like_one_table() {
+    let c = start();
+    let ref_dsn = reference_dsn(&c);
+    let reference = connect(&ref_dsn).await.expect("reference");
+    let proxy = connect(&c.info.proxy_dsn).await.expect("shardgate");
+    let insert = "INSERT INTO t_order (id, order_no, merchant_id, order_amount, pay_status, create_time) VALUES (77, 'BC-77', 5, 1.00, 'NEW', '2026-11-02 10:00+00')";
+    let script: &[&str] = &[
+        // a block that touched t_order: RELEASE / ROLLBACK TO of no savepoint, COMMIT PREPARED
+        "BEGIN",
+        insert,
+        "RELEASE SAVEPOINT nosuch",
+        "ROLLBACK",
+        "BEGIN",
+        insert,
+        "ROLLBACK TO SAVEPOINT nosuch",
+        "ROLLBACK",
+        "BEGIN",
+        insert,
+        "COMMIT PREPARED 'nosuch'",
+        "ROLLBACK",
+        // a failed block: 25P02 before anything shardgate would say
+        "BEGIN",
+        insert,
+        "SELECT 1/0",
+        "UPDATE t_order SET order_no = order_no || 'x' WHERE merchant_id = 5",
+        "SELECT nocol FROM t_order WHERE merchant_id = 5",
+        "SELECT every(pay_status IS NOT NULL) FROM t_order",
+        "SELECT * FROM t_order WHERE merchant_id = 5",
+        "SAVEPOINT s1",
+        "RELEASE SAVEPOINT s1",
+        "ROLLBACK TO SAVEPOINT s1",
+        "COMMIT PREPARED 'nosuch'",
+        "COMMIT",
+        "SELECT count(*) FROM t_order WHERE order_no = 'BC-77'",
+    ];
+    for proto in [Protocol::Simple, Protocol::Extended] {
+        for sql in script {
+            let want = exec(&reference, proto, sql, &[], false).await;
+            let got = exec(&proxy, proto, sql, &[], false).await;
+            let code = |o: &Outcome| match o {
+                Outcome::Ok { rows, affected, .. } => format!("ok {affected:?} {rows:?}"),
+                Outcome::Err { code, .. } => code.clone(),
+            };
+            assert_eq!(code(&got), code(&want), "{} {sql}: shardgate {}, one table {}", proto.name(), show(&got, 2), show(&want, 2));
+        }
+    }
 }
 
 /// Prints the statements of `SHARDGATE_SEED` (no database needed).

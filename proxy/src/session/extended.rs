@@ -179,6 +179,11 @@ impl Session {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
+        if self.block_failed() {
+            // (transaction control was handled above)
+            self.fail_extended(super::routing::in_failed_block()).await?;
+            return Ok(Some(Flow::Continue));
+        }
         if !name.is_empty() && (self.routed.routed_stmts.contains_key(name) || self.db.statements.contains_key(name)) {
             let m = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name));
             self.fail_extended(ExecError::Proxy(sqlstate::DUPLICATE_PREPARED_STATEMENT, m)).await?;
@@ -221,6 +226,11 @@ impl Session {
             self.fail_extended(ExecError::Proxy(sqlstate::PROTOCOL_VIOLATION, m)).await?;
             return Ok(Some(Flow::Continue));
         }
+        // (after the count, as PostgreSQL checks them)
+        if self.block_failed() {
+            self.fail_extended(super::routing::in_failed_block()).await?;
+            return Ok(Some(Flow::Continue));
+        }
         let cap = self.shared.config.server.max_client_portals;
         if !portal.is_empty() && !self.routed.routed_portals.contains_key(&portal) && self.routed.routed_portals.len() >= cap {
             let m = format!("too many open portals on this connection (server.max_client_portals = {cap}); close some with Close or end the transaction");
@@ -251,7 +261,16 @@ impl Session {
             return Ok(Some(Flow::Continue));
         }
         let (params, rows) = match self.describe(&stmt).await {
+            // in a failed block PostgreSQL describes only what returns no rows
+            Ok((_, rows)) if self.block_failed() && rows.first() == Some(&b'T') => {
+                self.fail_extended(super::routing::in_failed_block()).await?;
+                return Ok(Some(Flow::Continue));
+            }
             Ok(d) => d,
+            Err(_) if self.block_failed() => {
+                self.fail_extended(super::routing::in_failed_block()).await?;
+                return Ok(Some(Flow::Continue));
+            }
             Err(e) => {
                 self.fail_extended(e).await?;
                 return Ok(Some(Flow::Continue));

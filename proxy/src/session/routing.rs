@@ -92,6 +92,11 @@ pub(super) const FAIL_SQL: &str = "SELECT 'shardgate: a statement on a shard fai
 /// The refusal of a statement on a sharded table whose text is not UTF-8.
 pub(super) const NOT_UTF8: &str = "a statement on a sharded table must be valid UTF-8 text: shardgate reads it to route it; use client_encoding UTF8 for non-ASCII text";
 
+/// PostgreSQL's answer to a statement in a failed block.
+pub(super) fn in_failed_block() -> ExecError {
+    ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into())
+}
+
 impl Session {
     pub(super) fn shards_in_tx(&self) -> bool {
         self.shard_tx.slots.iter().flatten().any(|s| s.in_tx)
@@ -150,8 +155,8 @@ impl Session {
             if let Some((count, name)) = std::str::from_utf8(sql).ok().and_then(parse_move) {
                 if self.routed.suspended.contains_key(name.as_bytes()) {
                     self.barrier().await?;
-                    if self.db.server.is_some() && self.tx_status == b'E' {
-                        self.fail_simple(ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into())).await?;
+                    if self.block_failed() {
+                        self.fail_simple(in_failed_block()).await?;
                         return Ok(Some(Flow::Continue));
                     }
                     let s = self.routed.suspended.get_mut(name.as_bytes()).expect("checked");
@@ -199,8 +204,13 @@ impl Session {
             Analysis::Passthrough(_) => Ok(None),
             Analysis::Refused(e) => {
                 self.barrier().await?;
-                metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
-                self.fail_simple(ExecError::Proxy(e.sqlstate(), e.to_string())).await?;
+                let e = if self.block_failed() {
+                    in_failed_block()
+                } else {
+                    metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
+                    ExecError::Proxy(e.sqlstate(), e.to_string())
+                };
+                self.fail_simple(e).await?;
                 Ok(Some(Flow::Continue))
             }
             _ => {
@@ -220,8 +230,8 @@ impl Session {
 
     /// Plans and runs a routed statement; rows and tag go to the client buffer.
     pub(super) async fn run_routed(&mut self, analysis: &Analysis, sql: &str, bound: &Bound, simple: bool, visible: Option<usize>) -> Result<Result<(), ExecError>, End> {
-        if self.db.server.is_some() && self.tx_status == b'E' {
-            return Ok(Err(ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into())));
+        if self.block_failed() {
+            return Ok(Err(in_failed_block()));
         }
         // a CancelRequest from now on is for this statement (also while it looks up
         // an order number, makes a month table or waits for a connection)
@@ -396,10 +406,19 @@ impl Session {
         }
     }
 
+    /// The client's block has failed (db_default's status, current after a
+    /// barrier): a statement other than the block's end answers 25P02 before
+    /// anything else, as PostgreSQL answers it, whatever else the proxy would
+    /// have said of it.
+    pub(super) fn block_failed(&self) -> bool {
+        self.db.server.is_some() && self.tx_status == b'E'
+    }
+
     /// Refuses a simple Query with `code` and `m`, in order, before anything of it runs.
     pub(super) async fn refuse_simple(&mut self, code: &'static str, m: String) -> Result<(), End> {
         self.barrier().await?;
-        self.fail_simple(ExecError::Proxy(code, m)).await
+        let e = if self.block_failed() { in_failed_block() } else { ExecError::Proxy(code, m) };
+        self.fail_simple(e).await
     }
 
     /// Refuses an extended-protocol message with `code` and `m` (the batch skips to Sync).
@@ -409,7 +428,8 @@ impl Session {
             self.discard_until_sync = true;
             return Ok(());
         }
-        self.fail_extended(ExecError::Proxy(code, m)).await
+        let e = if self.block_failed() { in_failed_block() } else { ExecError::Proxy(code, m) };
+        self.fail_extended(e).await
     }
 
     /// Writes the error of a simple Query and its ReadyForQuery; inside a
@@ -537,12 +557,12 @@ mod tests {
         assert!(matches!(tx_verb("COMMIT"), TxVerb::Commit));
         assert!(matches!(tx_verb("/* app */ COMMIT"), TxVerb::Commit));
         assert!(matches!(tx_verb("-- x\ncommit"), TxVerb::Commit));
-        assert!(matches!(tx_verb("COMMIT PREPARED 'g'"), TxVerb::Unsupported));
+        assert!(matches!(tx_verb("COMMIT PREPARED 'g'"), TxVerb::Unsupported(_)));
         assert!(matches!(tx_verb("select 1; commit"), TxVerb::Mixed));
         assert!(matches!(tx_verb("end;"), TxVerb::Commit));
         assert!(matches!(tx_verb("rollback"), TxVerb::Rollback));
-        assert!(matches!(tx_verb("ROLLBACK TO SAVEPOINT a"), TxVerb::Unsupported));
-        assert!(matches!(tx_verb("savepoint a"), TxVerb::Unsupported));
+        assert!(matches!(tx_verb("ROLLBACK TO SAVEPOINT a"), TxVerb::Unsupported(_)));
+        assert!(matches!(tx_verb("savepoint a"), TxVerb::Unsupported(_)));
         assert!(matches!(tx_verb("begin"), TxVerb::Other));
     }
 }

@@ -15,8 +15,9 @@ use crate::protocol::sqlstate;
 pub(super) enum TxVerb {
     Commit,
     Rollback,
-    /// SAVEPOINT / ROLLBACK TO / RELEASE / PREPARE TRANSACTION / COMMIT PREPARED: refused while shards take part.
-    Unsupported,
+    /// SAVEPOINT / ROLLBACK TO / RELEASE / PREPARE TRANSACTION / COMMIT PREPARED
+    /// (the word names it): refused while shards take part.
+    Unsupported(&'static str),
     /// Several statements in one string, one of them transaction control: refused
     /// while shards take part (the shards could not end in step with `db_default`).
     Mixed,
@@ -28,7 +29,7 @@ pub(super) fn tx_verb(sql: &str) -> TxVerb {
     match shardgate_router::transaction_control(sql) {
         T::Commit => TxVerb::Commit,
         T::Rollback => TxVerb::Rollback,
-        T::Unsupported(_) => TxVerb::Unsupported,
+        T::Unsupported(what) => TxVerb::Unsupported(what),
         T::Mixed => TxVerb::Mixed,
         T::None | T::Begin => TxVerb::Other,
     }
@@ -144,9 +145,22 @@ impl Session {
     }
 
     /// PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK.
-    pub(super) fn effective_verb(&self, v: TxVerb) -> TxVerb {
+    /// `sql`: the statement's text.
+    pub(super) fn effective_verb(&self, v: TxVerb, sql: &str) -> TxVerb {
         match v {
             TxVerb::Commit if self.tx_status == b'E' => TxVerb::Rollback,
+            // what db_default answers as PostgreSQL would, the shards untouched: RELEASE
+            // (it undoes nothing), COMMIT/ROLLBACK PREPARED (25001 in a block), ROLLBACK
+            // TO a savepoint that does not exist (3B001), and in a failed block SAVEPOINT
+            // (25P02 there too). A ROLLBACK TO a savepoint made before the shards joined
+            // and PREPARE TRANSACTION stay refused
+            TxVerb::Unsupported("RELEASE SAVEPOINT" | "COMMIT PREPARED" | "ROLLBACK PREPARED") => TxVerb::Other,
+            TxVerb::Unsupported("SAVEPOINT") if self.tx_status == b'E' => TxVerb::Other,
+            TxVerb::Unsupported("ROLLBACK TO SAVEPOINT")
+                if matches!(shardgate_router::savepoint_op(sql), Some(shardgate_router::SavepointOp::RollbackTo(name)) if !self.shard_tx.local_marks.iter().any(|(n, _)| *n == name)) =>
+            {
+                TxVerb::Other
+            }
             v => v,
         }
     }
@@ -203,7 +217,7 @@ impl Session {
 
     /// COMMIT / ROLLBACK / savepoints while shards take part (simple protocol).
     pub(super) async fn end_transaction(&mut self, sql: &str) -> Result<Option<Flow>, End> {
-        let verb = self.effective_verb(tx_verb(sql));
+        let verb = self.effective_verb(tx_verb(sql), sql);
         self.end_local_sets(&verb);
         match verb {
             TxVerb::Commit => {
@@ -264,7 +278,7 @@ impl Session {
     /// shards' part back (db_default then runs it as sent), anything else goes on.
     async fn end_without_commit(&mut self, verb: TxVerb, simple: bool) -> Result<Option<Flow>, End> {
         let refusal = match verb {
-            TxVerb::Unsupported => NO_SAVEPOINTS,
+            TxVerb::Unsupported(_) => NO_SAVEPOINTS,
             TxVerb::Mixed => NO_MIXED,
             TxVerb::Rollback => {
                 self.rollback_shard_part().await;
@@ -288,7 +302,7 @@ impl Session {
             self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, NOT_UTF8.into()).await?;
             return Ok(Some(Flow::Continue));
         };
-        let verb = self.effective_verb(tx_verb(text));
+        let verb = self.effective_verb(tx_verb(text), text);
         if matches!(verb, TxVerb::Other) {
             return Ok(None);
         }
