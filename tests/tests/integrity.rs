@@ -83,13 +83,12 @@ async fn transaction_control_the_shards_cannot_follow_is_refused_before_anything
     let n: i64 = default.query_one("SELECT count(*) FROM outbox", &[]).await.expect("outbox").get(0);
     assert_eq!(n, 0, "the outbox row must not commit without the order");
     // savepoints inside a block that touched t_order: refused (0A000) where the shards would
-    // have to follow; what fails in PostgreSQL anyway fails as there (a savepoint that does
-    // not exist: 3B001; COMMIT PREPARED inside a block: 25001). Either way the block is
-    // aborted and ROLLBACK leaves nothing
+    // have to follow; COMMIT PREPARED fails as in PostgreSQL (25001 inside a block). Either
+    // way the block is aborted and ROLLBACK leaves nothing
     for (before, stmt, code) in [
         ("", "COMMIT PREPARED 'x'", "25001"),
         ("", "SAVEPOINT a", "0A000"),
-        ("", "/* c */ rollback to savepoint a", "3B001"),
+        ("", "/* c */ rollback to savepoint a", "0A000"),
         ("SAVEPOINT a", "/* c */ rollback to savepoint a", "0A000"),
     ] {
         client.batch_execute("BEGIN").await.expect("begin");
@@ -240,4 +239,31 @@ async fn an_extended_batch_that_writes_a_shard_and_db_default_commits_both_or_ne
     let msgs = read_until_ready(&mut s);
     assert_eq!(shardgate_tests::raw::error_code(&msgs).as_deref(), Some("23505"), "{msgs:?}");
     assert_eq!(status().await, vec!["SHIPPED".to_string()], "the shard's update must not outlive db_default's rollback");
+}
+
+/// A failure and the COMMIT after it sent in one write, each with its Sync
+/// (a pipelining driver): the COMMIT arrives before the failure's answer, yet
+/// the block has failed when it runs, so PostgreSQL answers it ROLLBACK and
+/// keeps nothing. The shards' part must roll back with it, not commit.
+#[tokio::test]
+async fn a_commit_pipelined_behind_a_failure_rolls_the_shards_back() {
+    use std::io::Write;
+    use shardgate_tests::raw::{error_code, frame, md5_login, pbe, read_until_ready};
+    let c = start();
+    for (no, failing) in [("PIPE1", "SELECT 1/0"), ("PIPE2", "SELECT nocol FROM t_order WHERE merchant_id = 1")] {
+        let mut s = md5_login(&c);
+        s.write_all(&[pbe("BEGIN"), pbe(&insert(no)), frame(b'S', b"")].concat()).expect("write");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs), None, "{msgs:?}");
+        s.write_all(&[pbe(failing), frame(b'S', b""), pbe("COMMIT"), frame(b'S', b"")].concat()).expect("write");
+        let failed = read_until_ready(&mut s);
+        assert!(error_code(&failed).is_some(), "{failing}: {failed:?}");
+        let commit = read_until_ready(&mut s);
+        assert_eq!(error_code(&commit), None, "{commit:?}");
+        let tag = commit.iter().find(|(t, _)| *t == b'C').map(|(_, b)| String::from_utf8_lossy(b).trim_end_matches('\0').to_string());
+        assert_eq!(tag.as_deref(), Some("ROLLBACK"), "COMMIT of a failed block: {commit:?}");
+        assert_eq!(commit.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])), "{commit:?}");
+        drop(s);
+        assert_eq!(on_shard(&c, no).await, 0, "{failing}: the block's order must not commit");
+    }
 }

@@ -40,9 +40,7 @@ impl Session {
     pub(super) fn note_statement_text(&mut self, sql: &[u8]) -> Result<(), String> {
         let text = std::str::from_utf8(sql).ok();
         let word = text.and_then(shardgate_router::first_word);
-        // (a SAVEPOINT in a failed block makes none: the server answers 25P02)
-        let failed_savepoint = self.tx_status == b'E' && word.is_some_and(|w| w.eq_ignore_ascii_case("savepoint"));
-        if let Some(t) = text.filter(|_| !failed_savepoint && word.is_some_and(|w| ["savepoint", "rollback", "abort", "release", "commit", "end"].iter().any(|k| w.eq_ignore_ascii_case(k)))) {
+        if let Some(t) = text.filter(|_| word.is_some_and(|w| ["savepoint", "rollback", "abort", "release", "commit", "end"].iter().any(|k| w.eq_ignore_ascii_case(k)))) {
             self.note_block_step(t);
         }
         if word.is_some_and(|w| w.eq_ignore_ascii_case("set") || w.eq_ignore_ascii_case("reset")) {

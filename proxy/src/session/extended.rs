@@ -267,10 +267,6 @@ impl Session {
                 return Ok(Some(Flow::Continue));
             }
             Ok(d) => d,
-            Err(_) if self.block_failed() => {
-                self.fail_extended(super::routing::in_failed_block()).await?;
-                return Ok(Some(Flow::Continue));
-            }
             Err(e) => {
                 self.fail_extended(e).await?;
                 return Ok(Some(Flow::Continue));

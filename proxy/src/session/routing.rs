@@ -417,8 +417,7 @@ impl Session {
     /// Refuses a simple Query with `code` and `m`, in order, before anything of it runs.
     pub(super) async fn refuse_simple(&mut self, code: &'static str, m: String) -> Result<(), End> {
         self.barrier().await?;
-        let e = if self.block_failed() { in_failed_block() } else { ExecError::Proxy(code, m) };
-        self.fail_simple(e).await
+        self.fail_simple(ExecError::Proxy(code, m)).await
     }
 
     /// Refuses an extended-protocol message with `code` and `m` (the batch skips to Sync).
@@ -428,8 +427,7 @@ impl Session {
             self.discard_until_sync = true;
             return Ok(());
         }
-        let e = if self.block_failed() { in_failed_block() } else { ExecError::Proxy(code, m) };
-        self.fail_extended(e).await
+        self.fail_extended(ExecError::Proxy(code, m)).await
     }
 
     /// Writes the error of a simple Query and its ReadyForQuery; inside a

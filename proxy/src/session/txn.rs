@@ -145,22 +145,17 @@ impl Session {
     }
 
     /// PostgreSQL answers COMMIT of an aborted transaction with ROLLBACK.
-    /// `sql`: the statement's text.
-    pub(super) fn effective_verb(&self, v: TxVerb, sql: &str) -> TxVerb {
+    pub(super) fn effective_verb(&self, v: TxVerb) -> TxVerb {
         match v {
             TxVerb::Commit if self.tx_status == b'E' => TxVerb::Rollback,
             // what db_default answers as PostgreSQL would, the shards untouched: RELEASE
-            // (it undoes nothing), COMMIT/ROLLBACK PREPARED (25001 in a block), ROLLBACK
-            // TO a savepoint that does not exist (3B001), and in a failed block SAVEPOINT
-            // (25P02 there too). A ROLLBACK TO a savepoint made before the shards joined
-            // and PREPARE TRANSACTION stay refused
+            // (it undoes nothing), COMMIT/ROLLBACK PREPARED (25001 in a block), and in a
+            // failed block SAVEPOINT (25P02 there too). ROLLBACK TO stays refused: the
+            // proxy cannot tell for sure which savepoints db_default holds (one made before
+            // the shards joined would roll db_default back and leave the shards' writes),
+            // and so does PREPARE TRANSACTION
             TxVerb::Unsupported("RELEASE SAVEPOINT" | "COMMIT PREPARED" | "ROLLBACK PREPARED") => TxVerb::Other,
             TxVerb::Unsupported("SAVEPOINT") if self.tx_status == b'E' => TxVerb::Other,
-            TxVerb::Unsupported("ROLLBACK TO SAVEPOINT")
-                if matches!(shardgate_router::savepoint_op(sql), Some(shardgate_router::SavepointOp::RollbackTo(name)) if !self.shard_tx.local_marks.iter().any(|(n, _)| *n == name)) =>
-            {
-                TxVerb::Other
-            }
             v => v,
         }
     }
@@ -217,7 +212,7 @@ impl Session {
 
     /// COMMIT / ROLLBACK / savepoints while shards take part (simple protocol).
     pub(super) async fn end_transaction(&mut self, sql: &str) -> Result<Option<Flow>, End> {
-        let verb = self.effective_verb(tx_verb(sql), sql);
+        let verb = self.effective_verb(tx_verb(sql));
         self.end_local_sets(&verb);
         match verb {
             TxVerb::Commit => {
@@ -302,14 +297,19 @@ impl Session {
             self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, NOT_UTF8.into()).await?;
             return Ok(Some(Flow::Continue));
         };
-        let verb = self.effective_verb(tx_verb(text), text);
-        if matches!(verb, TxVerb::Other) {
+        if matches!(tx_verb(text), TxVerb::Other) {
             return Ok(None);
         }
         self.barrier().await?;
         if self.db.server_skipping {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
+        }
+        // read after the barrier: a failure pipelined ahead of a COMMIT has failed the
+        // block by now (the COMMIT is then a ROLLBACK), though it had not when it arrived
+        let verb = self.effective_verb(tx_verb(text));
+        if matches!(verb, TxVerb::Other) {
+            return Ok(None);
         }
         self.end_local_sets(&verb);
         match verb {
