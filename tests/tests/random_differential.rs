@@ -584,6 +584,53 @@ impl Pass<'_> {
         alike && open
     }
 
+    /// Generated statements inside a block sent all at once (the client pipelines
+    /// them, each with its own Sync), on shardgate and then, with shardgate's
+    /// generated ids filled in, the same way on the reference. False as
+    /// [`Pass::statement_in_block`].
+    async fn pipelined_in_block(&mut self, gen: &mut Gen, stmts: &[Stmt], number: usize) -> bool {
+        let ext = self.proto == Protocol::Extended;
+        let proto = self.proto;
+        let rendered: Vec<(String, Vec<Param>)> = stmts.iter().map(|s| s.render(ext, &HashMap::new())).collect();
+        let proxy = &self.proxy;
+        let gots = futures_util::future::join_all(stmts.iter().zip(&rendered).map(|(s, (sql, params))| exec(proxy, proto, sql, params, s.ordered))).await;
+        let mut fills = Vec::new();
+        for (s, got) in stmts.iter().zip(&gots) {
+            let filled = returned_ids(proto, got);
+            for (no, id) in &filled {
+                gen.note_generated_id(no, *id);
+            }
+            fills.push(if s.generated_id_rows().is_empty() { HashMap::new() } else { filled });
+        }
+        let for_reference: Vec<(String, Vec<Param>)> = stmts.iter().zip(&fills).map(|(s, f)| s.render(ext, f)).collect();
+        let reference = &self.reference;
+        let wants = futures_util::future::join_all(stmts.iter().zip(&for_reference).map(|(s, (sql, params))| exec(reference, proto, sql, params, s.ordered))).await;
+        // a refusal at Parse fails the block before the statements pipelined ahead of it
+        // run (as a Parse error does in PostgreSQL), where the reference runs them: only
+        // the refusal is recorded then
+        let refused = |g: &Outcome, w: &Outcome| g.is_refusal() && w.is_ok();
+        let any_refused = gots.iter().zip(&wants).any(|(g, w)| refused(g, w));
+        let mut alike = !any_refused;
+        for (((s, (sql, params)), got), want) in stmts.iter().zip(&rendered).zip(&gots).zip(&wants) {
+            let index = format!("block{number}:{}", s.index);
+            if any_refused {
+                if refused(got, want) {
+                    self.record(index, &format!("pipelined in block: {}", s.shape), sql, params, want, got);
+                }
+                continue;
+            }
+            self.diagnose_timeout(&index, got).await;
+            alike &= same(want, got);
+            self.record(index, &format!("pipelined in block: {}", s.shape), sql, params, want, got);
+            if !alike {
+                break;
+            }
+        }
+        let open = !self.proxy.is_closed() && !self.reference.is_closed();
+        self.heal().await;
+        alike && open
+    }
+
     /// `k` generated statements in one block on both sides: BEGIN, maybe a
     /// SAVEPOINT before one of them and a ROLLBACK TO it after, the whole table
     /// read inside the block (its own writes, on every shard), then COMMIT or
@@ -601,6 +648,13 @@ impl Pass<'_> {
         // (ROLLBACK TO is refused while shards take part, also of a savepoint that does not
         // exist: asked only of one that does)
         let mut saved = false;
+        // now and then all of them at once, pipelined
+        if savepoint.is_none() && k > 1 && rng.gen_bool(0.3) {
+            if alike {
+                let stmts: Vec<Stmt> = (0..k).map(|_| gen.next_stmt()).collect();
+                alike = self.pipelined_in_block(gen, &stmts, number).await;
+            }
+        } else {
         for i in 0..k {
             if !alike {
                 break;
@@ -613,6 +667,7 @@ impl Pass<'_> {
             }
             let s = gen.next_stmt();
             alike = self.statement_in_block(gen, &s, at(&s.index.to_string())).await;
+        }
         }
         if alike && saved && rng.gen_bool(0.5) {
             alike = self.control("ROLLBACK TO SAVEPOINT s1", at("rollback-to")).await;
