@@ -57,6 +57,15 @@ impl RouteError {
         }
     }
 
+    /// PostgreSQL raises this when the statement runs, not when it parses it (a
+    /// NOT NULL column left without a value, a negative LIMIT, an id that cannot
+    /// be made): a Parse of the statement succeeds, and an extended-protocol
+    /// client hears of it at Execute. The others (syntax, names, literals that
+    /// do not fit their column, statements refused with 0A000) fail its Parse.
+    pub fn raised_at_execution(&self) -> bool {
+        matches!(self, RouteError::NotNull(_) | RouteError::InvalidLimit(_) | RouteError::IdGeneration(_))
+    }
+
     pub(crate) fn unsupported(msg: impl Into<String>) -> Self {
         RouteError::Unsupported(msg.into())
     }

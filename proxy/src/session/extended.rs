@@ -189,10 +189,14 @@ impl Session {
             self.fail_extended(ExecError::Proxy(sqlstate::DUPLICATE_PREPARED_STATEMENT, m)).await?;
             return Ok(Some(Flow::Continue));
         }
+        // (an error PostgreSQL raises only when the statement runs comes at its Execute: in a
+        // block, what was pipelined ahead of this Parse still runs)
         if let Analysis::Refused(e) = &*analysis {
-            metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
-            self.fail_extended(ExecError::Proxy(e.sqlstate(), e.to_string())).await?;
-            return Ok(Some(Flow::Continue));
+            if !e.raised_at_execution() {
+                metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
+                self.fail_extended(ExecError::Proxy(e.sqlstate(), e.to_string())).await?;
+                return Ok(Some(Flow::Continue));
+            }
         }
         let types = type_oids(param_types);
         self.routed.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None, param_oids: Vec::new() }));
