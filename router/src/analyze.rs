@@ -607,9 +607,9 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
     }
     let cols: Vec<String> = ins.columns.iter().map(col_name).collect();
     let pos = |c: &str| cols.iter().position(|x| x == c);
-    let Some(shard_pos) = pos(&rule.shard_key) else {
-        return Err(RouteError::NotNull(format!("INSERT into {name} must set {}: it picks the shard", rule.shard_key)));
-    };
+    // (a missing shard key is PostgreSQL's NOT NULL violation, raised when the statement
+    // runs: checked after what fails sooner, the refusals and the VALUES rows' length)
+    let shard_pos = pos(&rule.shard_key);
     let time_pos = pos(&rule.month_column);
     let id_pos = pos(&rule.id_column);
     let generate_id = id_pos.is_none();
@@ -657,6 +657,12 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
         return Err(RouteError::unsupported(format!(
             "INSERT … SELECT into sharded table {name} cannot be routed row by row; select the rows and INSERT them with VALUES"
         )));
+    };
+    if let Some(row) = values.rows.iter().find(|r| r.len() != cols.len()) {
+        return Err(RouteError::Syntax(format!("INSERT has {} target columns but a VALUES row has {} expressions", cols.len(), row.len())));
+    }
+    let Some(shard_pos) = shard_pos else {
+        return Err(RouteError::NotNull(format!("INSERT into {name} must set {}: it picks the shard", rule.shard_key)));
     };
     let mut rows = Vec::with_capacity(values.rows.len());
     for row in values.rows.iter_mut() {

@@ -1151,16 +1151,31 @@ async fn block_control_answers_like_one_table() {
             assert_eq!(code(&got), want, "{} {sql}: shardgate {}", proto.name(), show(&got, 2));
         }
     }
-    // in a block, a read pipelined ahead of an INSERT without merchant_id: PostgreSQL parses
-    // both, runs the read, and fails the INSERT only when it runs (23502)
+    // INSERTs without merchant_id: PostgreSQL reports what its parse finds (the VALUES
+    // row's length, a column name, a literal of the wrong type) at Parse, and the missing
+    // NOT NULL value only when the statement runs (23502). In a block, a read pipelined
+    // ahead of the INSERT shows when: it runs if the INSERT fails at Execute, it answers
+    // 25P02 if the INSERT's Parse failed first
     let read = "SELECT count(*) FROM t_order WHERE merchant_id = 5";
-    let bad = "INSERT INTO t_order (id, order_no, create_time) VALUES (78, 'BC-78', '2026-11-02 10:00+00')";
-    for (name, client) in [("one table", &reference), ("shardgate", &proxy)] {
-        client.batch_execute("BEGIN").await.expect("begin");
-        let (r, b) = futures_util::join!(exec(client, Protocol::Extended, read, &[], false), exec(client, Protocol::Extended, bad, &[], false));
-        assert!(r.is_ok(), "{name}: the read pipelined ahead runs: {}", show(&r, 2));
-        assert!(matches!(&b, Outcome::Err { code, .. } if code == "23502"), "{name}: {}", show(&b, 2));
-        client.batch_execute("ROLLBACK").await.expect("rollback");
+    let bad_inserts = [
+        ("INSERT INTO t_order (id, order_no, create_time) VALUES (78, 'BC-78', '2026-11-02 10:00+00')", "23502"),
+        ("INSERT INTO t_order (id, order_no) VALUES (79)", "42601"),
+        ("INSERT INTO t_order (id, order_no, bogus) VALUES (80, 'BC-80', 2)", "42703"),
+        ("INSERT INTO t_order (id, order_no) VALUES ('abc', 'BC-81')", "22P02"),
+        ("INSERT INTO t_order (id, order_no, create_time) VALUES (82, 'BC-82', 'not a time')", "22007"),
+    ];
+    for (bad, code) in bad_inserts {
+        let mut answers = Vec::new();
+        for (name, client) in [("one table", &reference), ("shardgate", &proxy)] {
+            let simple = exec(client, Protocol::Simple, bad, &[], false).await;
+            assert!(matches!(&simple, Outcome::Err { code: c, .. } if c == code), "{name}, simple: {bad}: {}", show(&simple, 2));
+            client.batch_execute("BEGIN").await.expect("begin");
+            let (r, b) = futures_util::join!(exec(client, Protocol::Extended, read, &[], false), exec(client, Protocol::Extended, bad, &[], false));
+            client.batch_execute("ROLLBACK").await.expect("rollback");
+            assert!(matches!(&b, Outcome::Err { code: c, .. } if c == code), "{name}, extended: {bad}: {}", show(&b, 2));
+            answers.push(if r.is_ok() { "read ran".to_string() } else { show(&r, 1) });
+        }
+        assert_eq!(answers[1], answers[0], "the read pipelined ahead of {bad}: shardgate against one table");
     }
 }
 

@@ -199,7 +199,14 @@ impl Session {
             }
         }
         let types = type_oids(param_types);
-        self.routed.routed_stmts.insert(name.to_vec(), Arc::new(RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None, param_oids: Vec::new() }));
+        let stmt = RoutedStmt { sql: text.to_string(), types, analysis, describe: OnceLock::new(), cached: None, param_oids: Vec::new() };
+        if matches!(&*stmt.analysis, Analysis::Refused(_)) {
+            if let Some(e) = self.parse_error(&stmt).await {
+                self.fail_extended(e).await?;
+                return Ok(Some(Flow::Continue));
+            }
+        }
+        self.routed.routed_stmts.insert(name.to_vec(), Arc::new(stmt));
         put_message(&mut self.cout, b'1', |_| {});
         Ok(Some(Flow::Continue))
     }
@@ -294,6 +301,16 @@ impl Session {
             Some(_) => self.cout.extend_from_slice(&rows),
         }
         Ok(Some(Flow::Continue))
+    }
+
+    /// A shard's error parsing `stmt` (a name, the VALUES rows' length, a literal
+    /// of the wrong type): what PostgreSQL reports before an error the router
+    /// found that PostgreSQL raises only when the statement runs.
+    pub(super) async fn parse_error(&mut self, stmt: &RoutedStmt) -> Option<ExecError> {
+        match self.describe(stmt).await {
+            Err(e @ ExecError::Server(_)) => Some(e),
+            _ => None,
+        }
     }
 
     /// ParameterDescription and RowDescription/NoData of a routed statement,

@@ -204,8 +204,18 @@ impl Session {
             Analysis::Passthrough(_) => Ok(None),
             Analysis::Refused(e) => {
                 self.barrier().await?;
+                // an error PostgreSQL raises only when the statement runs comes after what
+                // its parse reports (a shard parses the text)
+                let parsed = if e.raised_at_execution() && !self.block_failed() {
+                    let stmt = RoutedStmt { sql: text.to_string(), types: Vec::new(), analysis: analysis.clone(), describe: OnceLock::new(), cached: None, param_oids: Vec::new() };
+                    self.parse_error(&stmt).await
+                } else {
+                    None
+                };
                 let e = if self.block_failed() {
                     in_failed_block()
+                } else if let Some(p) = parsed {
+                    p
                 } else {
                     metrics::counter!(crate::metrics::ROUTE_REFUSED_TOTAL, "sqlstate" => e.sqlstate()).increment(1);
                     ExecError::Proxy(e.sqlstate(), e.to_string())
