@@ -267,3 +267,31 @@ async fn a_commit_pipelined_behind_a_failure_rolls_the_shards_back() {
         assert_eq!(on_shard(&c, no).await, 0, "{failing}: the block's order must not commit");
     }
 }
+
+/// A Parse of the unnamed statement drops the one before it even when it
+/// fails, as in PostgreSQL: a Bind of the unnamed statement then answers
+/// 26000, whether either statement is on t_order or not.
+#[tokio::test]
+async fn a_failed_unnamed_parse_drops_the_unnamed_statement_before_it() {
+    use std::io::Write;
+    use shardgate_tests::raw::{error_code, frame, md5_login, read_until_ready};
+    let c = start();
+    let mut s = md5_login(&c);
+    let parse = |sql: &str| frame(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind_exec = [frame(b'B', b"\0\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0")].concat();
+    let sync = frame(b'S', b"");
+    let routed = "SELECT count(*) FROM t_order WHERE merchant_id = 1";
+    for (first, failing) in [
+        (routed, "SELECT * FROM t_order WHERE"),
+        (routed, "SELECT * FROM shardgate_lookup_t_order_order_no"),
+        (routed, "SELEC 1"),
+        ("SELECT 1", "SELECT * FROM t_order WHERE"),
+    ] {
+        s.write_all(&[parse(first), bind_exec.clone(), sync.clone()].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None, "{first}");
+        s.write_all(&[parse(failing), sync.clone()].concat()).expect("send");
+        assert!(error_code(&read_until_ready(&mut s)).is_some(), "{failing}");
+        s.write_all(&[bind_exec.clone(), sync.clone()].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)).as_deref(), Some("26000"), "after {first} and a failed Parse of {failing}");
+    }
+}

@@ -999,3 +999,32 @@ print(json.dumps(out))
         assert_eq!(run(&c.info.proxy_dsn, table), expected, "through the proxy, on {table}");
     }
 }
+
+/// The unnamed prepared statement is the client's own, as in PostgreSQL: a
+/// Bind of it by a client that parsed none answers 26000, never runs what
+/// another client left unnamed on a pooled server connection; and a client's
+/// own unnamed statement still runs after its server connection went back to
+/// the pool between transactions.
+#[tokio::test]
+async fn the_unnamed_statement_of_another_client_is_never_run() {
+    use std::io::Write;
+    use shardgate_tests::raw::{error_code, frame, md5_login, read_until_ready};
+    let c = start();
+    let parse = |sql: &str| frame(b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind_exec = [frame(b'B', b"\0\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0")].concat();
+    let sync = frame(b'S', b"");
+    let rows = |msgs: &[(u8, Vec<u8>)]| msgs.iter().filter(|(t, _)| *t == b'D').map(|(_, b)| String::from_utf8_lossy(&b[6..]).to_string()).collect::<Vec<_>>();
+    let mut a = md5_login(&c);
+    a.write_all(&[parse("SELECT 'left by a'"), bind_exec.clone(), sync.clone()].concat()).expect("send");
+    assert_eq!(rows(&read_until_ready(&mut a)), ["left by a"]);
+    // b has parsed nothing: PostgreSQL has no unnamed statement for it
+    for _ in 0..3 {
+        let mut b = md5_login(&c);
+        b.write_all(&[bind_exec.clone(), sync.clone()].concat()).expect("send");
+        let msgs = read_until_ready(&mut b);
+        assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "b ran: {:?}", rows(&msgs));
+    }
+    // a's own unnamed statement is still a's, in a later transaction
+    a.write_all(&[bind_exec.clone(), sync.clone()].concat()).expect("send");
+    assert_eq!(rows(&read_until_ready(&mut a)), ["left by a"]);
+}

@@ -33,6 +33,8 @@ pub const UNDEFINED_OBJECT: &str = "42704";
 /// 42P01
 pub const UNDEFINED_TABLE: &str = "42P01";
 pub const NOT_NULL_VIOLATION: &str = "23502";
+/// 26000
+pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
 /// 42P05
 pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 /// 42P07

@@ -217,6 +217,12 @@ impl Session {
             }
             b'P' => {
                 let p = Parse::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+                if p.name.is_empty() {
+                    // a Parse of the unnamed statement drops the one before it, even when it
+                    // fails (PostgreSQL's drop_unnamed_stmt)
+                    self.routed.routed_stmts.remove(p.name);
+                    self.db.unnamed = None;
+                }
                 if !self.admin && self.shared.engine.router.names_control_table(p.query) {
                     self.refuse_extended(sqlstate::INSUFFICIENT_PRIVILEGE, CONTROL_TABLES.into()).await?;
                     return Ok(Flow::Continue);
@@ -270,7 +276,11 @@ impl Session {
                 }
                 if p.name.is_empty() {
                     self.db.sout.extend_from_slice(&f.raw);
-                    self.expect_reply(Expect::ParseComplete { forward: true, name: None, client: None });
+                    if !self.db.server_skipping {
+                        self.db.unnamed = Some(f.raw.clone());
+                        self.db.unnamed_on = self.db.checkouts;
+                    }
+                    self.expect_reply(Expect::ParseComplete { forward: true, name: None, client: Some(Box::default()) });
                 } else if self.db.statements.contains_key(p.name) {
                     // PostgreSQL: 42P05, the existing statement stays. The server
                     // never saw the client's name, so have it fail a Parse in the
@@ -337,7 +347,15 @@ impl Session {
                         self.ensure_prepared(b.statement);
                         b.write_renamed(&mut self.db.sout, server_name.as_bytes());
                     }
-                    None => self.db.sout.extend_from_slice(&f.raw),
+                    // (a session pinned to its server may bind what SQL PREPARE made there)
+                    None if self.pinned.is_some() => self.db.sout.extend_from_slice(&f.raw),
+                    None if b.statement.is_empty() && self.ensure_unnamed() => self.db.sout.extend_from_slice(&f.raw),
+                    // never a statement the client did not make: another client's unnamed one
+                    // left on this connection, or one of the proxy's own
+                    None => {
+                        self.refuse_extended(sqlstate::INVALID_SQL_STATEMENT_NAME, no_statement(b.statement)).await?;
+                        return Ok(Flow::Continue);
+                    }
                 }
                 self.expect_reply(Expect::BindComplete);
                 self.db.sent_since_sync = true;
@@ -354,6 +372,14 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 let known = t.kind == b'S' && !t.name.is_empty() && self.db.statements.contains_key(t.name);
+                if t.kind == b'S' && !known && self.pinned.is_none() {
+                    if f.tag == b'C' && t.name.is_empty() {
+                        self.db.unnamed = None;
+                    } else if f.tag == b'D' && !(t.name.is_empty() && self.ensure_unnamed()) {
+                        self.refuse_extended(sqlstate::INVALID_SQL_STATEMENT_NAME, no_statement(t.name)).await?;
+                        return Ok(Flow::Continue);
+                    }
+                }
                 if f.tag == b'D' && known {
                     let server_name = self.db.statements.get(t.name).map(|s| s.server_name.clone()).expect("known");
                     self.ensure_prepared(t.name);
@@ -450,5 +476,14 @@ impl Session {
             }
         }
         Ok(Flow::Continue)
+    }
+}
+
+/// PostgreSQL's message for a statement the client has not prepared.
+fn no_statement(name: &[u8]) -> String {
+    if name.is_empty() {
+        "unnamed prepared statement does not exist".into()
+    } else {
+        format!("prepared statement \"{}\" does not exist", String::from_utf8_lossy(name))
     }
 }

@@ -117,6 +117,7 @@ impl Session {
         self.registration.slot.set(Some(server.cancel_key.clone()));
         self.set_tx_status(b'I');
         self.db.server = Some(server);
+        self.db.checkouts += 1;
         Ok(true)
     }
 
@@ -179,6 +180,21 @@ impl Session {
             server.prepared.insert(&stmt.server_name);
             self.db.expect.push_back(Expect::ParseComplete { forward: false, name: Some(stmt.server_name.clone()), client: None });
         }
+    }
+
+    /// Before a Bind or Describe of the unnamed statement: the held server must
+    /// have this client's, never another client's left there. Sends its Parse
+    /// again if the server has not seen it; false when the client has none
+    /// (PostgreSQL answers 26000).
+    pub(super) fn ensure_unnamed(&mut self) -> bool {
+        if self.db.unnamed_on == self.db.checkouts && self.db.server.is_some() {
+            return self.db.unnamed.is_some();
+        }
+        let Some(parse) = self.db.unnamed.clone() else { return false };
+        self.db.sout.extend_from_slice(&parse);
+        self.expect_reply(Expect::ParseComplete { forward: false, name: None, client: Some(Box::default()) });
+        self.db.unnamed_on = self.db.checkouts;
+        true
     }
 
     /// Expects a reply to a message just forwarded, unless the server skips it.
@@ -291,6 +307,12 @@ impl Session {
                                 self.db.statements.remove(&c[..]);
                                 self.cache_hold.cache_write_stmts.remove(&c[..]);
                             }
+                            self.db.expect.pop_front();
+                        }
+                        Expect::ParseComplete { name: None, client: Some(_), .. } => {
+                            // a Parse of the unnamed statement failed (or was skipped after
+                            // dropping it): the client has none now
+                            self.db.unnamed = None;
                             self.db.expect.pop_front();
                         }
                         Expect::CloseComplete { evicted: Some(n), .. } => {

@@ -20,6 +20,15 @@ pub(super) struct DbLink {
     pub(super) sent_since_sync: bool,
     /// The client's named prepared statements.
     pub(super) statements: HashMap<Vec<u8>, Statement>,
+    /// The client's unnamed statement when it is an ordinary one: its last Parse
+    /// of the unnamed statement, as sent, to send again ahead of a Bind or
+    /// Describe of it on a server connection that does not have it (another
+    /// client's may be there). `None`: the client has none.
+    pub(super) unnamed: Option<Bytes>,
+    /// The checkout (see `checkouts`) whose server connection has `unnamed`.
+    pub(super) unnamed_on: u64,
+    /// Server connections checked out so far by this session.
+    pub(super) checkouts: u64,
     /// The server reported an error and skips messages until the next Sync,
     /// which the client has not sent yet: Parse/Close sent until then get no reply.
     pub(super) server_skipping: bool,
