@@ -1027,4 +1027,29 @@ async fn the_unnamed_statement_of_another_client_is_never_run() {
     // a's own unnamed statement is still a's, in a later transaction
     a.write_all(&[bind_exec.clone(), sync.clone()].concat()).expect("send");
     assert_eq!(rows(&read_until_ready(&mut a)), ["left by a"]);
+    // a re-parse of a's statement that the server skips (a failed Parse ahead of it in the
+    // batch) does not leave b's in place for a's next batch
+    let mut b = md5_login(&c);
+    b.write_all(&[parse("SELECT 'left by b'"), bind_exec.clone(), sync.clone()].concat()).expect("send");
+    assert_eq!(rows(&read_until_ready(&mut b)), ["left by b"]);
+    drop(b);
+    let named_bad = frame(b'P', b"f\0SELEC\0\0\0");
+    a.write_all(&[named_bad, bind_exec.clone(), sync.clone(), bind_exec.clone(), sync.clone()].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut a)).as_deref(), Some("42601"));
+    assert_eq!(rows(&read_until_ready(&mut a)), ["left by a"], "a's own statement, not b's");
+    // a session pinned by a Parse it never ran has no unnamed statement of its own either
+    let mut b = md5_login(&c);
+    b.write_all(&[parse("SELECT 'left by b'"), bind_exec.clone(), sync.clone()].concat()).expect("send");
+    assert_eq!(rows(&read_until_ready(&mut b)), ["left by b"]);
+    drop(b);
+    let mut d = md5_login(&c);
+    let pin = frame(b'P', b"s\0LISTEN x\0\0\0");
+    d.write_all(&[pin, bind_exec.clone(), sync.clone()].concat()).expect("send");
+    let msgs = read_until_ready(&mut d);
+    assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "pinned d ran: {:?}", rows(&msgs));
+    // nor can it bind, describe or close the proxy's own statements
+    for m in [frame(b'B', b"\0sg_0\0\0\0\0\0\0\0"), frame(b'D', b"Ssg_0\0")] {
+        d.write_all(&[m, sync.clone()].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut d)).as_deref(), Some("26000"));
+    }
 }

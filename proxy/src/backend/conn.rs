@@ -195,6 +195,10 @@ pub struct ServerConn {
     /// ReadyForQuerys still owed for what [`ServerConn::send`] wrote (one per
     /// Sync or simple Query): answers not read yet.
     owed_ready: u32,
+    /// Messages the proxy itself sent with [`ServerConn::send`] (its own queries
+    /// replace the connection's unnamed statement): a session knows its
+    /// client's unnamed statement is still there only while this is unchanged.
+    pub own_sends: u64,
     /// When it was last given back to its pool (or made): what the pool's idle
     /// timeout counts from.
     pub idle_since: std::time::Instant,
@@ -249,6 +253,7 @@ impl ServerConn {
             broken: false,
             ready_status: b'I',
             owed_ready: 0,
+            own_sends: 0,
             idle_since: std::time::Instant::now(),
             ahead: BytesMut::new(),
             ahead_count: 0,
@@ -467,6 +472,7 @@ impl ServerConn {
     /// deferred statements first (see [`ServerConn::defer`]).
     pub async fn send(&mut self, msgs: &[u8]) -> std::io::Result<()> {
         self.owed_ready += readies_owed(msgs);
+        self.own_sends += 1;
         if self.ahead_count == 0 {
             return self.stream.write_all(msgs).await;
         }

@@ -180,6 +180,9 @@ impl Session {
         match f.tag {
             b'Q' => {
                 let sql = f.body().strip_suffix(&[0]).unwrap_or(f.body());
+                // a simple Query drops the unnamed statement (PostgreSQL's exec_simple_query)
+                self.db.unnamed = None;
+                self.routed.routed_stmts.remove(&b""[..]);
                 self.shared.meters.queries_simple.increment(1);
                 if self.admin && self.admin_command(sql).await? {
                     return Ok(Flow::Continue);
@@ -278,7 +281,7 @@ impl Session {
                     self.db.sout.extend_from_slice(&f.raw);
                     if !self.db.server_skipping {
                         self.db.unnamed = Some(f.raw.clone());
-                        self.db.unnamed_on = self.db.checkouts;
+                        self.db.unnamed_at = self.unnamed_here();
                     }
                     self.expect_reply(Expect::ParseComplete { forward: true, name: None, client: Some(Box::default()) });
                 } else if self.db.statements.contains_key(p.name) {
@@ -347,9 +350,9 @@ impl Session {
                         self.ensure_prepared(b.statement);
                         b.write_renamed(&mut self.db.sout, server_name.as_bytes());
                     }
-                    // (a session pinned to its server may bind what SQL PREPARE made there)
-                    None if self.pinned.is_some() => self.db.sout.extend_from_slice(&f.raw),
                     None if b.statement.is_empty() && self.ensure_unnamed() => self.db.sout.extend_from_slice(&f.raw),
+                    // (a session pinned to its server may bind what SQL PREPARE made there)
+                    None if !b.statement.is_empty() && self.pinned.is_some() && !proxy_name(b.statement) => self.db.sout.extend_from_slice(&f.raw),
                     // never a statement the client did not make: another client's unnamed one
                     // left on this connection, or one of the proxy's own
                     None => {
@@ -372,13 +375,18 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 let known = t.kind == b'S' && !t.name.is_empty() && self.db.statements.contains_key(t.name);
-                if t.kind == b'S' && !known && self.pinned.is_none() {
-                    if f.tag == b'C' && t.name.is_empty() {
+                // only the client's own statements (a pinned session's also what SQL PREPARE made)
+                let foreign = t.kind == b'S' && !known && !t.name.is_empty() && (self.pinned.is_none() || proxy_name(t.name));
+                if t.kind == b'S' && t.name.is_empty() {
+                    if f.tag == b'C' {
                         self.db.unnamed = None;
-                    } else if f.tag == b'D' && !(t.name.is_empty() && self.ensure_unnamed()) {
+                    } else if !self.ensure_unnamed() {
                         self.refuse_extended(sqlstate::INVALID_SQL_STATEMENT_NAME, no_statement(t.name)).await?;
                         return Ok(Flow::Continue);
                     }
+                } else if foreign && f.tag == b'D' {
+                    self.refuse_extended(sqlstate::INVALID_SQL_STATEMENT_NAME, no_statement(t.name)).await?;
+                    return Ok(Flow::Continue);
                 }
                 if f.tag == b'D' && known {
                     let server_name = self.db.statements.get(t.name).map(|s| s.server_name.clone()).expect("known");
@@ -388,6 +396,10 @@ impl Session {
                     // the server keeps its copy for other clients; close a name that does not exist
                     self.db.statements.remove(t.name);
                     self.cache_hold.cache_write_stmts.remove(t.name);
+                    t.write_renamed(&mut self.db.sout, b'C', CLOSED_STATEMENT);
+                } else if f.tag == b'C' && foreign {
+                    // not the client's: nothing of another client's (or the proxy's) is closed,
+                    // and PostgreSQL answers CloseComplete for a name that does not exist
                     t.write_renamed(&mut self.db.sout, b'C', CLOSED_STATEMENT);
                 } else {
                     self.db.sout.extend_from_slice(&f.raw);
@@ -486,4 +498,9 @@ fn no_statement(name: &[u8]) -> String {
     } else {
         format!("prepared statement \"{}\" does not exist", String::from_utf8_lossy(name))
     }
+}
+
+/// A name of the proxy's own server-side statements (`sg_…`), never a client's.
+fn proxy_name(name: &[u8]) -> bool {
+    shardgate_router::PROXY_STATEMENT_PREFIXES.iter().any(|p| name.starts_with(p.as_bytes()))
 }

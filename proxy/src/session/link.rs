@@ -156,6 +156,8 @@ impl Session {
     /// Sync and aborts an open transaction exactly as the client expects, and
     /// its error is replaced by `err`.
     pub(super) fn fail_on_server(&mut self, err: Bytes) {
+        // (a Parse of the unnamed statement: the client's is gone from the server)
+        self.db.unnamed_at = None;
         crate::protocol::codec::put_message(&mut self.db.sout, b'P', |b| b.extend_from_slice(b"\0!\0\0\0"));
         self.db.expect.push_back(Expect::ReplaceError(err));
         self.db.sent_since_sync = true;
@@ -187,14 +189,30 @@ impl Session {
     /// again if the server has not seen it; false when the client has none
     /// (PostgreSQL answers 26000).
     pub(super) fn ensure_unnamed(&mut self) -> bool {
-        if self.db.unnamed_on == self.db.checkouts && self.db.server.is_some() {
-            return self.db.unnamed.is_some();
+        if self.db.unnamed.is_none() {
+            return false;
         }
-        let Some(parse) = self.db.unnamed.clone() else { return false };
+        if self.db.server_skipping {
+            // the server skips the Bind too
+            return true;
+        }
+        let here = self.unnamed_here();
+        // a Parse of it in an earlier batch not answered yet may still be skipped
+        let last_parse = self.db.expect.iter().rposition(|e| matches!(e, Expect::ParseComplete { name: None, client: Some(_), .. }));
+        let settled = last_parse.is_none_or(|i| !self.db.expect.iter().skip(i).any(|e| matches!(e, Expect::Ready { .. })));
+        if here.is_some() && self.db.unnamed_at == here && settled {
+            return true;
+        }
+        let parse = self.db.unnamed.clone().expect("checked above");
         self.db.sout.extend_from_slice(&parse);
         self.expect_reply(Expect::ParseComplete { forward: false, name: None, client: Some(Box::default()) });
-        self.db.unnamed_on = self.db.checkouts;
+        self.db.unnamed_at = here;
         true
+    }
+
+    /// The held connection's place for [`DbLink::unnamed_at`].
+    pub(super) fn unnamed_here(&self) -> Option<(u64, u64)> {
+        self.db.server.as_ref().map(|s| (self.db.checkouts, s.own_sends))
     }
 
     /// Expects a reply to a message just forwarded, unless the server skips it.
@@ -309,10 +327,13 @@ impl Session {
                             }
                             self.db.expect.pop_front();
                         }
-                        Expect::ParseComplete { name: None, client: Some(_), .. } => {
-                            // a Parse of the unnamed statement failed (or was skipped after
-                            // dropping it): the client has none now
-                            self.db.unnamed = None;
+                        Expect::ParseComplete { name: None, client: Some(_), forward } => {
+                            // a Parse of the unnamed statement failed or was skipped: the server
+                            // may hold anything there now. The client's own failed: it has none
+                            if *forward {
+                                self.db.unnamed = None;
+                            }
+                            self.db.unnamed_at = None;
                             self.db.expect.pop_front();
                         }
                         Expect::CloseComplete { evicted: Some(n), .. } => {

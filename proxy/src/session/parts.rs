@@ -25,8 +25,10 @@ pub(super) struct DbLink {
     /// Describe of it on a server connection that does not have it (another
     /// client's may be there). `None`: the client has none.
     pub(super) unnamed: Option<Bytes>,
-    /// The checkout (see `checkouts`) whose server connection has `unnamed`.
-    pub(super) unnamed_on: u64,
+    /// Where `unnamed` was last parsed: the checkout (see `checkouts`) and the
+    /// connection's `own_sends` then. The held connection has it only while both
+    /// are unchanged (the proxy's own queries and its failing Parse replace it).
+    pub(super) unnamed_at: Option<(u64, u64)>,
     /// Server connections checked out so far by this session.
     pub(super) checkouts: u64,
     /// The server reported an error and skips messages until the next Sync,
