@@ -295,3 +295,30 @@ async fn a_failed_unnamed_parse_drops_the_unnamed_statement_before_it() {
         assert_eq!(error_code(&read_until_ready(&mut s)).as_deref(), Some("26000"), "after {first} and a failed Parse of {failing}");
     }
 }
+
+/// The unnamed statement lasts across transactions: a COMMIT parsed as the
+/// unnamed statement outside a block and bound inside a later one (whose
+/// statements are named) commits that block's shards too, not db_default alone.
+#[tokio::test]
+async fn an_unnamed_commit_bound_in_a_later_block_commits_the_shards() {
+    use std::io::Write;
+    use shardgate_tests::raw::{error_code, frame, md5_login, read_until_ready};
+    let c = start();
+    let mut s = md5_login(&c);
+    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind_exec = |name: &str| [frame(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat()), frame(b'E', b"\0\0\0\0\0")].concat();
+    let sync = frame(b'S', b"");
+    // outside a block: a warning, no error
+    s.write_all(&[parse("", "COMMIT"), bind_exec(""), sync.clone()].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[parse("b", "BEGIN"), bind_exec("b"), sync.clone()].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[parse("i", &insert("UCOMMIT1")), bind_exec("i"), sync.clone()].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[bind_exec(""), sync.clone()].concat()).expect("send");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])));
+    drop(s);
+    assert_eq!(on_shard(&c, "UCOMMIT1").await, 1, "the client was told COMMIT: the order is there");
+}

@@ -20,7 +20,7 @@ use crate::protocol::sqlstate;
 impl Session {
     /// What the client's prepared statements take in the proxy (see [`statement_weight`]).
     pub(super) fn statement_bytes(&self) -> usize {
-        let plain: usize = self.db.statements.values().map(|s| s.parse.len()).sum();
+        let plain: usize = self.db.statements.values().map(|s| s.parse.len()).sum::<usize>() + self.db.unnamed.as_ref().map_or(0, Bytes::len);
         let routed: usize = self.routed.routed_stmts.values().map(|r| shardgate_router::analysis_weight(r.sql.len())).sum();
         plain + routed
     }
@@ -280,7 +280,8 @@ impl Session {
                 if p.name.is_empty() {
                     self.db.sout.extend_from_slice(&f.raw);
                     if !self.db.server_skipping {
-                        self.db.unnamed = Some(f.raw.clone());
+                        // (a copy: a slice would keep the client's whole read buffer)
+                        self.db.unnamed = Some(Bytes::copy_from_slice(&f.raw));
                         self.db.unnamed_at = self.unnamed_here();
                     }
                     self.expect_reply(Expect::ParseComplete { forward: true, name: None, client: Some(Box::default()) });
@@ -328,9 +329,10 @@ impl Session {
                     }
                 }
                 if self.shards_in_tx() {
-                    // a named statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps
-                    // them prepared): the shards' part ends with it, as at a Parse
-                    let text = self.db.statements.get(b.statement).map(|s| s.parse.clone());
+                    // a statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps them
+                    // prepared; the unnamed one is kept across transactions too): the shards'
+                    // part ends with it, as at a Parse
+                    let text = if b.statement.is_empty() { self.db.unnamed.clone() } else { self.db.statements.get(b.statement).map(|s| s.parse.clone()) };
                     if let Some(parse) = text {
                         if let Ok(p) = Parse::parse(parse.get(5..).unwrap_or_default()) {
                             if let Some(flow) = self.extended_tx_end(p.query).await? {

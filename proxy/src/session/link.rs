@@ -330,7 +330,9 @@ impl Session {
                         Expect::ParseComplete { name: None, client: Some(_), forward } => {
                             // a Parse of the unnamed statement failed or was skipped: the server
                             // may hold anything there now. The client's own failed: it has none
-                            if *forward {
+                            // (unless the client has parsed it again since, in a later batch)
+                            let again = self.db.expect.iter().skip(1).any(|e| matches!(e, Expect::ParseComplete { name: None, client: Some(_), forward: true }));
+                            if *forward && !again {
                                 self.db.unnamed = None;
                             }
                             self.db.unnamed_at = None;
