@@ -322,3 +322,30 @@ async fn an_unnamed_commit_bound_in_a_later_block_commits_the_shards() {
     drop(s);
     assert_eq!(on_shard(&c, "UCOMMIT1").await, 1, "the client was told COMMIT: the order is there");
 }
+
+/// A portal bound to COMMIT before the shards joined the block and executed
+/// after: the shards commit with it (the client is told COMMIT).
+#[tokio::test]
+async fn a_commit_portal_bound_before_the_shards_joined_commits_them() {
+    use std::io::Write;
+    use shardgate_tests::raw::{error_code, frame, md5_login, read_until_ready};
+    let c = start();
+    for (no, statement) in [("PCOMMIT1", ""), ("PCOMMIT2", "cm")] {
+        let mut s = md5_login(&c);
+        let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
+        s.write_all(&query("BEGIN")).expect("send");
+        read_until_ready(&mut s);
+        let parse = frame(b'P', &[statement.as_bytes(), b"\0COMMIT\0\0\0"].concat());
+        let bind = frame(b'B', &[b"c\0", statement.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+        s.write_all(&[parse, bind, frame(b'S', b"")].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&query(&insert(no))).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&[frame(b'E', b"c\0\0\0\0\0"), frame(b'S', b"")].concat()).expect("send");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs), None, "{msgs:?}");
+        assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])));
+        drop(s);
+        assert_eq!(on_shard(&c, no).await, 1, "{statement:?}: the client was told COMMIT: the order is there");
+    }
+}

@@ -31,6 +31,7 @@ impl Session {
         if status == b'I' {
             self.shard_tx.local_sets.clear();
             self.shard_tx.local_marks.clear();
+            self.db.tx_portals.clear();
         }
     }
 
@@ -282,6 +283,7 @@ impl Session {
                     if !self.db.server_skipping {
                         // (a copy: a slice would keep the client's whole read buffer)
                         self.db.unnamed = Some(Bytes::copy_from_slice(&f.raw));
+                        self.db.unnamed_tx = is_tx_control(p.query);
                         self.db.unnamed_at = self.unnamed_here();
                     }
                     self.expect_reply(Expect::ParseComplete { forward: true, name: None, client: Some(Box::default()) });
@@ -315,7 +317,8 @@ impl Session {
                     }
                     // (a Parse the server skips creates nothing, as in PostgreSQL)
                     if !self.db.server_skipping {
-                        self.db.statements.insert(p.name.to_vec(), Statement { server_name, parse });
+                        let tx_control = is_tx_control(p.query);
+                        self.db.statements.insert(p.name.to_vec(), Statement { server_name, parse, tx_control });
                     }
                 }
                 self.db.sent_since_sync = true;
@@ -328,18 +331,32 @@ impl Session {
                         return Ok(flow);
                     }
                 }
-                if self.shards_in_tx() {
-                    // a statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps them
-                    // prepared; the unnamed one is kept across transactions too): the shards'
-                    // part ends with it, as at a Parse
-                    let text = if b.statement.is_empty() { self.db.unnamed.clone() } else { self.db.statements.get(b.statement).map(|s| s.parse.clone()) };
-                    if let Some(parse) = text {
-                        if let Ok(p) = Parse::parse(parse.get(5..).unwrap_or_default()) {
-                            if let Some(flow) = self.extended_tx_end(p.query).await? {
+                // a statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps them
+                // prepared; the unnamed one is kept across transactions too): the shards'
+                // part ends with it, as at a Parse; and its portal is remembered, for an
+                // Execute after shards have joined
+                let tx = if b.statement.is_empty() { self.db.unnamed_tx && self.db.unnamed.is_some() } else { self.db.statements.get(b.statement).is_some_and(|s| s.tx_control) };
+                let parse = if !tx {
+                    None
+                } else if b.statement.is_empty() {
+                    self.db.unnamed.clone()
+                } else {
+                    self.db.statements.get(b.statement).map(|s| s.parse.clone())
+                };
+                let text = parse.as_ref().and_then(|p| Parse::parse(p.get(5..).unwrap_or_default()).ok()).and_then(|p| std::str::from_utf8(p.query).ok().map(str::to_string));
+                match text {
+                    Some(t) => {
+                        if self.shards_in_tx() {
+                            if let Some(flow) = self.extended_tx_end(t.as_bytes()).await? {
                                 return Ok(flow);
                             }
                         }
+                        self.db.tx_portals.insert(b.portal.to_vec(), t);
                     }
+                    None if !self.db.tx_portals.is_empty() => {
+                        self.db.tx_portals.remove(b.portal);
+                    }
+                    None => {}
                 }
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
@@ -417,6 +434,15 @@ impl Session {
                 if f.tag == b'E' && !self.routed.routed_portals.is_empty() {
                     if let Some(flow) = self.routed_execute(f.body()).await? {
                         return Ok(flow);
+                    }
+                }
+                if f.tag == b'E' && !self.db.tx_portals.is_empty() && self.shards_in_tx() {
+                    // a COMMIT/ROLLBACK bound before the shards joined: they end with it
+                    let portal = crate::protocol::frontend::Reader::new(f.body()).cstr().unwrap_or_default().to_vec();
+                    if let Some(text) = self.db.tx_portals.get(&portal).cloned() {
+                        if let Some(flow) = self.extended_tx_end(text.as_bytes()).await? {
+                            return Ok(flow);
+                        }
                     }
                 }
                 if f.tag == b'H' && self.db.server.is_none() {
@@ -505,4 +531,13 @@ fn no_statement(name: &[u8]) -> String {
 /// A name of the proxy's own server-side statements (`sg_…`), never a client's.
 fn proxy_name(name: &[u8]) -> bool {
     shardgate_router::PROXY_STATEMENT_PREFIXES.iter().any(|p| name.starts_with(p.as_bytes()))
+}
+
+/// Whether a statement's text is transaction control the shards must follow
+/// (COMMIT, ROLLBACK, savepoints, PREPARE TRANSACTION, …), as the lexer reads it.
+fn is_tx_control(query: &[u8]) -> bool {
+    // (a Parse holds one statement: its first word decides, cheaply, before the lexer)
+    const WORDS: [&str; 8] = ["commit", "end", "rollback", "abort", "savepoint", "release", "prepare", "start"];
+    let Ok(t) = std::str::from_utf8(query) else { return false };
+    shardgate_router::first_word(t).is_some_and(|w| WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))) && !matches!(super::txn::tx_verb(t), super::txn::TxVerb::Other)
 }

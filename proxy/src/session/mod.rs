@@ -113,6 +113,9 @@ struct Statement {
     server_name: Arc<str>,
     /// The Parse message under the server name, ready to inject.
     parse: Bytes,
+    /// Its text is transaction control (COMMIT, ROLLBACK, SAVEPOINT, …): a Bind
+    /// or Execute of it must end the shards' part too.
+    tx_control: bool,
 }
 
 /// How the loop goes on after handling a message.

@@ -25,12 +25,19 @@ pub(super) struct DbLink {
     /// Describe of it on a server connection that does not have it (another
     /// client's may be there). `None`: the client has none.
     pub(super) unnamed: Option<Bytes>,
+    /// `unnamed` is transaction control (see `Statement::tx_control`).
+    pub(super) unnamed_tx: bool,
     /// Where `unnamed` was last parsed: the checkout (see `checkouts`) and the
     /// connection's `own_sends` then. The held connection has it only while both
     /// are unchanged (the proxy's own queries and its failing Parse replace it).
     pub(super) unnamed_at: Option<(u64, u64)>,
     /// Server connections checked out so far by this session.
     pub(super) checkouts: u64,
+    /// Portals the client bound to a transaction-control statement (COMMIT,
+    /// ROLLBACK, SAVEPOINT, …), with its text: executed once shards have
+    /// joined the block, the shards' part must end with it. Portals end with
+    /// their transaction, and so does this (at an idle ReadyForQuery).
+    pub(super) tx_portals: HashMap<Vec<u8>, String>,
     /// The server reported an error and skips messages until the next Sync,
     /// which the client has not sent yet: Parse/Close sent until then get no reply.
     pub(super) server_skipping: bool,
