@@ -87,6 +87,18 @@ fn one(w: &[Option<&str>; 3], has_to: bool) -> TxControl {
     }
 }
 
+/// Whether a COMMIT or ROLLBACK (one statement) ends `AND CHAIN`: a new block
+/// starts at once (`AND NO CHAIN` and no clause do not).
+pub fn and_chain(sql: &str) -> bool {
+    let mut last: [Option<&str>; 2] = [None; 2];
+    scan(sql, |t| match t {
+        Token::Word(w) => last = [last[1], Some(w)],
+        Token::Semicolon => {}
+        _ => last = [last[1], None],
+    });
+    matches!(last, [Some(a), Some(c)] if a.eq_ignore_ascii_case("and") && c.eq_ignore_ascii_case("chain"))
+}
+
 /// A savepoint statement, with the savepoint's name as PostgreSQL folds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SavepointOp {
@@ -131,6 +143,17 @@ pub fn begin_statement(sql: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{begin_statement, savepoint_op, transaction_control as tc, SavepointOp, TxControl as T};
+
+    #[test]
+    fn and_chain_is_read_from_the_last_two_words() {
+        use super::and_chain;
+        for yes in ["COMMIT AND CHAIN", "commit work and chain;", "ROLLBACK TRANSACTION /* x */ AND\nchain", "end and chain"] {
+            assert!(and_chain(yes), "{yes}");
+        }
+        for no in ["COMMIT", "COMMIT AND NO CHAIN", "rollback and no chain", "ROLLBACK", "abort work"] {
+            assert!(!and_chain(no), "{no}");
+        }
+    }
 
     #[test]
     fn savepoint_names_fold_as_postgresql_folds_them() {

@@ -349,3 +349,88 @@ async fn a_commit_portal_bound_before_the_shards_joined_commits_them() {
         assert_eq!(on_shard(&c, no).await, 1, "{statement:?}: the client was told COMMIT: the order is there");
     }
 }
+
+/// A block's end executed in the middle of an extended batch (no Sync before
+/// the next statement) ends it there: PostgreSQL runs the statements after it
+/// in a new implicit transaction, whether the block had failed or not. Each
+/// batch is sent twice, once ending with a statement on t_order and once with
+/// a plain `SELECT 1` that shardgate passes through to db_default (the
+/// oracle): the messages must be the same, and the block's order must be on
+/// its shard exactly when the block committed.
+#[tokio::test]
+async fn a_block_ended_mid_batch_lets_the_next_statements_run() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    let sync = frame(b'S', b"");
+    let tags = |msgs: &[(u8, Vec<u8>)]| -> Vec<String> {
+        msgs.iter()
+            .map(|(t, b)| match t {
+                b'C' => format!("C {}", String::from_utf8_lossy(b).trim_end_matches('\0')),
+                b'E' => format!("E {}", error_code(&[(*t, b.clone())]).unwrap_or_default()),
+                b'D' | b'T' => "row".to_string(),
+                b'Z' => format!("Z {}", b[0] as char),
+                t => (*t as char).to_string(),
+            })
+            .collect()
+    };
+    let routed = "SELECT 1 AS n FROM t_order WHERE merchant_id = 1 LIMIT 1";
+    let mut case = 0;
+    for fail in [true, false] {
+        for end in ["ROLLBACK", "COMMIT"] {
+            let mut answers = Vec::new();
+            for last in ["SELECT 1 AS n", routed] {
+                case += 1;
+                let no = format!("MIDB{case}");
+                let mut s = md5_login(&c);
+                // a row on the shard so the routed read has one, as the plain one has
+                s.write_all(&[pbe(&insert(&format!("{no}-seen"))), sync.clone()].concat()).expect("write");
+                assert_eq!(error_code(&read_until_ready(&mut s)), None);
+                let failing = if fail { pbe("SELECT 1/0") } else { Vec::new() };
+                s.write_all(&[pbe("BEGIN"), pbe(&insert(&no)), failing, sync.clone()].concat()).expect("write");
+                read_until_ready(&mut s);
+                s.write_all(&[pbe(end), pbe(last), pbe(&insert(&format!("{no}-after"))), sync.clone()].concat()).expect("write");
+                let msgs = read_until_ready(&mut s);
+                answers.push(tags(&msgs));
+                drop(s);
+                let committed = !fail && end == "COMMIT";
+                assert_eq!(on_shard(&c, &no).await, i64::from(committed), "{end} (failed block: {fail}) then {last}: {msgs:?}");
+                assert_eq!(on_shard(&c, &format!("{no}-after")).await, 1, "the INSERT after {end} (failed block: {fail}), {last}: {msgs:?}");
+            }
+            assert_eq!(answers[1], answers[0], "{end} of a block (failed: {fail}) then a statement on t_order, in one batch");
+        }
+    }
+}
+
+/// A COMMIT of a block that wrote two shards (two-phase), executed in the
+/// middle of a batch: a read later in the same batch sees both rows, as on one
+/// server; and after `COMMIT AND CHAIN` the batch's next INSERT is in the new
+/// block, which the batch's ROLLBACK ends without it.
+#[tokio::test]
+async fn a_two_phase_commit_mid_batch_is_seen_by_the_statements_after_it() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    let sync = frame(b'S', b"");
+    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
+    let mut s = md5_login(&c);
+    s.write_all(&[pbe("BEGIN"), pbe(&insert("TPC-A")), pbe(&other("TPC-B")), sync.clone()].concat()).expect("write");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    let read = "SELECT count(*) FROM t_order WHERE order_no IN ('TPC-A', 'TPC-B')";
+    s.write_all(&[pbe("COMMIT"), pbe(read), sync.clone()].concat()).expect("write");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    let count = msgs.iter().find(|(t, _)| *t == b'D').map(|(_, b)| String::from_utf8_lossy(&b[6..]).to_string());
+    assert_eq!(count.as_deref(), Some("2"), "the read after the COMMIT, in its batch: {msgs:?}");
+    assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])));
+
+    s.write_all(&[pbe("BEGIN"), pbe(&insert("CHAIN-1")), pbe(&other("CHAIN-2")), sync.clone()].concat()).expect("write");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[pbe("COMMIT AND CHAIN"), pbe(&insert("CHAIN-3")), pbe("ROLLBACK"), sync.clone()].concat()).expect("write");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])));
+    drop(s);
+    assert_eq!(on_shard(&c, "CHAIN-1").await, 1, "committed by COMMIT AND CHAIN");
+    assert_eq!(on_shard(&c, "CHAIN-3").await, 0, "in the chained block, rolled back");
+}

@@ -255,9 +255,8 @@ impl Session {
     /// Execute of a prepared point read.
     pub(super) async fn cached_execute(&mut self, stmt: &RoutedStmt, bound: &Bound, max_rows: i32) -> Result<(), End> {
         let Some(read) = stmt.cached.as_ref() else { return Ok(()) };
-        if self.db.server.is_some() && self.tx_status == b'E' {
-            let e = ExecError::Proxy(sqlstate::IN_FAILED_SQL_TRANSACTION, "current transaction is aborted, commands ignored until end of transaction block".into());
-            return self.fail_extended(e).await;
+        if self.block_failed() {
+            return self.fail_extended(super::routing::in_failed_block()).await;
         }
         let cache = self.shared.cache.clone();
         let values: Vec<Option<&[u8]>> = bound.values.iter().map(|v| v.as_deref()).collect();

@@ -103,6 +103,22 @@ impl Session {
         self.shard_tx.note_block_step(text);
     }
 
+    /// The status db_default is in once the portal an Execute names has run,
+    /// if the portal is a block's end: idle after COMMIT, ROLLBACK or PREPARE
+    /// TRANSACTION, in a (new, not failed) block after their `AND CHAIN` forms
+    /// and after ROLLBACK TO a savepoint.
+    fn block_end_status(&self, execute: &[u8]) -> Option<u8> {
+        use shardgate_router::TxControl as T;
+        let portal = crate::protocol::frontend::Reader::new(execute).cstr().ok()?;
+        let text = self.db.tx_portals.get(portal)?;
+        match shardgate_router::transaction_control(text) {
+            T::Commit | T::Rollback if shardgate_router::and_chain(text) => Some(b'T'),
+            T::Commit | T::Rollback | T::Unsupported("PREPARE TRANSACTION") => Some(b'I'),
+            T::Unsupported("ROLLBACK TO SAVEPOINT") => Some(b'T'),
+            _ => None,
+        }
+    }
+
     /// Messages that leave a streaming portal running: its own Execute, Sync and Flush.
     pub(super) fn stream_goes_on(&self, f: &Frame) -> bool {
         match f.tag {
@@ -455,7 +471,8 @@ impl Session {
                 self.db.sout.extend_from_slice(&f.raw);
                 self.db.sent_since_sync = true;
                 if f.tag == b'E' {
-                    self.expect_reply(Expect::Execute);
+                    let ends_block = if self.db.tx_portals.is_empty() { None } else { self.block_end_status(f.body()) };
+                    self.expect_reply(Expect::Execute { ends_block });
                     self.arm_query_timeout();
                 }
             }

@@ -399,7 +399,7 @@ impl Session {
                 }
             }
             b'G' => {
-                if matches!(self.db.expect.front(), Some(Expect::Execute)) {
+                if matches!(self.db.expect.front(), Some(Expect::Execute { .. })) {
                     self.db.expect.pop_front();
                 }
                 self.enter_copy_in();
@@ -415,9 +415,20 @@ impl Session {
                 self.db.expect.pop_front();
                 self.cout.extend_from_slice(f.raw);
             }
-            b'C' | b'I' | b's' if matches!(self.db.expect.front(), Some(Expect::Execute)) => {
-                self.db.expect.pop_front();
-                if f.tag == b'C' {
+            b'C' | b'I' | b's' if matches!(self.db.expect.front(), Some(Expect::Execute { .. })) => {
+                let ends_block = match self.db.expect.pop_front() {
+                    Some(Expect::Execute { ends_block }) => ends_block,
+                    _ => None,
+                };
+                if let (b'C', Some(status)) = (f.tag, ends_block) {
+                    // the block ended here, mid-batch: what follows in the batch runs after it
+                    // (a failed block's statements no longer answer 25P02; routed ones do not
+                    // join the ended block); a two-phase decision it carried is now durable
+                    self.set_tx_status(status);
+                    if self.shard_tx.pending_2pc.is_some() && self.shard_tx.resolve_2pc.is_none() {
+                        self.shard_tx.resolve_2pc = self.shard_tx.pending_2pc.take();
+                    }
+                } else if f.tag == b'C' {
                     // a BEGIN executed in an extended batch opens the block now, not at the
                     // batch's ReadyForQuery: routed statements later in the same batch (pgjdbc
                     // sends BEGIN with the first statement) must join it on the shards

@@ -99,7 +99,10 @@ enum Expect {
     /// The end of a forwarded Describe (RowDescription or NoData).
     Describe,
     /// The end of a forwarded Execute (CommandComplete, EmptyQueryResponse, PortalSuspended).
-    Execute,
+    /// `ends_block`: the portal is a block's end (COMMIT, ROLLBACK, …) and its
+    /// CommandComplete puts db_default in this status at once, before the batch's
+    /// ReadyForQuery: statements later in the batch run after the block, as in PostgreSQL.
+    Execute { ends_block: Option<u8> },
     /// A Parse the proxy made fail on purpose (the client re-used a statement
     /// name): the server's ErrorResponse is replaced by this one, so the error
     /// arrives in order and the server skips to Sync / aborts the transaction

@@ -145,6 +145,11 @@ impl Session {
             }
             self.db.sout.clear();
         }
+        // a COMMIT earlier in the batch carried a two-phase decision: its shards commit
+        // before anything after it reads them
+        if self.shard_tx.resolve_2pc.is_some() {
+            self.resolve_pending_2pc().await;
+        }
         Ok(())
     }
 
