@@ -434,3 +434,51 @@ async fn a_two_phase_commit_mid_batch_is_seen_by_the_statements_after_it() {
     assert_eq!(on_shard(&c, "CHAIN-1").await, 1, "committed by COMMIT AND CHAIN");
     assert_eq!(on_shard(&c, "CHAIN-3").await, 0, "in the chained block, rolled back");
 }
+
+/// From a review of the mid-batch block end: a COMMIT bound (the shards
+/// prepared, the decision riding on it) and executed only after a savepoint
+/// and a ROLLBACK TO it in the same batch commits both shards' rows; and a
+/// portal on t_order bound in a block and executed after a mid-batch COMMIT
+/// is gone, as a plain portal is (34000), its INSERT never run.
+#[tokio::test]
+async fn a_block_end_mid_batch_keeps_the_commit_and_drops_the_portals() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    let sync = frame(b'S', b"");
+    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
+    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+    let exec = |portal: &str| frame(b'E', &[portal.as_bytes(), b"\0\0\0\0\0"].concat());
+    let mut s = md5_login(&c);
+    s.write_all(&[pbe("BEGIN"), pbe(&insert("RBT-A")), pbe(&other("RBT-B")), sync.clone()].concat()).expect("write");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[
+        parse("c", "COMMIT"), bind("c", "c"),
+        pbe("SAVEPOINT s2"), pbe("ROLLBACK TO SAVEPOINT s2"),
+        parse("q", "SELECT 1 FROM t_order WHERE merchant_id = 1"),
+        exec("c"), sync.clone(),
+    ].concat()).expect("write");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    drop(s);
+    assert_eq!(on_shard(&c, "RBT-A").await, 1, "committed: {msgs:?}");
+    let shard2 = connect(&c.info.shards[2]).await.expect("shard 2");
+    let mut on2 = 0;
+    for t in shardgate_tests::month_tables(&shard2).await {
+        on2 += shard2.query_one(&format!("SELECT count(*) FROM {t} WHERE order_no = 'RBT-B'"), &[]).await.expect("count").get::<_, i64>(0);
+    }
+    assert_eq!(on2, 1, "committed on the second shard: {msgs:?}");
+
+    let mut codes = Vec::new();
+    for (name, sql) in [("plain", "SELECT 1".to_string()), ("routed", insert("PORTAL-GONE"))] {
+        let mut s = md5_login(&c);
+        s.write_all(&[pbe("BEGIN"), parse("w", &sql), bind("w", "w"), sync.clone()].concat()).expect("write");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None, "{name}");
+        s.write_all(&[pbe("COMMIT"), exec("w"), sync.clone()].concat()).expect("write");
+        codes.push(error_code(&read_until_ready(&mut s)));
+    }
+    assert_eq!(codes[0].as_deref(), Some("34000"), "one server: the portal ended with its block");
+    assert_eq!(codes[1], codes[0], "the routed portal after a mid-batch COMMIT");
+    assert_eq!(on_shard(&c, "PORTAL-GONE").await, 0);
+}

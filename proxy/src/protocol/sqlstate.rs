@@ -35,6 +35,8 @@ pub const UNDEFINED_TABLE: &str = "42P01";
 pub const NOT_NULL_VIOLATION: &str = "23502";
 /// 26000
 pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+/// 34000: a portal that does not exist (ended with its transaction).
+pub const INVALID_CURSOR_NAME: &str = "34000";
 /// 42P05
 pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 /// 42P07

@@ -103,19 +103,43 @@ impl Session {
         self.shard_tx.note_block_step(text);
     }
 
-    /// The status db_default is in once the portal an Execute names has run,
-    /// if the portal is a block's end: idle after COMMIT, ROLLBACK or PREPARE
-    /// TRANSACTION, in a (new, not failed) block after their `AND CHAIN` forms
-    /// and after ROLLBACK TO a savepoint.
-    fn block_end_status(&self, execute: &[u8]) -> Option<u8> {
+    /// What the portal an Execute names does to the block, if it ends it.
+    fn block_end(&self, execute: &[u8]) -> Option<BlockEnd> {
         use shardgate_router::TxControl as T;
         let portal = crate::protocol::frontend::Reader::new(execute).cstr().ok()?;
         let text = self.db.tx_portals.get(portal)?;
         match shardgate_router::transaction_control(text) {
-            T::Commit | T::Rollback if shardgate_router::and_chain(text) => Some(b'T'),
-            T::Commit | T::Rollback | T::Unsupported("PREPARE TRANSACTION") => Some(b'I'),
-            T::Unsupported("ROLLBACK TO SAVEPOINT") => Some(b'T'),
+            T::Commit | T::Rollback => Some(BlockEnd::Ends { chain: shardgate_router::and_chain(text) }),
+            T::Unsupported("PREPARE TRANSACTION") => Some(BlockEnd::Prepared),
+            T::Unsupported("ROLLBACK TO SAVEPOINT") => Some(BlockEnd::RolledBackTo),
             _ => None,
+        }
+    }
+
+    /// A block-ending portal completed with `tag` in the middle of a batch: the
+    /// session follows db_default now, not at the batch's ReadyForQuery (which
+    /// still has the last word). A tag other than the statement's (the server ran
+    /// an older portal of that name) changes nothing.
+    pub(super) fn block_ended_mid_batch(&mut self, end: BlockEnd, tag: &[u8]) {
+        let ended = tag == b"COMMIT" || tag == b"ROLLBACK";
+        let status = match end {
+            BlockEnd::Ends { chain } if ended => if chain { b'T' } else { b'I' },
+            BlockEnd::Prepared if ended || tag == b"PREPARE TRANSACTION" => b'I',
+            BlockEnd::RolledBackTo if tag == b"ROLLBACK" => b'T',
+            _ => return,
+        };
+        self.tx_status = status;
+        let ends_tx = matches!(end, BlockEnd::Ends { .. });
+        if ends_tx || status == b'I' {
+            self.shard_tx.local_sets.clear();
+            self.shard_tx.local_marks.clear();
+            // the block's portals are gone on db_default; so are the proxy's routed ones
+            self.routed.end_portals();
+        }
+        // a two-phase decision the block's COMMIT carried is durable now (or rolled back
+        // with it); never at a ROLLBACK TO, before the COMMIT has run
+        if ends_tx && self.shard_tx.pending_2pc.is_some() && self.shard_tx.resolve_2pc.is_none() {
+            self.shard_tx.resolve_2pc = self.shard_tx.pending_2pc.take();
         }
     }
 
@@ -471,7 +495,7 @@ impl Session {
                 self.db.sout.extend_from_slice(&f.raw);
                 self.db.sent_since_sync = true;
                 if f.tag == b'E' {
-                    let ends_block = if self.db.tx_portals.is_empty() { None } else { self.block_end_status(f.body()) };
+                    let ends_block = if self.db.tx_portals.is_empty() { None } else { self.block_end(f.body()) };
                     self.expect_reply(Expect::Execute { ends_block });
                     self.arm_query_timeout();
                 }

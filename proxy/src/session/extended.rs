@@ -381,6 +381,12 @@ impl Session {
             self.discard_until_sync = true;
             return Ok(Some(Flow::Continue));
         }
+        if !self.routed.routed_portals.contains_key(portal) {
+            // a COMMIT or ROLLBACK earlier in the batch ended the block and its portals
+            let m = format!("portal \"{}\" does not exist", String::from_utf8_lossy(portal));
+            self.fail_extended(ExecError::Proxy(sqlstate::INVALID_CURSOR_NAME, m)).await?;
+            return Ok(Some(Flow::Continue));
+        }
         if stmt.cached.is_some() {
             self.cached_execute(&stmt, &bound, max_rows).await?;
             return Ok(Some(Flow::Continue));

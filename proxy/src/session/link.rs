@@ -420,14 +420,11 @@ impl Session {
                     Some(Expect::Execute { ends_block }) => ends_block,
                     _ => None,
                 };
-                if let (b'C', Some(status)) = (f.tag, ends_block) {
+                if let (b'C', Some(end)) = (f.tag, ends_block) {
                     // the block ended here, mid-batch: what follows in the batch runs after it
                     // (a failed block's statements no longer answer 25P02; routed ones do not
-                    // join the ended block); a two-phase decision it carried is now durable
-                    self.set_tx_status(status);
-                    if self.shard_tx.pending_2pc.is_some() && self.shard_tx.resolve_2pc.is_none() {
-                        self.shard_tx.resolve_2pc = self.shard_tx.pending_2pc.take();
-                    }
+                    // join the ended block)
+                    self.block_ended_mid_batch(end, f.body().strip_suffix(&[0]).unwrap_or(f.body()));
                 } else if f.tag == b'C' {
                     // a BEGIN executed in an extended batch opens the block now, not at the
                     // batch's ReadyForQuery: routed statements later in the same batch (pgjdbc

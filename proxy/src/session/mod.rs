@@ -99,15 +99,26 @@ enum Expect {
     /// The end of a forwarded Describe (RowDescription or NoData).
     Describe,
     /// The end of a forwarded Execute (CommandComplete, EmptyQueryResponse, PortalSuspended).
-    /// `ends_block`: the portal is a block's end (COMMIT, ROLLBACK, …) and its
-    /// CommandComplete puts db_default in this status at once, before the batch's
-    /// ReadyForQuery: statements later in the batch run after the block, as in PostgreSQL.
-    Execute { ends_block: Option<u8> },
+    /// `ends_block`: the portal is a block's end (COMMIT, ROLLBACK, …), which
+    /// takes effect at its CommandComplete, before the batch's ReadyForQuery:
+    /// statements later in the batch run after the block, as in PostgreSQL.
+    Execute { ends_block: Option<BlockEnd> },
     /// A Parse the proxy made fail on purpose (the client re-used a statement
     /// name): the server's ErrorResponse is replaced by this one, so the error
     /// arrives in order and the server skips to Sync / aborts the transaction
     /// exactly as PostgreSQL would for the duplicate name.
     ReplaceError(Bytes),
+}
+
+/// What a block-ending portal does when it completes (see `Expect::Execute`).
+#[derive(Debug, Clone, Copy)]
+enum BlockEnd {
+    /// COMMIT or ROLLBACK (tag COMMIT or ROLLBACK): idle, or a new block `AND CHAIN`.
+    Ends { chain: bool },
+    /// PREPARE TRANSACTION (tag PREPARE TRANSACTION, or ROLLBACK in a failed block): idle.
+    Prepared,
+    /// ROLLBACK TO a savepoint (tag ROLLBACK): in the block, no longer failed.
+    RolledBackTo,
 }
 
 /// A client's named prepared statement, mapped to a server statement name
