@@ -34,24 +34,11 @@ export PGPASSWORD=postgres
 # --- 1. routed order workload
 # the workload (one file for bench_routed.sh and bench_routed_quick.sh)
 cp scripts/routed_order.pgbench $DIR/routed.sql
-for k in $(seq 0 7); do
-  cat > $DIR/direct_$k.sql <<SQL
-\set m 8 * random(1, 100000) + $k
-\set r random(1, 1000000000000)
-\set id random(1, 9000000000000000000)
-INSERT INTO t_order_$MONTH (id, order_no, merchant_id, order_amount, pay_status) VALUES (:id, 'b' || :r, :m, 12.34, 'NEW');
-SELECT * FROM t_order_$MONTH WHERE merchant_id = :m AND id = :id;
-UPDATE t_order_$MONTH SET pay_status = 'PAID' WHERE merchant_id = :m AND id = :id;
-SQL
-done
 # the floor any proxy hop costs here: pgbouncer (session mode, so prepared
 # statements work; a pure relay) passing the direct statements to the right shard
-source scripts/pgbouncer.sh
-DBS=$(for k in $(seq 0 7); do
-  port=$(echo "${SHARDS[$k]}" | sed -E 's|.*:([0-9]+)/.*|\1|')
-  echo "db_$k = host=127.0.0.1 port=$port dbname=db_$k user=postgres password=postgres"
-done)
-start_pgbouncer $DIR session $CLIENTS postgres "$DBS"
+source scripts/routed_direct.sh
+write_direct_scripts $DIR
+start_shard_relay $DIR $CLIENTS
 trap 'kill $PGB_PID 2>/dev/null; cp $DIR/shardgate.log target/bench-routed.shardgate.log 2>/dev/null; ./target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 
 tps_of() { awk '/^tps/ {print $3}'; }
