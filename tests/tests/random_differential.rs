@@ -1044,24 +1044,30 @@ async fn generated_statements_answer_like_one_table() {
         println!("total ({k}): {} same, {} refused, {} wrong", t.same, t.refused, t.wrong);
         all.add(t);
     }
-    print_report(&all);
+    report_and_check("random differential", &all, n, t0);
+}
+
+/// Prints the report and the summary line `<label>: N same, …`, and fails on
+/// any wrong answer or on too few comparisons to mean anything.
+fn report_and_check(label: &str, all: &Tally, n: usize, t0: Instant) {
+    print_report(all);
     println!(
-        "\nrandom differential: {} same, {} refused ({:.1}%), {} wrong in {:.1}s",
+        "\n{label}: {} same, {} refused ({:.1}%), {} wrong in {:.1}s",
         all.same,
         all.refused,
         100.0 * all.refused as f64 / all.total().max(1) as f64,
         all.wrong,
         t0.elapsed().as_secs_f64()
     );
-    assert!(all.total() >= n.min(100), "only {} comparisons ran", all.total());
+    assert!(all.total() >= n.min(100), "{label}: only {} comparisons ran", all.total());
     assert!(
         all.same * 10 >= all.total() * 6,
-        "only {} of {} answers were the same (refused {}): the comparison is not meaningful",
+        "{label}: only {} of {} answers were the same (refused {}): the comparison is not meaningful",
         all.same,
         all.total(),
         all.refused
     );
-    assert_eq!(all.wrong, 0, "{} statements answered differently through shardgate (report above)", all.wrong);
+    assert_eq!(all.wrong, 0, "{label}: {} statements answered differently through shardgate (report above)", all.wrong);
 }
 
 /// The generated statements inside transaction blocks (`SHARDGATE_BLOCK_STATEMENTS`
@@ -1078,18 +1084,7 @@ async fn generated_blocks_answer_like_one_table() {
     for proto in protocols() {
         all.add(run_pass(&c, seed, proto, n, None, true).await);
     }
-    print_report(&all);
-    println!(
-        "\nrandom differential in blocks: {} same, {} refused ({:.1}%), {} wrong in {:.1}s",
-        all.same,
-        all.refused,
-        100.0 * all.refused as f64 / all.total().max(1) as f64,
-        all.wrong,
-        t0.elapsed().as_secs_f64()
-    );
-    assert!(all.total() >= n.min(100), "only {} comparisons ran", all.total());
-    assert!(all.same * 10 >= all.total() * 6, "only {} of {} answers were the same (refused {})", all.same, all.total(), all.refused);
-    assert_eq!(all.wrong, 0, "{} answers in blocks differed through shardgate (report above)", all.wrong);
+    report_and_check("random differential in blocks", &all, n, t0);
 }
 
 /// Transaction control and refused statements inside blocks, in both protocols,
