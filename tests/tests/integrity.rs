@@ -436,8 +436,9 @@ async fn a_two_phase_commit_mid_batch_is_seen_by_the_statements_after_it() {
 }
 
 /// From a review of the mid-batch block end: a COMMIT bound (the shards
-/// prepared, the decision riding on it) and executed only after a savepoint
-/// and a ROLLBACK TO it in the same batch commits both shards' rows; and a
+/// prepared, the decision riding on it) and executed only after other
+/// statements commits both shards' rows, and a savepoint in between is
+/// refused rather than settling the decision before the COMMIT ran; and a
 /// portal on t_order bound in a block and executed after a mid-batch COMMIT
 /// is gone, as a plain portal is (34000), its INSERT never run.
 #[tokio::test]
@@ -450,25 +451,33 @@ async fn a_block_end_mid_batch_keeps_the_commit_and_drops_the_portals() {
     let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
     let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
     let exec = |portal: &str| frame(b'E', &[portal.as_bytes(), b"\0\0\0\0\0"].concat());
-    let mut s = md5_login(&c);
-    s.write_all(&[pbe("BEGIN"), pbe(&insert("RBT-A")), pbe(&other("RBT-B")), sync.clone()].concat()).expect("write");
-    assert_eq!(error_code(&read_until_ready(&mut s)), None);
-    s.write_all(&[
-        parse("c", "COMMIT"), bind("c", "c"),
-        pbe("SAVEPOINT s2"), pbe("ROLLBACK TO SAVEPOINT s2"),
-        parse("q", "SELECT 1 FROM t_order WHERE merchant_id = 1"),
-        exec("c"), sync.clone(),
-    ].concat()).expect("write");
-    let msgs = read_until_ready(&mut s);
-    assert_eq!(error_code(&msgs), None, "{msgs:?}");
-    drop(s);
-    assert_eq!(on_shard(&c, "RBT-A").await, 1, "committed: {msgs:?}");
-    let shard2 = connect(&c.info.shards[2]).await.expect("shard 2");
-    let mut on2 = 0;
-    for t in shardgate_tests::month_tables(&shard2).await {
-        on2 += shard2.query_one(&format!("SELECT count(*) FROM {t} WHERE order_no = 'RBT-B'"), &[]).await.expect("count").get::<_, i64>(0);
+    let on_both = |no: &'static str| {
+        let c = &c;
+        async move {
+            let shard2 = connect(&c.info.shards[2]).await.expect("shard 2");
+            let mut on2 = 0;
+            for t in shardgate_tests::month_tables(&shard2).await {
+                on2 += shard2.query_one(&format!("SELECT count(*) FROM {t} WHERE order_no = $1"), &[&format!("{no}-B")]).await.expect("count").get::<_, i64>(0);
+            }
+            (on_shard(c, &format!("{no}-A")).await, on2)
+        }
+    };
+    // a savepoint after the COMMIT's Bind is refused (the shards' decision is pending), and
+    // nothing of the block commits; without one, a routed Parse between the COMMIT's Bind
+    // and its Execute (a barrier) does not settle the decision early
+    for (no, between, refused) in [("RBT", vec![pbe("SAVEPOINT s2"), pbe("ROLLBACK TO SAVEPOINT s2")], true), ("RBQ", vec![], false)] {
+        let mut s = md5_login(&c);
+        s.write_all(&[pbe("BEGIN"), pbe(&insert(&format!("{no}-A"))), pbe(&other(&format!("{no}-B"))), sync.clone()].concat()).expect("write");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&[&[parse("c", "COMMIT"), bind("c", "c")][..], &between, &[parse("q", "SELECT 1 FROM t_order WHERE merchant_id = 1"), exec("c"), sync.clone()]].concat().concat()).expect("write");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs).as_deref(), refused.then_some("0A000"), "{no}: {msgs:?}");
+        s.write_all(&[pbe("ROLLBACK"), sync.clone()].concat()).expect("write");
+        read_until_ready(&mut s);
+        drop(s);
+        let want = if refused { (0, 0) } else { (1, 1) };
+        assert_eq!(on_both(no).await, want, "{no}: on shard 1 and shard 2: {msgs:?}");
     }
-    assert_eq!(on2, 1, "committed on the second shard: {msgs:?}");
 
     let mut codes = Vec::new();
     for (name, sql) in [("plain", "SELECT 1".to_string()), ("routed", insert("PORTAL-GONE"))] {
@@ -481,4 +490,67 @@ async fn a_block_end_mid_batch_keeps_the_commit_and_drops_the_portals() {
     assert_eq!(codes[0].as_deref(), Some("34000"), "one server: the portal ended with its block");
     assert_eq!(codes[1], codes[0], "the routed portal after a mid-batch COMMIT");
     assert_eq!(on_shard(&c, "PORTAL-GONE").await, 0);
+}
+
+/// From a review: the proxy remembers portals bound to COMMIT (and the like)
+/// until their block ends, and the client may be batches ahead of the
+/// replies. An earlier batch's idle ReadyForQuery must not make it forget a
+/// COMMIT portal of a later batch (db_default then committed alone and the
+/// shard's part was dropped: the order lost though the client was told
+/// COMMIT); and a COMMIT portal spent mid-batch is gone, as in PostgreSQL
+/// (34000), never a second COMMIT of the shards.
+#[tokio::test]
+async fn commit_portals_are_remembered_for_their_own_block() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    let sync = frame(b'S', b"");
+    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+    let exec = |portal: &str| frame(b'E', &[portal.as_bytes(), b"\0\0\0\0\0"].concat());
+    let mut s = md5_login(&c);
+    s.write_all(&[parse("c", "COMMIT"), sync.clone()].concat()).expect("write");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    // batch 1 ends idle; batch 2 binds the COMMIT before its INSERT (whose Bind waits for
+    // batch 1's ReadyForQuery) and executes it after
+    s.write_all(&[pbe("SELECT 1"), sync.clone(), pbe("BEGIN"), bind("p", "c"), pbe(&insert("AHEAD-1")), exec("p"), sync.clone()].concat()).expect("write");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])), "{msgs:?}");
+    assert_eq!(on_shard(&c, "AHEAD-1").await, 1, "acknowledged by COMMIT: {msgs:?}");
+    // a COMMIT portal executed, then a block with an INSERT, then the spent portal again
+    s.write_all(&[bind("p", "c"), exec("p"), pbe("BEGIN"), pbe(&insert("SPENT-1")), exec("p"), sync.clone()].concat()).expect("write");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs).as_deref(), Some("34000"), "the spent COMMIT portal: {msgs:?}");
+    s.write_all(&[pbe("ROLLBACK"), sync.clone()].concat()).expect("write");
+    read_until_ready(&mut s);
+    drop(s);
+    assert_eq!(on_shard(&c, "SPENT-1").await, 0, "the block failed and was rolled back");
+}
+
+/// From a review: once a COMMIT carrying a two-phase decision is bound, the
+/// shards' transactions are prepared and released, but PREPARE TRANSACTION
+/// stays refused until that COMMIT has run. Before, it ran: db_default's part
+/// (with the decision row) was prepared, the decision read as "no", and the
+/// shards rolled back, so a later COMMIT PREPARED acknowledged rows that were gone.
+#[tokio::test]
+async fn prepare_transaction_after_a_bound_two_phase_commit_is_refused() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    let sync = frame(b'S', b"");
+    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
+    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+    let mut s = md5_login(&c);
+    s.write_all(&[pbe("BEGIN"), pbe(&insert("PT-A")), pbe(&other("PT-B")), sync.clone()].concat()).expect("write");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[parse("c", "COMMIT"), bind("c", "c"), pbe("PREPARE TRANSACTION 'pt'"), sync.clone()].concat()).expect("write");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs).as_deref(), Some("0A000"), "{msgs:?}");
+    s.write_all(&[pbe("ROLLBACK"), sync.clone()].concat()).expect("write");
+    read_until_ready(&mut s);
+    drop(s);
+    assert_eq!(on_shard(&c, "PT-A").await, 0, "the block was rolled back");
 }

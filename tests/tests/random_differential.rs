@@ -28,13 +28,14 @@
 //! prints the statements of `SHARDGATE_SEED` without a database.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use futures_util::TryStreamExt;
 use postgres_types::{to_sql_checked, IsNull, ToSql, Type};
 use shardgate_tests::gen::{format_pg_micros, Gen, Kind, Param, Stmt};
-use shardgate_tests::{connect, month_tables, Cluster, Options, Raw};
+use shardgate_tests::{connect, month_tables, raw, Cluster, Options, Raw};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -1148,9 +1149,12 @@ async fn block_control_answers_like_one_table() {
     }
     // INSERTs without merchant_id: PostgreSQL reports what its parse finds (the VALUES
     // row's length, a column name, a literal of the wrong type) at Parse, and the missing
-    // NOT NULL value only when the statement runs (23502). In a block, a read pipelined
-    // ahead of the INSERT shows when: it runs if the INSERT fails at Execute, it answers
-    // 25P02 if the INSERT's Parse failed first
+    // NOT NULL value only when the statement runs (23502). In a block, a read prepared
+    // before and executed right behind the INSERT's Parse (Parse/Describe/Sync of the
+    // INSERT, then Bind/Execute/Sync of the read, written at once on a raw connection, so
+    // the order on the wire is fixed) shows when: it runs if the INSERT fails only at
+    // Execute, it answers 25P02 if the INSERT's Parse failed (a driver's pipelining
+    // decides that order on its own, differently from run to run)
     let read = "SELECT count(*) FROM t_order WHERE merchant_id = 5";
     let bad_inserts = [
         ("INSERT INTO t_order (id, order_no, create_time) VALUES (78, 'BC-78', '2026-11-02 10:00+00')", "23502"),
@@ -1159,18 +1163,30 @@ async fn block_control_answers_like_one_table() {
         ("INSERT INTO t_order (id, order_no) VALUES ('abc', 'BC-81')", "22P02"),
         ("INSERT INTO t_order (id, order_no, create_time) VALUES (82, 'BC-82', 'not a time')", "22007"),
     ];
+    let mut raw = raw::md5_login(&c);
+    let sync = raw::frame(b'S', b"");
+    let parse = |name: &str, sql: &str| raw::frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    raw.write_all(&[raw::pbe("BEGIN"), parse("read", read), sync.clone(), raw::pbe("ROLLBACK"), sync.clone()].concat()).expect("write");
+    raw::read_until_ready(&mut raw);
+    raw::read_until_ready(&mut raw);
     for (bad, code) in bad_inserts {
-        let mut answers = Vec::new();
         for (name, client) in [("one table", &reference), ("shardgate", &proxy)] {
             let simple = exec(client, Protocol::Simple, bad, &[], false).await;
             assert!(matches!(&simple, Outcome::Err { code: c, .. } if c == code), "{name}, simple: {bad}: {}", show(&simple, 2));
-            client.batch_execute("BEGIN").await.expect("begin");
-            let (r, b) = futures_util::join!(exec(client, Protocol::Extended, read, &[], false), exec(client, Protocol::Extended, bad, &[], false));
-            client.batch_execute("ROLLBACK").await.expect("rollback");
-            assert!(matches!(&b, Outcome::Err { code: c, .. } if c == code), "{name}, extended: {bad}: {}", show(&b, 2));
-            answers.push(if r.is_ok() { "read ran".to_string() } else { show(&r, 1) });
+            let extended = exec(client, Protocol::Extended, bad, &[], false).await;
+            assert!(matches!(&extended, Outcome::Err { code: c, .. } if c == code), "{name}, extended: {bad}: {}", show(&extended, 2));
         }
-        assert_eq!(answers[1], answers[0], "the read pipelined ahead of {bad}: shardgate against one table");
+        let bind_read = raw::frame(b'B', b"\0read\0\0\0\0\0\0\0");
+        let execute = raw::frame(b'E', b"\0\0\0\0\0");
+        raw.write_all(&[raw::pbe("BEGIN"), sync.clone(), parse("", bad), raw::frame(b'D', b"S\0"), sync.clone(), bind_read, execute, sync.clone(), raw::pbe("ROLLBACK"), sync.clone()].concat())
+            .expect("write");
+        raw::read_until_ready(&mut raw);
+        let parsed = raw::read_until_ready(&mut raw);
+        let read_answer = raw::read_until_ready(&mut raw);
+        raw::read_until_ready(&mut raw);
+        let want = if code == "23502" { None } else { Some("25P02") };
+        assert_eq!(raw::error_code(&parsed).is_some(), want.is_some(), "the Parse of {bad}: {parsed:?}");
+        assert_eq!(raw::error_code(&read_answer).as_deref(), want, "the read behind the Parse of {bad}: {read_answer:?}");
     }
 }
 

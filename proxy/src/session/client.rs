@@ -25,13 +25,26 @@ impl Session {
         plain + routed
     }
 
-    /// Records `db_default`'s transaction status; a block's `SET LOCAL`s end with it.
+    /// Records `db_default`'s transaction status, at a point where everything the
+    /// client sent has been answered; a block's `SET LOCAL`s end with it.
     pub(super) fn set_tx_status(&mut self, status: u8) {
+        self.set_tx_status_at(status, u64::MAX);
+    }
+
+    /// Records `db_default`'s transaction status as of the client message
+    /// `seq`: portals bound before it end with an ended block, later ones stay.
+    pub(super) fn set_tx_status_at(&mut self, status: u8, seq: u64) {
         self.tx_status = status;
         if status == b'I' {
             self.shard_tx.local_sets.clear();
             self.shard_tx.local_marks.clear();
-            self.db.tx_portals.clear();
+            self.forget_tx_portals_before(seq);
+        }
+    }
+
+    fn forget_tx_portals_before(&mut self, seq: u64) {
+        if !self.db.tx_portals.is_empty() {
+            self.db.tx_portals.retain(|_, (_, bound)| *bound > seq);
         }
     }
 
@@ -107,7 +120,7 @@ impl Session {
     fn block_end(&self, execute: &[u8]) -> Option<BlockEnd> {
         use shardgate_router::TxControl as T;
         let portal = crate::protocol::frontend::Reader::new(execute).cstr().ok()?;
-        let text = self.db.tx_portals.get(portal)?;
+        let (text, _) = self.db.tx_portals.get(portal)?;
         match shardgate_router::transaction_control(text) {
             T::Commit | T::Rollback => Some(BlockEnd::Ends { chain: shardgate_router::and_chain(text) }),
             T::Unsupported("PREPARE TRANSACTION") => Some(BlockEnd::Prepared),
@@ -120,7 +133,7 @@ impl Session {
     /// session follows db_default now, not at the batch's ReadyForQuery (which
     /// still has the last word). A tag other than the statement's (the server ran
     /// an older portal of that name) changes nothing.
-    pub(super) fn block_ended_mid_batch(&mut self, end: BlockEnd, tag: &[u8]) {
+    pub(super) fn block_ended_mid_batch(&mut self, end: BlockEnd, tag: &[u8], seq: u64) {
         let ended = tag == b"COMMIT" || tag == b"ROLLBACK";
         let status = match end {
             BlockEnd::Ends { chain } if ended => if chain { b'T' } else { b'I' },
@@ -134,6 +147,7 @@ impl Session {
             self.shard_tx.local_sets.clear();
             self.shard_tx.local_marks.clear();
             // the block's portals are gone on db_default; so are the proxy's routed ones
+            self.forget_tx_portals_before(seq);
             self.routed.end_portals();
         }
         // a two-phase decision the block's COMMIT carried is durable now (or rolled back
@@ -192,6 +206,7 @@ impl Session {
     }
 
     pub(super) async fn on_client(&mut self, f: Frame) -> Result<Flow, End> {
+        self.db.client_seq += 1;
         tracing::trace!(tag = %(f.tag as char), len = f.raw.len(), server = self.db.server.is_some(), "client message");
         if self.discard_until_sync && f.tag != b'S' && f.tag != b'X' {
             return Ok(Flow::Continue);
@@ -255,7 +270,7 @@ impl Session {
                 }
                 self.forget_statements_if_discarded(sql);
                 self.db.sout.extend_from_slice(&f.raw);
-                self.db.expect.push_back(Expect::Ready { sync: false });
+                self.db.expect.push_back(Expect::Ready { sync: false, seq: self.db.client_seq });
                 self.db.pending_ready += 1;
                 self.arm_query_timeout();
             }
@@ -373,8 +388,9 @@ impl Session {
                 }
                 // a statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps them
                 // prepared; the unnamed one is kept across transactions too): the shards'
-                // part ends with it, as at a Parse; and its portal is remembered, for an
-                // Execute after shards have joined
+                // part ends with it, as at a Parse (before the portal exists: the proxy's
+                // own queries on db_default would drop an unnamed one); and its portal is
+                // remembered, for an Execute after shards have joined
                 let tx = if b.statement.is_empty() { self.db.unnamed_tx && self.db.unnamed.is_some() } else { self.db.statements.get(b.statement).is_some_and(|s| s.tx_control) };
                 let parse = if !tx {
                     None
@@ -386,12 +402,14 @@ impl Session {
                 let text = parse.as_ref().and_then(|p| Parse::parse(p.get(5..).unwrap_or_default()).ok()).and_then(|p| std::str::from_utf8(p.query).ok().map(str::to_string));
                 match text {
                     Some(t) => {
-                        if self.shards_in_tx() {
+                        if self.shards_take_part() {
                             if let Some(flow) = self.extended_tx_end(t.as_bytes()).await? {
                                 return Ok(flow);
                             }
                         }
-                        self.db.tx_portals.insert(b.portal.to_vec(), t);
+                        if !self.db.server_skipping {
+                            self.db.tx_portals.insert(b.portal.to_vec(), (t, self.db.client_seq));
+                        }
                     }
                     None if !self.db.tx_portals.is_empty() => {
                         self.db.tx_portals.remove(b.portal);
@@ -476,10 +494,10 @@ impl Session {
                         return Ok(flow);
                     }
                 }
-                if f.tag == b'E' && !self.db.tx_portals.is_empty() && self.shards_in_tx() {
+                if f.tag == b'E' && !self.db.tx_portals.is_empty() && self.shards_take_part() {
                     // a COMMIT/ROLLBACK bound before the shards joined: they end with it
                     let portal = crate::protocol::frontend::Reader::new(f.body()).cstr().unwrap_or_default().to_vec();
-                    if let Some(text) = self.db.tx_portals.get(&portal).cloned() {
+                    if let Some((text, _)) = self.db.tx_portals.get(&portal).cloned() {
                         if let Some(flow) = self.extended_tx_end(text.as_bytes()).await? {
                             return Ok(flow);
                         }
@@ -496,7 +514,7 @@ impl Session {
                 self.db.sent_since_sync = true;
                 if f.tag == b'E' {
                     let ends_block = if self.db.tx_portals.is_empty() { None } else { self.block_end(f.body()) };
-                    self.expect_reply(Expect::Execute { ends_block });
+                    self.expect_reply(Expect::Execute { ends_block, seq: self.db.client_seq });
                     self.arm_query_timeout();
                 }
             }
@@ -523,7 +541,7 @@ impl Session {
                     }
                     self.discard_until_sync = false;
                     self.db.sout.extend_from_slice(&f.raw);
-                    self.db.expect.push_back(Expect::Ready { sync: true });
+                    self.db.expect.push_back(Expect::Ready { sync: true, seq: self.db.client_seq });
                     self.db.pending_ready += 1;
                     self.db.sent_since_sync = false;
                     self.db.server_skipping = false;
@@ -534,7 +552,7 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 self.db.sout.extend_from_slice(&f.raw);
-                self.db.expect.push_back(Expect::Ready { sync: false });
+                self.db.expect.push_back(Expect::Ready { sync: false, seq: self.db.client_seq });
                 self.db.pending_ready += 1;
             }
             b'd' | b'c' | b'f' => {

@@ -155,7 +155,7 @@ pub(super) fn parse_bind(r: &mut Reader<'_>, types: &[u32]) -> Result<Bound, &'s
 impl Session {
     /// Parse: `Some` when the statement is routed (handled here).
     pub(super) async fn routed_parse(&mut self, name: &[u8], query: &[u8], param_types: &[u8]) -> Result<Option<Flow>, End> {
-        if self.shards_in_tx() {
+        if self.shards_take_part() {
             if let Some(flow) = self.extended_tx_end(query).await? {
                 return Ok(Some(flow));
             }

@@ -383,9 +383,9 @@ impl Session {
                 self.db.copy_in = None;
                 match self.db.expect.pop_front() {
                     Some(Expect::SwallowUntilReady) => self.set_tx_status(status),
-                    Some(Expect::Ready { .. }) => {
+                    Some(Expect::Ready { seq, .. }) => {
                         self.db.pending_ready = self.db.pending_ready.saturating_sub(1);
-                        self.set_tx_status(status);
+                        self.set_tx_status_at(status, seq);
                         self.cache_on_ready(status);
                         if status == b'I' && self.shard_tx.pending_2pc.is_some() {
                             self.shard_tx.resolve_2pc = self.shard_tx.pending_2pc.take();
@@ -416,15 +416,15 @@ impl Session {
                 self.cout.extend_from_slice(f.raw);
             }
             b'C' | b'I' | b's' if matches!(self.db.expect.front(), Some(Expect::Execute { .. })) => {
-                let ends_block = match self.db.expect.pop_front() {
-                    Some(Expect::Execute { ends_block }) => ends_block,
-                    _ => None,
+                let (ends_block, seq) = match self.db.expect.pop_front() {
+                    Some(Expect::Execute { ends_block, seq }) => (ends_block, seq),
+                    _ => (None, 0),
                 };
                 if let (b'C', Some(end)) = (f.tag, ends_block) {
                     // the block ended here, mid-batch: what follows in the batch runs after it
                     // (a failed block's statements no longer answer 25P02; routed ones do not
                     // join the ended block)
-                    self.block_ended_mid_batch(end, f.body().strip_suffix(&[0]).unwrap_or(f.body()));
+                    self.block_ended_mid_batch(end, f.body().strip_suffix(&[0]).unwrap_or(f.body()), seq);
                 } else if f.tag == b'C' {
                     // a BEGIN executed in an extended batch opens the block now, not at the
                     // batch's ReadyForQuery: routed statements later in the same batch (pgjdbc
@@ -461,18 +461,18 @@ impl Session {
         let Some(first) = self.db.expect.iter().position(|e| matches!(e, Expect::Ready { .. })) else {
             return;
         };
-        let extended = matches!(self.db.expect[first], Expect::Ready { sync: true });
+        let extended = matches!(self.db.expect[first], Expect::Ready { sync: true, .. });
         let mut i = if extended { first } else { first + 1 };
         while i < self.db.expect.len() {
             match self.db.expect[i] {
-                Expect::Ready { sync: true } => {
+                Expect::Ready { sync: true, .. } => {
                     self.db.expect.remove(i);
                     self.db.pending_ready = self.db.pending_ready.saturating_sub(1);
                 }
                 Expect::CopyEnd => {
                     // the client already ended the COPY; an extended COPY still owes its Sync
                     self.db.expect.remove(i);
-                    let sync_after = self.db.expect.iter().skip(i).any(|e| matches!(e, Expect::Ready { sync: true }));
+                    let sync_after = self.db.expect.iter().skip(i).any(|e| matches!(e, Expect::Ready { sync: true, .. }));
                     if extended && !sync_after {
                         self.db.sent_since_sync = true;
                     }

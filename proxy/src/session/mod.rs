@@ -86,8 +86,9 @@ enum Expect {
     /// CloseComplete for a Close; `evicted` is the server statement the proxy
     /// closed to make room (back in the set if the server skipped the Close).
     CloseComplete { forward: bool, evicted: Option<Arc<str>> },
-    /// ReadyForQuery for a client Sync (`sync`) or Query/FunctionCall.
-    Ready { sync: bool },
+    /// ReadyForQuery for a client Sync (`sync`) or Query/FunctionCall, the
+    /// `client_seq` of that message.
+    Ready { sync: bool, seq: u64 },
     /// The client ended a COPY FROM STDIN (CopyDone/CopyFail) before the
     /// server's CopyInResponse was seen: Syncs sent before this marker were
     /// ignored by the server.
@@ -102,7 +103,7 @@ enum Expect {
     /// `ends_block`: the portal is a block's end (COMMIT, ROLLBACK, …), which
     /// takes effect at its CommandComplete, before the batch's ReadyForQuery:
     /// statements later in the batch run after the block, as in PostgreSQL.
-    Execute { ends_block: Option<BlockEnd> },
+    Execute { ends_block: Option<BlockEnd>, seq: u64 },
     /// A Parse the proxy made fail on purpose (the client re-used a statement
     /// name): the server's ErrorResponse is replaced by this one, so the error
     /// arrives in order and the server skips to Sync / aborts the transaction

@@ -34,10 +34,14 @@ pub(super) struct DbLink {
     /// Server connections checked out so far by this session.
     pub(super) checkouts: u64,
     /// Portals the client bound to a transaction-control statement (COMMIT,
-    /// ROLLBACK, SAVEPOINT, …), with its text: executed once shards have
-    /// joined the block, the shards' part must end with it. Portals end with
-    /// their transaction, and so does this (at an idle ReadyForQuery).
-    pub(super) tx_portals: HashMap<Vec<u8>, String>,
+    /// ROLLBACK, SAVEPOINT, …), with its text and the `client_seq` of the
+    /// Bind: executed while shards take part, the shards' part ends with it.
+    /// Portals end with their transaction, and so do these: at a block's end
+    /// those bound before it are forgotten (the client may be batches ahead of
+    /// the replies, so a later batch's are kept).
+    pub(super) tx_portals: HashMap<Vec<u8>, (String, u64)>,
+    /// Client messages handled so far (stamps `tx_portals` and ReadyForQuerys).
+    pub(super) client_seq: u64,
     /// The server reported an error and skips messages until the next Sync,
     /// which the client has not sent yet: Parse/Close sent until then get no reply.
     pub(super) server_skipping: bool,

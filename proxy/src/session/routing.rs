@@ -102,6 +102,14 @@ impl Session {
         self.shard_tx.slots.iter().flatten().any(|s| s.in_tx)
     }
 
+    /// Shards take part in the block, or did until a COMMIT was parsed or bound
+    /// that carries their prepared transactions' decision: transaction control
+    /// the shards cannot follow (PREPARE TRANSACTION would leave that decision
+    /// unreadable and the shards rolled back) stays refused until it has run.
+    pub(super) fn shards_take_part(&self) -> bool {
+        self.shard_tx.pending_2pc.is_some() || self.shards_in_tx()
+    }
+
     /// True when the statement text must be looked at by the router.
     pub(super) fn wants_router(&self, sql: &[u8]) -> bool {
         self.shared.engine.may_route(sql) || self.shards_in_tx()
