@@ -543,14 +543,23 @@ async fn prepare_transaction_after_a_bound_two_phase_commit_is_refused() {
     let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
     let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
     let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
-    let mut s = md5_login(&c);
-    s.write_all(&[pbe("BEGIN"), pbe(&insert("PT-A")), pbe(&other("PT-B")), sync.clone()].concat()).expect("write");
-    assert_eq!(error_code(&read_until_ready(&mut s)), None);
-    s.write_all(&[parse("c", "COMMIT"), bind("c", "c"), pbe("PREPARE TRANSACTION 'pt'"), sync.clone()].concat()).expect("write");
-    let msgs = read_until_ready(&mut s);
-    assert_eq!(error_code(&msgs).as_deref(), Some("0A000"), "{msgs:?}");
-    s.write_all(&[pbe("ROLLBACK"), sync.clone()].concat()).expect("write");
-    read_until_ready(&mut s);
-    drop(s);
-    assert_eq!(on_shard(&c, "PT-A").await, 0, "the block was rolled back");
+    // extended, and as a simple Query after the batch that bound the COMMIT
+    for (no, simple) in [("PT-A", false), ("PT-S", true)] {
+        let mut s = md5_login(&c);
+        s.write_all(&[pbe("BEGIN"), pbe(&insert(no)), pbe(&other(&format!("{no}-2"))), sync.clone()].concat()).expect("write");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        let msgs = if simple {
+            s.write_all(&[parse("c", "COMMIT"), bind("c", "c"), sync.clone(), frame(b'Q', b"PREPARE TRANSACTION 'pt'\0")].concat()).expect("write");
+            assert_eq!(error_code(&read_until_ready(&mut s)), None);
+            read_until_ready(&mut s)
+        } else {
+            s.write_all(&[parse("c", "COMMIT"), bind("c", "c"), pbe("PREPARE TRANSACTION 'pt'"), sync.clone()].concat()).expect("write");
+            read_until_ready(&mut s)
+        };
+        assert_eq!(error_code(&msgs).as_deref(), Some("0A000"), "{no}: {msgs:?}");
+        s.write_all(&[pbe("ROLLBACK"), sync.clone()].concat()).expect("write");
+        read_until_ready(&mut s);
+        drop(s);
+        assert_eq!(on_shard(&c, no).await, 0, "{no}: the block was rolled back");
+    }
 }

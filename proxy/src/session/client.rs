@@ -152,8 +152,9 @@ impl Session {
         }
         // a two-phase decision the block's COMMIT carried is durable now (or rolled back
         // with it); never at a ROLLBACK TO, before the COMMIT has run
-        if ends_tx && self.shard_tx.pending_2pc.is_some() && self.shard_tx.resolve_2pc.is_none() {
-            self.shard_tx.resolve_2pc = self.shard_tx.pending_2pc.take();
+        if ends_tx && !self.shard_tx.pending_2pc.is_empty() {
+            let pending = std::mem::take(&mut self.shard_tx.pending_2pc);
+            self.shard_tx.resolve_2pc.extend(pending);
         }
     }
 

@@ -115,7 +115,9 @@ impl Session {
             self.db.expect.push_back(Expect::SwallowUntilReady);
         }
         self.registration.slot.set(Some(server.cancel_key.clone()));
-        self.set_tx_status(b'I');
+        // (a fresh connection is idle; the portals the client bound so far are kept: the
+        // message that made this checkout may be a Bind of one)
+        self.set_tx_status_at(b'I', 0);
         self.db.server = Some(server);
         self.db.checkouts += 1;
         Ok(true)
@@ -382,13 +384,15 @@ impl Session {
                 }
                 self.db.copy_in = None;
                 match self.db.expect.pop_front() {
-                    Some(Expect::SwallowUntilReady) => self.set_tx_status(status),
+                    // the proxy's own queries: the client may be ahead, its portals stay
+                    Some(Expect::SwallowUntilReady) => self.set_tx_status_at(status, 0),
                     Some(Expect::Ready { seq, .. }) => {
                         self.db.pending_ready = self.db.pending_ready.saturating_sub(1);
                         self.set_tx_status_at(status, seq);
                         self.cache_on_ready(status);
-                        if status == b'I' && self.shard_tx.pending_2pc.is_some() {
-                            self.shard_tx.resolve_2pc = self.shard_tx.pending_2pc.take();
+                        if status == b'I' && !self.shard_tx.pending_2pc.is_empty() {
+                            let pending = std::mem::take(&mut self.shard_tx.pending_2pc);
+                            self.shard_tx.resolve_2pc.extend(pending);
                         }
                         if self.db.pending_ready == 0 {
                             self.query_deadline = None;

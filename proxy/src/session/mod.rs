@@ -365,7 +365,7 @@ impl Session {
         let mut armed: Option<Instant> = None;
         loop {
             // 0. a COMMIT that carried a two-phase decision has ended: finish it before anything else
-            if self.shard_tx.resolve_2pc.is_some() {
+            if !self.shard_tx.resolve_2pc.is_empty() {
                 self.resolve_pending_2pc().await;
             }
             // 1. client messages, while the server side is not backed up
@@ -392,7 +392,7 @@ impl Session {
             }
             // a COMMIT that carried a two-phase decision has ended: the shards commit before
             // the client hears of it (it may read its rows right after)
-            if self.shard_tx.resolve_2pc.is_some() {
+            if !self.shard_tx.resolve_2pc.is_empty() {
                 self.resolve_pending_2pc().await;
             }
             // 3. committed cache invalidations reach Redis before the client hears of the commit

@@ -69,9 +69,10 @@ pub(super) struct ShardTx {
     /// before each: `ROLLBACK TO` one undoes the `SET LOCAL`s after it.
     pub(super) local_marks: Vec<(String, usize)>,
     /// A two-phase commit whose decision row rides on the client's COMMIT (extended protocol).
-    pub(super) pending_2pc: Option<(String, Vec<usize>)>,
+    /// (Several, when shards joined again after a COMMIT was bound and before it ran.)
+    pub(super) pending_2pc: Vec<(String, Vec<usize>)>,
     /// That COMMIT has ended on db_default: resolve the prepared shard transactions.
-    pub(super) resolve_2pc: Option<(String, Vec<usize>)>,
+    pub(super) resolve_2pc: Vec<(String, Vec<usize>)>,
 }
 
 /// The client's prepared statements and portals on sharded tables (answered by the proxy), and portals read in parts.

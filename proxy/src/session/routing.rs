@@ -107,12 +107,12 @@ impl Session {
     /// the shards cannot follow (PREPARE TRANSACTION would leave that decision
     /// unreadable and the shards rolled back) stays refused until it has run.
     pub(super) fn shards_take_part(&self) -> bool {
-        self.shard_tx.pending_2pc.is_some() || self.shards_in_tx()
+        !self.shard_tx.pending_2pc.is_empty() || self.shards_in_tx()
     }
 
     /// True when the statement text must be looked at by the router.
     pub(super) fn wants_router(&self, sql: &[u8]) -> bool {
-        self.shared.engine.may_route(sql) || self.shards_in_tx()
+        self.shared.engine.may_route(sql) || self.shards_take_part()
     }
 
     /// Waits until `db_default` has answered everything sent so far.
@@ -155,7 +155,7 @@ impl Session {
         }
         // a COMMIT earlier in the batch carried a two-phase decision: its shards commit
         // before anything after it reads them
-        if self.shard_tx.resolve_2pc.is_some() {
+        if !self.shard_tx.resolve_2pc.is_empty() {
             self.resolve_pending_2pc().await;
         }
         Ok(())
@@ -195,7 +195,7 @@ impl Session {
             self.fail_simple(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, NOT_UTF8.into())).await?;
             return Ok(Some(Flow::Continue));
         };
-        if self.shards_in_tx() && !matches!(tx_verb(text), TxVerb::Other) {
+        if self.shards_take_part() && !matches!(tx_verb(text), TxVerb::Other) {
             // read by the lexer, whatever sqlparser makes of it: the shards' part ends here too
             // (or the statement is refused before anything of it runs)
             self.barrier().await?;
@@ -210,7 +210,7 @@ impl Session {
             None => (self.shared.engine.router.analysis_uncached(text), None),
         };
         match &*analysis {
-            Analysis::Passthrough(StatementClass::Transaction) if self.shards_in_tx() => {
+            Analysis::Passthrough(StatementClass::Transaction) if self.shards_take_part() => {
                 self.barrier().await?;
                 self.end_transaction(text).await
             }

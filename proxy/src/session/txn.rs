@@ -327,7 +327,7 @@ impl Session {
                 match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
                     Ok(Ok(_)) => {
                         // the client's COMMIT makes the decision durable; resolved at its ReadyForQuery
-                        self.shard_tx.pending_2pc = Some((gid, written));
+                        self.shard_tx.pending_2pc.push((gid, written));
                         Ok(None)
                     }
                     Ok(Err(e)) => {
@@ -349,7 +349,7 @@ impl Session {
     /// Resolves a two-phase commit whose decision rode on the client's own
     /// COMMIT: committed if the decision row exists now, rolled back if not.
     pub(super) async fn resolve_pending_2pc(&mut self) {
-        if let Some((gid, shards)) = self.shard_tx.resolve_2pc.take() {
+        for (gid, shards) in std::mem::take(&mut self.shard_tx.resolve_2pc) {
             let engine = self.shared.engine.clone();
             match twopc::decided(&engine, &gid).await {
                 Some(commit) => twopc::resolve(&engine, &gid, &shards, commit).await,
