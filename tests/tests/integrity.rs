@@ -563,3 +563,41 @@ async fn prepare_transaction_after_a_bound_two_phase_commit_is_refused() {
         assert_eq!(on_shard(&c, no).await, 0, "{no}: the block was rolled back");
     }
 }
+
+/// From a review: a COMMIT bound with the extended protocol carries a
+/// two-phase decision; when the client then writes again and ends the block
+/// with a simple COMMIT instead, both decisions are settled before the client
+/// hears COMMIT (before, the first one's shards stayed prepared: the rows
+/// invisible and locked until orphan recovery); and a simple COMMIT AND CHAIN
+/// in that state is refused (its chained block would keep them prepared).
+#[tokio::test]
+async fn a_bound_commit_overtaken_by_a_simple_commit_settles_its_decision() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    let sync = frame(b'S', b"");
+    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
+    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+    let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
+    for (no, end, committed) in [("OVT", "COMMIT", true), ("OVC", "COMMIT AND CHAIN", false)] {
+        let mut s = md5_login(&c);
+        s.write_all(&[pbe("BEGIN"), pbe(&insert(&format!("{no}-1"))), pbe(&other(&format!("{no}-2"))), sync.clone()].concat()).expect("write");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&[parse("c", "COMMIT"), bind("c", "c"), sync.clone(), query(&insert(&format!("{no}-3"))), query(end)].concat()).expect("write");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        let msgs = read_until_ready(&mut s);
+        if committed {
+            assert_eq!(error_code(&msgs), None, "{no}: {msgs:?}");
+            // read on the shard itself right after the client heard COMMIT
+            assert_eq!(on_shard(&c, &format!("{no}-1")).await, 1, "{no}: the first decision's row");
+            assert_eq!(on_shard(&c, &format!("{no}-3")).await, 1, "{no}: the second's");
+        } else {
+            assert_eq!(error_code(&msgs).as_deref(), Some("0A000"), "{no}: {msgs:?}");
+            s.write_all(&query("ROLLBACK")).expect("write");
+            read_until_ready(&mut s);
+            assert_eq!(on_shard(&c, &format!("{no}-1")).await, 0, "{no}: rolled back");
+        }
+    }
+}

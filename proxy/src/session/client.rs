@@ -33,12 +33,18 @@ impl Session {
 
     /// Records `db_default`'s transaction status as of the client message
     /// `seq`: portals bound before it end with an ended block, later ones stay.
+    /// Idle means the block has ended however it ended (a simple COMMIT through
+    /// the proxy, a ROLLBACK, an error): a two-phase decision it carried is final.
     pub(super) fn set_tx_status_at(&mut self, status: u8, seq: u64) {
         self.tx_status = status;
         if status == b'I' {
             self.shard_tx.local_sets.clear();
             self.shard_tx.local_marks.clear();
             self.forget_tx_portals_before(seq);
+            if !self.shard_tx.pending_2pc.is_empty() {
+                let pending = std::mem::take(&mut self.shard_tx.pending_2pc);
+                self.shard_tx.resolve_2pc.extend(pending);
+            }
         }
     }
 

@@ -115,9 +115,9 @@ impl Session {
             self.db.expect.push_back(Expect::SwallowUntilReady);
         }
         self.registration.slot.set(Some(server.cancel_key.clone()));
-        // (a fresh connection is idle; the portals the client bound so far are kept: the
-        // message that made this checkout may be a Bind of one)
-        self.set_tx_status_at(b'I', 0);
+        // (a fresh connection is idle: portals bound before are gone, but the message
+        // that made this checkout may be a Bind of one)
+        self.set_tx_status_at(b'I', self.db.client_seq.saturating_sub(1));
         self.db.server = Some(server);
         self.db.checkouts += 1;
         Ok(true)
@@ -390,10 +390,6 @@ impl Session {
                         self.db.pending_ready = self.db.pending_ready.saturating_sub(1);
                         self.set_tx_status_at(status, seq);
                         self.cache_on_ready(status);
-                        if status == b'I' && !self.shard_tx.pending_2pc.is_empty() {
-                            let pending = std::mem::take(&mut self.shard_tx.pending_2pc);
-                            self.shard_tx.resolve_2pc.extend(pending);
-                        }
                         if self.db.pending_ready == 0 {
                             self.query_deadline = None;
                         }

@@ -213,6 +213,12 @@ impl Session {
     /// COMMIT / ROLLBACK / savepoints while shards take part (simple protocol).
     pub(super) async fn end_transaction(&mut self, sql: &str) -> Result<Option<Flow>, End> {
         let verb = self.effective_verb(tx_verb(sql));
+        if !self.shard_tx.pending_2pc.is_empty() && matches!(verb, TxVerb::Commit | TxVerb::Rollback) && shardgate_router::and_chain(sql) {
+            // the chained block would keep the pending decision's shards prepared
+            let m = "COMMIT/ROLLBACK AND CHAIN cannot follow a COMMIT that is bound but not executed yet; execute that COMMIT first".to_string();
+            self.fail_simple(ExecError::Proxy(sqlstate::FEATURE_NOT_SUPPORTED, m)).await?;
+            return Ok(Some(Flow::Continue));
+        }
         self.end_local_sets(&verb);
         match verb {
             TxVerb::Commit => {
