@@ -601,3 +601,33 @@ async fn a_bound_commit_overtaken_by_a_simple_commit_settles_its_decision() {
         }
     }
 }
+
+/// `COMMIT AND CHAIN` (simple protocol) of a block that wrote two shards
+/// commits them and opens the next block at once, as PostgreSQL does
+/// (ReadyForQuery `T`): a write after it is undone by the client's ROLLBACK.
+/// Before, the proxy committed with a plain COMMIT and answered `I`, so the
+/// next write committed on its own.
+#[tokio::test]
+async fn commit_and_chain_across_shards_opens_the_next_block() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
+    let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
+    let mut s = md5_login(&c);
+    for sql in ["BEGIN".to_string(), insert("CHN-1"), other("CHN-2")] {
+        s.write_all(&query(&sql)).expect("write");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None, "{sql}");
+    }
+    s.write_all(&query("COMMIT AND CHAIN")).expect("write");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'T'])), "in the chained block: {msgs:?}");
+    assert_eq!(on_shard(&c, "CHN-1").await, 1, "committed");
+    for sql in [insert("CHN-3"), "ROLLBACK".to_string()] {
+        s.write_all(&query(&sql)).expect("write");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None, "{sql}");
+    }
+    drop(s);
+    assert_eq!(on_shard(&c, "CHN-3").await, 0, "the chained block's write was rolled back");
+}

@@ -234,11 +234,13 @@ impl Session {
                     }
                 };
                 // the decision commits with the client's own db_default transaction; the
-                // prepared shard transactions are then resolved on fresh connections
+                // prepared shard transactions are then resolved on fresh connections.
+                // COMMIT AND CHAIN opens the next block at once, as the client asked
+                let chain = shardgate_router::and_chain(sql);
                 let engine = self.shared.engine.clone();
                 let server = self.db.server.as_mut().expect("in a transaction block");
                 let decided = match wire::control(server, &twopc::decision_sql(&gid, &written)).await {
-                    Ok(Ok(_)) => match wire::control(server, "COMMIT").await {
+                    Ok(Ok(_)) => match wire::control(server, if chain { "COMMIT AND CHAIN" } else { "COMMIT" }).await {
                         // an error of the COMMIT itself (a deferred constraint) is the client's own
                         Ok(r) => r.map_err(ExecError::Server),
                         // the decision's fate is unknown: recovery resolves it from the log
@@ -255,7 +257,8 @@ impl Session {
                         return self.server_lost().map(|_| None);
                     }
                 };
-                self.set_tx_status(b'I');
+                let status = if chain && decided.is_ok() { b'T' } else { b'I' };
+                self.set_tx_status(status);
                 match decided {
                     Ok(_) => {
                         twopc::crash_point("after_decision");
@@ -267,7 +270,7 @@ impl Session {
                         self.cout.extend_from_slice(&error_frame(&e));
                     }
                 }
-                msg::ready_for_query(&mut self.cout, b'I');
+                msg::ready_for_query(&mut self.cout, status);
                 Ok(Some(Flow::Continue))
             }
             other => self.end_without_commit(other, true).await,
