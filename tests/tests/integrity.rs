@@ -631,3 +631,44 @@ async fn commit_and_chain_across_shards_opens_the_next_block() {
     drop(s);
     assert_eq!(on_shard(&c, "CHN-3").await, 0, "the chained block's write was rolled back");
 }
+
+/// From a review of 0f0993c: a COMMIT portal bound in a block that then ends
+/// with a simple COMMIT AND CHAIN is gone in the chained block (34000), and
+/// never commits that block's shard.
+#[tokio::test]
+async fn a_commit_portal_does_not_outlive_commit_and_chain() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    let sync = frame(b'S', b"");
+    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
+    let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
+    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
+    let mut s = md5_login(&c);
+    s.write_all(&[query("BEGIN"), parse("c", "COMMIT"), bind("p", "c"), sync.clone()].concat()).expect("write");
+    read_until_ready(&mut s);
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    // (the chained block's write is an UPDATE: an INSERT's order_no entry would make
+    // db_default written, and its failure would then roll the shard back anyway)
+    let update = "UPDATE t_order SET order_amount = 9.99 WHERE merchant_id = 1 AND order_no = 'CHP-1'".to_string();
+    for sql in [insert("CHP-1"), other("CHP-2"), "COMMIT AND CHAIN".to_string(), update] {
+        s.write_all(&query(&sql)).expect("write");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None, "{sql}");
+    }
+    s.write_all(&[frame(b'E', b"p\0\0\0\0\0"), sync.clone()].concat()).expect("write");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs).as_deref(), Some("34000"), "{msgs:?}");
+    s.write_all(&query("ROLLBACK")).expect("write");
+    read_until_ready(&mut s);
+    drop(s);
+    assert_eq!(on_shard(&c, "CHP-1").await, 1);
+    let shard = connect(&c.info.shards[1]).await.expect("shard");
+    let mut amounts = Vec::new();
+    for t in shardgate_tests::month_tables(&shard).await {
+        for r in shard.query(&format!("SELECT order_amount::text FROM {t} WHERE order_no = 'CHP-1'"), &[]).await.expect("read") {
+            amounts.push(r.get::<_, String>(0));
+        }
+    }
+    assert_eq!(amounts, ["1.00"], "the chained block's UPDATE was rolled back");
+}

@@ -48,7 +48,7 @@ impl Session {
         }
     }
 
-    fn forget_tx_portals_before(&mut self, seq: u64) {
+    pub(super) fn forget_tx_portals_before(&mut self, seq: u64) {
         if !self.db.tx_portals.is_empty() {
             self.db.tx_portals.retain(|_, (_, bound)| *bound > seq);
         }

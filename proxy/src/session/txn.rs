@@ -259,6 +259,9 @@ impl Session {
                 };
                 let status = if chain && decided.is_ok() { b'T' } else { b'I' };
                 self.set_tx_status(status);
+                // the committed block's portals and savepoints are gone in the chained one too
+                self.forget_tx_portals_before(u64::MAX);
+                self.shard_tx.local_marks.clear();
                 match decided {
                     Ok(_) => {
                         twopc::crash_point("after_decision");
