@@ -30,6 +30,31 @@ fn insert(no: &str) -> String {
     format!("INSERT INTO t_order (order_no, merchant_id, order_amount, create_time) VALUES ('{no}', 1, 1.00, '2026-11-02 10:00+00')")
 }
 
+/// An order of merchant 2 (shard 2), else as `insert`.
+fn other(no: &str) -> String {
+    insert(no).replace("', 1, 1.00", "', 2, 1.00")
+}
+
+/// Parse of `sql` as the statement `name`, no parameter types.
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat())
+}
+
+/// Bind of the statement `name` (no parameters) to `portal`.
+fn bind(portal: &str, name: &str) -> Vec<u8> {
+    frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat())
+}
+
+/// Execute of every row of `portal`.
+fn exec(portal: &str) -> Vec<u8> {
+    frame(b'E', &[portal.as_bytes(), b"\0\0\0\0\0"].concat())
+}
+
+/// A simple Query.
+fn query(sql: &str) -> Vec<u8> {
+    frame(b'Q', &[sql.as_bytes(), b"\0"].concat())
+}
+
 #[tokio::test]
 async fn every_spelling_of_commit_commits_the_shards_too() {
     let c = start();
@@ -305,7 +330,6 @@ async fn an_unnamed_commit_bound_in_a_later_block_commits_the_shards() {
     use shardgate_tests::raw::{error_code, frame, md5_login, read_until_ready};
     let c = start();
     let mut s = md5_login(&c);
-    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
     let bind_exec = |name: &str| [frame(b'B', &[b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat()), frame(b'E', b"\0\0\0\0\0")].concat();
     let sync = frame(b'S', b"");
     // outside a block: a warning, no error
@@ -332,7 +356,6 @@ async fn a_commit_portal_bound_before_the_shards_joined_commits_them() {
     let c = start();
     for (no, statement) in [("PCOMMIT1", ""), ("PCOMMIT2", "cm")] {
         let mut s = md5_login(&c);
-        let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
         s.write_all(&query("BEGIN")).expect("send");
         read_until_ready(&mut s);
         let parse = frame(b'P', &[statement.as_bytes(), b"\0COMMIT\0\0\0"].concat());
@@ -412,7 +435,6 @@ async fn a_two_phase_commit_mid_batch_is_seen_by_the_statements_after_it() {
     use shardgate_tests::raw::error_code;
     let c = start();
     let sync = frame(b'S', b"");
-    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
     let mut s = md5_login(&c);
     s.write_all(&[pbe("BEGIN"), pbe(&insert("TPC-A")), pbe(&other("TPC-B")), sync.clone()].concat()).expect("write");
     assert_eq!(error_code(&read_until_ready(&mut s)), None);
@@ -447,10 +469,6 @@ async fn a_block_end_mid_batch_keeps_the_commit_and_drops_the_portals() {
     use shardgate_tests::raw::error_code;
     let c = start();
     let sync = frame(b'S', b"");
-    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
-    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
-    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
-    let exec = |portal: &str| frame(b'E', &[portal.as_bytes(), b"\0\0\0\0\0"].concat());
     let on_both = |no: &'static str| {
         let c = &c;
         async move {
@@ -505,9 +523,6 @@ async fn commit_portals_are_remembered_for_their_own_block() {
     use shardgate_tests::raw::error_code;
     let c = start();
     let sync = frame(b'S', b"");
-    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
-    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
-    let exec = |portal: &str| frame(b'E', &[portal.as_bytes(), b"\0\0\0\0\0"].concat());
     let mut s = md5_login(&c);
     s.write_all(&[parse("c", "COMMIT"), sync.clone()].concat()).expect("write");
     assert_eq!(error_code(&read_until_ready(&mut s)), None);
@@ -540,9 +555,6 @@ async fn prepare_transaction_after_a_bound_two_phase_commit_is_refused() {
     use shardgate_tests::raw::error_code;
     let c = start();
     let sync = frame(b'S', b"");
-    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
-    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
-    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
     // extended, and as a simple Query after the batch that bound the COMMIT
     for (no, simple) in [("PT-A", false), ("PT-S", true)] {
         let mut s = md5_login(&c);
@@ -576,10 +588,6 @@ async fn a_bound_commit_overtaken_by_a_simple_commit_settles_its_decision() {
     use shardgate_tests::raw::error_code;
     let c = start();
     let sync = frame(b'S', b"");
-    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
-    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
-    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
-    let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
     for (no, end, committed) in [("OVT", "COMMIT", true), ("OVC", "COMMIT AND CHAIN", false)] {
         let mut s = md5_login(&c);
         s.write_all(&[pbe("BEGIN"), pbe(&insert(&format!("{no}-1"))), pbe(&other(&format!("{no}-2"))), sync.clone()].concat()).expect("write");
@@ -612,8 +620,6 @@ async fn commit_and_chain_across_shards_opens_the_next_block() {
     use std::io::Write;
     use shardgate_tests::raw::error_code;
     let c = start();
-    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
-    let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
     let mut s = md5_login(&c);
     for sql in ["BEGIN".to_string(), insert("CHN-1"), other("CHN-2")] {
         s.write_all(&query(&sql)).expect("write");
@@ -641,10 +647,6 @@ async fn a_commit_portal_does_not_outlive_commit_and_chain() {
     use shardgate_tests::raw::error_code;
     let c = start();
     let sync = frame(b'S', b"");
-    let other = |no: &str| insert(no).replace("', 1, 1.00", "', 2, 1.00");
-    let query = |sql: &str| frame(b'Q', &[sql.as_bytes(), b"\0"].concat());
-    let parse = |name: &str, sql: &str| frame(b'P', &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat());
-    let bind = |portal: &str, name: &str| frame(b'B', &[portal.as_bytes(), b"\0", name.as_bytes(), b"\0\0\0\0\0\0\0"].concat());
     let mut s = md5_login(&c);
     s.write_all(&[query("BEGIN"), parse("c", "COMMIT"), bind("p", "c"), sync.clone()].concat()).expect("write");
     read_until_ready(&mut s);
