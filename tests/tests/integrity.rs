@@ -674,3 +674,42 @@ async fn a_commit_portal_does_not_outlive_commit_and_chain() {
     }
     assert_eq!(amounts, ["1.00"], "the chained block's UPDATE was rolled back");
 }
+
+/// COMMIT bound to the unnamed portal before the shards joined, and executed
+/// (`Execute ""`) after routed statements that used named portals, which leave
+/// the unnamed portal in place in PostgreSQL: the proxy's own queries at that
+/// Execute must not drop it. Before, db_default answered 34000 after the
+/// shards had committed, so the client was told its COMMIT failed while the
+/// order stayed.
+#[tokio::test]
+async fn an_unnamed_commit_portal_survives_the_proxys_own_queries() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    for (no, two_shards) in [("UPORTAL1", false), ("UPORTAL2", true)] {
+        let mut s = md5_login(&c);
+        s.write_all(&query("BEGIN")).expect("send");
+        read_until_ready(&mut s);
+        s.write_all(&[parse("", "COMMIT"), bind("", ""), frame(b'S', b"")].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        let mut batch = [parse("i", &insert(no)), bind("p", "i"), exec("p")].concat();
+        if two_shards {
+            batch.extend([parse("o", &other(&format!("{no}b"))), bind("q", "o"), exec("q")].concat());
+        }
+        batch.extend(frame(b'S', b""));
+        s.write_all(&batch).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&[exec(""), frame(b'S', b"")].concat()).expect("send");
+        let msgs = read_until_ready(&mut s);
+        let committed = error_code(&msgs).is_none();
+        let status = msgs.last().map(|(t, b)| (*t, b.clone()));
+        // whatever the client was told, the shard must agree with it
+        s.write_all(&query("ROLLBACK")).expect("send");
+        read_until_ready(&mut s);
+        drop(s);
+        let n = on_shard(&c, no).await;
+        assert_eq!(n, i64::from(committed), "two shards: {two_shards}: told {msgs:?}, the shard has {n}");
+        assert!(committed, "two shards: {two_shards}: PostgreSQL commits: {msgs:?}");
+        assert_eq!(status, Some((b'Z', vec![b'I'])));
+    }
+}

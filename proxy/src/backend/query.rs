@@ -101,7 +101,7 @@ pub fn put_sync(out: &mut BytesMut) {
 }
 
 /// Bind of the unnamed portal.
-fn put_bind(out: &mut BytesMut, statement: &[u8], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
+pub(crate) fn put_bind(out: &mut BytesMut, statement: &[u8], values: &[Option<&[u8]>], formats: &[i16], result_formats: &[i16]) {
     put_message(out, b'B', |o| {
         put_cstr(o, b"");
         put_cstr(o, statement);
@@ -126,7 +126,7 @@ fn put_bind(out: &mut BytesMut, statement: &[u8], values: &[Option<&[u8]>], form
     });
 }
 
-fn put_parse(out: &mut BytesMut, statement: &[u8], sql: &str, types: &[u32]) {
+pub(crate) fn put_parse(out: &mut BytesMut, statement: &[u8], sql: &str, types: &[u32]) {
     put_message(out, b'P', |o| {
         put_cstr(o, statement);
         put_cstr(o, sql.as_bytes());

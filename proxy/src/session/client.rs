@@ -444,7 +444,7 @@ impl Session {
                         return Ok(Flow::Continue);
                     }
                 }
-                self.expect_reply(Expect::BindComplete);
+                self.expect_reply(Expect::BindComplete { forward: true });
                 self.db.sent_since_sync = true;
             }
             b'D' | b'C' => {
@@ -505,8 +505,17 @@ impl Session {
                     // a COMMIT/ROLLBACK bound before the shards joined: they end with it
                     let portal = crate::protocol::frontend::Reader::new(f.body()).cstr().unwrap_or_default().to_vec();
                     if let Some((text, _)) = self.db.tx_portals.get(&portal).cloned() {
+                        let before = self.unnamed_here();
                         if let Some(flow) = self.extended_tx_end(text.as_bytes()).await? {
                             return Ok(flow);
+                        }
+                        if portal.is_empty() && self.unnamed_here() != before && !self.db.server_skipping {
+                            // the proxy's own queries dropped db_default's unnamed portal, which
+                            // PostgreSQL would still hold: bound again, as the client bound it
+                            crate::backend::query::put_parse(&mut self.db.sout, b"", &text, &[]);
+                            crate::backend::query::put_bind(&mut self.db.sout, b"", &[], &[], &[]);
+                            self.expect_reply(Expect::ParseComplete { forward: false, name: None, client: None });
+                            self.expect_reply(Expect::BindComplete { forward: false });
                         }
                     }
                 }

@@ -406,10 +406,16 @@ impl Session {
                 self.cout.extend_from_slice(f.raw);
             }
             b'2' => {
-                if matches!(self.db.expect.front(), Some(Expect::BindComplete)) {
+                let forward = match self.db.expect.front() {
+                    Some(Expect::BindComplete { forward }) => *forward,
+                    _ => true,
+                };
+                if matches!(self.db.expect.front(), Some(Expect::BindComplete { .. })) {
                     self.db.expect.pop_front();
                 }
-                self.cout.extend_from_slice(f.raw);
+                if forward {
+                    self.cout.extend_from_slice(f.raw);
+                }
             }
             b'T' | b'n' if matches!(self.db.expect.front(), Some(Expect::Describe)) => {
                 self.db.expect.pop_front();

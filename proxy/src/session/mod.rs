@@ -95,8 +95,8 @@ enum Expect {
     CopyEnd,
     /// Everything up to and including ReadyForQuery of a query the proxy sent itself.
     SwallowUntilReady,
-    /// BindComplete for a forwarded Bind.
-    BindComplete,
+    /// BindComplete for a Bind: the client's (`forward`) or the proxy's own.
+    BindComplete { forward: bool },
     /// The end of a forwarded Describe (RowDescription or NoData).
     Describe,
     /// The end of a forwarded Execute (CommandComplete, EmptyQueryResponse, PortalSuspended).
