@@ -473,3 +473,43 @@ async fn a_proxy_subscribes_again_after_its_redis_login_was_refused_for_a_while(
     seen_within(&pb, 950, "after the refusals", Duration::from_secs(5)).await;
     assert!(metric(&b.admin_url, "shardgate_cache_hits_total", "level=\"l1\"") >= 1.0, "B answers from its L1 again");
 }
+
+/// Another client sees a committed write of the table as soon as the COMMIT
+/// is answered, even when the writer then stays silent or goes on in a
+/// chained block: a COMMIT the proxy makes itself (the block also wrote
+/// several shards), and `COMMIT AND CHAIN` in both protocols, where the
+/// writer's connection never reports the idle status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_seen_by_other_clients_before_the_writer_speaks_again() {
+    let c = start();
+    let _db = seed(&c).await;
+    let admin = &c.info.admin_url;
+    wait_for("bloom filter", Duration::from_secs(20), || metric(admin, "shardgate_cache_bloom_keys", "t_merchant") == MERCHANTS as f64).await;
+    let writer = connect(&c.info.proxy_dsn).await.expect("writer");
+    let reader = connect(&c.info.proxy_dsn).await.expect("reader");
+    let orders = |no: &str| [1, 2].map(|m| format!("INSERT INTO t_order (order_no, merchant_id, order_amount) VALUES ('{no}{m}', {m}, 1.00)")).to_vec();
+    for (key, block, end, extended) in [
+        (9i64, orders("CC1"), "COMMIT", false),
+        (10, Vec::new(), "COMMIT AND CHAIN", false),
+        (11, orders("CC3"), "COMMIT AND CHAIN", false),
+        (12, Vec::new(), "COMMIT AND CHAIN", true),
+    ] {
+        // the reader's proxy has the old value cached
+        assert_eq!(name_of(&reader, key).await, Some(format!("merchant {key}")));
+        assert_eq!(name_of(&reader, key).await, Some(format!("merchant {key}")));
+        let name = format!("renamed {key}");
+        writer.batch_execute("BEGIN").await.expect("begin");
+        if extended {
+            writer.execute("UPDATE t_merchant SET merchant_name = $1 WHERE merchant_id = $2", &[&name, &key]).await.expect("update");
+            writer.execute(end, &[]).await.expect("end");
+        } else {
+            writer.batch_execute(&format!("UPDATE t_merchant SET merchant_name = '{name}' WHERE merchant_id = {key}")).await.expect("update");
+            for sql in &block {
+                writer.batch_execute(sql).await.expect("order");
+            }
+            writer.batch_execute(end).await.expect("end");
+        }
+        assert_eq!(name_of(&reader, key).await, Some(name), "key {key}: {end} (extended: {extended}) was answered, the write is committed");
+        writer.batch_execute("ROLLBACK").await.expect("end the chain");
+    }
+}

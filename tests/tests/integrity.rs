@@ -677,16 +677,16 @@ async fn a_commit_portal_does_not_outlive_commit_and_chain() {
 
 /// COMMIT bound to the unnamed portal before the shards joined, and executed
 /// (`Execute ""`) after routed statements that used named portals, which leave
-/// the unnamed portal in place in PostgreSQL: the proxy's own queries at that
-/// Execute must not drop it. Before, db_default answered 34000 after the
-/// shards had committed, so the client was told its COMMIT failed while the
-/// order stayed.
+/// the unnamed portal in place in PostgreSQL: the proxy's own queries on
+/// db_default (at that Execute, or at a Parse of another COMMIT before it)
+/// must not drop it. Before, db_default answered 34000 after the shards had
+/// committed, so the client was told its COMMIT failed while the order stayed.
 #[tokio::test]
 async fn an_unnamed_commit_portal_survives_the_proxys_own_queries() {
     use std::io::Write;
     use shardgate_tests::raw::error_code;
     let c = start();
-    for (no, two_shards) in [("UPORTAL1", false), ("UPORTAL2", true)] {
+    for (no, two_shards, parse_commit_first) in [("UPORTAL1", false, false), ("UPORTAL2", true, false), ("UPORTAL3", false, true), ("UPORTAL4", true, true)] {
         let mut s = md5_login(&c);
         s.write_all(&query("BEGIN")).expect("send");
         read_until_ready(&mut s);
@@ -699,6 +699,10 @@ async fn an_unnamed_commit_portal_survives_the_proxys_own_queries() {
         batch.extend(frame(b'S', b""));
         s.write_all(&batch).expect("send");
         assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        if parse_commit_first {
+            s.write_all(&[parse("c", "COMMIT"), frame(b'S', b"")].concat()).expect("send");
+            assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        }
         s.write_all(&[exec(""), frame(b'S', b"")].concat()).expect("send");
         let msgs = read_until_ready(&mut s);
         let committed = error_code(&msgs).is_none();
@@ -708,8 +712,47 @@ async fn an_unnamed_commit_portal_survives_the_proxys_own_queries() {
         read_until_ready(&mut s);
         drop(s);
         let n = on_shard(&c, no).await;
-        assert_eq!(n, i64::from(committed), "two shards: {two_shards}: told {msgs:?}, the shard has {n}");
-        assert!(committed, "two shards: {two_shards}: PostgreSQL commits: {msgs:?}");
+        let case = format!("two shards: {two_shards}, COMMIT parsed first: {parse_commit_first}");
+        assert_eq!(n, i64::from(committed), "{case}: told {msgs:?}, the shard has {n}");
+        assert!(committed, "{case}: PostgreSQL commits: {msgs:?}");
         assert_eq!(status, Some((b'Z', vec![b'I'])));
+    }
+}
+
+/// The other side: an unnamed COMMIT portal that PostgreSQL has dropped (a
+/// Close, a simple Query, a ROLLBACK TO of a savepoint older than it) is not
+/// brought back by the proxy when the shards have joined: its Execute fails
+/// (PostgreSQL's 34000, or 0A000 where the proxy cannot tell) and nothing of
+/// the block commits.
+#[tokio::test]
+async fn a_dropped_unnamed_commit_portal_commits_nothing() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    for (no, dropped_by, code) in [
+        ("UDROP1", frame(b'C', b"P\0"), "34000"),
+        ("UDROP2", query("SELECT 1"), "34000"),
+        ("UDROP3", [parse("r", "ROLLBACK TO s"), bind("r", "r"), exec("r")].concat(), "0A000"),
+    ] {
+        let mut s = md5_login(&c);
+        s.write_all(&query("BEGIN")).expect("send");
+        read_until_ready(&mut s);
+        s.write_all(&query("SAVEPOINT s")).expect("send");
+        read_until_ready(&mut s);
+        s.write_all(&[parse("", "COMMIT"), bind("", ""), frame(b'S', b"")].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None, "{no}");
+        let sync = if dropped_by[0] == b'Q' { Vec::new() } else { frame(b'S', b"") };
+        s.write_all(&[dropped_by, sync].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None, "{no}");
+        let batch = [parse("i", &insert(no)), bind("p", "i"), exec("p"), parse("o", &other(&format!("{no}b"))), bind("q", "o"), exec("q"), frame(b'S', b"")].concat();
+        s.write_all(&batch).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None, "{no}");
+        s.write_all(&[exec(""), frame(b'S', b"")].concat()).expect("send");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs).as_deref(), Some(code), "{no}: {msgs:?}");
+        s.write_all(&query("ROLLBACK")).expect("send");
+        read_until_ready(&mut s);
+        drop(s);
+        assert_eq!(on_shard(&c, no).await, 0, "{no}: the client was told the COMMIT failed");
     }
 }

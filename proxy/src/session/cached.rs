@@ -77,6 +77,10 @@ impl Session {
         if self.cache_hold.cache_pending.is_empty() && !self.cache_hold.cache_tx_wrote {
             return;
         }
+        if std::mem::take(&mut self.cache_hold.commit_seen) && status != b'I' {
+            // COMMIT AND CHAIN: committed, though the connection stays in a block
+            self.cache_on_commit();
+        }
         let mut due = Vec::new();
         if status == b'I' {
             let mut later = Vec::new();
@@ -98,6 +102,19 @@ impl Session {
         }
         if !due.is_empty() {
             self.shared.cache.invalidate_local(&due);
+            self.cache_hold.cache_flush = true;
+        }
+    }
+
+    /// A COMMIT that leaves no idle status for `cache_on_ready` to see (`COMMIT
+    /// AND CHAIN`): what was written before it is committed, so it is dropped
+    /// now, before the client hears of the COMMIT. The entries stay noted: a
+    /// statement of the chained block may be among them (a portal bound before
+    /// the COMMIT and executed after it), and dropping a key again is harmless.
+    pub(super) fn cache_on_commit(&mut self) {
+        if !self.cache_hold.cache_pending.is_empty() {
+            let inv: Vec<Invalidation> = self.cache_hold.cache_pending.iter().map(|(_, i)| i.clone()).collect();
+            self.shared.cache.invalidate_local(&inv);
             self.cache_hold.cache_flush = true;
         }
     }

@@ -50,7 +50,7 @@ impl Session {
 
     pub(super) fn forget_tx_portals_before(&mut self, seq: u64) {
         if !self.db.tx_portals.is_empty() {
-            self.db.tx_portals.retain(|_, (_, bound)| *bound > seq);
+            self.db.tx_portals.retain(|_, p| p.seq > seq);
         }
     }
 
@@ -126,13 +126,46 @@ impl Session {
     fn block_end(&self, execute: &[u8]) -> Option<BlockEnd> {
         use shardgate_router::TxControl as T;
         let portal = crate::protocol::frontend::Reader::new(execute).cstr().ok()?;
-        let (text, _) = self.db.tx_portals.get(portal)?;
+        let text = &self.db.tx_portals.get(portal)?.text;
         match shardgate_router::transaction_control(text) {
             T::Commit | T::Rollback => Some(BlockEnd::Ends { chain: shardgate_router::and_chain(text) }),
             T::Unsupported("PREPARE TRANSACTION") => Some(BlockEnd::Prepared),
             T::Unsupported("ROLLBACK TO SAVEPOINT") => Some(BlockEnd::RolledBackTo),
             _ => None,
         }
+    }
+
+    /// Execute of a portal bound to a transaction-control statement: a COMMIT or
+    /// ROLLBACK bound before the shards joined ends their part now. The unnamed
+    /// one is bound again if the proxy's own queries on `db_default` (here or at
+    /// an earlier message) dropped it there, where PostgreSQL keeps it. `Some`
+    /// when the Execute was answered here.
+    async fn execute_tx_portal(&mut self, execute: &[u8]) -> Result<Option<Flow>, End> {
+        let portal = crate::protocol::frontend::Reader::new(execute).cstr().unwrap_or_default().to_vec();
+        let Some(p) = self.db.tx_portals.get(&portal).cloned() else { return Ok(None) };
+        if portal.is_empty() && p.uncertain && (self.shards_take_part() || self.unnamed_here() != p.bound_at) {
+            let m = "a COMMIT or ROLLBACK bound to the unnamed portal before a ROLLBACK TO cannot be executed after it while orders take part; bind it again after the ROLLBACK TO".to_string();
+            self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, m).await?;
+            return Ok(Some(Flow::Continue));
+        }
+        if self.shards_take_part() {
+            if let Some(flow) = self.extended_tx_end(p.text.as_bytes()).await? {
+                return Ok(Some(flow));
+            }
+        }
+        if portal.is_empty() && self.unnamed_here() != p.bound_at && self.db.server.is_some() && !self.db.server_skipping {
+            crate::backend::query::put_parse(&mut self.db.sout, b"", &p.text, &[]);
+            crate::backend::query::put_bind(&mut self.db.sout, b"", &[], &[], &[]);
+            self.expect_reply(Expect::ParseComplete { forward: false, name: None, client: None });
+            self.expect_reply(Expect::BindComplete { forward: false });
+            let here = self.unnamed_here();
+            if let Some(p) = self.db.tx_portals.get_mut(b"".as_slice()) {
+                p.bound_at = here;
+            }
+            // the unnamed statement is now this one, not the client's
+            self.db.unnamed_at = None;
+        }
+        Ok(None)
     }
 
     /// A block-ending portal completed with `tag` in the middle of a batch: the
@@ -155,6 +188,9 @@ impl Session {
             // the block's portals are gone on db_default; so are the proxy's routed ones
             self.forget_tx_portals_before(seq);
             self.routed.end_portals();
+        } else if let Some(p) = self.db.tx_portals.get_mut(b"".as_slice()) {
+            // a ROLLBACK TO may have dropped the unnamed portal (if bound after its savepoint)
+            p.uncertain = p.seq < seq;
         }
         // a two-phase decision the block's COMMIT carried is durable now (or rolled back
         // with it); never at a ROLLBACK TO, before the COMMIT has run
@@ -243,8 +279,9 @@ impl Session {
         match f.tag {
             b'Q' => {
                 let sql = f.body().strip_suffix(&[0]).unwrap_or(f.body());
-                // a simple Query drops the unnamed statement (PostgreSQL's exec_simple_query)
+                // a simple Query drops the unnamed statement and portal (PostgreSQL's exec_simple_query)
                 self.db.unnamed = None;
+                self.db.tx_portals.remove(b"".as_slice());
                 self.routed.routed_stmts.remove(&b""[..]);
                 self.shared.meters.queries_simple.increment(1);
                 if self.admin && self.admin_command(sql).await? {
@@ -415,7 +452,8 @@ impl Session {
                             }
                         }
                         if !self.db.server_skipping {
-                            self.db.tx_portals.insert(b.portal.to_vec(), (t, self.db.client_seq));
+                            let p = super::parts::TxPortal { text: t, seq: self.db.client_seq, bound_at: None, uncertain: false };
+                            self.db.tx_portals.insert(b.portal.to_vec(), p);
                         }
                     }
                     None if !self.db.tx_portals.is_empty() => {
@@ -425,6 +463,12 @@ impl Session {
                 }
                 if !self.server_for(true).await {
                     return Ok(Flow::Continue);
+                }
+                if b.portal.is_empty() {
+                    let here = self.unnamed_here();
+                    if let Some(p) = self.db.tx_portals.get_mut(b"".as_slice()).filter(|p| p.seq == self.db.client_seq) {
+                        p.bound_at = here;
+                    }
                 }
                 if !self.cache_hold.cache_write_stmts.is_empty() {
                     self.cached_bind_write(b.statement, b.rest);
@@ -449,6 +493,9 @@ impl Session {
             }
             b'D' | b'C' => {
                 let t = Target::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+                if f.tag == b'C' && t.kind == b'P' {
+                    self.db.tx_portals.remove(t.name);
+                }
                 if !self.routed.routed_stmts.is_empty() || !self.routed.routed_portals.is_empty() {
                     let handled = if f.tag == b'D' { self.routed_describe(&t).await? } else { self.routed_close(&t).await? };
                     if let Some(flow) = handled {
@@ -501,22 +548,9 @@ impl Session {
                         return Ok(flow);
                     }
                 }
-                if f.tag == b'E' && !self.db.tx_portals.is_empty() && self.shards_take_part() {
-                    // a COMMIT/ROLLBACK bound before the shards joined: they end with it
-                    let portal = crate::protocol::frontend::Reader::new(f.body()).cstr().unwrap_or_default().to_vec();
-                    if let Some((text, _)) = self.db.tx_portals.get(&portal).cloned() {
-                        let before = self.unnamed_here();
-                        if let Some(flow) = self.extended_tx_end(text.as_bytes()).await? {
-                            return Ok(flow);
-                        }
-                        if portal.is_empty() && self.unnamed_here() != before && !self.db.server_skipping {
-                            // the proxy's own queries dropped db_default's unnamed portal, which
-                            // PostgreSQL would still hold: bound again, as the client bound it
-                            crate::backend::query::put_parse(&mut self.db.sout, b"", &text, &[]);
-                            crate::backend::query::put_bind(&mut self.db.sout, b"", &[], &[], &[]);
-                            self.expect_reply(Expect::ParseComplete { forward: false, name: None, client: None });
-                            self.expect_reply(Expect::BindComplete { forward: false });
-                        }
+                if f.tag == b'E' && !self.db.tx_portals.is_empty() {
+                    if let Some(flow) = self.execute_tx_portal(f.body()).await? {
+                        return Ok(flow);
                     }
                 }
                 if f.tag == b'H' && self.db.server.is_none() {

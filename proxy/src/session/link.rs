@@ -426,6 +426,9 @@ impl Session {
                     Some(Expect::Execute { ends_block, seq }) => (ends_block, seq),
                     _ => (None, 0),
                 };
+                if f.tag == b'C' && f.body() == b"COMMIT\0" && !self.cache_hold.cache_pending.is_empty() {
+                    self.cache_hold.commit_seen = true;
+                }
                 if let (b'C', Some(end)) = (f.tag, ends_block) {
                     // the block ended here, mid-batch: what follows in the batch runs after it
                     // (a failed block's statements no longer answer 25P02; routed ones do not
@@ -451,6 +454,9 @@ impl Session {
                 }
             }
             _ => {
+                if f.tag == b'C' && f.body() == b"COMMIT\0" && !self.cache_hold.cache_pending.is_empty() {
+                    self.cache_hold.commit_seen = true;
+                }
                 if !swallowing {
                     self.cout.extend_from_slice(f.raw);
                 }

@@ -39,7 +39,7 @@ pub(super) struct DbLink {
     /// Portals end with their transaction, and so do these: at a block's end
     /// those bound before it are forgotten (the client may be batches ahead of
     /// the replies, so a later batch's are kept).
-    pub(super) tx_portals: HashMap<Vec<u8>, (String, u64)>,
+    pub(super) tx_portals: HashMap<Vec<u8>, TxPortal>,
     /// Client messages handled so far (stamps `tx_portals` and ReadyForQuerys).
     pub(super) client_seq: u64,
     /// The server reported an error and skips messages until the next Sync,
@@ -112,6 +112,23 @@ pub(super) struct CacheHold {
     pub(super) cache_tx_wrote: bool,
     /// Committed invalidations are waiting to be sent to Redis and the other proxies.
     pub(super) cache_flush: bool,
+    /// `db_default` answered COMMIT since its last ReadyForQuery.
+    pub(super) commit_seen: bool,
+}
+
+/// A portal the client bound to a transaction-control statement (see `DbLink::tx_portals`).
+#[derive(Debug, Clone)]
+pub(super) struct TxPortal {
+    /// The statement's text.
+    pub(super) text: String,
+    /// The `client_seq` of the Bind.
+    pub(super) seq: u64,
+    /// The unnamed portal only: `unnamed_here()` at the Bind. The proxy's own
+    /// queries since then dropped it on `db_default`, where PostgreSQL keeps it.
+    pub(super) bound_at: Option<(u64, u64)>,
+    /// The unnamed portal only: a ROLLBACK TO ran since its Bind, which drops it
+    /// in PostgreSQL if its savepoint is older than the Bind (unknown here).
+    pub(super) uncertain: bool,
 }
 
 impl Drop for DbLink {

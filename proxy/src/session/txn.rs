@@ -264,6 +264,12 @@ impl Session {
                 self.shard_tx.local_marks.clear();
                 match decided {
                     Ok(_) => {
+                        // the proxy's own COMMIT: no ReadyForQuery of db_default shows it to the cache
+                        if chain {
+                            self.cache_on_commit();
+                        } else {
+                            self.cache_on_ready(b'I');
+                        }
                         twopc::crash_point("after_decision");
                         twopc::resolve(&engine, &gid, &written, true).await;
                         put_message(&mut self.cout, b'C', |o| put_cstr(o, b"COMMIT"));
