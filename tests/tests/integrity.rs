@@ -756,3 +756,52 @@ async fn a_dropped_unnamed_commit_portal_commits_nothing() {
         assert_eq!(on_shard(&c, no).await, 0, "{no}: the client was told the COMMIT failed");
     }
 }
+
+/// A simple `COMMIT AND CHAIN` / `ROLLBACK AND CHAIN` ends the block's
+/// portals although the status stays in a block: a COMMIT portal bound
+/// before it, executed in the chained block after the shards joined, is
+/// PostgreSQL's 34000, and the shards' part must not commit with it. Also a
+/// Describe of the unnamed COMMIT portal after the proxy's own queries
+/// dropped it on db_default: NoData, as PostgreSQL answers, then COMMIT.
+#[tokio::test]
+async fn portals_of_a_chained_block_and_a_described_unnamed_commit() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    for (no, end) in [("CHAINP1", "COMMIT AND CHAIN"), ("CHAINP2", "ROLLBACK AND CHAIN")] {
+        let mut s = md5_login(&c);
+        s.write_all(&query("BEGIN")).expect("send");
+        read_until_ready(&mut s);
+        s.write_all(&[parse("c", "COMMIT"), bind("cp", "c"), frame(b'S', b"")].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&query(end)).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&query(&insert(no))).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&[exec("cp"), frame(b'S', b"")].concat()).expect("send");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs).as_deref(), Some("34000"), "{end}: {msgs:?}");
+        s.write_all(&query("ROLLBACK")).expect("send");
+        read_until_ready(&mut s);
+        drop(s);
+        assert_eq!(on_shard(&c, no).await, 0, "{end}: the chained block was rolled back");
+    }
+    // Describe of the unnamed COMMIT portal after the proxy's own queries (a Parse of
+    // COMMIT while a shard takes part): NoData, then the COMMIT commits the shard
+    let mut s = md5_login(&c);
+    s.write_all(&query("BEGIN")).expect("send");
+    read_until_ready(&mut s);
+    s.write_all(&[parse("", "COMMIT"), bind("", ""), frame(b'S', b"")].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[parse("i", &insert("DESCP1")), bind("p", "i"), exec("p"), frame(b'S', b"")].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[parse("c2", "COMMIT"), frame(b'S', b"")].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[frame(b'D', b"P\0"), exec(""), frame(b'S', b"")].concat()).expect("send");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    assert_eq!(msgs.first().map(|(t, _)| *t), Some(b'n'), "NoData first: {msgs:?}");
+    assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])));
+    drop(s);
+    assert_eq!(on_shard(&c, "DESCP1").await, 1, "the client was told COMMIT");
+}

@@ -142,6 +142,13 @@ impl Session {
     /// when the Execute was answered here.
     async fn execute_tx_portal(&mut self, execute: &[u8]) -> Result<Option<Flow>, End> {
         let portal = crate::protocol::frontend::Reader::new(execute).cstr().unwrap_or_default().to_vec();
+        if !self.db.tx_portals.contains_key(&portal) {
+            return Ok(None);
+        }
+        if portal.is_empty() && self.db.expect.iter().any(|e| matches!(e, Expect::Execute { ends_block: Some(BlockEnd::RolledBackTo), .. })) {
+            // a ROLLBACK TO still in flight may drop the portal: known once it has run
+            self.barrier().await?;
+        }
         let Some(p) = self.db.tx_portals.get(&portal).cloned() else { return Ok(None) };
         if portal.is_empty() && p.uncertain && (self.shards_take_part() || self.unnamed_here() != p.bound_at) {
             let m = "a COMMIT or ROLLBACK bound to the unnamed portal before a ROLLBACK TO cannot be executed after it while orders take part; bind it again after the ROLLBACK TO".to_string();
@@ -153,19 +160,29 @@ impl Session {
                 return Ok(Some(flow));
             }
         }
-        if portal.is_empty() && self.unnamed_here() != p.bound_at && self.db.server.is_some() && !self.db.server_skipping {
-            crate::backend::query::put_parse(&mut self.db.sout, b"", &p.text, &[]);
-            crate::backend::query::put_bind(&mut self.db.sout, b"", &[], &[], &[]);
-            self.expect_reply(Expect::ParseComplete { forward: false, name: None, client: None });
-            self.expect_reply(Expect::BindComplete { forward: false });
-            let here = self.unnamed_here();
-            if let Some(p) = self.db.tx_portals.get_mut(b"".as_slice()) {
-                p.bound_at = here;
-            }
-            // the unnamed statement is now this one, not the client's
-            self.db.unnamed_at = None;
+        if portal.is_empty() {
+            self.rebind_unnamed_tx_portal();
         }
         Ok(None)
+    }
+
+    /// The unnamed portal bound to a transaction-control statement is bound
+    /// again if the proxy's own queries on `db_default` dropped it there since
+    /// the client bound it (PostgreSQL keeps it), unless it may be gone anyway.
+    pub(super) fn rebind_unnamed_tx_portal(&mut self) {
+        let here = self.unnamed_here();
+        let Some(p) = self.db.tx_portals.get_mut(b"".as_slice()) else { return };
+        if here == p.bound_at || here.is_none() || p.uncertain || self.db.server_skipping {
+            return;
+        }
+        p.bound_at = here;
+        let text = p.text.clone();
+        crate::backend::query::put_parse(&mut self.db.sout, b"", &text, &[]);
+        crate::backend::query::put_bind(&mut self.db.sout, b"", &[], &[], &[]);
+        self.expect_reply(Expect::ParseComplete { forward: false, name: None, client: None });
+        self.expect_reply(Expect::BindComplete { forward: false });
+        // the unnamed statement is now this one, not the client's
+        self.db.unnamed_at = None;
     }
 
     /// A block-ending portal completed with `tag` in the middle of a batch: the
@@ -313,6 +330,12 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 self.forget_statements_if_discarded(sql);
+                if self.db.tx_portals.len() + self.routed.routed_portals.len() > 0 && ends_with_chain(sql) {
+                    // the chained block has none of the ended block's portals (its status stays
+                    // T, so the idle status that forgets them otherwise never comes)
+                    self.forget_tx_portals_before(self.db.client_seq);
+                    self.routed.end_portals();
+                }
                 self.db.sout.extend_from_slice(&f.raw);
                 self.db.expect.push_back(Expect::Ready { sync: false, seq: self.db.client_seq });
                 self.db.pending_ready += 1;
@@ -425,6 +448,10 @@ impl Session {
             b'B' => {
                 let b = Bind::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
                 self.shared.meters.queries_extended.increment(1);
+                if b.portal.is_empty() {
+                    // a Bind of the unnamed portal replaces it, whatever it binds
+                    self.db.tx_portals.remove(b.portal);
+                }
                 if !self.routed.routed_stmts.is_empty() || !self.routed.routed_portals.is_empty() {
                     if let Some(flow) = self.routed_bind(f.body()).await? {
                         return Ok(flow);
@@ -495,6 +522,9 @@ impl Session {
                 let t = Target::parse(f.body()).map_err(|e| End::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
                 if f.tag == b'C' && t.kind == b'P' {
                     self.db.tx_portals.remove(t.name);
+                }
+                if f.tag == b'D' && t.kind == b'P' && t.name.is_empty() && self.db.tx_portals.contains_key(t.name) && self.db.server.is_some() {
+                    self.rebind_unnamed_tx_portal();
                 }
                 if !self.routed.routed_stmts.is_empty() || !self.routed.routed_portals.is_empty() {
                     let handled = if f.tag == b'D' { self.routed_describe(&t).await? } else { self.routed_close(&t).await? };
@@ -649,4 +679,10 @@ fn is_tx_control(query: &[u8]) -> bool {
     const WORDS: [&str; 8] = ["commit", "end", "rollback", "abort", "savepoint", "release", "prepare", "start"];
     let Ok(t) = std::str::from_utf8(query) else { return false };
     shardgate_router::first_word(t).is_some_and(|w| WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))) && !matches!(super::txn::tx_verb(t), super::txn::TxVerb::Other)
+}
+
+/// A simple Query that is one COMMIT or ROLLBACK ... AND CHAIN.
+fn ends_with_chain(sql: &[u8]) -> bool {
+    use shardgate_router::TxControl;
+    std::str::from_utf8(sql).is_ok_and(|t| matches!(shardgate_router::transaction_control(t), TxControl::Commit | TxControl::Rollback) && shardgate_router::and_chain(t))
 }
