@@ -25,6 +25,22 @@ pub enum TxControl {
 
 /// Classifies `sql` (one or several statements).
 pub fn transaction_control(sql: &str) -> TxControl {
+    let kinds = statement_kinds(sql);
+    match kinds.as_slice() {
+        [] => TxControl::None,
+        [k] => *k,
+        ks if ks.iter().all(|k| *k == TxControl::None) => TxControl::None,
+        _ => TxControl::Mixed,
+    }
+}
+
+/// Whether any statement of `sql` is PREPARE TRANSACTION.
+pub fn prepares_transaction(sql: &str) -> bool {
+    statement_kinds(sql).contains(&TxControl::Unsupported("PREPARE TRANSACTION"))
+}
+
+/// What each non-empty statement of `sql` is (first three words of each).
+fn statement_kinds(sql: &str) -> Vec<TxControl> {
     // the first three words of each non-empty statement
     let mut stmts: Vec<[Option<&str>; 3]> = Vec::new();
     let mut cur: [Option<&str>; 3] = [None; 3];
@@ -60,13 +76,7 @@ pub fn transaction_control(sql: &str) -> TxControl {
         stmts.push(cur);
         tos.push(any_to);
     }
-    let kinds: Vec<TxControl> = stmts.iter().zip(&tos).map(|(w, to)| one(w, *to)).collect();
-    match kinds.as_slice() {
-        [] => TxControl::None,
-        [k] => *k,
-        ks if ks.iter().all(|k| *k == TxControl::None) => TxControl::None,
-        _ => TxControl::Mixed,
-    }
+    stmts.iter().zip(&tos).map(|(w, to)| one(w, *to)).collect()
 }
 
 fn one(w: &[Option<&str>; 3], has_to: bool) -> TxControl {
@@ -152,6 +162,17 @@ mod tests {
         }
         for no in ["COMMIT", "COMMIT AND NO CHAIN", "rollback and no chain", "ROLLBACK", "abort work"] {
             assert!(!and_chain(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn prepare_transaction_is_found_in_any_statement_of_a_string() {
+        use super::prepares_transaction;
+        for yes in ["PREPARE TRANSACTION 'x'", "update t set a = 1; prepare /* c */ transaction 'x'", "  Prepare\nTransaction 'y';"] {
+            assert!(prepares_transaction(yes), "{yes}");
+        }
+        for no in ["PREPARE p AS SELECT 1", "SELECT 'prepare transaction'", "COMMIT PREPARED 'x'", "-- prepare transaction\nSELECT 1", ""] {
+            assert!(!prepares_transaction(no), "{no}");
         }
     }
 

@@ -513,3 +513,34 @@ async fn a_commit_is_seen_by_other_clients_before_the_writer_speaks_again() {
         writer.batch_execute("ROLLBACK").await.expect("end the chain");
     }
 }
+
+/// PREPARE TRANSACTION of a block that wrote the cached table is refused
+/// (0A000), in both protocols: its COMMIT PREPARED, from any session, could
+/// not drop the cached row, and readers would see the old one until its TTL.
+/// Before, it was prepared, the key was dropped at once (the status was idle),
+/// a reader cached the old row again, and COMMIT PREPARED left it stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_transaction_after_a_cached_write_is_refused() {
+    let c = start();
+    let _db = seed(&c).await;
+    let writer = connect(&c.info.proxy_dsn).await.expect("writer");
+    for (key, extended) in [(21i64, false), (22, true)] {
+        writer.batch_execute("BEGIN").await.expect("begin");
+        let name = format!("prepared {key}");
+        if extended {
+            writer.execute("UPDATE t_merchant SET merchant_name = $1 WHERE merchant_id = $2", &[&name, &key]).await.expect("update");
+        } else {
+            writer.batch_execute(&format!("UPDATE t_merchant SET merchant_name = '{name}' WHERE merchant_id = {key}")).await.expect("update");
+        }
+        let sql = format!("PREPARE TRANSACTION 'sg_cache_{key}'");
+        let e = if extended { writer.execute(sql.as_str(), &[]).await.map(|_| ()) } else { writer.batch_execute(&sql).await };
+        let e = e.expect_err("refused");
+        assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED), "extended: {extended}: {e:?}");
+        writer.batch_execute("ROLLBACK").await.expect("rollback");
+        assert_eq!(name_of(&writer, key).await, Some(format!("merchant {key}")), "nothing was prepared or committed");
+    }
+    // a block that wrote no cached table prepares as before
+    writer.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+    writer.batch_execute("PREPARE TRANSACTION 'sg_cache_none'").await.expect("prepare without cached writes");
+    writer.batch_execute("ROLLBACK PREPARED 'sg_cache_none'").await.expect("rollback prepared");
+}

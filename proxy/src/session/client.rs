@@ -150,6 +150,10 @@ impl Session {
             self.barrier().await?;
         }
         let Some(p) = self.db.tx_portals.get(&portal).cloned() else { return Ok(None) };
+        if self.cache_hold.cache_tx_wrote && shardgate_router::prepares_transaction(&p.text) {
+            self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, NO_PREPARED_CACHE_WRITE.into()).await?;
+            return Ok(Some(Flow::Continue));
+        }
         if portal.is_empty() && p.uncertain && (self.shards_take_part() || self.unnamed_here() != p.bound_at) {
             let m = "a COMMIT or ROLLBACK bound to the unnamed portal before a ROLLBACK TO cannot be executed after it while orders take part; bind it again after the ROLLBACK TO".to_string();
             self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, m).await?;
@@ -320,6 +324,10 @@ impl Session {
                 }
                 if let Some(flow) = self.deallocate_own(sql).await? {
                     return Ok(flow);
+                }
+                if self.cache_hold.cache_tx_wrote && std::str::from_utf8(sql).is_ok_and(shardgate_router::prepares_transaction) {
+                    self.refuse_simple(sqlstate::FEATURE_NOT_SUPPORTED, NO_PREPARED_CACHE_WRITE.into()).await?;
+                    return Ok(Flow::Continue);
                 }
                 self.note_begin(sql);
                 if let Err(m) = self.note_statement_text(sql) {
@@ -686,3 +694,7 @@ fn ends_with_chain(sql: &[u8]) -> bool {
     use shardgate_router::TxControl;
     std::str::from_utf8(sql).is_ok_and(|t| matches!(shardgate_router::transaction_control(t), TxControl::Commit | TxControl::Rollback) && shardgate_router::and_chain(t))
 }
+
+/// PREPARE TRANSACTION of a block that wrote a cached table: its COMMIT PREPARED
+/// (from any session) could not drop the cached rows.
+const NO_PREPARED_CACHE_WRITE: &str = "PREPARE TRANSACTION is not supported in a transaction that wrote a cached table (the cache could not follow its COMMIT PREPARED); commit the transaction directly, or remove the table from [[cache.tables]]";
