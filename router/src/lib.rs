@@ -40,7 +40,7 @@ pub use lexer::{contains_ignore_case, first_word, is_one_statement};
 pub use setting::{setting_change, SettingChange};
 pub use session::{deallocated_name, drops_all_statements, may_pin, names_proxy_statement, session_effect, SessionEffect, PROXY_STATEMENT_PREFIXES};
 pub use topology::{Context, Param, Resolved, SessionZone, TableRule, Topology};
-pub use txcontrol::{and_chain, begin_statement, prepares_transaction, savepoint_op, transaction_control, SavepointOp, TxControl};
+pub use txcontrol::{and_chain, begin_statement, block_steps, prepares_transaction, savepoint_op, transaction_control, BlockSteps, SavepointOp, TxControl};
 
 /// The stack a thread that plans statements should have. Statements are
 /// analysed up to a fixed nesting bound (longer operator chains are refused with

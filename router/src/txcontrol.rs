@@ -34,6 +34,25 @@ pub fn transaction_control(sql: &str) -> TxControl {
     }
 }
 
+/// What the statements of one text do to a transaction block, whatever else
+/// is in the text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockSteps {
+    /// A statement ends the block: COMMIT, ROLLBACK (either `AND CHAIN`), PREPARE TRANSACTION.
+    pub ends: bool,
+    /// A statement is ROLLBACK TO a savepoint.
+    pub rolls_back_to: bool,
+}
+
+/// [`BlockSteps`] of `sql` (one or several statements).
+pub fn block_steps(sql: &str) -> BlockSteps {
+    let kinds = statement_kinds(sql);
+    BlockSteps {
+        ends: kinds.iter().any(|k| matches!(k, TxControl::Commit | TxControl::Rollback | TxControl::Unsupported("PREPARE TRANSACTION"))),
+        rolls_back_to: kinds.contains(&TxControl::Unsupported("ROLLBACK TO SAVEPOINT")),
+    }
+}
+
 /// Whether any statement of `sql` is PREPARE TRANSACTION.
 pub fn prepares_transaction(sql: &str) -> bool {
     statement_kinds(sql).contains(&TxControl::Unsupported("PREPARE TRANSACTION"))
@@ -162,6 +181,27 @@ mod tests {
         }
         for no in ["COMMIT", "COMMIT AND NO CHAIN", "rollback and no chain", "ROLLBACK", "abort work"] {
             assert!(!and_chain(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn block_steps_are_found_in_any_statement_of_a_string() {
+        use super::{block_steps, BlockSteps};
+        let ends = BlockSteps { ends: true, rolls_back_to: false };
+        let to = BlockSteps { ends: false, rolls_back_to: true };
+        for (sql, want) in [
+            ("COMMIT AND CHAIN", ends),
+            ("select 1; commit and chain", ends),
+            ("COMMIT; BEGIN", ends),
+            ("rollback work and chain; select 2", ends),
+            ("PREPARE TRANSACTION 'x'", ends),
+            ("ROLLBACK TO s", to),
+            ("select 1; rollback to savepoint s", to),
+            ("SELECT 'commit'", BlockSteps::default()),
+            ("COMMIT PREPARED 'x'", BlockSteps::default()),
+            ("SAVEPOINT s; RELEASE s", BlockSteps::default()),
+        ] {
+            assert_eq!(block_steps(sql), want, "{sql}");
         }
     }
 

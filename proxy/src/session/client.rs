@@ -145,7 +145,7 @@ impl Session {
         if !self.db.tx_portals.contains_key(&portal) {
             return Ok(None);
         }
-        if portal.is_empty() && self.db.expect.iter().any(|e| matches!(e, Expect::Execute { ends_block: Some(BlockEnd::RolledBackTo), .. })) {
+        if self.db.expect.iter().any(|e| matches!(e, Expect::Execute { ends_block: Some(BlockEnd::RolledBackTo), .. })) {
             // a ROLLBACK TO still in flight may drop the portal: known once it has run
             self.barrier().await?;
         }
@@ -154,8 +154,8 @@ impl Session {
             self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, NO_PREPARED_CACHE_WRITE.into()).await?;
             return Ok(Some(Flow::Continue));
         }
-        if portal.is_empty() && p.uncertain && (self.shards_take_part() || self.unnamed_here() != p.bound_at) {
-            let m = "a COMMIT or ROLLBACK bound to the unnamed portal before a ROLLBACK TO cannot be executed after it while orders take part; bind it again after the ROLLBACK TO".to_string();
+        if p.uncertain && (self.shards_take_part() || (portal.is_empty() && self.unnamed_here() != p.bound_at)) {
+            let m = "a COMMIT or ROLLBACK bound before a ROLLBACK TO cannot be executed after it while orders take part (the ROLLBACK TO may have dropped its portal); bind it again after the ROLLBACK TO".to_string();
             self.refuse_extended(sqlstate::FEATURE_NOT_SUPPORTED, m).await?;
             return Ok(Some(Flow::Continue));
         }
@@ -189,6 +189,15 @@ impl Session {
         self.db.unnamed_at = None;
     }
 
+    /// A ROLLBACK TO (client message `seq`) drops the portals bound after its
+    /// savepoint, which the proxy cannot tell from those bound before: the ones
+    /// bound before `seq` are uncertain now (see `execute_tx_portal`).
+    pub(super) fn after_rollback_to(&mut self, seq: u64) {
+        for p in self.db.tx_portals.values_mut() {
+            p.uncertain |= p.seq < seq;
+        }
+    }
+
     /// A block-ending portal completed with `tag` in the middle of a batch: the
     /// session follows db_default now, not at the batch's ReadyForQuery (which
     /// still has the last word). A tag other than the statement's (the server ran
@@ -209,9 +218,8 @@ impl Session {
             // the block's portals are gone on db_default; so are the proxy's routed ones
             self.forget_tx_portals_before(seq);
             self.routed.end_portals();
-        } else if let Some(p) = self.db.tx_portals.get_mut(b"".as_slice()) {
-            // a ROLLBACK TO may have dropped the unnamed portal (if bound after its savepoint)
-            p.uncertain = p.seq < seq;
+        } else {
+            self.after_rollback_to(seq);
         }
         // a two-phase decision the block's COMMIT carried is durable now (or rolled back
         // with it); never at a ROLLBACK TO, before the COMMIT has run
@@ -338,11 +346,17 @@ impl Session {
                     return Ok(Flow::Continue);
                 }
                 self.forget_statements_if_discarded(sql);
-                if self.db.tx_portals.len() + self.routed.routed_portals.len() > 0 && ends_with_chain(sql) {
-                    // the chained block has none of the ended block's portals (its status stays
-                    // T, so the idle status that forgets them otherwise never comes)
-                    self.forget_tx_portals_before(self.db.client_seq);
-                    self.routed.end_portals();
+                if self.db.tx_portals.len() + self.routed.routed_portals.len() > 0 {
+                    match std::str::from_utf8(sql).map(shardgate_router::block_steps) {
+                        // a block ended here has none of its portals left, even where the status
+                        // stays T (AND CHAIN, a BEGIN after it): no idle status forgets them
+                        Ok(steps) if steps.ends => {
+                            self.forget_tx_portals_before(self.db.client_seq);
+                            self.routed.end_portals();
+                        }
+                        Ok(steps) if steps.rolls_back_to => self.after_rollback_to(self.db.client_seq),
+                        _ => {}
+                    }
                 }
                 self.db.sout.extend_from_slice(&f.raw);
                 self.db.expect.push_back(Expect::Ready { sync: false, seq: self.db.client_seq });
@@ -687,12 +701,6 @@ fn is_tx_control(query: &[u8]) -> bool {
     const WORDS: [&str; 8] = ["commit", "end", "rollback", "abort", "savepoint", "release", "prepare", "start"];
     let Ok(t) = std::str::from_utf8(query) else { return false };
     shardgate_router::first_word(t).is_some_and(|w| WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))) && !matches!(super::txn::tx_verb(t), super::txn::TxVerb::Other)
-}
-
-/// A simple Query that is one COMMIT or ROLLBACK ... AND CHAIN.
-fn ends_with_chain(sql: &[u8]) -> bool {
-    use shardgate_router::TxControl;
-    std::str::from_utf8(sql).is_ok_and(|t| matches!(shardgate_router::transaction_control(t), TxControl::Commit | TxControl::Rollback) && shardgate_router::and_chain(t))
 }
 
 /// PREPARE TRANSACTION of a block that wrote a cached table: its COMMIT PREPARED
