@@ -191,7 +191,8 @@ impl Session {
 
     /// A ROLLBACK TO (client message `seq`) drops the portals bound after its
     /// savepoint, which the proxy cannot tell from those bound before: the ones
-    /// bound before `seq` are uncertain now (see `execute_tx_portal`).
+    /// bound before `seq` are uncertain now (see `execute_tx_portal`). So are
+    /// they before a simple Query that may end their block.
     pub(super) fn after_rollback_to(&mut self, seq: u64) {
         for p in self.db.tx_portals.values_mut() {
             p.uncertain |= p.seq < seq;
@@ -347,15 +348,18 @@ impl Session {
                 }
                 self.forget_statements_if_discarded(sql);
                 if self.db.tx_portals.len() + self.routed.routed_portals.len() > 0 {
-                    match std::str::from_utf8(sql).map(shardgate_router::block_steps) {
-                        // a block ended here has none of its portals left, even where the status
-                        // stays T (AND CHAIN, a BEGIN after it): no idle status forgets them
-                        Ok(steps) if steps.ends => {
-                            self.forget_tx_portals_before(self.db.client_seq);
-                            self.routed.end_portals();
+                    if let Ok(steps) = std::str::from_utf8(sql).map(shardgate_router::block_steps) {
+                        // a block ended by this string has none of its portals left, even where
+                        // the status stays T (AND CHAIN, a BEGIN after it), so no idle status
+                        // forgets them; but the string may fail before its end runs (inside a
+                        // savepoint, the block goes on): uncertain now, forgotten at the end's
+                        // own CommandComplete (see `Session::on_server`)
+                        if steps.ends || steps.rolls_back_to {
+                            self.after_rollback_to(self.db.client_seq);
                         }
-                        Ok(steps) if steps.rolls_back_to => self.after_rollback_to(self.db.client_seq),
-                        _ => {}
+                        if steps.ends && !steps.rolls_back_to {
+                            self.db.block_end_query = Some(self.db.client_seq);
+                        }
                     }
                 }
                 self.db.sout.extend_from_slice(&f.raw);

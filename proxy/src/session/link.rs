@@ -387,6 +387,9 @@ impl Session {
                     // the proxy's own queries: the client may be ahead, its portals stay
                     Some(Expect::SwallowUntilReady) => self.set_tx_status_at(status, 0),
                     Some(Expect::Ready { seq, .. }) => {
+                        if self.db.block_end_query == Some(seq) {
+                            self.db.block_end_query = None;
+                        }
                         self.db.pending_ready = self.db.pending_ready.saturating_sub(1);
                         self.set_tx_status_at(status, seq);
                         self.cache_on_ready(status);
@@ -456,6 +459,14 @@ impl Session {
             _ => {
                 if f.tag == b'C' && f.body() == b"COMMIT\0" && !self.cache_hold.cache_pending.is_empty() {
                     self.cache_hold.commit_seen = true;
+                }
+                if let (b'C', Some(seq), Some(Expect::Ready { sync: false, seq: at })) = (f.tag, self.db.block_end_query, self.db.expect.front()) {
+                    if *at == seq && matches!(f.body(), b"COMMIT\0" | b"ROLLBACK\0" | b"PREPARE TRANSACTION\0") {
+                        // the string's COMMIT/ROLLBACK ran: its block's portals are gone
+                        self.db.block_end_query = None;
+                        self.forget_tx_portals_before(seq);
+                        self.routed.end_portals();
+                    }
                 }
                 if !swallowing {
                     self.cout.extend_from_slice(f.raw);

@@ -42,6 +42,9 @@ pub(super) struct DbLink {
     pub(super) tx_portals: HashMap<Vec<u8>, TxPortal>,
     /// Client messages handled so far (stamps `tx_portals` and ReadyForQuerys).
     pub(super) client_seq: u64,
+    /// The simple Query (its `client_seq`) whose string ends a block: its
+    /// portals are forgotten at the CommandComplete of that end.
+    pub(super) block_end_query: Option<u64>,
     /// The server reported an error and skips messages until the next Sync,
     /// which the client has not sent yet: Parse/Close sent until then get no reply.
     pub(super) server_skipping: bool,
