@@ -860,3 +860,35 @@ async fn portals_of_a_chained_block_and_a_described_unnamed_commit() {
     drop(s);
     assert_eq!(on_shard(&c, "DESCP1").await, 1, "the client was told COMMIT");
 }
+
+/// A simple Query sent inside an extended batch that has already failed is
+/// ignored by PostgreSQL, which skips every message up to the batch's Sync:
+/// one ErrorResponse, one ReadyForQuery, and the session goes on.
+#[tokio::test]
+async fn a_query_inside_a_failed_extended_batch_is_skipped() {
+    use std::io::Write;
+    use shardgate_tests::raw::error_code;
+    let c = start();
+    for skipped in [query("SELECT 1"), query(&insert("SKIPPEDQ1")), query("COMMIT")] {
+        let mut s = md5_login(&c);
+        s.write_all(&query("BEGIN")).expect("send");
+        read_until_ready(&mut s);
+        s.write_all(&[parse("z", "SELECT 1/0"), bind("zp", "z"), exec("zp"), skipped, frame(b'S', b"")].concat()).expect("send");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs).as_deref(), Some("22012"), "{msgs:?}");
+        assert_eq!(msgs.iter().filter(|(t, _)| *t == b'E').count(), 1, "{msgs:?}");
+        assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'E'])), "{:?}", msgs.iter().map(|(t, b)| (*t as char, String::from_utf8_lossy(b).into_owned())).collect::<Vec<_>>());
+        s.write_all(&query("ROLLBACK")).expect("send");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])), "{msgs:?}");
+        // every later answer is the one to its own statement
+        for n in 2..5 {
+            s.write_all(&query(&format!("SELECT {n}"))).expect("send");
+            let msgs = read_until_ready(&mut s);
+            let row = msgs.iter().find(|(t, _)| *t == b'D').map(|(_, b)| b[6..].to_vec());
+            assert_eq!(row, Some(n.to_string().into_bytes()), "{msgs:?}");
+            assert_eq!(msgs.last().map(|(t, b)| (*t, b.clone())), Some((b'Z', vec![b'I'])));
+        }
+    }
+    assert_eq!(on_shard(&c, "SKIPPEDQ1").await, 0);
+}

@@ -308,6 +308,14 @@ impl Session {
         }
         match f.tag {
             b'Q' => {
+                if self.db.sent_since_sync && self.db.server.is_some() {
+                    // a Query inside an extended batch not synced yet: PostgreSQL ignores it
+                    // if the batch has failed (it skips everything up to the Sync)
+                    self.barrier().await?;
+                    if self.db.server_skipping {
+                        return Ok(Flow::Continue);
+                    }
+                }
                 let sql = f.body().strip_suffix(&[0]).unwrap_or(f.body());
                 // a simple Query drops the unnamed statement and portal (PostgreSQL's exec_simple_query)
                 self.db.unnamed = None;
