@@ -841,6 +841,25 @@ async fn portals_of_a_chained_block_and_a_described_unnamed_commit() {
             assert!(matches!(failed.as_deref(), Some("34000" | "0A000")), "{no}: {msgs:?}");
         }
     }
+    // the COMMIT bound again under the portal name in use, after a shard joined:
+    // PostgreSQL refuses the Bind (42P03) and the block fails; the shard must not have
+    // committed at that Bind
+    setup.write_all(&query(&insert("REBIND1"))).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut setup)), None);
+    let mut s = md5_login(&c);
+    s.write_all(&query("BEGIN")).expect("send");
+    read_until_ready(&mut s);
+    s.write_all(&[parse("c", "COMMIT"), bind("cp", "c"), frame(b'S', b"")].concat()).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&query("UPDATE t_order SET order_amount = 2.00 WHERE merchant_id = 1 AND order_no = 'REBIND1'")).expect("send");
+    assert_eq!(error_code(&read_until_ready(&mut s)), None);
+    s.write_all(&[bind("cp", "c"), frame(b'S', b"")].concat()).expect("send");
+    let msgs = read_until_ready(&mut s);
+    assert_eq!(error_code(&msgs).as_deref(), Some("42P03"), "{msgs:?}");
+    s.write_all(&query("ROLLBACK")).expect("send");
+    read_until_ready(&mut s);
+    drop(s);
+    assert_eq!(amount(&c, "REBIND1").await, "1.00", "the Bind failed and the block was rolled back");
     // Describe of the unnamed COMMIT portal after the proxy's own queries (a Parse of
     // COMMIT while a shard takes part): NoData, then the COMMIT commits the shard
     let mut s = md5_login(&c);

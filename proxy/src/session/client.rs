@@ -492,10 +492,10 @@ impl Session {
                     }
                 }
                 // a statement prepared earlier may be COMMIT/ROLLBACK (pgjdbc keeps them
-                // prepared; the unnamed one is kept across transactions too): the shards'
-                // part ends with it, as at a Parse (before the portal exists: the proxy's
-                // own queries on db_default would drop an unnamed one); and its portal is
-                // remembered, for an Execute after shards have joined
+                // prepared; the unnamed one is kept across transactions too): bound to the
+                // unnamed portal, the shards' part ends with it, as at a Parse (before the
+                // portal exists: the proxy's own queries on db_default would drop it); and
+                // its portal is remembered, for an Execute after shards have joined
                 let tx = if b.statement.is_empty() { self.db.unnamed_tx && self.db.unnamed.is_some() } else { self.db.statements.get(b.statement).is_some_and(|s| s.tx_control) };
                 let parse = if !tx {
                     None
@@ -507,7 +507,9 @@ impl Session {
                 let text = parse.as_ref().and_then(|p| Parse::parse(p.get(5..).unwrap_or_default()).ok()).and_then(|p| std::str::from_utf8(p.query).ok().map(str::to_string));
                 match text {
                     Some(t) => {
-                        if self.shards_take_part() {
+                        // (a named portal waits for its Execute: the Bind may still fail, 42P03
+                        // for a name in use, after the shards had committed)
+                        if self.shards_take_part() && b.portal.is_empty() {
                             if let Some(flow) = self.extended_tx_end(t.as_bytes()).await? {
                                 return Ok(flow);
                             }
