@@ -841,6 +841,33 @@ async fn portals_of_a_chained_block_and_a_described_unnamed_commit() {
             assert!(matches!(failed.as_deref(), Some("34000" | "0A000")), "{no}: {msgs:?}");
         }
     }
+    // a COMMIT that PostgreSQL refuses before it runs, after a shard joined: parsed under a
+    // statement name in use (42P05), bound with a parameter it does not take (08P01), or a
+    // routed statement bound under the COMMIT portal's name (42P03); nothing commits
+    let one_param = frame(b'B', &[b"\0c\0".as_slice(), &0i16.to_be_bytes(), &1i16.to_be_bytes(), &1i32.to_be_bytes(), b"1", &0i16.to_be_bytes()].concat());
+    let select = "SELECT order_amount FROM t_order WHERE merchant_id = 1 AND order_no = 'x'";
+    for (no, attack, code) in [
+        ("REPARSE1", [parse("c", "COMMIT"), frame(b'S', b"")].concat(), "42P05"),
+        ("PARAMS1", [one_param, exec(""), frame(b'S', b"")].concat(), "08P01"),
+        ("REBIND2", [parse("r", select), bind("cp", "r"), exec("cp"), frame(b'S', b"")].concat(), "42P03"),
+    ] {
+        setup.write_all(&query(&insert(no))).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut setup)), None);
+        let mut s = md5_login(&c);
+        s.write_all(&query("BEGIN")).expect("send");
+        read_until_ready(&mut s);
+        s.write_all(&[parse("c", "COMMIT"), bind("cp", "c"), frame(b'S', b"")].concat()).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&query(&format!("UPDATE t_order SET order_amount = 2.00 WHERE merchant_id = 1 AND order_no = '{no}'"))).expect("send");
+        assert_eq!(error_code(&read_until_ready(&mut s)), None);
+        s.write_all(&attack).expect("send");
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs).as_deref(), Some(code), "{no}: {msgs:?}");
+        s.write_all(&query("ROLLBACK")).expect("send");
+        read_until_ready(&mut s);
+        drop(s);
+        assert_eq!(amount(&c, no).await, "1.00", "{no}: refused, then rolled back");
+    }
     // the COMMIT bound again under the portal name in use, after a shard joined:
     // PostgreSQL refuses the Bind (42P03) and the block fails; the shard must not have
     // committed at that Bind

@@ -39,6 +39,8 @@ pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
 pub const INVALID_CURSOR_NAME: &str = "34000";
 /// 42P05
 pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+/// A Bind to a portal name in use.
+pub const DUPLICATE_CURSOR: &str = "42P03";
 /// 42P07
 pub const DUPLICATE_TABLE: &str = "42P07";
 /// duplicate_object (a view's row type made by a concurrent CREATE VIEW).

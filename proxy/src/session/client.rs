@@ -485,6 +485,12 @@ impl Session {
                 if b.portal.is_empty() {
                     // a Bind of the unnamed portal replaces it, whatever it binds
                     self.db.tx_portals.remove(b.portal);
+                } else if self.db.tx_portals.contains_key(b.portal) && !self.db.server_skipping {
+                    // db_default holds a portal of that name: PostgreSQL refuses the Bind, also
+                    // of a statement the proxy routes (whose portal would hide the COMMIT's)
+                    let m = format!("cursor \"{}\" already exists", String::from_utf8_lossy(b.portal));
+                    self.refuse_extended(sqlstate::DUPLICATE_CURSOR, m).await?;
+                    return Ok(Flow::Continue);
                 }
                 if !self.routed.routed_stmts.is_empty() || !self.routed.routed_portals.is_empty() {
                     if let Some(flow) = self.routed_bind(f.body()).await? {
@@ -509,7 +515,9 @@ impl Session {
                     Some(t) => {
                         // (a named portal waits for its Execute: the Bind may still fail, 42P03
                         // for a name in use, after the shards had committed)
-                        if self.shards_take_part() && b.portal.is_empty() {
+                        // (nor a Bind PostgreSQL refuses: COMMIT takes no parameters)
+                        let no_params = super::extended::parse_bind(&mut crate::protocol::frontend::Reader::new(b.rest), &[]).is_ok_and(|v| v.values.is_empty());
+                        if self.shards_take_part() && b.portal.is_empty() && no_params {
                             if let Some(flow) = self.extended_tx_end(t.as_bytes()).await? {
                                 return Ok(flow);
                             }

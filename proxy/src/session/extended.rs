@@ -155,7 +155,9 @@ pub(super) fn parse_bind(r: &mut Reader<'_>, types: &[u32]) -> Result<Bound, &'s
 impl Session {
     /// Parse: `Some` when the statement is routed (handled here).
     pub(super) async fn routed_parse(&mut self, name: &[u8], query: &[u8], param_types: &[u8]) -> Result<Option<Flow>, End> {
-        if self.shards_take_part() {
+        // (a Parse under a name in use fails, 42P05: a COMMIT there must not end the shards' part)
+        let duplicate = !name.is_empty() && (self.routed.routed_stmts.contains_key(name) || self.db.statements.contains_key(name));
+        if self.shards_take_part() && !duplicate {
             if let Some(flow) = self.extended_tx_end(query).await? {
                 return Ok(Some(flow));
             }
