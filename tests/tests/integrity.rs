@@ -849,6 +849,8 @@ async fn portals_of_a_chained_block_and_a_described_unnamed_commit() {
     for (no, attack, code) in [
         ("REPARSE1", [parse("c", "COMMIT"), frame(b'S', b"")].concat(), "42P05"),
         ("PARAMS1", [one_param, exec(""), frame(b'S', b"")].concat(), "08P01"),
+        // COMMIT parsed with a declared parameter type, bound with none: 08P01 at the Bind
+        ("PARAMS2", [frame(b'P', b"t\0COMMIT\0\0\x01\0\0\0\x17"), bind("", "t"), exec(""), frame(b'S', b"")].concat(), "08P01"),
         ("REBIND2", [parse("r", select), bind("cp", "r"), exec("cp"), frame(b'S', b"")].concat(), "42P03"),
     ] {
         setup.write_all(&query(&insert(no))).expect("send");
@@ -868,6 +870,15 @@ async fn portals_of_a_chained_block_and_a_described_unnamed_commit() {
         drop(s);
         assert_eq!(amount(&c, no).await, "1.00", "{no}: refused, then rolled back");
     }
+    // a portal name freed by a Sync pipelined ahead (outside a block the portal ends
+    // with its implicit transaction) is free for the next Bind, as in PostgreSQL
+    let mut s = md5_login(&c);
+    s.write_all(&[parse("c", "COMMIT"), bind("cp", "c"), exec("cp"), frame(b'S', b""), parse("s", "SELECT 1"), bind("cp", "s"), exec("cp"), frame(b'S', b"")].concat()).expect("send");
+    for _ in 0..2 {
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    }
+    drop(s);
     // the COMMIT bound again under the portal name in use, after a shard joined:
     // PostgreSQL refuses the Bind (42P03) and the block fails; the shard must not have
     // committed at that Bind

@@ -485,12 +485,21 @@ impl Session {
                 if b.portal.is_empty() {
                     // a Bind of the unnamed portal replaces it, whatever it binds
                     self.db.tx_portals.remove(b.portal);
-                } else if self.db.tx_portals.contains_key(b.portal) && !self.db.server_skipping {
-                    // db_default holds a portal of that name: PostgreSQL refuses the Bind, also
-                    // of a statement the proxy routes (whose portal would hide the COMMIT's)
-                    let m = format!("cursor \"{}\" already exists", String::from_utf8_lossy(b.portal));
-                    self.refuse_extended(sqlstate::DUPLICATE_CURSOR, m).await?;
-                    return Ok(Flow::Continue);
+                } else if self.db.tx_portals.contains_key(b.portal) {
+                    // db_default may hold a portal of that name: PostgreSQL refuses the Bind, also
+                    // of a statement the proxy routes (whose portal would hide the COMMIT's).
+                    // Known once what was sent before has been answered (a Sync or a block's end
+                    // pipelined ahead drops the portal)
+                    self.barrier().await?;
+                    if let Some(p) = self.db.tx_portals.get(b.portal).filter(|_| !self.db.server_skipping) {
+                        let (code, m) = if p.uncertain {
+                            (sqlstate::FEATURE_NOT_SUPPORTED, format!("portal \"{}\" may still hold a COMMIT or ROLLBACK bound before a ROLLBACK TO; bind under another portal name", String::from_utf8_lossy(b.portal)))
+                        } else {
+                            (sqlstate::DUPLICATE_CURSOR, format!("cursor \"{}\" already exists", String::from_utf8_lossy(b.portal)))
+                        };
+                        self.refuse_extended(code, m).await?;
+                        return Ok(Flow::Continue);
+                    }
                 }
                 if !self.routed.routed_stmts.is_empty() || !self.routed.routed_portals.is_empty() {
                     if let Some(flow) = self.routed_bind(f.body()).await? {
@@ -515,9 +524,11 @@ impl Session {
                     Some(t) => {
                         // (a named portal waits for its Execute: the Bind may still fail, 42P03
                         // for a name in use, after the shards had committed)
-                        // (nor a Bind PostgreSQL refuses: COMMIT takes no parameters)
-                        let no_params = super::extended::parse_bind(&mut crate::protocol::frontend::Reader::new(b.rest), &[]).is_ok_and(|v| v.values.is_empty());
-                        if self.shards_take_part() && b.portal.is_empty() && no_params {
+                        // (nor a Bind PostgreSQL refuses: as many values as the Parse declared
+                        // types, COMMIT has no $n; otherwise the Execute decides, after the Bind)
+                        let declared = parse.as_ref().and_then(|p| Parse::parse(p.get(5..).unwrap_or_default()).ok()).and_then(|p| p.param_types.get(..2).map(|n| i16::from_be_bytes([n[0], n[1]]))).unwrap_or(-1);
+                        let fits = super::extended::parse_bind(&mut crate::protocol::frontend::Reader::new(b.rest), &[]).is_ok_and(|v| i16::try_from(v.values.len()) == Ok(declared));
+                        if self.shards_take_part() && b.portal.is_empty() && fits {
                             if let Some(flow) = self.extended_tx_end(t.as_bytes()).await? {
                                 return Ok(flow);
                             }

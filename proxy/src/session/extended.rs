@@ -157,7 +157,9 @@ impl Session {
     pub(super) async fn routed_parse(&mut self, name: &[u8], query: &[u8], param_types: &[u8]) -> Result<Option<Flow>, End> {
         // (a Parse under a name in use fails, 42P05: a COMMIT there must not end the shards' part)
         let duplicate = !name.is_empty() && (self.routed.routed_stmts.contains_key(name) || self.db.statements.contains_key(name));
-        if self.shards_take_part() && !duplicate {
+        // (nor with declared parameter types, which its Bind must match: left to the Bind)
+        let declares = param_types.get(..2).is_some_and(|n| n != [0, 0]);
+        if self.shards_take_part() && !duplicate && !declares {
             if let Some(flow) = self.extended_tx_end(query).await? {
                 return Ok(Some(flow));
             }
