@@ -519,14 +519,15 @@ impl Session {
                 } else {
                     self.db.statements.get(b.statement).map(|s| s.parse.clone())
                 };
-                let text = parse.as_ref().and_then(|p| Parse::parse(p.get(5..).unwrap_or_default()).ok()).and_then(|p| std::str::from_utf8(p.query).ok().map(str::to_string));
+                let parsed = parse.as_ref().and_then(|p| Parse::parse(p.get(5..).unwrap_or_default()).ok());
+                let text = parsed.as_ref().and_then(|p| std::str::from_utf8(p.query).ok().map(str::to_string));
                 match text {
                     Some(t) => {
                         // (a named portal waits for its Execute: the Bind may still fail, 42P03
                         // for a name in use, after the shards had committed)
                         // (nor a Bind PostgreSQL refuses: as many values as the Parse declared
                         // types, COMMIT has no $n; otherwise the Execute decides, after the Bind)
-                        let declared = parse.as_ref().and_then(|p| Parse::parse(p.get(5..).unwrap_or_default()).ok()).and_then(|p| p.param_types.get(..2).map(|n| i16::from_be_bytes([n[0], n[1]]))).unwrap_or(-1);
+                        let declared = parsed.as_ref().and_then(|p| p.param_types.get(..2).map(|n| i16::from_be_bytes([n[0], n[1]]))).unwrap_or(-1);
                         let fits = super::extended::parse_bind(&mut crate::protocol::frontend::Reader::new(b.rest), &[]).is_ok_and(|v| i16::try_from(v.values.len()) == Ok(declared));
                         if self.shards_take_part() && b.portal.is_empty() && fits {
                             if let Some(flow) = self.extended_tx_end(t.as_bytes()).await? {
