@@ -54,6 +54,8 @@ pub struct SelectAnalysis {
     scatter: std::sync::OnceLock<std::result::Result<ScatterForm, RouteError>>,
     /// FOR UPDATE/SHARE: month tables cannot be combined with UNION ALL.
     locking: bool,
+    /// The one-target texts rendered so far.
+    renders: crate::rewrite::Renders,
 }
 
 /// The statement each target of a scatter runs, and how to merge.
@@ -73,6 +75,8 @@ pub struct WriteAnalysis {
     kind: RoutedKind,
     cond: Cond,
     template: Template,
+    /// The texts rendered so far.
+    renders: crate::rewrite::Renders,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +100,8 @@ pub struct InsertAnalysis {
     template: Template,
     rows: Vec<RowAnalysis>,
     generate_id: bool,
+    /// The one-target texts of bound executions rendered so far.
+    renders: crate::rewrite::Renders,
 }
 
 fn class_of(s: &Statement) -> StatementClass {
@@ -476,6 +482,7 @@ fn analyze_select(mut q: sqlparser::ast::Query, rule_idx: usize, rule: &TableRul
         references: r.count,
         scatter: std::sync::OnceLock::new(),
         locking,
+        renders: Default::default(),
     })))
 }
 
@@ -587,7 +594,7 @@ fn analyze_write(mut stmt: Statement, rule_idx: usize, rule: &TableRule) -> Resu
         )));
     }
     let cond = selection.as_ref().map_or(Cond::All, |w| scope.cond(w));
-    Ok(Analysis::Write(Box::new(WriteAnalysis { rule: rule_idx, kind, cond, template: Template::parse(&stmt.to_string()) })))
+    Ok(Analysis::Write(Box::new(WriteAnalysis { rule: rule_idx, kind, cond, template: Template::parse(&stmt.to_string()), renders: Default::default() })))
 }
 
 fn col_name(n: &ObjectName) -> String {
@@ -723,7 +730,7 @@ fn analyze_insert(mut ins: Insert, rule_idx: usize, rule: &TableRule) -> Result<
     }
     let stmt = Statement::Insert(ins);
     let template = Template::parse(&stmt.to_string());
-    Ok(Analysis::Insert(Box::new(InsertAnalysis { rule: rule_idx, stmt, template, rows, generate_id })))
+    Ok(Analysis::Insert(Box::new(InsertAnalysis { rule: rule_idx, stmt, template, rows, generate_id, renders: Default::default() })))
 }
 
 /// `now()`, `CURRENT_TIMESTAMP`, `transaction_timestamp()`, `statement_timestamp()`, `clock_timestamp()`.

@@ -96,6 +96,41 @@ impl Template {
     }
 }
 
+/// The texts a statement's template rendered, by what filled its holes (its
+/// month tables and `variant`, a number for the rest): an application repeats
+/// its statements on the same months, and rendering again cost the proxy a
+/// table name, a text and an allocation per statement. The same text (one
+/// `Arc`) each time also lets the proxy keep its name for the statement it
+/// prepares on a shard. At most [`Renders::KEEP`] (the oldest goes first).
+#[derive(Debug, Default)]
+pub(crate) struct Renders(std::sync::Mutex<Vec<(Vec<crate::month::MonthKey>, u64, std::sync::Arc<str>)>>);
+
+impl Renders {
+    pub const KEEP: usize = 16;
+
+    /// The text for `months` and `variant`, rendered by `render` if not kept.
+    pub fn get(&self, months: &[crate::month::MonthKey], variant: u64, render: impl FnOnce() -> String) -> std::sync::Arc<str> {
+        // (a poisoned lock only means a panic elsewhere: the list is still whole)
+        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, _, sql)) = kept.iter().find(|(m, v, _)| *v == variant && m.as_slice() == months) {
+            return sql.clone();
+        }
+        let sql: std::sync::Arc<str> = render().into();
+        if kept.len() >= Self::KEEP {
+            kept.remove(0);
+        }
+        kept.push((months.to_vec(), variant, sql.clone()));
+        sql
+    }
+}
+
+impl Clone for Renders {
+    /// A copy starts empty (its texts are rendered again on need).
+    fn clone(&self) -> Renders {
+        Renders::default()
+    }
+}
+
 /// Replaces every reference to the sharded table with the table hole, aliased
 /// to the name the statement used; collects the qualifiers that mean the table.
 pub(crate) struct Renamer<'r> {

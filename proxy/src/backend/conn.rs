@@ -188,6 +188,8 @@ pub struct ServerConn {
     /// shardgate-named prepared statements that exist on this connection
     /// (clients' statements under their server names, and routed `sgr_…` ones).
     pub prepared: Prepared,
+    /// The names of the proxy's own statements for the texts it ran last.
+    pub statement_names: super::names::StatementNames,
     /// Set when the connection must not be reused (I/O error, unknown state).
     pub broken: bool,
     /// The transaction status of the last ReadyForQuery read (`I`, `T`, `E`).
@@ -250,6 +252,7 @@ impl ServerConn {
             applied: HashMap::new(),
             cancel_key: CancelKey { addr, pid: 0, secret: 0, tls },
             prepared: Prepared::default(),
+            statement_names: Default::default(),
             broken: false,
             ready_status: b'I',
             owed_ready: 0,

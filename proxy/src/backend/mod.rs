@@ -2,6 +2,7 @@
 //! deadpool-managed pools of them ([`pool`]).
 
 pub mod conn;
+pub mod names;
 pub mod pool;
 pub mod query;
 

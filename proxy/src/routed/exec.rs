@@ -382,7 +382,7 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         // connection (named by text and types), so the shard parses and plans once
         // (at most pool.max_prepared_statements, the least recently used closed to make room)
         let conn = &mut slots[shard].as_mut().expect("held").conn;
-        let name = (!req.simple).then(|| target_statement_name(&t.sql, &types));
+        let name = (!req.simple).then(|| conn.statement_names.name(&t.sql, &types));
         let parse = match &name {
             Some(n) if conn.prepared.contains(n) => {
                 conn.prepared.touch(n);
@@ -490,28 +490,6 @@ async fn run_registered(engine: &Engine, slots: &mut Slots, req: &Request<'_>, o
         }
     }
     result
-}
-
-/// Server statement name of a target statement.
-fn target_statement_name(sql: &str, types: &[u32]) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    sql.hash(&mut h);
-    types.hash(&mut h);
-    let mut h2 = std::collections::hash_map::DefaultHasher::new();
-    types.hash(&mut h2);
-    sql.len().hash(&mut h2);
-    sql.hash(&mut h2);
-    // (hex by hand: `format!` was a twentieth of the proxy's instructions per routed statement)
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut name = String::with_capacity(36);
-    name.push_str("sgr_");
-    for v in [h.finish(), h2.finish()] {
-        for i in (0..16).rev() {
-            name.push(char::from(HEX[((v >> (i * 4)) & 0xf) as usize]));
-        }
-    }
-    name
 }
 
 async fn forget_parsed(slots: &mut Slots, parsed: &[(usize, String)]) {
@@ -783,16 +761,4 @@ fn sort_rows(rows: Vec<Row>, spec: &MergeSpec, cols: &[Column], visible: usize) 
         Some(l) => rows.into_iter().take(l as usize).collect(),
         None => rows,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn target_statement_names_are_the_two_hashes_in_hex() {
-        use std::hash::{DefaultHasher, Hash, Hasher};
-        let (sql, types) = ("SELECT * FROM t_order_202612 WHERE id = $1", [20u32]);
-        let hash = |f: &dyn Fn(&mut DefaultHasher)| -> u64 { let mut h = DefaultHasher::new(); f(&mut h); h.finish() };
-        let (a, b) = (hash(&|h| (sql, types.as_slice()).hash(h)), hash(&|h| (types.as_slice(), sql.len(), sql).hash(h)));
-        assert_eq!(super::target_statement_name(sql, &types), format!("sgr_{a:016x}{b:016x}"));
-    }
 }

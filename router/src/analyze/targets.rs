@@ -64,14 +64,14 @@ pub(super) fn groups(set: &crate::extract::TargetSet, months: &[MonthKey], shard
 /// all shards runs the same text on each of them.
 pub(super) fn shared_texts(
     groups: Vec<(ShardId, Vec<MonthKey>)>,
-    mut render: impl FnMut(&[MonthKey]) -> String,
+    mut render: impl FnMut(&[MonthKey]) -> std::sync::Arc<str>,
 ) -> impl Iterator<Item = (ShardId, Vec<MonthKey>, std::sync::Arc<str>)> {
     let mut done: Vec<(Vec<MonthKey>, std::sync::Arc<str>)> = Vec::new();
     groups.into_iter().map(move |(shard, months)| {
         let sql = match done.iter().find(|(m, _)| *m == months) {
             Some((_, sql)) => sql.clone(),
             None => {
-                let sql: std::sync::Arc<str> = render(&months).into();
+                let sql = render(&months);
                 done.push((months.clone(), sql.clone()));
                 sql
             }
@@ -198,8 +198,10 @@ impl SelectAnalysis {
         let gs = groups(&set, ctx.months, topo.shard_count, self.locking);
         if gs.len() == 1 {
             let (shard, months) = gs.into_iter().next().expect("one group");
-            let single = self.single.get_or_init(|| Template::parse(&self.query.to_string()));
-            let sql = single.render(&table_text(rule, &months), None, &[], &[]).into();
+            let sql = self.renders.get(&months, 0, || {
+                let single = self.single.get_or_init(|| Template::parse(&self.query.to_string()));
+                single.render(&table_text(rule, &months), None, &[], &[])
+            });
             return Ok(Plan::Routed(Box::new(Routed {
                 kind: RoutedKind::Select,
                 table: rule.name.clone(),
@@ -216,7 +218,7 @@ impl SelectAnalysis {
         let limit = count_value(sc.limit, params, "LIMIT")?;
         let offset = count_value(sc.offset, params, "OFFSET")?.unwrap_or(0);
         let pushed = if sc.push_limit { limit.map(|l| l.saturating_add(offset)) } else { None };
-        let targets = shared_texts(gs, |months| template.render(&table_text(rule, months), pushed, &[], &[]))
+        let targets = shared_texts(gs, |months| template.render(&table_text(rule, months), pushed, &[], &[]).into())
             .map(|(shard, months, sql)| Target { shard, months, sql, params: form.params.clone(), extra: Vec::new() })
             .collect();
         let mut spec = sc.spec.clone();
@@ -231,7 +233,7 @@ impl WriteAnalysis {
         let rule = &topo.tables[self.rule];
         let set = self.cond.eval(params, topo, ctx)?;
         let gs = groups(&set, ctx.months, topo.shard_count, true);
-        let targets = shared_texts(gs, |months| self.template.render(&table_text(rule, months), None, &[], &[]))
+        let targets = shared_texts(gs, |months| self.renders.get(months, 0, || self.template.render(&table_text(rule, months), None, &[], &[])))
             .map(|(shard, months, sql)| Target { shard, months, sql, params: None, extra: Vec::new() })
             .collect();
         Ok(Plan::Routed(Box::new(Routed { kind: self.kind, table: rule.name.clone(), targets, merge: None, generated_ids: Vec::new(), row_targets: Vec::new(), logical: None, lookup_rows: Vec::new() })))
@@ -369,9 +371,14 @@ impl InsertAnalysis {
         let targets = if order.len() == 1 {
             let (shard, month) = order[0];
             if bound {
-                let (id_holes, time_holes, extra) = holes(params.len(), &id_text, time_text.len());
-                let sql = self.template.render(&rule.physical(month), None, &id_holes, &time_holes);
-                vec![Target { shard, months: vec![month], sql: sql.into(), params: None, extra }]
+                // (the text depends only on the month and how many values precede and fill holes)
+                let variant = (params.len() as u64) << 32 | (id_text.len() as u64) << 16 | time_text.len() as u64;
+                let sql = self.renders.get(&[month], variant, || {
+                    let (id_holes, time_holes, _) = holes(params.len(), &id_text, time_text.len());
+                    self.template.render(&rule.physical(month), None, &id_holes, &time_holes)
+                });
+                let extra = id_text.iter().cloned().chain(std::iter::repeat_n(now_text.clone(), time_text.len())).collect();
+                vec![Target { shard, months: vec![month], sql, params: None, extra }]
             } else {
                 let sql = self.template.render(&rule.physical(month), None, &id_text, &time_text);
                 vec![Target { shard, months: vec![month], sql: sql.into(), params: None, extra: Vec::new() }]
