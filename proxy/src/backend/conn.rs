@@ -647,7 +647,7 @@ fn server_error(f: &Frame) -> BackendError {
 /// grow the server's memory without bound.
 #[derive(Debug, Default)]
 pub struct Prepared {
-    last_use: HashMap<String, u64>,
+    last_use: HashMap<String, u64, foldhash::quality::RandomState>,
     tick: u64,
 }
 

@@ -19,7 +19,7 @@ pub(super) struct DbLink {
     /// Extended-protocol messages forwarded since the last Sync.
     pub(super) sent_since_sync: bool,
     /// The client's named prepared statements.
-    pub(super) statements: HashMap<Vec<u8>, Statement>,
+    pub(super) statements: HashMap<Vec<u8>, Statement, foldhash::quality::RandomState>,
     /// The client's unnamed statement when it is an ordinary one: its last Parse
     /// of the unnamed statement, as sent, to send again ahead of a Bind or
     /// Describe of it on a server connection that does not have it (another
@@ -39,7 +39,7 @@ pub(super) struct DbLink {
     /// Portals end with their transaction, and so do these: at a block's end
     /// those bound before it are forgotten (the client may be batches ahead of
     /// the replies, so a later batch's are kept).
-    pub(super) tx_portals: HashMap<Vec<u8>, TxPortal>,
+    pub(super) tx_portals: HashMap<Vec<u8>, TxPortal, foldhash::quality::RandomState>,
     /// Client messages handled so far (stamps `tx_portals` and ReadyForQuerys).
     pub(super) client_seq: u64,
     /// The simple Query (its `client_seq`) whose string ends a block: its
@@ -82,11 +82,11 @@ pub(super) struct ShardTx {
 #[derive(Default)]
 pub(super) struct RoutedPrepared {
     /// The client's prepared statements on sharded tables (answered by the proxy).
-    pub(super) routed_stmts: HashMap<Vec<u8>, Arc<routing::RoutedStmt>>,
+    pub(super) routed_stmts: HashMap<Vec<u8>, Arc<routing::RoutedStmt>, foldhash::quality::RandomState>,
     /// Portals bound to those statements.
-    pub(super) routed_portals: HashMap<Vec<u8>, routing::RoutedPortal>,
+    pub(super) routed_portals: HashMap<Vec<u8>, routing::RoutedPortal, foldhash::quality::RandomState>,
     /// Routed portals read in parts (Execute with a row limit): the rows not yet sent.
-    pub(super) suspended: HashMap<Vec<u8>, routing::Suspended>,
+    pub(super) suspended: HashMap<Vec<u8>, routing::Suspended, foldhash::quality::RandomState>,
     /// A portal read in parts inside a block, streaming from its own task
     /// (which holds the shard connections meanwhile).
     pub(super) stream: Option<streaming::Streaming>,
@@ -107,7 +107,7 @@ impl RoutedPrepared {
 #[derive(Default)]
 pub(super) struct CacheHold {
     /// The client's prepared statements that write a cached table.
-    pub(super) cache_write_stmts: HashMap<Vec<u8>, cached::CacheWrites>,
+    pub(super) cache_write_stmts: HashMap<Vec<u8>, cached::CacheWrites, foldhash::quality::RandomState>,
     /// Cache invalidations waiting for their transaction to end, each with the
     /// number of ReadyForQuerys owed before its statement's own.
     pub(super) cache_pending: Vec<(u32, crate::cache::Invalidation)>,
