@@ -28,7 +28,7 @@ const PIN_HINTS: [&[u8]; 8] = [b"set", b"listen", b"load", b"prepare", b"dealloc
 pub fn may_pin(sql: &[u8]) -> bool {
     // one pass for all the words, not one scan per word
     static HINTS: LazyLock<AhoCorasick> =
-        LazyLock::new(|| AhoCorasick::builder().ascii_case_insensitive(true).build(PIN_HINTS).expect("fixed ASCII patterns build"));
+        LazyLock::new(|| AhoCorasick::builder().ascii_case_insensitive(true).kind(Some(aho_corasick::AhoCorasickKind::DFA)).build(PIN_HINTS).expect("fixed ASCII patterns build"));
     HINTS.is_match(sql)
 }
 

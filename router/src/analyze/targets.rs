@@ -291,10 +291,6 @@ pub(super) fn check_explicit_id(id: Option<&Src>, shard: ShardId, month: MonthKe
     Ok(())
 }
 
-pub(super) fn time_literal(ts: jiff::Timestamp) -> String {
-    format!("'{ts}'")
-}
-
 impl InsertAnalysis {
     fn plan(&self, params: &[Param<'_>], topo: &Topology, ctx: &Context<'_>) -> Result<Plan> {
         let rule = &topo.tables[self.rule];
@@ -348,13 +344,15 @@ impl InsertAnalysis {
                 }
             }
         }
-        let id_text: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        // one time value per row that takes the proxy's now (omitted column or now())
-        let row_time: Vec<Option<String>> = self.rows.iter().map(|r| r.time.is_none().then(|| time_literal(ctx.now))).collect();
+        let id_text: Vec<String> = row_ids.iter().flatten().cloned().collect();
+        // one time value per row that takes the proxy's now (omitted column or now()),
+        // printed once
+        let now_text = ctx.now.to_string();
+        let now_literal = format!("'{now_text}'");
+        let row_time: Vec<Option<String>> = self.rows.iter().map(|r| r.time.is_none().then(|| now_literal.clone())).collect();
         let time_text: Vec<String> = row_time.iter().flatten().cloned().collect();
         // a bound statement gets its generated values as parameters (see `Target::extra`)
         let bound = !params.is_empty();
-        let now_text = ctx.now.to_string();
         let holes = |first: usize, ids: &[String], times: usize| -> (Vec<String>, Vec<String>, Vec<String>) {
             let id_holes = (0..ids.len()).map(|i| format!("${}", first + i + 1)).collect();
             let time_holes = (0..times).map(|i| format!("${}", first + ids.len() + i + 1)).collect();
