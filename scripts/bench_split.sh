@@ -5,14 +5,14 @@
 # machine's busy CPU per transaction (/proc/stat), the hop's (proxy or pgbouncer),
 # PostgreSQL's (every postgres process) and the rest (pgbench, kernel), the idle
 # share, and the hop's involuntary context switches per transaction.
-#   [WORKERS=1] [EXTRA_TOML=...] [MODE=prepared|simple] [ROUNDS=2] [DURATION=8] scripts/bench_split.sh
+#   [WORKERS=1] [POOL_TOML=...] [EXTRA_TOML=...] [MODE=prepared|simple] [ROUNDS=2] [DURATION=8] scripts/bench_split.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}; T=${DURATION:-8}; MODE=${MODE:-prepared}
 DIR=target/bench-split
 export SHARDGATE_BIN=${SHARDGATE_BIN:-$PWD/target/release/shardgate} SHARDGATE_LOG=warn
 ./target/release/devcluster --dir $DIR down >/dev/null 2>&1 || true
-./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-1}" --extra-toml "${EXTRA_TOML:-}" up >/dev/null
+./target/release/devcluster --dir $DIR --server-toml "worker_threads = ${WORKERS:-1}" --pool-toml "${POOL_TOML:-}" --extra-toml "${EXTRA_TOML:-}" up >/dev/null
 trap './target/release/devcluster --dir $DIR down >/dev/null 2>&1; true' EXIT
 INFO=$DIR/cluster.json
 PORT=$(jq .proxy_port $INFO); PID=$(jq .proxy_pid $INFO)
