@@ -103,7 +103,10 @@ impl Template {
 /// `Arc`) each time also lets the proxy keep its name for the statement it
 /// prepares on a shard. At most [`Renders::KEEP`] (the oldest goes first).
 #[derive(Debug, Default)]
-pub(crate) struct Renders(std::sync::Mutex<Vec<(Vec<crate::month::MonthKey>, u64, std::sync::Arc<str>)>>);
+pub(crate) struct Renders(std::sync::Mutex<Vec<Rendered>>);
+
+/// A rendered text: its month tables, its variant, the text.
+type Rendered = (Vec<crate::month::MonthKey>, u64, std::sync::Arc<str>);
 
 impl Renders {
     pub const KEEP: usize = 16;
