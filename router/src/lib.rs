@@ -126,10 +126,11 @@ pub const MAX_CACHED_TEXT: usize = 64 << 10;
 
 /// What an analysed statement of `text_len` bytes takes: its text and an
 /// analysis (the syntax tree and the printed templates) estimated at 32
-/// bytes per byte of text, since clients choose the texts. The router's cache
-/// and the proxy's per-client statement bound both count with it.
+/// bytes per byte of text, since clients choose the texts, and the rendered
+/// texts it keeps (at most 2 KiB). The router's
+/// cache and the proxy's per-client statement bound both count with it.
 pub fn analysis_weight(text_len: usize) -> usize {
-    text_len.saturating_mul(33).saturating_add(512)
+    text_len.saturating_mul(33).saturating_add(512 + rewrite::Renders::KEEP_BYTES)
 }
 
 fn cache_weight(text: &str) -> u32 {

@@ -101,7 +101,9 @@ impl Template {
 /// its statements on the same months, and rendering again cost the proxy a
 /// table name, a text and an allocation per statement. The same text (one
 /// `Arc`) each time also lets the proxy keep its name for the statement it
-/// prepares on a shard. At most [`Renders::KEEP`] (the oldest goes first).
+/// prepares on a shard. At most [`Renders::KEEP`] texts of
+/// [`Renders::KEEP_BYTES`] in all (the oldest go first; a longer text is not
+/// kept), counted in the analysis's cache weight.
 #[derive(Debug, Default)]
 pub(crate) struct Renders(std::sync::Mutex<Vec<Rendered>>);
 
@@ -110,6 +112,7 @@ type Rendered = (Vec<crate::month::MonthKey>, u64, std::sync::Arc<str>);
 
 impl Renders {
     pub const KEEP: usize = 16;
+    pub const KEEP_BYTES: usize = 2048;
 
     /// The text for `months` and `variant`, rendered by `render` if not kept.
     pub fn get(&self, months: &[crate::month::MonthKey], variant: u64, render: impl FnOnce() -> String) -> std::sync::Arc<str> {
@@ -119,8 +122,12 @@ impl Renders {
             return sql.clone();
         }
         let sql: std::sync::Arc<str> = render().into();
-        if kept.len() >= Self::KEEP {
-            kept.remove(0);
+        if sql.len() > Self::KEEP_BYTES {
+            return sql;
+        }
+        let mut bytes = kept.iter().map(|(_, _, s)| s.len()).sum::<usize>() + sql.len();
+        while kept.len() >= Self::KEEP || bytes > Self::KEEP_BYTES {
+            bytes -= kept.remove(0).2.len();
         }
         kept.push((months.to_vec(), variant, sql.clone()));
         sql
@@ -211,5 +218,32 @@ impl VisitorMut for Renamer<'_> {
             }
         }
         ControlFlow::Continue(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Renders;
+    use crate::month::MonthKey;
+    use std::sync::Arc;
+
+    #[test]
+    fn kept_renders_are_the_same_text_and_stay_bounded() {
+        let r = Renders::default();
+        let m = |k: u8| MonthKey::new(2026, k).expect("month");
+        let a = r.get(&[m(1)], 0, || "SELECT 1".into());
+        // kept: the same allocation, not rendered again
+        assert!(Arc::ptr_eq(&a, &r.get(&[m(1)], 0, || unreachable!("kept"))));
+        // another variant or other months are other texts
+        assert_eq!(&*r.get(&[m(1)], 1, || "SELECT 2".into()), "SELECT 2");
+        assert_eq!(&*r.get(&[m(1), m(2)], 0, || "SELECT 3".into()), "SELECT 3");
+        // at most KEEP texts of KEEP_BYTES in all; a longer one is not kept
+        for k in 0..40u64 {
+            r.get(&[m(3)], 100 + k, || "x".repeat(300));
+            let kept = r.0.lock().expect("lock");
+            assert!(kept.len() <= Renders::KEEP && kept.iter().map(|e| e.2.len()).sum::<usize>() <= Renders::KEEP_BYTES);
+        }
+        let long = r.get(&[m(4)], 0, || "y".repeat(Renders::KEEP_BYTES + 1));
+        assert!(!Arc::ptr_eq(&long, &r.get(&[m(4)], 0, || "y".repeat(Renders::KEEP_BYTES + 1))));
     }
 }
