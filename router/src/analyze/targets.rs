@@ -353,12 +353,13 @@ impl InsertAnalysis {
         let time_text: Vec<String> = row_time.iter().flatten().cloned().collect();
         // a bound statement gets its generated values as parameters (see `Target::extra`)
         let bound = !params.is_empty();
-        let holes = |first: usize, ids: &[String], times: usize| -> (Vec<String>, Vec<String>, Vec<String>) {
+        // the placeholders after the client's `first` values, and the values they stand for
+        let holes = |first: usize, ids: &[String], times: usize| -> (Vec<String>, Vec<String>) {
             let id_holes = (0..ids.len()).map(|i| format!("${}", first + i + 1)).collect();
             let time_holes = (0..times).map(|i| format!("${}", first + ids.len() + i + 1)).collect();
-            let extra = ids.iter().cloned().chain(std::iter::repeat_n(now_text.clone(), times)).collect();
-            (id_holes, time_holes, extra)
+            (id_holes, time_holes)
         };
+        let extra = |ids: &[String], times: usize| -> Vec<String> { ids.iter().cloned().chain(std::iter::repeat_n(now_text.clone(), times)).collect() };
         // Group rows by target, in order of first appearance.
         let mut order: Vec<(ShardId, MonthKey)> = Vec::new();
         for k in &keys {
@@ -372,11 +373,10 @@ impl InsertAnalysis {
                 // (the text depends only on the month and how many values precede and fill holes)
                 let variant = (params.len() as u64) << 32 | (id_text.len() as u64) << 16 | time_text.len() as u64;
                 let sql = self.renders.get(&[month], variant, || {
-                    let (id_holes, time_holes, _) = holes(params.len(), &id_text, time_text.len());
+                    let (id_holes, time_holes) = holes(params.len(), &id_text, time_text.len());
                     self.template.render(&rule.physical(month), None, &id_holes, &time_holes)
                 });
-                let extra = id_text.iter().cloned().chain(std::iter::repeat_n(now_text.clone(), time_text.len())).collect();
-                vec![Target { shard, months: vec![month], sql, params: None, extra }]
+                vec![Target { shard, months: vec![month], sql, params: None, extra: extra(&id_text, time_text.len()) }]
             } else {
                 let sql = self.template.render(&rule.physical(month), None, &id_text, &time_text);
                 vec![Target { shard, months: vec![month], sql: sql.into(), params: None, extra: Vec::new() }]
@@ -398,8 +398,8 @@ impl InsertAnalysis {
                 let times: Vec<String> = rows.iter().filter_map(|i| row_time[*i].clone()).collect();
                 let template = Template::parse(&stmt.to_string());
                 let (sql, extra) = if bound {
-                    let (id_holes, time_holes, extra) = holes(ren.map.len(), &row_id_text, times.len());
-                    (template.render(&rule.physical(month), None, &id_holes, &time_holes), extra)
+                    let (id_holes, time_holes) = holes(ren.map.len(), &row_id_text, times.len());
+                    (template.render(&rule.physical(month), None, &id_holes, &time_holes), extra(&row_id_text, times.len()))
                 } else {
                     (template.render(&rule.physical(month), None, &row_id_text, &times), Vec::new())
                 };
